@@ -1,0 +1,72 @@
+// pybind11 module dfp._C: the compiled core on raw buffers. Python passes data pointers
+// of tensors it has checked (dtype, contiguity, shapes); the GIL is released while the
+// kernels run. No torch headers: one build serves every torch version.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/api.h"
+#include "cpu/gemm.h"
+#include "cpu/isa.h"
+#include "cpu/numerics.h"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t address) {
+  return reinterpret_cast<T*>(address);
+}
+
+std::vector<std::string> supported_isa_names() {
+  std::vector<std::string> names;
+  for (dfp::Isa isa : dfp::supported_isas()) names.emplace_back(dfp::isa_name(isa));
+  return names;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "dfp's compiled DFP16 core (quantize, pack, int16 GEMM) on raw CPU buffers";
+  m.def("supported_isas", &supported_isa_names, "CPU paths this machine can run, fastest first");
+  m.def("isa", [] { return std::string(dfp::isa_name(dfp::active_isa())); }, "the active CPU path");
+  m.def("set_isa", &dfp::set_isa, "force a CPU path by name", py::arg("name"));
+  m.def("micro_kernel", [] { return std::string(dfp::micro_kernel(dfp::active_isa()).name); });
+  m.def("chain_length", [](int ha, int hb) { return dfp::chain_length(ha, hb); });
+
+  m.def(
+      "quantize3d",
+      [](uintptr_t x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom, bool stochastic,
+         uint64_t seed, uintptr_t mantissa, uintptr_t exponent, int nthreads) {
+        py::gil_scoped_release release;
+        return dfp::quantize3d(ptr<const float>(x), O, N, I, mode, block, headroom, stochastic, seed,
+                               ptr<int16_t>(mantissa), ptr<int32_t>(exponent), nthreads);
+      },
+      "quantize a contiguous (O, N, I) float32 buffer; False on NaN/Inf");
+
+  m.def(
+      "gemm_int16",
+      [](uintptr_t a, int64_t sam, int64_t sak, uintptr_t b, int64_t sbk, int64_t sbn, int64_t M, int64_t N,
+         int64_t K, uintptr_t ea, uintptr_t eb, int64_t kblock, int ha, int hb, uintptr_t bias, uintptr_t c,
+         int nthreads) {
+        py::gil_scoped_release release;
+        dfp::gemm_int16(ptr<const int16_t>(a), sam, sak, ptr<const int16_t>(b), sbk, sbn, M, N, K,
+                        ptr<const int32_t>(ea), ptr<const int32_t>(eb), kblock, ha, hb, ptr<const float>(bias),
+                        ptr<float>(c), nthreads);
+      },
+      "C = A B on int16 mantissas (element strides), exponents (M, KB) and (KB, N)");
+
+  m.def(
+      "matmul_float",
+      [](uintptr_t x, uintptr_t y, int64_t M, int64_t N, int64_t K, int headroom, int grouping, int64_t block,
+         bool stochastic, uint64_t seed_x, uint64_t seed_y, uintptr_t bias, uintptr_t c, int nthreads) {
+        py::gil_scoped_release release;
+        return dfp::matmul_float(ptr<const float>(x), ptr<const float>(y), M, N, K, headroom,
+                                 dfp::MatmulGrouping(grouping), block, stochastic, seed_x, seed_y,
+                                 ptr<const float>(bias), ptr<float>(c), nthreads);
+      },
+      "quantize x and y into packed panels and multiply; False on NaN/Inf");
+}

@@ -1,0 +1,61 @@
+#include "api.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "gemm.h"
+#include "quantize.h"
+
+namespace dfp {
+
+bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom,
+                bool stochastic, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads) {
+  const QuantizeShape shape{O, N, I, Grouping(mode), block};
+  if (!compute_exponents(x, shape, headroom, exponent, nthreads)) return false;
+  quantize_with_exponents(x, shape, headroom, exponent, stochastic, seed, mantissa, nthreads);
+  return true;
+}
+
+void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, int64_t sbk, int64_t sbn,
+                int64_t M, int64_t N, int64_t K, const int32_t* ea, const int32_t* eb, int64_t kblock,
+                int headroom_a, int headroom_b, const float* bias, float* c, int nthreads) {
+  const MicroKernel& uk = micro_kernel(active_isa());
+  const KLayout kl(K, kblock);
+  Packed pa, pb;
+  pack_a_int16(a, sam, sak, M, kl, uk.mr, pa, nthreads);
+  pack_b_int16(b, sbk, sbn, N, kl, uk.nr, pb, nthreads);
+  gemm_packed(pa, pb, kl, ea, eb, headroom_a, headroom_b, {c, bias}, nthreads);
+}
+
+bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t K, int headroom,
+                  MatmulGrouping grouping, int64_t block, bool stochastic, uint64_t seed_x, uint64_t seed_y,
+                  const float* bias, float* c, int nthreads) {
+  // x and y as (O, N, I) views whose exponents come out as (M, KB) and (KB, N).
+  QuantizeShape xs{1, M * K, 1, Grouping::tensor, 0}, ys{1, K * N, 1, Grouping::tensor, 0};
+  int64_t kblock = std::max<int64_t>(K, 1);
+  if (grouping == MatmulGrouping::rows) {
+    xs = {1, M, K, Grouping::channel, 0};
+    ys = {K, N, 1, Grouping::channel, 0};
+  } else if (grouping == MatmulGrouping::k_blocks) {
+    xs = {M, K, 1, Grouping::block, block};
+    ys = {1, K, N, Grouping::block, block};
+    kblock = block;
+  }
+  std::vector<int32_t> ex(xs.groups()), ey(ys.groups());
+  if (!compute_exponents(x, xs, headroom, ex.data(), nthreads)) return false;
+  if (!compute_exponents(y, ys, headroom, ey.data(), nthreads)) return false;
+  const KLayout kl(K, kblock);
+  // Per tensor, every row (column) shares the one exponent.
+  if (grouping == MatmulGrouping::tensor) {
+    ex.assign(M, ex[0]);
+    ey.assign(N, ey[0]);
+  }
+  const MicroKernel& uk = micro_kernel(active_isa());
+  Packed pa, pb;
+  pack_a_float(x, M, kl, ex.data(), headroom, {stochastic, seed_x}, uk.mr, pa, nthreads);
+  pack_b_float(y, N, kl, ey.data(), headroom, {stochastic, seed_y}, uk.nr, pb, nthreads);
+  gemm_packed(pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias}, nthreads);
+  return true;
+}
+
+}  // namespace dfp

@@ -1,0 +1,26 @@
+// The entry points of the compiled core, on raw buffers (no torch headers).
+#pragma once
+#include <cstdint>
+
+namespace dfp {
+
+// x: contiguous (O, N, I); see QuantizeShape. False (nothing written) on NaN/Inf.
+bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom,
+                bool stochastic, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads);
+
+// c (M, N) = a (M, K; strides sam, sak) x b (K, N; strides sbk, sbn); ea (M, KB),
+// eb (KB, N) contiguous; bias (N,) or null.
+void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, int64_t sbk, int64_t sbn,
+                int64_t M, int64_t N, int64_t K, const int32_t* ea, const int32_t* eb, int64_t kblock,
+                int headroom_a, int headroom_b, const float* bias, float* c, int nthreads);
+
+// How x (M, K) is grouped in a fused matmul; y (K, N) gets the mirrored grouping.
+enum class MatmulGrouping : int { tensor = 0, rows = 1, k_blocks = 2 };
+
+// c = quantize(x) quantize(y), quantization fused into packing. x, y contiguous.
+// False (nothing written) on NaN/Inf in x or y.
+bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t K, int headroom,
+                  MatmulGrouping grouping, int64_t block, bool stochastic, uint64_t seed_x, uint64_t seed_y,
+                  const float* bias, float* c, int nthreads);
+
+}  // namespace dfp

@@ -1,0 +1,137 @@
+// The portable macro-kernel: chains, scales, cache blocks, threads and the epilogue.
+#include "gemm.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "numerics.h"
+#include "threads.h"
+
+namespace dfp {
+namespace {
+
+// Chains of at most `pairs` K-pairs, restarting at every K-block.
+std::vector<Chain> make_chains(const KLayout& kl, int pairs) {
+  std::vector<Chain> chains;
+  for (int64_t b = 0; b < kl.nblocks; ++b)
+    for (int64_t p = 0; p < kl.pairs_per_block; p += pairs)
+      chains.push_back({int32_t(std::min<int64_t>(pairs, kl.pairs_per_block - p)), int32_t(b)});
+  return chains;
+}
+
+// Consecutive chains grouped into K slices of about kc K-pairs.
+struct KSlice {
+  int64_t first_chain, nchains, first_kpair;
+};
+std::vector<KSlice> k_slices(const std::vector<Chain>& chains, int kc) {
+  std::vector<KSlice> slices;
+  int64_t kpair = 0;
+  for (size_t c = 0; c < chains.size(); ++c) {
+    if (slices.empty() || (kpair - slices.back().first_kpair) + chains[c].kpairs > kc)
+      slices.push_back({int64_t(c), 0, kpair});
+    ++slices.back().nchains;
+    kpair += chains[c].kpairs;
+  }
+  return slices;
+}
+
+// Per-row (or column) reference exponent r = max over blocks, and the fp32 chain scales
+// 2^(e - r), laid out [row][block] for A and [block][column] for B.
+struct Scales {
+  std::vector<double> reference;  // 2^r, applied in the epilogue in double
+  std::vector<float> chain;       // empty when K is not blocked
+};
+
+Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t block_stride,
+                   int64_t padded_rows) {
+  Scales s;
+  s.reference.resize(rows);
+  if (blocks > 1) s.chain.assign(blocks * padded_rows, 0.0f);
+  for (int64_t i = 0; i < rows; ++i) {
+    int32_t r = e[i * row_stride];
+    for (int64_t b = 1; b < blocks; ++b) r = std::max(r, e[i * row_stride + b * block_stride]);
+    s.reference[i] = std::ldexp(1.0, r);
+    if (blocks > 1)
+      for (int64_t b = 0; b < blocks; ++b)
+        s.chain[i * row_stride + b * block_stride] = std::ldexp(1.0f, e[i * row_stride + b * block_stride] - r);
+  }
+  return s;
+}
+
+}  // namespace
+
+const MicroKernel& micro_kernel(Isa isa) {
+  switch (isa) {
+#ifdef DFP_X86_KERNELS
+    case Isa::avx512_vnni: return gemm_s16s16s32_avx512vnni_6x32;
+    case Isa::avx512bw: return gemm_s16s16s32_avx512bw_6x32;
+    case Isa::avx2: return gemm_s16s16s32_avx2_3x16;
+#endif
+    default: return gemm_s16s16s32_scalar_4x8;
+  }
+}
+
+void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+                 int headroom_a, int headroom_b, GemmOutput out, int nthreads) {
+  const MicroKernel& uk = micro_kernel(active_isa());
+  const int64_t M = a.rows, N = b.rows, KB = kl.nblocks;
+  const int64_t n_padded = (N + uk.nr - 1) / uk.nr * uk.nr;
+  // A's scales are [m][block] (row stride KB); B's are [block][n] (row stride 1).
+  const int64_t m_padded = (M + uk.mr - 1) / uk.mr * uk.mr;
+  const Scales sa = make_scales(ea, M, KB, KB, 1, m_padded);
+  Scales sb = make_scales(eb, N, KB, 1, N, N);
+  if (KB > 1) {  // pad B's chain scales to whole panels so the micro-kernel may load nr at once
+    std::vector<float> padded(KB * n_padded, 0.0f);
+    for (int64_t blk = 0; blk < KB; ++blk) std::copy_n(sb.chain.data() + blk * N, N, padded.data() + blk * n_padded);
+    sb.chain.swap(padded);
+  }
+  const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2);
+  const std::vector<KSlice> slices = k_slices(chains, uk.kc);
+
+  const int64_t mc = uk.mc, nc = uk.nc;
+  const int64_t row_blocks = (M + mc - 1) / mc, col_blocks = (N + nc - 1) / nc;
+  // Small problems run on one thread: waking a second costs more than it saves.
+  const int threads = double(M) * N * kl.k < 4e6 ? 1 : nthreads;
+  parallel_for(row_blocks * col_blocks, threads, [&](int64_t task) {
+    const int64_t i0 = (task / col_blocks) * mc, j0 = (task % col_blocks) * nc;
+    const int64_t mlen = std::min(mc, M - i0), nlen = std::min(nc, N - j0);
+    const int64_t mpanels = (mlen + uk.mr - 1) / uk.mr, npanels = (nlen + uk.nr - 1) / uk.nr;
+    thread_local std::vector<float> acc;
+    const int64_t ldacc = npanels * uk.nr;
+    acc.assign(mpanels * uk.mr * ldacc, 0.0f);  // stays zero when K is empty
+    for (size_t s = 0; s < slices.size(); ++s) {
+      const int64_t kp0 = slices[s].first_kpair;
+      for (int64_t jp = 0; jp < npanels; ++jp) {
+        const int64_t j = j0 + jp * uk.nr;
+        for (int64_t ip = 0; ip < mpanels; ++ip) {
+          const int64_t i = i0 + ip * uk.mr;
+          MicroKernelArgs args;
+          args.a = a.panel(i / uk.mr) + kp0 * uk.mr;
+          args.b = b.panel(j / uk.nr) + kp0 * uk.nr;
+          args.chains = chains.data() + slices[s].first_chain;
+          args.nchains = slices[s].nchains;
+          args.row_scale = KB > 1 ? sa.chain.data() + i * KB : nullptr;
+          args.row_scale_stride = KB;
+          args.col_scale = KB > 1 ? sb.chain.data() + j : nullptr;
+          args.col_scale_stride = n_padded;
+          args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
+          args.ldacc = ldacc;
+          args.accumulate = s > 0;
+          uk.run(args);
+        }
+      }
+    }
+    // Epilogue: one exact power-of-two scaling in double, one rounding to fp32, bias.
+    for (int64_t i = 0; i < mlen; ++i) {
+      const double rs = sa.reference[i0 + i];
+      const float* src = acc.data() + i * ldacc;
+      float* dst = out.c + (i0 + i) * N + j0;
+      const double* cs = sb.reference.data() + j0;
+      for (int64_t j = 0; j < nlen; ++j) dst[j] = float(double(src[j]) * rs * cs[j]);
+      if (out.bias)
+        for (int64_t j = 0; j < nlen; ++j) dst[j] += out.bias[j0 + j];
+    }
+  });
+}
+
+}  // namespace dfp

@@ -1,0 +1,89 @@
+// Integer GEMM C = A B on DFP16 mantissas (docs/design.md), BLIS-shaped: operands are
+// packed into K-pair (VNNI-2) panels, a portable macro-kernel walks cache blocks, and
+// one micro-kernel per ISA multiplies a register tile.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "isa.h"
+#include "quantize.h"
+
+namespace dfp {
+
+// A run of consecutive K-pairs whose int32 sum cannot overflow, inside one K-block.
+struct Chain {
+  int32_t kpairs;
+  int32_t block;
+};
+
+struct MicroKernelArgs {
+  const int32_t* a;  // A panel from the first K-pair on: [kpair][mr], each int32 two int16
+  const int32_t* b;  // B panel: [kpair][nr]
+  const Chain* chains;
+  int64_t nchains;
+  const float* row_scale;  // null when K is not blocked; else [r * row_scale_stride + block]
+  int64_t row_scale_stride;
+  const float* col_scale;  // [block * col_scale_stride + c]
+  int64_t col_scale_stride;
+  float* acc;  // fp32 tile, mr x nr, row stride ldacc
+  int64_t ldacc;
+  bool accumulate;  // add to acc (a later K slice) or overwrite it (the first)
+};
+
+struct MicroKernel {
+  const char* name;
+  int mr, nr;      // register tile
+  int kc, mc, nc;  // cache blocks: kc K-pairs, mc rows, nc columns
+  void (*run)(const MicroKernelArgs&);
+};
+
+extern const MicroKernel gemm_s16s16s32_scalar_4x8;
+extern const MicroKernel gemm_s16s16s32_avx2_3x16;
+extern const MicroKernel gemm_s16s16s32_avx512bw_6x32;
+extern const MicroKernel gemm_s16s16s32_avx512vnni_6x32;
+const MicroKernel& micro_kernel(Isa isa);
+
+// How K is laid out in the packed panels: each K-block is padded to whole K-pairs so a
+// pair never spans two exponents.
+struct KLayout {
+  int64_t k, kblock, nblocks, pairs_per_block;
+  KLayout(int64_t k, int64_t kblock);
+  int64_t kpairs() const { return nblocks * pairs_per_block; }
+};
+
+// Panels of a packed operand: `rows` rows (A) or columns (B) of `width` (mr or nr).
+struct Packed {
+  int64_t rows = 0, width = 0, kpairs = 0;
+  std::vector<int32_t> data;  // [panel][kpair][width]
+  void allocate(int64_t rows, int64_t width, int64_t kpairs);
+  const int32_t* panel(int64_t p) const { return data.data() + p * width * kpairs; }
+  int32_t* panel(int64_t p) { return data.data() + p * width * kpairs; }
+};
+
+// Packing from int16 mantissas with arbitrary strides (transposed views included).
+void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, Packed& out,
+                  int nthreads);
+void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out,
+                  int nthreads);
+
+// Quantization fused into packing: x (M, K) and y (K, N) row-major float32, exponents
+// ea (M, KB) and eb (KB, N) already computed (compute_exponents).
+struct Rounding {
+  bool stochastic;
+  uint64_t seed;
+};
+void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
+                  int mr, Packed& out, int nthreads);
+void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, Rounding r,
+                  int nr, Packed& out, int nthreads);
+
+struct GemmOutput {
+  float* c;           // (M, N) row-major
+  const float* bias;  // (N,) or null
+};
+
+// C = A B from packed panels; ea (M, KB), eb (KB, N) are the exponents.
+void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+                 int headroom_a, int headroom_b, GemmOutput out, int nthreads);
+
+}  // namespace dfp

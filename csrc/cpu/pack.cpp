@@ -1,0 +1,122 @@
+// Packing into K-pair panels, from int16 mantissas or (fused with quantization) from
+// float32. Rows are first produced contiguously, then interleaved into the panels.
+#include <algorithm>
+#include <cstring>
+
+#include "gemm.h"
+#include "numerics.h"
+#include "quantize_kernels.h"
+#include "threads.h"
+
+namespace dfp {
+namespace {
+
+inline int32_t pair(int16_t lo, int16_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
+
+// Packs A: make_row(m, dst) writes row m's K values, block-padded to 2 * kpairs int16.
+template <typename MakeRow>
+void pack_a(int64_t m, const KLayout& kl, int mr, Packed& out, int nthreads, MakeRow make_row) {
+  out.allocate(m, mr, kl.kpairs());
+  const int64_t panels = (m + mr - 1) / mr, kp = kl.kpairs();
+  parallel_for(panels, nthreads, [&](int64_t p) {
+    std::vector<int16_t> row(2 * kp);
+    int32_t* dst = out.panel(p);
+    for (int r = 0; r < mr; ++r) {
+      const int64_t i = p * mr + r;
+      std::fill(row.begin(), row.end(), int16_t(0));
+      if (i < m) make_row(i, row.data());
+      for (int64_t k = 0; k < kp; ++k) dst[k * mr + r] = pair(row[2 * k], row[2 * k + 1]);
+    }
+  });
+}
+
+// Packs B: make_row(k, dst) writes row k's N values.
+template <typename MakeRow>
+void pack_b(int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads, MakeRow make_row) {
+  out.allocate(n, nr, kl.kpairs());
+  const int64_t panels = (n + nr - 1) / nr, kp = kl.kpairs();
+  const int64_t pairs_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1));
+  parallel_for((kp + pairs_per_task - 1) / pairs_per_task, nthreads, [&](int64_t t) {
+    std::vector<int16_t> even(panels * nr), odd(panels * nr);
+    for (int64_t q = t * pairs_per_task; q < std::min(kp, (t + 1) * pairs_per_task); ++q) {
+      const int64_t block = q / kl.pairs_per_block, j = (q % kl.pairs_per_block) * 2;
+      const int64_t k = block * kl.kblock + j, block_end = std::min(kl.k, (block + 1) * kl.kblock);
+      std::fill(even.begin(), even.end(), int16_t(0));
+      std::fill(odd.begin(), odd.end(), int16_t(0));
+      if (k < block_end) make_row(k, even.data());
+      if (k + 1 < block_end) make_row(k + 1, odd.data());
+      for (int64_t p = 0; p < panels; ++p) {
+        int32_t* dst = out.panel(p) + q * nr;
+        for (int c = 0; c < nr; ++c) dst[c] = pair(even[p * nr + c], odd[p * nr + c]);
+      }
+    }
+  });
+}
+
+RoundingArgs rounding_args(int headroom, Rounding r, int64_t index0) {
+  return {float(max_mantissa(headroom)), r.stochastic, uint64_t(index0), uint32_t(r.seed), uint32_t(r.seed >> 32)};
+}
+
+}  // namespace
+
+KLayout::KLayout(int64_t k_, int64_t kblock_)
+    : k(k_), kblock(kblock_), nblocks((k_ + kblock_ - 1) / kblock_), pairs_per_block((kblock_ + 1) / 2) {}
+
+void Packed::allocate(int64_t rows_, int64_t width_, int64_t kpairs_) {
+  rows = rows_, width = width_, kpairs = kpairs_;
+  data.resize(((rows + width - 1) / width) * width * kpairs);
+}
+
+void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, Packed& out,
+                  int nthreads) {
+  pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int16_t* row) {
+    for (int64_t b = 0; b < kl.nblocks; ++b) {
+      const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0);
+      int16_t* dst = row + 2 * b * kl.pairs_per_block;
+      const int16_t* src = a + i * sm + k0 * sk;
+      if (sk == 1)
+        std::memcpy(dst, src, len * sizeof(int16_t));
+      else
+        for (int64_t j = 0; j < len; ++j) dst[j] = src[j * sk];
+    }
+  });
+}
+
+void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out,
+                  int nthreads) {
+  pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* row) {
+    const int16_t* src = b + k * sk;
+    if (sn == 1)
+      std::memcpy(row, src, n * sizeof(int16_t));
+    else
+      for (int64_t j = 0; j < n; ++j) row[j] = src[j * sn];
+  });
+}
+
+void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
+                  int mr, Packed& out, int nthreads) {
+  const QuantizeKernels& qk = quantize_kernels(active_isa());
+  pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int16_t* row) {
+    for (int64_t b = 0; b < kl.nblocks; ++b) {
+      const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0), at = i * kl.k + k0;
+      qk.run(x + at, row + 2 * b * kl.pairs_per_block, len, inverse_scale(ea[i * kl.nblocks + b]),
+             rounding_args(headroom, r, at));
+    }
+  });
+}
+
+void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, Rounding r,
+                  int nr, Packed& out, int nthreads) {
+  const QuantizeKernels& qk = quantize_kernels(active_isa());
+  std::vector<float> first(kl.nblocks * n), second(kl.nblocks * n);
+  for (int64_t g = 0; g < kl.nblocks * n; ++g) {
+    const Scale s = inverse_scale(eb[g]);
+    first[g] = s.first, second[g] = s.second;
+  }
+  pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* row) {
+    const int64_t g = (k / kl.kblock) * n;
+    qk.run_scaled(y + k * n, row, n, first.data() + g, second.data() + g, rounding_args(headroom, r, k * n));
+  });
+}
+
+}  // namespace dfp

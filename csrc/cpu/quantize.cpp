@@ -1,0 +1,165 @@
+#include "quantize.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "isa.h"
+#include "numerics.h"
+#include "quantize_kernels.h"
+#include "threads.h"
+
+namespace dfp {
+namespace {
+
+constexpr int64_t kMinTaskElements = 1 << 15;  // below this a task costs more than it saves
+// Runs shorter than this waste the SIMD lanes; such layouts are handled a row at a time.
+constexpr int64_t kShortRun = 16;
+
+// Calls fn(row_begin, row_end) over [0, rows) in tasks of about kMinTaskElements or more.
+template <typename Fn>
+void for_row_chunks(int64_t rows, int64_t row_len, int nthreads, Fn fn) {
+  const int64_t per_task = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(row_len, 1));
+  const int64_t tasks = (rows + per_task - 1) / per_task;
+  parallel_for(tasks, nthreads, [&](int64_t t) { fn(t * per_task, std::min(rows, (t + 1) * per_task)); });
+}
+
+std::vector<uint32_t> group_absmax(const float* x, const QuantizeShape& sh, int nthreads) {
+  const QuantizeKernels& k = quantize_kernels(active_isa());
+  const int64_t O = sh.outer, N = sh.n, I = sh.inner;
+  std::vector<uint32_t> amax(sh.groups(), 0);
+  switch (sh.grouping) {
+    case Grouping::tensor: {
+      const int64_t total = O * N * I, chunk = 1 << 18;
+      const int64_t tasks = std::max<int64_t>(1, (total + chunk - 1) / chunk);
+      std::vector<uint32_t> partial(tasks, 0);
+      parallel_for(tasks, nthreads, [&](int64_t t) {
+        const int64_t b = t * chunk;
+        partial[t] = k.absmax(x + b, std::min(chunk, total - b));
+      });
+      amax[0] = *std::max_element(partial.begin(), partial.end());
+      break;
+    }
+    case Grouping::channel:
+      if (I >= kShortRun) {
+        for_row_chunks(N, O * I, nthreads, [&](int64_t n0, int64_t n1) {
+          for (int64_t n = n0; n < n1; ++n)
+            for (int64_t o = 0; o < O; ++o) amax[n] = std::max(amax[n], k.absmax(x + (o * N + n) * I, I));
+        });
+      } else {  // short rows: element-wise maxima over whole (N, I) slices, folded at the end
+        const int64_t per_task = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(N * I, 1));
+        const int64_t tasks = (O + per_task - 1) / per_task;
+        std::vector<std::vector<uint32_t>> partial(tasks, std::vector<uint32_t>(N * I, 0));
+        parallel_for(tasks, nthreads, [&](int64_t t) {
+          for (int64_t o = t * per_task; o < std::min(O, (t + 1) * per_task); ++o)
+            k.absmax_into(x + o * N * I, partial[t].data(), N * I);
+        });
+        for (const auto& p : partial)
+          for (int64_t j = 0; j < N * I; ++j) amax[j / I] = std::max(amax[j / I], p[j]);
+      }
+      break;
+    case Grouping::block: {
+      const int64_t B = sh.block, NB = (N + B - 1) / B;
+      for_row_chunks(O * NB, B * I, nthreads, [&](int64_t g0, int64_t g1) {
+        for (int64_t g = g0; g < g1; ++g) {
+          const int64_t o = g / NB, n0 = (g % NB) * B, n1 = std::min(N, n0 + B);
+          const float* row = x + (o * N + n0) * I;
+          if (I == 1)
+            amax[g] = k.absmax(row, n1 - n0);
+          else
+            for (int64_t n = n0; n < n1; ++n) k.absmax_into(row + (n - n0) * I, amax.data() + g * I, I);
+        }
+      });
+      break;
+    }
+  }
+  return amax;
+}
+
+}  // namespace
+
+int64_t QuantizeShape::groups() const {
+  switch (grouping) {
+    case Grouping::tensor: return 1;
+    case Grouping::channel: return n;
+    default: return outer * ((n + block - 1) / block) * inner;
+  }
+}
+
+bool compute_exponents(const float* x, const QuantizeShape& shape, int headroom, int32_t* exponent,
+                       int nthreads) {
+  const std::vector<uint32_t> amax = group_absmax(x, shape, nthreads);
+  for (uint32_t bits : amax)
+    if (bits >= kNonFiniteBits) return false;
+  for (size_t g = 0; g < amax.size(); ++g) exponent[g] = group_exponent(amax[g], headroom);
+  return true;
+}
+
+void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headroom, const int32_t* exponent,
+                             bool stochastic, uint64_t seed, int16_t* q, int nthreads) {
+  const QuantizeKernels& k = quantize_kernels(active_isa());
+  const int64_t O = sh.outer, N = sh.n, I = sh.inner, G = sh.groups();
+  std::vector<float> first(G), second(G);
+  for (int64_t g = 0; g < G; ++g) {
+    const Scale s = inverse_scale(exponent[g]);
+    first[g] = s.first;
+    second[g] = s.second;
+  }
+  const RoundingArgs base{float(max_mantissa(headroom)), stochastic, 0, uint32_t(seed), uint32_t(seed >> 32)};
+  auto args_at = [&](int64_t index) {
+    RoundingArgs r = base;
+    r.index0 = uint64_t(index);
+    return r;
+  };
+  auto uniform_run = [&](int64_t offset, int64_t len, int64_t g) {
+    k.run(x + offset, q + offset, len, {first[g], second[g]}, args_at(offset));
+  };
+
+  switch (sh.grouping) {
+    case Grouping::tensor:
+      for_row_chunks(O * N * I, 1, nthreads, [&](int64_t b, int64_t e) { uniform_run(b, e - b, 0); });
+      break;
+    case Grouping::channel:
+      if (I >= kShortRun) {
+        for_row_chunks(O * N, I, nthreads, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) uniform_run(r * I, I, r % N);
+        });
+      } else {
+        std::vector<float> f(N * I), s(N * I);
+        for (int64_t j = 0; j < N * I; ++j) f[j] = first[j / I], s[j] = second[j / I];
+        for_row_chunks(O, N * I, nthreads, [&](int64_t o0, int64_t o1) {
+          for (int64_t o = o0; o < o1; ++o)
+            k.run_scaled(x + o * N * I, q + o * N * I, N * I, f.data(), s.data(), args_at(o * N * I));
+        });
+      }
+      break;
+    case Grouping::block: {
+      const int64_t B = sh.block, NB = (N + B - 1) / B;
+      if (I > 1) {
+        for_row_chunks(O * N, I, nthreads, [&](int64_t r0, int64_t r1) {
+          for (int64_t r = r0; r < r1; ++r) {
+            const int64_t g = ((r / N) * NB + (r % N) / B) * I;
+            k.run_scaled(x + r * I, q + r * I, I, first.data() + g, second.data() + g, args_at(r * I));
+          }
+        });
+      } else if (B >= kShortRun) {
+        for_row_chunks(O * NB, B, nthreads, [&](int64_t g0, int64_t g1) {
+          for (int64_t g = g0; g < g1; ++g) {
+            const int64_t n0 = (g % NB) * B;
+            uniform_run((g / NB) * N + n0, std::min(B, N - n0), g);
+          }
+        });
+      } else {
+        for_row_chunks(O, N, nthreads, [&](int64_t o0, int64_t o1) {
+          std::vector<float> f(N), s(N);
+          for (int64_t o = o0; o < o1; ++o) {
+            for (int64_t n = 0; n < N; ++n) f[n] = first[o * NB + n / B], s[n] = second[o * NB + n / B];
+            k.run_scaled(x + o * N, q + o * N, N, f.data(), s.data(), args_at(o * N));
+          }
+        });
+      }
+      break;
+    }
+  }
+}
+
+}  // namespace dfp

@@ -1,0 +1,124 @@
+// AVX2 quantization kernels (also used by the AVX-512 paths: quantization is bound by
+// memory bandwidth, and 256-bit vectors already saturate it). Compiled with -mavx2 -mfma
+// only in this file. Bit-identical to quantize_one() in numerics.h. No std:: templates
+// here: an instance compiled with AVX2 could be the one the linker keeps for all files.
+#include <immintrin.h>
+
+#include "quantize_kernels.h"
+
+namespace dfp {
+namespace {
+
+// No SIMD constants at namespace scope: their initialisers would run AVX instructions
+// when the library loads, also on CPUs that never take this path.
+inline __m256i abs_bits8(const float* x) {
+  return _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x)), _mm256_set1_epi32(0x7fffffff));
+}
+
+uint32_t absmax(const float* x, int64_t n) {
+  __m256i m0 = _mm256_setzero_si256(), m1 = m0, m2 = m0, m3 = m0;
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm256_max_epi32(m0, abs_bits8(x + i));
+    m1 = _mm256_max_epi32(m1, abs_bits8(x + i + 8));
+    m2 = _mm256_max_epi32(m2, abs_bits8(x + i + 16));
+    m3 = _mm256_max_epi32(m3, abs_bits8(x + i + 24));
+  }
+  for (; i + 8 <= n; i += 8) m0 = _mm256_max_epi32(m0, abs_bits8(x + i));
+  m0 = _mm256_max_epi32(_mm256_max_epi32(m0, m1), _mm256_max_epi32(m2, m3));
+  alignas(32) uint32_t lanes[8];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), m0);
+  uint32_t m = 0;
+  for (uint32_t lane : lanes) m = lane > m ? lane : m;
+  for (; i < n; ++i) m = abs_bits(x[i]) > m ? abs_bits(x[i]) : m;
+  return m;
+}
+
+void absmax_into(const float* x, uint32_t* acc, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    __m256i* a = reinterpret_cast<__m256i*>(acc + i);
+    _mm256_storeu_si256(a, _mm256_max_epi32(_mm256_loadu_si256(a), abs_bits8(x + i)));
+  }
+  for (; i < n; ++i) acc[i] = abs_bits(x[i]) > acc[i] ? abs_bits(x[i]) : acc[i];
+}
+
+inline __m256i mix8(__m256i x) {
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
+  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
+  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846ca68bu)));
+  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+}
+
+// Rounds 8 scaled values v to integers (as float), then clamps.
+inline __m256 round8(__m256 v, const RoundingArgs& r, uint64_t index) {
+  __m256 q;
+  if (r.stochastic) {
+    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i key = _mm256_set1_epi32(int(r.k1 ^ uint32_t(index >> 32)));
+    const __m256i bits = _mm256_srli_epi32(mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), key)), 9);
+    const __m256 rnd = _mm256_add_ps(_mm256_cvtepi32_ps(bits), _mm256_set1_ps(0.5f));
+    const __m256 fl = _mm256_floor_ps(v);
+    const __m256 frac = _mm256_mul_ps(_mm256_sub_ps(v, fl), _mm256_set1_ps(8388608.0f));
+    q = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(rnd, frac, _CMP_LT_OQ), _mm256_set1_ps(1.0f)));
+  } else {
+    q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  }
+  const __m256 lim = _mm256_set1_ps(r.limit);
+  return _mm256_max_ps(_mm256_min_ps(q, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
+}
+
+inline void store16(int16_t* q, __m256 a, __m256 b) {
+  const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(packed, 0xD8));
+}
+
+// The 8 lanes of a vector at `index` share the high 32 bits of their flat index.
+inline bool lanes_share_high_bits(uint64_t index) { return uint32_t(index) <= 0xFFFFFFF8u; }
+
+template <typename ScaleAt>
+void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const RoundingArgs& r) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const uint64_t idx = r.index0 + i;
+    if (r.stochastic && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
+    const __m256 v0 = scale_at(i, _mm256_loadu_ps(x + i));
+    const __m256 v1 = scale_at(i + 8, _mm256_loadu_ps(x + i + 8));
+    store16(q + i, round8(v0, r, idx), round8(v1, r, idx + 8));
+  }
+  for (; i < n; ++i) {
+    q[i] = quantize_one(scale_at.one(i, x[i]), {1.0f, 1.0f}, r.limit, r.stochastic, r.index0 + i, r.k0, r.k1);
+  }
+}
+
+struct UniformScale {
+  Scale s;
+  __m256 operator()(int64_t, __m256 x) const {
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(s.first)), _mm256_set1_ps(s.second));
+  }
+  float one(int64_t, float x) const { return x * s.first * s.second; }
+};
+
+struct ElementScale {
+  const float *first, *second;
+  __m256 operator()(int64_t i, __m256 x) const {
+    return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_loadu_ps(first + i)), _mm256_loadu_ps(second + i));
+  }
+  float one(int64_t i, float x) const { return x * first[i] * second[i]; }
+};
+
+void run(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& r) {
+  run_impl(x, q, n, UniformScale{s}, r);
+}
+
+void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const float* second,
+                const RoundingArgs& r) {
+  run_impl(x, q, n, ElementScale{first, second}, r);
+}
+
+}  // namespace
+
+const QuantizeKernels quantize_avx2 = {absmax, absmax_into, run, run_scaled};
+
+}  // namespace dfp

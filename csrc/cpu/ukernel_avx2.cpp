@@ -1,0 +1,30 @@
+// gemm_s16s16s32 on AVX2: vpmaddwd (two int16 products summed into int32) + vpaddd.
+// 3 x 16 tile: 6 int32 + 6 fp32 accumulators + 2 B vectors + 1 A broadcast = 15 ymm.
+#include <immintrin.h>
+
+#include "gemm.h"
+#include "ukernel_impl.h"
+
+namespace {
+
+struct Avx2 {
+  using I = __m256i;
+  using F = __m256;
+  static constexpr int lanes = 8;
+  static I zeroi() { return _mm256_setzero_si256(); }
+  static F zerof() { return _mm256_setzero_ps(); }
+  static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+  static I broadcast(const int32_t* p) { return _mm256_set1_epi32(*p); }
+  static I dot_pairs(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
+  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
+  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
+  static F setf(float x) { return _mm256_set1_ps(x); }
+  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
+  static F addf(F a, F b) { return _mm256_add_ps(a, b); }
+  static F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+};
+
+}  // namespace
+
+const dfp::MicroKernel dfp::gemm_s16s16s32_avx2_3x16 = {"gemm_s16s16s32_avx2_3x16", 3, 16, 256, 96, 256,
+                                                         TileKernel<Avx2, 3, 2>::run};

@@ -1,0 +1,62 @@
+// The micro-kernel, written once over a small vector interface V that each ISA file
+// provides (V::I int32 vector, V::F fp32 vector, `lanes` int32 lanes per vector).
+// Included only by the per-ISA files; the anonymous namespace gives each file its own
+// instantiation, compiled with that file's flags.
+//
+// Tile: MR rows x NV vectors. Per K-pair: NV loads of B, MR broadcasts of A, MR*NV
+// multiply-adds into int32 accumulators. Closing a chain converts the int32 sums to
+// fp32 and adds them (times the chain's scale when K is blocked) to fp32 accumulators.
+#pragma once
+#include "gemm.h"
+
+namespace {
+
+template <typename V, int MR, int NV>
+struct TileKernel {
+  template <bool kBlocked>
+  static void run_chains(const dfp::MicroKernelArgs& p) {
+    constexpr int NR = NV * V::lanes;
+    typename V::F f[MR][NV];
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) f[r][v] = p.accumulate ? V::loadf(p.acc + r * p.ldacc + v * V::lanes) : V::zerof();
+    const int32_t* a = p.a;
+    const int32_t* b = p.b;
+    for (int64_t c = 0; c < p.nchains; ++c) {
+      typename V::I acc[MR][NV];
+      for (int r = 0; r < MR; ++r)
+        for (int v = 0; v < NV; ++v) acc[r][v] = V::zeroi();
+      for (int32_t k = 0; k < p.chains[c].kpairs; ++k, a += MR, b += NR) {
+        typename V::I bv[NV];
+        for (int v = 0; v < NV; ++v) bv[v] = V::loadi(b + v * V::lanes);
+        for (int r = 0; r < MR; ++r) {
+          const typename V::I av = V::broadcast(a + r);
+          for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
+        }
+      }
+      if (kBlocked) {
+        const int32_t blk = p.chains[c].block;
+        typename V::F cs[NV];
+        for (int v = 0; v < NV; ++v) cs[v] = V::loadf(p.col_scale + blk * p.col_scale_stride + v * V::lanes);
+        for (int r = 0; r < MR; ++r) {
+          const typename V::F rs = V::setf(p.row_scale[r * p.row_scale_stride + blk]);
+          // a separate multiply and add (no FMA): the contract rounds the sum only
+          for (int v = 0; v < NV; ++v) f[r][v] = V::addf(f[r][v], V::mulf(V::to_float(acc[r][v]), V::mulf(rs, cs[v])));
+        }
+      } else {
+        for (int r = 0; r < MR; ++r)
+          for (int v = 0; v < NV; ++v) f[r][v] = V::addf(f[r][v], V::to_float(acc[r][v]));
+      }
+    }
+    for (int r = 0; r < MR; ++r)
+      for (int v = 0; v < NV; ++v) V::storef(p.acc + r * p.ldacc + v * V::lanes, f[r][v]);
+  }
+
+  static void run(const dfp::MicroKernelArgs& p) {
+    if (p.row_scale)
+      run_chains<true>(p);
+    else
+      run_chains<false>(p);
+  }
+};
+
+}  // namespace

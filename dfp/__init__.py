@@ -1,0 +1,22 @@
+"""dfp: 16-bit dynamic fixed point (DFP16) training kernels for PyTorch.
+
+Importing dfp never needs the compiled core nor initialises CUDA; an op that needs the
+core says so when it is called.
+"""
+
+from . import ops
+from ._errors import BackendUnavailableError, NonFiniteError
+from .backends.cpu import cpu_isa
+from .format import DFPSpec, DFPTensor, quantize
+from .ops import matmul
+
+__all__ = [
+    "BackendUnavailableError",
+    "DFPSpec",
+    "DFPTensor",
+    "NonFiniteError",
+    "cpu_isa",
+    "matmul",
+    "ops",
+    "quantize",
+]

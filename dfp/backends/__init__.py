@@ -1,0 +1,41 @@
+"""Backends: each implements the semantics of docs/design.md on CPU tensors.
+
+A backend is a module with
+
+    quantize3d(x, mode, block, headroom, stochastic, seed) -> (mantissa, exponent)
+        x: contiguous float32 (O, N, I); mode 0 per tensor, 1 per index of N, 2 per
+        block of ``block`` along N. mantissa int16 (O, N, I); exponent int32 (1,),
+        (N,) or (O, ceil(N/block), I). Raises dfp.NonFiniteError on NaN/Inf.
+    gemm(a, ea, ha, b, eb, hb, kblock, bias) -> float32 (M, N)
+        a int16 (M, K), b int16 (K, N), any strides; ea int32 (M, KB), eb int32
+        (KB, N), KB = ceil(K / kblock); bias float32 (N,) or None.
+
+``DFP_BACKEND`` (cpu, numba, reference) chooses one; the default is the compiled
+``cpu`` backend. There is no silent fallback: when the chosen backend cannot run, the
+op raises an error that says what is missing and what to do.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from types import ModuleType
+
+NAMES = ("cpu", "numba", "reference")
+_MODULES = {"cpu": "dfp.backends.cpu", "numba": "dfp.backends.numba", "reference": "dfp.reference"}
+
+
+def get(name: str) -> ModuleType:
+    """The backend module called ``name``; a clear error if it cannot be used here."""
+    if name not in NAMES:
+        raise ValueError(f"unknown dfp backend {name!r}; choose one of {', '.join(NAMES)}")
+    module = importlib.import_module(_MODULES[name])
+    check = getattr(module, "ensure_available", None)
+    if check is not None:
+        check()
+    return module
+
+
+def active() -> ModuleType:
+    """The backend that runs dfp's CPU ops now (``DFP_BACKEND`` or the default)."""
+    return get(os.environ.get("DFP_BACKEND") or "cpu")

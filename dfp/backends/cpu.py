@@ -1,0 +1,96 @@
+"""The compiled backend: dfp._C on CPU tensors (AVX-512 VNNI, AVX-512BW, AVX2 or
+portable C++, chosen at run time; ``DFP_CPU_ISA`` forces one)."""
+
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from .._errors import BackendUnavailableError, NonFiniteError
+
+_BUILD_HINT = (
+    "Build it from the repository root with `pip install -e .` (needs a C++17 compiler; "
+    "pybind11 is fetched by the build), or choose a backend that needs no build with "
+    "DFP_BACKEND=numba or DFP_BACKEND=reference."
+)
+
+
+def _core():
+    try:
+        return importlib.import_module("dfp._C")
+    except ImportError as err:
+        raise BackendUnavailableError(f"dfp's compiled core (dfp._C) could not be loaded: {err}. {_BUILD_HINT}") from err
+
+
+def ensure_available() -> None:
+    _core()
+
+
+def cpu_isa() -> str:
+    """The CPU path the compiled kernels take: avx512_vnni, avx512bw, avx2 or scalar."""
+    return _core().isa()
+
+
+def supported_isas() -> list[str]:
+    """The CPU paths this machine can run, fastest first."""
+    return _core().supported_isas()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Force a CPU path (as ``DFP_CPU_ISA`` does); ValueError names the available ones."""
+    _core().set_isa(name)
+
+
+def _nonfinite(name: str) -> NonFiniteError:
+    return NonFiniteError(
+        f"{name} contains NaN or Inf, which DFP16 cannot represent; find where it came from "
+        "(torch.autograd.detect_anomaly helps in training) or clean it with torch.nan_to_num"
+    )
+
+
+def quantize3d(x, mode, block, headroom, stochastic, seed):
+    o, n, i = x.shape
+    mantissa = torch.empty((o, n, i), dtype=torch.int16)
+    groups = (1, n, o * -(-n // block) * i if block else 0)[mode]
+    exponent = torch.empty(groups, dtype=torch.int32)
+    ok = _core().quantize3d(
+        x.data_ptr(), o, n, i, mode, block, headroom, stochastic, seed & (2**64 - 1),
+        mantissa.data_ptr(), exponent.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if not ok:
+        raise _nonfinite("the tensor to quantize")
+    return mantissa, exponent.view((1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i))
+
+
+def gemm(a, ea, ha, b, eb, hb, kblock, bias):
+    (m, k), n = a.shape, b.shape[1]
+    out = torch.empty((m, n), dtype=torch.float32)
+    _core().gemm_int16(
+        a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1), m, n, k,
+        ea.data_ptr(), eb.data_ptr(), kblock, ha, hb, 0 if bias is None else bias.data_ptr(),
+        out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return out
+
+
+def matmul(x, y, headroom, axis, block, stochastic, seed_x, seed_y):
+    """Fused: quantization writes the packed panels the GEMM reads."""
+    x, y = x.contiguous(), y.contiguous()
+    (m, k), n = x.shape, y.shape[1]
+    grouping = 0 if axis is None else (1 if axis % 2 == 0 and block is None else 2 if axis % 2 == 1 and block else -1)
+    if grouping < 0:
+        raise ValueError(
+            f"matmul cannot use exponents per {'block' if block else 'channel'} along axis {axis} of x: they vary "
+            "inside the reduction. Use axis=None (per tensor), axis=0 (per row of x and column of y) "
+            "or axis=1 with block=B (blocks along K)"
+        )
+    out = torch.empty((m, n), dtype=torch.float32)
+    mask = 2**64 - 1
+    ok = _core().matmul_float(
+        x.data_ptr(), y.data_ptr(), m, n, k, headroom, grouping, block or 0, stochastic,
+        seed_x & mask, seed_y & mask, 0, out.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    if not ok:
+        raise _nonfinite("x or y")
+    return out

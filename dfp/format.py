@@ -1,0 +1,167 @@
+"""The DFP16 format: int16 mantissas sharing power-of-two exponents.
+
+``value = mantissa * 2**exponent``. See ``docs/design.md`` for the exact rules that
+every backend follows bit for bit.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+MAX_HEADROOM = 13
+
+Rounding = Literal["nearest", "stochastic"]
+
+
+@dataclass(frozen=True)
+class DFPSpec:
+    """How a tensor is quantized.
+
+    Args:
+        headroom: bits left unused at the top of the int16 mantissa (0..13). Mantissas
+            lie in ``[-(2**(15-headroom) - 1), 2**(15-headroom) - 1]``; more headroom
+            allows longer exact int32 chains in the GEMM at the cost of precision.
+        axis: ``None`` for one exponent per tensor; otherwise the axis along which
+            exponents vary (one per index, or one per block of ``block`` indices).
+        block: with ``axis``, the number of consecutive elements along ``axis`` that
+            share an exponent; ``None`` for one exponent per index ("per channel").
+        rounding: ``"nearest"`` (half to even) or ``"stochastic"``.
+    """
+
+    headroom: int = 2
+    axis: int | None = None
+    block: int | None = None
+    rounding: Rounding = "nearest"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.headroom, int) or not 0 <= self.headroom <= MAX_HEADROOM:
+            raise ValueError(f"DFPSpec.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
+        if self.axis is not None and not isinstance(self.axis, int):
+            raise ValueError(f"DFPSpec.axis must be None or an int, got {self.axis!r}")
+        if self.block is not None:
+            if self.axis is None:
+                raise ValueError("DFPSpec.block needs an axis: pass axis=<the axis the blocks run along>")
+            if not isinstance(self.block, int) or self.block < 1:
+                raise ValueError(f"DFPSpec.block must be a positive int, got {self.block!r}")
+        if self.rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"DFPSpec.rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
+
+    @property
+    def group(self) -> Literal["tensor", "channel", "block"]:
+        if self.axis is None:
+            return "tensor"
+        return "channel" if self.block is None else "block"
+
+    @property
+    def max_mantissa(self) -> int:
+        return 2 ** (15 - self.headroom) - 1
+
+
+@dataclass(frozen=True)
+class DFPTensor:
+    """A quantized tensor: ``mantissa`` (int16, the logical shape), ``exponent`` (int32,
+    one entry per group, shaped to broadcast against ``mantissa`` for channel and block
+    groups, 0-d per tensor) and the ``spec`` it was made with."""
+
+    mantissa: torch.Tensor
+    exponent: torch.Tensor
+    spec: DFPSpec
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.mantissa.shape
+
+    def expanded_exponent(self) -> torch.Tensor:
+        """The exponent of every element, shaped like ``mantissa``."""
+        e = self.exponent
+        if self.spec.group == "block":
+            axis = _normalize_axis(self.spec.axis, self.mantissa.dim())
+            n = self.mantissa.shape[axis]
+            e = e.repeat_interleave(self.spec.block, dim=axis).narrow(axis, 0, n)
+        return e.expand(self.mantissa.shape)
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 values ``mantissa * 2**exponent`` (exact unless they leave the fp32 range)."""
+        e = self.expanded_exponent().to(torch.float64)
+        return (self.mantissa.to(torch.float64) * torch.exp2(e)).to(torch.float32)
+
+    def t(self) -> DFPTensor:
+        """The transpose of a 2-D DFPTensor (a view; exponents follow their axis)."""
+        if self.mantissa.dim() != 2:
+            raise ValueError(f"DFPTensor.t() needs a 2-D tensor, got shape {tuple(self.shape)}")
+        spec = self.spec
+        if spec.axis is not None:
+            spec = DFPSpec(spec.headroom, 1 - _normalize_axis(spec.axis, 2), spec.block, spec.rounding)
+        exponent = self.exponent.t() if self.exponent.dim() == 2 else self.exponent
+        return DFPTensor(self.mantissa.t(), exponent, spec)
+
+
+def _normalize_axis(axis: int, ndim: int) -> int:
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"DFPSpec.axis={axis} is out of range for a tensor with {ndim} dimensions")
+    return axis % ndim
+
+
+def canonical_view(shape: torch.Size, spec: DFPSpec) -> tuple[tuple[int, int, int], int, int]:
+    """``(O, N, I)``, mode (0 tensor, 1 channel, 2 block) and block for the backends."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    if spec.axis is None:
+        return (1, numel, 1), 0, 0
+    axis = _normalize_axis(spec.axis, len(shape))
+    outer = 1
+    for d in shape[:axis]:
+        outer *= d
+    inner = 1
+    for d in shape[axis + 1 :]:
+        inner *= d
+    mode = 1 if spec.block is None else 2
+    return (outer, shape[axis], inner), mode, spec.block or 0
+
+
+def exponent_shape(shape: torch.Size, spec: DFPSpec) -> tuple[int, ...]:
+    """The shape of the exponent tensor of a DFPTensor of ``shape`` (see DFPTensor)."""
+    if spec.axis is None:
+        return ()
+    axis = _normalize_axis(spec.axis, len(shape))
+    if spec.block is None:
+        return tuple(d if i == axis else 1 for i, d in enumerate(shape))
+    return tuple(-(-d // spec.block) if i == axis else d for i, d in enumerate(shape))
+
+
+def check_float_input(x: object, name: str) -> torch.Tensor:
+    """Raise a clear error unless ``x`` is a float32 CPU tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype != torch.float32:
+        raise TypeError(f"{name} must be float32, got {x.dtype}; convert it with {name}.float()")
+    if x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device}; the DFP16 kernels of this build run on the CPU")
+    return x
+
+
+def draw_seed(generator: torch.Generator | None) -> int:
+    """A 64-bit seed from torch's generator: reproducible under torch.manual_seed."""
+    return int(torch.randint(-(2**63), 2**63 - 1, (), dtype=torch.int64, generator=generator))
+
+
+def quantize(x: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.Generator | None = None) -> DFPTensor:
+    """Quantize float32 ``x`` to DFP16.
+
+    Raises ``dfp.NonFiniteError`` if ``x`` holds NaN or Inf. Stochastic rounding draws
+    its seed from ``generator`` (or torch's default generator), so ``torch.manual_seed``
+    makes it reproducible, whatever the thread count.
+    """
+    spec = spec or DFPSpec()
+    check_float_input(x, "x")
+    if spec.axis is not None:
+        _normalize_axis(spec.axis, x.dim())
+    seed = draw_seed(generator) if spec.rounding == "stochastic" else 0
+    mantissa, exponent = torch.ops.dfp.quantize(
+        x, spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", seed
+    )
+    return DFPTensor(mantissa, exponent, spec)

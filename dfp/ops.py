@@ -1,0 +1,60 @@
+"""Public integer GEMM API on DFPTensors and fp32 tensors."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (registers torch.ops.dfp.*)
+from ._gemm_layout import common_kblock, gemm_exponents
+from .format import DFPSpec, DFPTensor, check_float_input, draw_seed
+
+
+def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b (+ bias)`` in int16 x int16 -> int32 chains, float32 out, shaped like ``torch.mm``.
+
+    a: (M, K), b: (K, N) DFPTensors (transposed views allowed, e.g. ``w.t()``);
+    bias: float32 (N,) or None. Exponents may be per tensor, per row of a / column of b,
+    or per block along K.
+    """
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, DFPTensor):
+            raise TypeError(f"{name} must be a DFPTensor (from dfp.quantize), got {type(t).__name__}")
+    ea, ba = gemm_exponents(a, 1, "a")
+    eb, bb = gemm_exponents(b, 0, "b")
+    (m, k), (k2, n) = a.shape, b.shape
+    if k != k2:
+        raise ValueError(f"a is {m}x{k} and b is {k2}x{n}: the inner dimensions must match")
+    if bias is not None:
+        check_float_input(bias, "bias")
+        if bias.shape != (n,):
+            raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if k == 0:
+        out = torch.zeros(m, n)
+        return out + bias if bias is not None else out
+    ea, eb, kblock = common_kblock(ea, ba, eb, bb, k)
+    return torch.ops.dfp.gemm(a.mantissa, ea, a.spec.headroom, b.mantissa, eb, b.spec.headroom, kblock, bias)
+
+
+def mirrored(spec: DFPSpec) -> DFPSpec:
+    """The spec for y in ``x @ y`` that matches ``spec`` for x: x's rows <-> y's columns."""
+    axis = None if spec.axis is None else 1 - spec.axis % 2
+    return DFPSpec(spec.headroom, axis, spec.block, spec.rounding)
+
+
+def matmul(x: torch.Tensor, y: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """fp32 ``x @ y`` with both operands quantized to DFP16 and multiplied in integers.
+
+    x: (M, K), y: (K, N) float32. ``spec`` describes x; y gets the mirrored spec (an
+    exponent per row of x goes with one per column of y; blocks along K on both).
+    """
+    spec = spec or DFPSpec()
+    check_float_input(x, "x")
+    check_float_input(y, "y")
+    if x.dim() != 2 or y.dim() != 2:
+        raise ValueError(f"matmul takes 2-D x and y, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
+    if x.shape[1] != y.shape[0]:
+        raise ValueError(f"x is {tuple(x.shape)} and y is {tuple(y.shape)}: the inner dimensions must match")
+    stochastic = spec.rounding == "stochastic"
+    seed_x = draw_seed(generator) if stochastic else 0
+    seed_y = draw_seed(generator) if stochastic else 0
+    return torch.ops.dfp.matmul(x, y, spec.headroom, spec.axis, spec.block, stochastic, seed_x, seed_y)

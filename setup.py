@@ -1,0 +1,51 @@
+"""Builds dfp._C, the torch-free C++ core. Each ISA's file gets its own flags (never
+-march=native): the path that runs is chosen at run time from cpuid."""
+
+import platform
+from pathlib import Path
+
+from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
+from setuptools import setup
+
+COMMON = ["-O2", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wextra"]
+X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
+# Flags per source file, by the suffix of its name; the rest is portable C++.
+ISA_FLAGS = {
+    "_avx2.cpp": ["-mavx2", "-mfma"],
+    "_avx512bw.cpp": ["-mavx512f", "-mavx512bw"],
+    "_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vnni"],
+}
+
+
+def isa_flags(source: str) -> list[str]:
+    return next((flags for suffix, flags in ISA_FLAGS.items() if source.endswith(suffix)), [])
+
+
+class PerFileFlagsBuildExt(build_ext):
+    def build_extensions(self):
+        compile_one = self.compiler._compile
+
+        def compile_with_isa_flags(obj, src, ext, cc_args, extra_postargs, pp_opts):
+            compile_one(obj, src, ext, cc_args, extra_postargs + isa_flags(src), pp_opts)
+
+        self.compiler._compile = compile_with_isa_flags
+        super().build_extensions()
+
+
+ParallelCompile("DFP_BUILD_JOBS", default=0).install()  # all cores; DFP_BUILD_JOBS=1 for one
+
+sources = ["csrc/bindings.cpp"] + sorted(
+    str(p) for p in Path("csrc/cpu").glob("*.cpp") if X86 or not isa_flags(str(p))
+)
+
+setup(
+    ext_modules=[
+        Pybind11Extension(
+            "dfp._C",
+            sources,
+            extra_compile_args=COMMON,
+            define_macros=[("DFP_X86_KERNELS", "1")] if X86 else [],
+        )
+    ],
+    cmdclass={"build_ext": PerFileFlagsBuildExt},
+)
