@@ -9,6 +9,9 @@
 #pragma once
 #include "gemm.h"
 
+// The tile loops must be fully unrolled so that the accumulators live in registers.
+#define DFP_UNROLL _Pragma("GCC unroll 16")
+
 namespace {
 
 template <typename V, int MR, int NV>
@@ -17,37 +20,51 @@ struct TileKernel {
   static void run_chains(const dfp::MicroKernelArgs& p) {
     constexpr int NR = NV * V::lanes;
     typename V::F f[MR][NV];
+    DFP_UNROLL
     for (int r = 0; r < MR; ++r)
+      DFP_UNROLL
       for (int v = 0; v < NV; ++v) f[r][v] = p.accumulate ? V::loadf(p.acc + r * p.ldacc + v * V::lanes) : V::zerof();
     const int32_t* a = p.a;
     const int32_t* b = p.b;
     for (int64_t c = 0; c < p.nchains; ++c) {
       typename V::I acc[MR][NV];
+      DFP_UNROLL
       for (int r = 0; r < MR; ++r)
+        DFP_UNROLL
         for (int v = 0; v < NV; ++v) acc[r][v] = V::zeroi();
       for (int32_t k = 0; k < p.chains[c].kpairs; ++k, a += MR, b += NR) {
         typename V::I bv[NV];
+        DFP_UNROLL
         for (int v = 0; v < NV; ++v) bv[v] = V::loadi(b + v * V::lanes);
+        DFP_UNROLL
         for (int r = 0; r < MR; ++r) {
           const typename V::I av = V::broadcast(a + r);
+          DFP_UNROLL
           for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
         }
       }
       if (kBlocked) {
         const int32_t blk = p.chains[c].block;
         typename V::F cs[NV];
+        DFP_UNROLL
         for (int v = 0; v < NV; ++v) cs[v] = V::loadf(p.col_scale + blk * p.col_scale_stride + v * V::lanes);
+        DFP_UNROLL
         for (int r = 0; r < MR; ++r) {
           const typename V::F rs = V::setf(p.row_scale[r * p.row_scale_stride + blk]);
           // a separate multiply and add (no FMA): the contract rounds the sum only
+          DFP_UNROLL
           for (int v = 0; v < NV; ++v) f[r][v] = V::addf(f[r][v], V::mulf(V::to_float(acc[r][v]), V::mulf(rs, cs[v])));
         }
       } else {
+        DFP_UNROLL
         for (int r = 0; r < MR; ++r)
+          DFP_UNROLL
           for (int v = 0; v < NV; ++v) f[r][v] = V::addf(f[r][v], V::to_float(acc[r][v]));
       }
     }
+    DFP_UNROLL
     for (int r = 0; r < MR; ++r)
+      DFP_UNROLL
       for (int v = 0; v < NV; ++v) V::storef(p.acc + r * p.ldacc + v * V::lanes, f[r][v]);
   }
 
