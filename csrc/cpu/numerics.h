@@ -17,7 +17,10 @@ static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
   if (amax_bits == 0) return -149 + 1 - (15 - headroom);  // as the smallest subnormal
   int e2;
   std::frexp(amax, &e2);
-  return e2 - (15 - headroom);
+  const int32_t e = e2 - (15 - headroom);
+  // One more when amax would round (or stochastically round) above the largest
+  // mantissa: then the clamp never acts, so rounding stays unbiased and within half a step.
+  return std::ldexp(double(amax), -e) > max_mantissa(headroom) ? e + 1 : e;
 }
 
 // 2^-e as two fp32 factors, both exact powers of two, so x * lo * hi is exact.
