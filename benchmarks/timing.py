@@ -15,10 +15,11 @@ from collections.abc import Callable, Mapping
 from time import perf_counter
 
 
-def interleaved_medians(
+def interleaved_times(
     fns: Mapping[str, Callable[[], object]], repeats: int, min_sample_s: float = 0.02
-) -> dict[str, float]:
-    """Median seconds per call of each function, the functions timed in turns.
+) -> dict[str, list[float]]:
+    """``repeats`` samples of the seconds per call of each function, the functions timed
+    in turns: sample ``r`` of every function comes from the same round.
 
     Each gets a warm-up call (one-time costs: thread pool start, lazy init, page faults)
     and a second, timed one that sets how many calls make one sample: fast calls are
@@ -42,7 +43,14 @@ def interleaved_medians(
             for _ in range(n):
                 fn()
             samples[name].append((perf_counter() - t0) / n)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def speedup(times: list[float], baseline: list[float]) -> float:
+    """How many times faster than ``baseline``: the median over rounds of
+    ``baseline[r] / times[r]``. Pairing the samples of one round cancels load changes
+    slower than a round, which a ratio of two medians would keep."""
+    return statistics.median(b / t for t, b in zip(times, baseline))
 
 
 def _cpuinfo() -> tuple[str, set[str]]:

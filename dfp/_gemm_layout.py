@@ -42,3 +42,18 @@ def common_kblock(ea: torch.Tensor, ba: int | None, eb: torch.Tensor, bb: int | 
     ea = ea.expand(-1, kb) if ba is None else ea.repeat_interleave(ba // g, dim=1)[:, :kb]
     eb = eb.expand(kb, -1) if bb is None else eb.repeat_interleave(bb // g, dim=0)[:kb]
     return ea.contiguous(), eb.contiguous(), g
+
+
+def matmul_grouping(axis: int | None, block: int | None) -> int:
+    """The fused matmul's grouping of x (M, K): 0 per tensor, 1 per row, 2 per block along K."""
+    if axis is None:
+        return 0
+    if axis % 2 == 0 and block is None:
+        return 1
+    if axis % 2 == 1 and block is not None:
+        return 2
+    raise ValueError(
+        f"x has an exponent per {'block' if block else 'channel'} along axis {axis}, which varies inside the "
+        "reduction; dfp.matmul needs axis=None (per tensor), axis=0 (per row of x and column of y) "
+        "or axis=1 with block=B (blocks along K)"
+    )

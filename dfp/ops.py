@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.dfp.*)
-from ._gemm_layout import common_kblock, gemm_exponents
+from ._gemm_layout import common_kblock, gemm_exponents, matmul_grouping
 from .format import DFPSpec, DFPTensor, check_float_input, draw_seed
 
 
@@ -54,6 +54,7 @@ def matmul(x: torch.Tensor, y: torch.Tensor, spec: DFPSpec | None = None, *, gen
         raise ValueError(f"matmul takes 2-D x and y, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[1] != y.shape[0]:
         raise ValueError(f"x is {tuple(x.shape)} and y is {tuple(y.shape)}: the inner dimensions must match")
+    matmul_grouping(spec.axis, spec.block)
     stochastic = spec.rounding == "stochastic"
     seed_x = draw_seed(generator) if stochastic else 0
     seed_y = draw_seed(generator) if stochastic else 0

@@ -140,8 +140,8 @@ def gemm(
         for c0 in range(start, stop, chain):
             c1 = min(c0 + chain, stop)
             chain_sum = a64[:, c0:c1] @ b64[c0:c1, :]  # exact: |sum| < 2**31 by construction
-            # separate fp32 multiply and add, never fused: the product is exact unless
-            # it is subnormal, and then only this order gives the design's bits
+            # the product is exact (an integer of 24 bits times a power of two >= 2**-149
+            # or 0), so only the sum rounds
             acc = acc + chain_sum.float() * scale
 
     out = (acc.double() * _exp2(ra + rb)).float()

@@ -74,9 +74,11 @@ def test_zero_groups_have_the_smallest_exponent(backend):
 
 
 def test_subnormals_and_values_near_the_fp32_maximum(backend):
-    tiny = torch.tensor([1e-45, -3e-45, 2e-40, 0.0])  # subnormal float32
-    q = dfp.quantize(tiny)
-    assert torch.equal(q.dequantize(), tiny), "subnormal inputs must survive exactly (they need few bits)"
+    # subnormal float32 with at most 13 significant bits: exact in DFP16 at headroom 2
+    tiny = torch.tensor([[1.0, 2.0], [-3.0, 0.0], [5000.0, -8191.0], [0.0, 0.0]]) * 2.0**-149
+    assert 0 < tiny.abs().max() < torch.finfo(torch.float32).tiny
+    q = dfp.quantize(tiny, DFPSpec(axis=0))
+    assert torch.equal(q.dequantize(), tiny)
     big = torch.tensor([3.4e38, -3.0e38, 1.0, 0.0])
     q = dfp.quantize(big)
     assert torch.isfinite(q.dequantize()).all()

@@ -207,6 +207,20 @@ def test_stochastic_matches_definition(mode, block, data, seed):
         assert int(mantissa[o, n, i]) == stochastic_by_definition(value, e, index, seed, s), (o, n, i)
 
 
+def test_stochastic_threshold_is_strict():
+    """v = (r + d) / 2**23 puts the threshold exactly at r + d: it rounds up for d = 1 only
+    (r + 0.5 < r + 0.5 is false), which pins both the 0.5 and the strict comparison."""
+    s, seed, n = 2, 77, 300
+    offsets = [(0.0, 0.5, 1.0)[j % 3] for j in range(1, n)]
+    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
+    values = [4096.0] + [((mix(mix(j ^ k0) ^ k1) >> 9) + d) / 2**23 for j, d in zip(range(1, n), offsets)]
+    x = torch.tensor(values).view(1, n, 1)
+    mantissa, exponent = reference.quantize3d(x, 0, 0, s, True, seed)
+    assert int(exponent) == 0
+    expected = [4096] + [int(v) + (d == 1.0) for v, d in zip(values[1:], offsets)]
+    assert mantissa.flatten().tolist() == expected
+
+
 def test_stochastic_is_unbiased():
     """Each value repeated n times: the mean of its mantissas estimates E[q] = v (up to
     the 2**-23 resolution of the threshold); with a fixed seed, the deviation must stay
@@ -279,24 +293,25 @@ def gemm_by_definition(a, ea, ha, b, eb, hb, kblock, bias):
     return torch.from_numpy(out)
 
 
-def random_operands(m, k, n, ha, hb, kblock, spread, seed):
+def random_operands(m, k, n, ha, hb, kblock, spread, seed, offset=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(-limit(ha), limit(ha) + 1, (m, k), generator=g, dtype=torch.int16)
     b = torch.randint(-limit(hb), limit(hb) + 1, (k, n), generator=g, dtype=torch.int16)
     blocks = -(-k // kblock)
-    ea = torch.randint(-spread, 9, (m, blocks), generator=g, dtype=torch.int32)
-    eb = torch.randint(-spread, 9, (blocks, n), generator=g, dtype=torch.int32)
+    ea = torch.randint(-spread, 9, (m, blocks), generator=g, dtype=torch.int32) + offset
+    eb = torch.randint(-spread, 9, (blocks, n), generator=g, dtype=torch.int32) + offset
     return a, ea, b, eb
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("offset", [0, -80])  # -80: 2**(ra + rb) is beyond fp32, C may be subnormal
 @pytest.mark.parametrize("spread", [0, 30, 250])  # 250: scales underflow to subnormals and 0
 @pytest.mark.parametrize(
     "m,k,n,ha,hb,kblock",
     [(1, 1, 1, 2, 2, 1), (3, 7, 2, 0, 0, 7), (2, 33, 3, 2, 2, 5), (4, 70, 3, 3, 1, 16), (2, 65, 2, 13, 0, 64)],
 )
-def test_gemm_matches_definition(m, k, n, ha, hb, kblock, spread, with_bias):
-    a, ea, b, eb = random_operands(m, k, n, ha, hb, kblock, spread, seed=k + spread)
+def test_gemm_matches_definition(m, k, n, ha, hb, kblock, spread, offset, with_bias):
+    a, ea, b, eb = random_operands(m, k, n, ha, hb, kblock, spread, seed=k + spread, offset=offset)
     bias = torch.randn(n) if with_bias else None
     out = reference.gemm(a, ea, ha, b, eb, hb, kblock, bias)
     assert out.dtype == torch.float32

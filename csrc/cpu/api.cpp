@@ -7,6 +7,19 @@
 #include "quantize.h"
 
 namespace dfp {
+namespace {
+
+// Packed operands are kept between calls: fresh multi-megabyte buffers would be paged
+// in (and zeroed by the kernel) on every GEMM. One set per calling thread.
+struct Workspace {
+  Packed a, b;
+};
+Workspace& workspace() {
+  thread_local Workspace w;
+  return w;
+}
+
+}  // namespace
 
 bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom,
                 bool stochastic, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads) {
@@ -21,7 +34,8 @@ void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, in
                 int headroom_a, int headroom_b, const float* bias, float* c, int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa());
   const KLayout kl(K, kblock);
-  Packed pa, pb;
+  Packed& pa = workspace().a;
+  Packed& pb = workspace().b;
   pack_a_int16(a, sam, sak, M, kl, uk.mr, pa, nthreads);
   pack_b_int16(b, sbk, sbn, N, kl, uk.nr, pb, nthreads);
   gemm_packed(pa, pb, kl, ea, eb, headroom_a, headroom_b, {c, bias}, nthreads);
@@ -51,7 +65,8 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
     ey.assign(N, ey[0]);
   }
   const MicroKernel& uk = micro_kernel(active_isa());
-  Packed pa, pb;
+  Packed& pa = workspace().a;
+  Packed& pb = workspace().b;
   pack_a_float(x, M, kl, ex.data(), headroom, {stochastic, seed_x}, uk.mr, pa, nthreads);
   pack_b_float(y, N, kl, ey.data(), headroom, {stochastic, seed_y}, uk.nr, pb, nthreads);
   gemm_packed(pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias}, nthreads);

@@ -106,7 +106,8 @@ void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int3
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
           MicroKernelArgs args;
-          args.a = a.panel(i / uk.mr) + kp0 * uk.mr;
+          args.a = a.panel(i) + kp0;
+          args.a_row_stride = a.kpairs;
           args.b = b.panel(j / uk.nr) + kp0 * uk.nr;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;

@@ -1,6 +1,11 @@
-// Integer GEMM C = A B on DFP16 mantissas (docs/design.md), BLIS-shaped: operands are
-// packed into K-pair (VNNI-2) panels, a portable macro-kernel walks cache blocks, and
-// one micro-kernel per ISA multiplies a register tile.
+// Integer GEMM C = A B on DFP16 mantissas (docs/design.md), BLIS-shaped: B is packed
+// into K-pair (VNNI-2) panels, A into rows of K-pairs, a portable macro-kernel walks
+// cache blocks, and one micro-kernel per ISA multiplies a register tile.
+//
+// A is not interleaved into panels as BLIS does: the micro-kernel broadcasts one K-pair
+// of A per row, which it can read from plain rows as cheaply, and rows are what the
+// quantizer writes at full SIMD speed. Interleaving cost as much as the GEMM itself
+// on CNN shapes (M = 8192, N = 64).
 #pragma once
 #include <cstdint>
 #include <vector>
@@ -17,7 +22,8 @@ struct Chain {
 };
 
 struct MicroKernelArgs {
-  const int32_t* a;  // A panel from the first K-pair on: [kpair][mr], each int32 two int16
+  const int32_t* a;  // A's first row at the first K-pair; each int32 holds two int16
+  int64_t a_row_stride;  // int32 elements from one row of A to the next
   const int32_t* b;  // B panel: [kpair][nr]
   const Chain* chains;
   int64_t nchains;
@@ -51,11 +57,12 @@ struct KLayout {
   int64_t kpairs() const { return nblocks * pairs_per_block; }
 };
 
-// Panels of a packed operand: `rows` rows (A) or columns (B) of `width` (mr or nr).
+// A packed operand: `rows` rows (A) or columns (B), grouped in panels of `width`
+// (mr or nr); data is [panel][kpair][width]. For A, width is 1: plain padded rows.
 struct Packed {
   int64_t rows = 0, width = 0, kpairs = 0;
-  std::vector<int32_t> data;  // [panel][kpair][width]
-  void allocate(int64_t rows, int64_t width, int64_t kpairs);
+  std::vector<int32_t> data;
+  void allocate(int64_t rows, int64_t width, int64_t kpairs, int64_t padded_rows);
   const int32_t* panel(int64_t p) const { return data.data() + p * width * kpairs; }
   int32_t* panel(int64_t p) { return data.data() + p * width * kpairs; }
 };

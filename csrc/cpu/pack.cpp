@@ -13,19 +13,27 @@ namespace {
 
 inline int32_t pair(int16_t lo, int16_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
 
-// Packs A: make_row(m, dst) writes row m's K values, block-padded to 2 * kpairs int16.
+// Packs A as rows of 2 * kpairs int16: make_row(m, block, dst) writes the values of
+// row m in K-block `block` to dst; the odd slot that pads a block, and the rows that
+// pad M to a multiple of mr, are zeroed here.
 template <typename MakeRow>
 void pack_a(int64_t m, const KLayout& kl, int mr, Packed& out, int nthreads, MakeRow make_row) {
-  out.allocate(m, mr, kl.kpairs());
-  const int64_t panels = (m + mr - 1) / mr, kp = kl.kpairs();
-  parallel_for(panels, nthreads, [&](int64_t p) {
-    std::vector<int16_t> row(2 * kp);
-    int32_t* dst = out.panel(p);
-    for (int r = 0; r < mr; ++r) {
-      const int64_t i = p * mr + r;
-      std::fill(row.begin(), row.end(), int16_t(0));
-      if (i < m) make_row(i, row.data());
-      for (int64_t k = 0; k < kp; ++k) dst[k * mr + r] = pair(row[2 * k], row[2 * k + 1]);
+  const int64_t padded = (m + mr - 1) / mr * mr, kp = kl.kpairs();
+  out.allocate(m, 1, kp, padded);
+  const int64_t rows_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(2 * kp, 1));
+  parallel_for((padded + rows_per_task - 1) / rows_per_task, nthreads, [&](int64_t t) {
+    for (int64_t i = t * rows_per_task; i < std::min(padded, (t + 1) * rows_per_task); ++i) {
+      int32_t* row = out.panel(i);
+      if (i >= m) {
+        std::fill(row, row + kp, 0);
+        continue;
+      }
+      for (int64_t b = 0; b < kl.nblocks; ++b) {
+        int16_t* dst = reinterpret_cast<int16_t*>(row + b * kl.pairs_per_block);
+        const int64_t len = std::min(kl.kblock, kl.k - b * kl.kblock);
+        std::fill(dst + len, dst + 2 * kl.pairs_per_block, int16_t(0));
+        make_row(i, b, dst);
+      }
     }
   });
 }
@@ -33,7 +41,7 @@ void pack_a(int64_t m, const KLayout& kl, int mr, Packed& out, int nthreads, Mak
 // Packs B: make_row(k, dst) writes row k's N values.
 template <typename MakeRow>
 void pack_b(int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads, MakeRow make_row) {
-  out.allocate(n, nr, kl.kpairs());
+  out.allocate(n, nr, kl.kpairs(), (n + nr - 1) / nr * nr);
   const int64_t panels = (n + nr - 1) / nr, kp = kl.kpairs();
   const int64_t pairs_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1));
   parallel_for((kp + pairs_per_task - 1) / pairs_per_task, nthreads, [&](int64_t t) {
@@ -62,23 +70,20 @@ RoundingArgs rounding_args(int headroom, Rounding r, int64_t index0) {
 KLayout::KLayout(int64_t k_, int64_t kblock_)
     : k(k_), kblock(kblock_), nblocks((k_ + kblock_ - 1) / kblock_), pairs_per_block((kblock_ + 1) / 2) {}
 
-void Packed::allocate(int64_t rows_, int64_t width_, int64_t kpairs_) {
+void Packed::allocate(int64_t rows_, int64_t width_, int64_t kpairs_, int64_t padded_rows) {
   rows = rows_, width = width_, kpairs = kpairs_;
-  data.resize(((rows + width - 1) / width) * width * kpairs);
+  data.resize(padded_rows * kpairs);  // the packers write every element, padding included
 }
 
 void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, Packed& out,
                   int nthreads) {
-  pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int16_t* row) {
-    for (int64_t b = 0; b < kl.nblocks; ++b) {
-      const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0);
-      int16_t* dst = row + 2 * b * kl.pairs_per_block;
-      const int16_t* src = a + i * sm + k0 * sk;
-      if (sk == 1)
-        std::memcpy(dst, src, len * sizeof(int16_t));
-      else
-        for (int64_t j = 0; j < len; ++j) dst[j] = src[j * sk];
-    }
+  pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int64_t b, int16_t* dst) {
+    const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0);
+    const int16_t* src = a + i * sm + k0 * sk;
+    if (sk == 1)
+      std::memcpy(dst, src, len * sizeof(int16_t));
+    else
+      for (int64_t j = 0; j < len; ++j) dst[j] = src[j * sk];
   });
 }
 
@@ -96,12 +101,9 @@ void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLa
 void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
                   int mr, Packed& out, int nthreads) {
   const QuantizeKernels& qk = quantize_kernels(active_isa());
-  pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int16_t* row) {
-    for (int64_t b = 0; b < kl.nblocks; ++b) {
-      const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0), at = i * kl.k + k0;
-      qk.run(x + at, row + 2 * b * kl.pairs_per_block, len, inverse_scale(ea[i * kl.nblocks + b]),
-             rounding_args(headroom, r, at));
-    }
+  pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int64_t b, int16_t* dst) {
+    const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0), at = i * kl.k + k0;
+    qk.run(x + at, dst, len, inverse_scale(ea[i * kl.nblocks + b]), rounding_args(headroom, r, at));
   });
 }
 

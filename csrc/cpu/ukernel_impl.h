@@ -3,7 +3,7 @@
 // Included only by the per-ISA files; the anonymous namespace gives each file its own
 // instantiation, compiled with that file's flags.
 //
-// Tile: MR rows x NV vectors. Per K-pair: NV loads of B, MR broadcasts of A, MR*NV
+// Tile: MR rows x NV vectors. Per K-pair: NV loads of B, MR broadcasts from MR rows of A, MR*NV
 // multiply-adds into int32 accumulators. Closing a chain converts the int32 sums to
 // fp32 and adds them (times the chain's scale when K is blocked) to fp32 accumulators.
 #pragma once
@@ -32,13 +32,13 @@ struct TileKernel {
       for (int r = 0; r < MR; ++r)
         DFP_UNROLL
         for (int v = 0; v < NV; ++v) acc[r][v] = V::zeroi();
-      for (int32_t k = 0; k < p.chains[c].kpairs; ++k, a += MR, b += NR) {
+      for (int32_t k = 0; k < p.chains[c].kpairs; ++k, ++a, b += NR) {
         typename V::I bv[NV];
         DFP_UNROLL
         for (int v = 0; v < NV; ++v) bv[v] = V::loadi(b + v * V::lanes);
         DFP_UNROLL
         for (int r = 0; r < MR; ++r) {
-          const typename V::I av = V::broadcast(a + r);
+          const typename V::I av = V::broadcast(a + r * p.a_row_stride);
           DFP_UNROLL
           for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
         }

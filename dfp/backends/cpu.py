@@ -8,6 +8,7 @@ import importlib
 import torch
 
 from .._errors import BackendUnavailableError, NonFiniteError
+from .._gemm_layout import matmul_grouping
 
 _BUILD_HINT = (
     "Build it from the repository root with `pip install -e .` (needs a C++17 compiler; "
@@ -78,13 +79,7 @@ def matmul(x, y, headroom, axis, block, stochastic, seed_x, seed_y):
     """Fused: quantization writes the packed panels the GEMM reads."""
     x, y = x.contiguous(), y.contiguous()
     (m, k), n = x.shape, y.shape[1]
-    grouping = 0 if axis is None else (1 if axis % 2 == 0 and block is None else 2 if axis % 2 == 1 and block else -1)
-    if grouping < 0:
-        raise ValueError(
-            f"matmul cannot use exponents per {'block' if block else 'channel'} along axis {axis} of x: they vary "
-            "inside the reduction. Use axis=None (per tensor), axis=0 (per row of x and column of y) "
-            "or axis=1 with block=B (blocks along K)"
-        )
+    grouping = matmul_grouping(axis, block)
     out = torch.empty((m, n), dtype=torch.float32)
     mask = 2**64 - 1
     ok = _core().matmul_float(

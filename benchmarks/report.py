@@ -1,0 +1,182 @@
+"""Markdown tables of dfp's GEMM and quantization throughput against torch, measured in
+the same run: `python -m benchmarks.report [--threads 1 2] [--quick] [--output FILE.md]`.
+
+Ratios are the numbers to read: absolute rates move with the load of a shared machine.
+Each ratio is the median over rounds of the two contenders' times in the same round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from statistics import median
+
+import torch
+
+from .timing import interleaved_times, machine, speedup, today
+
+FULL = {"sizes": (256, 512, 1024, 2048), "repeats": 7, "min_sample_s": 0.05, "max_call_s": 2.0, "quant_shape": None}
+# --quick: a smoke test that must finish in well under a minute on 2 cores.
+QUICK = {"sizes": (256, 512, 1024), "repeats": 5, "min_sample_s": 0.005, "max_call_s": 0.25, "quant_shape": (256, 4096)}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__)
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="torch thread counts (default: 1 2)")
+    p.add_argument("--quick", action="store_true", help="fewer sizes and repeats: a smoke test")
+    p.add_argument("--output", metavar="FILE.md", help="also write the tables to this file")
+    p.add_argument("--isa", help="force dfp's CPU path (sets DFP_CPU_ISA before importing dfp), e.g. avx2")
+    p.add_argument("--tables", nargs="+", choices=("gemm", "quantize"), default=["gemm", "quantize"])
+    p.add_argument("--headroom", type=int, default=2, help="DFPSpec headroom of the GEMM operands (default 2)")
+    p.add_argument(
+        "--int16-peak-gmacs",
+        type=float,
+        metavar="GMAC/S",
+        help="measured int16 multiply-add peak of one core; adds dfp gemm's fraction of it",
+    )
+    p.add_argument(
+        "--max-call-s",
+        type=float,
+        help="skip a contender whose call, predicted from its rate on the previous shape, would take longer",
+    )
+    # Divides every dimension (and the quantized tensor's size): tiny shapes for trying
+    # the script on the slow reference backend.
+    p.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def speed(times: dict[str, list[float]], name: str, baseline: str) -> str:
+    return f"{speedup(times[name], times[baseline]):.2f}x" if name in times and baseline in times else "-"
+
+
+def gemm_table(args, cfg, cases) -> list[str]:
+    shapes = [(s, s, s) for s in cfg["sizes"]] + list(cases.CNN_SHAPES)
+    shapes = [tuple(max(1, d // args.shrink) for d in shape) for shape in shapes]
+    headers = ["M, K, N", "threads", *(f"{c} GOP/s" for c in cases.GEMM_CONTENDERS)]
+    headers += ["dfp gemm / fp32", "dfp matmul / fp32"]
+    if args.int16_peak_gmacs:
+        headers.append("dfp gemm / int16 peak")
+    rows, last_gops, skipped = [], {}, set()
+    for shape in shapes:
+        ops = cases.gemm_ops(*shape)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            # A contender too slow for this shape (torch bf16 without native bf16 runs
+            # at about 1 GOP/s: a minute at 2048) is skipped, judged by its last rate.
+            names = [
+                c for c in cases.GEMM_CONTENDERS
+                if ops / (last_gops.get((c, threads), float("inf")) * 1e9) <= cfg["max_call_s"]
+            ]  # fmt: skip
+            skipped.update(set(cases.GEMM_CONTENDERS) - set(names))
+            fns = cases.gemm_contenders(*shape, headroom=args.headroom, names=names)
+            times = interleaved_times(fns, cfg["repeats"], cfg["min_sample_s"])
+            gops = {c: ops / median(t) / 1e9 for c, t in times.items()}
+            last_gops.update({(c, threads): g for c, g in gops.items()})
+            row = [", ".join(map(str, shape)), str(threads)]
+            row += [f"{gops[c]:.3g}" if c in gops else "skipped" for c in cases.GEMM_CONTENDERS]
+            row += [speed(times, "dfp gemm", "torch fp32"), speed(times, "dfp matmul", "torch fp32")]
+            if args.int16_peak_gmacs:
+                peak = 2 * args.int16_peak_gmacs * threads  # GOP/s: 2 ops per multiply-add
+                row.append(f"{100 * gops['dfp gemm'] / peak:.0f}%" if "dfp gemm" in gops else "-")
+            rows.append(row)
+            print(f"  gemm {shape} t{threads} done", file=sys.stderr)
+    lines = [f"GEMM, GOP/s (2*M*N*K / median time), DFPSpec(headroom={args.headroom}) per tensor", ""]
+    lines += table(headers, rows)
+    if skipped:
+        lines += ["", f"skipped: predicted over {cfg['max_call_s']} s per call ({', '.join(sorted(skipped))})"]
+    return lines
+
+
+def quantize_table(args, cfg, cases) -> list[str]:
+    rows_n, cols = cfg["quant_shape"] or cases.QUANT_SHAPE
+    # Columns stay a multiple of 32: the naive per-block chain needs whole blocks.
+    shape = (max(1, rows_n // args.shrink), max(32, cols // args.shrink // 32 * 32))
+    x = cases.quant_input(shape)
+    gbytes = x.numel() * x.element_size() / 1e9
+    rows = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for group in cases.QUANT_GROUPS:
+            for rounding in cases.ROUNDINGS:
+                spec = cases.quant_spec(group, rounding, args.headroom)
+                times = interleaved_times(cases.quant_contenders(x, spec), cfg["repeats"], cfg["min_sample_s"])
+                row = [group, rounding, str(threads)]
+                row += [f"{gbytes / median(times[c]):.2f}" for c in ("dfp", "naive torch")]
+                rows.append(row + [speed(times, "dfp", "naive torch")])
+        print(f"  quantize t{threads} done", file=sys.stderr)
+    lines = [f"Quantize {shape[0]}x{shape[1]} fp32, GB/s of fp32 input (median time), headroom {args.headroom}", ""]
+    headers = ["exponent per", "rounding", "threads", "dfp.quantize GB/s", "naive torch GB/s", "dfp / naive"]
+    return lines + table(headers, rows)
+
+
+def header(dfp) -> str:
+    backend = os.environ.get("DFP_BACKEND") or "cpu"
+    if backend == "cpu":  # the ISA matters only to the compiled backend
+        try:
+            backend += f", ISA {dfp.cpu_isa()}"
+        except Exception as err:  # the compiled core may be missing: say so, do not fail
+            backend += f", ISA unavailable ({type(err).__name__})"
+    return f"**{machine()}** | torch {torch.__version__} | dfp backend {backend} | {today()}"
+
+
+def avx2_rerun(dfp) -> list[str]:
+    """The GEMM table again with DFP_CPU_ISA=avx2, when the default path is another one
+    and this CPU can run AVX2, in a fresh process: the ISA is fixed when dfp loads."""
+    if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
+        return []
+    try:
+        from dfp.backends.cpu import supported_isas
+
+        if dfp.cpu_isa() == "avx2" or "avx2" not in supported_isas():
+            return []
+    except Exception:
+        return []
+    # argparse keeps the last value of a repeated option, so these override the user's.
+    argv = [*sys.argv[1:], "--isa", "avx2", "--tables", "gemm", "--output", os.devnull]
+    done = subprocess.run([sys.executable, "-m", "benchmarks.report", *argv], stdout=subprocess.PIPE, text=True)
+    if done.returncode != 0:
+        return ["", f"(the forced-AVX2 run failed with exit status {done.returncode}; see its errors above)"]
+    return ["", *done.stdout.rstrip("\n").splitlines()]
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.isa:
+        os.environ["DFP_CPU_ISA"] = args.isa
+    # Imported only now so that DFP_CPU_ISA is set before dfp loads its core.
+    import dfp
+
+    from . import cases
+
+    cfg = {**(QUICK if args.quick else FULL)}
+    if args.max_call_s is not None:
+        cfg["max_call_s"] = args.max_call_s
+    before = torch.get_num_threads()
+    lines = [header(dfp), ""]
+    print(lines[0], flush=True)
+    try:
+        for name, make in (("gemm", gemm_table), ("quantize", quantize_table)):
+            if name in args.tables:
+                part = make(args, cfg, cases) + [""]
+                print("\n" + "\n".join(part), flush=True)
+                lines += part
+    finally:
+        torch.set_num_threads(before)
+    if not args.isa and "gemm" in args.tables:
+        part = avx2_rerun(dfp)
+        print("\n".join(part), flush=True)
+        lines += part
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write("\n".join(lines).rstrip("\n") + "\n")
+
+
+if __name__ == "__main__":
+    main()
