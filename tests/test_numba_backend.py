@@ -88,14 +88,20 @@ def random_gemm_operands(m, k, n, ha, hb, kblock, spread, seed):
 GEMM_SHAPES = [(1, 1, 1), (3, 7, 5), (17, 100, 9), (5, 257, 4), (0, 5, 3), (4, 5, 0), (64, 1000, 33)]
 
 
+# spread 300: scales underflow to subnormals and 0; offset -80: 2**(ra + rb) is beyond
+# fp32 and C may be subnormal
+EXPONENTS = [(0, 0), (40, 0), (300, 0), (40, -80)]
+
+
 @needs_numba
-@pytest.mark.parametrize("spread", [0, 40, 300])  # 300: scales underflow to subnormals and 0
+@pytest.mark.parametrize("spread,offset", EXPONENTS)
 @pytest.mark.parametrize("kblock", [None, 1, 5, 32, 48])
 @pytest.mark.parametrize("ha,hb", [(0, 0), (2, 2), (3, 1), (13, 0), (13, 13)])
 @pytest.mark.parametrize("m,k,n", GEMM_SHAPES, ids=str)
-def test_gemm_bit_exact(m, k, n, ha, hb, kblock, spread):
+def test_gemm_bit_exact(m, k, n, ha, hb, kblock, spread, offset):
     kblock = kblock or k
     a, ea, b, eb = random_gemm_operands(m, k, n, ha, hb, kblock, spread, seed=m + k + n + ha + spread)
+    ea, eb = ea + offset, eb + offset
     bias = torch.randn(n) if k % 2 else None
     got = numba_backend().gemm(a, ea, ha, b, eb, hb, kblock, bias)
     want = reference.gemm(a, ea, ha, b, eb, hb, kblock, bias)

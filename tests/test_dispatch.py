@@ -1,0 +1,85 @@
+"""Run-time dispatch and failing late: DFP_CPU_ISA, DFP_BACKEND, a missing compiled core,
+and an import that never initialises CUDA. Each case runs in a fresh interpreter."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import dfp
+
+
+def _run(code: str, **env: str) -> subprocess.CompletedProcess:
+    import os
+
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_cpu_isa_reports_a_supported_path():
+    from dfp.backends import cpu
+
+    assert dfp.cpu_isa() in cpu.supported_isas()
+    assert cpu.supported_isas()[-1] == "scalar"
+
+
+def test_env_forces_a_path():
+    done = _run("import dfp; print(dfp.cpu_isa())", DFP_CPU_ISA="scalar")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "scalar"
+
+
+def test_unknown_isa_is_a_clear_error_listing_the_paths():
+    done = _run("import dfp, torch; dfp.matmul(torch.ones(2, 2), torch.ones(2, 2))", DFP_CPU_ISA="avx9000")
+    assert done.returncode != 0
+    assert "DFP_CPU_ISA='avx9000' is not a path this CPU supports" in done.stderr
+    assert "scalar" in done.stderr
+
+
+def test_unknown_backend_is_a_clear_error():
+    done = _run("import dfp, torch; dfp.quantize(torch.ones(3))", DFP_BACKEND="gpu-magic")
+    assert done.returncode != 0
+    assert "unknown dfp backend 'gpu-magic'" in done.stderr
+
+
+def test_import_without_the_compiled_core_fails_late_and_clearly():
+    code = """
+        import sys
+        class Block:
+            def find_spec(self, name, path=None, target=None):
+                if name == "dfp._C":
+                    raise ImportError("simulated: no compiled core")
+        sys.meta_path.insert(0, Block())
+        import dfp, torch
+        try:
+            dfp.matmul(torch.ones(2, 2), torch.ones(2, 2))
+        except dfp.BackendUnavailableError as err:
+            print("ERROR:", err)
+    """
+    done = _run(code)
+    assert done.returncode == 0, done.stderr
+    assert "ERROR: dfp's compiled core (dfp._C) could not be loaded" in done.stdout
+    assert "pip install -e ." in done.stdout and "DFP_BACKEND=numba" in done.stdout
+
+
+def test_import_does_not_initialise_cuda():
+    done = _run("import torch, dfp; print(torch.cuda.is_initialized())")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("name", ["cpu", "numba", "reference"])
+def test_backends_by_name(name, monkeypatch):
+    monkeypatch.setenv("DFP_BACKEND", name)
+    import torch
+
+    x, y = torch.randn(5, 6), torch.randn(6, 7)
+    assert dfp.matmul(x, y).shape == (5, 7)
