@@ -11,6 +11,7 @@ import argparse
 import os
 import subprocess
 import sys
+from pathlib import Path
 from statistics import median
 
 import torch
@@ -121,32 +122,35 @@ def header(dfp) -> str:
     if backend == "cpu":  # the ISA matters only to the compiled backend
         try:
             backend += f", ISA {dfp.cpu_isa()}"
-        except Exception as err:  # the compiled core may be missing: say so, do not fail
-            backend += f", ISA unavailable ({type(err).__name__})"
+        except dfp.BackendUnavailableError:  # no compiled core: say so, run what can run
+            backend += ", compiled core unavailable"
     return f"**{machine()}** | torch {torch.__version__} | dfp backend {backend} | {today()}"
 
 
-def avx2_rerun(dfp) -> list[str]:
+def avx2_rerun(dfp, argv: list[str]) -> list[str]:
     """The GEMM table again with DFP_CPU_ISA=avx2, when the default path is another one
     and this CPU can run AVX2, in a fresh process: the ISA is fixed when dfp loads."""
     if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
         return []
-    try:
-        from dfp.backends.cpu import supported_isas
+    from dfp.backends.cpu import supported_isas
 
+    try:
         if dfp.cpu_isa() == "avx2" or "avx2" not in supported_isas():
             return []
-    except Exception:
+    except dfp.BackendUnavailableError:
         return []
     # argparse keeps the last value of a repeated option, so these override the user's.
-    argv = [*sys.argv[1:], "--isa", "avx2", "--tables", "gemm", "--output", os.devnull]
-    done = subprocess.run([sys.executable, "-m", "benchmarks.report", *argv], stdout=subprocess.PIPE, text=True)
+    argv = [*argv, "--isa", "avx2", "--tables", "gemm", "--output", os.devnull]
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "benchmarks.report", *argv]
+    done = subprocess.run(cmd, check=False, cwd=root, stdout=subprocess.PIPE, text=True)
     if done.returncode != 0:
         return ["", f"(the forced-AVX2 run failed with exit status {done.returncode}; see its errors above)"]
     return ["", *done.stdout.rstrip("\n").splitlines()]
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     if args.isa:
         os.environ["DFP_CPU_ISA"] = args.isa
@@ -158,19 +162,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = {**(QUICK if args.quick else FULL)}
     if args.max_call_s is not None:
         cfg["max_call_s"] = args.max_call_s
-    before = torch.get_num_threads()
     lines = [header(dfp), ""]
     print(lines[0], flush=True)
-    try:
-        for name, make in (("gemm", gemm_table), ("quantize", quantize_table)):
-            if name in args.tables:
-                part = make(args, cfg, cases) + [""]
-                print("\n" + "\n".join(part), flush=True)
-                lines += part
-    finally:
-        torch.set_num_threads(before)
+    for name, make in (("gemm", gemm_table), ("quantize", quantize_table)):
+        if name in args.tables:
+            part = make(args, cfg, cases) + [""]
+            print("\n" + "\n".join(part), flush=True)
+            lines += part
     if not args.isa and "gemm" in args.tables:
-        part = avx2_rerun(dfp)
+        part = avx2_rerun(dfp, argv)
         print("\n".join(part), flush=True)
         lines += part
     if args.output:
