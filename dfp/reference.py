@@ -54,11 +54,12 @@ def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
 
 def _group_exponent(amax: torch.Tensor, headroom: int) -> torch.Tensor:
     """e = E - (15 - s) with amax = f * 2**E, f in [0.5, 1), plus one when amax * 2**-e =
-    f * 2**(15 - s) > M (so every |v| <= M); a zero group gets the exponent of the
+    f * 2**(15 - s) > M (so every |v| <= M) and E < 128; a zero group gets the exponent of the
     smallest positive float32, which never dominates a maximum over groups."""
     digits = 15 - headroom
     f, big_e = torch.frexp(amax)
-    e = big_e - digits + (f * 2**digits > 2**digits - 1).int()  # f * 2**digits is exact
+    # f * 2**digits is exact; no raise for amax >= 2**127, whose rounded top would be 2**128 (inf)
+    e = big_e - digits + ((f * 2**digits > 2**digits - 1) & (big_e < 128)).int()
     return torch.where(amax > 0, e, -149 - digits + 1)
 
 
@@ -95,8 +96,9 @@ def quantize3d(
     group_exponent = _group_exponent(_group_amax(x, mode, block), headroom)
     e = group_exponent.repeat_interleave(block, dim=1)[:, :n] if mode == 2 else group_exponent
 
-    # v = x * 2**-e exactly. 2**-e leaves the fp32 range when -e > 127 (tiny groups):
-    # then scale by 2**64 first. Scaling up by powers of two is exact either way.
+    # v = x * 2**-e in fp32. 2**-e leaves the fp32 range when -e > 127 (tiny groups):
+    # then multiply by 2**64 first and by 2**(-e - 64) after, both exact; otherwise
+    # the second factor is 1.
     first = torch.where(-e > 127, 64, -e)
     v = x * _exp2(first).float() * _exp2(-e - first).float()
 

@@ -66,6 +66,31 @@ def test_quantize_fractions_that_round_in_fp32(headroom):
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
+def random_bits(index: int, seed: int) -> int:
+    """design.md's r, in plain Python integers."""
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    return mix(mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ ((seed >> 32) & 0xFFFFFFFF) ^ (index >> 32)) >> 9
+
+
+@needs_numba
+def test_quantize_stochastic_threshold_ties():
+    # v = (r + d) / 2**23 puts the threshold exactly at r + d: the strict comparison with
+    # r + 0.5 decides, which random data almost never tests
+    seed, n = -987654321, 301
+    values = [4096.0] + [(random_bits(j, seed) + (0.0, 0.5, 1.0)[j % 3]) / 2**23 for j in range(1, n)]
+    x = torch.tensor(values).view(1, n, 1)
+    got = numba_backend().quantize3d(x, 0, 0, 2, True, seed)
+    want = reference.quantize3d(x, 0, 0, 2, True, seed)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 @needs_numba
 def test_quantize_non_finite_raises():
     x = torch.zeros(2, 3, 4)
@@ -112,18 +137,19 @@ def test_gemm_bit_exact(m, k, n, ha, hb, kblock, spread, offset):
 @needs_numba
 @pytest.mark.parametrize("headroom", [0, 1, 2, 3])
 def test_gemm_worst_case_and_strided_operands(headroom):
-    m_max, k = 2 ** (15 - headroom) - 1, 3001
-    signs = torch.tensor([1, -1], dtype=torch.int16).repeat(k // 2 + 1)[:k]
-    a = torch.stack([torch.full((k,), m_max, dtype=torch.int16), -torch.full((k,), m_max, dtype=torch.int16), signs * m_max])
-    b_t = torch.stack([signs * m_max, torch.full((k,), m_max, dtype=torch.int16)])  # B^T: B is a column-major view
+    k = 3001
+    top = torch.full((k,), 2 ** (15 - headroom) - 1, dtype=torch.int16)
+    alternating = top * torch.tensor([1, -1], dtype=torch.int16).repeat(k // 2 + 1)[:k]
+    a = torch.stack([top, -top, alternating])
+    b = torch.stack([alternating, top]).t()  # a column-major view
+    a_strided = torch.zeros(3, 2 * k, dtype=torch.int16)
+    a_strided[:, ::2] = a
     for kblock in (k, 100):
         blocks = -(-k // kblock)
         ea, eb = torch.zeros(3, blocks, dtype=torch.int32), torch.zeros(blocks, 2, dtype=torch.int32)
-        got = numba_backend().gemm(a, ea, headroom, b_t.t(), eb, headroom, kblock, None)
-        assert torch.equal(got, reference.gemm(a, ea, headroom, b_t.t(), eb, headroom, kblock, None))
-        a_strided = torch.zeros(3, 2 * k, dtype=torch.int16)
-        a_strided[:, ::2] = a
-        assert torch.equal(numba_backend().gemm(a_strided[:, ::2], ea, headroom, b_t.t(), eb, headroom, kblock, None), got)
+        got = numba_backend().gemm(a, ea, headroom, b, eb, headroom, kblock, None)
+        assert torch.equal(got, reference.gemm(a, ea, headroom, b, eb, headroom, kblock, None))
+        assert torch.equal(numba_backend().gemm(a_strided[:, ::2], ea, headroom, b, eb, headroom, kblock, None), got)
 
 
 def test_missing_numba_is_reported_clearly(monkeypatch):

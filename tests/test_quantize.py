@@ -167,3 +167,10 @@ def test_top_step_values_never_clamp(backend, rounding):
     assert bool(((q.dequantize() - x).abs() <= 2.0 ** q.exponent.item()).all())
     if rounding == "nearest":
         assert bool(((q.dequantize() - x).abs() <= 1.0).all())
+
+
+def test_the_top_of_the_fp32_range_stays_finite(backend):
+    x = torch.tensor([torch.finfo(torch.float32).max, -3.3e38, 1.0])
+    q = dfp.quantize(x)
+    assert torch.isfinite(q.dequantize()).all()
+    assert int(q.mantissa.abs().max()) == 2**13 - 1

@@ -21,11 +21,12 @@ def limit(s: int) -> int:
 
 def expected_exponent(amax: float, s: int) -> int:
     """The brief's rule floor(log2 amax) + 1 - (15 - s), one more when amax would scale
-    above M (design.md); a zero group gets the exponent of 2**-149, the smallest float32."""
+    above M, unless amax >= 2**127 (design.md); a zero group gets the exponent of
+    2**-149, the smallest float32."""
     if amax == 0:
         amax = 2.0**-149
     e = math.floor(math.log2(amax)) + 1 - (15 - s)
-    return e + 1 if amax * 2.0**-e > limit(s) else e
+    return e + 1 if amax * 2.0**-e > limit(s) and amax < 2.0**127 else e
 
 
 def group_key(mode: int, block: int, o: int, n: int, i: int) -> tuple[int, ...]:
@@ -76,7 +77,9 @@ def test_exponent_rule(mode, block, s):
         assert int(exponent[key]) == e
         if group_max > 0:
             # the brief's range, or just below it where the exponent was raised by one
-            assert 2 ** (14 - s) <= group_max / 2.0**e <= limit(s) or limit(s) / 2 < group_max / 2.0**e < 2 ** (14 - s)
+            # (at the top of the fp32 range the brief's rule stays: up to 2^(15-s), then the clamp)
+            top = 2 ** (15 - s) if group_max >= 2.0**127 else limit(s)
+            assert 2 ** (14 - s) <= group_max / 2.0**e <= top or limit(s) / 2 < group_max / 2.0**e < 2 ** (14 - s)
 
 
 @pytest.mark.parametrize("s", [0, 1, 2, 3, 13])
@@ -91,9 +94,12 @@ def test_nearest_is_round_half_even_then_clamp(mode, block, s):
         e = int(exponent[group_key(mode, block, o, n, i)])
         v = value * 2.0**-e  # exact in float64
         q = round(v)  # Python's round is half to even
-        assert abs(q) <= m  # the exponent rule keeps |v| <= M: the clamp never acts
+        if abs(q) > m:  # only at the top of the fp32 range does the clamp act (design.md)
+            assert e == 128 - (15 - s)
+            q = max(-m, min(m, q))
+        else:  # elsewhere the exponent rule keeps |v| <= M
+            assert abs(v - q) <= 0.5
         assert int(mantissa[o, n, i]) == q, (o, n, i, value, e)
-        assert abs(v - q) <= 0.5
 
 
 @pytest.mark.parametrize("stochastic", [False, True])
@@ -150,8 +156,13 @@ def test_near_float32_max(s):
     x = torch.tensor(values).view(1, 6, 1)
     mantissa, exponent = reference.quantize3d(x, 0, 0, s, False, 0)
     e = int(exponent)
-    assert e == 128 - (15 - s) + 1  # FP32_MAX / 2**(128 - (15 - s)) > M
-    assert mantissa.flatten().tolist() == [round(v * 2.0**-e) for v in values]
+    # FP32_MAX / 2**(128 - (15 - s)) > M, but a raised exponent would round it to 2**128
+    # (Inf): at the top of the range the brief's rule and the clamp stay (design.md)
+    assert e == 128 - (15 - s)
+    m = limit(s)
+    assert mantissa.flatten().tolist() == [max(-m, min(m, round(v * 2.0**-e))) for v in values]
+    dequantized = mantissa.flatten().double() * 2.0**e
+    assert dequantized.abs().max() < FP32_MAX
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
@@ -249,10 +260,11 @@ def test_stochastic_depends_only_on_the_seed():
 
 
 def test_empty_inputs():
-    for shape in [(0, 4, 3), (2, 0, 3), (4, 5, 0)]:
+    for o, n, i in [(0, 4, 3), (2, 0, 3), (4, 5, 0)]:
         for mode, block in MODES:
-            mantissa, exponent = reference.quantize3d(torch.zeros(shape), mode, block, 2, False, 0)
-            assert mantissa.shape == shape and mantissa.dtype == torch.int16
+            mantissa, exponent = reference.quantize3d(torch.zeros(o, n, i), mode, block, 2, False, 0)
+            assert mantissa.shape == (o, n, i) and mantissa.dtype == torch.int16
+            assert exponent.shape == {0: (1,), 1: (n,), 2: (o, -(-n // max(block, 1)), i)}[mode]
 
 
 def test_chain_length():

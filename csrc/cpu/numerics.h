@@ -20,7 +20,8 @@ static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
   const int32_t e = e2 - (15 - headroom);
   // One more when amax would round (or stochastically round) above the largest
   // mantissa: then the clamp never acts, so rounding stays unbiased and within half a step.
-  return std::ldexp(double(amax), -e) > max_mantissa(headroom) ? e + 1 : e;
+  // Not at the top of the fp32 range, where the rounded value would be 2^128 (inf).
+  return std::ldexp(double(amax), -e) > max_mantissa(headroom) && e2 < 128 ? e + 1 : e;
 }
 
 // 2^-e as two fp32 factors, both exact powers of two, so x * lo * hi is exact.
@@ -29,7 +30,7 @@ struct Scale {
 };
 static inline Scale inverse_scale(int32_t e) {
   const int total = -e;
-  const int first = total > 127 ? 127 : total;
+  const int first = total > 127 ? 64 : total;
   return {std::ldexp(1.0f, first), std::ldexp(1.0f, total - first)};
 }
 

@@ -98,6 +98,7 @@ void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headro
                              bool stochastic, uint64_t seed, int16_t* q, int nthreads) {
   const QuantizeKernels& k = quantize_kernels(active_isa());
   const int64_t O = sh.outer, N = sh.n, I = sh.inner, G = sh.groups();
+  if (O * N * I == 0) return;
   std::vector<float> first(G), second(G);
   for (int64_t g = 0; g < G; ++g) {
     const Scale s = inverse_scale(exponent[g]);

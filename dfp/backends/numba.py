@@ -77,13 +77,15 @@ def _quantize_kernel(x, mode, block, headroom, stochastic, k0, k1, mantissa, exp
                 g = _group_of(mode, block, o, n, i)
                 amax[g] = max(amax[g], abs(x[o, n, i]))
 
-    # v = x * 2**-e as two exact fp32 multiplies: 2**64 first when 2**-e is beyond fp32
+    # v = x * 2**-e in fp32: by 2**64, then 2**(-e - 64), when 2**-e is beyond fp32;
+    # otherwise by 2**-e, then 1
     scale_first = np.empty(exponent.shape, np.float32)
     scale_second = np.empty(exponent.shape, np.float32)
     for g in np.ndindex(exponent.shape):
         if amax[g] > 0:
             f, big_e = math.frexp(np.float64(amax[g]))
-            e = big_e - digits + (1 if f * 2.0**digits > 2**digits - 1 else 0)  # so |v| <= M
+            # one more so |v| <= M, except where the rounded top would be 2^128 (inf)
+            e = big_e - digits + (1 if f * 2.0**digits > 2**digits - 1 and big_e < 128 else 0)
         else:
             e = -149 - digits + 1
         exponent[g] = e
@@ -138,10 +140,10 @@ def _gemm_kernel(a, bt, ea, eb, kblock, chain, out):
                 scale = sa[m, blk] * sb[blk, n]
                 stop = min((blk + 1) * kblock, size_k)
                 for c0 in range(blk * kblock, stop, chain):
-                    chain_sum = np.int32(0)  # cannot overflow: chain * Ma * Mb < 2**31
+                    chain_sum = np.int32(0)  # cannot overflow: chain * Ma * Mb <= 2**31 - 1
                     for k in range(c0, min(c0 + chain, stop)):
                         chain_sum = np.int32(chain_sum + np.int32(a[m, k]) * np.int32(bt[n, k]))
-                    acc = acc + np.float32(chain_sum) * scale  # not fused, as in the design
+                    acc = acc + np.float32(chain_sum) * scale  # the product is exact; the sum rounds
             out[m, n] = np.float32(np.float64(acc) * math.ldexp(1.0, ra[m] + rb[n]))
 
 
@@ -152,9 +154,11 @@ def quantize3d(
     ensure_available()
     check_finite(x)
     o, n, i = x.shape
-    group_shape = {0: (1, 1, 1), 1: (1, n, 1), 2: (o, -(-n // max(block, 1)), i)}[mode]
+    if mode == 2:
+        exponent = np.empty((o, -(-n // block), i), np.int32)
+    else:
+        exponent = np.empty((1, n if mode == 1 else 1, 1), np.int32)
     mantissa = np.empty((o, n, i), np.int16)
-    exponent = np.empty(group_shape, np.int32)
     k0, k1 = np.uint32(seed & _U32), np.uint32((seed >> 32) & _U32)
     _quantize_kernel(x.contiguous().numpy(), mode, block, headroom, stochastic, k0, k1, mantissa, exponent)
     exponent = torch.from_numpy(exponent)
