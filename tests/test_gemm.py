@@ -205,3 +205,13 @@ def test_opcheck_gemm_and_matmul():
     x, y = torch.randn(5, 40), torch.randn(40, 6)
     torch.library.opcheck(torch.ops.dfp.matmul.default, (x, y, 2, None, None, False, 0, 0))
     torch.library.opcheck(torch.ops.dfp.matmul.default, (x, y, 2, 1, 8, True, 1, 2))
+
+
+@pytest.mark.parametrize("ea,eb", [(-100, -60), (-120, -75), (90, 40), (60, -200)])
+def test_extreme_exponents_round_once(backend, ea, eb):
+    """Scales beyond the fp32 range: results are subnormal, zero or Inf exactly as the
+    double-precision epilogue of the contract gives them."""
+    a, b = _operands(7, 50, 9, DFPSpec(axis=0), DFPSpec(), seed=5)
+    a = _dfp(a.mantissa, torch.full((7, 1), ea).index_put_((torch.tensor([0]),), torch.tensor([[ea - 10]])), a.spec)
+    b = _dfp(b.mantissa, eb, b.spec)
+    assert torch.equal(dfp.ops.gemm(a, b), on_reference(dfp.ops.gemm, a, b))

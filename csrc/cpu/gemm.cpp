@@ -38,8 +38,8 @@ std::vector<KSlice> k_slices(const std::vector<Chain>& chains, int kc) {
 // Per-row (or column) reference exponent r = max over blocks, and the fp32 chain scales
 // 2^(e - r), laid out [row][block] for A and [block][column] for B.
 struct Scales {
-  std::vector<double> reference;  // 2^r, applied in the epilogue in double
-  std::vector<float> chain;       // empty when K is not blocked
+  std::vector<int32_t> reference;  // r, applied in the epilogue
+  std::vector<float> chain;        // empty when K is not blocked
 };
 
 Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t block_stride,
@@ -50,13 +50,59 @@ Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_s
   for (int64_t i = 0; i < rows; ++i) {
     int32_t r = e[i * row_stride];
     for (int64_t b = 1; b < blocks; ++b) r = std::max(r, e[i * row_stride + b * block_stride]);
-    s.reference[i] = std::ldexp(1.0, r);
+    s.reference[i] = r;
     if (blocks > 1)
       for (int64_t b = 0; b < blocks; ++b)
         s.chain[i * row_stride + b * block_stride] = std::ldexp(1.0f, e[i * row_stride + b * block_stride] - r);
   }
   return s;
 }
+
+// C = fp32(acc * 2^(ra[m] + rb[n])) (+ bias). The product of the exact acc and a power
+// of two is rounded once, whether in fp32 or in double then to fp32; so fp32 is used
+// whenever every 2^ra, 2^rb and 2^(ra + rb) is an fp32 number (always, in practice).
+class Epilogue {
+ public:
+  Epilogue(const std::vector<int32_t>& ra, const std::vector<int32_t>& rb, GemmOutput out)
+      : ra_(ra), rb_(rb), out_(out), ncols_(int64_t(rb.size())) {
+    const auto [ra_min, ra_max] = range(ra);
+    const auto [rb_min, rb_max] = range(rb);
+    in_fp32_ = ra_min >= kMin && rb_min >= kMin && ra_max <= kMax && rb_max <= kMax && ra_min + rb_min >= kMin &&
+               ra_max + rb_max <= kMax;
+    col_scale_.resize(ncols_);
+    for (int64_t j = 0; j < ncols_; ++j) col_scale_[j] = in_fp32_ ? std::ldexp(1.0f, rb[j]) : 0.0f;
+  }
+
+  void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+    for (int64_t i = 0; i < rows; ++i) {
+      const float* src = acc + i * ldacc;
+      float* dst = out_.c + (i0 + i) * ncols_ + j0;
+      if (in_fp32_) {
+        const float rs = std::ldexp(1.0f, ra_[i0 + i]);
+        const float* cs = col_scale_.data() + j0;
+        for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * (rs * cs[j]);
+      } else {
+        for (int64_t j = 0; j < cols; ++j) dst[j] = float(std::ldexp(double(src[j]), ra_[i0 + i] + rb_[j0 + j]));
+      }
+      if (out_.bias)
+        for (int64_t j = 0; j < cols; ++j) dst[j] += out_.bias[j0 + j];
+    }
+  }
+
+ private:
+  static constexpr int32_t kMin = -149, kMax = 127;  // 2^k is an fp32 number
+  static std::pair<int32_t, int32_t> range(const std::vector<int32_t>& v) {
+    if (v.empty()) return {0, 0};
+    const auto [lo, hi] = std::minmax_element(v.begin(), v.end());
+    return {*lo, *hi};
+  }
+  const std::vector<int32_t>& ra_;
+  const std::vector<int32_t>& rb_;
+  GemmOutput out_;
+  int64_t ncols_;
+  bool in_fp32_;
+  std::vector<float> col_scale_;
+};
 
 }  // namespace
 
@@ -88,6 +134,7 @@ void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int3
   const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2);
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
+  const Epilogue epilogue(sa.reference, sb.reference, out);
   const int64_t mc = uk.mc, nc = uk.nc;
   const int64_t row_blocks = (M + mc - 1) / mc, col_blocks = (N + nc - 1) / nc;
   // Small problems run on one thread: waking a second costs more than it saves.
@@ -98,7 +145,8 @@ void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int3
     const int64_t mpanels = (mlen + uk.mr - 1) / uk.mr, npanels = (nlen + uk.nr - 1) / uk.nr;
     thread_local std::vector<float> acc;
     const int64_t ldacc = npanels * uk.nr;
-    acc.assign(mpanels * uk.mr * ldacc, 0.0f);  // stays zero when K is empty
+    acc.resize(mpanels * uk.mr * ldacc);
+    if (slices.empty()) std::fill(acc.begin(), acc.end(), 0.0f);  // K = 0
     for (size_t s = 0; s < slices.size(); ++s) {
       const int64_t kp0 = slices[s].first_kpair;
       for (int64_t jp = 0; jp < npanels; ++jp) {
@@ -122,16 +170,7 @@ void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int3
         }
       }
     }
-    // Epilogue: one exact power-of-two scaling in double, one rounding to fp32, bias.
-    for (int64_t i = 0; i < mlen; ++i) {
-      const double rs = sa.reference[i0 + i];
-      const float* src = acc.data() + i * ldacc;
-      float* dst = out.c + (i0 + i) * N + j0;
-      const double* cs = sb.reference.data() + j0;
-      for (int64_t j = 0; j < nlen; ++j) dst[j] = float(double(src[j]) * rs * cs[j]);
-      if (out.bias)
-        for (int64_t j = 0; j < nlen; ++j) dst[j] += out.bias[j0 + j];
-    }
+    epilogue.apply(acc.data(), ldacc, i0, mlen, j0, nlen);
   });
 }
 
