@@ -1,5 +1,9 @@
 """Builds dfp._C, the torch-free C++ core. Each ISA's file gets its own flags (never
--march=native): the path that runs is chosen at run time from cpuid."""
+-march=native): the path that runs is chosen at run time from cpuid.
+
+-ffp-contract=off: the numerics contract rounds every product and sum separately, and a
+fused multiply-add would change bits. -fno-strict-aliasing: int16 mantissas are read
+as int32 K-pairs."""
 
 import platform
 from pathlib import Path
@@ -7,7 +11,7 @@ from pathlib import Path
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
 
-COMMON = ["-O2", "-std=c++17", "-ffp-contract=off", "-fvisibility=hidden", "-Wall", "-Wextra"]
+COMMON = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wall", "-Wextra"]
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 # Flags per source file, by the suffix of its name; the rest is portable C++.
 ISA_FLAGS = {

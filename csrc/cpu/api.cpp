@@ -12,7 +12,8 @@ namespace {
 // Packed operands are kept between calls: fresh multi-megabyte buffers would be paged
 // in (and zeroed by the kernel) on every GEMM. One set per calling thread.
 struct Workspace {
-  Packed a, b;
+  RowsA a;
+  Packed b;
 };
 Workspace& workspace() {
   thread_local Workspace w;
@@ -34,7 +35,7 @@ void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, in
                 int headroom_a, int headroom_b, const float* bias, float* c, int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa());
   const KLayout kl(K, kblock);
-  Packed& pa = workspace().a;
+  RowsA& pa = workspace().a;
   Packed& pb = workspace().b;
   pack_a_int16(a, sam, sak, M, kl, uk.mr, pa, nthreads);
   pack_b_int16(b, sbk, sbn, N, kl, uk.nr, pb, nthreads);
@@ -65,7 +66,7 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
     ey.assign(N, ey[0]);
   }
   const MicroKernel& uk = micro_kernel(active_isa());
-  Packed& pa = workspace().a;
+  RowsA& pa = workspace().a;
   Packed& pb = workspace().b;
   pack_a_float(x, M, kl, ex.data(), headroom, {stochastic, seed_x}, uk.mr, pa, nthreads);
   pack_b_float(y, N, kl, ey.data(), headroom, {stochastic, seed_y}, uk.nr, pb, nthreads);

@@ -117,7 +117,7 @@ const MicroKernel& micro_kernel(Isa isa) {
   }
 }
 
-void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+void gemm_packed(const RowsA& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
                  int headroom_a, int headroom_b, GemmOutput out, int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa());
   const int64_t M = a.rows, N = b.rows, KB = kl.nblocks;
@@ -154,8 +154,8 @@ void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int3
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
           MicroKernelArgs args;
-          args.a = a.panel(i) + kp0;
-          args.a_row_stride = a.kpairs;
+          args.a = a.row(i) + kp0;
+          args.a_row_stride = a.row_stride(i);
           args.b = b.panel(j / uk.nr) + kp0 * uk.nr;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;

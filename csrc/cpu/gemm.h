@@ -57,8 +57,7 @@ struct KLayout {
   int64_t kpairs() const { return nblocks * pairs_per_block; }
 };
 
-// A packed operand: `rows` rows (A) or columns (B), grouped in panels of `width`
-// (mr or nr); data is [panel][kpair][width]. For A, width is 1: plain padded rows.
+// B packed: `cols` columns in panels of `width` (nr); data is [panel][kpair][width].
 struct Packed {
   int64_t rows = 0, width = 0, kpairs = 0;
   std::vector<int32_t> data;
@@ -67,8 +66,22 @@ struct Packed {
   int32_t* panel(int64_t p) { return data.data() + p * width * kpairs; }
 };
 
+// A as rows of K-pairs. Whole panels of mr rows are read where they lie (the caller's
+// int16 matrix when its rows are already K-pairs, else `owned`); the last, partial
+// panel comes from `tail`, padded with zero rows.
+struct RowsA {
+  int64_t rows = 0, kpairs = 0;
+  const int32_t* data = nullptr;  // row i < full_rows at data + i * stride
+  int64_t stride = 0, full_rows = 0;
+  std::vector<int32_t> owned, tail;
+  const int32_t* row(int64_t i) const { return i < full_rows ? data + i * stride : tail.data() + (i - full_rows) * kpairs; }
+  int64_t row_stride(int64_t i) const { return i < full_rows ? stride : kpairs; }
+};
+
 // Packing from int16 mantissas with arbitrary strides (transposed views included).
-void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, Packed& out,
+// Uses a in place when its rows already are K-pairs (unit K stride, even row stride,
+// no padding inside K); copies otherwise.
+void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, RowsA& out,
                   int nthreads);
 void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out,
                   int nthreads);
@@ -80,7 +93,7 @@ struct Rounding {
   uint64_t seed;
 };
 void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
-                  int mr, Packed& out, int nthreads);
+                  int mr, RowsA& out, int nthreads);
 void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, Rounding r,
                   int nr, Packed& out, int nthreads);
 
@@ -90,7 +103,7 @@ struct GemmOutput {
 };
 
 // C = A B from packed panels; ea (M, KB), eb (KB, N) are the exponents.
-void gemm_packed(const Packed& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+void gemm_packed(const RowsA& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
                  int headroom_a, int headroom_b, GemmOutput out, int nthreads);
 
 }  // namespace dfp

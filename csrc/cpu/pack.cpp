@@ -13,17 +13,18 @@ namespace {
 
 inline int32_t pair(int16_t lo, int16_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
 
-// Packs A as rows of 2 * kpairs int16: make_row(m, block, dst) writes the values of
-// row m in K-block `block` to dst; the odd slot that pads a block, and the rows that
-// pad M to a multiple of mr, are zeroed here.
+// Packs A as rows of 2 * kpairs int16 into out.owned: make_row(m, block, dst) writes
+// the values of row m in K-block `block` to dst; the odd slot that pads a block, and
+// the rows that pad M to a multiple of mr, are zeroed here.
 template <typename MakeRow>
-void pack_a(int64_t m, const KLayout& kl, int mr, Packed& out, int nthreads, MakeRow make_row) {
+void pack_a(int64_t m, const KLayout& kl, int mr, RowsA& out, int nthreads, MakeRow make_row) {
   const int64_t padded = (m + mr - 1) / mr * mr, kp = kl.kpairs();
-  out.allocate(m, 1, kp, padded);
+  out.owned.resize(padded * kp);
+  out.rows = m, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
   const int64_t rows_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(2 * kp, 1));
   parallel_for((padded + rows_per_task - 1) / rows_per_task, nthreads, [&](int64_t t) {
     for (int64_t i = t * rows_per_task; i < std::min(padded, (t + 1) * rows_per_task); ++i) {
-      int32_t* row = out.panel(i);
+      int32_t* row = out.owned.data() + i * kp;
       if (i >= m) {
         std::fill(row, row + kp, 0);
         continue;
@@ -75,8 +76,18 @@ void Packed::allocate(int64_t rows_, int64_t width_, int64_t kpairs_, int64_t pa
   data.resize(padded_rows * kpairs);  // the packers write every element, padding included
 }
 
-void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, Packed& out,
+void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, RowsA& out,
                   int nthreads) {
+  const bool rows_are_pairs = sk == 1 && sm % 2 == 0 && reinterpret_cast<uintptr_t>(a) % 4 == 0 &&
+                              kl.k % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0);
+  if (rows_are_pairs) {
+    const int64_t kp = kl.kpairs(), full = m / mr * mr;
+    out.rows = m, out.kpairs = kp, out.full_rows = full, out.stride = sm / 2;
+    out.data = reinterpret_cast<const int32_t*>(a);
+    out.tail.assign(full < m ? mr * kp : 0, 0);
+    for (int64_t i = full; i < m; ++i) std::memcpy(out.tail.data() + (i - full) * kp, a + i * sm, kl.k * sizeof(int16_t));
+    return;
+  }
   pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int64_t b, int16_t* dst) {
     const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0);
     const int16_t* src = a + i * sm + k0 * sk;
@@ -99,7 +110,7 @@ void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLa
 }
 
 void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
-                  int mr, Packed& out, int nthreads) {
+                  int mr, RowsA& out, int nthreads) {
   const QuantizeKernels& qk = quantize_kernels(active_isa());
   pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int64_t b, int16_t* dst) {
     const int64_t k0 = b * kl.kblock, len = std::min(kl.kblock, kl.k - k0), at = i * kl.k + k0;
