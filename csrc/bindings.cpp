@@ -11,6 +11,7 @@
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/numerics.h"
+#include "cpu/peak.h"
 
 namespace py = pybind11;
 
@@ -36,6 +37,21 @@ PYBIND11_MODULE(_C, m) {
   m.def("set_isa", &dfp::set_isa, "force a CPU path by name", py::arg("name"));
   m.def("micro_kernel", [] { return std::string(dfp::micro_kernel(dfp::active_isa()).name); });
   m.def("chain_length", [](int ha, int hb) { return dfp::chain_length(ha, hb); });
+#ifdef DFP_X86_KERNELS
+  m.def(
+      "peak_gmacs_avx2",
+      [](int64_t iterations) {
+        double int16, fp32;
+        {
+          py::gil_scoped_release release;
+          int16 = dfp::peak_int16_gmacs_avx2(iterations);
+          fp32 = dfp::peak_fp32_gmacs_avx2(iterations);
+        }
+        return py::make_tuple(int16, fp32);
+      },
+      "(int16 vpmaddwd+vpaddd, fp32 FMA) multiply-adds per second of one core, in GMAC/s; AVX2 hosts only",
+      py::arg("iterations") = 50'000'000);
+#endif
 
   m.def(
       "quantize3d",
