@@ -39,24 +39,30 @@ void pack_a(int64_t m, const KLayout& kl, int mr, RowsA& out, int nthreads, Make
   });
 }
 
-// Packs B: make_row(k, dst) writes row k's N values.
-template <typename MakeRow>
-void pack_b(int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads, MakeRow make_row) {
+// Packs B: row(k, scratch) returns row k's N values, either where they lie or written
+// into scratch (N int16). Rows past the end of a K-block are zero.
+template <typename Row>
+void pack_b(int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads, Row row) {
   out.allocate(n, nr, kl.kpairs(), (n + nr - 1) / nr * nr);
-  const int64_t panels = (n + nr - 1) / nr, kp = kl.kpairs();
+  const int64_t full_panels = n / nr, kp = kl.kpairs();
   const int64_t pairs_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1));
   parallel_for((kp + pairs_per_task - 1) / pairs_per_task, nthreads, [&](int64_t t) {
-    std::vector<int16_t> even(panels * nr), odd(panels * nr);
+    std::vector<int16_t> zeros(n, 0), even_scratch(n), odd_scratch(n);
     for (int64_t q = t * pairs_per_task; q < std::min(kp, (t + 1) * pairs_per_task); ++q) {
       const int64_t block = q / kl.pairs_per_block, j = (q % kl.pairs_per_block) * 2;
       const int64_t k = block * kl.kblock + j, block_end = std::min(kl.k, (block + 1) * kl.kblock);
-      std::fill(even.begin(), even.end(), int16_t(0));
-      std::fill(odd.begin(), odd.end(), int16_t(0));
-      if (k < block_end) make_row(k, even.data());
-      if (k + 1 < block_end) make_row(k + 1, odd.data());
-      for (int64_t p = 0; p < panels; ++p) {
+      const int16_t* even = k < block_end ? row(k, even_scratch.data()) : zeros.data();
+      const int16_t* odd = k + 1 < block_end ? row(k + 1, odd_scratch.data()) : zeros.data();
+      for (int64_t p = 0; p < full_panels; ++p) {
         int32_t* dst = out.panel(p) + q * nr;
         for (int c = 0; c < nr; ++c) dst[c] = pair(even[p * nr + c], odd[p * nr + c]);
+      }
+      if (full_panels * nr < n) {  // the last panel, padded with zero columns
+        int32_t* dst = out.panel(full_panels) + q * nr;
+        for (int c = 0; c < nr; ++c) {
+          const int64_t col = full_panels * nr + c;
+          dst[c] = col < n ? pair(even[col], odd[col]) : 0;
+        }
       }
     }
   });
@@ -100,12 +106,11 @@ void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLa
 
 void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out,
                   int nthreads) {
-  pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* row) {
+  pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* scratch) -> const int16_t* {
     const int16_t* src = b + k * sk;
-    if (sn == 1)
-      std::memcpy(row, src, n * sizeof(int16_t));
-    else
-      for (int64_t j = 0; j < n; ++j) row[j] = src[j * sn];
+    if (sn == 1) return src;
+    for (int64_t j = 0; j < n; ++j) scratch[j] = src[j * sn];
+    return scratch;
   });
 }
 
@@ -126,9 +131,10 @@ void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* e
     const Scale s = inverse_scale(eb[g]);
     first[g] = s.first, second[g] = s.second;
   }
-  pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* row) {
+  pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* scratch) -> const int16_t* {
     const int64_t g = (k / kl.kblock) * n;
-    qk.run_scaled(y + k * n, row, n, first.data() + g, second.data() + g, rounding_args(headroom, r, k * n));
+    qk.run_scaled(y + k * n, scratch, n, first.data() + g, second.data() + g, rounding_args(headroom, r, k * n));
+    return scratch;
   });
 }
 
