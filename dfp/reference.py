@@ -84,7 +84,7 @@ def _random_bits(shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     k0, k1 = seed & _U32, (seed >> 32) & _U32
     index = torch.arange(shape[0] * shape[1] * shape[2], dtype=torch.int64).view(shape)
     lo, hi = index & _U32, index >> 32
-    return _mix(_mix(lo ^ k0) ^ k1 ^ hi) >> 9
+    return (_mix(lo ^ k0) ^ _mix(hi ^ k1)) >> 9
 
 
 def quantize3d(

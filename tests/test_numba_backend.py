@@ -76,7 +76,7 @@ def random_bits(index: int, seed: int) -> int:
         x = (x * 0x846CA68B) & 0xFFFFFFFF
         return x ^ (x >> 16)
 
-    return mix(mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ ((seed >> 32) & 0xFFFFFFFF) ^ (index >> 32)) >> 9
+    return (mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ mix((index >> 32) ^ ((seed >> 32) & 0xFFFFFFFF))) >> 9
 
 
 @needs_numba

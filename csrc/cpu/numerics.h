@@ -10,28 +10,42 @@ constexpr uint32_t kNonFiniteBits = 0x7f800000u;  // |x| bits >= this: Inf or Na
 
 static inline int32_t max_mantissa(int headroom) { return (1 << (15 - headroom)) - 1; }
 
-// Exponent of a group from the bit pattern of its largest |x| (finite).
+// Exponent of a group from the bit pattern of its largest |x| (finite). Bit arithmetic
+// rather than frexp/ldexp: with small blocks this runs once per 32 elements.
 static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
-  float amax;
-  std::memcpy(&amax, &amax_bits, 4);
-  if (amax_bits == 0) return -149 + 1 - (15 - headroom);  // as the smallest subnormal
-  int e2;
-  std::frexp(amax, &e2);
-  const int32_t e = e2 - (15 - headroom);
+  const int digits = 15 - headroom;
+  if (amax_bits == 0) return -149 + 1 - digits;  // as the smallest subnormal
+  // amax = S * 2^(E - L) with the significand S of L bits: frexp's E, and f = S / 2^L.
+  const uint32_t biased = amax_bits >> 23;
+  const int64_t significand = biased ? (amax_bits & 0x7fffff) | 0x800000 : amax_bits;
+  const int length = biased ? 24 : 32 - __builtin_clz(amax_bits);
+  const int32_t big_e = biased ? int32_t(biased) - 126 : length - 149;
+  const int32_t e = big_e - digits;
   // One more when amax would round (or stochastically round) above the largest
-  // mantissa: then the clamp never acts, so rounding stays unbiased and within half a step.
-  // Not at the top of the fp32 range, where the rounded value would be 2^128 (inf).
-  return std::ldexp(double(amax), -e) > max_mantissa(headroom) && e2 < 128 ? e + 1 : e;
+  // mantissa M, i.e. f * 2^digits > M: then the clamp never acts, so rounding stays
+  // unbiased and within half a step. Not at the top of the fp32 range, where the
+  // rounded value would be 2^128 (inf).
+  const bool above = (significand << digits) > (int64_t(1) << length) * max_mantissa(headroom);
+  return above && big_e < 128 ? e + 1 : e;
 }
 
-// 2^-e as two fp32 factors, both exact powers of two, so x * lo * hi is exact.
+// 2^k for k in the normal fp32 range [-126, 127], from its bits.
+static inline float pow2f(int k) {
+  const uint32_t bits = uint32_t(k + 127) << 23;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// 2^-e as two fp32 factors, both exact powers of two, so x * first * second is exact.
+// -e lies in [-126, 163] (design.md), so both factors are normal numbers.
 struct Scale {
   float first, second;
 };
 static inline Scale inverse_scale(int32_t e) {
   const int total = -e;
   const int first = total > 127 ? 64 : total;
-  return {std::ldexp(1.0f, first), std::ldexp(1.0f, total - first)};
+  return {pow2f(first), pow2f(total - first)};
 }
 
 // Largest power of two L with L * Ma * Mb <= 2^31 - 1: int32 chains never overflow.
@@ -53,7 +67,7 @@ static inline uint32_t mix32(uint32_t x) {
 
 // The 23 random bits of element `index` for stochastic rounding.
 static inline uint32_t random_bits(uint64_t index, uint32_t k0, uint32_t k1) {
-  return mix32(mix32(uint32_t(index) ^ k0) ^ k1 ^ uint32_t(index >> 32)) >> 9;
+  return (mix32(uint32_t(index) ^ k0) ^ mix32(uint32_t(index >> 32) ^ k1)) >> 9;
 }
 
 static inline uint32_t abs_bits(float x) {

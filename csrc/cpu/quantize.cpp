@@ -59,14 +59,17 @@ std::vector<uint32_t> group_absmax(const float* x, const QuantizeShape& sh, int 
       break;
     case Grouping::block: {
       const int64_t B = sh.block, NB = (N + B - 1) / B;
+      if (I == 1) {
+        for_row_chunks(O, N, nthreads, [&](int64_t o0, int64_t o1) {
+          for (int64_t o = o0; o < o1; ++o) k.absmax_blocks(x + o * N, N, B, amax.data() + o * NB);
+        });
+        break;
+      }
       for_row_chunks(O * NB, B * I, nthreads, [&](int64_t g0, int64_t g1) {
         for (int64_t g = g0; g < g1; ++g) {
           const int64_t o = g / NB, n0 = (g % NB) * B, n1 = std::min(N, n0 + B);
           const float* row = x + (o * N + n0) * I;
-          if (I == 1)
-            amax[g] = k.absmax(row, n1 - n0);
-          else
-            for (int64_t n = n0; n < n1; ++n) k.absmax_into(row + (n - n0) * I, amax.data() + g * I, I);
+          for (int64_t n = n0; n < n1; ++n) k.absmax_into(row + (n - n0) * I, amax.data() + g * I, I);
         }
       });
       break;
@@ -142,20 +145,10 @@ void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headro
             k.run_scaled(x + r * I, q + r * I, I, first.data() + g, second.data() + g, args_at(r * I));
           }
         });
-      } else if (B >= kShortRun) {
-        for_row_chunks(O * NB, B, nthreads, [&](int64_t g0, int64_t g1) {
-          for (int64_t g = g0; g < g1; ++g) {
-            const int64_t n0 = (g % NB) * B;
-            uniform_run((g / NB) * N + n0, std::min(B, N - n0), g);
-          }
-        });
       } else {
         for_row_chunks(O, N, nthreads, [&](int64_t o0, int64_t o1) {
-          std::vector<float> f(N), s(N);
-          for (int64_t o = o0; o < o1; ++o) {
-            for (int64_t n = 0; n < N; ++n) f[n] = first[o * NB + n / B], s[n] = second[o * NB + n / B];
-            k.run_scaled(x + o * N, q + o * N, N, f.data(), s.data(), args_at(o * N));
-          }
+          for (int64_t o = o0; o < o1; ++o)
+            k.run_blocks(x + o * N, q + o * N, N, B, first.data() + o * NB, second.data() + o * NB, args_at(o * N));
         });
       }
       break;

@@ -56,8 +56,10 @@ inline __m256 round8(__m256 v, const RoundingArgs& r, uint64_t index) {
   __m256 q;
   if (r.stochastic) {
     const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    const __m256i key = _mm256_set1_epi32(int(r.k1 ^ uint32_t(index >> 32)));
-    const __m256i bits = _mm256_srli_epi32(mix8(_mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), key)), 9);
+    // One hash per element: mix(lo ^ k0), xored with the hash of the high half, which
+    // the 8 lanes share.
+    const __m256i high = _mm256_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
+    const __m256i bits = _mm256_srli_epi32(_mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), high), 9);
     const __m256 rnd = _mm256_add_ps(_mm256_cvtepi32_ps(bits), _mm256_set1_ps(0.5f));
     const __m256 fl = _mm256_floor_ps(v);
     const __m256 frac = _mm256_mul_ps(_mm256_sub_ps(v, fl), _mm256_set1_ps(8388608.0f));
@@ -119,6 +121,7 @@ void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const
 
 }  // namespace
 
-const QuantizeKernels quantize_avx2 = {absmax, absmax_into, run, run_scaled};
+const QuantizeKernels quantize_avx2 = {absmax, absmax_into, run, run_scaled, absmax_blocks_of<absmax>,
+                                            run_blocks_of<run>};
 
 }  // namespace dfp

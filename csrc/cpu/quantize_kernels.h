@@ -24,7 +24,28 @@ struct QuantizeKernels {
   // the same with a scale per element: first[i], second[i]
   void (*run_scaled)(const float* x, int16_t* q, int64_t n, const float* first, const float* second,
                      const RoundingArgs& r);
+  // Runs cut into blocks of `block` (the last may be shorter), in one call: short blocks
+  // would otherwise pay a call per block. out[b] / first[b], second[b] per block.
+  void (*absmax_blocks)(const float* x, int64_t n, int64_t block, uint32_t* out);
+  void (*run_blocks)(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
+                     const RoundingArgs& r);
 };
+
+// The block loops, written once over a kernel set's own absmax and run (inlined).
+template <uint32_t (*Absmax)(const float*, int64_t)>
+void absmax_blocks_of(const float* x, int64_t n, int64_t block, uint32_t* out) {
+  for (int64_t b = 0; b * block < n; ++b) out[b] = Absmax(x + b * block, n - b * block < block ? n - b * block : block);
+}
+
+template <void (*Run)(const float*, int16_t*, int64_t, Scale, const RoundingArgs&)>
+void run_blocks_of(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
+                   const RoundingArgs& r) {
+  RoundingArgs at = r;
+  for (int64_t b = 0; b * block < n; ++b) {
+    at.index0 = r.index0 + uint64_t(b * block);
+    Run(x + b * block, q + b * block, n - b * block < block ? n - b * block : block, {first[b], second[b]}, at);
+  }
+}
 
 extern const QuantizeKernels quantize_scalar;
 extern const QuantizeKernels quantize_avx2;

@@ -53,7 +53,7 @@ def _mix(x):
 def _random_bits(index, k0, k1):
     lo = np.uint32(index & _U32)
     hi = np.uint32(index >> 32)
-    return _mix(np.uint32(_mix(np.uint32(lo ^ k0)) ^ k1 ^ hi)) >> np.uint32(9)
+    return np.uint32(_mix(np.uint32(lo ^ k0)) ^ _mix(np.uint32(hi ^ k1))) >> np.uint32(9)
 
 
 @_njit
