@@ -29,7 +29,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer sizes and repeats: a smoke test")
     p.add_argument("--output", metavar="FILE.md", help="also write the tables to this file")
     p.add_argument("--isa", help="force dfp's CPU path (sets DFP_CPU_ISA before importing dfp), e.g. avx2")
-    p.add_argument("--tables", nargs="+", choices=("gemm", "quantize"), default=["gemm", "quantize"])
+    p.add_argument(
+        "--tables", nargs="+", choices=("gemm", "quantize", "layers"), default=["gemm", "quantize", "layers"]
+    )
     p.add_argument("--headroom", type=int, default=2, help="DFPSpec headroom of the GEMM operands (default 2)")
     p.add_argument(
         "--int16-peak-gmacs",
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     # Imported only now so that DFP_CPU_ISA is set before dfp loads its core.
     import dfp
 
-    from . import cases
+    from . import cases, layers
 
     cfg = {**(QUICK if args.quick else FULL)}
     if args.max_call_s is not None:
@@ -184,12 +186,15 @@ def main(argv: list[str] | None = None) -> None:
         if peaks:
             args.int16_peak_gmacs = peaks[0]
             lines += [
-                f"Peaks of one core, measured now on registers: int16 vpmaddwd+vpaddd {peaks[0]:.1f} GMAC/s, "
-                f"fp32 FMA {peaks[1]:.1f} GMAC/s (int16 / fp32 = {peaks[0] / peaks[1]:.2f}).",
+                (
+                    f"Peaks of one core, measured now on registers: int16 vpmaddwd+vpaddd {peaks[0]:.1f} GMAC/s, "
+                    f"fp32 FMA {peaks[1]:.1f} GMAC/s (int16 / fp32 = {peaks[0] / peaks[1]:.2f})."
+                ),
                 "",
             ]
     print("\n".join(lines), flush=True)
-    for name, make in (("gemm", gemm_table), ("quantize", quantize_table)):
+    tables = (("gemm", gemm_table), ("quantize", quantize_table), ("layers", lambda a, c, _: layers.layer_table(a, c)))
+    for name, make in tables:
         if name in args.tables:
             part = make(args, cfg, cases) + [""]
             print("\n" + "\n".join(part), flush=True)

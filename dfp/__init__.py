@@ -4,10 +4,11 @@ Importing dfp never needs the compiled core nor initialises CUDA; an op that nee
 core says so when it is called.
 """
 
-from . import ops
+from . import formats, functional, nn, ops
 from ._errors import BackendUnavailableError, NonFiniteError
 from .backends.cpu import cpu_isa
 from .format import DFPSpec, DFPTensor, quantize
+from .nn import convert, revert
 from .ops import matmul
 
 __all__ = [
@@ -15,8 +16,13 @@ __all__ = [
     "DFPSpec",
     "DFPTensor",
     "NonFiniteError",
+    "convert",
     "cpu_isa",
+    "formats",
+    "functional",
     "matmul",
+    "nn",
     "ops",
     "quantize",
+    "revert",
 ]

@@ -18,7 +18,9 @@ def gemm_exponents(t: DFPTensor, k_axis: int, name: str) -> tuple[torch.Tensor, 
     other = 1 - k_axis
     if spec.group == "tensor":
         rows_or_cols = t.shape[other]
-        return (e.reshape(1, 1).expand(rows_or_cols, 1) if k_axis == 1 else e.reshape(1, 1).expand(1, rows_or_cols)), None
+        return (
+            e.reshape(1, 1).expand(rows_or_cols, 1) if k_axis == 1 else e.reshape(1, 1).expand(1, rows_or_cols)
+        ), None
     axis = spec.axis % 2
     if spec.group == "channel" and axis == other:
         return e, None

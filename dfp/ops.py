@@ -41,7 +41,9 @@ def mirrored(spec: DFPSpec) -> DFPSpec:
     return DFPSpec(spec.headroom, axis, spec.block, spec.rounding)
 
 
-def matmul(x: torch.Tensor, y: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def matmul(
+    x: torch.Tensor, y: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """fp32 ``x @ y`` with both operands quantized to DFP16 and multiplied in integers.
 
     x: (M, K), y: (K, N) float32. ``spec`` describes x; y gets the mirrored spec (an

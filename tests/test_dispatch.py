@@ -18,6 +18,7 @@ def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
         env={**os.environ, **env},
+        check=False,
         capture_output=True,
         text=True,
         timeout=120,

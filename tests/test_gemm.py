@@ -7,11 +7,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import int16_operand, on_reference, wide_range
 
 import dfp
 from dfp import DFPSpec, DFPTensor
 from dfp.reference import chain_length
-from helpers import int16_operand, on_reference, wide_range
 
 
 def _dfp(mantissa: torch.Tensor, exponent, spec: DFPSpec) -> DFPTensor:
@@ -72,7 +72,10 @@ def test_transposed_and_strided_operands(backend):
     at = _dfp(int16_operand((70, 11), 2, 5), _random_exponents((1, 11), 6), DFPSpec(axis=1)).t()
     for a, b in [(at, x), (x.t(), w.t()), (at, w.t())]:
         got = dfp.ops.gemm(a, b)
-        contiguous = DFPTensor(a.mantissa.contiguous(), a.exponent, a.spec), DFPTensor(b.mantissa.contiguous(), b.exponent, b.spec)
+        contiguous = (
+            DFPTensor(a.mantissa.contiguous(), a.exponent, a.spec),
+            DFPTensor(b.mantissa.contiguous(), b.exponent, b.spec),
+        )
         assert torch.equal(got, on_reference(dfp.ops.gemm, *contiguous))
 
 
@@ -92,15 +95,13 @@ def test_one_chain_equals_the_int64_product(backend, headroom):
 def test_worst_case_operands_do_not_overflow(backend, pattern, headroom):
     """Sums that overflow a naive int32 accumulator stay exact in every chain."""
     k, big = 4096, 2 ** (15 - headroom) - 1
-    signs = torch.ones(k, dtype=torch.int16)
-    if pattern == "all-max":
-        signs = -signs
+    # every product is +big^2 or every product is -big^2: the largest chain sums
+    signs = {
+        "all+max": torch.ones(k, dtype=torch.int16),
+        "all-max": -torch.ones(k, dtype=torch.int16),
+    }.get(pattern, torch.tensor([1, -1], dtype=torch.int16).repeat(k // 2))
     a_row = signs * big
-    b_col = signs * big if pattern != "alternating" else signs * big
-    if pattern.startswith("alternating"):
-        alt = torch.tensor([1, -1], dtype=torch.int16).repeat(k // 2)
-        a_row = alt * big
-        b_col = alt * big if pattern == "alternating" else -alt * big
+    b_col = -signs * big if pattern in ("all-max", "alternating-b") else signs * big
     a = a_row.expand(5, k).contiguous()
     b = b_col.unsqueeze(1).expand(k, 6).contiguous()
     naive = np.sum(a[0].numpy().astype(np.int32) * b[:, 0].numpy().astype(np.int32), dtype=np.int32)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import on_reference
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import dfp
 from dfp import DFPSpec
-from helpers import on_reference
 
 pytest.importorskip("dfp._C")
 

@@ -7,10 +7,10 @@ import math
 
 import pytest
 import torch
+from helpers import on_reference, wide_range
 
 import dfp
 from dfp import DFPSpec
-from helpers import on_reference, wide_range
 
 SPECS = [
     DFPSpec(),

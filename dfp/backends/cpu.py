@@ -21,7 +21,9 @@ def _core():
     try:
         return importlib.import_module("dfp._C")
     except ImportError as err:
-        raise BackendUnavailableError(f"dfp's compiled core (dfp._C) could not be loaded: {err}. {_BUILD_HINT}") from err
+        raise BackendUnavailableError(
+            f"dfp's compiled core (dfp._C) could not be loaded: {err}. {_BUILD_HINT}"
+        ) from err
 
 
 def ensure_available() -> None:

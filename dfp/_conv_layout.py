@@ -1,0 +1,117 @@
+"""Tensor plumbing of the DFP16 convolution: quantization into channels-last int16,
+zero padding, im2col and its adjoint col2im.
+
+The convolution is a GEMM over ``M = N*OH*OW`` output pixels with K ordered
+``(kh, kw, ci)``. The input is quantized once; padding and im2col copy int16, never
+float32. A fused implicit-GEMM kernel may later replace ``im2col`` behind the same ops.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _ops  # noqa: F401  (registers torch.ops.dfp.quantize)
+from ._errors import NonFiniteError
+from .format import DFPSpec, DFPTensor, exponent_shape
+
+# Exponent that marks a quantized tensor whose source held NaN or Inf: real exponents
+# lie within a few hundred of zero, so it never collides with one.
+NONFINITE = torch.iinfo(torch.int32).max
+
+
+def _to_channels_last(ndim: int) -> tuple[int, ...]:
+    """Permutation (..., C, H, W) -> (..., H, W, C)."""
+    return (*range(ndim - 3), ndim - 2, ndim - 1, ndim - 3)
+
+
+def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFPTensor:
+    """float32 ``t`` (..., C, H, W) as a DFPTensor with mantissa (..., H, W, C) (a view,
+    possibly strided). ``spec.axis`` may name a leading dimension only.
+
+    Quantizes whichever layout of ``t`` is contiguous, so a channels-last tensor needs
+    no float32 copy; otherwise the int16 mantissa is permuted. NaN/Inf in ``t`` gives
+    zero mantissas with every exponent ``NONFINITE`` (see ``is_nonfinite``).
+    """
+    perm = _to_channels_last(t.dim())
+    permuted = t.permute(perm)
+    source = permuted if permuted.is_contiguous() else t
+    stochastic = spec.rounding == "stochastic"
+    try:
+        mantissa, exponent = torch.ops.dfp.quantize(source, spec.headroom, spec.axis, spec.block, stochastic, seed)
+    except NonFiniteError:
+        mantissa = source.new_zeros(source.shape, dtype=torch.int16)
+        exponent = source.new_full(exponent_shape(source.shape, spec), NONFINITE, dtype=torch.int32)
+    if source is t:
+        mantissa = mantissa.permute(perm)
+        exponent = exponent.permute(perm) if exponent.dim() else exponent
+    return DFPTensor(mantissa, exponent, spec)
+
+
+def is_nonfinite(*tensors: DFPTensor) -> bool:
+    """Whether any of the tensors was quantized from a source holding NaN or Inf."""
+    return any(bool((t.exponent == NONFINITE).any()) for t in tensors)
+
+
+def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
+    """Output length of a convolution along one spatial axis (symmetric padding)."""
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def zero_pad(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
+    """(N, H, W, C) -> contiguous (N, H + 2*ph, W + 2*pw, C), zeros around."""
+    ph, pw = padding
+    if ph == 0 and pw == 0:
+        return x.contiguous()
+    n, h, w, c = x.shape
+    out = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
+    out[:, ph : ph + h, pw : pw + w] = x
+    return out
+
+
+def im2col(
+    x: torch.Tensor,
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    groups: int,
+) -> torch.Tensor:
+    """Contiguous padded input (N, Hp, Wp, C) -> patches (G, N*OH*OW, KH*KW*C/G), K
+    ordered (kh, kw, ci); row m = (n, oh, ow). A view when no copy is needed (a 1x1
+    kernel at stride 1 with one group), otherwise one copy in x's dtype."""
+    n, hp, wp, c = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = output_size(hp, kh, sh, 0, dh), output_size(wp, kw, sw, 0, dw)
+    cg = c // groups
+    s_n, s_h, s_w, _ = x.stride()
+    patches = x.as_strided(
+        (n, oh, ow, kh, kw, groups, cg),
+        (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, cg, 1),
+        x.storage_offset(),
+    )
+    return patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(groups, n * oh * ow, kh * kw * cg)
+
+
+def col2im(
+    cols: torch.Tensor,
+    padded_shape: tuple[int, int, int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+) -> torch.Tensor:
+    """The adjoint of ``im2col``: patch gradients (G, N*OH*OW, KH*KW*C/G) summed into
+    the padded input's gradient (N, Hp, Wp, C). One strided add per kernel tap, each
+    elementwise, so the result does not depend on the thread count."""
+    n, hp, wp, c = padded_shape
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    oh, ow = output_size(hp, kh, sh, 0, dh), output_size(wp, kw, sw, 0, dw)
+    groups = cols.shape[0]
+    taps = cols.view(groups, n, oh, ow, kh, kw, c // groups).permute(1, 2, 3, 4, 5, 0, 6)
+    if (kh, kw, sh, sw) == (1, 1, 1, 1):  # every input pixel is exactly one patch
+        return taps.reshape(n, hp, wp, c)
+    out = cols.new_zeros(n, hp, wp, groups, c // groups)
+    for i in range(kh):
+        for j in range(kw):
+            rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
+            columns = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
+            out[:, rows, columns] += taps[:, :, :, i, j]
+    return out.view(n, hp, wp, c)

@@ -1,0 +1,290 @@
+"""The DFP16 convolution as registered custom ops with fake kernels and an autograd
+formula, so ``torch.compile(fullgraph=True)`` traces it and ``opcheck`` passes.
+
+A linear layer is the 1x1 case (``dfp.functional.linear``). Ops:
+
+    dfp::conv2d                   forward; also returns the quantized, zero-padded input
+                                  (int16, channels last) that grad_weight reuses
+    dfp::quantize_channels_last   output gradient -> int16 (N, OH, OW, Cout), once for
+                                  both backward products
+    dfp::conv2d_grad_input        dX = col2im(dY W), W quantized for a reduction over Cout
+    dfp::conv2d_grad_weight       dW = dY^T im2col(X)
+
+Every product runs in int16 x int16 -> int32 chains (``dfp.ops.gemm``) unless the
+format switches it to fp32 (then torch computes it from the float tensors). Exponents
+are per tensor for activations and gradients. The weight has one per tensor, or with
+``weight_channel`` one per output channel in the forward and, in grad_input, whose
+reduction runs over output channels, one per block of ``chain_length`` output channels
+(and input element), which the GEMM gets for free. A NaN/Inf in an operand makes the
+whole result NaN: its shared exponent is undefined. Double backward is not supported.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _conv_layout as layout
+from .format import DFPSpec, DFPTensor
+from .ops import gemm
+from .reference import chain_length
+
+
+def _channel_slices(channels: int, groups: int) -> list[slice]:
+    size = channels // groups
+    return [slice(g * size, (g + 1) * size) for g in range(groups)]
+
+
+def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """(N, H, W, C) -> (N, C, H, W) in the requested memory format."""
+    return y.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(channels_last))
+
+
+def _memory_format(channels_last: bool) -> torch.memory_format:
+    return torch.channels_last if channels_last else torch.contiguous_format
+
+
+def _empty(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An uninitialised float32 tensor on ``like``'s device (for the fake kernels)."""
+    return torch.empty(shape, dtype=torch.float32, device=like.device, memory_format=_memory_format(channels_last))
+
+
+def _nan(shape, channels_last: bool) -> torch.Tensor:
+    return torch.full(shape, float("nan")).contiguous(memory_format=_memory_format(channels_last))
+
+
+def _weight_rows(w: DFPTensor) -> DFPTensor:
+    """A quantized weight (Cout, KH, KW, Cg) as the matrix (Cout, K), K = (kh, kw, ci)."""
+    return DFPTensor(w.mantissa.flatten(1), w.exponent.flatten(1) if w.exponent.dim() else w.exponent, w.spec)
+
+
+def _rows(t: DFPTensor, rows: slice) -> DFPTensor:
+    """Rows of a 2-D DFPTensor whose exponent is per tensor or per row."""
+    return DFPTensor(t.mantissa[rows], t.exponent[rows] if t.exponent.dim() else t.exponent, t.spec)
+
+
+def _columns(t: DFPTensor, columns: slice) -> DFPTensor:
+    """Columns of a 2-D DFPTensor with one exponent per tensor."""
+    return DFPTensor(t.mantissa[:, columns], t.exponent, t.spec)
+
+
+def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight_channel: bool) -> list[DFPTensor]:
+    """The float32 weight (Cout, Cg, KH, KW) quantized for dX = dY W, one (Cout/G, K)
+    matrix per group. The reduction runs over output channels, so ``weight_channel``
+    gives an exponent per block of chain_length output channels (and per column),
+    blocks never straddling groups; otherwise one per tensor, as in the forward."""
+    cout = weight.shape[0]
+    if not weight_channel:
+        rows = _weight_rows(layout.quantize_channels_last(weight, DFPSpec(headroom)))
+        return [_rows(rows, channels) for channels in _channel_slices(cout, groups)]
+    cout_g = cout // groups
+    block = min(chain_length(headroom, headroom), max(cout_g, 1))
+    grouped = layout.quantize_channels_last(weight.view(groups, cout_g, *weight.shape[1:]), DFPSpec(headroom, 1, block))
+    spec = DFPSpec(headroom, axis=0, block=block)
+    return [DFPTensor(grouped.mantissa[g].flatten(1), grouped.exponent[g].flatten(1), spec) for g in range(groups)]
+
+
+@torch.library.custom_op("dfp::conv2d", mutates_args=())
+def conv2d(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    headroom: int,
+    weight_channel: bool,
+    forward_dfp: bool,
+    grad_input_dfp: bool,
+    grad_weight_dfp: bool,
+    grad_stochastic: bool,
+    channels_last: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """y = conv2d(x, weight) + bias, float32 (N, Cout, OH, OW) in channels-last memory
+    format when ``channels_last``; plus the quantized input zero-padded to
+    (N, H + 2*ph, W + 2*pw, C) int16 and its int32 exponent (0-d).
+
+    x: float32 (N, C, H, W), any strides; weight: float32 (Cout, C/groups, KH, KW);
+    bias: float32 (Cout,) or None; padding is symmetric zeros. The input is quantized
+    even when the forward runs in fp32, for a DFP16 grad_weight. The grad_* flags only
+    steer the backward (see ``_setup_context``).
+    """
+    n, _, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    kernel = (kh, kw)
+    xq = layout.quantize_channels_last(x, DFPSpec(headroom))
+    x_padded = layout.zero_pad(xq.mantissa, tuple(padding))
+    oh = layout.output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = layout.output_size(w, kw, stride[1], padding[1], dilation[1])
+    if not forward_dfp:
+        with torch.autocast("cpu", enabled=False):
+            y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, xq.exponent
+    wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
+    if layout.is_nonfinite(xq, wq):
+        return _nan((n, cout, oh, ow), channels_last), x_padded, xq.exponent
+    cols = layout.im2col(x_padded, kernel, tuple(stride), tuple(dilation), groups)
+    w_rows = _weight_rows(wq)
+    outputs = [
+        gemm(
+            DFPTensor(cols[g], xq.exponent, xq.spec),
+            _rows(w_rows, channels).t(),
+            bias=None if bias is None else bias[channels],
+        )
+        for g, channels in enumerate(_channel_slices(cout, groups))
+    ]
+    y = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
+    return _to_nchw(y.view(n, oh, ow, cout), channels_last), x_padded, xq.exponent
+
+
+@conv2d.register_fake
+def _(x, weight, bias, stride, padding, dilation, groups, *config):
+    channels_last = config[-1]
+    n, c, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    oh = layout.output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = layout.output_size(w, kw, stride[1], padding[1], dilation[1])
+    y = _empty((n, cout, oh, ow), x, channels_last)
+    x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], c), dtype=torch.int16)
+    return y, x_padded, x.new_empty((), dtype=torch.int32)
+
+
+@torch.library.custom_op("dfp::quantize_channels_last", mutates_args=())
+def quantize_channels_last(
+    t: torch.Tensor, headroom: int, stochastic: bool, seed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (N, C, H, W) -> int16 mantissas (N, H, W, C), contiguous, and the 0-d
+    int32 exponent (``NONFINITE`` if ``t`` holds NaN/Inf). ``seed``: int64 0-d tensor
+    (a tensor, so the backward can draw it from torch's generator while traced)."""
+    spec = DFPSpec(headroom, rounding="stochastic" if stochastic else "nearest")
+    q = layout.quantize_channels_last(t, spec, int(seed))
+    return q.mantissa.contiguous(), q.exponent
+
+
+@quantize_channels_last.register_fake
+def _(t, headroom, stochastic, seed):
+    n, c, h, w = t.shape
+    return t.new_empty((n, h, w, c), dtype=torch.int16), t.new_empty((), dtype=torch.int32)
+
+
+@torch.library.custom_op("dfp::conv2d_grad_input", mutates_args=())
+def conv2d_grad_input(
+    grad_q: torch.Tensor,
+    grad_exponent: torch.Tensor,
+    weight: torch.Tensor,
+    input_shape: list[int],
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    headroom: int,
+    weight_channel: bool,
+    channels_last: bool,
+) -> torch.Tensor:
+    """dX (N, C, H, W) float32 from the quantized output gradient ``grad_q`` int16
+    (N, OH, OW, Cout) with 0-d exponent, and the float32 weight (Cout, C/groups, KH, KW),
+    quantized here (see ``_grad_input_weights``)."""
+    n, c, h, w = input_shape
+    cout, _, kh, kw = weight.shape
+    w_groups = _grad_input_weights(weight, groups, headroom, weight_channel)
+    dy = DFPTensor(grad_q.flatten(0, 2), grad_exponent, DFPSpec(headroom))
+    if layout.is_nonfinite(dy, *w_groups):
+        return _nan(input_shape, channels_last)
+    cols = [gemm(_columns(dy, channels), w_g) for w_g, channels in zip(w_groups, _channel_slices(cout, groups))]
+    grad_cols = cols[0].unsqueeze(0) if groups == 1 else torch.stack(cols)
+    padded_shape = (n, h + 2 * padding[0], w + 2 * padding[1], c)
+    grad_padded = layout.col2im(grad_cols, padded_shape, (kh, kw), tuple(stride), tuple(dilation))
+    grad = grad_padded[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
+    return _to_nchw(grad, channels_last)
+
+
+@conv2d_grad_input.register_fake
+def _(grad_q, grad_exponent, weight, input_shape, *config):
+    return _empty(input_shape, weight, config[-1])
+
+
+@torch.library.custom_op("dfp::conv2d_grad_weight", mutates_args=())
+def conv2d_grad_weight(
+    grad_q: torch.Tensor,
+    grad_exponent: torch.Tensor,
+    input_q: torch.Tensor,
+    input_exponent: torch.Tensor,
+    weight_shape: list[int],
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+    headroom: int,
+    channels_last: bool,
+) -> torch.Tensor:
+    """dW (Cout, C/groups, KH, KW) float32 = dY^T im2col(X): ``grad_q`` int16
+    (N, OH, OW, Cout), ``input_q`` the zero-padded int16 input (N, Hp, Wp, C) from
+    ``dfp::conv2d``, both with 0-d exponents; the reduction runs over N*OH*OW."""
+    cout, cin_g, kh, kw = weight_shape
+    spec = DFPSpec(headroom)
+    dy = DFPTensor(grad_q.flatten(0, 2), grad_exponent, spec)
+    if layout.is_nonfinite(dy, DFPTensor(input_q, input_exponent, spec)):
+        return _nan(weight_shape, channels_last)
+    cols = layout.im2col(input_q, (kh, kw), tuple(stride), tuple(dilation), groups)
+    grads = [
+        gemm(_columns(dy, channels).t(), DFPTensor(cols[g], input_exponent, spec))
+        for g, channels in enumerate(_channel_slices(cout, groups))
+    ]
+    grad = grads[0] if groups == 1 else torch.cat(grads)
+    return _to_nchw(grad.view(cout, kh, kw, cin_g), channels_last)
+
+
+@conv2d_grad_weight.register_fake
+def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, headroom, channels_last):
+    return _empty(weight_shape, grad_q, channels_last)
+
+
+def _is_channels_last(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, weight, _bias, stride, padding, dilation, groups, headroom, weight_channel = inputs[:9]
+    _forward_dfp, grad_input_dfp, grad_weight_dfp, grad_stochastic, channels_last = inputs[9:]
+    _, x_padded, x_exponent = output
+    need_weight_grad = ctx.needs_input_grad[1]
+    # Keep the int16 input for a DFP16 grad_weight, the float input only for an fp32 one;
+    # the weight is the master weight, alive anyway, so it costs nothing to keep.
+    keep_q = need_weight_grad and grad_weight_dfp
+    keep_x = need_weight_grad and not grad_weight_dfp
+    ctx.save_for_backward(x if keep_x else None, weight, x_padded if keep_q else None, x_exponent if keep_q else None)
+    ctx.input_shape = list(x.shape)
+    ctx.conv = (list(stride), list(padding), list(dilation), groups)
+    ctx.config = (headroom, weight_channel, grad_input_dfp, grad_weight_dfp, grad_stochastic)
+    ctx.channels_last = (channels_last, _is_channels_last(weight))
+
+
+def _backward(ctx, grad_y, _grad_x_padded, _grad_x_exponent):
+    if torch.is_grad_enabled():  # create_graph=True: the backward ops have no derivative
+        raise RuntimeError("dfp layers do not support double backward (create_graph=True through a dfp linear/conv2d)")
+    x, weight, x_padded, x_exponent = ctx.saved_tensors
+    need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    stride, _, dilation, groups = ctx.conv
+    headroom, weight_channel, grad_input_dfp, grad_weight_dfp, stochastic = ctx.config
+    input_last, weight_last = ctx.channels_last
+    grad_x = grad_w = grad_b = None
+    with torch.autocast("cpu", enabled=False):
+        if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
+            # drawn here, from torch's generator, as a tensor so that tracing keeps it
+            seed = torch.randint(-(2**63), 2**63 - 1, ()) if stochastic else torch.zeros((), dtype=torch.int64)
+            grad_q, grad_e = quantize_channels_last(grad_y, headroom, stochastic, seed)
+        if need_input and grad_input_dfp:
+            config = (headroom, weight_channel, input_last)
+            grad_x = conv2d_grad_input(grad_q, grad_e, weight, ctx.input_shape, *ctx.conv, *config)
+        elif need_input:
+            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_y, *ctx.conv)
+        if need_weight and grad_weight_dfp:
+            geometry = (list(weight.shape), stride, dilation, groups, headroom, weight_last)
+            grad_w = conv2d_grad_weight(grad_q, grad_e, x_padded, x_exponent, *geometry)
+        elif need_weight:
+            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *ctx.conv)
+        if need_bias:
+            grad_b = grad_y.sum(dim=(0, 2, 3))
+    return grad_x, grad_w, grad_b, *([None] * 11)
+
+
+conv2d.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,121 @@
+"""Number formats of the training layers: DFP16 (with each product switchable to fp32)
+and the floating-point formats it is compared with.
+
+``resolve("dfp16")`` (or a DFPSpec, or a Format) gives the Format that
+``dfp.functional.linear`` / ``conv2d`` and ``dfp.nn`` act on. Variants are made with
+``dataclasses.replace``, e.g. ``replace(resolve("dfp16"), grad_weight="fp32")``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from .format import MAX_HEADROOM, DFPSpec, Rounding
+
+Product = Literal["dfp", "fp32", "bf16", "fp16"]
+WeightExponent = Literal["tensor", "channel"]
+
+_FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class Format:
+    """How a linear or conv layer computes its three products.
+
+    Attributes:
+        name: a label ("dfp16", "bf16", ...); for display only.
+        is_dfp: True for the DFP16 family: inputs, weights and output gradients are
+            quantized to DFP16 and multiplied in int16 x int16 -> int32 wherever a
+            product says "dfp"; master weights, bias and results stay float32.
+        dtype: the float dtype a float format computes in; float32 for DFP formats
+            (the dtype of their results and of every non-integer step).
+        headroom: DFP16 headroom (bits left free at the top of the mantissa), 0..13.
+        weight_exponent: "tensor" (one exponent per weight tensor, as in Das et al.) or
+            "channel" (one per output channel in the forward product; in the
+            grad_input product, whose reduction runs over output channels, one per
+            block of ``chain_length`` output channels and input element, which the
+            GEMM gets for free). Activations and gradients have one per tensor.
+        grad_rounding: rounding of output gradients ("stochastic" draws its seed from
+            torch's generator, so ``torch.manual_seed`` reproduces it); the forward
+            quantization always rounds to nearest.
+        forward, grad_input, grad_weight: how each product is computed: "dfp" (the
+            integer GEMM) or "fp32" (torch in float32) for DFP formats; a float
+            format's name ("fp32", "bf16", "fp16") for all three of a float format.
+    """
+
+    name: str
+    is_dfp: bool
+    dtype: torch.dtype = torch.float32
+    headroom: int = 2
+    weight_exponent: WeightExponent = "tensor"
+    grad_rounding: Rounding = "nearest"
+    forward: Product = "dfp"
+    grad_input: Product = "dfp"
+    grad_weight: Product = "dfp"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in _FLOAT_NAMES:
+            raise ValueError(f"Format.dtype must be one of {list(_FLOAT_NAMES)}, got {self.dtype}")
+        if self.weight_exponent not in ("tensor", "channel"):
+            raise ValueError(f"Format.weight_exponent must be 'tensor' or 'channel', got {self.weight_exponent!r}")
+        if self.grad_rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"Format.grad_rounding must be 'nearest' or 'stochastic', got {self.grad_rounding!r}")
+        if not isinstance(self.headroom, int) or not 0 <= self.headroom <= MAX_HEADROOM:
+            raise ValueError(f"Format.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
+        products = {"forward": self.forward, "grad_input": self.grad_input, "grad_weight": self.grad_weight}
+        if self.is_dfp:
+            if self.dtype != torch.float32:
+                raise ValueError(f"a DFP format computes and returns float32, got dtype={self.dtype}")
+            allowed = ("dfp", "fp32")
+        else:
+            allowed = (_FLOAT_NAMES[self.dtype],)
+        for field, value in products.items():
+            if value not in allowed:
+                kind = "a DFP format" if self.is_dfp else f"the {allowed[0]} format"
+                raise ValueError(f"Format.{field}={value!r}: {kind} computes each product as one of {allowed}")
+
+
+FORMATS: dict[str, Format] = {
+    "dfp16": Format("dfp16", is_dfp=True),
+    "dfp16-sr": Format("dfp16-sr", is_dfp=True, grad_rounding="stochastic"),
+    **{
+        name: Format(name, is_dfp=False, dtype=dtype, forward=name, grad_input=name, grad_weight=name)
+        for dtype, name in _FLOAT_NAMES.items()
+    },
+}
+
+
+def resolve(fmt: str | DFPSpec | Format) -> Format:
+    """The Format named by ``fmt``.
+
+    ``fmt`` is a Format (returned as is), a name from ``FORMATS`` ("dfp16": headroom 2,
+    nearest rounding; "dfp16-sr": the same with stochastic rounding of gradients;
+    "fp32", "bf16", "fp16"), or a DFPSpec: its headroom, its rounding for the gradients
+    (the forward rounds to nearest), and ``axis=None`` for one weight exponent per
+    tensor or ``axis=0`` for one per output channel.
+    """
+    if isinstance(fmt, Format):
+        return fmt
+    if isinstance(fmt, DFPSpec):
+        return _from_spec(fmt)
+    if isinstance(fmt, str) and fmt in FORMATS:
+        return FORMATS[fmt]
+    raise ValueError(
+        f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}, a dfp.DFPSpec or a dfp.formats.Format"
+    )
+
+
+def _from_spec(spec: DFPSpec) -> Format:
+    if spec.block is not None or spec.axis not in (None, 0):
+        raise ValueError(
+            f"the layers take weight exponents per tensor (DFPSpec(axis=None)) or per output channel "
+            f"(DFPSpec(axis=0)), got axis={spec.axis}, block={spec.block}"
+        )
+    weight_exponent = "tensor" if spec.axis is None else "channel"
+    name = f"dfp16(headroom={spec.headroom}, weight={weight_exponent}, grad_rounding={spec.rounding})"
+    return Format(
+        name, is_dfp=True, headroom=spec.headroom, weight_exponent=weight_exponent, grad_rounding=spec.rounding
+    )

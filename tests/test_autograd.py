@@ -1,0 +1,217 @@
+"""The registered DFP16 layer ops (dfp.autograd): opcheck on every op, torch.compile
+without graph breaks, what each product quantizes and what the backward keeps,
+stochastic rounding seeded from torch's generator, and GradScaler skipping on inf."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch.library import opcheck
+
+import dfp
+from dfp import DFPSpec
+from dfp import functional as DF
+from dfp.formats import resolve
+
+
+def _gaussian(shape, seed, scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale
+
+
+# dfp::conv2d arguments after (x, weight, bias): stride, padding, dilation, groups,
+# headroom, weight_channel, forward_dfp, grad_input_dfp, grad_weight_dfp,
+# grad_stochastic, channels_last
+CONV_CONFIGS = {
+    "groups-bias": (
+        (2, 4, 6, 6),
+        (6, 2, 3, 3),
+        True,
+        ([1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False),
+    ),
+    "channel-sr-channels-last": (
+        (2, 4, 6, 5),
+        (6, 4, 3, 3),
+        False,
+        ([2, 1], [1, 1], [1, 2], 1, 3, True, True, True, True, True, True),
+    ),
+    "fp32-products": (
+        (2, 4, 5, 5),
+        (4, 4, 3, 3),
+        True,
+        ([1, 1], [1, 1], [1, 1], 1, 2, False, False, False, True, False, False),
+    ),
+    "linear-batch-0": (
+        (0, 8, 1, 1),
+        (3, 8, 1, 1),
+        True,
+        ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, False, False),
+    ),
+}
+
+
+@pytest.mark.parametrize("config", CONV_CONFIGS)
+def test_opcheck_conv2d(config):
+    x_shape, w_shape, has_bias, rest = CONV_CONFIGS[config]
+    x = _gaussian(x_shape, 0).requires_grad_()
+    if rest[-1]:
+        x = x.detach().to(memory_format=torch.channels_last).requires_grad_()
+    w = _gaussian(w_shape, 1).requires_grad_()
+    b = _gaussian(w_shape[:1], 2).requires_grad_() if has_bias else None
+    opcheck(torch.ops.dfp.conv2d.default, (x, w, b, *rest))
+
+
+def test_opcheck_backward_ops():
+    x, w = _gaussian((2, 4, 6, 6), 0), _gaussian((6, 2, 3, 3), 1)
+    grad = _gaussian((2, 6, 6, 2), 2)
+    seed = torch.tensor(12345, dtype=torch.int64)
+    for stochastic in (False, True):
+        opcheck(torch.ops.dfp.quantize_channels_last.default, (grad, 2, stochastic, seed))
+    grad_q, grad_e = torch.ops.dfp.quantize_channels_last(grad, 2, False, seed)
+    for weight_channel, channels_last in ((False, False), (True, True)):
+        args = (grad_q, grad_e, w, [2, 4, 6, 6], [1, 2], [1, 0], [1, 1], 2, 2, weight_channel, channels_last)
+        opcheck(torch.ops.dfp.conv2d_grad_input.default, args)
+    _, x_padded, x_e = torch.ops.dfp.conv2d(
+        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False
+    )
+    for channels_last in (False, True):
+        args = (grad_q, grad_e, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, channels_last)
+        opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
+
+
+class _Net(torch.nn.Module):
+    """conv -> relu -> depthwise conv -> linear, with a bf16 head beside the DFP16 one."""
+
+    def __init__(self, fmt):
+        super().__init__()
+        self.fmt = fmt
+        self.conv = torch.nn.Parameter(_gaussian((8, 3, 3, 3), 0, 0.3))
+        self.bias = torch.nn.Parameter(_gaussian((8,), 1))
+        self.depthwise = torch.nn.Parameter(_gaussian((8, 1, 3, 3), 2, 0.3))
+        self.head = torch.nn.Parameter(_gaussian((10, 8 * 4 * 4), 3, 0.1))
+
+    def forward(self, x):
+        y = torch.relu(DF.conv2d(x, self.conv, self.bias, stride=2, padding=1, fmt=self.fmt))
+        y = DF.conv2d(y, self.depthwise, padding="same", groups=8, padding_mode="reflect", fmt=self.fmt)
+        y = y.flatten(1)
+        return DF.linear(y, self.head, fmt=self.fmt) + DF.linear(y, self.head, fmt="bf16")
+
+
+@pytest.mark.parametrize("fmt", ["dfp16", "dfp16-sr"])
+def test_torch_compile_fullgraph_matches_eager(fmt):
+    """aot_eager: it traces and runs the same graphs as inductor would get, without
+    inductor's minutes of C++ compilation on this machine."""
+    model, x = _Net(fmt), _gaussian((4, 3, 8, 8), 4)
+
+    def step(fn):
+        model.zero_grad()
+        torch.manual_seed(0)
+        y = fn(x)
+        y.square().sum().backward()
+        return [y.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    eager = step(model)
+    torch._dynamo.reset()
+    compiled = step(torch.compile(model, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(eager, compiled):
+        assert torch.equal(a, b)
+
+
+def _dequantized(t: torch.Tensor, spec: DFPSpec) -> torch.Tensor:
+    return dfp.quantize(t, spec).dequantize().double()
+
+
+def test_each_product_multiplies_the_operands_quantized_as_documented():
+    """Forward: x per tensor, weight per output channel; grad_input: dY per tensor,
+    weight per block of 32 (the chain length) output channels along the reduction;
+    grad_weight: dY and x per tensor. The result equals fp64 on the dequantized operands
+    up to fp32 accumulation, and the channels' scales (2^0 .. 2^-13) make any other
+    grouping miss by orders of magnitude more."""
+    fmt = dataclasses.replace(resolve("dfp16"), weight_exponent="channel")
+    cout = 40  # two blocks along Cout in grad_input: 32 + 8
+    x = _gaussian((2, 5, 6, 6), 0).requires_grad_()
+    w = (_gaussian((cout, 5, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
+    grad = _gaussian((2, cout, 6, 6), 2)
+    DF.conv2d(x, w, padding=1, fmt=fmt).backward(grad)
+
+    xd, dyd = _dequantized(x.detach(), DFPSpec()), _dequantized(grad, DFPSpec())
+    w_forward = _dequantized(w.detach(), DFPSpec(axis=0))
+    w_backward = _dequantized(w.detach().reshape(cout, -1), DFPSpec(axis=0, block=32)).view(w.shape)
+    y = DF.conv2d(x.detach(), w.detach(), padding=1, fmt=fmt)
+    checks = [
+        (y, torch.nn.functional.conv2d(xd, w_forward, padding=1)),
+        (x.grad, torch.nn.grad.conv2d_input(x.shape, w_backward, dyd, padding=1)),
+        (w.grad, torch.nn.grad.conv2d_weight(xd, w.shape, dyd, padding=1)),
+    ]
+    for got, want in checks:
+        assert (got.double() - want).norm() <= 1e-6 * want.norm()
+
+
+def test_backward_keeps_int16_mantissas_not_float_copies():
+    x = _gaussian((2, 3, 8, 8), 0).requires_grad_()
+    w = _gaussian((4, 3, 3, 3), 1).requires_grad_()
+    saved = []
+
+    def pack(t):
+        saved.append((t.dtype, tuple(t.shape)))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        DF.conv2d(x, w, padding=1)
+    # the padded int16 input and its exponent, and the (master) weight itself
+    assert sorted(saved, key=str) == sorted(
+        [(torch.int16, (2, 10, 10, 3)), (torch.int32, ()), (torch.float32, (4, 3, 3, 3))], key=str
+    )
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        DF.conv2d(x, w.detach(), padding=1)  # no weight gradient: nothing of x is kept
+    assert saved == [(torch.float32, (4, 3, 3, 3))]
+
+
+def test_stochastic_rounding_is_seeded_by_torch_and_touches_only_gradients():
+    x, w = _gaussian((16, 30), 0), _gaussian((20, 30), 1)
+    grad = _gaussian((16, 20), 2) * 1e-3
+
+    def grads(fmt, seed):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.manual_seed(seed)
+        y = DF.linear(xr, wr, fmt=fmt)
+        y.backward(grad)
+        return y.detach(), xr.grad, wr.grad
+
+    first, again, other, nearest = grads("dfp16-sr", 1), grads("dfp16-sr", 1), grads("dfp16-sr", 2), grads("dfp16", 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert torch.equal(first[0], other[0]) and torch.equal(first[0], nearest[0])  # forward rounds to nearest
+    assert not torch.equal(first[1], other[1]) and not torch.equal(first[2], other[2])
+
+
+def test_grad_scaler_skips_the_step_when_a_gradient_overflows():
+    w = torch.nn.Parameter(_gaussian((3, 4), 0))
+    opt = torch.optim.SGD([w], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**64)
+    x = _gaussian((5, 4), 1)
+
+    def step(loss_factor):
+        opt.zero_grad()
+        loss = DF.linear(x, w, fmt="dfp16").square().sum() * loss_factor
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+
+    before = w.detach().clone()
+    step(1e30)  # times 2^64: the output gradient overflows to inf
+    assert w.grad.isnan().all()  # NaN weight gradients, no error
+    assert torch.equal(w.detach(), before) and scaler.get_scale() == 2.0**63
+    step(1.0)
+    assert torch.isfinite(w.grad).all() and not torch.equal(w.detach(), before)
+    assert scaler.get_scale() == 2.0**63
+
+
+@pytest.mark.parametrize("weight_grad", [False, True])
+def test_double_backward_is_a_clear_error(weight_grad):
+    x = _gaussian((2, 3, 5, 5), 0).requires_grad_()
+    w = _gaussian((4, 3, 3, 3), 1).requires_grad_(weight_grad)
+    with pytest.raises(RuntimeError, match="do not support double backward"):
+        torch.autograd.grad(DF.conv2d(x, w).square().sum(), x, create_graph=True)

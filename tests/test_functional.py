@@ -1,0 +1,378 @@
+"""dfp.functional.linear and conv2d: every torch.nn.Conv2d option exact against torch in
+fp64, SQNR against fp64 on Gaussian data, bit-exact against the integer reference,
+products switched to fp32 one at a time, thread-count independence, float formats,
+autocast, non-finite values and bad inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import on_reference
+
+import dfp
+from dfp import functional as DF
+from dfp.formats import FORMATS, Format, resolve
+
+DFP16 = resolve("dfp16")
+CHANNEL = dataclasses.replace(DFP16, name="dfp16-channel", weight_exponent="channel")
+
+
+def _integers(shape, seed, high=8) -> torch.Tensor:
+    """Small integers: DFP16 represents them exactly and every sum of their products
+    is exact in fp32, so a correct DFP16 layer equals torch's fp64 result bit for bit."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-high, high + 1, shape, generator=g).float()
+
+
+def _gaussian(shape, seed, scale=1.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g) * scale
+
+
+def _forward_backward(fn, x, weight, bias, grad_seed, grad=None):
+    """(y, dx, dw, db) of ``fn(x, weight, bias)`` for an output gradient of integers
+    (or ``grad``); inputs are cloned (memory format kept), so calls do not interfere."""
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    y = fn(*leaves)
+    g = _integers(y.shape, grad_seed).to(y.dtype) if grad is None else grad
+    y.backward(g)
+    return (y.detach(), *(t.grad if t is not None else None for t in leaves))
+
+
+def _memory_format(x: torch.Tensor) -> torch.memory_format:
+    cl = x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def _torch_fn(**options):
+    """torch.nn.Conv2d in float64 with the same options: the independent oracle."""
+
+    def run(x, weight, bias):
+        cout, cin_g, kh, kw = weight.shape
+        groups = options.get("groups", 1)
+        conv = torch.nn.Conv2d(cin_g * groups, cout, (kh, kw), bias=bias is not None, **options)
+        params = {"weight": weight.double()} | ({} if bias is None else {"bias": bias.double()})
+        return torch.func.functional_call(conv.double(), params, (x.double(),))
+
+    return run
+
+
+def _conv_fn(fmt, **options):
+    return lambda x, w, b: DF.conv2d(x, w, b, fmt=fmt, **options)
+
+
+def _assert_equal(got, want):
+    for g, w in zip(got, want):
+        if g is None:
+            assert w is None
+            continue
+        assert g.shape == w.shape and g.dtype == torch.float32
+        assert torch.equal(g, w.float()), (g - w.float()).abs().max()
+
+
+# (x shape, weight shape, options): every option torch.nn.Conv2d accepts
+CONV_CASES = {
+    "plain": ((2, 3, 7, 6), (4, 3, 3, 3), {}),
+    "stride": ((2, 3, 9, 8), (4, 3, 3, 3), {"stride": 2}),
+    "stride-tuple-padding-tuple": ((2, 3, 9, 8), (4, 3, 3, 2), {"stride": (2, 1), "padding": (1, 2)}),
+    "padding-int": ((1, 3, 5, 5), (5, 3, 3, 3), {"padding": 2}),
+    "same-odd-kernel": ((2, 3, 6, 7), (4, 3, 3, 5), {"padding": "same"}),
+    "same-even-kernel": ((2, 3, 6, 7), (4, 3, 4, 2), {"padding": "same"}),
+    "same-dilated": ((2, 3, 8, 8), (4, 3, 3, 3), {"padding": "same", "dilation": 2}),
+    "valid": ((2, 3, 6, 7), (4, 3, 3, 3), {"padding": "valid"}),
+    "dilation": ((2, 3, 9, 9), (4, 3, 3, 3), {"dilation": (2, 3), "padding": 1}),
+    "stride-dilation": ((2, 3, 11, 10), (4, 3, 2, 3), {"stride": (3, 2), "dilation": (2, 3), "padding": (1, 2)}),
+    "groups": ((2, 6, 7, 7), (9, 2, 3, 3), {"groups": 3, "padding": 1}),
+    "depthwise": ((2, 5, 7, 7), (5, 1, 3, 3), {"groups": 5, "padding": 1, "stride": 2}),
+    "depthwise-multiplier": ((2, 4, 6, 6), (8, 1, 3, 3), {"groups": 4}),
+    "pointwise": ((2, 8, 5, 5), (6, 8, 1, 1), {}),
+    "grouped-pointwise": ((2, 8, 5, 5), (6, 4, 1, 1), {"groups": 2}),
+    "no-bias": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": 1, "bias": False}),
+    "reflect": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": (2, 1), "padding_mode": "reflect"}),
+    "replicate": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": 2, "padding_mode": "replicate"}),
+    "circular": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": 1, "padding_mode": "circular", "stride": 2}),
+    "circular-same": ((2, 3, 7, 6), (4, 3, 4, 3), {"padding": "same", "padding_mode": "circular"}),
+    "batch-0": ((0, 3, 7, 6), (4, 3, 3, 3), {"padding": 1}),
+    "image-1x1": ((3, 3, 1, 1), (4, 3, 1, 1), {}),
+    "image-1x1-padded": ((3, 3, 1, 1), (4, 3, 3, 3), {"padding": 1}),
+    "kernel-fills-image": ((2, 3, 4, 5), (4, 3, 4, 5), {}),
+    "unbatched": ((3, 7, 6), (4, 3, 3, 3), {"padding": 1}),
+    "channels-last": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": 1, "stride": 2, "channels_last": True}),
+    "channels-last-groups": ((2, 6, 7, 6), (4, 3, 3, 3), {"groups": 2, "channels_last": True}),
+}
+
+
+def _conv_case(name, seed=0):
+    x_shape, w_shape, options = CONV_CASES[name]
+    options = dict(options)
+    x = _integers(x_shape, seed)
+    if options.pop("channels_last", False):
+        x = x.to(memory_format=torch.channels_last)
+    bias = _integers(w_shape[:1], seed + 2) if options.pop("bias", True) else None
+    return x, _integers(w_shape, seed + 1), bias, options
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # the oracle's
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL], ids=lambda f: f.name)
+@pytest.mark.parametrize("case", CONV_CASES)
+def test_conv2d_options_exact_against_torch_fp64(case, fmt):
+    x, weight, bias, options = _conv_case(case)
+    got = _forward_backward(_conv_fn(fmt, **options), x, weight, bias, grad_seed=3)
+    want = _forward_backward(_torch_fn(**options), x, weight, bias, grad_seed=3)
+    _assert_equal(got, want)
+    y, dx = got[:2]
+    assert dx.shape == x.shape
+    layout = _memory_format(x)
+    assert y.is_contiguous(memory_format=layout) and dx.is_contiguous(memory_format=layout)
+
+
+LINEAR_SHAPES = [((5,), (6, 5)), ((4, 5), (6, 5)), ((2, 3, 5), (6, 5)), ((2, 0, 3, 5), (6, 5)), ((2, 1, 3, 5), (6, 5)),
+                 ((3, 0), (6, 0)), ((3, 5), (0, 5))]  # fmt: skip
+
+
+@pytest.mark.parametrize("x_shape, w_shape", LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL], ids=lambda f: f.name)
+def test_linear_shapes_exact_against_torch_fp64(x_shape, w_shape, fmt):
+    x, weight, bias = _integers(x_shape, 0), _integers(w_shape, 1), _integers(w_shape[:1], 2)
+
+    def torch_linear(x, w, b):
+        return F.linear(x.double(), w.double(), b.double())
+
+    got = _forward_backward(lambda *a: DF.linear(*a, fmt=fmt), x, weight, bias, grad_seed=3)
+    want = _forward_backward(torch_linear, x, weight, bias, grad_seed=3)
+    assert got[0].shape == (*x_shape[:-1], w_shape[0])
+    _assert_equal(got, want)
+
+
+def _sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB."""
+    noise = (got.double() - want).square().sum()
+    return 10 * math.log10(want.square().sum() / noise)
+
+
+def _gaussian_problem(kind):
+    if kind == "linear":
+        x, w = _gaussian((64, 96), 0), _gaussian((48, 96), 1, 0.1)
+        return x, w, _gaussian((48,), 2), lambda fmt: lambda *a: DF.linear(*a, fmt=fmt) if fmt else F.linear(*a)
+    x, w = _gaussian((4, 16, 12, 12), 0), _gaussian((24, 16, 3, 3), 1, 0.1)
+
+    def make(fmt):
+        return lambda *a: DF.conv2d(*a, padding=1, fmt=fmt) if fmt else F.conv2d(*a, padding=1)
+
+    return x, w, _gaussian((24,), 2), make
+
+
+@pytest.mark.parametrize("fmt", ["dfp16", "dfp16-sr", CHANNEL], ids=lambda f: getattr(f, "name", f))
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_sqnr_against_fp64_on_gaussian_data(kind, fmt):
+    x, w, b, make = _gaussian_problem(kind)
+    grad = _gaussian((64, 48) if kind == "linear" else (4, 24, 12, 12), 3)
+    torch.manual_seed(0)
+    got = _forward_backward(make(fmt), x, w, b, None, grad)
+    want = _forward_backward(make(None), *(t.double() for t in (x, w, b)), None, grad.double())
+    sqnr = [_sqnr(g, r) for g, r in zip(got[:3], want[:3])]
+    name = fmt if isinstance(fmt, str) else fmt.name
+    print(f"SQNR {kind} {name}: output {sqnr[0]:.1f} dB, grad_input {sqnr[1]:.1f} dB, grad_weight {sqnr[2]:.1f} dB")
+    assert min(sqnr) >= 60
+    assert _sqnr(got[3], want[3]) > 120  # the bias gradient stays fp32
+
+
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr")], ids=lambda f: f.name)
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
+    if kind == "linear":
+        x, w, b = _gaussian((3, 7, 37), 0), _gaussian((9, 37), 1), _gaussian((9,), 2)
+
+        def fn(*a):
+            return DF.linear(*a, fmt=fmt)
+    else:
+        x, w, b = _gaussian((2, 6, 7, 7), 0), _gaussian((8, 3, 3, 3), 1), _gaussian((8,), 2)
+
+        def fn(*a):
+            return DF.conv2d(*a, padding=1, stride=(1, 2), groups=2, fmt=fmt)
+
+    grad = _gaussian(fn(x, w, b).shape, 3)
+    torch.manual_seed(5)  # stochastic rounding is deterministic given the seed
+    got = _forward_backward(fn, x, w, b, None, grad)
+    torch.manual_seed(5)
+    want = on_reference(_forward_backward, fn, x, w, b, None, grad)
+    _assert_equal(got, want)
+
+
+@pytest.mark.parametrize("product", ["forward", "grad_input", "grad_weight"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_each_product_switches_to_fp32_alone(kind, product):
+    x, w, b, make = _gaussian_problem(kind)
+    grad = _gaussian((64, 48) if kind == "linear" else (4, 24, 12, 12), 3)
+    switched = dataclasses.replace(DFP16, **{product: "fp32"})
+    all_dfp = _forward_backward(make(DFP16), x, w, b, None, grad)
+    mixed = _forward_backward(make(switched), x, w, b, None, grad)
+    want = _forward_backward(make(None), *(t.double() for t in (x, w, b)), None, grad.double())
+    index = {"forward": 0, "grad_input": 1, "grad_weight": 2}[product]
+    for i in range(3):
+        if i == index:  # fp32 accuracy, far beyond DFP16's
+            assert _sqnr(mixed[i], want[i]) > 110 > _sqnr(all_dfp[i], want[i])
+        else:  # the other products are untouched
+            assert torch.equal(mixed[i], all_dfp[i])
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_results_do_not_depend_on_the_thread_count(kind):
+    if kind == "linear":
+        shapes, fn = ((256, 200), (64, 200), (256, 64)), lambda *a: DF.linear(*a, fmt="dfp16-sr")
+    else:
+        shapes, fn = ((4, 16, 16, 16), (32, 16, 3, 3), (4, 32, 16, 16)), _conv_fn("dfp16-sr", padding=1)
+    x, w, grad = (_gaussian(shape, seed) for seed, shape in enumerate(shapes))
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        torch.manual_seed(0)
+        results.append(_forward_backward(fn, x, w, _gaussian(w.shape[:1], 5), None, grad))
+    for one, two in zip(*results):
+        assert torch.equal(one, two)
+
+
+@pytest.mark.parametrize("name", ["fp32", "bf16", "fp16"])
+def test_float_formats_compute_in_their_dtype_with_fp32_master_weights(name):
+    dtype = resolve(name).dtype
+    x, w, b = _gaussian((2, 3, 6, 6), 0), _gaussian((4, 3, 3, 3), 1), _gaussian((4,), 2)
+    got = _forward_backward(_conv_fn(name, padding=1), x, w, b, grad_seed=3)
+    want = _forward_backward(lambda *a: F.conv2d(*(t.to(dtype) for t in a), padding=1).float(), x, w, b, grad_seed=3)
+    for g, r in zip(got, want):
+        assert g.dtype == torch.float32 and torch.equal(g, r)
+    y = DF.linear(x.view(2, -1)[:, :5].to(dtype), w.view(4, -1)[:, :5], fmt=name)
+    assert y.dtype == dtype  # the input's dtype
+
+
+def test_dfp_formats_accept_half_inputs_and_return_fp32():
+    x, w = _integers((2, 5), 0), _integers((3, 5), 1)
+    y = DF.linear(x.bfloat16(), w, fmt="dfp16")
+    assert y.dtype == torch.float32 and torch.equal(y, x @ w.t())
+
+
+FP32_PRODUCTS = dataclasses.replace(DFP16, name="dfp16-fp32-products", forward="fp32", grad_input="fp32")
+
+
+@pytest.mark.parametrize("fmt", ["dfp16", FP32_PRODUCTS, "fp32", "fp16"], ids=lambda f: getattr(f, "name", f))
+def test_autocast_does_not_change_a_format(fmt):
+    x, w, b = _gaussian((2, 3, 6, 6), 0), _gaussian((4, 3, 3, 3), 1), _gaussian((4,), 2)
+    plain = _forward_backward(_conv_fn(fmt), x, w, b, grad_seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = _forward_backward(_conv_fn(fmt), x, w, b, grad_seed=3)
+        lin = DF.linear(x.flatten(1), _gaussian((4, 108), 3), fmt=fmt)
+    for a, c in zip(inside, plain):
+        assert a.dtype == torch.float32 and torch.equal(a, c)
+    assert lin.dtype == torch.float32
+
+
+def test_fp16_unsupported_by_torch_is_a_clear_error(monkeypatch):
+    def conv2d(*args):
+        raise RuntimeError("\"slow_conv2d_cpu\" not implemented for 'Half'")
+
+    monkeypatch.setattr(F, "conv2d", conv2d)
+    with pytest.raises(RuntimeError, match=r"format 'fp16'.*not supported on cpu by torch"):
+        DF.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), fmt="fp16")
+
+
+@pytest.mark.parametrize("where", ["x", "weight"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_operands_give_nan_never_an_error(where, value):
+    x, w = _gaussian((2, 3, 5, 5), 0), _gaussian((4, 3, 3, 3), 1)
+    (x if where == "x" else w)[0, 0, 1, 1] = value
+    x.requires_grad_()
+    w.requires_grad_()
+    y = DF.conv2d(x, w, padding=1)
+    assert y.isnan().all()  # the shared exponent is undefined: every output is affected
+    y.backward(torch.ones_like(y))
+    # as in fp32: the gradient that depends on the bad operand is NaN, the other is not
+    dependent, independent = (w.grad, x.grad) if where == "x" else (x.grad, w.grad)
+    assert dependent.isnan().all() and independent.isfinite().all()
+
+
+@pytest.mark.parametrize("fmt", ["dfp16", "dfp16-sr", CHANNEL], ids=lambda f: getattr(f, "name", f))
+def test_nonfinite_output_gradient_gives_nan_gradients(fmt):
+    x = _gaussian((3, 4), 0).requires_grad_()
+    w = _gaussian((2, 4), 1).requires_grad_()
+    b = torch.zeros(2, requires_grad=True)
+    y = DF.linear(x, w, b, fmt=fmt)
+    assert y.isfinite().all()
+    y.backward(torch.tensor([[1.0, float("inf")], [0.0, 1.0], [1.0, 1.0]]))
+    assert x.grad.isnan().all() and w.grad.isnan().all() and not b.grad.isfinite().all()
+
+
+def test_resolve_names_specs_and_formats():
+    assert set(FORMATS) == {"dfp16", "dfp16-sr", "fp32", "bf16", "fp16"}
+    assert resolve("dfp16").is_dfp and resolve("dfp16").headroom == 2
+    assert resolve("dfp16-sr").grad_rounding == "stochastic"
+    assert resolve("bf16").dtype == torch.bfloat16 and not resolve("bf16").is_dfp
+    assert resolve(CHANNEL) is CHANNEL
+    spec = resolve(dfp.DFPSpec(headroom=3, axis=0, rounding="stochastic"))
+    assert (spec.headroom, spec.weight_exponent, spec.grad_rounding, spec.is_dfp) == (3, "channel", "stochastic", True)
+
+
+@pytest.mark.parametrize(
+    "fmt, match",
+    [
+        ("int8", "unknown format 'int8'; choose one of dfp16, dfp16-sr, fp32, bf16, fp16"),
+        (dfp.DFPSpec(axis=1), "per tensor .* or per output channel"),
+        (dfp.DFPSpec(axis=0, block=4), "block=4"),
+    ],
+)
+def test_resolve_rejects_unknown_formats(fmt, match):
+    with pytest.raises(ValueError, match=match):
+        resolve(fmt)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        ({"is_dfp": True, "forward": "bf16"}, "forward='bf16'"),
+        ({"is_dfp": False, "dtype": torch.bfloat16, "forward": "dfp"}, "forward='dfp'"),
+        ({"is_dfp": True, "dtype": torch.float16}, "float32"),
+        ({"is_dfp": True, "weight_exponent": "row"}, "weight_exponent"),
+        ({"is_dfp": True, "headroom": 14}, "headroom"),
+        ({"is_dfp": True, "grad_rounding": "up"}, "grad_rounding"),
+    ],
+)
+def test_inconsistent_formats_are_rejected(fields, match):
+    with pytest.raises(ValueError, match=match):
+        Format("custom", **fields)
+
+
+X, W = torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: DF.conv2d(X, W, stride=0), ValueError, "stride must be an int >= 1"),
+        (lambda: DF.conv2d(X, W, dilation=(1, 2, 3)), ValueError, "dilation"),
+        (lambda: DF.conv2d(X, W, stride=1.5), ValueError, "stride must be an int"),
+        (lambda: DF.conv2d(X, W, padding=-1), ValueError, "padding must be an int >= 0"),
+        (lambda: DF.conv2d(X, W, padding="full"), ValueError, "'same' or 'valid'"),
+        (lambda: DF.conv2d(X, W, padding="same", stride=2), ValueError, "strided"),
+        (lambda: DF.conv2d(X, W, padding_mode="mirror"), ValueError, "padding_mode"),
+        (lambda: DF.conv2d(X, W, groups=3), ValueError, "channels"),
+        (lambda: DF.conv2d(X, torch.randn(3, 2, 3, 3), groups=2), ValueError, "divisible by groups"),
+        (lambda: DF.conv2d(X, W, groups=0), ValueError, "groups"),
+        (lambda: DF.conv2d(X[0, 0], W), ValueError, r"\(N, C, H, W\) or unbatched"),
+        (lambda: DF.conv2d(X, W[0]), ValueError, "weight must be 4-D"),
+        (lambda: DF.conv2d(X, W, torch.randn(3)), ValueError, r"bias must have shape \(2,\)"),
+        (lambda: DF.conv2d(X, torch.randn(2, 4, 7, 7)), ValueError, "smaller than the dilated kernel"),
+        (lambda: DF.conv2d(X.long(), W), TypeError, "floating-point"),
+        (lambda: DF.conv2d(X.numpy(), W), TypeError, "torch.Tensor"),
+        (lambda: DF.conv2d(X, W, fmt="int4"), ValueError, "unknown format"),
+        (lambda: DF.conv2d(X.to("meta"), W), ValueError, "x is on meta.*run on the CPU"),
+        (lambda: DF.linear(X[0, 0], torch.randn(2, 5, device="meta")), ValueError, "weight is on meta"),
+        (lambda: DF.linear(X, W), ValueError, "weight must be 2-D"),
+        (lambda: DF.linear(torch.randn(3, 4), torch.randn(2, 5)), ValueError, "in_features=5"),
+        (lambda: DF.linear(torch.tensor(1.0), torch.randn(2, 1)), ValueError, "in_features"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
