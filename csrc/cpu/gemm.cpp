@@ -111,7 +111,7 @@ const MicroKernel& micro_kernel(Isa isa) {
 #ifdef DFP_X86_KERNELS
     case Isa::avx512_vnni: return gemm_s16s16s32_avx512vnni_6x32;
     case Isa::avx512bw: return gemm_s16s16s32_avx512bw_6x32;
-    case Isa::avx2: return gemm_s16s16s32_avx2_3x16;
+    case Isa::avx2: return gemm_s16s16s32_avx2_6x16;
 #endif
     default: return gemm_s16s16s32_scalar_4x8;
   }

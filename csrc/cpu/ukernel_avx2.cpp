@@ -1,5 +1,7 @@
 // gemm_s16s16s32 on AVX2: vpmaddwd (two int16 products summed into int32) + vpaddd.
-// 3 x 16 tile: 6 int32 + 6 fp32 accumulators + 2 B vectors + 1 A broadcast = 15 ymm.
+// 6 x 16 tile: 12 int32 accumulators + 2 B vectors + 1 A broadcast + 1 product = 16 ymm;
+// the fp32 accumulators, touched once per chain, live in L1. Measured on Zen 3 (best of
+// 5 runs, four shapes), 6 x 16 beat 3 x 16 (all accumulators in registers) by 5-15%.
 #include <immintrin.h>
 
 #include "gemm.h"
@@ -26,5 +28,5 @@ struct Avx2 {
 
 }  // namespace
 
-const dfp::MicroKernel dfp::gemm_s16s16s32_avx2_3x16 = {"gemm_s16s16s32_avx2_3x16", 3, 16, 256, 96, 256,
-                                                         TileKernel<Avx2, 3, 2>::run};
+const dfp::MicroKernel dfp::gemm_s16s16s32_avx2_6x16 = {"gemm_s16s16s32_avx2_6x16", 6, 16, 256, 192, 256,
+                                                         TileKernel<Avx2, 6, 2>::run};
