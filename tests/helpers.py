@@ -39,3 +39,17 @@ def int16_operand(shape, headroom, seed=0) -> torch.Tensor:
     m = 2 ** (15 - headroom) - 1
     g = torch.Generator().manual_seed(seed)
     return torch.randint(-m, m + 1, shape, generator=g, dtype=torch.int16)
+
+
+def random_bits(index: int, seed: int) -> int:
+    """design.md's 23 random bits of element ``index``, in plain Python integers."""
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & 0xFFFFFFFF
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    seed &= 2**64 - 1
+    return (mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ mix((index >> 32) ^ (seed >> 32))) >> 9

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from helpers import random_bits
 
 from dfp import BackendUnavailableError, NonFiniteError, backends, reference
 
@@ -64,19 +65,6 @@ def test_quantize_fractions_that_round_in_fp32(headroom):
     got = numba_backend().quantize3d(x, 0, 0, headroom, True, 5)
     want = reference.quantize3d(x, 0, 0, headroom, True, 5)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-def random_bits(index: int, seed: int) -> int:
-    """design.md's r, in plain Python integers."""
-
-    def mix(x: int) -> int:
-        x ^= x >> 16
-        x = (x * 0x7FEB352D) & 0xFFFFFFFF
-        x ^= x >> 15
-        x = (x * 0x846CA68B) & 0xFFFFFFFF
-        return x ^ (x >> 16)
-
-    return (mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ mix((index >> 32) ^ ((seed >> 32) & 0xFFFFFFFF))) >> 9
 
 
 @needs_numba

@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from helpers import random_bits
 
 from dfp import NonFiniteError, reference
 
@@ -176,18 +177,9 @@ def test_non_finite_raises(bad):
     assert issubclass(NonFiniteError, ValueError)
 
 
-def mix(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & 0xFFFFFFFF
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & 0xFFFFFFFF
-    return x ^ (x >> 16)
-
-
 def stochastic_by_definition(value: float, e: int, index: int, seed: int, s: int) -> int:
     """q = floor(v) + (r + 0.5 < (v - floor(v)) * 2**23) with fp32 steps (numpy scalars)."""
-    k0, k1 = seed & 0xFFFFFFFF, (seed >> 32) & 0xFFFFFFFF
-    r = (mix((index & 0xFFFFFFFF) ^ k0) ^ mix((index >> 32) ^ k1)) >> 9
+    r = random_bits(index, seed)
     v = np.float32(value * 2.0**-e)  # exact
     floor = np.floor(v)
     threshold = np.float32(v - floor) * np.float32(2**23)
@@ -223,8 +215,7 @@ def test_stochastic_threshold_is_strict():
     (r + 0.5 < r + 0.5 is false), which pins both the 0.5 and the strict comparison."""
     s, seed, n = 2, 77, 300
     offsets = [(0.0, 0.5, 1.0)[j % 3] for j in range(1, n)]
-    k0, k1 = seed & 0xFFFFFFFF, seed >> 32
-    values = [4096.0] + [(((mix(j ^ k0) ^ mix(k1)) >> 9) + d) / 2**23 for j, d in zip(range(1, n), offsets)]
+    values = [4096.0] + [(random_bits(j, seed) + d) / 2**23 for j, d in zip(range(1, n), offsets)]
     x = torch.tensor(values).view(1, n, 1)
     mantissa, exponent = reference.quantize3d(x, 0, 0, s, True, seed)
     assert int(exponent) == 0
