@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 import dfp
-from dfp.ops import mirrored
+from dfp.format import mirrored
 
 SQUARE_SIZES = (256, 512, 1024, 2048)
 # im2col GEMMs (M, K, N) = (batch*H*W, Cin*3*3, Cout) of 3x3 convolutions in a small

@@ -46,6 +46,13 @@ def common_kblock(ea: torch.Tensor, ba: int | None, eb: torch.Tensor, bb: int | 
     return ea.contiguous(), eb.contiguous(), g
 
 
+def gemm_layout(a: DFPTensor, b: DFPTensor, names: tuple[str, str] = ("a", "b")):
+    """The backends' view of ``a @ b`` (K >= 1): ea (M, KB), eb (KB, N), block length."""
+    ea, ba = gemm_exponents(a, 1, names[0])
+    eb, bb = gemm_exponents(b, 0, names[1])
+    return common_kblock(ea, ba, eb, bb, a.shape[1])
+
+
 def matmul_grouping(axis: int | None, block: int | None) -> int:
     """The fused matmul's grouping of x (M, K): 0 per tensor, 1 per row, 2 per block along K."""
     if axis is None:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from ._gemm_layout import common_kblock, gemm_exponents
-from .format import DFPSpec, DFPTensor, canonical_view, exponent_shape
+from ._gemm_layout import gemm_layout
+from .format import DFPSpec, DFPTensor, canonical_view, exponent_shape, mirrored
 
 
 @torch.library.custom_op("dfp::quantize", mutates_args=())
@@ -62,15 +62,13 @@ def matmul(
     fused = getattr(backend, "matmul", None)
     if fused is not None:
         return fused(x, y, headroom, axis, block, stochastic, seed_x, seed_y)
-    spec_x = DFPSpec(headroom, axis, block)
-    spec_y = DFPSpec(headroom, None if axis is None else 1 - axis % 2, block)
-    xq = DFPTensor(*quantize(x, headroom, spec_x.axis, block, stochastic, seed_x), spec_x)
-    yq = DFPTensor(*quantize(y, headroom, spec_y.axis, block, stochastic, seed_y), spec_y)
-    ea, ba = gemm_exponents(xq, 1, "x")
-    eb, bb = gemm_exponents(yq, 0, "y")
     if x.shape[1] == 0:
         return x.new_zeros((x.shape[0], y.shape[1]))
-    ea, eb, kblock = common_kblock(ea, ba, eb, bb, x.shape[1])
+    spec_x = DFPSpec(headroom, axis, block)
+    spec_y = mirrored(spec_x)
+    xq = DFPTensor(*quantize(x, headroom, spec_x.axis, block, stochastic, seed_x), spec_x)
+    yq = DFPTensor(*quantize(y, headroom, spec_y.axis, block, stochastic, seed_y), spec_y)
+    ea, eb, kblock = gemm_layout(xq, yq, ("x", "y"))
     return gemm(xq.mantissa, ea, headroom, yq.mantissa, eb, headroom, kblock, None)
 
 

@@ -55,9 +55,11 @@ class DFPSpec:
             return "tensor"
         return "channel" if self.block is None else "block"
 
-    @property
-    def max_mantissa(self) -> int:
-        return 2 ** (15 - self.headroom) - 1
+
+def mirrored(spec: DFPSpec) -> DFPSpec:
+    """The spec for y in ``x @ y`` that matches ``spec`` for x: x's rows <-> y's columns."""
+    axis = None if spec.axis is None else 1 - spec.axis % 2
+    return DFPSpec(spec.headroom, axis, spec.block, spec.rounding)
 
 
 @dataclass(frozen=True)
@@ -85,8 +87,7 @@ class DFPTensor:
 
     def dequantize(self) -> torch.Tensor:
         """float32 values ``mantissa * 2**exponent`` (exact unless they leave the fp32 range)."""
-        e = self.expanded_exponent().to(torch.float64)
-        return (self.mantissa.to(torch.float64) * torch.exp2(e)).to(torch.float32)
+        return (self.mantissa.to(torch.float64) * exact_pow2(self.expanded_exponent())).to(torch.float32)
 
     def t(self) -> DFPTensor:
         """The transpose of a 2-D DFPTensor (a view; exponents follow their axis)."""
@@ -97,6 +98,12 @@ class DFPTensor:
             spec = DFPSpec(spec.headroom, 1 - _normalize_axis(spec.axis, 2), spec.block, spec.rounding)
         exponent = self.exponent.t() if self.exponent.dim() == 2 else self.exponent
         return DFPTensor(self.mantissa.t(), exponent, spec)
+
+
+def exact_pow2(k: torch.Tensor) -> torch.Tensor:
+    """Exactly ``2**k`` as float64 for integer ``k`` in [-1022, 1023], built from its bits:
+    torch.exp2 is not exact outside the float32 exponent range."""
+    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
 def _normalize_axis(axis: int, ndim: int) -> int:

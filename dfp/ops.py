@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.dfp.*)
-from ._gemm_layout import common_kblock, gemm_exponents, matmul_grouping
+from ._gemm_layout import gemm_layout, matmul_grouping
 from .format import DFPSpec, DFPTensor, check_float_input, draw_seed
 
 
@@ -19,8 +19,6 @@ def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> tor
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, DFPTensor):
             raise TypeError(f"{name} must be a DFPTensor (from dfp.quantize), got {type(t).__name__}")
-    ea, ba = gemm_exponents(a, 1, "a")
-    eb, bb = gemm_exponents(b, 0, "b")
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2:
         raise ValueError(f"a is {m}x{k} and b is {k2}x{n}: the inner dimensions must match")
@@ -28,17 +26,11 @@ def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> tor
         check_float_input(bias, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    ea, eb, kblock = gemm_layout(a, b)  # validates the exponent layouts, also for K = 0
     if k == 0:
         out = torch.zeros(m, n)
         return out + bias if bias is not None else out
-    ea, eb, kblock = common_kblock(ea, ba, eb, bb, k)
     return torch.ops.dfp.gemm(a.mantissa, ea, a.spec.headroom, b.mantissa, eb, b.spec.headroom, kblock, bias)
-
-
-def mirrored(spec: DFPSpec) -> DFPSpec:
-    """The spec for y in ``x @ y`` that matches ``spec`` for x: x's rows <-> y's columns."""
-    axis = None if spec.axis is None else 1 - spec.axis % 2
-    return DFPSpec(spec.headroom, axis, spec.block, spec.rounding)
 
 
 def matmul(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from ._errors import NonFiniteError
+from .format import exact_pow2
 
 _INT32_MAX = 2**31 - 1
 _U32 = 0xFFFFFFFF
@@ -30,12 +31,6 @@ def chain_length(ha: int, hb: int) -> int:
     the number of int16 products an int32 chain can sum without overflow."""
     bound = _INT32_MAX // ((2 ** (15 - ha) - 1) * (2 ** (15 - hb) - 1))
     return 1 << (bound.bit_length() - 1)
-
-
-def _exp2(k: torch.Tensor) -> torch.Tensor:
-    """Exactly ``2**k`` as float64 for integer ``k`` in [-1022, 1023], built from its bits
-    (torch.exp2 is not guaranteed exact). Casting the result to float32 rounds once."""
-    return ((k.to(torch.int64) + 1023) << 52).view(torch.float64)
 
 
 def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
@@ -100,7 +95,7 @@ def quantize3d(
     # then multiply by 2**64 first and by 2**(-e - 64) after, both exact; otherwise
     # the second factor is 1.
     first = torch.where(-e > 127, 64, -e)
-    v = x * _exp2(first).float() * _exp2(-e - first).float()
+    v = x * exact_pow2(first).float() * exact_pow2(-e - first).float()
 
     if stochastic:
         floor = torch.floor(v)
@@ -131,8 +126,8 @@ def gemm(
     ra = ea.amax(dim=1, keepdim=True)
     rb = eb.amax(dim=0, keepdim=True)
     # float32 of an exact power of two: 0 or subnormal when it underflows
-    sa = _exp2(ea - ra).float()
-    sb = _exp2(eb - rb).float()
+    sa = exact_pow2(ea - ra).float()
+    sb = exact_pow2(eb - rb).float()
     a64, b64 = a.to(torch.int64), b.to(torch.int64)
 
     acc = torch.zeros(a.shape[0], b.shape[1], dtype=torch.float32)
@@ -146,5 +141,5 @@ def gemm(
             # or 0), so only the sum rounds
             acc = acc + chain_sum.float() * scale
 
-    out = (acc.double() * _exp2(ra + rb)).float()
+    out = (acc.double() * exact_pow2(ra + rb)).float()
     return out + bias if bias is not None else out

@@ -4,8 +4,8 @@
 //
 // A is not interleaved into panels as BLIS does: the micro-kernel broadcasts one K-pair
 // of A per row, which it can read from plain rows as cheaply, and rows are what the
-// quantizer writes at full SIMD speed. Interleaving cost as much as the GEMM itself
-// on CNN shapes (M = 8192, N = 64).
+// quantizer writes at full SIMD speed. Interleaving took half to nine tenths of the
+// GEMM's own time on the CNN shape M = 8192, K = 576, N = 64 (measured, one thread).
 #pragma once
 #include <cstdint>
 #include <vector>
