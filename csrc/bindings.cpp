@@ -85,4 +85,31 @@ PYBIND11_MODULE(_C, m) {
                                  ptr<const float>(bias), ptr<float>(c), nthreads);
       },
       "quantize x and y into packed panels and multiply; False on NaN/Inf");
+
+  py::class_<dfp::ConvGeometry>(m, "ConvGeometry")
+      .def(py::init<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                    int64_t>(),
+           py::arg("n"), py::arg("hp"), py::arg("wp"), py::arg("channels"), py::arg("groups"), py::arg("kh"),
+           py::arg("kw"), py::arg("sh"), py::arg("sw"), py::arg("dh"), py::arg("dw"));
+
+  m.def(
+      "conv_gemm_int16",
+      [](uintptr_t x, const dfp::ConvGeometry& geometry, int32_t ex, int hx, uintptr_t w, int64_t swg, int64_t swk,
+         int64_t swn, int64_t nout, uintptr_t ew, int64_t kblock, int hw, uintptr_t bias, uintptr_t y,
+         int nthreads) {
+        py::gil_scoped_release release;
+        dfp::conv_gemm_int16(ptr<const int16_t>(x), geometry, ex, hx, ptr<const int16_t>(w), swg, swk, swn, nout,
+                             ptr<const int32_t>(ew), kblock, hw, ptr<const float>(bias), ptr<float>(y), nthreads);
+      },
+      "y = patches(x) w per group, patches gathered per cache block (no im2col matrix)");
+
+  m.def(
+      "conv_grad_weight_int16",
+      [](uintptr_t dy, int64_t cout, int32_t ey, int hy, uintptr_t x, const dfp::ConvGeometry& geometry, int32_t ex,
+         int hx, uintptr_t dw, int nthreads) {
+        py::gil_scoped_release release;
+        dfp::conv_grad_weight_int16(ptr<const int16_t>(dy), cout, ey, hy, ptr<const int16_t>(x), geometry, ex, hx,
+                                    ptr<float>(dw), nthreads);
+      },
+      "dw = dy^T patches(x) per group, patches gathered per cache block");
 }

@@ -1,9 +1,6 @@
 """Tensor plumbing of the DFP16 convolution: quantization into channels-last int16,
-zero padding, im2col and its adjoint col2im.
-
-The convolution is a GEMM over ``M = N*OH*OW`` output pixels with K ordered
-``(kh, kw, ci)``. The input is quantized once; padding and im2col copy int16, never
-float32. A fused implicit-GEMM kernel may later replace ``im2col`` behind the same ops.
+zero padding, and col2im, the adjoint of im2col (``dfp._patches``) for the strided
+grad_input. The input is quantized once; padding copies int16, never float32.
 """
 
 from __future__ import annotations
@@ -12,6 +9,7 @@ import torch
 
 from . import _ops  # noqa: F401  (registers torch.ops.dfp.quantize)
 from ._errors import NonFiniteError
+from ._patches import output_size
 from .format import DFPSpec, DFPTensor, exponent_shape
 
 # Exponent that marks a quantized tensor whose source held NaN or Inf: real exponents
@@ -52,11 +50,6 @@ def is_nonfinite(*tensors: DFPTensor) -> bool:
     return any(bool((t.exponent == NONFINITE).any()) for t in tensors)
 
 
-def output_size(size: int, kernel: int, stride: int, padding: int, dilation: int) -> int:
-    """Output length of a convolution along one spatial axis (symmetric padding)."""
-    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def zero_pad(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
     """(N, H, W, C) -> contiguous (N, H + 2*ph, W + 2*pw, C), zeros around."""
     ph, pw = padding
@@ -66,29 +59,6 @@ def zero_pad(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
     out = x.new_zeros(n, h + 2 * ph, w + 2 * pw, c)
     out[:, ph : ph + h, pw : pw + w] = x
     return out
-
-
-def im2col(
-    x: torch.Tensor,
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
-    groups: int,
-) -> torch.Tensor:
-    """Contiguous padded input (N, Hp, Wp, C) -> patches (G, N*OH*OW, KH*KW*C/G), K
-    ordered (kh, kw, ci); row m = (n, oh, ow). A view when no copy is needed (a 1x1
-    kernel at stride 1 with one group), otherwise one copy in x's dtype."""
-    n, hp, wp, c = x.shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    oh, ow = output_size(hp, kh, sh, 0, dh), output_size(wp, kw, sw, 0, dw)
-    cg = c // groups
-    s_n, s_h, s_w, _ = x.stride()
-    patches = x.as_strided(
-        (n, oh, ow, kh, kw, groups, cg),
-        (s_n, sh * s_h, sw * s_w, dh * s_h, dw * s_w, cg, 1),
-        x.storage_offset(),
-    )
-    return patches.permute(5, 0, 1, 2, 3, 4, 6).reshape(groups, n * oh * ow, kh * kw * cg)
 
 
 def col2im(

@@ -7,11 +7,15 @@ A linear layer is the 1x1 case (``dfp.functional.linear``). Ops:
                                   (int16, channels last) that grad_weight reuses
     dfp::quantize_channels_last   output gradient -> int16 (N, OH, OW, Cout), once for
                                   both backward products
-    dfp::conv2d_grad_input        dX = col2im(dY W), W quantized for a reduction over Cout
-    dfp::conv2d_grad_weight       dW = dY^T im2col(X)
+    dfp::conv2d_grad_input        dX: at stride 1 the convolution of dY with the flipped,
+                                  transposed kernel; otherwise col2im(dY W); W quantized
+                                  for a reduction over Cout
+    dfp::conv2d_grad_weight       dW = dY^T patches(X)
 
-Every product runs in int16 x int16 -> int32 chains (``dfp.ops.gemm``) unless the
-format switches it to fp32 (then torch computes it from the float tensors). Exponents
+Every product runs in int16 x int16 -> int32 chains (``dfp::conv_gemm``,
+``dfp::conv_grad_weight_gemm``, ``dfp::gemm``; the compiled backend gathers patches per
+cache block, never an im2col matrix) unless the format switches it to fp32 (then torch
+computes it from the float tensors). Exponents
 are per tensor for activations and gradients. The weight has one per tensor, or with
 ``weight_channel`` one per output channel in the forward and, in grad_input, whose
 reduction runs over output channels, one per block of ``chain_length`` output channels
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import _conv_layout as layout
+from ._patches import output_size
 from .format import DFPSpec, DFPTensor
 from .ops import gemm
 from .reference import chain_length
@@ -52,35 +57,61 @@ def _nan(shape, channels_last: bool) -> torch.Tensor:
     return torch.full(shape, float("nan")).contiguous(memory_format=_memory_format(channels_last))
 
 
-def _weight_rows(w: DFPTensor) -> DFPTensor:
-    """A quantized weight (Cout, KH, KW, Cg) as the matrix (Cout, K), K = (kh, kw, ci)."""
-    return DFPTensor(w.mantissa.flatten(1), w.exponent.flatten(1) if w.exponent.dim() else w.exponent, w.spec)
-
-
-def _rows(t: DFPTensor, rows: slice) -> DFPTensor:
-    """Rows of a 2-D DFPTensor whose exponent is per tensor or per row."""
-    return DFPTensor(t.mantissa[rows], t.exponent[rows] if t.exponent.dim() else t.exponent, t.spec)
-
-
 def _columns(t: DFPTensor, columns: slice) -> DFPTensor:
     """Columns of a 2-D DFPTensor with one exponent per tensor."""
     return DFPTensor(t.mantissa[:, columns], t.exponent, t.spec)
 
 
-def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight_channel: bool) -> list[DFPTensor]:
-    """The float32 weight (Cout, Cg, KH, KW) quantized for dX = dY W, one (Cout/G, K)
-    matrix per group. The reduction runs over output channels, so ``weight_channel``
-    gives an exponent per block of chain_length output channels (and per column),
-    blocks never straddling groups; otherwise one per tensor, as in the forward."""
-    cout = weight.shape[0]
+def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight_channel: bool) -> DFPTensor:
+    """The float32 weight (Cout, Cg, KH, KW) quantized for dX = dY W: mantissa
+    (G, Cout/G, KH, KW, Cg). The reduction runs over output channels, so
+    ``weight_channel`` gives an exponent per block of ``spec.block`` = chain_length output
+    channels (and per kh, kw, ci), blocks never straddling groups: exponent
+    (G, blocks, KH, KW, Cg). Otherwise one per tensor, as in the forward."""
+    cout_g = weight.shape[0] // groups
+    grouped = weight.view(groups, cout_g, *weight.shape[1:])
     if not weight_channel:
-        rows = _weight_rows(layout.quantize_channels_last(weight, DFPSpec(headroom)))
-        return [_rows(rows, channels) for channels in _channel_slices(cout, groups)]
-    cout_g = cout // groups
+        return layout.quantize_channels_last(grouped, DFPSpec(headroom))
     block = min(chain_length(headroom, headroom), max(cout_g, 1))
-    grouped = layout.quantize_channels_last(weight.view(groups, cout_g, *weight.shape[1:]), DFPSpec(headroom, 1, block))
-    spec = DFPSpec(headroom, axis=0, block=block)
-    return [DFPTensor(grouped.mantissa[g].flatten(1), grouped.exponent[g].flatten(1), spec) for g in range(groups)]
+    return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, block))
+
+
+def _grad_input_by_conv(dy: torch.Tensor, dy_exponent, wq: DFPTensor, padding, dilation) -> torch.Tensor:
+    """dX (N, H, W, C) of a stride-1 convolution as the convolution of dY, zero-padded by
+    dilation*(k-1) - padding, with the kernel flipped and its channels swapped:
+    dX[u] = sum over taps t and output channels o of dY[u + t] W[o, ., k-1-t]. A
+    convolution like the forward: no (N*OH*OW, K) gradient matrix and no col2im."""
+    groups, cout_g, kh, kw, cin_g = wq.mantissa.shape
+    flipped = wq.mantissa.flip(2, 3).permute(0, 2, 3, 1, 4).reshape(groups, kh * kw * cout_g, cin_g)
+    if wq.spec.block is None:
+        ew, kblock = wq.exponent.reshape(1, 1, 1).expand(groups, 1, cin_g), flipped.shape[1]
+    else:
+        blocks = wq.exponent.shape[1]
+        ew, kblock = (
+            wq.exponent.flip(2, 3).permute(0, 2, 3, 1, 4).reshape(groups, kh * kw * blocks, cin_g),
+            wq.spec.block,
+        )
+    pad = [dilation[a] * (k - 1) - padding[a] for a, k in enumerate((kh, kw))]
+    dy_padded = layout.zero_pad(dy, tuple(pad))
+    h = wq.spec.headroom
+    return torch.ops.dfp.conv_gemm(
+        dy_padded, dy_exponent, h, flipped, ew.contiguous(), h, kblock, [kh, kw], [1, 1], dilation, None
+    )
+
+
+def _grad_input_by_col2im(dy: DFPTensor, wq: DFPTensor, input_shape, stride, padding, dilation) -> torch.Tensor:
+    """dX (N, H, W, C) of any convolution: the patch gradients dY W, then col2im."""
+    n, c, h, w = input_shape
+    groups, cout_g, kh, kw, _ = wq.mantissa.shape
+    spec = DFPSpec(wq.spec.headroom, axis=None if wq.spec.block is None else 0, block=wq.spec.block)
+    cols = []
+    for g in range(groups):
+        exponent = wq.exponent[g].flatten(1) if wq.exponent.dim() else wq.exponent
+        w_g = DFPTensor(wq.mantissa[g].flatten(1), exponent, spec)
+        cols.append(gemm(_columns(dy, slice(g * cout_g, (g + 1) * cout_g)), w_g))
+    padded_shape = (n, h + 2 * padding[0], w + 2 * padding[1], c)
+    grad_padded = layout.col2im(torch.stack(cols), padded_shape, (kh, kw), tuple(stride), tuple(dilation))
+    return grad_padded[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
 
 
 @torch.library.custom_op("dfp::conv2d", mutates_args=())
@@ -111,11 +142,10 @@ def conv2d(
     """
     n, _, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    kernel = (kh, kw)
     xq = layout.quantize_channels_last(x, DFPSpec(headroom))
     x_padded = layout.zero_pad(xq.mantissa, tuple(padding))
-    oh = layout.output_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = layout.output_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     if not forward_dfp:
         with torch.autocast("cpu", enabled=False):
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -123,18 +153,20 @@ def conv2d(
     wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
     if layout.is_nonfinite(xq, wq):
         return _nan((n, cout, oh, ow), channels_last), x_padded, xq.exponent
-    cols = layout.im2col(x_padded, kernel, tuple(stride), tuple(dilation), groups)
-    w_rows = _weight_rows(wq)
-    outputs = [
-        gemm(
-            DFPTensor(cols[g], xq.exponent, xq.spec),
-            _rows(w_rows, channels).t(),
-            bias=None if bias is None else bias[channels],
-        )
-        for g, channels in enumerate(_channel_slices(cout, groups))
-    ]
-    y = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
-    return _to_nchw(y.view(n, oh, ow, cout), channels_last), x_padded, xq.exponent
+    cout_g = cout // groups
+    w_cols = wq.mantissa.reshape(groups, cout_g, kh * kw * weight.shape[1]).transpose(1, 2)  # (G, K, Cout/G)
+    per_channel = wq.exponent.dim() > 0
+    ew = (
+        wq.exponent.reshape(groups, 1, cout_g)
+        if per_channel
+        else wq.exponent.reshape(1, 1, 1).expand(groups, 1, cout_g)
+    )
+    ew = ew.contiguous()
+    k = w_cols.shape[1]
+    y = torch.ops.dfp.conv_gemm(
+        x_padded, xq.exponent, headroom, w_cols, ew, headroom, max(k, 1), [kh, kw], stride, dilation, bias
+    )
+    return _to_nchw(y, channels_last), x_padded, xq.exponent
 
 
 @conv2d.register_fake
@@ -142,8 +174,8 @@ def _(x, weight, bias, stride, padding, dilation, groups, *config):
     channels_last = config[-1]
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    oh = layout.output_size(h, kh, stride[0], padding[0], dilation[0])
-    ow = layout.output_size(w, kw, stride[1], padding[1], dilation[1])
+    oh = output_size(h, kh, stride[0], padding[0], dilation[0])
+    ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     y = _empty((n, cout, oh, ow), x, channels_last)
     x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], c), dtype=torch.int16)
     return y, x_padded, x.new_empty((), dtype=torch.int32)
@@ -184,17 +216,21 @@ def conv2d_grad_input(
     """dX (N, C, H, W) float32 from the quantized output gradient ``grad_q`` int16
     (N, OH, OW, Cout) with 0-d exponent, and the float32 weight (Cout, C/groups, KH, KW),
     quantized here (see ``_grad_input_weights``)."""
-    n, c, h, w = input_shape
-    cout, _, kh, kw = weight.shape
-    w_groups = _grad_input_weights(weight, groups, headroom, weight_channel)
+    _, kh, kw = weight.shape[1:]
+    wq = _grad_input_weights(weight, groups, headroom, weight_channel)
     dy = DFPTensor(grad_q.flatten(0, 2), grad_exponent, DFPSpec(headroom))
-    if layout.is_nonfinite(dy, *w_groups):
+    if layout.is_nonfinite(dy, wq):
         return _nan(input_shape, channels_last)
-    cols = [gemm(_columns(dy, channels), w_g) for w_g, channels in zip(w_groups, _channel_slices(cout, groups))]
-    grad_cols = cols[0].unsqueeze(0) if groups == 1 else torch.stack(cols)
-    padded_shape = (n, h + 2 * padding[0], w + 2 * padding[1], c)
-    grad_padded = layout.col2im(grad_cols, padded_shape, (kh, kw), tuple(stride), tuple(dilation))
-    grad = grad_padded[:, padding[0] : padding[0] + h, padding[1] : padding[1] + w]
+    cout_g = wq.mantissa.shape[1]
+    as_conv = (
+        stride == [1, 1]
+        and all(padding[a] <= dilation[a] * (k - 1) for a, k in enumerate((kh, kw)))
+        and (wq.spec.block is None or cout_g % wq.spec.block == 0)
+    )
+    if as_conv:
+        grad = _grad_input_by_conv(grad_q, grad_exponent, wq, padding, dilation)
+    else:
+        grad = _grad_input_by_col2im(dy, wq, input_shape, stride, padding, dilation)
     return _to_nchw(grad, channels_last)
 
 
@@ -221,15 +257,11 @@ def conv2d_grad_weight(
     ``dfp::conv2d``, both with 0-d exponents; the reduction runs over N*OH*OW."""
     cout, cin_g, kh, kw = weight_shape
     spec = DFPSpec(headroom)
-    dy = DFPTensor(grad_q.flatten(0, 2), grad_exponent, spec)
-    if layout.is_nonfinite(dy, DFPTensor(input_q, input_exponent, spec)):
+    if layout.is_nonfinite(DFPTensor(grad_q, grad_exponent, spec), DFPTensor(input_q, input_exponent, spec)):
         return _nan(weight_shape, channels_last)
-    cols = layout.im2col(input_q, (kh, kw), tuple(stride), tuple(dilation), groups)
-    grads = [
-        gemm(_columns(dy, channels).t(), DFPTensor(cols[g], input_exponent, spec))
-        for g, channels in enumerate(_channel_slices(cout, groups))
-    ]
-    grad = grads[0] if groups == 1 else torch.cat(grads)
+    grad = torch.ops.dfp.conv_grad_weight_gemm(
+        grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups
+    )
     return _to_nchw(grad.view(cout, kh, kw, cin_g), channels_last)
 
 

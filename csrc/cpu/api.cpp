@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "conv.h"
 #include "gemm.h"
 #include "quantize.h"
 
@@ -15,6 +16,10 @@ struct Workspace {
   RowsA a;
   Packed b;
 };
+
+ConvShape group_shape(const ConvGeometry& g) {
+  return {g.n, g.hp, g.wp, g.channels, g.channels / g.groups, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw};
+}
 Workspace& workspace() {
   thread_local Workspace w;
   return w;
@@ -39,7 +44,7 @@ void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, in
   Packed& pb = workspace().b;
   pack_a_int16(a, sam, sak, M, kl, uk.mr, pa, nthreads);
   pack_b_int16(b, sbk, sbn, N, kl, uk.nr, pb, nthreads);
-  gemm_packed(pa, pb, kl, ea, eb, headroom_a, headroom_b, {c, bias}, nthreads);
+  gemm_packed(pa, pb, kl, ea, eb, headroom_a, headroom_b, {c, bias, N}, nthreads);
 }
 
 bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t K, int headroom,
@@ -70,8 +75,43 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
   Packed& pb = workspace().b;
   pack_a_float(x, M, kl, ex.data(), headroom, {stochastic, seed_x}, uk.mr, pa, nthreads);
   pack_b_float(y, N, kl, ey.data(), headroom, {stochastic, seed_y}, uk.nr, pb, nthreads);
-  gemm_packed(pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias}, nthreads);
+  gemm_packed(pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias, N}, nthreads);
   return true;
+}
+
+void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, const int16_t* w,
+                     int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
+                     const float* bias, float* y, int nthreads) {
+  const MicroKernel& uk = micro_kernel(active_isa());
+  const ConvShape shape = group_shape(geometry);
+  const KLayout kl(shape.k(), kblock);
+  const std::vector<int32_t> ea(shape.pixels() * kl.nblocks, ex);
+  Packed& pb = workspace().b;
+  for (int64_t g = 0; g < geometry.groups; ++g) {
+    const PatchRows patches(x + g * shape.cg, shape, kl);
+    pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, pb, nthreads);
+    const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout};
+    gemm_packed(patches, pb, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads);
+  }
+}
+
+void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy, const int16_t* x,
+                            const ConvGeometry& geometry, int32_t ex, int hx, float* dw, int nthreads) {
+  const MicroKernel& uk = micro_kernel(active_isa());
+  const ConvShape shape = group_shape(geometry);
+  const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
+  const KLayout kl(pixels, std::max<int64_t>(pixels, 1));
+  const std::vector<int32_t> ea(cout_g, ey), eb(k, ex);
+  // Few rows and a long reduction: split the columns so that every thread gets work.
+  const int64_t per_task = (k + 2 * nthreads - 1) / (2 * nthreads);
+  const Blocking blocking{0, std::clamp<int64_t>((per_task + uk.nr - 1) / uk.nr * uk.nr, uk.nr, uk.nc)};
+  RowsA& dy_rows = workspace().a;
+  for (int64_t g = 0; g < geometry.groups; ++g) {
+    pack_transposed(dy + g * cout_g, pixels, cout, cout_g, uk.mr, dy_rows, nthreads);
+    const PatchColumns patches(x + g * shape.cg, shape, uk.nr);
+    gemm_packed(dy_rows, patches, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
+                blocking);
+  }
 }
 
 }  // namespace dfp

@@ -23,4 +23,22 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
                   MatmulGrouping grouping, int64_t block, bool stochastic, uint64_t seed_x, uint64_t seed_y,
                   const float* bias, float* c, int nthreads);
 
+// A convolution's geometry: a contiguous zero-padded int16 image (n, hp, wp, channels)
+// and a kernel (kh, kw) with stride and dilation, in `groups` groups.
+struct ConvGeometry {
+  int64_t n, hp, wp, channels, groups, kh, kw, sh, sw, dh, dw;
+};
+
+// y (pixels, groups * nout) = per group g: patches_g (pixels, K) x w_g (K, nout), K over
+// (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex is the image's
+// exponent, ew (groups, KB, nout) contiguous; bias (groups * nout) or null.
+void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, const int16_t* w,
+                     int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
+                     const float* bias, float* y, int nthreads);
+
+// dw (cout, K) = per group g: dy_g^T (cout / groups, pixels) x patches_g (pixels, K);
+// dy (pixels, cout) contiguous with exponent ey, the image's exponent ex.
+void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy, const int16_t* x,
+                            const ConvGeometry& geometry, int32_t ex, int hx, float* dw, int nthreads);
+
 }  // namespace dfp

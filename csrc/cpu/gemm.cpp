@@ -76,7 +76,7 @@ class Epilogue {
   void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
     for (int64_t i = 0; i < rows; ++i) {
       const float* src = acc + i * ldacc;
-      float* dst = out_.c + (i0 + i) * ncols_ + j0;
+      float* dst = out_.c + (i0 + i) * out_.ldc + j0;
       if (in_fp32_) {
         const float rs = std::ldexp(1.0f, ra_[i0 + i]);
         const float* cs = col_scale_.data() + j0;
@@ -117,10 +117,10 @@ const MicroKernel& micro_kernel(Isa isa) {
   }
 }
 
-void gemm_packed(const RowsA& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
-                 int headroom_a, int headroom_b, GemmOutput out, int nthreads) {
+void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, Blocking blocking) {
   const MicroKernel& uk = micro_kernel(active_isa());
-  const int64_t M = a.rows, N = b.rows, KB = kl.nblocks;
+  const int64_t M = a.rows(), N = b.cols(), KB = kl.nblocks;
   const int64_t n_padded = (N + uk.nr - 1) / uk.nr * uk.nr;
   // A's scales are [m][block] (row stride KB); B's are [block][n] (row stride 1).
   const int64_t m_padded = (M + uk.mr - 1) / uk.mr * uk.mr;
@@ -135,7 +135,7 @@ void gemm_packed(const RowsA& a, const Packed& b, const KLayout& kl, const int32
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
   const Epilogue epilogue(sa.reference, sb.reference, out);
-  const int64_t mc = uk.mc, nc = uk.nc;
+  const int64_t mc = blocking.mc ? blocking.mc : uk.mc, nc = blocking.nc ? blocking.nc : uk.nc;
   const int64_t row_blocks = (M + mc - 1) / mc, col_blocks = (N + nc - 1) / nc;
   // Small problems run on one thread: waking a second costs more than it saves.
   const int threads = double(M) * N * kl.k < 4e6 ? 1 : nthreads;
@@ -144,19 +144,23 @@ void gemm_packed(const RowsA& a, const Packed& b, const KLayout& kl, const int32
     const int64_t mlen = std::min(mc, M - i0), nlen = std::min(nc, N - j0);
     const int64_t mpanels = (mlen + uk.mr - 1) / uk.mr, npanels = (nlen + uk.nr - 1) / uk.nr;
     thread_local std::vector<float> acc;
+    thread_local std::vector<int32_t> a_scratch, b_scratch;
     const int64_t ldacc = npanels * uk.nr;
     acc.resize(mpanels * uk.mr * ldacc);
     if (slices.empty()) std::fill(acc.begin(), acc.end(), 0.0f);  // K = 0
     for (size_t s = 0; s < slices.size(); ++s) {
       const int64_t kp0 = slices[s].first_kpair;
+      const int64_t len = (s + 1 < slices.size() ? slices[s + 1].first_kpair : kl.kpairs()) - kp0;
+      const ABlock ab = a.block(i0, mpanels * uk.mr, kp0, len, a_scratch);
+      const BBlock bb = b.block(j0, npanels * uk.nr, kp0, len, b_scratch);
       for (int64_t jp = 0; jp < npanels; ++jp) {
         const int64_t j = j0 + jp * uk.nr;
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
           MicroKernelArgs args;
-          args.a = a.row(i) + kp0;
-          args.a_row_stride = a.row_stride(i);
-          args.b = b.panel(j / uk.nr) + kp0 * uk.nr;
+          args.a = ab.row(ip * uk.mr);
+          args.a_row_stride = ab.row_stride(ip * uk.mr);
+          args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;
           args.row_scale = KB > 1 ? sa.chain.data() + i * KB : nullptr;

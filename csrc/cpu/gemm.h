@@ -57,25 +57,67 @@ struct KLayout {
   int64_t kpairs() const { return nblocks * pairs_per_block; }
 };
 
+
+// Where the macro-kernel reads A and B, one cache block at a time: from memory laid
+// out beforehand (RowsA, Packed), or gathered per block into a thread's scratch buffer
+// (convolution patches, csrc/cpu/conv.cpp), which keeps an im2col matrix out of memory.
+//
+// A block: rows [i0, i0 + rows) of A at K-pairs [kp0, kp0 + len); rows past M read as
+// zeros. Row i0 + r lies at row(r), the next row row_stride(r) int32 further on.
+struct ABlock {
+  const int32_t* data;
+  int64_t stride;
+  const int32_t* tail;  // rows r >= tail_row
+  int64_t tail_stride, tail_row;
+  const int32_t* row(int64_t r) const { return r < tail_row ? data + r * stride : tail + (r - tail_row) * tail_stride; }
+  int64_t row_stride(int64_t r) const { return r < tail_row ? stride : tail_stride; }
+};
+class ASource {
+ public:
+  virtual ~ASource() = default;
+  virtual int64_t rows() const = 0;
+  // rows is a multiple of the micro-kernel's mr; scratch is the calling thread's own.
+  virtual ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const = 0;
+};
+
+// B block: columns [j0, j0 + cols) at K-pairs [kp0, kp0 + len) as panels of nr columns,
+// [kpair][nr] each; panel p at data + p * panel_stride. Columns past N read as zeros.
+struct BBlock {
+  const int32_t* data;
+  int64_t panel_stride;
+};
+class BSource {
+ public:
+  virtual ~BSource() = default;
+  virtual int64_t cols() const = 0;
+  virtual BBlock block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const = 0;
+};
+
 // B packed: `cols` columns in panels of `width` (nr); data is [panel][kpair][width].
-struct Packed {
+struct Packed : BSource {
   int64_t rows = 0, width = 0, kpairs = 0;
   std::vector<int32_t> data;
   void allocate(int64_t rows, int64_t width, int64_t kpairs, int64_t padded_rows);
   const int32_t* panel(int64_t p) const { return data.data() + p * width * kpairs; }
   int32_t* panel(int64_t p) { return data.data() + p * width * kpairs; }
+  int64_t cols() const override { return rows; }
+  BBlock block(int64_t j0, int64_t, int64_t kp0, int64_t, std::vector<int32_t>&) const override {
+    return {panel(j0 / width) + kp0 * width, width * kpairs};
+  }
 };
 
 // A as rows of K-pairs. Whole panels of mr rows are read where they lie (the caller's
 // int16 matrix when its rows are already K-pairs, else `owned`); the last, partial
 // panel comes from `tail`, padded with zero rows.
-struct RowsA {
-  int64_t rows = 0, kpairs = 0;
+struct RowsA : ASource {
+  int64_t nrows = 0, kpairs = 0;
   const int32_t* data = nullptr;  // row i < full_rows at data + i * stride
   int64_t stride = 0, full_rows = 0;
   std::vector<int32_t> owned, tail;
-  const int32_t* row(int64_t i) const { return i < full_rows ? data + i * stride : tail.data() + (i - full_rows) * kpairs; }
-  int64_t row_stride(int64_t i) const { return i < full_rows ? stride : kpairs; }
+  int64_t rows() const override { return nrows; }
+  ABlock block(int64_t i0, int64_t, int64_t kp0, int64_t, std::vector<int32_t>&) const override {
+    return {data + i0 * stride + kp0, stride, tail.data() + kp0, kpairs, full_rows - i0};
+  }
 };
 
 // Packing from int16 mantissas with arbitrary strides (transposed views included).
@@ -98,12 +140,18 @@ void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* e
                   int nr, Packed& out, int nthreads);
 
 struct GemmOutput {
-  float* c;           // (M, N) row-major
+  float* c;           // (M, N), rows ldc apart
   const float* bias;  // (N,) or null
+  int64_t ldc;
 };
 
-// C = A B from packed panels; ea (M, KB), eb (KB, N) are the exponents.
-void gemm_packed(const RowsA& a, const Packed& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
-                 int headroom_a, int headroom_b, GemmOutput out, int nthreads);
+// Cache blocks in rows of A and columns of B; zero takes the micro-kernel's own.
+struct Blocking {
+  int64_t mc = 0, nc = 0;
+};
+
+// C = A B; ea (M, KB), eb (KB, N) are the exponents. The blocking changes no bits.
+void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, Blocking blocking = {});
 
 }  // namespace dfp

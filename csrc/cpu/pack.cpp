@@ -20,7 +20,7 @@ template <typename MakeRow>
 void pack_a(int64_t m, const KLayout& kl, int mr, RowsA& out, int nthreads, MakeRow make_row) {
   const int64_t padded = (m + mr - 1) / mr * mr, kp = kl.kpairs();
   out.owned.resize(padded * kp);
-  out.rows = m, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
+  out.nrows = m, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
   const int64_t rows_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(2 * kp, 1));
   parallel_for((padded + rows_per_task - 1) / rows_per_task, nthreads, [&](int64_t t) {
     for (int64_t i = t * rows_per_task; i < std::min(padded, (t + 1) * rows_per_task); ++i) {
@@ -88,7 +88,7 @@ void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLa
                               kl.k % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0);
   if (rows_are_pairs) {
     const int64_t kp = kl.kpairs(), full = m / mr * mr;
-    out.rows = m, out.kpairs = kp, out.full_rows = full, out.stride = sm / 2;
+    out.nrows = m, out.kpairs = kp, out.full_rows = full, out.stride = sm / 2;
     out.data = reinterpret_cast<const int32_t*>(a);
     out.tail.assign(full < m ? mr * kp : 0, 0);
     for (int64_t i = full; i < m; ++i) std::memcpy(out.tail.data() + (i - full) * kp, a + i * sm, kl.k * sizeof(int16_t));

@@ -91,3 +91,34 @@ def matmul(x, y, headroom, axis, block, stochastic, seed_x, seed_y):
     if not ok:
         raise _nonfinite("x or y")
     return out
+
+
+def _geometry(x, groups, kernel, stride, dilation):
+    n, hp, wp, c = x.shape
+    return _core().ConvGeometry(n, hp, wp, c, groups, *kernel, *stride, *dilation)
+
+
+def conv_gemm(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias):
+    """Patches gathered per cache block straight from the padded image (csrc/cpu/conv.cpp)."""
+    groups, _, nout = w.shape
+    n, hp, wp, _ = x.shape
+    oh, ow = ((size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip((hp, wp), kernel, stride, dilation))
+    y = torch.empty((n, oh, ow, groups * nout), dtype=torch.float32)
+    x, ew = x.contiguous(), ew.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    _core().conv_gemm_int16(
+        x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), int(ex), hx, w.data_ptr(), *w.stride(), nout,
+        ew.data_ptr(), kblock, hw, 0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return y
+
+
+def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups):
+    dy, x = dy.contiguous(), x.contiguous()
+    cout = dy.shape[-1]
+    dw = torch.empty((cout, kernel[0] * kernel[1] * x.shape[-1] // groups), dtype=torch.float32)
+    _core().conv_grad_weight_int16(
+        dy.data_ptr(), cout, int(ey), hy, x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), int(ex), hx,
+        dw.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return dw

@@ -1,0 +1,70 @@
+// Convolution as GEMM without an im2col matrix in memory: the patches of a zero-padded
+// int16 NHWC image are gathered one cache block at a time, in the layout the
+// micro-kernel reads (docs/design.md, "Layers"). K runs over (kh, kw, ci).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "gemm.h"
+
+namespace dfp {
+
+// One group of a convolution over a contiguous padded image (n, hp, wp, channels).
+struct ConvShape {
+  int64_t n, hp, wp, channels;  // the image; channels = groups * cg
+  int64_t cg;                   // channels of this group (its first at the image pointer)
+  int64_t kh, kw, sh, sw, dh, dw;
+  int64_t oh() const { return (hp - dh * (kh - 1) - 1) / sh + 1; }
+  int64_t ow() const { return (wp - dw * (kw - 1) - 1) / sw + 1; }
+  int64_t pixels() const { return n * oh() * ow(); }  // output pixels: rows of the patch matrix
+  int64_t k() const { return kh * kw * cg; }          // patch length
+};
+
+// Offsets in int16 elements of an output pixel's patch origin and of each kernel tap.
+class PatchIndex {
+ public:
+  explicit PatchIndex(const ConvShape& s);
+  int64_t origin(int64_t pixel) const;
+  int64_t tap(int64_t t) const { return taps_[t]; }
+
+ private:
+  ConvShape s_;
+  int64_t ohw_, ow_;
+  std::vector<int64_t> taps_;
+};
+
+// A = the patch matrix (pixels, K) of the image x, in the K-pair layout kl.
+class PatchRows : public ASource {
+ public:
+  PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl);
+  int64_t rows() const override { return s_.pixels(); }
+  ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const override;
+
+ private:
+  void gather_row(int64_t pixel, int64_t kp0, int64_t len, int16_t* dst) const;
+  const int16_t* x_;
+  ConvShape s_;
+  KLayout kl_;
+  PatchIndex index_;
+  bool pairs_in_taps_;  // every K-pair lies inside one tap (cg even, blocks of even length)
+};
+
+// B = the patch matrix (pixels, K) of x as the right operand of dW = dY^T patches:
+// the reduction runs over pixels, so K-pairs are pixel pairs (kl over pixels).
+class PatchColumns : public BSource {
+ public:
+  PatchColumns(const int16_t* x, const ConvShape& s, int nr);
+  int64_t cols() const override { return s_.k(); }
+  BBlock block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const override;
+
+ private:
+  const int16_t* x_;
+  ConvShape s_;
+  int nr_;
+  PatchIndex index_;
+};
+
+// dY^T as rows of pixel pairs: rows = the cout columns of dy (pixels, ld) from column 0.
+void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int mr, RowsA& out, int nthreads);
+
+}  // namespace dfp

@@ -1,0 +1,184 @@
+// The numerics contract of docs/design.md for the CUDA kernels, a line-by-line port of
+// csrc/cpu/numerics.h: group exponents, exact power-of-two scales, the counter-based
+// random bits of stochastic rounding, one element's quantization, the GEMM's chain
+// accumulation and epilogue. Every function is __host__ __device__, so the tests can
+// run it on the CPU (tests/test_cuda_compile.py) and compare it with dfp.reference.
+//
+// No standard headers: NVRTC compiles these files without the host's include paths.
+// Kernel parameters are int (32-bit), double or pointers only: that is what
+// torch.cuda._compile_kernel passes for Python ints, floats and tensors.
+#pragma once
+
+#define DFP_HD __host__ __device__ __forceinline__
+
+namespace dfp {
+
+typedef signed char i8;
+typedef short i16;
+typedef int i32;
+typedef unsigned int u32;
+typedef long long i64;
+typedef unsigned long long u64;
+
+constexpr u32 kNonFiniteBits = 0x7f800000u;  // |x| bits >= this: Inf or NaN
+
+DFP_HD u32 float_bits(float x) {
+  union {
+    float f;
+    u32 u;
+  } v;
+  v.f = x;
+  return v.u;
+}
+
+DFP_HD float bits_float(u32 u) {
+  union {
+    u32 u;
+    float f;
+  } v;
+  v.u = u;
+  return v.f;
+}
+
+DFP_HD double bits_double(u64 u) {
+  union {
+    u64 u;
+    double d;
+  } v;
+  v.u = u;
+  return v.d;
+}
+
+DFP_HD u32 abs_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+
+DFP_HD int count_leading_zeros(u32 x) {
+#ifdef __CUDA_ARCH__
+  return __clz(x);
+#else
+  return __builtin_clz(x);
+#endif
+}
+
+// Correctly rounded fp32 steps that the compiler may never fuse into an FMA.
+DFP_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+DFP_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+DFP_HD float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+DFP_HD i32 max_mantissa(int headroom) { return (1 << (15 - headroom)) - 1; }
+
+// Exponent of a group from the bit pattern of its largest |x| (finite), as numerics.h.
+DFP_HD i32 group_exponent(u32 amax_bits, int headroom) {
+  const int digits = 15 - headroom;
+  if (amax_bits == 0) return -149 + 1 - digits;  // as the smallest subnormal
+  // amax = S * 2^(E - L) with the significand S of L bits: frexp's E, and f = S / 2^L.
+  const u32 biased = amax_bits >> 23;
+  const i64 significand = biased ? i64((amax_bits & 0x7fffffu) | 0x800000u) : i64(amax_bits);
+  const int length = biased ? 24 : 32 - count_leading_zeros(amax_bits);
+  const i32 big_e = biased ? i32(biased) - 126 : length - 149;
+  const i32 e = big_e - digits;
+  // One more when f * 2^digits > M, so that rounding never reaches the clamp; not at the
+  // top of the fp32 range, where the rounded value would be 2^128 (inf).
+  const bool above = (significand << digits) > (i64(1) << length) * max_mantissa(headroom);
+  return above && big_e < 128 ? e + 1 : e;
+}
+
+// 2^k for k in the normal fp32 range [-126, 127], from its bits.
+DFP_HD float pow2f(int k) { return bits_float(u32(k + 127) << 23); }
+
+// 2^k for k in the normal fp64 range [-1022, 1023], from its bits.
+DFP_HD double pow2d(int k) { return bits_double(u64(k + 1023) << 52); }
+
+// 2^-e as two exact fp32 powers of two (-e in [-126, 163]), so x * first * second is exact.
+struct Scale {
+  float first, second;
+};
+
+DFP_HD Scale inverse_scale(i32 e) {
+  const int total = -e;
+  const int first = total > 127 ? 64 : total;
+  return {pow2f(first), pow2f(total - first)};
+}
+
+DFP_HD u32 mix32(u32 x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x846ca68bu;
+  x ^= x >> 16;
+  return x;
+}
+
+// The 23 random bits of element `index` (row-major flat index of the contiguous input).
+DFP_HD u32 random_bits(u64 index, u32 k0, u32 k1) {
+  return (mix32(u32(index) ^ k0) ^ mix32(u32(index >> 32) ^ k1)) >> 9;
+}
+
+// One element: v = x 2^-e exactly, rounded to nearest even or stochastically, clamped.
+DFP_HD i16 quantize_one(float x, Scale s, float limit, bool stochastic, u64 index, u32 k0, u32 k1) {
+  const float v = mul_rn(mul_rn(x, s.first), s.second);
+  float q;
+  if (stochastic) {
+    const float fl = floorf(v);
+    const float r = float(random_bits(index, k0, k1)) + 0.5f;  // exact: r < 2^23
+    q = add_rn(fl, (r < mul_rn(sub_rn(v, fl), 8388608.0f)) ? 1.0f : 0.0f);
+  } else {
+    q = rintf(v);  // half to even
+  }
+  q = q > limit ? limit : (q < -limit ? -limit : q);
+  return i16(q);
+}
+
+// acc + float32(S) * s for one chain sum S (|S| < 2^31): the product is exact, one rounding
+// for the conversion and one for the sum, as dfp.reference does in fp32.
+DFP_HD float add_chain(float acc, i32 chain_sum, float s) {
+#ifdef __CUDA_ARCH__
+  return add_rn(acc, mul_rn(__int2float_rn(chain_sum), s));
+#else
+  return add_rn(acc, mul_rn(float(chain_sum), s));
+#endif
+}
+
+// The epilogue: float32(double(acc) * 2^e). In fp32 when 2^e is a normal fp32 number: one
+// rounding of the exact product either way, so the bits are those of the fp64 rule.
+DFP_HD float scale_result(float acc, int e) {
+  if (e >= -126 && e <= 127) return mul_rn(acc, pow2f(e));
+#ifdef __CUDA_ARCH__
+  return __double2float_rn(double(acc) * pow2d(e));
+#else
+  return float(double(acc) * pow2d(e));
+#endif
+}
+
+// The balanced int8 limbs of an int16 x with |x| <= 32639 (every headroom >= 1):
+// x = 256 h + l, l = the low byte of x read as signed (in [-128, 127]), h = (x + 128) >> 8
+// (in [-128, 127]). Unlike the offset split of dfp/cuda/limbs.py it needs no correction.
+DFP_HD i32 limb_high(i32 x) { return (x + 128) >> 8; }
+DFP_HD i32 limb_low(i32 x) { return i32(i8(x & 0xff)); }
+
+// One chain piece's int16 sum from its three int8 sums, modulo 2^32: hh = sum h h',
+// mid = sum h l' + sum l h', ll = sum l l'. The true chain sum fits int32 (the contract),
+// so adding the pieces' contributions modulo 2^32 (unsigned, well defined) gives it exactly
+// even where a partial term would not fit.
+DFP_HD u32 combine_limbs(i32 hh, i32 mid, i32 ll) { return (u32(hh) << 16) + (u32(mid) << 8) + u32(ll); }
+
+}  // namespace dfp

@@ -1,0 +1,100 @@
+// The DFP16 GEMM on CUDA cores: int16 x int16 -> int32 multiply-adds, for every GPU
+// (Pascal sm_61 has no int8 tensor cores; a CUDA 12 NVRTC still compiles sm_61) and for
+// every chain length and K-block layout (the tensor-core kernel needs chains of >= 32).
+//
+// On Pascal, `int(short) * int(short) + int` is one XMAD (a 16 x 16 + 32-bit multiply-add);
+// from Volta on it is one IMAD. A chain's int32 sum cannot overflow (docs/design.md: L
+// products of at most Ma * Mb each, L * Ma * Mb <= 2^31 - 1), and every partial sum of a
+// chain is bounded by the same number.
+//
+// Layout: A (M, K) and B (K, N) with any element strides; out (M, N) float32 row-major.
+// Exponents come as the epilogue shifts ra (M,), rb (N,) and, with K-blocks (KB > 1), the
+// fp32 block scales sa (M, KB), sb (KB, N) of docs/design.md (exact powers of two).
+// Tile: 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, 32 k per step.
+#include "dfp_cuda.h"
+
+using namespace dfp;
+
+namespace {
+
+constexpr int kTile = 64;   // rows and columns of C per block
+constexpr int kStep = 32;   // k per shared-memory step
+constexpr int kThreads = 256;
+
+// The fp32 scale of chain sums of block `blk` for output (m, n); 1 without K-blocks.
+__device__ __forceinline__ float block_scale(const float* sa, const float* sb, int kb, int n_count, int m, int n,
+                                             int blk) {
+  return kb == 1 ? 1.0f : mul_rn(sa[m * kb + blk], sb[blk * n_count + n]);
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(kThreads)
+    dfp_gemm_int16(const short* __restrict__ a, int a_row_stride, int a_k_stride, const short* __restrict__ b,
+                   int b_k_stride, int b_col_stride, int m_count, int n_count, int k_count, int kblock, int chain,
+                   const float* __restrict__ sa, const float* __restrict__ sb, int kb, const int* __restrict__ ra,
+                   const int* __restrict__ rb, const float* __restrict__ bias, int has_bias,
+                   float* __restrict__ out) {
+  __shared__ __align__(16) short a_tile[kStep][kTile];  // k-major: a thread's 4 rows are one 8-byte read
+  __shared__ __align__(16) short b_tile[kStep][kTile];
+  __shared__ int ends_chain[kStep];  // the block index when k ends a chain, else -1
+
+  const int tid = threadIdx.x;
+  const int tx = tid % 16, ty = tid / 16;
+  const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile;
+
+  i32 sums[4][4] = {};
+  float acc[4][4] = {};
+
+  for (int k0 = 0; k0 < k_count; k0 += kStep) {
+    // Consecutive threads read consecutive addresses for row-major and column-major operands.
+    for (int e = tid; e < kTile * kStep; e += kThreads) {
+      const int kl = a_k_stride == 1 ? e % kStep : e / kTile;
+      const int ml = a_k_stride == 1 ? e / kStep : e % kTile;
+      const int m = m0 + ml, k = k0 + kl;
+      a_tile[kl][ml] = (m < m_count && k < k_count) ? a[i64(m) * a_row_stride + i64(k) * a_k_stride] : short(0);
+      const int kl_b = b_col_stride == 1 ? e / kTile : e % kStep;
+      const int nl = b_col_stride == 1 ? e % kTile : e / kStep;
+      const int n = n0 + nl, kk = k0 + kl_b;
+      b_tile[kl_b][nl] = (n < n_count && kk < k_count) ? b[i64(kk) * b_k_stride + i64(n) * b_col_stride] : short(0);
+    }
+    if (tid < kStep) {
+      const int k = k0 + tid;
+      const int in_block = k % kblock;
+      const bool ends = k + 1 == k_count || in_block + 1 == kblock || (in_block + 1) % chain == 0;
+      ends_chain[tid] = (k < k_count && ends) ? k / kblock : -1;
+    }
+    __syncthreads();
+
+    const int steps = min(kStep, k_count - k0);
+    for (int kl = 0; kl < steps; ++kl) {
+      i32 av[4], bv[4];
+      for (int i = 0; i < 4; ++i) av[i] = a_tile[kl][ty * 4 + i];
+      for (int j = 0; j < 4; ++j) bv[j] = b_tile[kl][tx * 4 + j];
+      for (int i = 0; i < 4; ++i)
+        for (int j = 0; j < 4; ++j) sums[i][j] += av[i] * bv[j];
+      const int blk = ends_chain[kl];
+      if (blk >= 0) {  // uniform over the block
+        for (int i = 0; i < 4; ++i) {
+          for (int j = 0; j < 4; ++j) {
+            const int m = min(m0 + ty * 4 + i, m_count - 1), n = min(n0 + tx * 4 + j, n_count - 1);
+            acc[i][j] = add_chain(acc[i][j], sums[i][j], block_scale(sa, sb, kb, n_count, m, n, blk));
+            sums[i][j] = 0;
+          }
+        }
+      }
+    }
+    __syncthreads();
+  }
+
+  for (int i = 0; i < 4; ++i) {
+    const int m = m0 + ty * 4 + i;
+    if (m >= m_count) break;
+    for (int j = 0; j < 4; ++j) {
+      const int n = n0 + tx * 4 + j;
+      if (n >= n_count) break;
+      const float v = scale_result(acc[i][j], ra[m] + rb[n]);
+      out[i64(m) * n_count + n] = has_bias ? add_rn(v, bias[n]) : v;
+    }
+  }
+}

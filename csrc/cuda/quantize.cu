@@ -1,0 +1,152 @@
+// DFP16 quantization and dequantization on CUDA, bit-identical to the CPU backends.
+//
+// The input is the contiguous float32 tensor viewed as (O, N, I) (docs/design.md); a group
+// is the whole tensor (mode 0), one index n of N (mode 1) or a run of B consecutive n at
+// fixed (o, i) (mode 2, NB = ceil(N / B) runs). Three launches:
+//   1. dfp_amax_{tensor,channel,block}: the largest |x| bit pattern of every group into
+//      `amax` (int32, zeroed by the caller). |x| bits are ordered like |x| and a NaN or
+//      Inf has bits >= 0x7f800000, so one integer max finds both the scale and any
+//      non-finite value; all |x| bits fit in a non-negative int32.
+//   2. dfp_exponents: the group exponents, and `nonfinite[0] = 1` if a group held NaN/Inf
+//      (the caller reads it once, after the launches, and raises).
+//   3. dfp_quantize: every element, with the random bits of its row-major flat index.
+// Sizes are int: the caller keeps tensors below 2^30 elements and grids below 2^30
+// threads, so no index or grid stride overflows.
+#include "dfp_cuda.h"
+
+using namespace dfp;
+
+// Largest value over the warp; every lane gets it.
+__device__ __forceinline__ i32 warp_max(i32 v) {
+  for (int offset = 16; offset > 0; offset /= 2) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+extern "C" __global__ void dfp_amax_tensor(const float* __restrict__ x, int count, int* __restrict__ amax) {
+  i32 v = 0;
+  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
+    v = max(v, i32(abs_bits(x[idx])));
+  }
+  v = warp_max(v);
+  if ((threadIdx.x & 31) == 0) atomicMax(amax, v);
+}
+
+// Mode 1. Thread j owns column j = (n, i) of the (O, N*I) view and the rows
+// [blockIdx.y * rows_per_block, ...): reads are coalesced whatever I is. A warp whose
+// columns all share one n (I >= 32, or a run inside one n) does one atomic.
+extern "C" __global__ void dfp_amax_channel(const float* __restrict__ x, int rows, int n_count, int inner,
+                                            int rows_per_block, int* __restrict__ amax) {
+  const int columns = n_count * inner;
+  const int j = blockIdx.x * blockDim.x + threadIdx.x;
+  const bool valid = j < columns;
+  const int n = valid ? j / inner : -1;
+  i32 v = 0;
+  if (valid) {
+    const int first = blockIdx.y * rows_per_block;
+    const int last = min(rows, first + rows_per_block);
+    for (int o = first; o < last; ++o) v = max(v, i32(abs_bits(x[o * columns + j])));
+  }
+  // lane 0 is valid whenever any lane is (j grows with the lane)
+  const int n0 = __shfl_sync(0xffffffffu, n, 0);
+  if (__all_sync(0xffffffffu, !valid || n == n0)) {
+    v = warp_max(v);
+    if ((threadIdx.x & 31) == 0 && n0 >= 0) atomicMax(&amax[n0], v);
+  } else if (valid) {
+    atomicMax(&amax[n], v);
+  }
+}
+
+// Mode 2. One thread per group (o, nb, i), i fastest, so neighbouring threads read
+// neighbouring addresses when I > 1; no atomics.
+extern "C" __global__ void dfp_amax_block(const float* __restrict__ x, int rows, int n_count, int inner, int block,
+                                          int* __restrict__ amax) {
+  const int n_blocks = (n_count + block - 1) / block;
+  const int groups = rows * n_blocks * inner;
+  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x) {
+    const int i = g % inner;
+    const int t = g / inner;
+    const int nb = t % n_blocks;
+    const int o = t / n_blocks;
+    const int stop = min(n_count, (nb + 1) * block);
+    i32 v = 0;
+    for (int n = nb * block; n < stop; ++n) v = max(v, i32(abs_bits(x[(o * n_count + n) * inner + i])));
+    amax[g] = v;
+  }
+}
+
+extern "C" __global__ void dfp_exponents(const int* __restrict__ amax, int groups, int headroom,
+                                         int* __restrict__ exponent, int* __restrict__ nonfinite) {
+  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x) {
+    const u32 bits = u32(amax[g]);
+    if (bits >= kNonFiniteBits) {
+      nonfinite[0] = 1;
+      exponent[g] = 0;
+    } else {
+      exponent[g] = group_exponent(bits, headroom);
+    }
+  }
+}
+
+// The group of flat element `idx` of the (O, N, I) view (count < 2^31: 32-bit division).
+__device__ __forceinline__ int group_of(int idx, int mode, int n_count, int inner, int block) {
+  if (mode == 0) return 0;
+  const int i = idx % inner;
+  const int t = idx / inner;
+  const int n = t % n_count;
+  if (mode == 1) return n;
+  const int n_blocks = (n_count + block - 1) / block;
+  return ((t / n_count) * n_blocks + n / block) * inner + i;
+}
+
+struct Vec4Short {
+  short x, y, z, w;
+};
+
+// Per tensor (mode 0) with `count` a multiple of 4 and 16-byte aligned data: four elements
+// per thread and step, in one 16-byte load and one 8-byte store.
+__device__ __forceinline__ void quantize_tensor_vec4(const float* __restrict__ x, int count, Scale s, float limit,
+                                                     bool stochastic, u32 k0, u32 k1, short* __restrict__ out) {
+  const float4* x4 = reinterpret_cast<const float4*>(x);
+  Vec4Short* out4 = reinterpret_cast<Vec4Short*>(out);
+  for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < count / 4; q += gridDim.x * blockDim.x) {
+    const float4 v = x4[q];
+    const u64 idx = u64(q) * 4;
+    out4[q] = {quantize_one(v.x, s, limit, stochastic, idx, k0, k1),
+               quantize_one(v.y, s, limit, stochastic, idx + 1, k0, k1),
+               quantize_one(v.z, s, limit, stochastic, idx + 2, k0, k1),
+               quantize_one(v.w, s, limit, stochastic, idx + 3, k0, k1)};
+  }
+}
+
+// count < 2^31 elements (the caller checks). vec4: mode 0, count % 4 == 0, x 16-byte aligned.
+extern "C" __global__ void dfp_quantize(const float* __restrict__ x, int count, int mode, int n_count, int inner,
+                                        int block, const int* __restrict__ exponent, int headroom, int stochastic,
+                                        int seed_low, int seed_high, int vec4, short* __restrict__ out) {
+  const float limit = float(max_mantissa(headroom));
+  const u32 k0 = u32(seed_low), k1 = u32(seed_high);
+  if (mode == 0) {
+    const Scale s = inverse_scale(exponent[0]);
+    if (vec4) {
+      quantize_tensor_vec4(x, count, s, limit, stochastic != 0, k0, k1, out);
+      return;
+    }
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
+      out[idx] = quantize_one(x[idx], s, limit, stochastic != 0, u64(idx), k0, k1);
+    }
+    return;
+  }
+  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
+    const i32 e = exponent[group_of(idx, mode, n_count, inner, block)];
+    out[idx] = quantize_one(x[idx], inverse_scale(e), limit, stochastic != 0, u64(idx), k0, k1);
+  }
+}
+
+// float32(mantissa * 2^e), computed as DFPTensor.dequantize does: exact in fp64, one rounding.
+extern "C" __global__ void dfp_dequantize(const short* __restrict__ mantissa, int count, int mode, int n_count,
+                                          int inner, int block, const int* __restrict__ exponent,
+                                          float* __restrict__ out) {
+  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
+    const i32 e = exponent[group_of(idx, mode, n_count, inner, block)];
+    out[idx] = __double2float_rn(double(mantissa[idx]) * pow2d(e));
+  }
+}
