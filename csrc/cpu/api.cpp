@@ -102,9 +102,10 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
   const KLayout kl(pixels, std::max<int64_t>(pixels, 1));
   const std::vector<int32_t> ea(cout_g, ey), eb(k, ex);
-  // Few rows and a long reduction: split the columns so that every thread gets work.
-  const int64_t per_task = (k + 2 * nthreads - 1) / (2 * nthreads);
-  const Blocking blocking{0, std::clamp<int64_t>((per_task + uk.nr - 1) / uk.nr * uk.nr, uk.nr, uk.nc)};
+  // Few rows and a long reduction: split the columns into about four tasks per thread
+  // (each task reads all of dY, so not into single panels), handed out dynamically.
+  const int64_t panels = (k + uk.nr - 1) / uk.nr, per_task = (panels + 4 * nthreads - 1) / (4 * nthreads);
+  const Blocking blocking{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr)};
   RowsA& dy_rows = workspace().a;
   for (int64_t g = 0; g < geometry.groups; ++g) {
     pack_transposed(dy + g * cout_g, pixels, cout, cout_g, uk.mr, dy_rows, nthreads);

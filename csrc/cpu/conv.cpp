@@ -13,81 +13,123 @@ inline int32_t pair(int16_t lo, int16_t hi) { return int32_t(uint32_t(uint16_t(l
 
 }  // namespace
 
-PatchIndex::PatchIndex(const ConvShape& s) : s_(s), ohw_(s.oh() * s.ow()), ow_(s.ow()), taps_(s.kh * s.kw) {
-  for (int64_t i = 0; i < s.kh; ++i)
-    for (int64_t j = 0; j < s.kw; ++j) taps_[i * s.kw + j] = (i * s.dh * s.wp + j * s.dw) * s.channels;
+namespace {
+
+// Copies n int16 (n even, as runs inside K-pair rows are): whole 32-byte chunks by
+// fixed-size copies that compile to vector moves, since the runs are short (a tap's
+// channels) and a call to memcpy per run would cost more than the copy.
+inline void copy_run(int16_t* dst, const int16_t* src, int64_t n) {
+  for (; n >= 16; n -= 16, dst += 16, src += 16) std::memcpy(dst, src, 32);
+  for (; n >= 2; n -= 2, dst += 2, src += 2) std::memcpy(dst, src, 4);
 }
 
-int64_t PatchIndex::origin(int64_t pixel) const {
-  const int64_t image = pixel / ohw_, within = pixel % ohw_, row = within / ow_, col = within % ow_;
-  return ((image * s_.hp + row * s_.sh) * s_.wp + col * s_.sw) * s_.channels;
+// A run of consecutive patch elements that are consecutive in the image too: the same
+// for every pixel of a block, so found once per block (divisions are slow).
+struct Run {
+  int64_t src, dst, length;  // src from the pixel's patch origin; dst in the block's layout
+};
+
+// Output pixels from `first` on, walked in order without dividing per pixel.
+class PixelWalk {
+ public:
+  PixelWalk(const ConvShape& s, int64_t first) : s_(s), ow_(s.ow()), oh_(s.oh()) {
+    col_ = first % ow_, row_ = first / ow_ % oh_, image_ = first / (ow_ * oh_);
+  }
+  int64_t origin() const { return ((image_ * s_.hp + row_ * s_.sh) * s_.wp + col_ * s_.sw) * s_.channels; }
+  void next() {
+    if (++col_ < ow_) return;
+    col_ = 0;
+    if (++row_ < oh_) return;
+    row_ = 0, ++image_;
+  }
+
+ private:
+  const ConvShape& s_;
+  int64_t ow_, oh_, col_, row_, image_;
+};
+
+}  // namespace
+
+PatchIndex::PatchIndex(const ConvShape& s) : taps_(s.kh * s.kw) {
+  for (int64_t i = 0; i < s.kh; ++i)
+    for (int64_t j = 0; j < s.kw; ++j) taps_[i * s.kw + j] = (i * s.dh * s.wp + j * s.dw) * s.channels;
 }
 
 PatchRows::PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl)
     : x_(x), s_(s), kl_(kl), index_(s), pairs_in_taps_(s.cg % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0)) {}
 
-// Writes K-pairs [kp0, kp0 + len) of one patch row as 2 * len int16.
-void PatchRows::gather_row(int64_t pixel, int64_t kp0, int64_t len, int16_t* dst) const {
-  const int16_t* origin = x_ + index_.origin(pixel);
-  const int64_t k_end = s_.k();
-  if (pairs_in_taps_) {  // K-pair q holds k = 2q and 2q + 1: copy runs of channels per tap
-    int64_t k = 2 * kp0;
-    const int64_t stop = std::min(2 * (kp0 + len), k_end);
-    while (k < stop) {
-      const int64_t tap = k / s_.cg, ci = k % s_.cg, run = std::min(s_.cg - ci, stop - k);
-      std::memcpy(dst, origin + index_.tap(tap) + ci, run * sizeof(int16_t));
-      dst += run, k += run;
-    }
-    std::fill(dst, dst + std::max<int64_t>(0, 2 * (kp0 + len) - std::max(stop, 2 * kp0)), int16_t(0));
-    return;
-  }
-  for (int64_t q = kp0; q < kp0 + len; ++q) {  // general: a pair may straddle taps, blocks pad pairs
-    const int64_t block = q / kl_.pairs_per_block, first = block * kl_.kblock + (q % kl_.pairs_per_block) * 2;
-    const int64_t block_end = std::min(k_end, (block + 1) * kl_.kblock);
-    for (int64_t e = 0; e < 2; ++e) {
-      const int64_t k = first + e;
-      *dst++ = k < block_end ? origin[index_.tap(k / s_.cg) + k % s_.cg] : int16_t(0);
-    }
-  }
-}
-
 ABlock PatchRows::block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const {
   scratch.resize(rows * len);
-  for (int64_t r = 0; r < rows; ++r) {
-    int32_t* dst = scratch.data() + r * len;
-    if (i0 + r < s_.pixels())
-      gather_row(i0 + r, kp0, len, reinterpret_cast<int16_t*>(dst));
-    else
-      std::fill(dst, dst + len, 0);
+  const int64_t valid = std::clamp<int64_t>(s_.pixels() - i0, 0, rows);
+  PixelWalk pixel(s_, i0);
+  if (pairs_in_taps_) {  // K-pair q holds k = 2q and 2q + 1: runs of channels per tap
+    std::vector<Run> runs;
+    const int64_t start = 2 * kp0, stop = std::min(2 * (kp0 + len), s_.k());
+    for (int64_t k = start; k < stop;) {
+      const int64_t tap = k / s_.cg, ci = k - tap * s_.cg, length = std::min(s_.cg - ci, stop - k);
+      runs.push_back({index_.tap(tap) + ci, k - start, length});
+      k += length;
+    }
+    const int64_t filled = std::max<int64_t>(stop - start, 0);
+    for (int64_t r = 0; r < valid; ++r, pixel.next()) {
+      int16_t* dst = reinterpret_cast<int16_t*>(scratch.data() + r * len);
+      const int16_t* origin = x_ + pixel.origin();
+      for (const Run& run : runs) copy_run(dst + run.dst, origin + run.src, run.length);
+      std::fill(dst + filled, dst + 2 * len, int16_t(0));
+    }
+  } else {  // a pair may straddle taps, and blocks of odd length end in a zero
+    std::vector<int64_t> offsets(2 * len);  // of each slot; -1 for a zero
+    for (int64_t slot = 0; slot < 2 * len; ++slot) {
+      const int64_t q = kp0 + slot / 2, block = q / kl_.pairs_per_block;
+      const int64_t k = block * kl_.kblock + (q % kl_.pairs_per_block) * 2 + slot % 2;
+      const bool inside = k < std::min(s_.k(), (block + 1) * kl_.kblock);
+      offsets[slot] = inside ? index_.tap(k / s_.cg) + k % s_.cg : -1;
+    }
+    for (int64_t r = 0; r < valid; ++r, pixel.next()) {
+      int16_t* dst = reinterpret_cast<int16_t*>(scratch.data() + r * len);
+      const int16_t* origin = x_ + pixel.origin();
+      for (int64_t slot = 0; slot < 2 * len; ++slot) dst[slot] = offsets[slot] < 0 ? int16_t(0) : origin[offsets[slot]];
+    }
   }
+  std::fill(scratch.data() + valid * len, scratch.data() + rows * len, 0);
   return {scratch.data(), len, nullptr, 0, rows};
 }
 
 PatchColumns::PatchColumns(const int16_t* x, const ConvShape& s, int nr) : x_(x), s_(s), nr_(nr), index_(s) {}
 
 BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const {
-  const int64_t panel_stride = len * nr_, k = s_.k(), pixels = s_.pixels();
-  scratch.assign((cols / nr_) * panel_stride, 0);
-  const int64_t j_end = std::min(j0 + cols, k);
+  const int64_t panel_stride = len * nr_, pixels = s_.pixels();
+  scratch.resize((cols / nr_) * panel_stride);
+  // Runs of columns inside one tap and one panel are contiguous on both sides.
+  std::vector<Run> runs;
+  const int64_t j_end = std::min(j0 + cols, s_.k());
+  for (int64_t j = j0; j < j_end;) {
+    const int64_t tap = j / s_.cg, ci = j - tap * s_.cg, col = j - j0, lane = col % nr_;
+    const int64_t length = std::min({s_.cg - ci, nr_ - lane, j_end - j});
+    runs.push_back({index_.tap(tap) + ci, (col / nr_) * panel_stride + lane, length});
+    j += length;
+  }
+  const bool padded = j_end < j0 + cols;  // the last panel has columns past K
+  PixelWalk pixel(s_, std::min(2 * kp0, pixels));
   for (int64_t q = kp0; q < kp0 + len; ++q) {
-    const int64_t p0 = 2 * q, p1 = 2 * q + 1;
-    if (p0 >= pixels) break;
-    const int16_t* even = x_ + index_.origin(p0);
-    const int16_t* odd = p1 < pixels ? x_ + index_.origin(p1) : nullptr;
     int32_t* row = scratch.data() + (q - kp0) * nr_;
-    // Runs of columns inside one tap and one panel are contiguous on both sides.
-    for (int64_t j = j0; j < j_end;) {
-      const int64_t tap = j / s_.cg, ci = j % s_.cg, col = j - j0, lane = col % nr_;
-      const int64_t run = std::min({s_.cg - ci, nr_ - lane, j_end - j});
-      const int16_t* a = even + index_.tap(tap) + ci;
-      int32_t* dst = row + (col / nr_) * panel_stride + lane;
-      if (odd) {
-        const int16_t* b = odd + index_.tap(tap) + ci;
-        for (int64_t t = 0; t < run; ++t) dst[t] = pair(a[t], b[t]);
+    if (padded || 2 * q + 1 >= pixels)  // zeros where no column or no pixel is
+      for (int64_t p = 0; p < cols / nr_; ++p) std::fill_n(row + p * panel_stride, nr_, 0);
+    if (2 * q >= pixels) continue;
+    const int16_t* even = x_ + pixel.origin();
+    pixel.next();
+    const bool has_odd = 2 * q + 1 < pixels;
+    const int16_t* odd = has_odd ? x_ + pixel.origin() : nullptr;
+    if (has_odd) pixel.next();
+    for (const Run& run : runs) {
+      const int16_t* a = even + run.src;
+      int32_t* dst = row + run.dst;
+      if (has_odd) {
+        const int16_t* b = odd + run.src;
+        for (int64_t t = 0; t < run.length; ++t) dst[t] = pair(a[t], b[t]);
       } else {
-        for (int64_t t = 0; t < run; ++t) dst[t] = pair(a[t], 0);
+        for (int64_t t = 0; t < run.length; ++t) dst[t] = pair(a[t], 0);
       }
-      j += run;
     }
   }
   return {scratch.data(), panel_stride};

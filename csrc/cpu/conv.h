@@ -20,16 +20,13 @@ struct ConvShape {
   int64_t k() const { return kh * kw * cg; }          // patch length
 };
 
-// Offsets in int16 elements of an output pixel's patch origin and of each kernel tap.
+// Offsets in int16 elements of each kernel tap from a patch's origin pixel.
 class PatchIndex {
  public:
   explicit PatchIndex(const ConvShape& s);
-  int64_t origin(int64_t pixel) const;
   int64_t tap(int64_t t) const { return taps_[t]; }
 
  private:
-  ConvShape s_;
-  int64_t ohw_, ow_;
   std::vector<int64_t> taps_;
 };
 
@@ -41,7 +38,6 @@ class PatchRows : public ASource {
   ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const override;
 
  private:
-  void gather_row(int64_t pixel, int64_t kp0, int64_t len, int16_t* dst) const;
   const int16_t* x_;
   ConvShape s_;
   KLayout kl_;

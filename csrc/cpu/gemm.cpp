@@ -70,7 +70,7 @@ class Epilogue {
     in_fp32_ = ra_min >= kMin && rb_min >= kMin && ra_max <= kMax && rb_max <= kMax && ra_min + rb_min >= kMin &&
                ra_max + rb_max <= kMax;
     col_scale_.resize(ncols_);
-    for (int64_t j = 0; j < ncols_; ++j) col_scale_[j] = in_fp32_ ? std::ldexp(1.0f, rb[j]) : 0.0f;
+    for (int64_t j = 0; j < ncols_; ++j) col_scale_[j] = in_fp32_ ? pow2f_any(rb[j]) : 0.0f;
   }
 
   void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
@@ -78,7 +78,7 @@ class Epilogue {
       const float* src = acc + i * ldacc;
       float* dst = out_.c + (i0 + i) * out_.ldc + j0;
       if (in_fp32_) {
-        const float rs = std::ldexp(1.0f, ra_[i0 + i]);
+        const float rs = pow2f_any(ra_[i0 + i]);
         const float* cs = col_scale_.data() + j0;
         for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * (rs * cs[j]);
       } else {

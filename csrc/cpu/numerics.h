@@ -37,6 +37,9 @@ static inline float pow2f(int k) {
   return f;
 }
 
+// 2^k for k in [-149, 127], every power of two fp32 holds (subnormals included).
+static inline float pow2f_any(int k) { return k >= -126 ? pow2f(k) : std::ldexp(1.0f, k); }
+
 // 2^-e as two fp32 factors, both exact powers of two, so x * first * second is exact.
 // -e lies in [-126, 163] (design.md), so both factors are normal numbers.
 struct Scale {

@@ -15,6 +15,7 @@ namespace dfp {
 
 typedef signed char i8;
 typedef short i16;
+typedef unsigned short u16;
 typedef int i32;
 typedef unsigned int u32;
 typedef long long i64;
@@ -148,6 +149,19 @@ DFP_HD i16 quantize_one(float x, Scale s, float limit, bool stochastic, u64 inde
   return i16(q);
 }
 
+// The group of flat element `idx` of a contiguous (O, N, I) view: 0 per tensor (mode 0),
+// n per index of N (mode 1), (o, n / B, i) flattened per block of B along N (mode 2).
+// idx < 2^31 (the caller's limit): 32-bit division.
+DFP_HD int group_of(int idx, int mode, int n_count, int inner, int block) {
+  if (mode == 0) return 0;
+  const int i = idx % inner;
+  const int t = idx / inner;
+  const int n = t % n_count;
+  if (mode == 1) return n;
+  const int n_blocks = (n_count + block - 1) / block;
+  return ((t / n_count) * n_blocks + n / block) * inner + i;
+}
+
 // acc + float32(S) * s for one chain sum S (|S| < 2^31): the product is exact, one rounding
 // for the conversion and one for the sum, as dfp.reference does in fp32.
 DFP_HD float add_chain(float acc, i32 chain_sum, float s) {
@@ -179,6 +193,6 @@ DFP_HD i32 limb_low(i32 x) { return i32(i8(x & 0xff)); }
 // mid = sum h l' + sum l h', ll = sum l l'. The true chain sum fits int32 (the contract),
 // so adding the pieces' contributions modulo 2^32 (unsigned, well defined) gives it exactly
 // even where a partial term would not fit.
-DFP_HD u32 combine_limbs(i32 hh, i32 mid, i32 ll) { return (u32(hh) << 16) + (u32(mid) << 8) + u32(ll); }
+DFP_HD u32 combine_limbs(i32 hh, i32 mid, i32 ll) { return (u32(hh) << 16) + (u32(mid) << 7) + u32(ll); }
 
 }  // namespace dfp

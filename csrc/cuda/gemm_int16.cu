@@ -41,7 +41,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 
   const int tid = threadIdx.x;
   const int tx = tid % 16, ty = tid / 16;
-  const int m0 = blockIdx.y * kTile, n0 = blockIdx.x * kTile;
+  const int m0 = blockIdx.x * kTile, n0 = blockIdx.y * kTile;
 
   i32 sums[4][4] = {};
   float acc[4][4] = {};

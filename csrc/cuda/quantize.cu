@@ -87,17 +87,6 @@ extern "C" __global__ void dfp_exponents(const int* __restrict__ amax, int group
   }
 }
 
-// The group of flat element `idx` of the (O, N, I) view (count < 2^31: 32-bit division).
-__device__ __forceinline__ int group_of(int idx, int mode, int n_count, int inner, int block) {
-  if (mode == 0) return 0;
-  const int i = idx % inner;
-  const int t = idx / inner;
-  const int n = t % n_count;
-  if (mode == 1) return n;
-  const int n_blocks = (n_count + block - 1) / block;
-  return ((t / n_count) * n_blocks + n / block) * inner + i;
-}
-
 struct Vec4Short {
   short x, y, z, w;
 };

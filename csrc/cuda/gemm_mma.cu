@@ -1,0 +1,257 @@
+// The DFP16 GEMM on int8 tensor cores (sm_75 and newer), exact: every int16 mantissa is
+// split on chip into two int8 limbs and each chain's int16 sum is rebuilt from four int8
+// products.
+//
+// Split (balanced, see dfp_cuda.h): x = 256 h + l with l the low byte of x read as signed
+// and h = (x + 128) >> 8, both int8 for |x| <= 32639, i.e. for every headroom >= 1 (the
+// caller routes headroom 0 to the CUDA-core kernel). For one 32-product piece of a chain:
+//     sum a b = 65536 sum ha hb + 256 (sum ha lb + sum la hb) + sum la lb
+// with each int8 sum at most 32 * 2^14 = 2^19 (the middle one 2^20) in magnitude, so no
+// tensor-core accumulator can overflow. The pieces are added modulo 2^32 in unsigned
+// arithmetic (dfp::combine_limbs); the chain's true sum fits int32 (L * Ma * Mb <= 2^31 - 1,
+// docs/design.md), so the modular sum is that sum exactly, and the fp32 steps that follow
+// are the contract's: acc += float32(S) * s per chain in order of k, then the epilogue.
+//
+// Instructions: mma.sync m16n8k32 s8 (sm_80+) or, on sm_75, four m8n8k16 s8 with the same
+// fragment layout (rows g and g+8, k 0..15 and 16..31).
+//
+// K layout: the caller lists "k tiles" (int32 x4: first k, length <= 32, ends-a-chain
+// flag, K-block index) that never straddle a chain, so one tile is at most one piece of
+// one chain; a short chain or block tail is zero-padded on chip. This needs chains of at
+// least 32 products (headroom 2 on both sides or more).
+//
+// Operands: A (M, K) int16 with unit k stride and row stride lda; B given transposed,
+// Bt (N, K) with unit k stride and row stride ldb (B's columns are K-contiguous, as
+// the "col" operand of mma wants).
+//
+// Tile: 128 x 128 outputs per block of 8 warps (2 x 4), 64 x 32 per warp (4 x 4 mma
+// tiles), k tiles of 32, two shared-memory stages filled through registers (the split
+// happens between the global load and the shared store).
+#include "dfp_cuda.h"
+
+using namespace dfp;
+
+namespace {
+
+constexpr int kBlockM = 128, kBlockN = 128, kTileK = 32;
+constexpr int kThreads = 256;
+constexpr int kWarpM = 64, kWarpN = 32;
+constexpr int kMmaM = kWarpM / 16, kMmaN = kWarpN / 8;  // mma tiles per warp
+constexpr int kWordsPerRow = kTileK / 4;                // 4 int8 per 32-bit word
+
+struct Stage {
+  u32 a_high[kBlockM * kWordsPerRow], a_low[kBlockM * kWordsPerRow];
+  u32 b_high[kBlockN * kWordsPerRow], b_low[kBlockN * kWordsPerRow];
+};
+
+// Word `word` of row `row` in a limb plane. Rows with bit 2 set swap the two halves of
+// the row (XOR 4 on the word): the fragment reads (rows g = 0..7, words t and t + 4 for
+// t = 0..3) then hit 32 different banks, and 8-byte units stay 8-byte aligned.
+__device__ __forceinline__ int swizzle(int row, int word) { return row * kWordsPerRow + (word ^ (((row >> 2) & 1) << 2)); }
+
+struct Chunk {  // 8 consecutive int16 of one row, as 4 words
+  u32 w[4];
+};
+
+__device__ __forceinline__ Chunk load_chunk(const short* __restrict__ row, bool row_valid, bool vec8, int k0, int len,
+                                            int c) {
+  Chunk out = {{0u, 0u, 0u, 0u}};
+  if (!row_valid) return out;
+  if (vec8) {
+    if (8 * c < len) {
+      const uint4 v = *reinterpret_cast<const uint4*>(row + k0 + 8 * c);
+      out.w[0] = v.x, out.w[1] = v.y, out.w[2] = v.z, out.w[3] = v.w;
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int kk = 8 * c + e;
+      const u32 v = kk < len ? u32(u16(row[k0 + kk])) : 0u;
+      out.w[e / 2] |= v << (16 * (e % 2));
+    }
+  }
+  return out;
+}
+
+// 8 int16 -> 8 high limbs and 8 low limbs (two words each), k order kept.
+__device__ __forceinline__ void split_chunk(const Chunk& x, uint2& high, uint2& low) {
+  low.x = __byte_perm(x.w[0], x.w[1], 0x6420);  // low bytes of the 4 int16: signed l
+  low.y = __byte_perm(x.w[2], x.w[3], 0x6420);
+  // per 16-bit lane, without carries between lanes: x + 128; its high byte is h
+  const u32 r0 = __vadd2(x.w[0], 0x00800080u), r1 = __vadd2(x.w[1], 0x00800080u);
+  const u32 r2 = __vadd2(x.w[2], 0x00800080u), r3 = __vadd2(x.w[3], 0x00800080u);
+  high.x = __byte_perm(r0, r1, 0x7531);
+  high.y = __byte_perm(r2, r3, 0x7531);
+}
+
+// d += a b for a 16 x 32 int8 A (row), 32 x 8 int8 B (col), int32 D, in mma.sync's
+// m16n8k32 fragment layout (a: rows g / g+8 x k 4t.. / 16+4t..; b: k 4t.. / 16+4t..).
+__device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#else
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+r"(d[0]), "+r"(d[1])
+               : "r"(a[0]), "r"(b[0]));
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+r"(d[0]), "+r"(d[1])
+               : "r"(a[2]), "r"(b[1]));
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+r"(d[2]), "+r"(d[3])
+               : "r"(a[1]), "r"(b[0]));
+  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
+               : "+r"(d[2]), "+r"(d[3])
+               : "r"(a[3]), "r"(b[1]));
+#endif
+}
+
+}  // namespace
+
+// vec8: K, lda, ldb and every tile's first k are multiples of 8 and both operands 16-byte
+// aligned (8 mantissas per 16-byte load). kb > 1: K-blocks with fp32 scales sa (M, KB),
+// sb (KB, N). Both are uniform over the launch, so their branches cost no divergence; one
+// kernel serves every case (its registers, ~255, allow one block of 8 warps per SM with or
+// without the K-block scales, so specialised variants would not raise occupancy).
+extern "C" __global__ void __launch_bounds__(kThreads)
+    dfp_gemm_mma(const short* __restrict__ a, int lda, const short* __restrict__ bt, int ldb, int m_count,
+                 int n_count, const int* __restrict__ tiles, int tile_count, int vec8_flag,
+                 const float* __restrict__ sa, const float* __restrict__ sb, int kb, const int* __restrict__ ra,
+                 const int* __restrict__ rb, const float* __restrict__ bias, int has_bias, float* __restrict__ out) {
+  __shared__ __align__(16) Stage stages[2];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int warp_m = (warp / 4) * kWarpM, warp_n = (warp % 4) * kWarpN;
+  const int m0 = blockIdx.x * kBlockM, n0 = blockIdx.y * kBlockN;
+  const bool vec8 = vec8_flag != 0;
+
+  // The two 8-mantissa chunks of A and of Bt that this thread moves per k tile.
+  const short* a_rows[2];
+  const short* b_rows[2];
+  bool a_valid[2], b_valid[2];
+  int row_of[2], chunk_of[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const int q = tid + r * kThreads;
+    row_of[r] = q >> 2, chunk_of[r] = q & 3;
+    a_valid[r] = m0 + row_of[r] < m_count;
+    b_valid[r] = n0 + row_of[r] < n_count;
+    a_rows[r] = a + i64(a_valid[r] ? m0 + row_of[r] : 0) * lda;
+    b_rows[r] = bt + i64(b_valid[r] ? n0 + row_of[r] : 0) * ldb;
+  }
+
+  Chunk a_next[2], b_next[2];
+  auto load_tile = [&](int t) {
+    const int k0 = tiles[4 * t], len = tiles[4 * t + 1];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      a_next[r] = load_chunk(a_rows[r], a_valid[r], vec8, k0, len, chunk_of[r]);
+      b_next[r] = load_chunk(b_rows[r], b_valid[r], vec8, k0, len, chunk_of[r]);
+    }
+  };
+  auto store_tile = [&](Stage& s) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int at = swizzle(row_of[r], 2 * chunk_of[r]);
+      uint2 high, low;
+      split_chunk(a_next[r], high, low);
+      *reinterpret_cast<uint2*>(&s.a_high[at]) = high;
+      *reinterpret_cast<uint2*>(&s.a_low[at]) = low;
+      split_chunk(b_next[r], high, low);
+      *reinterpret_cast<uint2*>(&s.b_high[at]) = high;
+      *reinterpret_cast<uint2*>(&s.b_low[at]) = low;
+    }
+  };
+
+  float acc[kMmaM][kMmaN][4] = {};
+  u32 running[kMmaM][kMmaN][4] = {};  // the current chain's sum so far, modulo 2^32
+
+  // fp32 scale of a chain sum of block `blk` for the fragment element (mi, ni, r).
+  auto scale_of = [&](int mi, int ni, int r, int blk) -> float {
+    if (kb == 1) return 1.0f;
+    const int m = min(m0 + warp_m + mi * 16 + g + 8 * (r >> 1), m_count - 1);
+    const int n = min(n0 + warp_n + ni * 8 + 2 * t4 + (r & 1), n_count - 1);
+    return mul_rn(sa[m * kb + blk], sb[blk * n_count + n]);
+  };
+
+  if (tile_count > 0) {
+    load_tile(0);
+    store_tile(stages[0]);
+  }
+  __syncthreads();
+
+  for (int t = 0; t < tile_count; ++t) {
+    if (t + 1 < tile_count) load_tile(t + 1);  // in flight while the tensor cores work
+    const Stage& s = stages[t & 1];
+    const bool ends_chain = tiles[4 * t + 2] != 0;
+    const int blk = tiles[4 * t + 3];
+
+    u32 ah[kMmaM][4], al[kMmaM][4], bh[kMmaN][2], bl[kMmaN][2];
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+      const int row = warp_m + mi * 16 + g;
+      const int at[4] = {swizzle(row, t4), swizzle(row + 8, t4), swizzle(row, t4 + 4), swizzle(row + 8, t4 + 4)};
+#pragma unroll
+      for (int j = 0; j < 4; ++j) ah[mi][j] = s.a_high[at[j]], al[mi][j] = s.a_low[at[j]];
+    }
+#pragma unroll
+    for (int ni = 0; ni < kMmaN; ++ni) {
+      const int col = warp_n + ni * 8 + g;
+      const int at[2] = {swizzle(col, t4), swizzle(col, t4 + 4)};
+#pragma unroll
+      for (int j = 0; j < 2; ++j) bh[ni][j] = s.b_high[at[j]], bl[ni][j] = s.b_low[at[j]];
+    }
+
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kMmaN; ++ni) {
+        i32 hh[4] = {0, 0, 0, 0}, mid[4] = {0, 0, 0, 0}, ll[4] = {0, 0, 0, 0};
+        mma_16x8x32(hh, ah[mi], bh[ni]);
+        mma_16x8x32(mid, ah[mi], bl[ni]);
+        mma_16x8x32(mid, al[mi], bh[ni]);
+        mma_16x8x32(ll, al[mi], bl[ni]);
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          running[mi][ni][r] += combine_limbs(hh[r], mid[r], ll[r]);
+        }
+      }
+    }
+    if (ends_chain) {
+#pragma unroll
+      for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+        for (int ni = 0; ni < kMmaN; ++ni) {
+#pragma unroll
+          for (int r = 0; r < 4; ++r) {
+            acc[mi][ni][r] = add_chain(acc[mi][ni][r], i32(running[mi][ni][r]), scale_of(mi, ni, r, blk));
+            running[mi][ni][r] = 0u;
+          }
+        }
+      }
+    }
+
+    if (t + 1 < tile_count) store_tile(stages[(t + 1) & 1]);
+    __syncthreads();
+  }
+
+#pragma unroll
+  for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+    for (int ni = 0; ni < kMmaN; ++ni) {
+#pragma unroll
+      for (int r = 0; r < 4; ++r) {
+        const int m = m0 + warp_m + mi * 16 + g + 8 * (r >> 1);
+        const int n = n0 + warp_n + ni * 8 + 2 * t4 + (r & 1);
+        if (m < m_count && n < n_count) {
+          const float v = scale_result(acc[mi][ni][r], ra[m] + rb[n]);
+          out[i64(m) * n_count + n] = has_bias ? add_rn(v, bias[n]) : v;
+        }
+      }
+    }
+  }
+}
