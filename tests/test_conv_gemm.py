@@ -1,0 +1,98 @@
+"""The convolution GEMMs on every backend and CPU path (dfp::conv_gemm,
+dfp::conv_grad_weight_gemm): the compiled backend gathers patches per cache block, and
+must give the bits of the GEMM on the materialised patch matrix (im2col) exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import int16_operand, on_reference
+from torch.library import opcheck
+
+import dfp  # noqa: F401  (registers the ops)
+from dfp._patches import output_size
+
+# (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, K-block)
+CASES = {
+    "3x3": (2, 10, 9, 16, 1, (3, 3), (1, 1), (1, 1), 20, None),
+    "odd-channels-strided": (1, 7, 7, 3, 1, (3, 3), (2, 2), (1, 1), 5, None),
+    "groups-dilated": (3, 8, 11, 6, 2, (2, 3), (1, 2), (2, 1), 7, None),
+    "kblock-even": (2, 9, 9, 8, 1, (3, 3), (1, 1), (1, 1), 9, 4),
+    "kblock-odd-depthwise": (2, 9, 9, 9, 3, (3, 1), (1, 1), (1, 1), 4, 3),
+    "batch-0": (0, 5, 5, 4, 1, (3, 3), (1, 1), (1, 1), 4, None),
+    "1x1": (2, 4, 4, 10, 1, (1, 1), (1, 1), (1, 1), 3, None),
+    "many-slices": (1, 20, 20, 96, 1, (3, 3), (1, 1), (1, 1), 40, None),
+}
+
+
+def _operands(case, seed=0):
+    n, hp, wp, c, groups, kernel, stride, dilation, nout, kblock = case
+    k = kernel[0] * kernel[1] * c // groups
+    kblock = kblock or max(k, 1)
+    x = int16_operand((n, hp, wp, c), 2, seed)
+    w = int16_operand((groups, nout, k), 2, seed + 1).transpose(1, 2)  # strided, as the layers pass it
+    g = torch.Generator().manual_seed(seed + 2)
+    ew = torch.randint(-30, -5, (groups, -(-k // kblock), nout), generator=g, dtype=torch.int32)
+    ex = torch.tensor(-13, dtype=torch.int32)
+    bias = torch.randn(groups * nout, generator=g)
+    return x, ex, w, ew, kblock, list(kernel), list(stride), list(dilation), bias
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conv_gemm_equals_gemm_on_im2col(backend, name):
+    x, ex, w, ew, kblock, kernel, stride, dilation, bias = _operands(CASES[name])
+    args = (x, ex, 2, w, ew, 2, kblock, kernel, stride, dilation, bias)
+    got = torch.ops.dfp.conv_gemm(*args)
+    want = on_reference(torch.ops.dfp.conv_gemm, *args)
+    oh, ow = (output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
+    assert got.shape == (x.shape[0], oh, ow, w.shape[0] * w.shape[2])
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conv_grad_weight_gemm_equals_gemm_on_im2col(backend, name):
+    x, ex, w, _, _, kernel, stride, dilation, _ = _operands(CASES[name])
+    groups = CASES[name][4]
+    oh, ow = (output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
+    dy = int16_operand((x.shape[0], oh, ow, groups * w.shape[2]), 2, 7)
+    ey = torch.tensor(-9, dtype=torch.int32)
+    args = (dy, ey, 2, x, ex, 2, kernel, stride, dilation, groups)
+    got = torch.ops.dfp.conv_grad_weight_gemm(*args)
+    want = on_reference(torch.ops.dfp.conv_grad_weight_gemm, *args)
+    assert got.shape == (dy.shape[-1], w.shape[1])
+    assert torch.equal(got, want)
+
+
+def test_conv_gemms_worst_case_values_do_not_overflow(backend):
+    """All mantissas at +max over a long K, where a naive int32 sum would overflow: the
+    chains keep every product; the result equals the reference and the exact sum to
+    fp32 accuracy."""
+    n, c, nout = 2, 256, 8
+    m = 2**13 - 1
+    x = torch.full((n, 10, 10, c), m, dtype=torch.int16)
+    w = torch.full((1, 9 * c, nout), m, dtype=torch.int16)
+    zero = torch.zeros((), dtype=torch.int32)
+    ew = torch.zeros((1, 1, nout), dtype=torch.int32)
+    forward = (x, zero, 2, w, ew, 2, 9 * c, [3, 3], [1, 1], [1, 1], None)
+    dy = torch.full((n, 8, 8, nout), m, dtype=torch.int16)
+    weight = (dy, zero, 2, x, zero, 2, [3, 3], [1, 1], [1, 1], 1)
+    for op, args, terms in (
+        (torch.ops.dfp.conv_gemm, forward, 9 * c),
+        (torch.ops.dfp.conv_grad_weight_gemm, weight, n * 64),
+    ):
+        got = op(*args)
+        assert torch.equal(got, on_reference(op, *args))
+        exact = terms * m * m
+        assert exact > 2**31 - 1
+        assert torch.allclose(got.double(), torch.full_like(got, exact, dtype=torch.float64), rtol=2e-7, atol=0)
+
+
+@pytest.mark.parametrize("name", ["3x3", "groups-dilated", "kblock-odd-depthwise"])
+def test_opcheck_conv_gemms(name):
+    x, ex, w, ew, kblock, kernel, stride, dilation, bias = _operands(CASES[name])
+    opcheck(torch.ops.dfp.conv_gemm.default, (x, ex, 2, w, ew, 2, kblock, kernel, stride, dilation, bias))
+    groups = CASES[name][4]
+    oh, ow = (output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
+    dy = int16_operand((x.shape[0], oh, ow, groups * w.shape[2]), 2, 7)
+    ey = torch.tensor(-9, dtype=torch.int32)
+    opcheck(torch.ops.dfp.conv_grad_weight_gemm.default, (dy, ey, 2, x, ex, 2, kernel, stride, dilation, groups))
