@@ -40,8 +40,13 @@ def _channel_slices(channels: int, groups: int) -> list[slice]:
 
 
 def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """(N, H, W, C) -> (N, C, H, W) in the requested memory format."""
-    return y.permute(0, 3, 1, 2).contiguous(memory_format=_memory_format(channels_last))
+    """(N, H, W, C) -> (N, C, H, W) in the requested memory format, with the strides a
+    fresh tensor of that format has (also in size-1 dimensions, which ``contiguous``
+    leaves as they are: DDP's gradient buckets compare strides)."""
+    n, h, w, c = y.shape
+    strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    y = y.permute(0, 3, 1, 2)
+    return y if y.stride() == strides else torch.empty_strided(y.shape, strides).copy_(y)
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:

@@ -86,12 +86,20 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex,
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
   const std::vector<int32_t> ea(shape.pixels() * kl.nblocks, ex);
-  Packed& pb = workspace().b;
+  // A pointwise convolution's patches are the image's rows: read them in place.
+  const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
+  // Every task gathers its own block of patches, so all columns go in one task when
+  // they fit (the fp32 tile then spans them all).
+  const Blocking blocking{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512)};
+  Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
-    const PatchRows patches(x + g * shape.cg, shape, kl);
-    pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, pb, nthreads);
+    const int16_t* image = x + g * shape.cg;
+    const PatchRows patches(image, shape, kl);
+    if (pointwise) pack_a_int16(image, geometry.channels, 1, shape.pixels(), kl, uk.mr, ws.a, nthreads);
+    pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
     const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout};
-    gemm_packed(patches, pb, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads);
+    const ASource& a = pointwise ? static_cast<const ASource&>(ws.a) : patches;
+    gemm_packed(a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, blocking);
   }
 }
 
@@ -106,12 +114,18 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   // (each task reads all of dY, so not into single panels), handed out dynamically.
   const int64_t panels = (k + uk.nr - 1) / uk.nr, per_task = (panels + 4 * nthreads - 1) / (4 * nthreads);
   const Blocking blocking{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr)};
-  RowsA& dy_rows = workspace().a;
+  // Every task gathers its own block of patches; a pointwise convolution's patches are
+  // the image's rows, packed once instead.
+  const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
+  Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
-    pack_transposed(dy + g * cout_g, pixels, cout, cout_g, uk.mr, dy_rows, nthreads);
-    const PatchColumns patches(x + g * shape.cg, shape, uk.nr);
-    gemm_packed(dy_rows, patches, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
-                blocking);
+    const int16_t* image = x + g * shape.cg;
+    pack_transposed(dy + g * cout_g, pixels, cout, cout_g, uk.mr, ws.a, nthreads);
+    const PatchColumns patches(image, shape, uk.nr);
+    if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
+    const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
+    gemm_packed(ws.a, b, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
+                pointwise ? Blocking{} : blocking);
   }
 }
 

@@ -104,8 +104,40 @@ void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLa
   });
 }
 
+namespace {
+
+// B with unit K stride (a transposed row-major matrix, as a layer's weight is): a packed
+// K-pair is one 4-byte load from a column of B, so packing is a transpose of int32s.
+// Needs every pair inside one K-block (one block, or blocks of even length).
+void pack_b_columns(const int16_t* b, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads) {
+  const int64_t kp = kl.kpairs(), full_pairs = kl.k / 2, panels = (n + nr - 1) / nr;
+  out.allocate(n, nr, kp, panels * nr);
+  parallel_for(panels, nthreads, [&](int64_t p) {
+    int32_t* panel = out.panel(p);
+    for (int c = 0; c < nr; ++c) {
+      const int64_t col = p * nr + c;
+      if (col >= n) {
+        for (int64_t q = 0; q < kp; ++q) panel[q * nr + c] = 0;
+        continue;
+      }
+      const int16_t* src = b + col * sn;
+      for (int64_t q = 0; q < full_pairs; ++q) {
+        int32_t pair_bits;
+        std::memcpy(&pair_bits, src + 2 * q, 4);
+        panel[q * nr + c] = pair_bits;
+      }
+      const int64_t pairs = (kl.k + 1) / 2;
+      if (full_pairs < pairs) panel[full_pairs * nr + c] = pair(src[2 * full_pairs], 0);  // odd K
+      for (int64_t q = pairs; q < kp; ++q) panel[q * nr + c] = 0;  // the last K-block's padding
+    }
+  });
+}
+
+}  // namespace
+
 void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out,
                   int nthreads) {
+  if (sk == 1 && sn != 1 && (kl.nblocks == 1 || kl.kblock % 2 == 0)) return pack_b_columns(b, sn, n, kl, nr, out, nthreads);
   pack_b(n, kl, nr, out, nthreads, [&](int64_t k, int16_t* scratch) -> const int16_t* {
     const int16_t* src = b + k * sk;
     if (sn == 1) return src;

@@ -162,15 +162,20 @@ DFP_HD int group_of(int idx, int mode, int n_count, int inner, int block) {
   return ((t / n_count) * n_blocks + n / block) * inner + i;
 }
 
-// acc + float32(S) * s for one chain sum S (|S| < 2^31): the product is exact, one rounding
-// for the conversion and one for the sum, as dfp.reference does in fp32.
-DFP_HD float add_chain(float acc, i32 chain_sum, float s) {
+DFP_HD float int_to_float_rn(i32 x) {
 #ifdef __CUDA_ARCH__
-  return add_rn(acc, mul_rn(__int2float_rn(chain_sum), s));
+  return __int2float_rn(x);
 #else
-  return add_rn(acc, mul_rn(float(chain_sum), s));
+  return float(x);
 #endif
 }
+
+// acc + float32(S) * s for one chain sum S (|S| < 2^31): the product is exact, one rounding
+// for the conversion and one for the sum, as dfp.reference does in fp32.
+DFP_HD float add_chain(float acc, i32 chain_sum, float s) { return add_rn(acc, mul_rn(int_to_float_rn(chain_sum), s)); }
+
+// The same without K-blocks (s = 1: the multiply would change nothing).
+DFP_HD float add_chain(float acc, i32 chain_sum) { return add_rn(acc, int_to_float_rn(chain_sum)); }
 
 // The epilogue: float32(double(acc) * 2^e). In fp32 when 2^e is a normal fp32 number: one
 // rounding of the exact product either way, so the bits are those of the fp64 rule.
@@ -193,6 +198,6 @@ DFP_HD i32 limb_low(i32 x) { return i32(i8(x & 0xff)); }
 // mid = sum h l' + sum l h', ll = sum l l'. The true chain sum fits int32 (the contract),
 // so adding the pieces' contributions modulo 2^32 (unsigned, well defined) gives it exactly
 // even where a partial term would not fit.
-DFP_HD u32 combine_limbs(i32 hh, i32 mid, i32 ll) { return (u32(hh) << 16) + (u32(mid) << 7) + u32(ll); }
+DFP_HD u32 combine_limbs(i32 hh, i32 mid, i32 ll) { return (u32(hh) << 16) + (u32(mid) << 8) + u32(ll); }
 
 }  // namespace dfp

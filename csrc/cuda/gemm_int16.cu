@@ -21,10 +21,11 @@ constexpr int kTile = 64;   // rows and columns of C per block
 constexpr int kStep = 32;   // k per shared-memory step
 constexpr int kThreads = 256;
 
-// The fp32 scale of chain sums of block `blk` for output (m, n); 1 without K-blocks.
-__device__ __forceinline__ float block_scale(const float* sa, const float* sb, int kb, int n_count, int m, int n,
-                                             int blk) {
-  return kb == 1 ? 1.0f : mul_rn(sa[m * kb + blk], sb[blk * n_count + n]);
+// acc + float32(S) * (the scale of block `blk` for output (m, n)), without K-blocks acc + S.
+__device__ __forceinline__ float add_chain_sum(float acc, i32 chain_sum, const float* sa, const float* sb, int kb,
+                                               int n_count, int m, int n, int blk) {
+  if (kb == 1) return add_chain(acc, chain_sum);
+  return add_chain(acc, chain_sum, mul_rn(sa[m * kb + blk], sb[blk * n_count + n]));
 }
 
 }  // namespace
@@ -78,7 +79,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         for (int i = 0; i < 4; ++i) {
           for (int j = 0; j < 4; ++j) {
             const int m = min(m0 + ty * 4 + i, m_count - 1), n = min(n0 + tx * 4 + j, n_count - 1);
-            acc[i][j] = add_chain(acc[i][j], sums[i][j], block_scale(sa, sb, kb, n_count, m, n, blk));
+            acc[i][j] = add_chain_sum(acc[i][j], sums[i][j], sa, sb, kb, n_count, m, n, blk);
             sums[i][j] = 0;
           }
         }

@@ -111,14 +111,15 @@ __device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], cons
 
 }  // namespace
 
+// chain_per_tile: every tile is a whole chain (chains of 32), so no partial sum is carried.
 // vec8: K, lda, ldb and every tile's first k are multiples of 8 and both operands 16-byte
 // aligned (8 mantissas per 16-byte load). kb > 1: K-blocks with fp32 scales sa (M, KB),
-// sb (KB, N). Both are uniform over the launch, so their branches cost no divergence; one
-// kernel serves every case (its registers, ~255, allow one block of 8 warps per SM with or
-// without the K-block scales, so specialised variants would not raise occupancy).
+// sb (KB, N). All three are uniform over the launch, so their branches never diverge; one
+// kernel serves every case (its ~255 registers allow one block of 8 warps per SM in any
+// case, so specialised variants would not raise occupancy).
 extern "C" __global__ void __launch_bounds__(kThreads)
     dfp_gemm_mma(const short* __restrict__ a, int lda, const short* __restrict__ bt, int ldb, int m_count,
-                 int n_count, const int* __restrict__ tiles, int tile_count, int vec8_flag,
+                 int n_count, const int* __restrict__ tiles, int tile_count, int chain_per_tile_flag, int vec8_flag,
                  const float* __restrict__ sa, const float* __restrict__ sb, int kb, const int* __restrict__ ra,
                  const int* __restrict__ rb, const float* __restrict__ bias, int has_bias, float* __restrict__ out) {
   __shared__ __align__(16) Stage stages[2];
@@ -128,6 +129,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   const int warp_m = (warp / 4) * kWarpM, warp_n = (warp % 4) * kWarpN;
   const int m0 = blockIdx.x * kBlockM, n0 = blockIdx.y * kBlockN;
   const bool vec8 = vec8_flag != 0;
+  const bool chain_per_tile = chain_per_tile_flag != 0;
 
   // The two 8-mantissa chunks of A and of Bt that this thread moves per k tile.
   const short* a_rows[2];
@@ -170,12 +172,12 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   float acc[kMmaM][kMmaN][4] = {};
   u32 running[kMmaM][kMmaN][4] = {};  // the current chain's sum so far, modulo 2^32
 
-  // fp32 scale of a chain sum of block `blk` for the fragment element (mi, ni, r).
-  auto scale_of = [&](int mi, int ni, int r, int blk) -> float {
-    if (kb == 1) return 1.0f;
+  // acc += float32(S) * (the scale of block `blk` for fragment element (mi, ni, r)).
+  auto add_chain_sum = [&](float acc_value, u32 chain_sum, int mi, int ni, int r, int blk) -> float {
+    if (kb == 1) return add_chain(acc_value, i32(chain_sum));
     const int m = min(m0 + warp_m + mi * 16 + g + 8 * (r >> 1), m_count - 1);
     const int n = min(n0 + warp_n + ni * 8 + 2 * t4 + (r & 1), n_count - 1);
-    return mul_rn(sa[m * kb + blk], sb[blk * n_count + n]);
+    return add_chain(acc_value, i32(chain_sum), mul_rn(sa[m * kb + blk], sb[blk * n_count + n]));
   };
 
   if (tile_count > 0) {
@@ -217,18 +219,23 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         mma_16x8x32(ll, al[mi], bl[ni]);
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
-          running[mi][ni][r] += combine_limbs(hh[r], mid[r], ll[r]);
+          const u32 piece = combine_limbs(hh[r], mid[r], ll[r]);
+          if (chain_per_tile) {  // uniform: the piece is a whole chain
+            acc[mi][ni][r] = add_chain_sum(acc[mi][ni][r], piece, mi, ni, r, blk);
+          } else {
+            running[mi][ni][r] += piece;
+          }
         }
       }
     }
-    if (ends_chain) {
+    if (!chain_per_tile && ends_chain) {
 #pragma unroll
       for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
         for (int ni = 0; ni < kMmaN; ++ni) {
 #pragma unroll
           for (int r = 0; r < 4; ++r) {
-            acc[mi][ni][r] = add_chain(acc[mi][ni][r], i32(running[mi][ni][r]), scale_of(mi, ni, r, blk));
+            acc[mi][ni][r] = add_chain_sum(acc[mi][ni][r], running[mi][ni][r], mi, ni, r, blk);
             running[mi][ni][r] = 0u;
           }
         }
