@@ -87,7 +87,7 @@ extern "C" __global__ void dfp_exponents(const int* __restrict__ amax, int group
   }
 }
 
-struct Vec4Short {
+struct __align__(8) Vec4Short {  // one 8-byte store
   short x, y, z, w;
 };
 

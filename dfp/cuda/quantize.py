@@ -1,0 +1,118 @@
+"""DFP16 quantization and dequantization of CUDA tensors (``csrc/cuda/quantize.cu``),
+bit-identical to the CPU backends: same exponents, same rounding, and for stochastic
+rounding the same counter-based random bits of every element's flat index."""
+
+from __future__ import annotations
+
+import torch
+
+from .._errors import NonFiniteError
+from ..format import DFPTensor, canonical_view
+from .loader import blocks_for, check_int32, kernel
+
+_FILE = "quantize.cu"
+_THREADS = 256
+MAX_ELEMENTS = 2**30 - 1  # the kernels index with C ints and grid-stride loops (see quantize.cu)
+_U32 = 0xFFFFFFFF
+
+
+def _as_int32(u: int) -> int:
+    """A 32-bit pattern as the signed C int the launcher passes."""
+    return u - 2**32 if u >= 2**31 else u
+
+
+def _check_size(count: int) -> None:
+    if count > MAX_ELEMENTS:
+        raise ValueError(
+            f"dfp.cuda quantizes tensors of at most {MAX_ELEMENTS} elements, got {count}; quantize it in parts"
+        )
+
+
+def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
+    """int32 bit patterns of max |x| per group: (1,), (N,) or (O * ceil(N/B) * I,)."""
+    o, n, i = x.shape
+    count = x.numel()
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if mode == 0:
+        amax = torch.zeros(1, dtype=torch.int32, device=x.device)
+        launch = kernel(_FILE, "dfp_amax_tensor", x.device)
+        launch((blocks_for(count, _THREADS, 8 * sms), 1, 1), (_THREADS, 1, 1), [x, count, amax])
+    elif mode == 1:
+        amax = torch.zeros(n, dtype=torch.int32, device=x.device)
+        columns = -(-n * i // _THREADS)
+        # split the rows over enough blocks to fill the GPU, each block reading whole columns
+        row_blocks = min(o, 65535, max(1, (8 * sms) // columns))
+        rows_per_block = -(-o // row_blocks)
+        launch = kernel(_FILE, "dfp_amax_channel", x.device)
+        launch((columns, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, amax])
+    else:
+        groups = o * -(-n // block) * i
+        amax = torch.empty(groups, dtype=torch.int32, device=x.device)
+        launch = kernel(_FILE, "dfp_amax_block", x.device)
+        launch((blocks_for(groups, _THREADS, 8 * sms), 1, 1), (_THREADS, 1, 1), [x, o, n, i, block, amax])
+    return amax
+
+
+def quantize3d(
+    x: torch.Tensor, mode: int, block: int, headroom: int, stochastic: bool, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend contract (``dfp/backends/__init__.py``) on a CUDA tensor: contiguous
+    float32 ``x`` (O, N, I) -> int16 mantissas (O, N, I) and int32 exponents (1,), (N,) or
+    (O, ceil(N/block), I). Raises dfp.NonFiniteError on NaN/Inf (after one device sync)."""
+    if x.dtype != torch.float32 or not x.is_contiguous():
+        raise TypeError(
+            f"dfp.cuda quantizes contiguous float32 tensors, got {x.dtype} (contiguous: {x.is_contiguous()})"
+        )
+    o, n, i = x.shape
+    count = x.numel()
+    _check_size(count)
+    check_int32(o=o, n=n, i=i, block=block)
+    mantissa = torch.empty((o, n, i), dtype=torch.int16, device=x.device)
+    exponent_shape = (1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i)
+    if count == 0:
+        return mantissa, torch.full(exponent_shape, -149 - (15 - headroom) + 1, dtype=torch.int32, device=x.device)
+
+    amax = _group_amax(x, mode, block)
+    exponent = torch.empty(amax.numel(), dtype=torch.int32, device=x.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
+    groups = amax.numel()
+    kernel(_FILE, "dfp_exponents", x.device)(
+        (blocks_for(groups, _THREADS), 1, 1), (_THREADS, 1, 1), [amax, groups, headroom, exponent, nonfinite]
+    )
+    vec4 = int(mode == 0 and count % 4 == 0 and x.data_ptr() % 16 == 0)
+    seed &= 2**64 - 1
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    kernel(_FILE, "dfp_quantize", x.device)(
+        (blocks_for(count // 4 if vec4 else count, _THREADS, 16 * sms), 1, 1),
+        (_THREADS, 1, 1),
+        [x, count, mode, n, i, max(block, 1), exponent, headroom, int(stochastic),
+         _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, mantissa],
+    )  # fmt: skip
+    if int(nonfinite.item()):
+        raise NonFiniteError(
+            "cannot quantize a CUDA tensor that contains NaN/Inf: DFP16 represents finite numbers only; "
+            "find where it came from (torch.autograd.detect_anomaly helps in training) or clean it with "
+            "torch.nan_to_num"
+        )
+    return mantissa, exponent.view(exponent_shape)
+
+
+def dequantize(t: DFPTensor) -> torch.Tensor:
+    """float32 ``mantissa * 2**exponent`` of a DFPTensor on a CUDA device, in one kernel;
+    the same bits as ``DFPTensor.dequantize``."""
+    if t.mantissa.device.type != "cuda":
+        raise ValueError(f"dfp.cuda.dequantize needs a DFPTensor on a CUDA device, got one on {t.mantissa.device}")
+    (_, n, i), mode, block = canonical_view(t.shape, t.spec)
+    count = t.mantissa.numel()
+    _check_size(count)
+    out = torch.empty(t.shape, dtype=torch.float32, device=t.mantissa.device)
+    if count == 0:
+        return out
+    mantissa = t.mantissa.contiguous()
+    exponent = t.exponent.contiguous().reshape(-1)
+    kernel(_FILE, "dfp_dequantize", mantissa.device)(
+        (blocks_for(count, _THREADS), 1, 1),
+        (_THREADS, 1, 1),
+        [mantissa, count, mode, n, i, max(block, 1), exponent, out],
+    )
+    return out

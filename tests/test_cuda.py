@@ -1,0 +1,395 @@
+"""dfp.cuda: the loader and dispatch on any machine; on a GPU, every CUDA op bit-exact
+(integer parts and float results) against the CPU reference, and conv / linear training
+parity with the CPU path. The GPU tests skip, saying why, where there is no CUDA device."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from helpers import int16_operand, on_reference, wide_range
+
+import dfp
+import dfp.cuda
+from dfp import DFPSpec, DFPTensor
+from dfp._errors import BackendUnavailableError, NonFiniteError
+from dfp.cuda import gemm as cuda_gemm
+from dfp.cuda import loader
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _no_gpu_reason() -> str | None:
+    if not torch.cuda.is_available():
+        return f"no CUDA device (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    try:
+        loader.compilers()
+    except BackendUnavailableError as err:
+        return str(err)
+    return None
+
+
+needs_gpu = pytest.mark.skipif(_no_gpu_reason() is not None, reason=str(_no_gpu_reason()))
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env={**os.environ, **env},
+        cwd=ROOT,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+# ---- any machine ------------------------------------------------------------------------
+
+
+def test_import_registers_cuda_kernels_without_initialising_cuda():
+    done = _python(
+        """
+        import torch, dfp.cuda
+        has = torch._C._dispatch_has_kernel_for_dispatch_key
+        print(all(has(f"dfp::{op}", "CUDA") for op in ("quantize", "gemm", "matmul")), torch.cuda.is_initialized())
+        """
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True", "False"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_without_cuda_ops_fail_clearly():
+    assert not dfp.cuda.is_available()
+    with pytest.raises(
+        BackendUnavailableError, match="dfp.cuda needs an NVIDIA GPU, but torch .* (CPU-only build|sees no)"
+    ):
+        dfp.cuda.ensure_available()
+    with pytest.raises(BackendUnavailableError, match="needs an NVIDIA GPU"):
+        loader.kernel("quantize.cu", "dfp_quantize", 0)
+
+
+def test_no_compiler_is_a_clear_error(monkeypatch):
+    for compiler in loader.COMPILERS:
+        monkeypatch.setattr(type(compiler), "available", staticmethod(lambda: False))
+    with pytest.raises(BackendUnavailableError, match=r"neither is here.*pip install cupy-cuda12x"):
+        loader.compilers()
+
+
+class _FakeCompiler:
+    name = "fake"
+
+    def __init__(self, fail: bool = False):
+        self.compiled: list[loader.KernelKey] = []
+        self.fail = fail
+
+    def compile(self, key):
+        if self.fail:
+            raise RuntimeError("error: expected a ';'")
+        self.compiled.append(key)
+        return lambda grid, block, args: (key, grid, block, args)
+
+
+def test_kernel_cache_compiles_each_key_once():
+    fake = _FakeCompiler()
+    cache = loader.KernelCache(lambda: [fake])
+    key = loader.KernelKey(0, (8, 0), "gemm_mma.cu", "dfp_gemm_mma")
+    first = cache.get(key)
+    assert cache.get(loader.KernelKey(0, (8, 0), "gemm_mma.cu", "dfp_gemm_mma")) is first
+    cache.get(loader.KernelKey(0, (9, 0), "gemm_mma.cu", "dfp_gemm_mma"))  # another capability
+    cache.get(loader.KernelKey(1, (8, 0), "gemm_mma.cu", "dfp_gemm_mma"))  # another device
+    cache.get(loader.KernelKey(0, (8, 0), "gemm_mma.cu", "dfp_gemm_mma", (("X", 1),)))  # other options
+    assert len(fake.compiled) == len(cache) == 4
+    assert first((1, 1, 1), (32, 1, 1), [3])[0] == key
+
+
+def test_kernel_options_never_include_fast_math():
+    key = loader.KernelKey(0, (8, 6), "quantize.cu", "dfp_quantize", (("A", 2), ("B", 3)))
+    assert key.options() == ["-std=c++17", "-DA=2", "-DB=3"]
+
+
+def test_a_failing_compiler_falls_back_to_the_next():
+    fallback = _FakeCompiler()
+    cache = loader.KernelCache(lambda: [_FakeCompiler(fail=True), fallback])
+    cache.get(loader.KernelKey(0, (8, 6), "quantize.cu", "dfp_quantize"))
+    assert len(fallback.compiled) == 1
+
+
+def test_compile_errors_name_the_kernel_arch_and_every_compiler():
+    cache = loader.KernelCache(lambda: [_FakeCompiler(fail=True), _FakeCompiler(fail=True)])
+    with pytest.raises(RuntimeError, match=r"dfp_quantize of quantize.cu for sm_86: with fake: .*; with fake: "):
+        cache.get(loader.KernelKey(0, (8, 6), "quantize.cu", "dfp_quantize"))
+
+
+def test_compile_kernel_gets_a_cuda_home_without_a_toolkit(monkeypatch):
+    """torch.cuda._compile_kernel raises without $CUDA_HOME; the sources need no CUDA header."""
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", None)
+    with loader._cuda_home_for_nvrtc():
+        assert cpp_extension.CUDA_HOME == str(loader.source_dir())
+    assert cpp_extension.CUDA_HOME is None
+    monkeypatch.setattr(cpp_extension, "CUDA_HOME", "/opt/cuda")
+    with loader._cuda_home_for_nvrtc():
+        assert cpp_extension.CUDA_HOME == "/opt/cuda"
+
+
+def test_sizes_beyond_int32_are_refused():
+    with pytest.raises(ValueError, match=r"k=2147483648 does not fit the kernels' 32-bit sizes"):
+        loader.check_int32(k=2**31)
+
+
+@pytest.mark.parametrize(
+    ("capability", "ha", "hb", "want"),
+    [
+        ((9, 0), 2, 2, "mma"),
+        ((7, 5), 3, 1, "mma"),  # chains of 64
+        ((8, 0), 1, 1, "int16"),  # chains of 8: shorter than a k tile
+        ((8, 0), 0, 5, "int16"),  # headroom 0: beyond the balanced split
+        ((7, 0), 2, 2, "int16"),  # Volta: no int8 mma.sync
+        ((6, 1), 2, 2, "int16"),  # Pascal
+    ],
+)
+def test_default_gemm_path(monkeypatch, capability, ha, hb, want):
+    monkeypatch.delenv("DFP_CUDA_GEMM", raising=False)
+    assert cuda_gemm.choose_path(capability, ha, hb) == want
+
+
+def test_forced_gemm_path_is_checked(monkeypatch):
+    monkeypatch.setenv("DFP_CUDA_GEMM", "limbs")
+    assert cuda_gemm.choose_path((6, 1), 0, 0) == "limbs"
+    monkeypatch.setenv("DFP_CUDA_GEMM", "mma")
+    with pytest.raises(ValueError, match=r"DFP_CUDA_GEMM=mma cannot run .* headrooms \(1, 1\).*chain length here 8"):
+        cuda_gemm.choose_path((9, 0), 1, 1)
+    monkeypatch.setenv("DFP_CUDA_GEMM", "tensor-magic")
+    with pytest.raises(ValueError, match="choose one of mma, int16, limbs"):
+        cuda_gemm.choose_path((9, 0), 2, 2)
+
+
+def test_k_tiles_never_straddle_a_chain():
+    tiles = cuda_gemm.k_tiles(200, 48, 32)
+    assert tiles[:4] == ((0, 32, 1, 0), (32, 16, 1, 0), (48, 32, 1, 1), (80, 16, 1, 1))
+    covered = [k for t0, length, _, _ in tiles for k in range(t0, t0 + length)]
+    assert covered == list(range(200))
+    long = cuda_gemm.k_tiles(300, 300, 128)
+    assert [(t0, n, end) for t0, n, end, _ in long[:5]] == [
+        (0, 32, 0),
+        (32, 32, 0),
+        (64, 32, 0),
+        (96, 32, 1),
+        (128, 32, 0),
+    ]
+    with pytest.raises(ValueError, match="multiple of 32"):
+        cuda_gemm.k_tiles(100, 100, 8)
+
+
+def test_gpu_check_without_cuda_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("checks the message on a machine without CUDA")
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu_check"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "gpu_check needs an NVIDIA GPU" in done.stderr and "nothing was run" in done.stderr
+
+
+# ---- on a GPU ---------------------------------------------------------------------------
+
+QUANTIZE_CASES = {
+    "tensor": ((33, 70), DFPSpec()),
+    "tensor, aligned": ((64, 32), DFPSpec(headroom=3)),
+    "channel rows": ((9, 40), DFPSpec(axis=0)),
+    "channel columns": ((40, 9), DFPSpec(axis=1, headroom=1)),
+    "channel 4-D": ((2, 3, 5, 7), DFPSpec(axis=1)),
+    "block 32": ((6, 100), DFPSpec(axis=1, block=32)),
+    "block 7 inner": ((5, 23, 4), DFPSpec(axis=1, block=7, headroom=0)),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("case", QUANTIZE_CASES)
+def test_quantize_bit_exact(case, rounding):
+    shape, spec = QUANTIZE_CASES[case]
+    x = wide_range(shape, seed=1)
+    x.view(-1)[:2] = torch.tensor([0.0, 2.0**-149])
+    seed = -(2**63) + 977
+    args = (spec.headroom, spec.axis, spec.block, rounding == "stochastic", seed)
+    got_m, got_e = torch.ops.dfp.quantize(x.cuda(), *args)
+    want_m, want_e = on_reference(torch.ops.dfp.quantize, x, *args)
+    assert got_m.is_cuda and torch.equal(got_m.cpu(), want_m)
+    assert torch.equal(got_e.cpu(), want_e)
+
+
+@needs_gpu
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_quantize_refuses_non_finite(value):
+    x = torch.randn(5, 7, device="cuda")
+    x[3, 2] = value
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        torch.ops.dfp.quantize(x, 2, None, None, False, 0)
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", QUANTIZE_CASES)
+def test_dequantize_bit_exact(case):
+    shape, spec = QUANTIZE_CASES[case]
+    q = on_reference(dfp.quantize, wide_range(shape, seed=2), spec)
+    on_gpu = DFPTensor(q.mantissa.cuda(), q.exponent.cuda(), q.spec)
+    assert torch.equal(dfp.cuda.dequantize(on_gpu).cpu(), q.dequantize())
+
+
+def _gemm_operands(m, k, n, ha, hb, kblock, seed=0, values="random"):
+    if values == "extremes":
+        g = torch.Generator().manual_seed(seed)
+        a = ((torch.randint(0, 2, (m, k), generator=g) * 2 - 1) * (2 ** (15 - ha) - 1)).to(torch.int16)
+        b = ((torch.randint(0, 2, (k, n), generator=g) * 2 - 1) * (2 ** (15 - hb) - 1)).to(torch.int16)
+    else:
+        a, b = int16_operand((m, k), ha, seed), int16_operand((k, n), hb, seed + 1)
+    kb = -(-k // kblock)
+    g = torch.Generator().manual_seed(seed + 2)
+    ea = torch.randint(-40, 10, (m, kb), generator=g, dtype=torch.int32)
+    eb = torch.randint(-40, 10, (kb, n), generator=g, dtype=torch.int32)
+    return a, ea, ha, b, eb, hb, kblock, torch.randn(n, generator=g)
+
+
+GEMM_CASES = {
+    "odd shape": (3, 5, 7, 2, 2, 5, "random"),
+    "one tile, bias": (130, 64, 129, 2, 2, 64, "random"),
+    "K not a multiple of 8": (70, 100, 33, 2, 2, 100, "random"),
+    "kblock 48": (40, 200, 50, 2, 2, 48, "random"),
+    "kblock 7": (17, 60, 9, 2, 2, 7, "random"),
+    "chains of 128": (64, 700, 72, 3, 3, 700, "random"),
+    "chains of 8": (20, 50, 20, 1, 1, 50, "random"),
+    "headroom 0": (20, 40, 24, 0, 0, 40, "random"),
+    "extremes, headroom 2": (129, 256, 131, 2, 2, 256, "extremes"),
+    "extremes, headroom 1 x 3": (64, 160, 64, 1, 3, 160, "extremes"),
+    "M 1 (small-M fallback)": (1, 96, 40, 2, 2, 96, "random"),
+}
+
+
+def _paths_for(ha: int, hb: int) -> list[str]:
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
+    return [p for p in cuda_gemm.PATHS if p != "mma" or cuda_gemm.mma_applies(capability, ha, hb)]
+
+
+@needs_gpu
+@pytest.mark.parametrize("transposed", [False, True], ids=["b row-major", "b transposed"])
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_gemm_bit_exact_on_every_path(monkeypatch, case, transposed):
+    a, ea, ha, b, eb, hb, kblock, bias = _gemm_operands(*GEMM_CASES[case])
+    want = on_reference(torch.ops.dfp.gemm, a, ea, ha, b, eb, hb, kblock, bias)
+    b_gpu = b.t().contiguous().cuda().t() if transposed else b.cuda()
+    for path in _paths_for(ha, hb):
+        monkeypatch.setenv("DFP_CUDA_GEMM", path)
+        got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), ha, b_gpu, eb.cuda(), hb, kblock, bias.cuda())
+        assert torch.equal(got.cpu(), want), path
+
+
+@needs_gpu
+def test_gemm_opcheck():
+    a, ea, ha, b, eb, hb, kblock, bias = _gemm_operands(40, 96, 24, 2, 2, 32)
+    args = (a.cuda(), ea.cuda(), ha, b.cuda(), eb.cuda(), hb, kblock, bias.cuda())
+    torch.library.opcheck(torch.ops.dfp.gemm.default, args)
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    "spec", [DFPSpec(), DFPSpec(axis=0), DFPSpec(axis=1, block=32, rounding="stochastic")], ids=str
+)
+def test_matmul_bit_exact(spec):
+    x, y = wide_range((50, 130), seed=3), wide_range((130, 20), seed=4)
+    args = (spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", 11, -12)
+    got = torch.ops.dfp.matmul(x.cuda(), y.cuda(), *args)
+    assert torch.equal(got.cpu(), on_reference(torch.ops.dfp.matmul, x, y, *args))
+
+
+def _train(device: str, steps: int = 3):
+    """A few steps of a small dfp16-sr conv net on ``device``; its losses and final weights.
+
+    Everything outside dfp's integer GEMMs is made device-independent, so the two runs
+    can agree bit for bit: no biases (their gradients are torch reductions, summed in
+    another order on a GPU), the loss and its gradient on the CPU, plain SGD with a
+    power-of-two learning rate (the product is exact, so a fused multiply-add rounds as a
+    multiply and an add do), and the gradients' stochastic-rounding seeds from torch's CPU
+    generator, reseeded every step.
+    """
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, stride=2, groups=2, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(8 * 4 * 4, 5, bias=False),
+    )
+    model = dfp.convert(model, "dfp16-sr").to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=2.0**-4)
+    g = torch.Generator().manual_seed(1)
+    losses = []
+    for _ in range(steps):
+        x = torch.randn(4, 3, 10, 10, generator=g)
+        target = torch.randint(0, 5, (4,), generator=g)
+        torch.manual_seed(7)
+        loss = torch.nn.functional.cross_entropy(model(x.to(device)).cpu(), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    return losses, [p.detach().cpu() for p in model.parameters()]
+
+
+@needs_gpu
+def test_conv_layer_bit_exact_against_cpu():
+    torch.manual_seed(0)
+    conv = dfp.nn.Conv2d(4, 6, 3, padding=1, fmt="dfp16")
+    conv_gpu = dfp.nn.Conv2d(4, 6, 3, padding=1, fmt="dfp16").cuda()
+    conv_gpu.load_state_dict(conv.state_dict())
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    x_gpu = x.detach().cuda().requires_grad_()
+    y, y_gpu = conv(x), conv_gpu(x_gpu)
+    assert torch.equal(y_gpu.detach().cpu(), y.detach())  # the bias is added in the GEMM epilogue
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_gpu.backward(grad.cuda())
+    assert torch.equal(x_gpu.grad.cpu(), x.grad)
+    assert torch.equal(conv_gpu.weight.grad.cpu(), conv.weight.grad)
+    # the bias gradient is torch's own reduction on each device
+    assert torch.equal(conv_gpu.bias.grad, grad.cuda().sum(dim=(0, 2, 3)))
+
+
+@needs_gpu
+def test_linear_layer_bit_exact_against_cpu():
+    torch.manual_seed(0)
+    linear = dfp.nn.Linear(40, 24, bias=False, fmt="dfp16-sr")
+    linear_gpu = dfp.nn.Linear(40, 24, bias=False, fmt="dfp16-sr").cuda()
+    linear_gpu.load_state_dict(linear.state_dict())
+    x = torch.randn(3, 7, 40, requires_grad=True)
+    x_gpu = x.detach().cuda().requires_grad_()
+    y, y_gpu = linear(x), linear_gpu(x_gpu)
+    assert torch.equal(y_gpu.detach().cpu(), y.detach())
+    grad = torch.randn_like(y)
+    torch.manual_seed(3)
+    y.backward(grad)
+    torch.manual_seed(3)
+    y_gpu.backward(grad.cuda())
+    assert torch.equal(x_gpu.grad.cpu(), x.grad)
+    assert torch.equal(linear_gpu.weight.grad.cpu(), linear.weight.grad)
+
+
+@needs_gpu
+def test_training_parity_with_cpu():
+    cpu_losses, cpu_weights = _train("cpu")
+    gpu_losses, gpu_weights = _train("cuda")
+    assert gpu_losses == cpu_losses
+    assert all(torch.equal(g, c) for g, c in zip(gpu_weights, cpu_weights))
