@@ -6,10 +6,12 @@ fused multiply-add would change bits. -fno-strict-aliasing: int16 mantissas are 
 as int32 K-pairs."""
 
 import platform
+import shutil
 from pathlib import Path
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
 
 COMMON = ["-O2", "-std=c++17", "-ffp-contract=off", "-fno-strict-aliasing", "-fvisibility=hidden", "-Wall", "-Wextra"]
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
@@ -46,6 +48,18 @@ class PerFileFlagsBuildExt(build_ext):
         super().build_extensions()
 
 
+class BuildPyWithCudaSources(build_py):
+    """Ships csrc/cuda (compiled at run time by NVRTC, never at install) as dfp/cuda/src."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / "dfp" / "cuda" / "src"
+        target.mkdir(parents=True, exist_ok=True)
+        for source in sorted(Path("csrc/cuda").iterdir()):
+            if source.suffix in (".cu", ".h"):
+                shutil.copy2(source, target / source.name)
+
+
 ParallelCompile("DFP_BUILD_JOBS", default=0).install()  # all cores; DFP_BUILD_JOBS=1 for one
 
 sources = ["csrc/bindings.cpp"] + sorted(
@@ -61,5 +75,5 @@ setup(
             define_macros=[("DFP_X86_KERNELS", "1")] if X86 else [],
         )
     ],
-    cmdclass={"build_ext": PerFileFlagsBuildExt},
+    cmdclass={"build_ext": PerFileFlagsBuildExt, "build_py": BuildPyWithCudaSources},
 )

@@ -108,7 +108,7 @@ def conv_gemm(
     if k == 0:  # no exponents to read
         y = x.new_zeros((x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout), dtype=torch.float32)
         return y if bias is None else y + bias
-    fused = getattr(backends.active(), "conv_gemm", None)
+    fused = getattr(backends.active(), "conv_gemm", None) if x.device.type == "cpu" else None
     if fused is not None:
         return fused(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
@@ -144,7 +144,7 @@ def conv_grad_weight_gemm(
     dy: contiguous int16 (N, OH, OW, Cout), exponent ey (0-d); x as in ``conv_gemm``.
     The reduction runs over the N*OH*OW output pixels.
     """
-    fused = getattr(backends.active(), "conv_grad_weight_gemm", None)
+    fused = getattr(backends.active(), "conv_grad_weight_gemm", None) if dy.device.type == "cpu" else None
     if fused is not None:
         return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)

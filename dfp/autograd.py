@@ -43,10 +43,10 @@ def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """(N, H, W, C) -> (N, C, H, W) in the requested memory format, with the strides a
     fresh tensor of that format has (also in size-1 dimensions, which ``contiguous``
     leaves as they are: DDP's gradient buckets compare strides)."""
-    n, h, w, c = y.shape
+    _, h, w, c = y.shape
     strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     y = y.permute(0, 3, 1, 2)
-    return y if y.stride() == strides else torch.empty_strided(y.shape, strides).copy_(y)
+    return y if y.stride() == strides else torch.empty_strided(y.shape, strides, device=y.device).copy_(y)
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -58,8 +58,9 @@ def _empty(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.float32, device=like.device, memory_format=_memory_format(channels_last))
 
 
-def _nan(shape, channels_last: bool) -> torch.Tensor:
-    return torch.full(shape, float("nan")).contiguous(memory_format=_memory_format(channels_last))
+def _nan(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """A float32 tensor of NaN on ``like``'s device."""
+    return torch.full(shape, float("nan"), device=like.device).contiguous(memory_format=_memory_format(channels_last))
 
 
 def _columns(t: DFPTensor, columns: slice) -> DFPTensor:
@@ -152,12 +153,12 @@ def conv2d(
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     if not forward_dfp:
-        with torch.autocast("cpu", enabled=False):
+        with torch.autocast(x.device.type, enabled=False):
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, xq.exponent
     wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
     if layout.is_nonfinite(xq, wq):
-        return _nan((n, cout, oh, ow), channels_last), x_padded, xq.exponent
+        return _nan((n, cout, oh, ow), x, channels_last), x_padded, xq.exponent
     cout_g = cout // groups
     w_cols = wq.mantissa.reshape(groups, cout_g, kh * kw * weight.shape[1]).transpose(1, 2)  # (G, K, Cout/G)
     per_channel = wq.exponent.dim() > 0
@@ -225,7 +226,7 @@ def conv2d_grad_input(
     wq = _grad_input_weights(weight, groups, headroom, weight_channel)
     dy = DFPTensor(grad_q.flatten(0, 2), grad_exponent, DFPSpec(headroom))
     if layout.is_nonfinite(dy, wq):
-        return _nan(input_shape, channels_last)
+        return _nan(input_shape, grad_q, channels_last)
     cout_g = wq.mantissa.shape[1]
     as_conv = (
         stride == [1, 1]
@@ -263,7 +264,7 @@ def conv2d_grad_weight(
     cout, cin_g, kh, kw = weight_shape
     spec = DFPSpec(headroom)
     if layout.is_nonfinite(DFPTensor(grad_q, grad_exponent, spec), DFPTensor(input_q, input_exponent, spec)):
-        return _nan(weight_shape, channels_last)
+        return _nan(weight_shape, grad_q, channels_last)
     grad = torch.ops.dfp.conv_grad_weight_gemm(
         grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups
     )
@@ -304,7 +305,7 @@ def _backward(ctx, grad_y, _grad_x_padded, _grad_x_exponent):
     headroom, weight_channel, grad_input_dfp, grad_weight_dfp, stochastic = ctx.config
     input_last, weight_last = ctx.channels_last
     grad_x = grad_w = grad_b = None
-    with torch.autocast("cpu", enabled=False):
+    with torch.autocast(grad_y.device.type, enabled=False):
         if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
             seed = torch.randint(-(2**63), 2**63 - 1, ()) if stochastic else torch.zeros((), dtype=torch.int64)

@@ -146,8 +146,8 @@ def check_float_input(x: object, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype != torch.float32:
         raise TypeError(f"{name} must be float32, got {x.dtype}; convert it with {name}.float()")
-    if x.device.type != "cpu":
-        raise ValueError(f"{name} is on {x.device}; the DFP16 kernels of this build run on the CPU")
+    if x.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {x.device}; dfp's DFP16 kernels run on CPU and CUDA tensors")
     return x
 
 

@@ -146,8 +146,8 @@ def _pad(x: torch.Tensor, padding, padding_mode: str) -> tuple[torch.Tensor, tup
 def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, channels_last: bool) -> torch.Tensor:
     """The registered DFP16 convolution on float32 views of the tensors (a no-op for
     float32; exact for bf16 and fp16 inputs)."""
-    _check_cpu(x, "x")
-    _check_cpu(weight, "weight")
+    _check_device(x, "x")
+    _check_device(weight, "weight")
     y, _, _ = torch.ops.dfp.conv2d(
         x.float(), weight.float(), None if bias is None else bias.float(),
         list(stride), list(padding), list(dilation), groups,
@@ -181,9 +181,9 @@ def _check_tensor(t: object, name: str) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
-def _check_cpu(t: torch.Tensor, name: str) -> None:
-    if t.device.type != "cpu":
-        raise ValueError(f"{name} is on {t.device}; the DFP16 layers of this build run on the CPU")
+def _check_device(t: torch.Tensor, name: str) -> None:
+    if t.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name} is on {t.device}; dfp's DFP16 layers run on CPU and CUDA tensors")
 
 
 def _check_bias(bias: torch.Tensor | None, channels: int, op: str) -> None:

@@ -28,7 +28,7 @@ def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> tor
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
     ea, eb, kblock = gemm_layout(a, b)  # validates the exponent layouts, also for K = 0
     if k == 0:
-        out = torch.zeros(m, n)
+        out = torch.zeros(m, n, device=a.mantissa.device)
         return out + bias if bias is not None else out
     return torch.ops.dfp.gemm(a.mantissa, ea, a.spec.headroom, b.mantissa, eb, b.spec.headroom, kblock, bias)
 
