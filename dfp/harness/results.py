@@ -1,0 +1,141 @@
+"""The study's results on disk: JSON Lines files that survive an interrupted study.
+
+``results.jsonl`` holds one finished run per line, ``{"config": ..., "result": ...,
+"environment": ..., "finished_at": ...}``, appended (flushed and fsynced) the moment the
+run ends. A run is identified by its whole ``config`` (data, model, format, batch size,
+seed, epochs, learning rate, ...): a study skips every run whose config is already in
+the file, so running the same command again resumes where it stopped.
+
+``progress.jsonl`` gets one line per finished epoch, ``{"config": ..., "attempt": ...,
+"epoch": {...}}``, so an interrupted run still shows how far it got; ``attempt`` tells
+two tries of the same run apart. A resumed run starts again from its first epoch.
+
+A line that does not parse (an interrupted write leaves a partial last line) is skipped
+with a ``CorruptLineWarning`` naming the file and line, never an error; the next append
+starts on a new line, so the partial text stays in the file untouched. ``start_fresh``
+renames both files aside (``results.<time>.jsonl``) instead of deleting them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+RESULTS_FILE = "results.jsonl"
+PROGRESS_FILE = "progress.jsonl"
+
+
+class CorruptLineWarning(UserWarning):
+    """A line of a results file that is not a JSON object of the expected shape."""
+
+
+def config_key(config: Mapping[str, Any]) -> str:
+    """The identity of a run: its config as canonical JSON (sorted keys, no spaces)."""
+    return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    """The JSON objects of ``path``, one per line, skipping (with a warning) lines that
+    do not parse or lack one of the ``required`` keys; [] if the file does not exist."""
+    if not path.exists():
+        return []
+    records = []
+    with path.open("r", encoding="utf-8", errors="replace") as file:
+        lines = file.read().split("\n")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            last = number == len(lines) or (number == len(lines) - 1 and not lines[-1])
+            why = "an interrupted write" if last else "a damaged line"
+            warnings.warn(f"{path}:{number}: skipping a line that is not JSON ({why}?): {err}", CorruptLineWarning)
+            continue
+        missing = [key for key in required if not isinstance(record, dict) or key not in record]
+        if missing:
+            warnings.warn(f"{path}:{number}: skipping a record without {missing}", CorruptLineWarning)
+            continue
+        records.append(record)
+    return records
+
+
+def append_jsonl(path: Path, record: Mapping[str, Any]) -> None:
+    """Append ``record`` as one line and make it durable (flush + fsync) before returning."""
+    line = json.dumps(record, sort_keys=True, allow_nan=False) + "\n"
+    with path.open("a+b") as file:
+        file.seek(0, os.SEEK_END)
+        if file.tell() > 0:
+            file.seek(-1, os.SEEK_END)
+            if file.read(1) != b"\n":
+                line = "\n" + line  # leave a partial last line alone, on a line of its own
+        file.write(line.encode("utf-8"))
+        file.flush()
+        os.fsync(file.fileno())
+
+
+class ResultStore:
+    """``results.jsonl`` and ``progress.jsonl`` in ``directory`` (created if needed)."""
+
+    def __init__(self, directory: str | os.PathLike) -> None:
+        self.directory = Path(directory)
+        if self.directory.exists() and not self.directory.is_dir():
+            raise NotADirectoryError(f"results directory {self.directory} exists and is not a directory")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.results_path = self.directory / RESULTS_FILE
+        self.progress_path = self.directory / PROGRESS_FILE
+
+    def load(self) -> list[dict[str, Any]]:
+        """Every finished run, in the order they finished."""
+        return read_jsonl(self.results_path, required=("config", "result"))
+
+    def finished_keys(self) -> set[str]:
+        """``config_key`` of every finished run."""
+        return {config_key(record["config"]) for record in self.load()}
+
+    def append(self, record: Mapping[str, Any]) -> None:
+        """Store one finished run (a dict with at least "config" and "result")."""
+        if "config" not in record or "result" not in record:
+            raise ValueError(f"a result record needs 'config' and 'result', got keys {sorted(record)}")
+        append_jsonl(self.results_path, record)
+
+    def load_progress(self) -> list[dict[str, Any]]:
+        """Every per-epoch progress line, in the order written."""
+        return read_jsonl(self.progress_path, required=("config", "attempt", "epoch"))
+
+    def append_progress(self, config: Mapping[str, Any], attempt: str, epoch: Mapping[str, Any]) -> None:
+        """Record one finished epoch of the run ``config`` (try ``attempt``)."""
+        append_jsonl(self.progress_path, {"config": dict(config), "attempt": attempt, "epoch": dict(epoch)})
+
+    def start_fresh(self) -> list[Path]:
+        """Rename the existing results and progress files aside so that the study starts
+        empty; returns the new names of the files moved (nothing is deleted)."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        moved = []
+        for path in (self.results_path, self.progress_path):
+            if not path.exists():
+                continue
+            target = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+            counter = 1
+            while target.exists():
+                target = path.with_name(f"{path.stem}.{stamp}-{counter}{path.suffix}")
+                counter += 1
+            path.rename(target)
+            moved.append(target)
+        return moved
+
+
+def time_to_target(epochs: list[dict[str, Any]], target_accuracy: float | None) -> float | None:
+    """The training seconds at the first epoch whose reported accuracy reaches
+    ``target_accuracy`` (a fraction), or None if none does (or no target is set)."""
+    if target_accuracy is None:
+        return None
+    for record in epochs:
+        if record["accuracy"] >= target_accuracy:
+            return record["seconds"]
+    return None

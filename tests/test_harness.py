@@ -1,0 +1,448 @@
+"""The comparison harness (issue 4): command-line checks, the learning-rate schedule, the
+results store and its resume, the Pareto front, the report and its plots, and short
+training runs of the main job through the command line."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import dfp
+from dfp import models
+from dfp.harness import cli, environment, formats, report, study
+from dfp.harness.results import CorruptLineWarning, ResultStore, config_key, time_to_target
+from dfp.harness.schedule import Schedule, scaled_lr
+
+# ---------------------------------------------------------------- command line
+
+
+def _error(capsys, argv: list[str]) -> str:
+    """The message of a command line that must fail with argparse's usage error."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--formats", "fp32,fp8"], "unknown format 'fp8'"),
+        (["--formats", "fp32,fp32"], "names an item twice"),
+        (["--model", "vgg16"], "unknown model 'vgg16'"),
+        (["--batch-sizes", "32,0"], "'0' is not a positive integer"),
+        (["--seeds", "a"], "'a' is not a non-negative integer"),
+        (["--lr", "nan"], "'nan' is not a positive finite number"),
+        (["--momentum", "1"], "momentum in [0, 1)"),
+        (["--target-accuracy", "97"], "fraction in (0, 1]"),
+        (["--epochs", "3", "--warmup-epochs", "3.5"], "must not exceed --epochs 3"),
+        (["--epochs", "3", "--swa-start", "4"], "after the last epoch"),
+        (["--data", "imagenet"], "invalid choice: 'imagenet'"),
+        (["--compress", "int8"], "invalid choice: 'int8'"),
+    ],
+)
+def test_cli_rejects_bad_options(capsys, argv, message):
+    assert message in _error(capsys, argv)
+
+
+def test_cli_rejects_unknown_fp32_layer_and_lists_the_layers(capsys, tmp_path):
+    err = _error(capsys, ["--fp32-layers", "first,conv9", "--out", str(tmp_path)])
+    assert "no module named 'conv9'" in err and "conv1" in err and "fc" in err
+
+
+def test_cli_names_the_missing_data_directory(capsys, tmp_path):
+    assert "needs root" in _error(capsys, ["--data", "mnist", "--out", str(tmp_path)])
+    err = _error(capsys, ["--data", "mnist", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    assert "absent" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_cli_rejects_cuda_without_a_gpu(capsys):
+    assert "sees no CUDA device; use --device cpu" in _error(capsys, ["--device", "cuda"])
+
+
+def test_cli_says_what_to_use_when_fp16_cannot_run(capsys, monkeypatch):
+    real_probe = formats._probe
+    monkeypatch.setattr(
+        formats,
+        "_probe",
+        lambda name, device: "RuntimeError: no fp16 conv" if name == "fp16" else real_probe(name, device),
+    )
+    err = _error(capsys, ["--formats", "fp32,fp16"])
+    assert "format 'fp16' cannot train on cpu: RuntimeError: no fp16 conv; use bf16 instead" in err
+
+
+def test_report_command_needs_an_existing_study(capsys, tmp_path):
+    assert cli.main(["report", "--out", str(tmp_path / "none")]) == 2
+    assert "results.jsonl does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def test_linear_scaling_rule():
+    assert scaled_lr(0.1, 256, 32) == pytest.approx(0.8)
+    assert scaled_lr(0.1, 16, 32) == pytest.approx(0.05)
+    with pytest.raises(ValueError, match="positive"):
+        scaled_lr(0.1, 0, 32)
+
+
+def test_warm_up_then_cosine_to_zero():
+    schedule = Schedule.build(0.1, 128, 32, warmup_epochs=1, epochs=4, steps_per_epoch=10)
+    assert (schedule.peak_lr, schedule.start_lr, schedule.warmup_steps, schedule.total_steps) == (
+        pytest.approx(0.4),
+        0.1,
+        10,
+        40,
+    )
+    # Linear from base_lr (the small batch's rate) to the peak over the first epoch.
+    assert [schedule.learning_rate(s) for s in (0, 5, 10)] == pytest.approx([0.1, 0.25, 0.4])
+    # Cosine: half the peak halfway through the decay, zero at the end.
+    assert schedule.learning_rate(25) == pytest.approx(0.2)
+    assert schedule.learning_rate(40) == 0.0
+    rates = [schedule.learning_rate(s) for s in range(10, 40)]
+    assert all(a > b > 0 for a, b in itertools.pairwise(rates))
+
+
+def test_small_batch_needs_no_warm_up_and_swalp_holds_the_rate():
+    small = Schedule.build(0.1, 16, 32, warmup_epochs=1, epochs=2, steps_per_epoch=10)
+    assert small.learning_rate(0) == small.learning_rate(9) == pytest.approx(0.05)
+    held = Schedule.build(0.1, 32, 32, warmup_epochs=0, epochs=4, steps_per_epoch=10, hold_from_epoch=3)
+    assert held.learning_rate(0) == pytest.approx(0.1)
+    assert held.learning_rate(20) == held.learning_rate(39) == pytest.approx(0.05)
+    assert held.learning_rate(19) > held.learning_rate(20)
+
+
+# ---------------------------------------------------------------- results store
+
+
+def _record(fmt: str, batch_size: int, seed: int, seconds: float, accuracy: float, **config) -> dict:
+    """A finished run as the harness writes it, with one epoch at ``seconds`` and a
+    second one (more accurate by one point) at twice that."""
+    epochs = [
+        {"epoch": 1, "accuracy": accuracy - 0.01, "trained_accuracy": accuracy - 0.01, "seconds": seconds / 2},
+        {"epoch": 2, "accuracy": accuracy, "trained_accuracy": accuracy, "seconds": seconds},
+    ]
+    base = {
+        "data": "digits",
+        "model": "small_cnn",
+        "format": fmt,
+        "batch_size": batch_size,
+        "seed": seed,
+        "epochs": 2,
+        "base_lr": 0.05,
+        "base_batch_size": 32,
+        "warmup_epochs": 1.0,
+        "momentum": 0.9,
+        "weight_decay": 0.0,
+        "fp32_layers": [],
+        "swa_start": 2 if fmt == "swalp" else None,
+        "augment": False,
+        "device": "cpu",
+        "threads": 2,
+        "world_size": 1,
+        "compress": "none",
+        "limit_train_batches": None,
+    }
+    if fmt == "swalp":
+        epochs[-1]["swa_accuracy"] = accuracy
+    return {
+        "config": {**base, **config},
+        "result": {
+            "final_accuracy": accuracy,
+            "trained_accuracy": accuracy - 0.005,
+            "train_seconds": seconds,
+            "data_seconds": 0.1,
+            "eval_seconds": 0.2,
+            "images_per_second": 1000 / seconds,
+            "steps": 20,
+            "images": 1000,
+            "time_to_target_seconds": None,
+            "target_accuracy": 0.95,
+            "diverged": False,
+            "epochs": epochs,
+        },
+        "environment": {"device_name": "Test CPU", "torch": torch.__version__, "dfp": "0", "dfp_cpu_isa": "scalar"},
+    }
+
+
+def test_store_appends_and_resumes_by_config(tmp_path):
+    store = ResultStore(tmp_path / "out")
+    first, second = _record("fp32", 32, 0, 2.0, 0.97), _record("dfp16", 32, 0, 1.0, 0.96)
+    store.append(first)
+    store.append(second)
+    assert [r["config"]["format"] for r in ResultStore(tmp_path / "out").load()] == ["fp32", "dfp16"]
+    assert store.finished_keys() == {config_key(first["config"]), config_key(second["config"])}
+    # Key order does not matter; any changed setting makes another run.
+    assert config_key(dict(reversed(list(first["config"].items())))) == config_key(first["config"])
+    assert config_key({**first["config"], "seed": 1}) not in store.finished_keys()
+    with pytest.raises(ValueError, match="needs 'config' and 'result'"):
+        store.append({"config": {}})
+
+
+def test_a_partial_last_line_is_skipped_with_a_warning_and_kept(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append(_record("fp32", 32, 0, 2.0, 0.97))
+    with store.results_path.open("a") as file:
+        file.write('{"config": {"data": "dig')  # the write a kill interrupted
+    with pytest.warns(CorruptLineWarning, match=r"results.jsonl:2: .*interrupted write"):
+        assert len(store.load()) == 1
+    store.append(_record("dfp16", 32, 0, 1.0, 0.96))
+    lines = store.results_path.read_text().splitlines()
+    assert lines[1] == '{"config": {"data": "dig'  # nothing lost, the new record on its own line
+    with pytest.warns(CorruptLineWarning, match=r"results.jsonl:2: .*damaged line"):
+        assert [r["config"]["format"] for r in store.load()] == ["fp32", "dfp16"]
+
+
+def test_fresh_moves_the_old_files_aside(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append(_record("fp32", 32, 0, 2.0, 0.97))
+    store.append_progress({"format": "fp32"}, "a1", {"epoch": 1})
+    before = store.results_path.read_text()
+    moved = store.start_fresh()
+    assert sorted(p.name.split(".")[0] for p in moved) == ["progress", "results"]
+    assert not store.results_path.exists() and store.load() == []
+    assert next(p for p in moved if p.name.startswith("results")).read_text() == before
+    store.append(_record("fp32", 32, 0, 2.0, 0.97))
+    assert len(store.start_fresh()) == 1 and len(list(tmp_path.glob("results.*.jsonl"))) == 2
+
+
+def test_time_to_target_is_the_first_epoch_that_reaches_it():
+    epochs = _record("fp32", 32, 0, 4.0, 0.97)["result"]["epochs"]
+    assert time_to_target(epochs, 0.96) == 2.0
+    assert time_to_target(epochs, 0.97) == 4.0
+    assert time_to_target(epochs, 0.98) is None
+    assert time_to_target(epochs, None) is None
+
+
+# ---------------------------------------------------------------- report
+
+
+def test_pareto_front_on_hand_made_points():
+    points = [(1.0, 0.90), (2.0, 0.95), (2.0, 0.93), (3.0, 0.95), (4.0, 0.99), (1.0, 0.90), (5.0, 0.80)]
+    # (2, .93) loses to (2, .95); (3, .95) to (2, .95); (5, .80) to everything; equal points both stay.
+    assert report.pareto_front(points) == [True, True, False, False, True, True, False]
+    assert report.pareto_front([]) == []
+
+
+def test_report_table_against_fp32_at_the_same_batch_size(tmp_path):
+    records = [
+        _record("fp32", 32, 0, 4.0, 0.970),
+        _record("fp32", 32, 1, 6.0, 0.980),
+        _record("fp32", 32, 2, 100.0, 0.975),  # fp32 at 32: median 6.0 s
+        _record("dfp16", 32, 0, 3.0, 0.960),
+        _record("dfp16", 32, 1, 2.0, 0.940),  # median 2.5 s: 6.0 / 2.5 = 2.40x
+        _record("fp32", 128, 0, 1.0, 0.950),
+        _record("swalp", 128, 0, 4.0, 0.960),  # 1.0 / 4.0 = 0.25x
+        _record("dfp16", 64, 0, 1.0, 0.9),  # no fp32 at 64
+    ]
+    text = report.markdown(records, target_accuracy=0.955)
+    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines() if "| " in line}
+    fp32_32, dfp16_32 = rows[("fp32", "32")], rows[("dfp16", "32")]
+    assert "| 3 | 6.0 |" in fp32_32 and "| 1.00x |" in fp32_32
+    assert "97.50 % (97.00-98.00)" in fp32_32
+    # Time to 95.5 %: fp32 seeds reach it at epoch 1 (2.0, 3.0 s) and at 50 s: median 3.0.
+    assert "| 3.0 (3/3) |" in fp32_32
+    assert "| 2 | 2.5 |" in dfp16_32 and "| 2.40x |" in dfp16_32
+    # dfp16: one seed reaches 95.5 % at 3.0 s, the other never: the median is "not reached".
+    assert "not reached (1/2)" in dfp16_32
+    assert "| 0.25x |" in rows[("swalp", "128")] and "SWA average; its low-precision weights: 95.50 %" in text
+    assert "no fp32 run" in rows[("dfp16", "64")]
+    assert "lr" in text and "| 0.2 |" in rows[("fp32", "128")]  # 0.05 * 128 / 32
+    assert "## digits, small_cnn, 2 epochs" in text and "Test CPU" in text
+    # Batch sizes in order, formats in the harness's order within one.
+    order = [key for key in rows if key[0] in formats.FORMATS]
+    assert order == [("fp32", "32"), ("dfp16", "32"), ("dfp16", "64"), ("fp32", "128"), ("swalp", "128")]
+
+
+def test_report_groups_by_setting_and_lists_interrupted_runs(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append(_record("fp32", 32, 0, 2.0, 0.97))
+    store.append(_record("fp32", 32, 0, 2.0, 0.90, epochs=5))
+    unfinished = _record("dfp16", 32, 0, 1.0, 0.96)["config"]
+    store.append_progress(unfinished, "try1", {"epoch": 1, "accuracy": 0.5, "seconds": 0.4})
+    store.append_progress(unfinished, "try1", {"epoch": 2, "accuracy": 0.6, "seconds": 0.8})
+    text = report.write_report(store)
+    assert "## digits, small_cnn, 2 epochs" in text and "## digits, small_cnn, 5 epochs" in text
+    assert "dfp16 batch 32 seed 0: epoch 2 of 2, accuracy 60.00 % after 0.8 s" in text
+    assert "time to 95 % (s)" in text  # the target the runs were trained with
+    assert (tmp_path / "report.md").read_text() == text
+
+
+def test_plots_are_valid_pngs(tmp_path):
+    records = [_record(fmt, b, 0, s, a) for fmt, b, s, a in [("fp32", 32, 4, 0.97), ("dfp16", 32, 3, 0.96)]]
+    records.append(_record("swalp", 128, 0, 1.0, 0.95, epochs=3))
+    for plot, name in ((report.plot_pareto, "p.png"), (report.plot_curves, "c.png")):
+        plot(records, tmp_path / name)
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        with Image.open(tmp_path / name) as image:
+            image.verify()
+            assert image.size[1] > image.size[0]  # one panel per group: two panels, stacked
+    report.plot_pareto([], tmp_path / "empty.png")
+    assert (tmp_path / "empty.png").stat().st_size > 0
+
+
+# ---------------------------------------------------------------- formats and environment
+
+
+def test_fp32_layers_first_last_and_containers():
+    model = models.build("resnet20", 3, 10, 32)
+    assert formats.resolve_fp32_layers(model, ["first", "last"]) == {"conv1", "fc"}
+    assert formats.resolve_fp32_layers(model, ["stages.0", "fc"]) == {"stages.0", "fc"}
+    names = formats.layer_names(model)
+    container = "stages.0.1"  # a residual block: both its convolutions stay fp32
+    training = formats.prepare(
+        "dfp16",
+        model,
+        torch.device("cpu"),
+        fp32_layers=formats.resolve_fp32_layers(model, ["first", container]),
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=0.0,
+        seed=0,
+    )
+    kinds = {name: type(m) for name, m in training.model.named_modules() if name in names}
+    fp32 = {"conv1", "stages.0.1.conv1", "stages.0.1.conv2"}
+    assert {name for name, kind in kinds.items() if kind is torch.nn.Conv2d} == fp32
+    assert all(kinds[name] in (dfp.nn.Conv2d, dfp.nn.Linear) for name in names if name not in fp32)
+
+
+def test_float_formats_keep_fp32_layers_out_of_autocast():
+    model = models.build("small_cnn", 1, 10, 8)
+    training = formats.prepare(
+        "bf16", model, torch.device("cpu"), fp32_layers={"conv1"}, lr=0.1, momentum=0.9, weight_decay=0, seed=0
+    )
+    assert isinstance(training.model.conv1, dfp.nn.Conv2d) and training.model.conv1.fmt == "fp32"
+    assert type(training.model.conv2) is torch.nn.Conv2d
+    with training.autocast():
+        assert training.model.conv1(torch.randn(2, 1, 8, 8)).dtype == torch.float32
+        assert training.model.conv2(torch.randn(2, 16, 8, 8)).dtype == torch.bfloat16
+    assert (
+        formats.prepare(
+            "fp16",
+            models.build("small_cnn", 1, 10, 8),
+            torch.device("cpu"),
+            fp32_layers=set(),
+            lr=0.1,
+            momentum=0.9,
+            weight_decay=0,
+            seed=0,
+        ).scaler
+        is not None
+    )
+
+
+def test_environment_reads_the_cpu_model(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t: avx2\n")
+    assert environment.cpu_model(cpuinfo) == "Test CPU 9000"
+    env = environment.collect(torch.device("cpu"), threads=3, world_size=1)
+    assert env["threads"] == 3 and env["torch"] == torch.__version__ and env["dfp_cpu_isa"]
+    assert not any("host" in key for key in env)
+
+
+# ---------------------------------------------------------------- the main job, short
+
+
+def _main_job(out: Path, *extra: str) -> int:
+    return cli.main(
+        [
+            "--limit-train-batches",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-sizes",
+            "64",
+            "--no-progress",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            *extra,
+        ]
+    )
+
+
+def test_main_job_smoke_writes_records_and_report(tmp_path, capsys):
+    assert _main_job(tmp_path, "--formats", "fp32,dfp16,swalp", "--swa-start", "1") == 0
+    out = capsys.readouterr().out
+    assert "| fp32 | 64 |" in out and "| swalp | 64 |" in out
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["config"]["format"] for r in records] == ["fp32", "dfp16", "swalp"]
+    for record in records:
+        config, result = record["config"], record["result"]
+        assert config["data"] == "digits" and config["model"] == "small_cnn" and config["batch_size"] == 64
+        assert config["limit_train_batches"] == 2 and config["world_size"] == 1 and config["threads"] == 1
+        assert result["steps"] == 2 and result["images"] == 128 and not result["diverged"]
+        assert 0 < result["final_accuracy"] <= 1 and result["target_accuracy"] == 0.97
+        assert result["train_seconds"] > 0 and result["data_seconds"] > 0 and result["eval_seconds"] > 0
+        assert result["images_per_second"] > 0
+        (epoch,) = result["epochs"]
+        assert epoch["epoch"] == 1 and math.isfinite(epoch["train_loss"]) and epoch["lr"] > 0
+        assert record["environment"]["dfp_cpu_isa"] == dfp.cpu_isa()
+    swalp = records[2]
+    assert swalp["config"]["swa_start"] == 1 and records[0]["config"]["swa_start"] is None
+    assert swalp["result"]["epochs"][0]["swa_accuracy"] == swalp["result"]["final_accuracy"]
+    assert swalp["result"]["epochs"][0]["trained_accuracy"] == swalp["result"]["trained_accuracy"]
+    progress = (tmp_path / "progress.jsonl").read_text().splitlines()
+    assert len(progress) == 3
+    for name in ("report.md", "pareto.png", "curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_an_interrupted_study_resumes_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
+    real_train_run = study.train_run
+    trained = []
+
+    def interrupt_second_run(config, *args, on_epoch, **kwargs):
+        trained.append(config.format)
+
+        def save_then_interrupt(epoch):
+            on_epoch(epoch)
+            raise KeyboardInterrupt
+
+        hook = save_then_interrupt if len(trained) == 2 else on_epoch
+        return real_train_run(config, *args, on_epoch=hook, **kwargs)
+
+    monkeypatch.setattr(study, "train_run", interrupt_second_run)
+    assert _main_job(tmp_path, "--formats", "fp32,dfp16") == 130
+    assert "run the same command again to resume" in capsys.readouterr().err
+    assert [r["config"]["format"] for r in ResultStore(tmp_path).load()] == ["fp32"]
+    assert "dfp16 batch 64 seed 0: epoch 1 of 1" in (tmp_path / "report.md").read_text()
+
+    trained.clear()
+    monkeypatch.setattr(
+        study, "train_run", lambda config, *a, **k: trained.append(config.format) or real_train_run(config, *a, **k)
+    )
+    assert _main_job(tmp_path, "--formats", "fp32,dfp16") == 0
+    assert trained == ["dfp16"]
+    assert "fp32 batch 64 seed 0: already in results, skipped" in capsys.readouterr().out
+    assert [r["config"]["format"] for r in ResultStore(tmp_path).load()] == ["fp32", "dfp16"]
+    assert "Interrupted runs" not in (tmp_path / "report.md").read_text()
+
+    # --fresh trains everything again; the old results stay beside the new file.
+    trained.clear()
+    assert _main_job(tmp_path, "--formats", "fp32", "--fresh") == 0
+    assert trained == ["fp32"] and len(list(tmp_path.glob("results.*.jsonl"))) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cli.main(["report", "--out", str(tmp_path)]) == 0
+
+
+def test_a_diverging_run_is_recorded_as_diverged(tmp_path, capsys):
+    assert _main_job(tmp_path, "--formats", "fp32,swalp", "--lr", "1e20", "--warmup-epochs", "0") == 0
+    records = ResultStore(tmp_path).load()
+    for record in records:
+        result = record["result"]
+        assert result["diverged"] and result["steps"] <= 2
+        assert result["epochs"][-1]["train_loss"] is None and result["epochs"][-1]["swa_accuracy"] is None
+    text = (tmp_path / "report.md").read_text()
+    assert "diverged in 1 of 1 runs" in text and "SWA average" not in text
