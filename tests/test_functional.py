@@ -366,7 +366,7 @@ X, W = torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3)
         (lambda: DF.conv2d(X.long(), W), TypeError, "floating-point"),
         (lambda: DF.conv2d(X.numpy(), W), TypeError, "torch.Tensor"),
         (lambda: DF.conv2d(X, W, fmt="int4"), ValueError, "unknown format"),
-        (lambda: DF.conv2d(X.to("meta"), W), ValueError, "x is on meta.*run on the CPU"),
+        (lambda: DF.conv2d(X.to("meta"), W), ValueError, "x is on meta.*run on CPU and CUDA tensors"),
         (lambda: DF.linear(X[0, 0], torch.randn(2, 5, device="meta")), ValueError, "weight is on meta"),
         (lambda: DF.linear(X, W), ValueError, "weight must be 2-D"),
         (lambda: DF.linear(torch.randn(3, 4), torch.randn(2, 5)), ValueError, "in_features=5"),
