@@ -88,7 +88,8 @@ def _grad_input_by_conv(dy: torch.Tensor, dy_exponent, wq: DFPTensor, padding, d
     dX[u] = sum over taps t and output channels o of dY[u + t] W[o, ., k-1-t]. A
     convolution like the forward: no (N*OH*OW, K) gradient matrix and no col2im."""
     groups, cout_g, kh, kw, cin_g = wq.mantissa.shape
-    flipped = wq.mantissa.flip(2, 3).permute(0, 2, 3, 1, 4).reshape(groups, kh * kw * cout_g, cin_g)
+    taps = wq.mantissa if kh == kw == 1 else wq.mantissa.flip(2, 3)  # flip copies even a 1x1 kernel
+    flipped = taps.permute(0, 2, 3, 1, 4).reshape(groups, kh * kw * cout_g, cin_g)
     if wq.spec.block is None:
         ew, kblock = wq.exponent.reshape(1, 1, 1).expand(groups, 1, cin_g), flipped.shape[1]
     else:

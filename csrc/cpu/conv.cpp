@@ -140,16 +140,19 @@ void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout
   out.owned.assign(padded * kp, 0);
   out.nrows = cout, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
   out.tail.clear();
-  constexpr int64_t kPairsPerTask = 64;  // 128 rows of dy in cache, written as runs of 64 pairs
-  parallel_for((kp + kPairsPerTask - 1) / kPairsPerTask, nthreads, [&](int64_t t) {
-    const int64_t q0 = t * kPairsPerTask, q1 = std::min(kp, q0 + kPairsPerTask);
-    for (int64_t c = 0; c < cout; ++c) {
-      int32_t* dst = out.owned.data() + c * kp;
-      for (int64_t q = q0; q < q1; ++q) {
-        const int16_t odd = 2 * q + 1 < pixels ? dy[(2 * q + 1) * ld + c] : int16_t(0);
-        dst[q] = pair(dy[2 * q * ld + c], odd);
+  // Tiles of 64 pairs (128 rows of dy) x 64 columns: the rows' slices stay in L1 while
+  // each output row gets a run of 64 pairs, also when dy's rows are long (linear).
+  constexpr int64_t kTile = 64;
+  parallel_for((kp + kTile - 1) / kTile, nthreads, [&](int64_t t) {
+    const int64_t q0 = t * kTile, q1 = std::min(kp, q0 + kTile);
+    for (int64_t c0 = 0; c0 < cout; c0 += kTile)
+      for (int64_t c = c0; c < std::min(cout, c0 + kTile); ++c) {
+        int32_t* dst = out.owned.data() + c * kp;
+        for (int64_t q = q0; q < q1; ++q) {
+          const int16_t odd = 2 * q + 1 < pixels ? dy[(2 * q + 1) * ld + c] : int16_t(0);
+          dst[q] = pair(dy[2 * q * ld + c], odd);
+        }
       }
-    }
   });
 }
 
