@@ -83,6 +83,20 @@ def _conv_output(x: torch.Tensor, kernel: list[int], stride: list[int], dilation
     return tuple(output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
 
 
+def _check_image(x: torch.Tensor, kernel: list[int], stride: list[int], dilation: list[int], groups: int) -> None:
+    """The checks the compiled backend relies on (it reads raw memory)."""
+    if x.dtype != torch.int16 or x.dim() != 4:
+        raise ValueError(f"x must be int16 (N, Hp, Wp, C), got {x.dtype} of shape {tuple(x.shape)}")
+    if len(kernel) != 2 or len(stride) != 2 or len(dilation) != 2 or min(*kernel, *stride, *dilation) < 1:
+        raise ValueError(
+            f"kernel, stride and dilation must be two positive ints each, got {kernel}, {stride}, {dilation}"
+        )
+    if groups < 1 or x.shape[3] % groups:
+        raise ValueError(f"groups={groups} must be positive and divide the {x.shape[3]} channels of x")
+    if min(_conv_output(x, kernel, stride, dilation)) < 1:
+        raise ValueError(f"the {kernel} kernel (dilation {dilation}) does not fit in the padded image {tuple(x.shape)}")
+
+
 @torch.library.custom_op("dfp::conv_gemm", mutates_args=())
 def conv_gemm(
     x: torch.Tensor,
@@ -105,9 +119,18 @@ def conv_gemm(
     materialised patch matrix (``dfp._patches.im2col``), bit for bit.
     """
     groups, k, nout = w.shape
+    _check_image(x, kernel, stride, dilation, groups)
+    if w.dtype != torch.int16 or k != kernel[0] * kernel[1] * x.shape[3] // groups:
+        raise ValueError(f"w must be int16 (G, KH*KW*C/G, Nout) = ({groups}, {kernel[0] * kernel[1] * x.shape[3] // groups}, "
+                         f"Nout), got {w.dtype} of shape {tuple(w.shape)}")  # fmt: skip
+    if bias is not None and bias.shape != (groups * nout,):
+        raise ValueError(f"bias must have shape ({groups * nout},), got {tuple(bias.shape)}")
     if k == 0:  # no exponents to read
         y = x.new_zeros((x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout), dtype=torch.float32)
         return y if bias is None else y + bias
+    if kblock < 1 or ew.shape != (groups, -(-k // kblock), nout):
+        raise ValueError(f"ew must have shape (G, ceil(K / kblock), Nout) = ({groups}, {-(-k // max(kblock, 1))}, "
+                         f"{nout}) with kblock >= 1, got {tuple(ew.shape)} and kblock={kblock}")  # fmt: skip
     fused = getattr(backends.active(), "conv_gemm", None) if x.device.type == "cpu" else None
     if fused is not None:
         return fused(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias)
@@ -117,7 +140,8 @@ def conv_gemm(
         gemm(cols[g], ea, hx, w[g], ew[g], hw, kblock, None if bias is None else bias[g * nout : (g + 1) * nout])
         for g in range(groups)
     ]
-    return torch.cat(outputs, dim=1).view(x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout)
+    y = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
+    return y.view(x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout)
 
 
 @conv_gemm.register_fake
@@ -144,21 +168,28 @@ def conv_grad_weight_gemm(
     dy: contiguous int16 (N, OH, OW, Cout), exponent ey (0-d); x as in ``conv_gemm``.
     The reduction runs over the N*OH*OW output pixels.
     """
+    _check_image(x, kernel, stride, dilation, groups)
+    cout, k = dy.shape[-1], kernel[0] * kernel[1] * x.shape[3] // groups
+    if dy.dtype != torch.int16 or dy.shape != (x.shape[0], *_conv_output(x, kernel, stride, dilation), cout):
+        raise ValueError(f"dy must be int16 (N, OH, OW, Cout) with (N, OH, OW) = ({x.shape[0]}, "
+                         f"{', '.join(map(str, _conv_output(x, kernel, stride, dilation)))}), got {dy.dtype} "
+                         f"of shape {tuple(dy.shape)}")  # fmt: skip
+    if cout % groups:
+        raise ValueError(f"groups={groups} must divide the {cout} channels of dy")
+    if dy.numel() == 0 or k == 0:  # no products: the sum is empty
+        return dy.new_zeros((cout, k), dtype=torch.float32)
     fused = getattr(backends.active(), "conv_grad_weight_gemm", None) if dy.device.type == "cpu" else None
     if fused is not None:
         return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    pixels, cout = dy2.shape
-    cout_g, k = cout // groups, cols.shape[2]
-    if pixels == 0:
-        return dy.new_zeros((cout, k), dtype=torch.float32)
+    dy2 = dy.reshape(-1, cout)
+    pixels, cout_g = dy2.shape[0], cout // groups
     ea = ey.reshape(1, 1).expand(cout_g, 1).contiguous()
     eb = ex.reshape(1, 1).expand(1, k).contiguous()
     grads = [
         gemm(dy2[:, g * cout_g : (g + 1) * cout_g].t(), ea, hy, cols[g], eb, hx, pixels, None) for g in range(groups)
     ]
-    return torch.cat(grads)
+    return grads[0] if groups == 1 else torch.cat(grads)
 
 
 @conv_grad_weight_gemm.register_fake

@@ -15,11 +15,11 @@ A linear layer is the 1x1 case (``dfp.functional.linear``). Ops:
 Every product runs in int16 x int16 -> int32 chains (``dfp::conv_gemm``,
 ``dfp::conv_grad_weight_gemm``, ``dfp::gemm``; the compiled backend gathers patches per
 cache block, never an im2col matrix) unless the format switches it to fp32 (then torch
-computes it from the float tensors). Exponents
-are per tensor for activations and gradients. The weight has one per tensor, or with
-``weight_channel`` one per output channel in the forward and, in grad_input, whose
-reduction runs over output channels, one per block of ``chain_length`` output channels
-(and input element), which the GEMM gets for free. A NaN/Inf in an operand makes the
+computes it from the float tensors). Exponents are per tensor for activations and
+gradients. The weight has one per tensor, or with ``weight_channel`` one per output
+channel in the forward and, in grad_input, whose reduction runs over output channels,
+one per block of min(chain_length, Cout/G) output channels (and input element), which
+the GEMM gets for free. A NaN/Inf in an operand makes the
 whole result NaN: its shared exponent is undefined. Double backward is not supported.
 """
 
@@ -34,11 +34,6 @@ from .ops import gemm
 from .reference import chain_length
 
 
-def _channel_slices(channels: int, groups: int) -> list[slice]:
-    size = channels // groups
-    return [slice(g * size, (g + 1) * size) for g in range(groups)]
-
-
 def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """(N, H, W, C) -> (N, C, H, W) in the requested memory format, with the strides a
     fresh tensor of that format has (also in size-1 dimensions, which ``contiguous``
@@ -46,7 +41,9 @@ def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
     _, h, w, c = y.shape
     strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     y = y.permute(0, 3, 1, 2)
-    return y if y.stride() == strides else torch.empty_strided(y.shape, strides, device=y.device).copy_(y)
+    return (
+        y if y.stride() == strides else torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
+    )
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -60,7 +57,9 @@ def _empty(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
 
 def _nan(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """A float32 tensor of NaN on ``like``'s device."""
-    return torch.full(shape, float("nan"), device=like.device).contiguous(memory_format=_memory_format(channels_last))
+    return torch.full(shape, float("nan"), dtype=torch.float32, device=like.device).contiguous(
+        memory_format=_memory_format(channels_last)
+    )
 
 
 def _columns(t: DFPTensor, columns: slice) -> DFPTensor:
@@ -84,8 +83,8 @@ def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight
 
 def _grad_input_by_conv(dy: torch.Tensor, dy_exponent, wq: DFPTensor, padding, dilation) -> torch.Tensor:
     """dX (N, H, W, C) of a stride-1 convolution as the convolution of dY, zero-padded by
-    dilation*(k-1) - padding, with the kernel flipped and its channels swapped:
-    dX[u] = sum over taps t and output channels o of dY[u + t] W[o, ., k-1-t]. A
+    dilation*(k-1) - padding (dYp), with the kernel flipped and its channels swapped:
+    dX[u] = sum over taps t and output channels o of dYp[u + d*t] W[o, ., k-1-t]. A
     convolution like the forward: no (N*OH*OW, K) gradient matrix and no col2im."""
     groups, cout_g, kh, kw, cin_g = wq.mantissa.shape
     taps = wq.mantissa if kh == kw == 1 else wq.mantissa.flip(2, 3)  # flip copies even a 1x1 kernel

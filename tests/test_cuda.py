@@ -17,6 +17,7 @@ import dfp
 import dfp.cuda
 from dfp import DFPSpec, DFPTensor
 from dfp._errors import BackendUnavailableError, NonFiniteError
+from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import loader
 
@@ -203,6 +204,27 @@ def test_gpu_check_without_cuda_says_so():
     assert "gpu_check needs an NVIDIA GPU" in done.stderr and "nothing was run" in done.stderr
 
 
+def test_gpu_check_reports_a_test_timeout(monkeypatch):
+    """The GPU tests running past their limit give a report line and the output so far,
+    not a traceback that loses the timings."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "benchmarks", "gpu_check.py"))
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+
+    def timed_out(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"tests/test_cuda.py::test_a PASSED\n")
+
+    monkeypatch.setattr(gpu_check.subprocess, "run", timed_out)
+    passed, summary = gpu_check.run_tests()
+    assert not passed
+    assert summary.splitlines() == [
+        f"tests timed out after {gpu_check.TESTS_TIMEOUT_S} s; their output so far:",
+        "tests/test_cuda.py::test_a PASSED",
+    ]
+
+
 # ---- on a GPU ---------------------------------------------------------------------------
 
 QUANTIZE_CASES = {
@@ -296,6 +318,57 @@ def test_gemm_bit_exact_on_every_path(monkeypatch, case, transposed):
         assert torch.equal(got.cpu(), want), path
 
 
+def _single_tile(pattern: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """int16 A (16, 32) and B (32, 8), headroom 2: one m16n8k32 mma tile, one chain."""
+    m, k, n = torch.arange(16)[:, None], torch.arange(32), torch.arange(8)
+    if pattern == "ramp":  # small entries, all 128 sums distinct: a misplaced row, column or k shows
+        a, b = 1 + m + 16 * k[None, :], 1 + 17 * n[None, :] + 8 * k[:, None]
+    else:  # "bytes": both limbs of every entry vary, signs mixed, up to the headroom's max 8191
+        a = (m * 32 + k[None, :]) * 331 % 16383 - 8191
+        b = (k[:, None] * 8 + n[None, :]) * 197 % 16383 - 8191
+    return a.to(torch.int16), b.to(torch.int16)
+
+
+def _wrong_positions(got: torch.Tensor, want: torch.Tensor) -> str:
+    """Every (m, n) where got differs, with the (m', n') whose wanted value it holds, if any
+    (a fragment-layout bug writes a neighbour's sum): "(m,n)<-(m',n')"."""
+    found = []
+    for m, n in (got != want).nonzero().tolist():
+        source = (want == got[m, n]).nonzero().tolist()
+        found.append(f"({m},{n})" + (f"<-({source[0][0]},{source[0][1]})" if source else ""))
+    return " ".join(found)
+
+
+@needs_gpu
+@pytest.mark.parametrize("pattern", ["ramp", "bytes"])
+def test_gemm_single_tile_names_wrong_positions(monkeypatch, pattern):
+    """M=16, N=8, K=32: one mma tile. A failure lists the wrong (m, n) on its first line, so
+    one GPU run locates a fragment-layout bug."""
+    a, b = _single_tile(pattern)
+    ea, eb = torch.zeros(16, 1, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32)
+    want = on_reference(torch.ops.dfp.gemm, a, ea, 2, b, eb, 2, 32, None)
+    for path in _paths_for(2, 2):
+        monkeypatch.setenv("DFP_CUDA_GEMM", path)
+        got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), 2, b.cuda(), eb.cuda(), 2, 32, None).cpu()
+        wrong = _wrong_positions(got, want)
+        count = (got != want).sum().item()
+        assert not wrong, f"{path} path: {count} of 128 wrong at (m,n) {wrong}\ngot\n{got}\nwant\n{want}"
+
+
+@needs_gpu
+def test_gemm_takes_expanded_exponents(monkeypatch):
+    """A stride-0 exponent (one per image, expanded as dfp._ops does for convolutions) gives
+    the bits of the same exponents made contiguous, on every path."""
+    a, _, ha, b, eb, hb, kblock, bias = _gemm_operands(70, 96, 24, 2, 2, 32)
+    ea = torch.tensor(-13, dtype=torch.int32, device="cuda").reshape(1, 1).expand(70, eb.shape[0])
+    assert ea.stride() == (0, 0)  # made on the device: .cuda() would copy it contiguous
+    want = on_reference(torch.ops.dfp.gemm, a, ea.cpu(), ha, b, eb, hb, kblock, bias)
+    for path in _paths_for(ha, hb):
+        monkeypatch.setenv("DFP_CUDA_GEMM", path)
+        got = torch.ops.dfp.gemm(a.cuda(), ea, ha, b.cuda(), eb.cuda(), hb, kblock, bias.cuda())
+        assert torch.equal(got.cpu(), want), path
+
+
 @needs_gpu
 def test_gemm_opcheck():
     a, ea, ha, b, eb, hb, kblock, bias = _gemm_operands(40, 96, 24, 2, 2, 32)
@@ -312,6 +385,58 @@ def test_matmul_bit_exact(spec):
     args = (spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", 11, -12)
     got = torch.ops.dfp.matmul(x.cuda(), y.cuda(), *args)
     assert torch.equal(got.cpu(), on_reference(torch.ops.dfp.matmul, x, y, *args))
+
+
+# (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, K-block or None: K)
+CONV_CASES = {
+    "3x3": (2, 8, 7, 16, 1, (3, 3), (1, 1), (1, 1), 12, None),
+    "groups, stride, dilation": (2, 9, 11, 6, 2, (2, 3), (2, 1), (2, 2), 7, None),
+    "K-blocks of 16": (2, 7, 7, 8, 1, (3, 3), (1, 1), (1, 1), 9, 16),
+    "K-blocks of 5, depthwise": (2, 8, 8, 9, 3, (3, 1), (1, 1), (1, 1), 4, 5),
+}
+
+
+def _conv_operands(name: str, seed: int = 0):
+    """CPU arguments of dfp::conv_gemm and dfp::conv_grad_weight_gemm for CONV_CASES[name]
+    (as tests/test_conv_gemm.py builds them: w strided, as the layers pass it)."""
+    n, hp, wp, c, groups, kernel, stride, dilation, nout, kblock = CONV_CASES[name]
+    k = kernel[0] * kernel[1] * c // groups
+    kblock = kblock or k
+    x = int16_operand((n, hp, wp, c), 2, seed)
+    w = int16_operand((groups, nout, k), 2, seed + 1).transpose(1, 2)
+    g = torch.Generator().manual_seed(seed + 2)
+    ew = torch.randint(-30, -5, (groups, -(-k // kblock), nout), generator=g, dtype=torch.int32)
+    ex, ey = torch.tensor(-13, dtype=torch.int32), torch.tensor(-9, dtype=torch.int32)
+    bias = torch.randn(groups * nout, generator=g)
+    oh, ow = (output_size(size, kernel[a], stride[a], 0, dilation[a]) for a, size in enumerate((hp, wp)))
+    dy = int16_operand((n, oh, ow, groups * nout), 2, seed + 3)
+    forward = (x, ex, 2, w, ew, 2, kblock, list(kernel), list(stride), list(dilation), bias)
+    weight = (dy, ey, 2, x, ex, 2, list(kernel), list(stride), list(dilation), groups)
+    return forward, weight
+
+
+def _to_cuda(args: tuple) -> tuple:
+    return tuple(arg.cuda() if isinstance(arg, torch.Tensor) else arg for arg in args)
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", CONV_CASES)
+def test_conv_gemms_bit_exact_against_cpu(monkeypatch, name):
+    forward, weight = _conv_operands(name)
+    for op, args in ((torch.ops.dfp.conv_gemm, forward), (torch.ops.dfp.conv_grad_weight_gemm, weight)):
+        want = on_reference(op, *args)
+        for path in _paths_for(2, 2):
+            monkeypatch.setenv("DFP_CUDA_GEMM", path)
+            got = op(*_to_cuda(args))
+            assert got.is_cuda and torch.equal(got.cpu(), want), f"{op} on the {path} path"
+
+
+@needs_gpu
+@pytest.mark.parametrize("name", ["groups, stride, dilation", "K-blocks of 5, depthwise"])
+def test_conv_gemms_opcheck_on_cuda(name):
+    forward, weight = _conv_operands(name)
+    torch.library.opcheck(torch.ops.dfp.conv_gemm.default, _to_cuda(forward))
+    torch.library.opcheck(torch.ops.dfp.conv_grad_weight_gemm.default, _to_cuda(weight))
 
 
 def _train(device: str, steps: int = 3):

@@ -16,13 +16,13 @@ struct Workspace {
   RowsA a;
   Packed b;
 };
-
-ConvShape group_shape(const ConvGeometry& g) {
-  return {g.n, g.hp, g.wp, g.channels, g.channels / g.groups, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw};
-}
 Workspace& workspace() {
   thread_local Workspace w;
   return w;
+}
+
+ConvShape group_shape(const ConvGeometry& g) {
+  return {g.n, g.hp, g.wp, g.channels, g.channels / g.groups, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw};
 }
 
 }  // namespace
@@ -85,12 +85,12 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex,
   const MicroKernel& uk = micro_kernel(active_isa());
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
-  const std::vector<int32_t> ea(shape.pixels() * kl.nblocks, ex);
+  const std::vector<int32_t> ea(kl.nblocks, ex);  // one row: the image has one exponent
   // A pointwise convolution's patches are the image's rows: read them in place.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
   // Every task gathers its own block of patches, so all columns go in one task when
   // they fit (the fp32 tile then spans them all).
-  const Blocking blocking{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512)};
+  const GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), true};
   Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
@@ -99,7 +99,7 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex,
     pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
     const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout};
     const ASource& a = pointwise ? static_cast<const ASource&>(ws.a) : patches;
-    gemm_packed(a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, blocking);
+    gemm_packed(a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
   }
 }
 
@@ -109,11 +109,11 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   const ConvShape shape = group_shape(geometry);
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
   const KLayout kl(pixels, std::max<int64_t>(pixels, 1));
-  const std::vector<int32_t> ea(cout_g, ey), eb(k, ex);
+  const std::vector<int32_t> ea(1, ey), eb(k, ex);
   // Few rows and a long reduction: split the columns into about four tasks per thread
   // (each task reads all of dY, so not into single panels), handed out dynamically.
   const int64_t panels = (k + uk.nr - 1) / uk.nr, per_task = (panels + 4 * nthreads - 1) / (4 * nthreads);
-  const Blocking blocking{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr)};
+  const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), true};
   // Every task gathers its own block of patches; a pointwise convolution's patches are
   // the image's rows, packed once instead.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
@@ -125,7 +125,7 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy,
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
     gemm_packed(ws.a, b, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
-                pointwise ? Blocking{} : blocking);
+                pointwise ? GemmOptions{0, 0, true} : gathered);
   }
 }
 

@@ -4,15 +4,10 @@
 #include <algorithm>
 #include <cstring>
 
+#include "numerics.h"
 #include "threads.h"
 
 namespace dfp {
-namespace {
-
-inline int32_t pair(int16_t lo, int16_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
-
-}  // namespace
-
 namespace {
 
 // Copies n int16 (n even, as runs inside K-pair rows are): whole 32-byte chunks by

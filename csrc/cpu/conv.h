@@ -14,8 +14,9 @@ struct ConvShape {
   int64_t n, hp, wp, channels;  // the image; channels = groups * cg
   int64_t cg;                   // channels of this group (its first at the image pointer)
   int64_t kh, kw, sh, sw, dh, dw;
-  int64_t oh() const { return (hp - dh * (kh - 1) - 1) / sh + 1; }
-  int64_t ow() const { return (wp - dw * (kw - 1) - 1) / sw + 1; }
+  int64_t oh() const { return fits(hp, kh, dh) ? (hp - dh * (kh - 1) - 1) / sh + 1 : 0; }
+  int64_t ow() const { return fits(wp, kw, dw) ? (wp - dw * (kw - 1) - 1) / sw + 1 : 0; }
+  static bool fits(int64_t size, int64_t k, int64_t d) { return size >= d * (k - 1) + 1; }
   int64_t pixels() const { return n * oh() * ow(); }  // output pixels: rows of the patch matrix
   int64_t k() const { return kh * kw * cg; }          // patch length
 };

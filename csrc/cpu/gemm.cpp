@@ -42,12 +42,17 @@ struct Scales {
   std::vector<float> chain;        // empty when K is not blocked
 };
 
+// row_stride 0: every row has the same exponents (one row of chain scales is made).
 Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t block_stride,
                    int64_t padded_rows) {
   Scales s;
   s.reference.resize(rows);
-  if (blocks > 1) s.chain.assign(blocks * padded_rows, 0.0f);
+  if (blocks > 1) s.chain.assign(blocks * (row_stride ? padded_rows : 1), 0.0f);
   for (int64_t i = 0; i < rows; ++i) {
+    if (row_stride == 0 && i > 0) {
+      s.reference[i] = s.reference[0];
+      continue;
+    }
     int32_t r = e[i * row_stride];
     for (int64_t b = 1; b < blocks; ++b) r = std::max(r, e[i * row_stride + b * block_stride]);
     s.reference[i] = r;
@@ -118,13 +123,14 @@ const MicroKernel& micro_kernel(Isa isa) {
 }
 
 void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
-                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, Blocking blocking) {
+                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, GemmOptions options) {
   const MicroKernel& uk = micro_kernel(active_isa());
   const int64_t M = a.rows(), N = b.cols(), KB = kl.nblocks;
   const int64_t n_padded = (N + uk.nr - 1) / uk.nr * uk.nr;
   // A's scales are [m][block] (row stride KB); B's are [block][n] (row stride 1).
   const int64_t m_padded = (M + uk.mr - 1) / uk.mr * uk.mr;
-  const Scales sa = make_scales(ea, M, KB, KB, 1, m_padded);
+  const int64_t a_row_stride = options.uniform_a ? 0 : KB;
+  const Scales sa = make_scales(ea, M, KB, a_row_stride, 1, m_padded);
   Scales sb = make_scales(eb, N, KB, 1, N, N);
   if (KB > 1) {  // pad B's chain scales to whole panels so the micro-kernel may load nr at once
     std::vector<float> padded(KB * n_padded, 0.0f);
@@ -135,7 +141,10 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
   const Epilogue epilogue(sa.reference, sb.reference, out);
-  const int64_t mc = blocking.mc ? blocking.mc : uk.mc, nc = blocking.nc ? blocking.nc : uk.nc;
+  const auto whole = [](int64_t size, int64_t fallback, int64_t unit) {
+    return ((size ? size : fallback) + unit - 1) / unit * unit;
+  };
+  const int64_t mc = whole(options.mc, uk.mc, uk.mr), nc = whole(options.nc, uk.nc, uk.nr);
   const int64_t row_blocks = (M + mc - 1) / mc, col_blocks = (N + nc - 1) / nc;
   // Small problems run on one thread: waking a second costs more than it saves.
   const int threads = double(M) * N * kl.k < 4e6 ? 1 : nthreads;
@@ -163,8 +172,8 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;
-          args.row_scale = KB > 1 ? sa.chain.data() + i * KB : nullptr;
-          args.row_scale_stride = KB;
+          args.row_scale = KB > 1 ? sa.chain.data() + i * a_row_stride : nullptr;
+          args.row_scale_stride = a_row_stride;
           args.col_scale = KB > 1 ? sb.chain.data() + j : nullptr;
           args.col_scale_stride = n_padded;
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;

@@ -57,7 +57,6 @@ struct KLayout {
   int64_t kpairs() const { return nblocks * pairs_per_block; }
 };
 
-
 // Where the macro-kernel reads A and B, one cache block at a time: from memory laid
 // out beforehand (RowsA, Packed), or gathered per block into a thread's scratch buffer
 // (convolution patches, csrc/cpu/conv.cpp), which keeps an im2col matrix out of memory.
@@ -145,13 +144,16 @@ struct GemmOutput {
   int64_t ldc;
 };
 
-// Cache blocks in rows of A and columns of B; zero takes the micro-kernel's own.
-struct Blocking {
+// mc, nc: cache blocks in rows of A and columns of B (zero: the micro-kernel's own;
+// rounded up to whole micro-panels); they change no bits. uniform_a: every row of A has
+// the same exponents, so ea is one row (KB,) and the scales are made once, not per row.
+struct GemmOptions {
   int64_t mc = 0, nc = 0;
+  bool uniform_a = false;
 };
 
-// C = A B; ea (M, KB), eb (KB, N) are the exponents. The blocking changes no bits.
+// C = A B; ea (M, KB), eb (KB, N) are the exponents.
 void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
-                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, Blocking blocking = {});
+                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, GemmOptions options = {});
 
 }  // namespace dfp

@@ -29,6 +29,11 @@ static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
   return above && big_e < 128 ? e + 1 : e;
 }
 
+// Two int16 as one int32 K-pair, lo first (the layout vpmaddwd and vpdpwssd read).
+static inline int32_t pair(int16_t lo, int16_t hi) {
+  return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16));
+}
+
 // 2^k for k in the normal fp32 range [-126, 127], from its bits.
 static inline float pow2f(int k) {
   const uint32_t bits = uint32_t(k + 127) << 23;

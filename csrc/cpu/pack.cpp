@@ -11,8 +11,6 @@
 namespace dfp {
 namespace {
 
-inline int32_t pair(int16_t lo, int16_t hi) { return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16)); }
-
 // Packs A as rows of 2 * kpairs int16 into out.owned: make_row(m, block, dst) writes
 // the values of row m in K-block `block` to dst; the odd slot that pads a block, and
 // the rows that pad M to a multiple of mr, are zeroed here.

@@ -151,7 +151,7 @@ DFP_HD i16 quantize_one(float x, Scale s, float limit, bool stochastic, u64 inde
 
 // The group of flat element `idx` of a contiguous (O, N, I) view: 0 per tensor (mode 0),
 // n per index of N (mode 1), (o, n / B, i) flattened per block of B along N (mode 2).
-// idx < 2^31 (the caller's limit): 32-bit division.
+// idx <= 2^30 - 1 (dfp/cuda/quantize.py's MAX_ELEMENTS): 32-bit division.
 DFP_HD int group_of(int idx, int mode, int n_count, int inner, int block) {
   if (mode == 0) return 0;
   const int i = idx % inner;

@@ -19,6 +19,7 @@ namespace {
 
 constexpr int kTile = 64;   // rows and columns of C per block
 constexpr int kStep = 32;   // k per shared-memory step
+constexpr int kPad = 2;     // shorts of padding per shared-memory row (one bank)
 constexpr int kThreads = 256;
 
 // acc + float32(S) * (the scale of block `blk` for output (m, n)), without K-blocks acc + S.
@@ -36,8 +37,12 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                    const float* __restrict__ sa, const float* __restrict__ sb, int kb, const int* __restrict__ ra,
                    const int* __restrict__ rb, const float* __restrict__ bias, int has_bias,
                    float* __restrict__ out) {
-  __shared__ __align__(16) short a_tile[kStep][kTile];  // k-major: a thread's 4 rows are one 8-byte read
-  __shared__ __align__(16) short b_tile[kStep][kTile];
+  // k-major, each k row padded by one 4-byte bank: a warp that stores 32 consecutive k of
+  // one row or column (a K-contiguous operand) then hits 32 different banks, where
+  // unpadded 128-byte rows would put all 32 stores in one. A thread reads its 4 rows (or
+  // columns) of one k as four scalar loads.
+  __shared__ short a_tile[kStep][kTile + kPad];
+  __shared__ short b_tile[kStep][kTile + kPad];
   __shared__ int ends_chain[kStep];  // the block index when k ends a chain, else -1
 
   const int tid = threadIdx.x;

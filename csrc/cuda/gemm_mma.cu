@@ -18,7 +18,8 @@
 // K layout: the caller lists "k tiles" (int32 x4: first k, length <= 32, ends-a-chain
 // flag, K-block index) that never straddle a chain, so one tile is at most one piece of
 // one chain; a short chain or block tail is zero-padded on chip. This needs chains of at
-// least 32 products (headroom 2 on both sides or more).
+// least 32 products and headroom >= 1 on both operands: chain_length(ha, hb) >= 32, e.g.
+// (2, 2), (1, 3) or (3, 1) (dfp/cuda/gemm.py, mma_applies).
 //
 // Operands: A (M, K) int16 with unit k stride and row stride lda; B given transposed,
 // Bt (N, K) with unit k stride and row stride ldb (B's columns are K-contiguous, as

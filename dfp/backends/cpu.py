@@ -9,6 +9,7 @@ import torch
 
 from .._errors import BackendUnavailableError, NonFiniteError
 from .._gemm_layout import matmul_grouping
+from .._patches import output_size
 
 _BUILD_HINT = (
     "Build it from the repository root with `pip install -e .` (needs a C++17 compiler; "
@@ -102,7 +103,7 @@ def conv_gemm(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias):
     """Patches gathered per cache block straight from the padded image (csrc/cpu/conv.cpp)."""
     groups, _, nout = w.shape
     n, hp, wp, _ = x.shape
-    oh, ow = ((size - d * (k - 1) - 1) // s + 1 for size, k, s, d in zip((hp, wp), kernel, stride, dilation))
+    oh, ow = (output_size(size, k, s, 0, d) for size, k, s, d in zip((hp, wp), kernel, stride, dilation))
     y = torch.empty((n, oh, ow, groups * nout), dtype=torch.float32)
     x, ew = x.contiguous(), ew.contiguous()
     bias = None if bias is None else bias.contiguous()

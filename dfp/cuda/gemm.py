@@ -43,7 +43,8 @@ def choose_path(capability: tuple[int, int], ha: int, hb: int) -> str:
             raise ValueError(f"DFP_CUDA_GEMM={forced!r} is not a CUDA GEMM path; choose one of {', '.join(PATHS)}")
         if forced == "mma" and not mma_applies(capability, ha, hb):
             raise ValueError(
-                f"DFP_CUDA_GEMM=mma cannot run a GEMM with headrooms ({ha}, {hb}) on sm_{capability[0]}{capability[1]}: "
+                f"DFP_CUDA_GEMM=mma cannot run a GEMM with headrooms ({ha}, {hb}) on "
+                f"sm_{capability[0]}{capability[1]}: "
                 f"it needs sm_75 or newer, headroom >= 1 on both operands and chains of >= {TILE_K} products "
                 f"(chain length here {chain_length(ha, hb)}); use DFP_CUDA_GEMM=int16"
             )
@@ -72,7 +73,8 @@ def k_tiles(k: int, kblock: int, chain: int) -> tuple[tuple[int, int, int, int],
 @functools.lru_cache(maxsize=64)
 def _tile_table(k: int, kblock: int, chain: int, device: torch.device) -> tuple[torch.Tensor, bool]:
     """The k tiles as an int32 (T * 4,) tensor on ``device`` (kept: it is the same for every
-    GEMM of this K layout), and whether every tile starts at a multiple of 8."""
+    GEMM of this K layout), and whether every tile starts at a multiple of 8. Callers on any
+    stream must ``record_stream`` it: the cache may free it (LRU) while a launch still reads it."""
     tiles = k_tiles(k, kblock, chain)
     table = torch.tensor(tiles, dtype=torch.int32).reshape(-1).to(device)
     return table, all(t0 % 8 == 0 for t0, _, _, _ in tiles)
@@ -98,6 +100,7 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     a = _k_contiguous(a)
     bt = _k_contiguous(b.t())
     table, tiles_aligned = _tile_table(k, kblock, chain, a.device)
+    table.record_stream(torch.cuda.current_stream(a.device))  # not reused before this launch is done
     tile_count = table.numel() // 4
     vec8 = (
         k % 8 == 0

@@ -1,10 +1,11 @@
 """Compiling dfp's CUDA kernels at run time and launching them on torch tensors.
 
 Nothing CUDA is built at install time. On first use a kernel is compiled with NVRTC for
-the GPU at hand, through ``torch.cuda._compile_kernel`` where this torch has it, else
-through ``cupy.RawModule``, and kept per (device, compute capability, file, kernel,
-options). Launches go to torch's current stream and read and write torch tensors in
-place (by pointer with torch's compiler, through DLPack with cupy's): no copies.
+the GPU at hand, through ``torch.cuda._compile_kernel`` where this torch has it (one
+compile per kernel: it takes one kernel name), else through ``cupy.RawModule`` (one
+compile per file: cupy caches by source), and kept per (device, compute capability,
+file, kernel, options). Launches go to torch's current stream and read and write torch
+tensors in place (by pointer with torch's compiler, through DLPack with cupy's): no copies.
 
 Kernel arguments are tensors (passed as pointers), Python ints (C ``int``, 32-bit) and
 Python floats (C ``double``), which is what ``torch.cuda._compile_kernel``'s launcher
@@ -89,7 +90,9 @@ def _cuda_home_for_nvrtc():
 
 
 class CupyNvrtc:
-    """NVRTC through ``cupy.RawModule``; tensors cross by DLPack, on torch's current stream."""
+    """NVRTC through ``cupy.RawModule``; tensors cross by DLPack, on torch's current stream.
+    cupy keeps compiled modules by source and options (in memory and in its disk cache), not
+    by kernel name, so the kernels of one file share one NVRTC compile."""
 
     name = "cupy.RawModule"
 
@@ -190,7 +193,9 @@ _CACHE = KernelCache()
 def kernel(file: str, name: str, device: torch.device | int, **defines: int) -> Launch:
     """The launcher of kernel ``name`` of ``file`` for ``device``, compiled on first use."""
     ensure_cuda()
-    index = device if isinstance(device, int) else (device.index if device.index is not None else 0)
+    index = device if isinstance(device, int) else device.index
+    if index is None:  # torch.device("cuda"): the current device, as torch's own ops take it
+        index = torch.cuda.current_device()
     capability = torch.cuda.get_device_capability(index)
     return _CACHE.get(KernelKey(index, capability, file, name, tuple(sorted(defines.items()))))
 

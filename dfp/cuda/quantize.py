@@ -39,12 +39,12 @@ def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
         launch((blocks_for(count, _THREADS, 8 * sms), 1, 1), (_THREADS, 1, 1), [x, count, amax])
     elif mode == 1:
         amax = torch.zeros(n, dtype=torch.int32, device=x.device)
-        columns = -(-n * i // _THREADS)
+        column_blocks = -(-n * i // _THREADS)  # blocks of _THREADS columns of the (O, N*I) view
         # split the rows over enough blocks to fill the GPU, each block reading whole columns
-        row_blocks = min(o, 65535, max(1, (8 * sms) // columns))
+        row_blocks = min(o, 65535, max(1, (8 * sms) // column_blocks))
         rows_per_block = -(-o // row_blocks)
         launch = kernel(_FILE, "dfp_amax_channel", x.device)
-        launch((columns, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, amax])
+        launch((column_blocks, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, amax])
     else:
         groups = o * -(-n // block) * i
         amax = torch.empty(groups, dtype=torch.int32, device=x.device)
