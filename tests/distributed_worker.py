@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import dfp
+from dfp import data, models
 from dfp.distributed import Context, all_reduce_mean, dfp16_all_reduce_mean, setup, teardown, wrap
+from dfp.harness.train import RunConfig, train_run
 
 WORLD_SIZE = 2
 TOP = 2**14 - 1  # the largest mantissa at headroom 1, the headroom of 2 ranks
@@ -31,6 +33,30 @@ BATCH = 64
 LR = 0.1
 # (layer format, compression) of the DDP training runs
 TRAIN_RUNS = (("fp32", None), ("dfp16", None), ("dfp16", "dfp16"))
+# The harness run: rank 1's logits turn NaN at its POISONED_FORWARD-th training forward
+# (the first is train_run's untimed warm-up step, so this is training step 2).
+POISONED_FORWARD = 3
+HARNESS_RUN = RunConfig(
+    data="synthetic",
+    model="small_cnn",
+    format="fp32",
+    batch_size=64,
+    seed=0,
+    epochs=2,
+    base_lr=0.05,
+    base_batch_size=32,
+    warmup_epochs=0.0,
+    momentum=0.9,
+    weight_decay=0.0,
+    fp32_layers=(),
+    swa_start=None,
+    augment=False,
+    device="cpu",
+    threads=1,
+    world_size=WORLD_SIZE,
+    compress="none",
+    limit_train_batches=3,
+)
 
 
 def case_input(name: str, rank: int) -> torch.Tensor:
@@ -109,6 +135,36 @@ def half_batch_grads(model: nn.Module, rank: int) -> list[torch.Tensor]:
     return [p.grad.clone() for p in model.parameters()]
 
 
+def harness_run(ctx: Context) -> tuple[dict, float]:
+    """dfp.harness's train_run of HARNESS_RUN on small synthetic data, rank 1's model poisoned
+    (see POISONED_FORWARD); returns the result and one draw of torch's global generator after
+    the run (the ranks must not share its stream)."""
+    dataset = data.load("synthetic", channels=1, image_size=8, num_classes=4, train_size=256, test_size=32)
+    real_build = models.build
+
+    def build_poisoned(*args) -> nn.Module:
+        model = real_build(*args)
+        forwards = 0
+
+        def poison(module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor | None:
+            nonlocal forwards
+            if not module.training:  # evaluation
+                return None
+            forwards += 1
+            return output * float("nan") if forwards == POISONED_FORWARD else None
+
+        if ctx.rank == 1:
+            model.register_forward_hook(poison)
+        return model
+
+    models.build = build_poisoned
+    try:
+        result = train_run(HARNESS_RUN, dataset, ctx, target_accuracy=None)
+    finally:
+        models.build = real_build
+    return result, float(torch.rand(()))
+
+
 @contextmanager
 def all_reduce_log() -> Iterator[list[tuple[str, torch.dtype, int]]]:
     """Inside the block, every torch.distributed.all_reduce the code under test makes is
@@ -161,6 +217,7 @@ def run(out_dir: Path) -> None:
     results["nan_grads_finite"] = [bool(torch.isfinite(p.grad).all()) for p in ddp.parameters()]
 
     results["losses"] = {run: train_losses(wrap(small_cnn(run[0]), ctx, compress=run[1]), ctx) for run in TRAIN_RUNS}
+    results["harness"], results["draw_after_harness"] = harness_run(ctx)
 
     teardown(ctx)
     results["initialised_after_teardown"] = dist.is_initialized()

@@ -103,7 +103,7 @@ def test_digits_split_is_fixed_stratified_and_scaled():
     all_labels = torch.from_numpy(load_digits().target)
     per_class, in_test = torch.bincount(all_labels), torch.bincount(first.test.labels)
     assert torch.all((in_test - per_class * 0.2).abs() <= 1)
-    # The 17 levels 0..16 become round(v * 255 / 16): 0, 16, 32, ..., 255.
+    # The 17 levels 0..16 become round(v * 255 / 16), steps of 15.9375: 0, 16, ..., 112, 128, 143, ..., 239, 255.
     levels = torch.unique(torch.cat([first.train.images.flatten(), first.test.images.flatten()]))
     assert levels.tolist() == [(v * 255 + 8) // 16 for v in range(17)]
 
@@ -475,6 +475,9 @@ def test_synthetic_is_deterministic_and_learnable():
 def test_synthetic_rejects_bad_sizes():
     with pytest.raises(data.DatasetError, match="num_classes must be an integer >= 2"):
         data.load("synthetic", num_classes=1)
+    # The harness evaluates every epoch on the test split: an empty one is refused up front.
+    with pytest.raises(data.DatasetError, match="test_size must be an integer >= 1, got 0"):
+        data.load("synthetic", test_size=0)
 
 
 # ---------------------------------------------------------------- batches

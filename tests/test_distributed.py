@@ -261,7 +261,24 @@ def test_nan_loss_on_one_rank_poisons_every_rank(ranks):
         assert not any(rank["nan_grads_finite"])
 
 
-# (e) set-up, wrapping, metrics
+# (e) the harness's training loop under DDP
+
+
+def test_a_nan_on_one_rank_stops_every_rank_at_the_same_step(ranks):
+    # Rank 1 alone sees NaN logits at step 2; a rank that stopped alone would leave the other
+    # waiting in a collective (the fixture's deadline would fail this test).
+    for rank in ranks:
+        result = rank["harness"]
+        assert result["diverged"] and result["steps"] == worker.POISONED_FORWARD - 1
+        assert len(result["epochs"]) == 1 and result["epochs"][0]["train_loss"] is None
+
+
+def test_ranks_draw_their_own_random_numbers(ranks):
+    # dfp16-sr layers round with torch's global generator: one stream per rank.
+    assert ranks[0]["draw_after_harness"] != ranks[1]["draw_after_harness"]
+
+
+# (f) set-up, wrapping, metrics
 
 
 def test_setup_under_torchrun_environment(ranks):

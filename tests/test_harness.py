@@ -4,9 +4,14 @@ training runs of the main job through the command line."""
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import itertools
 import json
 import math
+import socket
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -15,10 +20,13 @@ import torch
 from PIL import Image
 
 import dfp
-from dfp import models
-from dfp.harness import cli, environment, formats, report, study
-from dfp.harness.results import CorruptLineWarning, ResultStore, config_key, time_to_target
+from dfp import data, distributed, models
+from dfp.harness import cli, environment, formats, report, study, train
+from dfp.harness.results import CorruptLineWarning, DuplicateRunWarning, ResultStore, config_key, time_to_target
 from dfp.harness.schedule import Schedule, scaled_lr
+
+CPU = torch.device("cpu")
+ONE_PROCESS = distributed.Context(rank=0, world_size=1, local_rank=0, device=CPU)
 
 # ---------------------------------------------------------------- command line
 
@@ -44,6 +52,12 @@ def _error(capsys, argv: list[str]) -> str:
         (["--target-accuracy", "97"], "fraction in (0, 1]"),
         (["--epochs", "3", "--warmup-epochs", "3.5"], "must not exceed --epochs 3"),
         (["--epochs", "3", "--swa-start", "4"], "after the last epoch"),
+        (["--epochs", "3", "--swa-start", "1"], "--swa-start 1 falls inside the warm-up of 1 epochs"),
+        (["--epochs", "3", "--warmup-epochs", "1.5", "--swa-start", "2"], "choose --swa-start 3 or later"),
+        (["--epochs", "1"], "swalp needs an epoch after the warm-up"),  # the default start, past the warm-up
+        (["--cache-dir", "/tmp"], "--cache-dir applies only to --data cifar10"),
+        (["--data-dir", "/tmp"], "--data-dir is not used by --data digits, whose data are embedded in scikit-learn"),
+        (["--data", "synthetic", "--data-dir", "/tmp"], "--data-dir is not used by --data synthetic"),
         (["--data", "imagenet"], "invalid choice: 'imagenet'"),
         (["--compress", "int8"], "invalid choice: 'int8'"),
     ],
@@ -58,7 +72,7 @@ def test_cli_rejects_unknown_fp32_layer_and_lists_the_layers(capsys, tmp_path):
 
 
 def test_cli_names_the_missing_data_directory(capsys, tmp_path):
-    assert "needs root" in _error(capsys, ["--data", "mnist", "--out", str(tmp_path)])
+    assert "--data mnist needs --data-dir" in _error(capsys, ["--data", "mnist", "--out", str(tmp_path)])
     err = _error(capsys, ["--data", "mnist", "--data-dir", str(tmp_path / "absent"), "--out", str(tmp_path)])
     assert "absent" in err
 
@@ -77,6 +91,54 @@ def test_cli_says_what_to_use_when_fp16_cannot_run(capsys, monkeypatch):
     )
     err = _error(capsys, ["--formats", "fp32,fp16"])
     assert "format 'fp16' cannot train on cpu: RuntimeError: no fp16 conv; use bf16 instead" in err
+
+
+def test_formats_are_probed_after_setup_on_the_device_of_the_process(capsys, monkeypatch):
+    calls = []
+
+    def fake_setup(device):
+        calls.append("setup")
+        return distributed.Context(rank=0, world_size=1, local_rank=0, device=torch.device(device))
+
+    def fake_probe(name, device):
+        calls.append((name, device))
+        return "RuntimeError: stop here"
+
+    monkeypatch.setattr(distributed, "setup", fake_setup)
+    monkeypatch.setattr(formats, "_probe", fake_probe)
+    assert "format 'fp32' cannot train on cpu" in _error(capsys, ["--formats", "fp32,dfp16", "--no-progress"])
+    assert calls == ["setup", ("fp32", "cpu")]
+
+
+def test_missing_harness_extras_are_named_with_the_install_command(capsys, monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a)
+    )
+    assert "pip install 'dfp[harness]' (missing: tqdm)" in _error(capsys, ["--no-progress"])
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    assert cli.main(["report"]) == 2
+    assert "pip install 'dfp[harness]' (missing: matplotlib)" in capsys.readouterr().err
+    monkeypatch.undo()
+
+    def no_pillow(*args, **kwargs):
+        raise ImportError("No module named 'PIL'")
+
+    monkeypatch.setattr(data, "load", no_pillow)
+    err = _error(capsys, ["--data", "synthetic"])
+    assert "--data synthetic: No module named 'PIL'; dfp-compare needs the harness extras" in err
+
+
+def test_the_command_line_imports_without_matplotlib_and_tqdm():
+    # The check above runs only if the modules import without the extras: block them and start.
+    code = (
+        "import sys; sys.modules['matplotlib'] = sys.modules['tqdm'] = None\n"
+        "from dfp.harness import cli\n"
+        "try:\n    cli.main(['--no-progress'])\nexcept SystemExit as e:\n    sys.exit(e.code)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "missing: matplotlib, tqdm" in done.stderr
 
 
 def test_report_command_needs_an_existing_study(capsys, tmp_path):
@@ -107,7 +169,7 @@ def test_warm_up_then_cosine_to_zero():
     assert [schedule.learning_rate(s) for s in (0, 5, 10)] == pytest.approx([0.1, 0.25, 0.4])
     # Cosine: half the peak halfway through the decay, zero at the end.
     assert schedule.learning_rate(25) == pytest.approx(0.2)
-    assert schedule.learning_rate(40) == 0.0
+    assert 0 < schedule.learning_rate(39) < 0.01 * schedule.peak_lr  # the last step: small, not zero
     rates = [schedule.learning_rate(s) for s in range(10, 40)]
     assert all(a > b > 0 for a, b in itertools.pairwise(rates))
 
@@ -119,14 +181,16 @@ def test_small_batch_needs_no_warm_up_and_swalp_holds_the_rate():
     assert held.learning_rate(0) == pytest.approx(0.1)
     assert held.learning_rate(20) == held.learning_rate(39) == pytest.approx(0.05)
     assert held.learning_rate(19) > held.learning_rate(20)
+    with pytest.raises(ValueError, match="hold_from_step=10 lies inside the warm-up of 20 steps"):
+        Schedule.build(0.1, 128, 32, warmup_epochs=2, epochs=4, steps_per_epoch=10, hold_from_epoch=2)
 
 
 # ---------------------------------------------------------------- results store
 
 
 def _record(fmt: str, batch_size: int, seed: int, seconds: float, accuracy: float, **config) -> dict:
-    """A finished run as the harness writes it, with one epoch at ``seconds`` and a
-    second one (more accurate by one point) at twice that."""
+    """A finished run as the harness writes it, with two epochs: one at ``seconds / 2``,
+    the second (more accurate by one point) at ``seconds``."""
     epochs = [
         {"epoch": 1, "accuracy": accuracy - 0.01, "trained_accuracy": accuracy - 0.01, "seconds": seconds / 2},
         {"epoch": 2, "accuracy": accuracy, "trained_accuracy": accuracy, "seconds": seconds},
@@ -179,11 +243,13 @@ def test_store_appends_and_resumes_by_config(tmp_path):
     first, second = _record("fp32", 32, 0, 2.0, 0.97), _record("dfp16", 32, 0, 1.0, 0.96)
     store.append(first)
     store.append(second)
-    assert [r["config"]["format"] for r in ResultStore(tmp_path / "out").load()] == ["fp32", "dfp16"]
-    assert store.finished_keys() == {config_key(first["config"]), config_key(second["config"])}
+    loaded = ResultStore(tmp_path / "out").load()
+    assert [r["config"]["format"] for r in loaded] == ["fp32", "dfp16"]
+    finished = {config_key(r["config"]) for r in loaded}
+    assert finished == {config_key(first["config"]), config_key(second["config"])}
     # Key order does not matter; any changed setting makes another run.
     assert config_key(dict(reversed(list(first["config"].items())))) == config_key(first["config"])
-    assert config_key({**first["config"], "seed": 1}) not in store.finished_keys()
+    assert config_key({**first["config"], "seed": 1}) not in finished
     with pytest.raises(ValueError, match="needs 'config' and 'result'"):
         store.append({"config": {}})
 
@@ -245,7 +311,7 @@ def test_report_table_against_fp32_at_the_same_batch_size(tmp_path):
         _record("dfp16", 64, 0, 1.0, 0.9),  # no fp32 at 64
     ]
     text = report.markdown(records, target_accuracy=0.955)
-    rows = {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines() if "| " in line}
+    rows = _rows(text)
     fp32_32, dfp16_32 = rows[("fp32", "32")], rows[("dfp16", "32")]
     assert "| 3 | 6.0 |" in fp32_32 and "| 1.00x |" in fp32_32
     assert "97.50 % (97.00-98.00)" in fp32_32
@@ -254,13 +320,59 @@ def test_report_table_against_fp32_at_the_same_batch_size(tmp_path):
     assert "| 2 | 2.5 |" in dfp16_32 and "| 2.40x |" in dfp16_32
     # dfp16: one seed reaches 95.5 % at 3.0 s, the other never: the median is "not reached".
     assert "not reached (1/2)" in dfp16_32
-    assert "| 0.25x |" in rows[("swalp", "128")] and "SWA average; its low-precision weights: 95.50 %" in text
+    assert "| 0.25x |" in rows[("swalp (avg from 2)", "128")]
+    assert "SWA average; its low-precision weights: 95.50 %" in text
     assert "no fp32 run" in rows[("dfp16", "64")]
     assert "lr" in text and "| 0.2 |" in rows[("fp32", "128")]  # 0.05 * 128 / 32
     assert "## digits, small_cnn, 2 epochs" in text and "Test CPU" in text
     # Batch sizes in order, formats in the harness's order within one.
-    order = [key for key in rows if key[0] in formats.FORMATS]
-    assert order == [("fp32", "32"), ("dfp16", "32"), ("dfp16", "64"), ("fp32", "128"), ("swalp", "128")]
+    order = [key for key in rows if key[0].split()[0] in formats.FORMATS]
+    assert order == [("fp32", "32"), ("dfp16", "32"), ("dfp16", "64"), ("fp32", "128"), ("swalp (avg from 2)", "128")]
+
+
+def _rows(text: str) -> dict[tuple[str, str], str]:
+    """The table lines of a report by (format label, batch size)."""
+    return {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines() if "| " in line}
+
+
+def _diverged(record: dict) -> dict:
+    record["result"]["diverged"] = True
+    return record
+
+
+def test_diverged_runs_stay_out_of_times_speed_ups_and_the_front(tmp_path):
+    fp32 = _record("fp32", 32, 0, 4.0, 0.97)
+    stopped_early = _diverged(_record("fp32", 32, 1, 0.5, 0.10))  # a NaN after a few steps: short, not fast
+    dfp16 = _record("dfp16", 32, 0, 2.0, 0.96)
+    bf16 = _diverged(_record("bf16", 32, 0, 0.3, 0.10))
+    records = [fp32, stopped_early, dfp16, bf16]
+    rows = _rows(report.markdown(records, target_accuracy=0.95))
+    # fp32: the time of the run that finished; the accuracy over both seeds.
+    assert "| 2 | 4.0 |" in rows[("fp32", "32")] and "53.50 %" in rows[("fp32", "32")]
+    assert "diverged in 1 of 2 runs" in rows[("fp32", "32")]
+    assert "| 2.00x |" in rows[("dfp16", "32")]  # 4.0 / 2.0, not 0.5-inflated
+    assert "| 1 | diverged | - |" in rows[("bf16", "32")] and "| diverged | not reached (0/1) |" in rows[("bf16", "32")]
+    assert report.front_records(records) == [fp32, dfp16]
+    figure = report.plot_pareto(records, tmp_path / "p.png")
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    assert legend == ["fp32", "dfp16", "diverged", "Pareto front"]  # no bf16 marker: it only diverged
+
+
+def test_each_run_counts_once_and_swalp_rows_are_keyed_by_their_start():
+    fp32 = _record("fp32", 128, 0, 1.0, 0.95)
+    late, early = _record("swalp", 128, 0, 4.0, 0.96), _record("swalp", 128, 0, 5.0, 0.94, swa_start=1)
+    with pytest.warns(DuplicateRunWarning, match=r"1 record\(s\) repeat .* fp32 batch 128 seed 0"):
+        rows = _rows(report.markdown([fp32, late, early, copy.deepcopy(fp32)]))
+    assert "| 1 | 1.0 |" in rows[("fp32", "128")]  # one seed, not two
+    assert "| 1 | 5.0 |" in rows[("swalp (avg from 1)", "128")] and "| 1 | 4.0 |" in rows[("swalp (avg from 2)", "128")]
+
+
+def test_runs_from_different_environments_are_flagged():
+    other = _record("dfp16", 32, 0, 1.0, 0.96)
+    other["environment"] = {**other["environment"], "torch": "0.0"}
+    with pytest.warns(report.MixedEnvironmentWarning, match="2 different environments"):
+        text = report.markdown([_record("fp32", 32, 0, 2.0, 0.97), other])
+    assert "**Mixed environments**" in text
 
 
 def test_report_groups_by_setting_and_lists_interrupted_runs(tmp_path):
@@ -270,8 +382,14 @@ def test_report_groups_by_setting_and_lists_interrupted_runs(tmp_path):
     unfinished = _record("dfp16", 32, 0, 1.0, 0.96)["config"]
     store.append_progress(unfinished, "try1", {"epoch": 1, "accuracy": 0.5, "seconds": 0.4})
     store.append_progress(unfinished, "try1", {"epoch": 2, "accuracy": 0.6, "seconds": 0.8})
+    mnist = _record("fp32", 32, 0, 2.0, 0.99, data="mnist")
+    mnist["result"]["target_accuracy"] = 0.5
+    store.append(mnist)
     text = report.write_report(store)
     assert "## digits, small_cnn, 2 epochs" in text and "## digits, small_cnn, 5 epochs" in text
+    # Each group's time-to-target column uses its own runs' target.
+    mnist_section = text[text.index("## mnist") :]
+    assert "time to 50 % (s)" in mnist_section and "time to 95 %" not in mnist_section
     assert "dfp16 batch 32 seed 0: epoch 2 of 2, accuracy 60.00 % after 0.8 s" in text
     assert "time to 95 % (s)" in text  # the target the runs were trained with
     assert (tmp_path / "report.md").read_text() == text
@@ -346,7 +464,7 @@ def test_environment_reads_the_cpu_model(tmp_path):
     assert environment.cpu_model(cpuinfo) == "Test CPU 9000"
     env = environment.collect(torch.device("cpu"), threads=3, world_size=1)
     assert env["threads"] == 3 and env["torch"] == torch.__version__ and env["dfp_cpu_isa"]
-    assert not any("host" in key for key in env)
+    assert not any(socket.gethostname() in str(value) for value in env.values())
 
 
 # ---------------------------------------------------------------- the main job, short
@@ -372,10 +490,16 @@ def _main_job(out: Path, *extra: str) -> int:
 
 
 def test_main_job_smoke_writes_records_and_report(tmp_path, capsys):
-    assert _main_job(tmp_path, "--formats", "fp32,dfp16,swalp", "--swa-start", "1") == 0
+    # An earlier study of another data set in the same directory keeps its own target.
+    earlier = _record("fp32", 32, 0, 2.0, 0.99, data="mnist")
+    earlier["result"]["target_accuracy"] = 0.5
+    ResultStore(tmp_path).append(earlier)
+    assert _main_job(tmp_path, "--formats", "fp32,dfp16,swalp", "--swa-start", "1", "--warmup-epochs", "0") == 0
     out = capsys.readouterr().out
-    assert "| fp32 | 64 |" in out and "| swalp | 64 |" in out
-    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert "| fp32 | 64 |" in out and "| swalp (avg from 1) | 64 |" in out
+    text = (tmp_path / "report.md").read_text()
+    assert text.count("time to 97 % (s)") == 1 and text.count("time to 50 % (s)") == 1
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()][1:]
     assert [r["config"]["format"] for r in records] == ["fp32", "dfp16", "swalp"]
     for record in records:
         config, result = record["config"], record["result"]
@@ -437,6 +561,17 @@ def test_an_interrupted_study_resumes_and_skips_finished_runs(tmp_path, monkeypa
         assert cli.main(["report", "--out", str(tmp_path)]) == 0
 
 
+def test_a_nan_from_the_last_update_counts_as_diverged(tmp_path, capsys):
+    # One step at an absurd rate: its loss is finite, the weights it leaves are not usable.
+    assert (
+        _main_job(tmp_path, "--formats", "fp32", "--lr", "1e20", "--warmup-epochs", "0", "--limit-train-batches", "1")
+        == 0
+    )
+    (record,) = ResultStore(tmp_path).load()
+    (epoch,) = record["result"]["epochs"]
+    assert epoch["train_loss"] is not None and epoch["test_loss"] is None and record["result"]["diverged"]
+
+
 def test_a_diverging_run_is_recorded_as_diverged(tmp_path, capsys):
     assert _main_job(tmp_path, "--formats", "fp32,swalp", "--lr", "1e20", "--warmup-epochs", "0") == 0
     records = ResultStore(tmp_path).load()
@@ -446,3 +581,131 @@ def test_a_diverging_run_is_recorded_as_diverged(tmp_path, capsys):
         assert result["epochs"][-1]["train_loss"] is None and result["epochs"][-1]["swa_accuracy"] is None
     text = (tmp_path / "report.md").read_text()
     assert "diverged in 1 of 1 runs" in text and "SWA average" not in text
+
+
+# ---------------------------------------------------------------- one run's loop
+
+
+def _tiny(train_size: int = 64, test_size: int = 16) -> data.Dataset:
+    return data.load("synthetic", channels=1, image_size=8, num_classes=4, train_size=train_size, test_size=test_size)
+
+
+def _prepared(fmt: str, seed: int = 0) -> formats.Training:
+    torch.manual_seed(seed)
+    return formats.prepare(
+        fmt, models.build("small_cnn", 1, 4, 8), CPU, fp32_layers=set(), lr=0.1, momentum=0.9, weight_decay=5e-4, seed=0
+    )
+
+
+def _state(training: formats.Training) -> list[torch.Tensor]:
+    """Every tensor of the model and optimizer state (SWALP's generator included)."""
+    optimizer = training.optimizer.state_dict()
+    tensors = list(training.model.state_dict().values())
+    tensors += [t for buffers in optimizer["state"].values() for t in buffers.values()]
+    return tensors + ([optimizer["generator_state"]] if "generator_state" in optimizer else [])
+
+
+def _count_forwards(model: torch.nn.Module) -> list[int]:
+    """A list that gets one entry per forward of ``model``."""
+    forwards: list[int] = []
+    model.register_forward_hook(lambda *args: forwards.append(1))
+    return forwards
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "fp16", "dfp16-sr", "swalp"])
+def test_the_warm_up_step_runs_and_is_undone(fmt):
+    if formats._probe(fmt, "cpu") is not None:
+        pytest.skip(f"{fmt} cannot train on this CPU")
+    dataset = _tiny()
+    x, y = next(data.batches(dataset.train, dataset, 32, shuffle=True, generator=torch.Generator().manual_seed(1)))
+    steps = []
+    for warm_up in (False, True):
+        training = _prepared(fmt)
+        forwards = _count_forwards(training.model)
+        before = copy.deepcopy(_state(training))
+        random_state = torch.get_rng_state()
+        if warm_up:
+            train._warm_up(training, training.model, dataset, 32, ONE_PROCESS)
+            assert len(forwards) == 1  # it ran ...
+            assert torch.equal(torch.get_rng_state(), random_state)  # ... and left everything as it was
+            assert all(torch.equal(a, b) for a, b in zip(_state(training), before, strict=True))
+            if training.scaler is not None:
+                assert training.scaler.get_scale() == 2.0**16
+        train._train_step(training, training.model, x, y, ONE_PROCESS)
+        steps.append(_state(training))
+    assert all(torch.equal(a, b) for a, b in zip(*steps, strict=True))  # the step after it: bit for bit
+
+
+class _RefusesNonFinite(torch.nn.Module):
+    """A network whose forward raises as a dfp layer does on NaN input."""
+
+    def forward(self, x):
+        raise dfp.NonFiniteError("NaN in the input of a dfp layer")
+
+
+def test_non_finite_values_mark_the_step_or_stop_the_rank():
+    training = _prepared("fp32")
+    x, y = torch.zeros(2, 1, 8, 8), torch.zeros(2, dtype=torch.int64)
+    # One process: the step's loss is NaN, the run diverged.
+    assert math.isnan(train._train_step(training, _RefusesNonFinite(), x, y, ONE_PROCESS))
+    # Under DDP the other ranks are all-reducing this step's gradients: stop the process.
+    rank_1 = distributed.Context(rank=1, world_size=2, local_rank=1, device=CPU)
+    with pytest.raises(RuntimeError, match="rank 1: non-finite activations .* the run stops here: it diverged"):
+        train._train_step(training, _RefusesNonFinite(), x, y, rank_1)
+    # SWALP refuses NaN gradients after the all-reduce, on every rank together: a NaN loss, no error.
+    # (torch layers: a dfp layer's backward would refuse the NaN first, as above)
+    torch.manual_seed(0)
+    model = models.build("small_cnn", 1, 4, 8)
+    swalp = formats.prepare(
+        "swalp", model, CPU, fp32_layers=set(formats.layer_names(model)), lr=0.1, momentum=0.9, weight_decay=0, seed=0
+    )
+    swalp.model.register_forward_hook(lambda module, inputs, output: output * math.nan)
+    weights = copy.deepcopy(list(swalp.model.parameters()))
+    assert math.isnan(train._train_step(swalp, swalp.model, x, y, rank_1))
+    assert all(torch.equal(a, b) for a, b in zip(swalp.model.parameters(), weights))
+
+
+def test_cudnn_benchmark_is_set_for_every_run(monkeypatch):
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as an earlier run on CUDA leaves it
+    _prepared("fp32")
+    assert torch.backends.cudnn.benchmark is False  # on the CPU
+
+
+def test_batch_size_is_checked_against_each_process_share():
+    dataset = _tiny(train_size=5)
+    train.check_batch_size(4, dataset, world_size=2)  # 2 images per process, and each gets 2
+    with pytest.raises(ValueError, match="each of the 2 processes 3 images per step, but each process gets only 2 of"):
+        train.check_batch_size(6, dataset, world_size=2)
+    with pytest.raises(ValueError, match="not divisible by the 2 processes"):
+        train.check_batch_size(5, dataset, world_size=2)
+    with pytest.raises(ValueError, match="batch size 6 is larger than the 5 training images of synthetic"):
+        train.check_batch_size(6, dataset, world_size=1)
+
+
+def test_an_empty_test_split_is_refused_before_training():
+    tiny = _tiny()
+    empty = data.Split(tiny.test.images[:0], tiny.test.labels[:0])
+    dataset = data.Dataset.from_splits("no-test", tiny.train, empty, tiny.classes)
+    config = train.RunConfig(
+        data="no-test",
+        model="small_cnn",
+        format="fp32",
+        batch_size=16,
+        seed=0,
+        epochs=1,
+        base_lr=0.05,
+        base_batch_size=16,
+        warmup_epochs=0.0,
+        momentum=0.9,
+        weight_decay=0.0,
+        fp32_layers=(),
+        swa_start=None,
+        augment=False,
+        device="cpu",
+        threads=1,
+        world_size=1,
+        compress="none",
+        limit_train_batches=1,
+    )
+    with pytest.raises(ValueError, match="no-test: the test split is empty"):
+        train.train_run(config, dataset, ONE_PROCESS, target_accuracy=None)

@@ -8,6 +8,17 @@
 from .batches import batches, num_batches
 from .dataset import Dataset, Split
 from .errors import DatasetError, DatasetNotFoundError
-from .registry import DATASETS, load
+from .registry import DATASETS, ROOT_LAYOUTS, load, origin
 
-__all__ = ["DATASETS", "Dataset", "DatasetError", "DatasetNotFoundError", "Split", "batches", "load", "num_batches"]
+__all__ = [
+    "DATASETS",
+    "ROOT_LAYOUTS",
+    "Dataset",
+    "DatasetError",
+    "DatasetNotFoundError",
+    "Split",
+    "batches",
+    "load",
+    "num_batches",
+    "origin",
+]

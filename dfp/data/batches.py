@@ -40,7 +40,9 @@ def batches(
 
     shuffle: visit the images in the order of a random permutation drawn from ``generator``
         (a CPU generator; None: torch's global one). The same generator state gives the same
-        batches, so seed it per epoch (``seed + epoch``), identically on every rank.
+        batches: seed one generator per run and pass it to every epoch (each epoch draws the
+        next permutation, as the harness does), or seed one per epoch (``seed + epoch``);
+        either way identically on every rank.
     augment: random crops of the image zero-padded by 4 pixels (black, before normalisation)
         and, for colour images, random horizontal flips; only for images of at least 28
         pixels, so MNIST is shifted but never mirrored and the 8x8 digits are left alone.

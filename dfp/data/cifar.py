@@ -29,7 +29,9 @@ LAYOUTS = (
 
 
 def load_cifar10(root: Path, *, cache_dir: str | os.PathLike | None = None) -> Dataset:
-    """CIFAR-10 as uint8 images (N, 3, 32, 32) and labels, from ``root`` in any layout above.
+    """CIFAR-10 as uint8 images (N, 3, S, S) and labels, from ``root`` in any layout above:
+    S = 32 for CIFAR-10 itself; an image folder of other square images, all of one size,
+    loads too.
 
     cache_dir: where decoded image folders are cached (see ``dfp.data.cache``); None, no cache.
     Pickle batches are read directly: they need no decoding.

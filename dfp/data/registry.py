@@ -17,7 +17,7 @@ from .synthetic import load_synthetic
 
 _LOADERS = {"digits": load_digits, "mnist": load_mnist, "cifar10": load_cifar10, "synthetic": load_synthetic}
 # Data sets read from a local copy, and what that copy must hold.
-_ROOT_LAYOUTS = {"mnist": MNIST_LAYOUT, "cifar10": CIFAR_LAYOUTS}
+ROOT_LAYOUTS: dict[str, str] = {"mnist": MNIST_LAYOUT, "cifar10": CIFAR_LAYOUTS}
 DATASETS: tuple[str, ...] = tuple(_LOADERS)
 
 
@@ -36,17 +36,18 @@ def load(name: str, root: str | os.PathLike | None = None, **options) -> Dataset
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"load({name!r}) takes no option {', '.join(unknown)}; its options: {accepted or 'none'}")
-    if name not in _ROOT_LAYOUTS:
+    if name not in ROOT_LAYOUTS:
         if root is not None:
-            raise DatasetError(f"load({name!r}) takes no root: the data are {_origin(name)}")
+            raise DatasetError(f"load({name!r}) takes no root: the data are {origin(name)}")
         return loader(**options)
     if root is None:
         raise DatasetError(
-            f"load({name!r}) needs root=<path> of a local copy: {_ROOT_LAYOUTS[name]}. "
+            f"load({name!r}) needs root=<path> of a local copy: {ROOT_LAYOUTS[name]}. "
             f"dfp downloads nothing; fetch the files yourself and pass where they lie."
         )
     return loader(Path(root).expanduser(), **options)
 
 
-def _origin(name: str) -> str:
+def origin(name: str) -> str:
+    """Where the data of a set without a local copy (not in ROOT_LAYOUTS) come from."""
     return "embedded in scikit-learn" if name == "digits" else "generated"

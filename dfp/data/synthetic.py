@@ -35,7 +35,7 @@ def load_synthetic(
         ("image_size", image_size, 1),
         ("num_classes", num_classes, 2),
         ("train_size", train_size, 1),
-        ("test_size", test_size, 0),
+        ("test_size", test_size, 1),  # every epoch of the harness is evaluated on the test split
     ):
         if not isinstance(value, int) or value < least:
             raise DatasetError(f"synthetic: {label} must be an integer >= {least}, got {value!r}")

@@ -16,6 +16,7 @@ Under ``torchrun --nproc_per_node=N`` each process trains on its shard of every 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -28,12 +29,18 @@ from . import formats
 from .report import group_markdown, group_records, write_report
 from .results import RESULTS_FILE, ResultStore
 from .study import StudyConfig, run_study
+from .train import NO_COMPRESSION, check_batch_size, check_test_split
 
-DATA_SETS = ("digits", "mnist", "cifar10", "synthetic")
 DEFAULT_MODEL = {"digits": "small_cnn", "mnist": "small_cnn", "cifar10": "resnet20", "synthetic": "resnet20"}
 DEFAULT_TARGET = {"digits": 0.97, "mnist": 0.99, "cifar10": 0.85, "synthetic": None}
 DEFAULT_FORMATS = "fp32,bf16,dfp16,dfp16-sr,swalp"
 DEFAULT_OUT = "dfp-results"
+# The third-party packages of the "harness" extra that every study imports (import name:
+# pip name), and those only some data sets need (PIL for CIFAR-10 image folders is found
+# out when the data load, see _load_data).
+HARNESS_PACKAGES = {"matplotlib": "matplotlib", "tqdm": "tqdm"}
+DATA_PACKAGES = {"digits": {"sklearn": "scikit-learn"}}
+EXTRAS_HINT = "dfp-compare needs the harness extras: pip install 'dfp[harness]'"
 
 
 def _parsed(kind: Callable[[str], object], check: Callable[[object], bool], need: str) -> Callable[[str], object]:
@@ -73,9 +80,16 @@ fraction = _parsed(float, lambda v: 0 < v <= 1, "an accuracy as a fraction in (0
 
 
 def _format_name(text: str) -> str:
-    if text not in formats.FORMATS:
-        raise argparse.ArgumentTypeError(f"unknown format {text!r}; choose from {', '.join(formats.FORMATS)}")
+    try:
+        formats.check_format_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
     return text
+
+
+def _missing_packages(packages: dict[str, str]) -> list[str]:
+    """The pip names of ``packages`` (import name: pip name) that cannot be imported."""
+    return [pip_name for module, pip_name in packages.items() if importlib.util.find_spec(module) is None]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     what = parser.add_argument_group("what to train")
     what.add_argument(
         "--data",
-        choices=DATA_SETS,
+        choices=data.DATASETS,
         default="digits",
         help="data set; digits ships in scikit-learn (default: %(default)s)",
     )
@@ -143,8 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument(
         "--swa-start",
         type=positive_int,
-        help="swalp: the first epoch (1-based) averaged; the rate is held from there on (default: the last "
-        "quarter of the epochs)",
+        help="swalp: the first epoch (1-based) averaged, after the warm-up; the rate is held from there on "
+        "(default: the last quarter of the epochs, or the first epoch after the warm-up if that is later)",
     )
     recipe.add_argument(
         "--target-accuracy",
@@ -161,8 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--compress",
-        choices=("none", "dfp16"),
-        default="none",
+        choices=(NO_COMPRESSION, *distributed.COMPRESSIONS),
+        default=NO_COMPRESSION,
         help="gradient compression of DistributedDataParallel under torchrun (default: %(default)s)",
     )
     run.add_argument("--limit-train-batches", type=positive_int, help="at most this many steps per epoch (smoke tests)")
@@ -185,23 +199,34 @@ def build_report_parser() -> argparse.ArgumentParser:
 
 def study_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> StudyConfig:
     """The study the parsed ``args`` describe; checks what argparse alone cannot (model
-    name, option combinations, the device and the formats it can run)."""
+    name, option combinations, the device). The formats are probed later, on the device
+    of each process (``_check_formats``)."""
     model = args.model or DEFAULT_MODEL[args.data]
     if model not in models.MODELS:
         parser.error(f"--model: unknown model {model!r}; choose from {', '.join(models.MODELS)}")
+    _check_data_options(args, parser)
     if args.warmup_epochs > args.epochs:
         parser.error(f"--warmup-epochs {args.warmup_epochs:g} must not exceed --epochs {args.epochs}")
-    swa_start = args.swa_start if args.swa_start is not None else max(1, math.ceil(0.75 * args.epochs))
-    if swa_start > args.epochs:
-        parser.error(f"--swa-start {swa_start} is after the last epoch (--epochs {args.epochs})")
+    # SWALP averages at a held rate, which must come after the warm-up: epoch s starts
+    # after s - 1 epochs, so s >= warmup + 1.
+    after_warmup = math.ceil(args.warmup_epochs) + 1
+    swa_start = args.swa_start if args.swa_start is not None else max(math.ceil(0.75 * args.epochs), after_warmup)
+    if "swalp" in args.formats:
+        if swa_start - 1 < args.warmup_epochs:  # only a given --swa-start: the default is past the warm-up
+            parser.error(
+                f"--swa-start {swa_start} falls inside the warm-up of {args.warmup_epochs:g} epochs "
+                f"(--warmup-epochs): swalp averages at a rate held from its first averaged epoch on, which must "
+                f"come after the warm-up; choose --swa-start {after_warmup} or later, or a shorter warm-up"
+            )
+        if swa_start > args.epochs:
+            given = "" if args.swa_start is not None else " (the default)"
+            parser.error(
+                f"--swa-start {swa_start}{given} is after the last epoch (--epochs {args.epochs}); swalp needs an epoch "
+                f"after the warm-up of {args.warmup_epochs:g} epochs to average: give more --epochs, a shorter "
+                "--warmup-epochs, or leave swalp out of --formats"
+            )
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu (the default)")
-    device = torch.device(args.device)
-    for name in args.formats:
-        try:
-            formats.check_available(name, device)
-        except formats.FormatUnavailableError as err:
-            parser.error(str(err))
     return StudyConfig(
         data=args.data,
         model=model,
@@ -224,24 +249,53 @@ def study_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
     )
 
 
+def _check_data_options(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """--data-dir and --cache-dir where, and only where, the data set uses them."""
+    layout = data.ROOT_LAYOUTS.get(args.data)
+    if layout is None and args.data_dir is not None:
+        parser.error(f"--data-dir is not used by --data {args.data}, whose data are {data.origin(args.data)}")
+    if layout is not None and args.data_dir is None:
+        parser.error(
+            f"--data {args.data} needs --data-dir, the directory of a local copy: {layout}. dfp downloads "
+            "nothing; fetch the files yourself and pass where they lie"
+        )
+    if args.cache_dir is not None and args.data != "cifar10":
+        parser.error(
+            f"--cache-dir applies only to --data cifar10 (image folders decoded once); --data {args.data} has no cache"
+        )
+
+
+def _check_formats(study: StudyConfig, device: torch.device, parser: argparse.ArgumentParser) -> None:
+    """Each format tried on ``device``, the device of this process (under torchrun, each
+    rank probes its own GPU)."""
+    for name in study.formats:
+        try:
+            formats.check_available(name, device)
+        except formats.FormatUnavailableError as err:
+            parser.error(str(err))
+
+
 def _load_data(args: argparse.Namespace, parser: argparse.ArgumentParser) -> data.Dataset:
     options = {"cache_dir": args.cache_dir} if args.cache_dir is not None else {}
     try:
         return data.load(args.data, args.data_dir, **options)
+    except ImportError as err:
+        parser.error(f"--data {args.data}: {err}; {EXTRAS_HINT}")
     except (OSError, ValueError, TypeError) as err:
         parser.error(f"--data {args.data}: {err}")
 
 
 def _check_against_data(study: StudyConfig, dataset: data.Dataset, world_size: int, parser) -> None:
-    """Checks that need the data set and the model: batch sizes, layer names."""
+    """Checks that need the data set and the model: batch sizes, layer names, a test split."""
+    try:
+        check_test_split(dataset)
+    except ValueError as err:
+        parser.error(f"--data {study.data}: {err}")
     for batch_size in study.batch_sizes:
-        if batch_size % world_size:
-            parser.error(f"--batch-sizes: {batch_size} is not divisible by the {world_size} processes")
-        if batch_size // world_size > len(dataset.train.labels):
-            parser.error(
-                f"--batch-sizes: {batch_size} is larger than the {len(dataset.train.labels)} training images "
-                f"of {study.data}"
-            )
+        try:
+            check_batch_size(batch_size, dataset, world_size)
+        except ValueError as err:
+            parser.error(f"--batch-sizes: {err}")
     try:
         model = models.build(study.model, dataset.channels, dataset.num_classes, dataset.image_size)
     except ValueError as err:
@@ -257,6 +311,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["report"]:
         args = build_report_parser().parse_args(argv[1:])
+        missing = _missing_packages({"matplotlib": "matplotlib"})
+        if missing:
+            print(f"error: {EXTRAS_HINT} (missing: {', '.join(missing)})", file=sys.stderr)
+            return 2
         results = Path(args.out) / RESULTS_FILE
         if not results.is_file():
             print(f"error: {results} does not exist: run a study with --out {args.out} first", file=sys.stderr)
@@ -266,6 +324,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    missing = _missing_packages({**HARNESS_PACKAGES, **DATA_PACKAGES.get(args.data, {})})
+    if missing:
+        parser.error(f"{EXTRAS_HINT} (missing: {', '.join(missing)})")
     study = study_config(args, parser)
     torch.set_num_threads(study.threads)
     try:
@@ -273,10 +334,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (RuntimeError, ValueError) as err:
         parser.error(str(err))
     try:
+        _check_formats(study, ctx.device, parser)
         dataset = _load_data(args, parser)
         _check_against_data(study, dataset, ctx.world_size, parser)
         store = ResultStore(args.out) if ctx.is_main else None
-        if study.compress != "none" and ctx.world_size == 1:
+        if study.compress != NO_COMPRESSION and ctx.world_size == 1:
             print(
                 f"note: --compress {study.compress} compresses gradients between processes; with one there is "
                 "nothing to send (launch with torchrun --nproc_per_node=N)",
@@ -291,7 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except BaseException as err:
             # Whatever stopped the study, the report shows the runs it finished.
             if store is not None:
-                write_report(store, study.target_accuracy)
+                write_report(store)
                 print(
                     f"\n{'interrupted' if isinstance(err, KeyboardInterrupt) else 'stopped by an error'}: finished "
                     f"runs are in {store.results_path}; run the same command again to resume (finished runs are "
@@ -302,9 +364,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 130
             raise
         if store is not None:
-            write_report(store, study.target_accuracy)
+            write_report(store)
             for group in group_records(records):
-                print("\n" + group_markdown(group, study.target_accuracy))
+                print("\n" + group_markdown(group))
             print(f"report: {Path(args.out) / 'report.md'}, pareto.png, curves.png; results: {store.results_path}")
         return 0
     finally:

@@ -6,14 +6,19 @@ format     set-up
 =========  ==================================================================================
 fp32       torch layers in float32; SGD with momentum
 bf16       ``torch.autocast(device, dtype=torch.bfloat16)`` around the forward; SGD
-fp16       autocast to float16 + ``torch.amp.GradScaler``; on CUDA also channels_last and
-           ``cudnn.benchmark`` (the tensor-core path); SGD
+fp16       autocast to float16 + ``torch.amp.GradScaler``; on CUDA also channels_last (the
+           tensor-core path); SGD
 dfp16      ``dfp.convert(model, "dfp16")``: int16 products, nearest rounding; SGD
 dfp16-sr   ``dfp.convert(model, "dfp16-sr")``: stochastic rounding of gradients; SGD
 swalp      dfp16-sr layers and ``dfp.optim.SWALP`` (weights kept as DFP16 numbers, no fp32
            master copy), plus ``dfp.optim.WeightAverage``: the fp32 average of the weights,
-           taken once per epoch, with batch-norm statistics recomputed (Yang et al. 2019)
+           taken once per epoch, with batch-norm statistics recomputed (Yang et al. 2019);
+           the average is evaluated with dfp16-sr layers, like the trained weights
 =========  ==================================================================================
+
+On CUDA every format runs with ``cudnn.benchmark`` on (each convolution autotuned, during
+the untimed warm-up step of ``train``), so that no format is compared against a slower
+baseline; on the CPU it is off. ``prepare`` sets it for every run, so no run inherits it.
 
 Layers named in ``fp32_layers`` stay in float32 in every format (Das et al. 2018 kept the
 first convolution in fp32): for the float formats they become dfp layers in the "fp32"
@@ -97,8 +102,13 @@ def check_available(name: str, device: torch.device) -> None:
         hint = "use bf16 instead, or run on a CUDA GPU (--device cuda)"
     elif name == "bf16":
         hint = "use fp16 (on CUDA) or fp32 instead"
+    elif LAYER_FORMATS[name] is not None and device.type == "cuda":
+        hint = (
+            "dfp layers on CUDA compile their kernels at run time with NVRTC (torch.cuda._compile_kernel or "
+            "cupy: pip install 'dfp[cuda]') from the csrc/cuda sources shipped with dfp; use --device cpu otherwise"
+        )
     elif LAYER_FORMATS[name] is not None:
-        hint = "dfp layers need the compiled dfp core on CPU; use --device cpu, or build dfp (pip install -e .)"
+        hint = "dfp layers on the CPU need the compiled dfp core: build dfp (pip install -e .)"
     else:
         hint = "check the torch installation"
     raise FormatUnavailableError(f"format {name!r} cannot train on {device}: {error}; {hint}")
@@ -187,7 +197,7 @@ def prepare(
     if name == "fp16" and device.type == "cuda":
         memory_format = torch.channels_last
         model.to(memory_format=memory_format)
-        torch.backends.cudnn.benchmark = True
+    torch.backends.cudnn.benchmark = device.type == "cuda"
     if name == "swalp":
         optimizer = SWALP(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed)
         average = WeightAverage(model)

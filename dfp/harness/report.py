@@ -4,25 +4,30 @@ highlighted) and ``curves.png`` (accuracy over training time).
 
 Runs are grouped by everything in their config but format, batch size, seed and SWA
 start; each group (one data set, model, epoch budget, ...) gets its own table and plot
-panel. Within a group, "speed-up over fp32" is the median training time of fp32 at the
-same batch size over the median of the row (medians over seeds): above 1, faster than
-fp32.
+panel, and a row of the table is one format at one batch size (for swalp, one SWA start)
+over its seeds. A run recorded twice (the same config) counts once, with a
+``DuplicateRunWarning``; a group whose runs come from different environments gets a
+``MixedEnvironmentWarning`` and a note, since their times are not comparable.
+
+Times (medians) come from the runs that did not diverge: a run stopped early by a NaN
+is short, not fast. Diverged runs still count in the accuracy (mean over seeds) and stay
+off the Pareto front (drawn with an x). "Speed-up over fp32" is the median training time
+of fp32 at the same batch size over the median of the row: above 1, faster than fp32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from matplotlib.figure import Figure
-from matplotlib.ticker import FuncFormatter
+from typing import TYPE_CHECKING, Any
 
 from .formats import FORMATS
-from .results import ResultStore, config_key, time_to_target
+from .results import DuplicateRunWarning, ResultStore, config_key, run_label, time_to_target
 from .schedule import scaled_lr
 
 REPORT_FILE, PARETO_FILE, CURVES_FILE = "report.md", "pareto.png", "curves.png"
@@ -30,6 +35,13 @@ PER_RUN = ("format", "batch_size", "seed", "swa_start")
 MARKERS = {"fp32": "o", "bf16": "s", "fp16": "D", "dfp16": "^", "dfp16-sr": "v", "swalp": "*"}
 COLORS = {"fp32": "C0", "bf16": "C1", "fp16": "C2", "dfp16": "C3", "dfp16-sr": "C4", "swalp": "C5"}
 LINESTYLES = ("-", "--", ":", "-.")
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+
+class MixedEnvironmentWarning(UserWarning):
+    """The runs of one table were measured in different environments (machine, versions)."""
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
@@ -49,16 +61,18 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[bool]:
 
 @dataclass(frozen=True)
 class Row:
-    """One format at one batch size, summarised over its seeds (times in seconds,
-    accuracies as fractions)."""
+    """One format at one batch size (and SWA start), summarised over its seeds (times in
+    seconds, medians over the runs that did not diverge, None when all did; accuracies
+    as fractions, over all runs)."""
 
     format: str
     batch_size: int
+    swa_start: int | None
     lr: float
     runs: int
-    train_seconds: float
-    data_seconds: float
-    eval_seconds: float
+    train_seconds: float | None
+    data_seconds: float | None
+    eval_seconds: float | None
     images_per_second: float | None
     accuracy: float
     accuracy_min: float
@@ -70,11 +84,39 @@ class Row:
     averaged: int
     speedup: float | None
 
+    @property
+    def label(self) -> str:
+        """The format, with the first averaged epoch for swalp: "swalp (avg from 8)"."""
+        return self.format if self.swa_start is None else f"{self.format} (avg from {self.swa_start})"
+
+
+def unique_runs(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``records`` with each config once (its first record), warning about the repeats: a
+    run stored twice is one measurement, not two seeds."""
+    seen: set[str] = set()
+    unique, repeated = [], []
+    for record in records:
+        key = config_key(record["config"])
+        if key in seen:
+            repeated.append(record)
+            continue
+        seen.add(key)
+        unique.append(record)
+    if repeated:
+        warnings.warn(
+            f"{len(repeated)} record(s) repeat a run already in the results (the same config, e.g. "
+            f"{run_label(repeated[0]['config'])}); each run is counted once, from its first record",
+            DuplicateRunWarning,
+            stacklevel=2,
+        )
+    return unique
+
 
 def group_records(records: Sequence[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """``records`` split by everything in their config but PER_RUN, in first-seen order."""
+    """``records`` (each config once, see ``unique_runs``) split by everything in their
+    config but PER_RUN, in first-seen order."""
     groups: dict[str, list[dict[str, Any]]] = {}
-    for record in records:
+    for record in unique_runs(records):
         shared = {k: v for k, v in record["config"].items() if k not in PER_RUN}
         groups.setdefault(config_key(shared), []).append(record)
     return list(groups.values())
@@ -93,14 +135,21 @@ def _median(values: Sequence[float | None]) -> float | None:
     return statistics.median(present) if present else None
 
 
+def _format_order(fmt: str) -> int:
+    return FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS)
+
+
 def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) -> list[Row]:
-    """The rows of one group, ordered by batch size, then format (in FORMATS order)."""
-    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    """The rows of one group, ordered by batch size, then format (in FORMATS order), then
+    SWA start."""
+    cells: dict[tuple[str, int, int | None], list[dict[str, Any]]] = {}
     for record in group:
-        cells.setdefault((record["config"]["format"], record["config"]["batch_size"]), []).append(record)
+        config = record["config"]
+        cells.setdefault((config["format"], config["batch_size"], config["swa_start"]), []).append(record)
     rows = []
-    for (fmt, batch_size), runs in cells.items():
+    for (fmt, batch_size, swa_start), runs in cells.items():
         config, results = runs[0]["config"], [r["result"] for r in runs]
+        completed = [r for r in results if not r["diverged"]]
         accuracies = [r["final_accuracy"] for r in results]
         times_to_target = [time_to_target(r["epochs"], target_accuracy) for r in results]
         # A seed that never reached the target counts as infinitely slow in the median.
@@ -109,32 +158,32 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
             Row(
                 format=fmt,
                 batch_size=batch_size,
+                swa_start=swa_start,
                 lr=scaled_lr(config["base_lr"], batch_size, config["base_batch_size"]),
                 runs=len(runs),
-                train_seconds=statistics.median(r["train_seconds"] for r in results),
-                data_seconds=statistics.median(r["data_seconds"] for r in results),
-                eval_seconds=statistics.median(r["eval_seconds"] for r in results),
-                images_per_second=_median([r["images_per_second"] for r in results]),
+                train_seconds=_median([r["train_seconds"] for r in completed]),
+                data_seconds=_median([r["data_seconds"] for r in completed]),
+                eval_seconds=_median([r["eval_seconds"] for r in completed]),
+                images_per_second=_median([r["images_per_second"] for r in completed]),
                 accuracy=statistics.fmean(accuracies),
                 accuracy_min=min(accuracies),
                 accuracy_max=max(accuracies),
                 trained_accuracy=statistics.fmean(r["trained_accuracy"] for r in results),
                 time_to_target=None if math.isinf(median_to_target) else median_to_target,
                 reached=sum(t is not None for t in times_to_target),
-                diverged=sum(bool(r["diverged"]) for r in results),
+                diverged=len(results) - len(completed),
                 averaged=sum(r["epochs"][-1].get("swa_accuracy") is not None for r in results),
                 speedup=None,
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32"}
     rows = [
-        Row(**{**row.__dict__, "speedup": fp32_seconds[row.batch_size] / row.train_seconds})
-        if row.batch_size in fp32_seconds and row.train_seconds > 0
+        dataclasses.replace(row, speedup=fp32_seconds[row.batch_size] / row.train_seconds)
+        if fp32_seconds.get(row.batch_size) is not None and row.train_seconds
         else row
         for row in rows
     ]
-    order = {name: i for i, name in enumerate(FORMATS)}
-    return sorted(rows, key=lambda row: (row.batch_size, order.get(row.format, len(order)), row.format))
+    return sorted(rows, key=lambda row: (row.batch_size, _format_order(row.format), row.format, row.swa_start or 0))
 
 
 def _percent(fraction: float) -> str:
@@ -146,6 +195,18 @@ def _accuracy_cell(row: Row) -> str:
     if row.runs > 1:
         text += f" ({100 * row.accuracy_min:.2f}-{100 * row.accuracy_max:.2f})"
     return text
+
+
+def _speedup_cell(row: Row, fp32: Row | None) -> str:
+    if row.speedup is not None:
+        return f"{row.speedup:.2f}x"
+    if row.train_seconds is None:
+        return "diverged"
+    return "no fp32 run" if fp32 is None else "fp32 diverged"
+
+
+def _seconds(value: float | None) -> str:
+    return "diverged" if value is None else f"{value:.1f}"
 
 
 def _notes(row: Row) -> str:
@@ -171,6 +232,7 @@ def _settings(config: dict[str, Any]) -> str:
 
 
 def _environment_lines(group: Sequence[dict[str, Any]]) -> list[str]:
+    environments = {config_key(record.get("environment") or {}) for record in group}
     seen = []
     for record in group:
         env = record.get("environment") or {}
@@ -180,26 +242,40 @@ def _environment_lines(group: Sequence[dict[str, Any]]) -> list[str]:
         )
         if line not in seen:
             seen.append(line)
-    return [f"- Environment: {line}" for line in seen]
+    lines = [f"- Environment: {line}" for line in seen]
+    if len(environments) > 1:
+        warnings.warn(
+            f"{_title(group[0]['config'])}: the runs come from {len(environments)} different environments "
+            "(machine, library versions); their times are not comparable",
+            MixedEnvironmentWarning,
+            stacklevel=3,
+        )
+        lines.insert(
+            0,
+            f"- **Mixed environments**: these runs come from {len(environments)} environments; "
+            "their times are not comparable",
+        )
+    return lines
+
+
+def _title(config: dict[str, Any]) -> str:
+    return f"{config['data']}, {config['model']}, {config['epochs']} epochs"
 
 
 def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | None = None) -> str:
-    """The section of one group: heading, settings, environment and the table."""
-    config = group[0]["config"]
+    """The section of one group: heading, settings, environment and the table;
+    ``target_accuracy`` overrides the target the runs were trained with."""
     target = group_target(group, target_accuracy)
-    swa_starts = sorted({r["config"]["swa_start"] for r in group if r["config"]["swa_start"] is not None})
-    lines = [
-        f"## {config['data']}, {config['model']}, {config['epochs']} epochs",
-        "",
-        f"- Settings: {_settings(config)}",
-    ]
-    if swa_starts:
-        lines.append(f"- swalp: weights averaged from epoch {', '.join(map(str, swa_starts))} on")
+    lines = [f"## {_title(group[0]['config'])}", "", f"- Settings: {_settings(group[0]['config'])}"]
     lines += _environment_lines(group)
     lines += [
         (
-            "- Training time excludes data preparation and evaluation (medians over seeds); accuracy is the "
-            "test accuracy after the last epoch (mean over seeds, min-max in brackets)."
+            "- Training time: forward, backward and optimizer steps (for swalp also the weight averaging and "
+            "the batch-norm recomputation of the final average); data preparation and evaluation are timed "
+            "apart. Times are medians over the seeds that did not diverge; images/s = training images / "
+            "training time. Accuracy: test accuracy after the last epoch (mean over all seeds, min-max in "
+            "brackets). swalp (avg from N): the average of the weights of epochs N to the last, evaluated "
+            "with dfp16-sr layers."
         ),
         "",
     ]
@@ -211,8 +287,9 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
         ),
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in summarise(group, target):
-        speedup = f"{row.speedup:.2f}x" if row.speedup is not None else "no fp32 run"
+    rows = summarise(group, target)
+    fp32 = {row.batch_size: row for row in rows if row.format == "fp32"}
+    for row in rows:
         if target is None:
             to_target = "no target set"
         elif row.time_to_target is None:
@@ -221,9 +298,9 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
             to_target = f"{row.time_to_target:.1f}" + (f" ({row.reached}/{row.runs})" if row.runs > 1 else "")
         images = f"{row.images_per_second:.0f}" if row.images_per_second is not None else "-"
         lines.append(
-            f"| {row.format} | {row.batch_size} | {row.lr:.4g} | {row.runs} | {row.train_seconds:.1f} | {images} "
-            f"| {_accuracy_cell(row)} | {speedup} | {to_target} | {row.data_seconds:.1f} / {row.eval_seconds:.1f} "
-            f"| {_notes(row)} |"
+            f"| {row.label} | {row.batch_size} | {row.lr:.4g} | {row.runs} | {_seconds(row.train_seconds)} "
+            f"| {images} | {_accuracy_cell(row)} | {_speedup_cell(row, fp32.get(row.batch_size))} | {to_target} "
+            f"| {_seconds(row.data_seconds)} / {_seconds(row.eval_seconds)} | {_notes(row)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -241,8 +318,7 @@ def unfinished_markdown(progress: Sequence[dict[str, Any]], finished_keys: set[s
     for entry in last.values():
         config, epoch = entry["config"], entry["epoch"]
         lines.append(
-            f"- {config['data']}, {config['model']}, {config['format']} batch {config['batch_size']} seed "
-            f"{config['seed']}: epoch {epoch.get('epoch')} of {config['epochs']}, accuracy "
+            f"- {run_label(config)}: epoch {epoch.get('epoch')} of {config['epochs']}, accuracy "
             f"{_percent(epoch.get('accuracy', float('nan')))} after {epoch.get('seconds', float('nan')):.1f} s"
         )
     return "\n".join(lines) + "\n"
@@ -268,38 +344,65 @@ def markdown(
     return "\n".join(parts)
 
 
-def _title(group: Sequence[dict[str, Any]]) -> str:
-    config = group[0]["config"]
-    return f"{config['data']}, {config['model']}, {config['epochs']} epochs"
+def _point(record: dict[str, Any]) -> tuple[float, float]:
+    """(training seconds, test accuracy in %) of one run."""
+    return record["result"]["train_seconds"], 100 * record["result"]["final_accuracy"]
 
 
-def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+def front_records(group: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of ``group`` on the Pareto front of (training time, accuracy), among the
+    runs that did not diverge: a run stopped early by a NaN is short, not fast."""
+    completed = [r for r in group if not r["result"]["diverged"]]
+    return [r for r, on in zip(completed, pareto_front([_point(r) for r in completed])) if on]
+
+
+def _annotate(axes: Any, record: dict[str, Any], text: str, batch_sizes: list[int]) -> None:
+    """Write ``text`` beside the run's point: above for every other batch size, below for
+    the rest, so that two batch sizes at one spot stay readable."""
+    above = batch_sizes.index(record["config"]["batch_size"]) % 2 == 0
+    axes.annotate(text, _point(record), textcoords="offset points", xytext=(5, 4 if above else -10), fontsize=7)
+
+
+def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> Figure:
     """Training time against final accuracy, one point per run, one marker per format;
-    the Pareto front of each group circled and joined."""
+    the Pareto front of each group circled and joined; diverged runs drawn as an x (with
+    their format), off the front. Returns the figure saved to ``path``."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter
+
     groups = group_records(records) or [[]]
     figure = Figure(figsize=(7, 4.5 * len(groups)), layout="constrained")
     for axes, group in zip(figure.subplots(len(groups), 1, squeeze=False)[:, 0], groups):
-        points = [(r["result"]["train_seconds"], 100 * r["result"]["final_accuracy"]) for r in group]
         batch_sizes = sorted({r["config"]["batch_size"] for r in group})
         for fmt in sorted({r["config"]["format"] for r in group}, key=_format_order):
-            mine = [(p, r) for p, r in zip(points, group) if r["config"]["format"] == fmt]
+            mine = [r for r in group if r["config"]["format"] == fmt and not r["result"]["diverged"]]
+            if not mine:
+                continue
             axes.scatter(
-                [p[0] for p, _ in mine],
-                [p[1] for p, _ in mine],
-                marker=MARKERS.get(fmt, "x"),
+                [_point(r)[0] for r in mine],
+                [_point(r)[1] for r in mine],
+                marker=MARKERS.get(fmt, "P"),
                 color=COLORS.get(fmt),
                 s=70,
                 label=fmt,
                 zorder=3,
             )
-            for (x, y), record in mine:
-                batch_size = record["config"]["batch_size"]
-                # Alternate above and below, so that two batch sizes at one spot stay readable.
-                above = batch_sizes.index(batch_size) % 2 == 0
-                axes.annotate(
-                    f"b{batch_size}", (x, y), textcoords="offset points", xytext=(5, 4 if above else -10), fontsize=7
-                )
-        front = sorted(p for p, on in zip(points, pareto_front(points)) if on)
+            for record in mine:
+                _annotate(axes, record, f"b{record['config']['batch_size']}", batch_sizes)
+        diverged = [r for r in group if r["result"]["diverged"]]
+        if diverged:
+            axes.scatter(
+                [_point(r)[0] for r in diverged],
+                [_point(r)[1] for r in diverged],
+                marker="x",
+                color=[COLORS.get(r["config"]["format"], "black") for r in diverged],
+                s=70,
+                label="diverged",
+                zorder=3,
+            )
+            for record in diverged:
+                _annotate(axes, record, f"{record['config']['format']} b{record['config']['batch_size']}", batch_sizes)
+        front = sorted(_point(r) for r in front_records(group))
         if front:
             axes.step([p[0] for p in front], [p[1] for p in front], where="post", color="black", lw=1, zorder=2)
             axes.scatter(
@@ -311,9 +414,11 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
                 label="Pareto front",
                 zorder=4,
             )
-        axes.set(xlabel="training time (s)", ylabel="test accuracy (%)", title=_title(group) if group else "no runs")
+        title = _title(group[0]["config"]) if group else "no runs"
+        axes.set(xlabel="training time (s)", ylabel="test accuracy (%)", title=title)
         axes.grid(alpha=0.3)
-        if points and max(p[0] for p in points) > 10 * min(p[0] for p in points) > 0:
+        times = [_point(r)[0] for r in group]
+        if times and max(times) > 10 * min(times) > 0:
             axes.set_xscale("log")
             plain = FuncFormatter(lambda value, _: f"{value:g}")
             axes.xaxis.set_major_formatter(plain)
@@ -321,11 +426,14 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> None:
         if group:
             axes.legend(fontsize=8)
     figure.savefig(path, dpi=110)
+    return figure
 
 
-def plot_curves(records: Sequence[dict[str, Any]], path: str | Path) -> None:
+def plot_curves(records: Sequence[dict[str, Any]], path: str | Path) -> Figure:
     """Test accuracy after each epoch against cumulative training time, one line per run
-    (colour: format, line style: batch size)."""
+    (colour: format, line style: batch size). Returns the figure saved to ``path``."""
+    from matplotlib.figure import Figure
+
     groups = group_records(records) or [[]]
     figure = Figure(figsize=(7, 4.5 * len(groups)), layout="constrained")
     for axes, group in zip(figure.subplots(len(groups), 1, squeeze=False)[:, 0], groups):
@@ -343,20 +451,19 @@ def plot_curves(records: Sequence[dict[str, Any]], path: str | Path) -> None:
                 label=None if label in labelled else label,
             )
             labelled.add(label)
-        axes.set(xlabel="training time (s)", ylabel="test accuracy (%)", title=_title(group) if group else "no runs")
+        title = _title(group[0]["config"]) if group else "no runs"
+        axes.set(xlabel="training time (s)", ylabel="test accuracy (%)", title=title)
         axes.grid(alpha=0.3)
         if group:
             axes.legend(fontsize=7, ncols=2)
     figure.savefig(path, dpi=110)
-
-
-def _format_order(fmt: str) -> int:
-    return FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS)
+    return figure
 
 
 def write_report(store: ResultStore, target_accuracy: float | None = None) -> str:
     """Regenerate report.md, pareto.png and curves.png in the store's directory from its
-    files; returns the markdown."""
+    files; returns the markdown. Each group's time-to-target column uses the target its
+    runs were trained with, unless ``target_accuracy`` overrides it for every group."""
     records = store.load()
     text = markdown(records, store.load_progress(), target_accuracy)
     (store.directory / REPORT_FILE).write_text(text, encoding="utf-8")

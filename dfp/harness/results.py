@@ -34,9 +34,18 @@ class CorruptLineWarning(UserWarning):
     """A line of a results file that is not a JSON object of the expected shape."""
 
 
+class DuplicateRunWarning(UserWarning):
+    """A run stored more than once (the same config): it is counted once."""
+
+
 def config_key(config: Mapping[str, Any]) -> str:
     """The identity of a run: its config as canonical JSON (sorted keys, no spaces)."""
     return json.dumps(config, sort_keys=True, separators=(",", ":"))
+
+
+def run_label(config: Mapping[str, Any]) -> str:
+    """A run in words: "digits, small_cnn, fp32 batch 32 seed 0"."""
+    return f"{config['data']}, {config['model']}, {config['format']} batch {config['batch_size']} seed {config['seed']}"
 
 
 def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
@@ -93,10 +102,6 @@ class ResultStore:
     def load(self) -> list[dict[str, Any]]:
         """Every finished run, in the order they finished."""
         return read_jsonl(self.results_path, required=("config", "result"))
-
-    def finished_keys(self) -> set[str]:
-        """``config_key`` of every finished run."""
-        return {config_key(record["config"]) for record in self.load()}
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Store one finished run (a dict with at least "config" and "result")."""

@@ -14,7 +14,8 @@ warm-up, cosine decay.
   small positive rate.
 - ``hold_from_step`` (SWALP, Yang et al. 2019, after SWA's constant averaging rate):
   from this step on the rate stays at the value the schedule has there, so the weights
-  keep moving while their average is taken.
+  keep moving while their average is taken. It must not lie inside the warm-up, whose
+  rate (below the peak) is not the one to average at.
 
 Steps count optimizer steps from 0; ``learning_rate(step)`` is the rate of step ``step``.
 """
@@ -54,6 +55,11 @@ class Schedule:
             raise ValueError(f"total_steps must be at least 1, got {self.total_steps}")
         if not 0 < self.start_lr <= self.peak_lr:
             raise ValueError(f"need 0 < start_lr <= peak_lr, got start_lr={self.start_lr}, peak_lr={self.peak_lr}")
+        if self.hold_from_step is not None and not self.warmup_steps <= self.hold_from_step:
+            raise ValueError(
+                f"hold_from_step={self.hold_from_step} lies inside the warm-up of {self.warmup_steps} steps; hold "
+                "the rate from the end of the warm-up or later"
+            )
 
     @classmethod
     def build(

@@ -89,7 +89,9 @@ def run_study(
     Returns the records of this study's runs, finished now or before.
     """
     runs = study.runs(ctx.world_size)
-    finished = {config_key(r["config"]): r for r in store.load()} if store is not None else {}
+    finished: dict[str, dict[str, Any]] = {}
+    for record in store.load() if store is not None else []:
+        finished.setdefault(config_key(record["config"]), record)  # the first of repeats, as the report
     finished = _agree_on_finished(finished, runs, ctx)
     records = []
     for number, run in enumerate(runs, start=1):

@@ -7,19 +7,24 @@ Three clocks, kept apart (seconds of ``time.perf_counter``):
   memory), plus SWALP's once-per-epoch update of its weight average. The averaged model
   exists only once its batch-norm statistics are recomputed (a forward pass over the
   training split), so the time at which an epoch's SWA model is reported adds that
-  epoch's recomputation, once: the final time counts the last one, not every epoch's;
+  epoch's recomputation, once: the final time counts the last one, not every epoch's.
+  ``images_per_second`` is the training images over that final time;
 - data: preparing the training batches (indexing, normalising, augmenting, copying to
   the device), including those of the batch-norm recomputation;
 - evaluation: the test-set passes after each epoch.
 
-On CUDA the clock waits for the device after every step (``torch.cuda.synchronize``),
-so that each step's time is its own. Under DistributedDataParallel every rank trains on
-its shard of each batch; the times are rank 0's and the training loss is the mean over
-ranks.
+Before the first epoch one training step runs untimed and is undone (weights, optimizer,
+loss scaler and random generators restored), so that one-time start-up costs (memory
+allocation, oneDNN / cuBLAS / cuDNN set-up, DDP's bucket rebuild) fall on no run's clock,
+whichever run of a study comes first. On CUDA the clock waits for the device after every
+step (``torch.cuda.synchronize``), so that each step's time is its own. Under
+DistributedDataParallel every rank trains on its shard of each batch; the times are rank
+0's and the training loss is the mean over ranks.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import time
@@ -29,7 +34,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import dfp
 
@@ -39,6 +43,10 @@ from .results import time_to_target
 from .schedule import Schedule
 
 EVAL_BATCH_SIZE = 500
+NO_COMPRESSION = "none"  # RunConfig.compress without gradient compression (distributed.wrap's None)
+# Rank r > 0 reseeds torch's generator with seed + RANK_SEED_STRIDE * r (a prime, so that
+# the seeds of different runs and ranks do not collide for any realistic seed).
+RANK_SEED_STRIDE = 1_000_003
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,7 @@ class _Timed:
 def evaluate(model: nn.Module, dataset: data.Dataset, training: formats.Training) -> tuple[float, float]:
     """(accuracy as a fraction, mean cross-entropy) of ``model`` on the test split, in
     the format's autocast; the model is left in eval mode."""
+    check_test_split(dataset)
     model.eval()
     correct, loss_sum, count = 0, 0.0, 0
     test = data.batches(dataset.test, dataset, EVAL_BATCH_SIZE, shuffle=False)
@@ -122,6 +131,37 @@ def evaluate(model: nn.Module, dataset: data.Dataset, training: formats.Training
             correct += (logits.argmax(1) == y).sum().item()
             count += y.numel()
     return correct / count, loss_sum / count
+
+
+def check_test_split(dataset: data.Dataset) -> None:
+    """Raise ValueError when the test split is empty: every epoch is evaluated on it."""
+    if len(dataset.test) == 0:
+        raise ValueError(
+            f"{dataset.name}: the test split is empty, but every epoch is evaluated on it; give the data set "
+            "at least one test image"
+        )
+
+
+def check_batch_size(batch_size: int, dataset: data.Dataset, world_size: int) -> None:
+    """Raise ValueError unless the global ``batch_size`` splits evenly over ``world_size``
+    processes and each process's shard of the training split (``len // world_size``
+    images) holds at least one of its batches (``batch_size // world_size`` images)."""
+    if batch_size % world_size:
+        raise ValueError(f"batch size {batch_size} is not divisible by the {world_size} processes")
+    images, per_rank_batch = len(dataset.train), batch_size // world_size
+    shard = images // world_size
+    if per_rank_batch <= shard:
+        return
+    if world_size == 1:
+        raise ValueError(
+            f"batch size {batch_size} is larger than the {images} training images of {dataset.name}; "
+            "choose a smaller batch size"
+        )
+    raise ValueError(
+        f"batch size {batch_size} gives each of the {world_size} processes {per_rank_batch} images per step, but "
+        f"each process gets only {shard} of the {images} training images of {dataset.name}; choose a smaller "
+        "batch size"
+    )
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -142,24 +182,30 @@ def train_run(
     ``on_epoch`` gets each epoch's record as soon as the epoch is evaluated. The result:
     final_accuracy (the reported model: SWALP's average for "swalp", else the trained
     weights), trained_accuracy (the trained weights), train_seconds, data_seconds,
-    eval_seconds, images_per_second, steps, images, time_to_target_seconds (None if never
-    reached), target_accuracy, diverged (a non-finite training loss stopped the run), and
+    eval_seconds, images_per_second (images over train_seconds), steps, images,
+    time_to_target_seconds (None if never reached), target_accuracy, diverged (a
+    non-finite training or test loss stopped the run), and
     ``epochs``, a list of per-epoch records: epoch, lr, train_loss, test_loss,
     trained_accuracy, swa_accuracy, accuracy (the reported model's), seconds (cumulative
     training time when that model existed), train_seconds, data_seconds, eval_seconds
     (cumulative).
     """
+    check_test_split(dataset)
+    check_batch_size(config.batch_size, dataset, ctx.world_size)
+    from tqdm.auto import tqdm  # a harness extra: imported when used (dfp-compare checks it first)
+
     device = ctx.device
     torch.manual_seed(config.seed)
     model = models.build(config.model, dataset.channels, dataset.num_classes, dataset.image_size)
+    if ctx.rank:
+        # dfp16-sr layers draw their stochastic rounding from torch's generator: with one seed
+        # the ranks would round alike and their errors would add up instead of averaging out.
+        # The weights stay rank 0's (DDP broadcasts them); SWALP keeps its own generator, the
+        # same on every rank, because its updates must stay identical.
+        torch.manual_seed(config.seed + RANK_SEED_STRIDE * ctx.rank)
     fp32_layers = formats.resolve_fp32_layers(model, config.fp32_layers)
     per_rank_batch = config.batch_size // ctx.world_size
     steps_per_epoch = data.num_batches(dataset.train, per_rank_batch, drop_last=True, world_size=ctx.world_size)
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"batch size {config.batch_size} is larger than the {len(dataset.train.labels)} training images "
-            f"of {config.data}; choose a smaller --batch-sizes"
-        )
     if config.limit_train_batches is not None:
         steps_per_epoch = min(steps_per_epoch, config.limit_train_batches)
     schedule = Schedule.build(
@@ -182,8 +228,9 @@ def train_run(
         seed=config.seed,
     )
     module = training.model
-    network = distributed.wrap(module, ctx, None if config.compress == "none" else config.compress)
+    network = distributed.wrap(module, ctx, None if config.compress == NO_COMPRESSION else config.compress)
     order = torch.Generator().manual_seed(config.seed)  # the same permutation on every rank
+    _warm_up(training, network, dataset, per_rank_batch, ctx)
 
     train_seconds = data_seconds = eval_seconds = 0.0
     epochs: list[dict[str, Any]] = []
@@ -222,26 +269,26 @@ def train_run(
                 lr = schedule.learning_rate(step)
                 for group in training.optimizer.param_groups:
                     group["lr"] = lr
-                try:
-                    loss = _train_step(training, network, x, y)
-                except dfp.NonFiniteError:
-                    # SWALP refuses a non-finite update and leaves the weights as they were: diverged.
-                    loss = torch.tensor(math.nan, device=device)
+                loss = _train_step(training, network, x, y, ctx)
                 loss_sum += loss
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
                 step += 1
                 bar.update(1)
-                if not math.isfinite(loss):
+                # Every rank must leave at the same step, or the others would wait in the next
+                # step's all-reduce: the mean over ranks is NaN when any rank's loss is.
+                if not math.isfinite(distributed.all_reduce_mean(float(loss), ctx)):
                     break
             data_seconds += batches.seconds
             train_loss = distributed.all_reduce_mean(loss_sum.item() / steps_per_epoch, ctx)
-            diverged = not math.isfinite(train_loss)
 
             start = time.perf_counter()
             trained_accuracy, test_loss = evaluate(module, dataset, training)
             eval_seconds += time.perf_counter() - start
+            # A NaN from the epoch's last update shows only in the test loss. Batch-norm
+            # statistics differ between ranks, so the ranks agree on the mean.
+            diverged = not math.isfinite(train_loss) or not math.isfinite(distributed.all_reduce_mean(test_loss, ctx))
 
             swa_accuracy, bn_seconds = None, 0.0
             if training.average is not None and not diverged and epoch >= config.swa_start:
@@ -285,7 +332,7 @@ def train_run(
         "train_seconds": last["seconds"],
         "data_seconds": last["data_seconds"],
         "eval_seconds": last["eval_seconds"],
-        "images_per_second": images / train_seconds if train_seconds > 0 else None,
+        "images_per_second": images / last["seconds"] if last["seconds"] > 0 else None,
         "steps": step,
         "images": images,
         "time_to_target_seconds": time_to_target(epochs, target_accuracy),
@@ -295,19 +342,75 @@ def train_run(
     }
 
 
-def _train_step(training: formats.Training, network: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """One optimizer step on the batch (x, y); returns the loss (a 0-d tensor)."""
+def _train_step(
+    training: formats.Training, network: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: distributed.Context
+) -> torch.Tensor:
+    """One optimizer step on the batch (x, y); returns the loss (a 0-d float32 tensor), NaN
+    when a dfp layer or SWALP refused a non-finite value (the run diverged).
+
+    Raises RuntimeError when a dfp layer refuses a non-finite value under DDP (see below).
+    """
     training.optimizer.zero_grad(set_to_none=True)
-    with training.autocast():
-        loss = nn.functional.cross_entropy(network(x), y)
-    if training.scaler is not None:
-        training.scaler.scale(loss).backward()
-        training.scaler.step(training.optimizer)
-        training.scaler.update()
-    else:
-        loss.backward()
-        training.optimizer.step()
+    try:
+        with training.autocast():
+            loss = nn.functional.cross_entropy(network(x), y)
+        (loss if training.scaler is None else training.scaler.scale(loss)).backward()
+    except dfp.NonFiniteError as err:
+        # dfp layers raise on NaN or Inf activations and gradients, which DFP16 cannot hold.
+        if ctx.world_size > 1:
+            # The other ranks are in this step's gradient all-reduce and would wait for this
+            # one until the timeout: stop the process, and torchrun stops the others.
+            raise RuntimeError(
+                f"rank {ctx.rank}: non-finite activations or gradients ({err}); DistributedDataParallel cannot "
+                "finish a step the other ranks are all-reducing, so the run stops here: it diverged"
+            ) from err
+        return torch.tensor(math.nan, device=x.device)
+    try:
+        if training.scaler is not None:
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
+        else:
+            training.optimizer.step()
+    except dfp.NonFiniteError:
+        # SWALP refuses a non-finite update and leaves the weights as they were. Its gradients
+        # are the all-reduced ones, the same on every rank, so every rank refuses together.
+        return torch.tensor(math.nan, device=x.device)
     return loss.detach().float()
+
+
+def _warm_up(
+    training: formats.Training, network: nn.Module, dataset: data.Dataset, batch_size: int, ctx: distributed.Context
+) -> None:
+    """One untimed training step, undone: it pays the one-time start-up costs (allocator,
+    oneDNN / cuBLAS / cuDNN set-up and autotuning, DDP's first iteration) before the clock
+    starts. Weights, buffers, optimizer (SWALP's generator included) and loss scaler get
+    their state back, and torch's generators are forked, so the run computes what it would
+    have computed without this step.
+
+    The batch is the first ``batch_size`` training images in file order: the shape of every
+    training batch, and drawing it takes nothing from the run's order generator.
+    """
+    x, y = next(data.batches(dataset.train, dataset, batch_size, shuffle=False, drop_last=True))
+    x = x.to(training.device, memory_format=training.memory_format)
+    y = y.to(training.device)
+    saved = copy.deepcopy(
+        {
+            "model": training.model.state_dict(),
+            "optimizer": training.optimizer.state_dict(),
+            "scaler": None if training.scaler is None else training.scaler.state_dict(),
+        }
+    )
+    devices = [training.device] if training.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        training.model.train()
+        _train_step(training, network, x, y, ctx)
+        if training.device.type == "cuda":
+            torch.cuda.synchronize(training.device)
+    training.model.load_state_dict(saved["model"])
+    training.optimizer.load_state_dict(saved["optimizer"])
+    if training.scaler is not None:
+        training.scaler.load_state_dict(saved["scaler"])
+    training.optimizer.zero_grad(set_to_none=True)
 
 
 def _averaged_model(training: formats.Training, dataset: data.Dataset) -> tuple[float, float, nn.Module]:

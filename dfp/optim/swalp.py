@@ -35,8 +35,8 @@ class SWALP(torch.optim.Optimizer):
 
     Every parameter is quantized, the 1-D ones (batch-norm weights, biases) included: the
     paper keeps all weights in low precision, and with its own exponent a 1-D tensor
-    keeps ``15 - headroom`` bits relative to its largest entry. The constructor rounds the initial parameters (to nearest), in place, so
-    they are DFP16 from the first forward pass.
+    keeps ``15 - headroom`` bits relative to its largest entry. The constructor rounds the
+    initial parameters (to nearest), in place, so they are DFP16 from the first forward pass.
 
     Stochastic rounding draws from the optimizer's own ``torch.Generator`` seeded with
     ``seed``: runs are reproducible, and ``state_dict()`` includes the generator state,
@@ -50,8 +50,9 @@ class SWALP(torch.optim.Optimizer):
     precision with loss scaling), step through ``torch.amp.GradScaler``.
 
     Args:
-        params: float32 parameters (on the CPU, as ``dfp.quantize`` needs) or parameter groups (a group may set its own ``lr``,
-            ``momentum``, ``weight_decay`` and ``headroom``).
+        params: float32 parameters (on any device ``dfp.quantize`` supports: CPU or CUDA; the
+            rounding seeds come from the CPU generator either way) or parameter groups (a group
+            may set its own ``lr``, ``momentum``, ``weight_decay`` and ``headroom``).
         lr: learning rate (>= 0).
         momentum: momentum factor in [0, 1).
         weight_decay: L2 penalty (>= 0), added to the gradient.
