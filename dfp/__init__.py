@@ -4,7 +4,7 @@ Importing dfp never needs the compiled core nor initialises CUDA; an op that nee
 core says so when it is called.
 """
 
-from . import cuda, formats, functional, nn, ops  # cuda registers its kernels; initialises nothing
+from . import cuda, formats, functional, nn, ops
 from ._errors import BackendUnavailableError, NonFiniteError
 from .backends.cpu import cpu_isa
 from .format import DFPSpec, DFPTensor, quantize

@@ -19,7 +19,7 @@ def quantize(
     spec = DFPSpec(headroom, axis, block)
     (o, n, i), mode, blk = canonical_view(x.shape, spec)
     x3 = x.contiguous().view(o, n, i)
-    mantissa, exponent = backends.active().quantize3d(x3, mode, blk, headroom, stochastic, seed)
+    mantissa, exponent = backends.active(x.device).quantize3d(x3, mode, blk, headroom, stochastic, seed)
     return mantissa.view(x.shape), exponent.reshape(exponent_shape(x.shape, spec))
 
 
@@ -40,7 +40,7 @@ def gemm(
     kblock: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    return backends.active().gemm(a, ea, ha, b, eb, hb, kblock, bias)
+    return backends.active(a.device).gemm(a, ea, ha, b, eb, hb, kblock, bias)
 
 
 @gemm.register_fake
@@ -59,8 +59,7 @@ def matmul(
     seed_x: int,
     seed_y: int,
 ) -> torch.Tensor:
-    backend = backends.active()
-    fused = getattr(backend, "matmul", None)
+    fused = getattr(backends.active(x.device), "matmul", None)
     if fused is not None:
         return fused(x, y, headroom, axis, block, stochastic, seed_x, seed_y)
     if x.shape[1] == 0:
@@ -131,7 +130,7 @@ def conv_gemm(
     if kblock < 1 or ew.shape != (groups, -(-k // kblock), nout):
         raise ValueError(f"ew must have shape (G, ceil(K / kblock), Nout) = ({groups}, {-(-k // max(kblock, 1))}, "
                          f"{nout}) with kblock >= 1, got {tuple(ew.shape)} and kblock={kblock}")  # fmt: skip
-    fused = getattr(backends.active(), "conv_gemm", None) if x.device.type == "cpu" else None
+    fused = getattr(backends.active(x.device), "conv_gemm", None)
     if fused is not None:
         return fused(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
@@ -178,7 +177,7 @@ def conv_grad_weight_gemm(
         raise ValueError(f"groups={groups} must divide the {cout} channels of dy")
     if dy.numel() == 0 or k == 0:  # no products: the sum is empty
         return dy.new_zeros((cout, k), dtype=torch.float32)
-    fused = getattr(backends.active(), "conv_grad_weight_gemm", None) if dy.device.type == "cpu" else None
+    fused = getattr(backends.active(dy.device), "conv_grad_weight_gemm", None)
     if fused is not None:
         return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)

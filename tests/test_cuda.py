@@ -15,7 +15,7 @@ from helpers import int16_operand, on_reference, wide_range
 
 import dfp
 import dfp.cuda
-from dfp import DFPSpec, DFPTensor
+from dfp import DFPSpec, DFPTensor, backends
 from dfp._errors import BackendUnavailableError, NonFiniteError
 from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
@@ -52,16 +52,21 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess:
 # ---- any machine ------------------------------------------------------------------------
 
 
-def test_import_registers_cuda_kernels_without_initialising_cuda():
+def test_cuda_tensors_go_to_the_cuda_backend_and_import_initialises_nothing():
     done = _python(
         """
-        import torch, dfp.cuda
-        has = torch._C._dispatch_has_kernel_for_dispatch_key
-        print(all(has(f"dfp::{op}", "CUDA") for op in ("quantize", "gemm", "matmul")), torch.cuda.is_initialized())
+        import torch, dfp, dfp.cuda
+        from dfp import backends
+        print(backends.active(torch.device("cpu")).__name__, torch.cuda.is_initialized())
         """
     )
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split() == ["True", "False"]
+    assert done.stdout.split() == ["dfp.backends.cpu", "False"]
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendUnavailableError, match="dfp.cuda needs an NVIDIA GPU"):
+            backends.active(torch.device("cuda"))
+    else:
+        assert backends.active(torch.device("cuda")).__name__ == "dfp.cuda.ops"
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

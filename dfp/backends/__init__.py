@@ -10,9 +10,10 @@ A backend is a module with
         a int16 (M, K), b int16 (K, N), any strides; ea int32 (M, KB), eb int32
         (KB, N), KB = ceil(K / kblock); bias float32 (N,) or None.
 
-``DFP_BACKEND`` (cpu, numba, reference) chooses one; the default is the compiled
-``cpu`` backend. There is no silent fallback: when the chosen backend cannot run, the
-op raises an error that says what is missing and what to do.
+``DFP_BACKEND`` (cpu, numba, reference) chooses one for CPU tensors; the default is
+the compiled ``cpu`` backend. CUDA tensors go to ``dfp.cuda.ops`` (kernels compiled at
+run time). There is no silent fallback: when the chosen backend cannot run, the op
+raises an error that says what is missing and what to do.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from __future__ import annotations
 import importlib
 import os
 from types import ModuleType
+
+import torch
 
 NAMES = ("cpu", "numba", "reference")
 _MODULES = {"cpu": "dfp.backends.cpu", "numba": "dfp.backends.numba", "reference": "dfp.reference"}
@@ -36,6 +39,11 @@ def get(name: str) -> ModuleType:
     return module
 
 
-def active() -> ModuleType:
-    """The backend that runs dfp's CPU ops now (``DFP_BACKEND`` or the default)."""
+def active(device: torch.device | None = None) -> ModuleType:
+    """The backend that runs dfp's ops on ``device`` now: ``dfp.cuda.ops`` for a CUDA
+    device, else ``DFP_BACKEND`` or the default."""
+    if device is not None and device.type == "cuda":
+        module = importlib.import_module("dfp.cuda.ops")
+        module.ensure_available()
+        return module
     return get(os.environ.get("DFP_BACKEND") or "cpu")

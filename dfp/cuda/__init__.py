@@ -1,9 +1,9 @@
 """DFP16 on NVIDIA GPUs: quantization, dequantization and the exact integer GEMM as CUDA
 kernels compiled at run time (NVRTC), for every GPU from Pascal (sm_61) to Hopper.
 
-Importing this package registers the CUDA implementations of ``torch.ops.dfp.quantize``,
-``gemm`` and ``matmul`` with torch's dispatcher; it does not initialise CUDA, and builds
-nothing: each kernel is compiled for the GPU at hand on first use and kept. The layers
+``dfp.backends.active`` sends the registered ops' CUDA tensors here (``dfp.cuda.ops``);
+importing this package does not initialise CUDA, and builds nothing: each kernel is
+compiled for the GPU at hand on first use and kept. The layers
 (``dfp.functional``, ``dfp.nn``) run on top of these ops. Sources: ``csrc/cuda``.
 
 GEMM paths (``DFP_CUDA_GEMM`` forces one; see ``dfp.cuda.gemm``): ``mma`` (int8 tensor
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from .gemm import PATHS, choose_path, mma_applies
 from .loader import ensure_cuda
-from .ops import ensure_available, register
+from .ops import ensure_available
 from .quantize import dequantize
 
 __all__ = ["PATHS", "choose_path", "dequantize", "ensure_available", "ensure_cuda", "is_available", "mma_applies"]
@@ -29,6 +29,3 @@ def is_available() -> bool:
     except RuntimeError:  # BackendUnavailableError, or a broken driver behind torch.cuda
         return False
     return True
-
-
-register()
