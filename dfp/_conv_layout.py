@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.dfp.quantize)
+from . import _ops
 from ._errors import NonFiniteError
 from ._patches import output_size
 from .format import DFPSpec, DFPTensor, exponent_shape
@@ -35,7 +35,7 @@ def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFP
     source = permuted if permuted.is_contiguous() else t
     stochastic = spec.rounding == "stochastic"
     try:
-        mantissa, exponent = torch.ops.dfp.quantize(source, spec.headroom, spec.axis, spec.block, stochastic, seed)
+        mantissa, exponent = _ops.quantize_impl(source, spec.headroom, spec.axis, spec.block, stochastic, seed)
     except NonFiniteError:
         mantissa = source.new_zeros(source.shape, dtype=torch.int16)
         exponent = source.new_full(exponent_shape(source.shape, spec), NONFINITE, dtype=torch.int32)

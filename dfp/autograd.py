@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 
 from . import _conv_layout as layout
+from . import _ops
 from ._patches import output_size
 from .format import DFPSpec, DFPTensor
 from .ops import gemm
@@ -100,7 +101,7 @@ def _grad_input_by_conv(dy: torch.Tensor, dy_exponent, wq: DFPTensor, padding, d
     pad = [dilation[a] * (k - 1) - padding[a] for a, k in enumerate((kh, kw))]
     dy_padded = layout.zero_pad(dy, tuple(pad))
     h = wq.spec.headroom
-    return torch.ops.dfp.conv_gemm(
+    return _ops.conv_gemm_impl(
         dy_padded, dy_exponent, h, flipped, ew.contiguous(), h, kblock, [kh, kw], [1, 1], dilation, None
     )
 
@@ -169,7 +170,7 @@ def conv2d(
     )
     ew = ew.contiguous()
     k = w_cols.shape[1]
-    y = torch.ops.dfp.conv_gemm(
+    y = _ops.conv_gemm_impl(
         x_padded, xq.exponent, headroom, w_cols, ew, headroom, max(k, 1), [kh, kw], stride, dilation, bias
     )
     return _to_nchw(y, channels_last), x_padded, xq.exponent
@@ -265,7 +266,7 @@ def conv2d_grad_weight(
     spec = DFPSpec(headroom)
     if layout.is_nonfinite(DFPTensor(grad_q, grad_exponent, spec), DFPTensor(input_q, input_exponent, spec)):
         return _nan(weight_shape, grad_q, channels_last)
-    grad = torch.ops.dfp.conv_grad_weight_gemm(
+    grad = _ops.conv_grad_weight_gemm_impl(
         grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups
     )
     return _to_nchw(grad.view(cout, kh, kw, cin_g), channels_last)
