@@ -13,30 +13,7 @@ from torch import nn
 
 import dfp
 import dfp.nn
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block (He et al. 2016), from torch layers: conv-bn-relu-conv-bn plus
-    a shortcut (a 1x1 conv-bn when the shape changes), then relu.
-
-    (N, in_channels, H, W) -> (N, out_channels, H / stride, W / stride).
-    """
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
-            )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+from dfp.models import BasicBlock
 
 
 def small_cnn() -> nn.Sequential:

@@ -136,7 +136,8 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
 
 void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int mr, RowsA& out, int nthreads) {
   const int64_t kp = (pixels + 1) / 2, padded = (cout + mr - 1) / mr * mr;
-  out.owned.assign(padded * kp, 0);
+  out.owned.resize(padded * kp);
+  std::fill(out.owned.begin() + cout * kp, out.owned.end(), 0);  // the rows padding cout; the tasks write the rest
   out.nrows = cout, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
   out.tail.clear();
   // Tiles of 64 pairs (128 rows of dy) x 64 columns: the rows' slices stay in L1 while
