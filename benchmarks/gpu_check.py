@@ -1,7 +1,7 @@
 """The prepared GPU check of dfp.cuda: runs the GPU tests, then times the GEMMs, the
 quantize kernels and conv layers, and prints markdown tables. Sized to finish within 5
-minutes on one H100-class GPU (``--quick``: 4096 only, two conv layers); it has not yet
-run on a GPU.
+minutes on one H100-class GPU (``--quick``: 4096 only, two conv layers); on an H200 it
+takes about 25 s plus the tests' 30 s (docs/gpu-check-h200.md).
 
     python -m benchmarks.gpu_check [--quick] [--skip-tests] [--output results.md]
 
@@ -212,9 +212,38 @@ def quantize_table(budget_s: float) -> list[str]:
             continue
         gbs = x.numel() * 6 / ms / 1e6  # 4 bytes read, 2 written per element
         rows.append([label, f"{ms:.3f}", f"{gbs:.0f}", f"{100 * gbs / copy_gbs:.0f}%"])
+    rows += _quantize_kernel_rows(x, budget_s, copy_gbs)
     headers = ["8192 x 8192 fp32, headroom 2", "ms", "GB/s (6 B per element)", "of copy bandwidth"]
-    note = f"Device-to-device copy: {copy_gbs:.0f} GB/s. Each call includes one host sync (the NaN/Inf check)."
+    note = (
+        f"Device-to-device copy: {copy_gbs:.0f} GB/s (bytes read and written). A whole quantize reads x twice "
+        "(its maximum, then the rounding) and syncs once with the host (the NaN/Inf check); the kernel rows time "
+        "its two large launches alone, with the bytes each moves."
+    )
     return ["## Quantize", "", *table(headers, rows), "", note]
+
+
+def _quantize_kernel_rows(x: torch.Tensor, budget_s: float, copy_gbs: float) -> list[list[str]]:
+    """The per-tensor quantize's two large kernels timed alone: the maximum (reads 4 B per
+    element) and the rounding (reads 4, writes 2)."""
+    from dfp.cuda import quantize
+
+    flat = x.view(1, -1, 1)
+    amax = quantize._group_amax(flat, 0, 0)
+    exponent, _ = quantize._exponents(amax, 2)
+    mantissa = torch.empty(flat.shape, dtype=torch.int16, device=x.device)
+    kernels = (
+        ("kernel: max |x| (per tensor)", 4, lambda: quantize._group_amax(flat, 0, 0)),
+        ("kernel: rounding (per tensor, nearest)", 6,
+         lambda: quantize._quantize_elements(flat, 0, 0, exponent, 2, False, 0, mantissa)),
+    )  # fmt: skip
+    rows = []
+    for label, bytes_per_element, launch in kernels:
+        ms = median_ms(launch, budget_s, 50)
+        gbs = x.numel() * bytes_per_element / ms / 1e6
+        rows.append(
+            [label, f"{ms:.3f}", f"{gbs:.0f} ({bytes_per_element} B per element)", f"{100 * gbs / copy_gbs:.0f}%"]
+        )
+    return rows
 
 
 def conv_table(layers, budget_s: float) -> list[str]:

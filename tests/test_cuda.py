@@ -119,10 +119,11 @@ def test_kernel_options_never_include_fast_math():
     assert key.options() == ["-std=c++17", "-DA=2", "-DB=3"]
 
 
-def test_a_failing_compiler_falls_back_to_the_next():
+def test_a_failing_compiler_falls_back_to_the_next_and_says_why():
     fallback = _FakeCompiler()
     cache = loader.KernelCache(lambda: [_FakeCompiler(fail=True), fallback])
-    cache.get(loader.KernelKey(0, (8, 6), "quantize.cu", "dfp_quantize"))
+    with pytest.warns(RuntimeWarning, match=r"compiled dfp_quantize of quantize.cu with fake after: with fake: .*';'"):
+        cache.get(loader.KernelKey(0, (8, 6), "quantize.cu", "dfp_quantize"))
     assert len(fallback.compiled) == 1
 
 
@@ -276,7 +277,7 @@ def test_dequantize_bit_exact(case):
     assert torch.equal(dfp.cuda.dequantize(on_gpu).cpu(), q.dequantize())
 
 
-def _gemm_operands(m, k, n, ha, hb, kblock, seed=0, values="random"):
+def _gemm_operands(m, k, n, ha, hb, kblock, values="random", seed=0):
     if values == "extremes":
         g = torch.Generator().manual_seed(seed)
         a = ((torch.randint(0, 2, (m, k), generator=g) * 2 - 1) * (2 ** (15 - ha) - 1)).to(torch.int16)
@@ -303,6 +304,18 @@ GEMM_CASES = {
     "extremes, headroom 1 x 3": (64, 160, 64, 1, 3, 160, "extremes"),
     "M 1 (small-M fallback)": (1, 96, 40, 2, 2, 96, "random"),
 }
+
+
+@pytest.mark.parametrize("case", GEMM_CASES)
+def test_gemm_cases_build_on_any_machine(case):
+    """The GPU tests' operands, checked where they cannot run: shapes and headrooms as named."""
+    m, k, n, ha, hb, kblock, values = GEMM_CASES[case]
+    a, ea, _, b, eb, _, _, bias = _gemm_operands(*GEMM_CASES[case])
+    assert a.shape == (m, k) and b.shape == (k, n) and bias.shape == (n,)
+    assert ea.shape == (m, -(-k // kblock)) and eb.shape == (-(-k // kblock), n)
+    assert a.abs().max() <= 2 ** (15 - ha) - 1 and b.abs().max() <= 2 ** (15 - hb) - 1
+    if values == "extremes":
+        assert set(a.abs().unique().tolist()) == {2 ** (15 - ha) - 1}
 
 
 def _paths_for(ha: int, hb: int) -> list[str]:
@@ -523,3 +536,26 @@ def test_training_parity_with_cpu():
     gpu_losses, gpu_weights = _train("cuda")
     assert gpu_losses == cpu_losses
     assert all(torch.equal(g, c) for g, c in zip(gpu_weights, cpu_weights))
+
+
+@needs_gpu
+@pytest.mark.parametrize("layer", ["conv", "linear"])
+def test_fp16_layers_run_in_half_with_fp32_master_weights(layer):
+    """fmt="fp16" on CUDA: cuDNN / cuBLAS in float16 (tensor cores), the weights and their
+    gradients float32, the result in the input's dtype."""
+    torch.manual_seed(0)
+    if layer == "conv":
+        module = dfp.nn.Conv2d(16, 32, 3, padding=1, fmt="fp16").cuda()
+        x = torch.randn(4, 16, 12, 12, device="cuda").contiguous(memory_format=torch.channels_last)
+        float_op = torch.nn.functional.conv2d
+        args = {"padding": 1}
+    else:
+        module = dfp.nn.Linear(64, 48, fmt="fp16").cuda()
+        x = torch.randn(5, 64, device="cuda")
+        float_op, args = torch.nn.functional.linear, {}
+    y = module(x)
+    want = float_op(x.half(), module.weight.half(), module.bias.half(), **args).float()
+    assert y.dtype == torch.float32 and torch.equal(y, want)
+    y.sum().backward()
+    assert module.weight.dtype == module.weight.grad.dtype == torch.float32
+    assert torch.isfinite(module.weight.grad).all() and module.weight.grad.abs().sum() > 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import importlib.util
+import itertools
 import os
 import re
 import shutil
@@ -42,9 +43,9 @@ def _nvcc_archs() -> set[str]:
     return {line.strip().replace("compute_", "sm_") for line in done.stdout.splitlines()}
 
 
-def _compile(source: Path, arch: str, out_dir: Path):
-    out = out_dir / f"{source.stem}_{arch}.cubin"
-    command = [NVCC, f"-arch={arch}", "-cubin", *FLAGS, f"-I{source_dir()}", "-o", str(out), str(source)]
+def _compile(source: Path, arch: str, out_dir: Path, defines: tuple[str, ...] = ()):
+    out = out_dir / f"{source.stem}_{arch}{''.join(defines)}.cubin"
+    command = [NVCC, f"-arch={arch}", "-cubin", *FLAGS, *defines, f"-I{source_dir()}", "-o", str(out), str(source)]
     return subprocess.run(command, capture_output=True, text=True, check=False), out
 
 
@@ -80,6 +81,23 @@ def test_compiles_without_warnings(compiled, name, arch):
     _check(compiled[(name, arch)])
 
 
+def _mma_variants() -> list[tuple[str, ...]]:
+    """The -D options of every compile-time variant of gemm_mma.cu (dfp.cuda.gemm picks one per launch)."""
+    return [
+        tuple(f"-D{name}={on}" for name, on in zip(cuda_gemm.MMA_VARIANTS, flags, strict=True))
+        for flags in itertools.product((0, 1), repeat=len(cuda_gemm.MMA_VARIANTS))
+    ]
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
+def test_every_mma_variant_compiles_without_warnings(tmp_path, arch):
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda d: _compile(source_dir() / "gemm_mma.cu", arch, tmp_path, d), _mma_variants()))
+    for result in results:
+        _check(result)
+
+
 @needs_nvcc
 def test_pascal_compiles_where_nvcc_still_targets_it(tmp_path):
     """sm_61 (Pascal): the CUDA-core kernels are meant for it. CUDA 13's nvcc dropped it;
@@ -109,17 +127,19 @@ def _nvrtc_library() -> str | None:
 
 
 NVRTC = _nvrtc_library()
-NVRTC_JOBS = [(f, arch) for f in cuda_files() for arch in ARCHS] + [
-    (source_dir() / name, PASCAL) for name in ("quantize.cu", "gemm_int16.cu")
-]
+NVRTC_JOBS = (  # (file, arch, -D options)
+    [(f, arch, ()) for f in cuda_files() for arch in ARCHS]
+    + [(source_dir() / name, PASCAL, ()) for name in ("quantize.cu", "gemm_int16.cu")]
+    + [(source_dir() / "gemm_mma.cu", arch, defines) for arch in ("sm_75", "sm_90") for defines in _mma_variants()]
+)
 
 
-def _nvrtc_compile(lib, source: Path, arch: str) -> tuple[int, str, int]:
+def _nvrtc_compile(lib, source: Path, arch: str, defines: tuple[str, ...]) -> tuple[int, str, int]:
     """(NVRTC result, program log, cubin bytes) with the options dfp.cuda's loader uses."""
     prog = ctypes.c_void_p()
     assert lib.nvrtcCreateProgram(ctypes.byref(prog), source.read_bytes(), source.name.encode(), 0, None, None) == 0
     options = [f"--gpu-architecture={arch}".encode(), f"-I{source_dir()}".encode()]
-    options += [o.encode() for o in loader.NVRTC_OPTIONS]
+    options += [o.encode() for o in (*loader.NVRTC_OPTIONS, *defines)]
     result = lib.nvrtcCompileProgram(prog, len(options), (ctypes.c_char_p * len(options))(*options))
     size = ctypes.c_size_t()
     lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
@@ -139,14 +159,16 @@ def nvrtc_compiled():
     lib = ctypes.CDLL(NVRTC)
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # ctypes calls release the GIL
         results = list(pool.map(lambda job: _nvrtc_compile(lib, *job), NVRTC_JOBS))
-    return {(f.name, arch): result for (f, arch), result in zip(NVRTC_JOBS, results)}
+    return {(f.name, arch, defines): result for (f, arch, defines), result in zip(NVRTC_JOBS, results)}
 
 
-@pytest.mark.parametrize(("name", "arch"), [(f.name, arch) for f, arch in NVRTC_JOBS])
-def test_nvrtc_compiles_without_warnings(nvrtc_compiled, name, arch):
+@pytest.mark.parametrize(
+    ("name", "arch", "defines"), [(f.name, arch, defines) for f, arch, defines in NVRTC_JOBS], ids=str
+)
+def test_nvrtc_compiles_without_warnings(nvrtc_compiled, name, arch, defines):
     """What the loader does at run time (NVRTC, no host headers), Pascal included: a CUDA 12
     NVRTC still targets sm_61 and only notes that it is deprecated."""
-    result, log, size = nvrtc_compiled[(name, arch)]
+    result, log, size = nvrtc_compiled[(name, arch, defines)]
     assert result == 0, log
     lines = [line for line in log.splitlines() if line.strip() and "are deprecated" not in line]
     assert not lines, log

@@ -112,25 +112,40 @@ __device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], cons
 
 }  // namespace
 
-// chain_per_tile: every tile is a whole chain (chains of 32), so no partial sum is carried.
-// vec8: K, lda, ldb and every tile's first k are multiples of 8 and both operands 16-byte
-// aligned (8 mantissas per 16-byte load). kb > 1: K-blocks with fp32 scales sa (M, KB),
-// sb (KB, N). All three are uniform over the launch, so their branches never diverge; one
-// kernel serves every case (its ~255 registers allow one block of 8 warps per SM in any
-// case, so specialised variants would not raise occupancy).
+// Three launch-uniform choices are compile-time variants (the loader passes them as -D
+// options and keeps one compiled kernel per combination). As run-time flags they were
+// if-converted into the inner loop, where every path paid for the others' instructions:
+// ncu counted 17 issued instructions per mma on an H200.
+//   DFP_MMA_CHAIN_PER_TILE: every tile is a whole chain (chains of 32), so no partial sum
+//     is carried from tile to tile.
+//   DFP_MMA_VEC8: K, lda, ldb and every tile's first k are multiples of 8 and both operands
+//     16-byte aligned (8 mantissas per 16-byte load).
+//   DFP_MMA_K_BLOCKS: more than one K-block, with fp32 scales sa (M, KB) and sb (KB, N).
+#ifndef DFP_MMA_CHAIN_PER_TILE
+#define DFP_MMA_CHAIN_PER_TILE 0
+#endif
+#ifndef DFP_MMA_VEC8
+#define DFP_MMA_VEC8 0
+#endif
+#ifndef DFP_MMA_K_BLOCKS
+#define DFP_MMA_K_BLOCKS 0
+#endif
+constexpr bool kChainPerTile = DFP_MMA_CHAIN_PER_TILE != 0;
+constexpr bool kVec8 = DFP_MMA_VEC8 != 0;
+constexpr bool kKBlocks = DFP_MMA_K_BLOCKS != 0;
+
+// 170-255 registers per thread, by variant: one block of 8 warps per SM.
 extern "C" __global__ void __launch_bounds__(kThreads)
     dfp_gemm_mma(const short* __restrict__ a, int lda, const short* __restrict__ bt, int ldb, int m_count,
-                 int n_count, const int* __restrict__ tiles, int tile_count, int chain_per_tile_flag, int vec8_flag,
-                 const float* __restrict__ sa, const float* __restrict__ sb, int kb, const int* __restrict__ ra,
-                 const int* __restrict__ rb, const float* __restrict__ bias, int has_bias, float* __restrict__ out) {
+                 int n_count, const int* __restrict__ tiles, int tile_count, const float* __restrict__ sa,
+                 const float* __restrict__ sb, int kb, const int* __restrict__ ra, const int* __restrict__ rb,
+                 const float* __restrict__ bias, int has_bias, float* __restrict__ out) {
   __shared__ __align__(16) Stage stages[2];
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
   const int warp_m = (warp / 4) * kWarpM, warp_n = (warp % 4) * kWarpN;
   const int m0 = blockIdx.x * kBlockM, n0 = blockIdx.y * kBlockN;
-  const bool vec8 = vec8_flag != 0;
-  const bool chain_per_tile = chain_per_tile_flag != 0;
 
   // The two 8-mantissa chunks of A and of Bt that this thread moves per k tile.
   const short* a_rows[2];
@@ -147,13 +162,16 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     b_rows[r] = bt + i64(b_valid[r] ? n0 + row_of[r] : 0) * ldb;
   }
 
+  // The k-tile table is read one tile ahead of its use: a chunk load's address depends on
+  // it, and waiting for it at the top of every iteration stalled the warps (ncu on an H200).
+  int4 tile_next = tile_count > 0 ? reinterpret_cast<const int4*>(tiles)[0] : int4{0, 0, 0, 0};
   Chunk a_next[2], b_next[2];
-  auto load_tile = [&](int t) {
-    const int k0 = tiles[4 * t], len = tiles[4 * t + 1];
+  auto load_tile = [&](const int4& tile) {
+    const int k0 = tile.x, len = tile.y;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      a_next[r] = load_chunk(a_rows[r], a_valid[r], vec8, k0, len, chunk_of[r]);
-      b_next[r] = load_chunk(b_rows[r], b_valid[r], vec8, k0, len, chunk_of[r]);
+      a_next[r] = load_chunk(a_rows[r], a_valid[r], kVec8, k0, len, chunk_of[r]);
+      b_next[r] = load_chunk(b_rows[r], b_valid[r], kVec8, k0, len, chunk_of[r]);
     }
   };
   auto store_tile = [&](Stage& s) {
@@ -171,27 +189,62 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   };
 
   float acc[kMmaM][kMmaN][4] = {};
-  u32 running[kMmaM][kMmaN][4] = {};  // the current chain's sum so far, modulo 2^32
+  // The current chain's sum so far, modulo 2^32 (unused, so optimised away, where every
+  // tile is a whole chain).
+  u32 running[kMmaM][kMmaN][4] = {};
 
-  // acc += float32(S) * (the scale of block `blk` for fragment element (mi, ni, r)).
-  auto add_chain_sum = [&](float acc_value, u32 chain_sum, int mi, int ni, int r, int blk) -> float {
-    if (kb == 1) return add_chain(acc_value, i32(chain_sum));
-    const int m = min(m0 + warp_m + mi * 16 + g + 8 * (r >> 1), m_count - 1);
-    const int n = min(n0 + warp_n + ni * 8 + 2 * t4 + (r & 1), n_count - 1);
-    return add_chain(acc_value, i32(chain_sum), mul_rn(sa[m * kb + blk], sb[blk * n_count + n]));
+  // acc += float32(S) * s for the chain sums S of one chain end, s the product of the
+  // block scales of its row and column: 8 rows and 8 columns per thread, so 16 scale loads
+  // serve the 64 elements. (No generic lambda: NVRTC takes its template for host code.)
+  auto add_chain_sums = [&](const u32(&sums)[kMmaM][kMmaN][4], int blk) {
+    float row_scale[kMmaM][2], column_scale[kMmaN][2];
+    if (kKBlocks) {
+#pragma unroll
+      for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int m = min(m0 + warp_m + mi * 16 + g + 8 * h, m_count - 1);
+          row_scale[mi][h] = sa[m * kb + blk];
+        }
+      }
+#pragma unroll
+      for (int ni = 0; ni < kMmaN; ++ni) {
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int n = min(n0 + warp_n + ni * 8 + 2 * t4 + c, n_count - 1);
+          column_scale[ni][c] = sb[blk * n_count + n];
+        }
+      }
+    }
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kMmaN; ++ni) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const i32 chain_sum = i32(sums[mi][ni][r]);
+          acc[mi][ni][r] = kKBlocks ? add_chain(acc[mi][ni][r], chain_sum,
+                                                mul_rn(row_scale[mi][r >> 1], column_scale[ni][r & 1]))
+                                    : add_chain(acc[mi][ni][r], chain_sum);
+        }
+      }
+    }
   };
 
+  int4 tile_now = tile_next;
   if (tile_count > 0) {
-    load_tile(0);
+    load_tile(tile_now);
     store_tile(stages[0]);
   }
+  if (tile_count > 1) tile_next = reinterpret_cast<const int4*>(tiles)[1];
   __syncthreads();
 
   for (int t = 0; t < tile_count; ++t) {
-    if (t + 1 < tile_count) load_tile(t + 1);  // in flight while the tensor cores work
+    if (t + 1 < tile_count) load_tile(tile_next);  // in flight while the tensor cores work
+    const int4 tile = tile_now;  // (first k, length, ends a chain, K-block) of tile t
+    tile_now = tile_next;
+    if (t + 2 < tile_count) tile_next = reinterpret_cast<const int4*>(tiles)[t + 2];
     const Stage& s = stages[t & 1];
-    const bool ends_chain = tiles[4 * t + 2] != 0;
-    const int blk = tiles[4 * t + 3];
 
     u32 ah[kMmaM][4], al[kMmaM][4], bh[kMmaN][2], bl[kMmaN][2];
 #pragma unroll
@@ -209,6 +262,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < 2; ++j) bh[ni][j] = s.b_high[at[j]], bl[ni][j] = s.b_low[at[j]];
     }
 
+    // This tile's piece of every element's chain, from four int8 products.
+    u32 piece[kMmaM][kMmaN][4];
 #pragma unroll
     for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
@@ -219,25 +274,29 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         mma_16x8x32(mid, al[mi], bh[ni]);
         mma_16x8x32(ll, al[mi], bl[ni]);
 #pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const u32 piece = combine_limbs(hh[r], mid[r], ll[r]);
-          if (chain_per_tile) {  // uniform: the piece is a whole chain
-            acc[mi][ni][r] = add_chain_sum(acc[mi][ni][r], piece, mi, ni, r, blk);
-          } else {
-            running[mi][ni][r] += piece;
-          }
-        }
+        for (int r = 0; r < 4; ++r) piece[mi][ni][r] = combine_limbs(hh[r], mid[r], ll[r]);
       }
     }
-    if (!chain_per_tile && ends_chain) {
+    const int blk = kKBlocks ? tile.w : 0;
+    if (kChainPerTile) {
+      add_chain_sums(piece, blk);
+    } else {
 #pragma unroll
       for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
         for (int ni = 0; ni < kMmaN; ++ni) {
 #pragma unroll
-          for (int r = 0; r < 4; ++r) {
-            acc[mi][ni][r] = add_chain_sum(acc[mi][ni][r], running[mi][ni][r], mi, ni, r, blk);
-            running[mi][ni][r] = 0u;
+          for (int r = 0; r < 4; ++r) running[mi][ni][r] += piece[mi][ni][r];
+        }
+      }
+      if (tile.z != 0) {  // this tile ends a chain: uniform over the block
+        add_chain_sums(running, blk);
+#pragma unroll
+        for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+          for (int ni = 0; ni < kMmaN; ++ni) {
+#pragma unroll
+            for (int r = 0; r < 4; ++r) running[mi][ni][r] = 0u;
           }
         }
       }

@@ -22,12 +22,20 @@ __device__ __forceinline__ i32 warp_max(i32 v) {
   return v;
 }
 
+// Four independent loads per thread and step: with one load in flight per thread, too few
+// bytes are in flight to keep HBM busy.
 extern "C" __global__ void dfp_amax_tensor(const float* __restrict__ x, int count, int* __restrict__ amax) {
-  i32 v = 0;
-  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
-    v = max(v, i32(abs_bits(x[idx])));
+  const int stride = gridDim.x * blockDim.x;
+  u32 v0 = 0u, v1 = 0u, v2 = 0u, v3 = 0u;
+  int idx = blockIdx.x * blockDim.x + threadIdx.x;
+  for (; idx < count - 3 * stride; idx += 4 * stride) {
+    v0 = max(v0, abs_bits(x[idx]));
+    v1 = max(v1, abs_bits(x[idx + stride]));
+    v2 = max(v2, abs_bits(x[idx + 2 * stride]));
+    v3 = max(v3, abs_bits(x[idx + 3 * stride]));
   }
-  v = warp_max(v);
+  for (; idx < count; idx += stride) v0 = max(v0, abs_bits(x[idx]));
+  const i32 v = warp_max(i32(max(max(v0, v1), max(v2, v3))));
   if ((threadIdx.x & 31) == 0) atomicMax(amax, v);
 }
 
@@ -44,7 +52,13 @@ extern "C" __global__ void dfp_amax_channel(const float* __restrict__ x, int row
   if (valid) {
     const int first = blockIdx.y * rows_per_block;
     const int last = min(rows, first + rows_per_block);
-    for (int o = first; o < last; ++o) v = max(v, i32(abs_bits(x[o * columns + j])));
+    int o = first;
+    for (; o < last - 3; o += 4) {  // four rows in flight, as in dfp_amax_tensor
+      const u32 b0 = abs_bits(x[o * columns + j]), b1 = abs_bits(x[(o + 1) * columns + j]);
+      const u32 b2 = abs_bits(x[(o + 2) * columns + j]), b3 = abs_bits(x[(o + 3) * columns + j]);
+      v = max(v, i32(max(max(b0, b1), max(b2, b3))));
+    }
+    for (; o < last; ++o) v = max(v, i32(abs_bits(x[o * columns + j])));
   }
   // lane 0 is valid whenever any lane is (j grows with the lane)
   const int n0 = __shfl_sync(0xffffffffu, n, 0);

@@ -26,6 +26,7 @@ PATHS = ("mma", "int16", "limbs")
 TILE_K = 32  # k per tile of the tensor-core kernel: one m16n8k32 step
 _MMA_BLOCK = 128  # rows and columns of C per block of the tensor-core kernel
 _INT16_BLOCK = 64
+MMA_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_VEC8", "DFP_MMA_K_BLOCKS")  # 0/1 each (gemm_mma.cu)
 
 
 def mma_applies(capability: tuple[int, int], ha: int, hb: int) -> bool:
@@ -76,7 +77,8 @@ def _tile_table(k: int, kblock: int, chain: int, device: torch.device) -> tuple[
     GEMM of this K layout), and whether every tile starts at a multiple of 8. Callers on any
     stream must ``record_stream`` it: the cache may free it (LRU) while a launch still reads it."""
     tiles = k_tiles(k, kblock, chain)
-    table = torch.tensor(tiles, dtype=torch.int32).reshape(-1).to(device)
+    table = torch.tensor(tiles, dtype=torch.int32).reshape(-1).to(device)  # a fresh allocation: 16-byte aligned
+    assert table.data_ptr() % 16 == 0  # the kernel reads each tile as one int4
     return table, all(t0 % 8 == 0 for t0, _, _, _ in tiles)
 
 
@@ -112,10 +114,10 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     )
     check_int32(lda=a.stride(0), ldb=bt.stride(0))
     grid = (-(-m // _MMA_BLOCK), -(-n // _MMA_BLOCK), 1)
-    kernel("gemm_mma.cu", "dfp_gemm_mma", a.device)(
+    variant = dict(zip(MMA_VARIANTS, (int(chain == TILE_K), int(vec8), int(kb > 1)), strict=True))
+    kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **variant)(
         grid, (256, 1, 1),
-        [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, int(chain == TILE_K), int(vec8),
-         sa, sb, kb, ra, rb, bias, has_bias, out],
+        [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out],
     )  # fmt: skip
 
 

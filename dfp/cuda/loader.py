@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -111,8 +112,8 @@ class CupyNvrtc:
             kernel = module.get_function(key.name)
 
         def convert(arg):
-            if isinstance(arg, torch.Tensor):
-                return cupy.from_dlpack(arg)
+            if isinstance(arg, torch.Tensor):  # detached: DLPack refuses tensors that require grad
+                return cupy.from_dlpack(arg.detach())
             if isinstance(arg, int):  # bool included
                 return np.int32(arg)
             if isinstance(arg, float):
@@ -178,9 +179,17 @@ class KernelCache:
         errors = []
         for candidate in self._compilers_fn():
             try:
-                return candidate.compile(key)
+                launch = candidate.compile(key)
             except Exception as err:  # noqa: BLE001 (each compiler has its own error types; all are reported below)
                 errors.append(f"with {candidate.name}: {type(err).__name__}: {err}")
+                continue
+            if errors:  # a fallback works, but the preferred compiler's failure is a bug to report
+                warnings.warn(
+                    f"dfp.cuda compiled {key.name} of {key.file} with {candidate.name} after: " + "; ".join(errors),
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+            return launch
         raise RuntimeError(
             f"dfp.cuda could not compile kernel {key.name} of {key.file} for sm_{key.capability[0]}"
             f"{key.capability[1]}: " + "; ".join(errors)

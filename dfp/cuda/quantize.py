@@ -53,6 +53,32 @@ def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
     return amax
 
 
+def _exponents(amax: torch.Tensor, headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group exponents, and a flag (int32, on the device) set where a group held NaN/Inf."""
+    groups = amax.numel()
+    exponent = torch.empty(groups, dtype=torch.int32, device=amax.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=amax.device)
+    kernel(_FILE, "dfp_exponents", amax.device)(
+        (blocks_for(groups, _THREADS), 1, 1), (_THREADS, 1, 1), [amax, groups, headroom, exponent, nonfinite]
+    )
+    return exponent, nonfinite
+
+
+def _quantize_elements(x, mode, block, exponent, headroom, stochastic, seed, mantissa) -> None:
+    """mantissa = every element of x rounded with its group's exponent (the third launch)."""
+    _, n, i = x.shape
+    count = x.numel()
+    vec4 = int(mode == 0 and count % 4 == 0 and x.data_ptr() % 16 == 0)
+    seed &= 2**64 - 1
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    kernel(_FILE, "dfp_quantize", x.device)(
+        (blocks_for(count // 4 if vec4 else count, _THREADS, 16 * sms), 1, 1),
+        (_THREADS, 1, 1),
+        [x, count, mode, n, i, max(block, 1), exponent, headroom, int(stochastic),
+         _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, mantissa],
+    )  # fmt: skip
+
+
 def quantize3d(
     x: torch.Tensor, mode: int, block: int, headroom: int, stochastic: bool, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,21 +99,8 @@ def quantize3d(
         return mantissa, torch.full(exponent_shape, -149 - (15 - headroom) + 1, dtype=torch.int32, device=x.device)
 
     amax = _group_amax(x, mode, block)
-    exponent = torch.empty(amax.numel(), dtype=torch.int32, device=x.device)
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
-    groups = amax.numel()
-    kernel(_FILE, "dfp_exponents", x.device)(
-        (blocks_for(groups, _THREADS), 1, 1), (_THREADS, 1, 1), [amax, groups, headroom, exponent, nonfinite]
-    )
-    vec4 = int(mode == 0 and count % 4 == 0 and x.data_ptr() % 16 == 0)
-    seed &= 2**64 - 1
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    kernel(_FILE, "dfp_quantize", x.device)(
-        (blocks_for(count // 4 if vec4 else count, _THREADS, 16 * sms), 1, 1),
-        (_THREADS, 1, 1),
-        [x, count, mode, n, i, max(block, 1), exponent, headroom, int(stochastic),
-         _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, mantissa],
-    )  # fmt: skip
+    exponent, nonfinite = _exponents(amax, headroom)
+    _quantize_elements(x, mode, block, exponent, headroom, stochastic, seed, mantissa)
     if int(nonfinite.item()):
         raise NonFiniteError(
             "cannot quantize a CUDA tensor that contains NaN/Inf: DFP16 represents finite numbers only; "
