@@ -47,7 +47,11 @@ def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFP
 
 def is_nonfinite(*tensors: DFPTensor) -> bool:
     """Whether any of the tensors was quantized from a source holding NaN or Inf."""
-    return any(bool((t.exponent == NONFINITE).any()) for t in tensors)
+    # a 0-d exponent (per tensor, the common case) is read directly: one call, not three
+    return any(
+        (int(t.exponent) == NONFINITE) if t.exponent.dim() == 0 else bool((t.exponent == NONFINITE).any())
+        for t in tensors
+    )
 
 
 def zero_pad(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:

@@ -42,9 +42,11 @@ def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
     _, h, w, c = y.shape
     strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
     y = y.permute(0, 3, 1, 2)
-    return (
-        y if y.stride() == strides else torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
-    )
+    if y.stride() == strides:
+        return y
+    if all(size == 1 or a == b for size, a, b in zip(y.shape, y.stride(), strides, strict=True)):
+        return y.as_strided(y.shape, strides)  # the same memory order: only size-1 strides differ (a linear layer's)
+    return torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
