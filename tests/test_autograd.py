@@ -63,6 +63,38 @@ def test_opcheck_conv2d(config):
     opcheck(torch.ops.dfp.conv2d.default, (x, w, b, *rest))
 
 
+@pytest.mark.parametrize("config", CONV_CONFIGS)
+def test_eager_function_gives_the_registered_ops_bits(config):
+    """Eager layers run dfp.autograd.EagerConv2d (the op bodies without torch.library's
+    dispatch); it must give the op's output and gradients bit for bit, stochastic rounding
+    of the gradients included (both draw the seed from torch's generator)."""
+    x_shape, w_shape, has_bias, rest = CONV_CONFIGS[config]
+    runs = []
+    for eager in (False, True):
+        x = _gaussian(x_shape, 0)
+        x = (x.to(memory_format=torch.channels_last) if rest[-1] else x).requires_grad_()
+        w = _gaussian(w_shape, 1).requires_grad_()
+        b = _gaussian(w_shape[:1], 2).requires_grad_() if has_bias else None
+        torch.manual_seed(5)
+        y = dfp.autograd.EagerConv2d.apply(x, w, b, *rest) if eager else torch.ops.dfp.conv2d(x, w, b, *rest)[0]
+        y.backward(_gaussian(y.shape, 3))
+        runs.append([y.detach(), x.grad, w.grad, None if b is None else b.grad])
+    for op_result, eager_result in zip(*runs, strict=True):
+        assert (op_result is None and eager_result is None) or torch.equal(op_result, eager_result)
+
+
+def test_layers_use_the_eager_function_only_on_plain_tensors(monkeypatch):
+    calls = []
+    monkeypatch.setattr(dfp.autograd.EagerConv2d, "apply", lambda *args: calls.append(args) or torch.zeros(1))
+    DF.conv2d(_gaussian((1, 2, 4, 4), 0), _gaussian((3, 2, 3, 3), 1))
+    assert len(calls) == 1
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():  # a traced call keeps the registered op, which has a fake kernel
+        y = DF.conv2d(torch.empty(1, 2, 4, 4), torch.empty(3, 2, 3, 3))
+    assert len(calls) == 1 and y.shape == (1, 3, 2, 2)
+
+
 def test_opcheck_backward_ops():
     x, w = _gaussian((2, 4, 6, 6), 0), _gaussian((6, 2, 3, 3), 1)
     grad = _gaussian((2, 6, 6, 2), 2)
