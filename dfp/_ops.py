@@ -5,7 +5,8 @@ by ``dfp.backends.active()``.
 Each op's body is also a plain function, ``<op>_impl``: dfp's own ops call those
 inside their bodies, since a nested call through torch's dispatcher costs about 0.1 ms
 (measured), more than a small layer's quantization itself. Everything else calls the
-ops (``torch.ops.dfp.*``)."""
+ops (``torch.ops.dfp.*``), except where ``plain_eager`` holds: eager calls on ordinary
+tensors (the layers, ``dfp.quantize``) run the bodies too."""
 
 from __future__ import annotations
 
@@ -15,6 +16,13 @@ from . import backends
 from ._gemm_layout import gemm_layout
 from ._patches import im2col, output_size
 from .format import DFPSpec, DFPTensor, canonical_view, exponent_shape, mirrored
+
+
+def plain_eager(*tensors: torch.Tensor) -> bool:
+    """Eager code on ordinary tensors, where an op's body may run without torch.library's
+    dispatch; tracing (torch.compile, export) and tensor subclasses (fake tensors) need
+    the registered ops."""
+    return not torch.compiler.is_compiling() and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 def quantize_impl(

@@ -167,8 +167,9 @@ def quantize(x: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.G
     check_float_input(x, "x")
     if spec.axis is not None:
         _normalize_axis(spec.axis, x.dim())
+    from . import _ops  # here: _ops imports this module
+
     seed = draw_seed(generator) if spec.rounding == "stochastic" else 0
-    mantissa, exponent = torch.ops.dfp.quantize(
-        x, spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", seed
-    )
+    op = _ops.quantize_impl if _ops.plain_eager(x) else torch.ops.dfp.quantize
+    mantissa, exponent = op(x, spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", seed)
     return DFPTensor(mantissa, exponent, spec)

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _ops
 from . import autograd as _autograd  # also registers torch.ops.dfp.conv2d
 from .format import DFPSpec
 from .formats import Format, resolve
@@ -154,17 +155,10 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
         f.headroom, f.weight_exponent == "channel", f.forward == "dfp", f.grad_input == "dfp",
         f.grad_weight == "dfp", f.grad_rounding == "stochastic", channels_last,
     )  # fmt: skip
-    if _plain_eager(x, weight):
+    if _ops.plain_eager(x, weight):
         return _autograd.EagerConv2d.apply(*args)
     y, _, _ = torch.ops.dfp.conv2d(*args)
     return y
-
-
-def _plain_eager(*tensors: torch.Tensor) -> bool:
-    """Eager code on ordinary tensors, where the op bodies may run without torch.library's
-    dispatch; tracing (torch.compile, export) and tensor subclasses (fake tensors) need
-    the registered ops."""
-    return not torch.compiler.is_compiling() and all(type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
 
 
 def _in_float_format(op, f: Format, x, weight, bias, *args) -> torch.Tensor:

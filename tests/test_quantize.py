@@ -173,3 +173,13 @@ def test_the_top_of_the_fp32_range_stays_finite(backend):
     q = dfp.quantize(x)
     assert torch.isfinite(q.dequantize()).all()
     assert int(q.mantissa.abs().max()) == 2**13 - 1
+
+
+def test_quantize_of_fake_tensors_goes_through_the_registered_op():
+    """Eager calls run the op's body directly (dfp._ops.plain_eager); a traced one needs
+    the op's fake kernel, which gives shapes and dtypes without data."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q = dfp.quantize(torch.empty(4, 6), dfp.DFPSpec(axis=0))
+    assert q.mantissa.shape == (4, 6) and q.mantissa.dtype == torch.int16 and q.exponent.shape == (4, 1)
