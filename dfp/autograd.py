@@ -12,6 +12,9 @@ A linear layer is the 1x1 case (``dfp.functional.linear``). Ops:
                                   for a reduction over Cout
     dfp::conv2d_grad_weight       dW = dY^T patches(X)
 
+Eager calls on ordinary tensors run ``EagerConv2d`` instead: the same bodies and formula
+without torch.library's dispatch (``dfp._ops.plain_eager``).
+
 Every product runs in int16 x int16 -> int32 chains (``dfp::conv_gemm``,
 ``dfp::conv_grad_weight_gemm``, ``dfp::gemm``; the compiled backend gathers patches per
 cache block, never an im2col matrix) unless the format switches it to fp32 (then torch
