@@ -19,15 +19,22 @@ std::vector<Chain> make_chains(const KLayout& kl, int pairs) {
   return chains;
 }
 
-// Consecutive chains grouped into K slices of about kc K-pairs.
+// Consecutive chains grouped into K slices of at most kc K-pairs, as even as the chains
+// allow: 288 K-pairs make two slices of 144, not 256 and a 32 that costs a pass over the
+// accumulators for little work.
 struct KSlice {
   int64_t first_chain, nchains, first_kpair;
 };
 std::vector<KSlice> k_slices(const std::vector<Chain>& chains, int kc) {
+  int64_t total = 0;
+  for (const Chain& c : chains) total += c.kpairs;
+  const int64_t count = std::max<int64_t>(1, (total + kc - 1) / kc);
+  const int64_t target = std::max<int64_t>(1, (total + count - 1) / count);
   std::vector<KSlice> slices;
   int64_t kpair = 0;
   for (size_t c = 0; c < chains.size(); ++c) {
-    if (slices.empty() || (kpair - slices.back().first_kpair) + chains[c].kpairs > kc)
+    const int64_t length = kpair - (slices.empty() ? 0 : slices.back().first_kpair);
+    if (slices.empty() || length + chains[c].kpairs > kc || length >= target)
       slices.push_back({int64_t(c), 0, kpair});
     ++slices.back().nchains;
     kpair += chains[c].kpairs;
