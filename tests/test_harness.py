@@ -5,6 +5,7 @@ training runs of the main job through the command line."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import importlib.util
 import itertools
 import json
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distributed_worker import HARNESS_RUN
 from PIL import Image
 
 import dfp
@@ -686,26 +688,8 @@ def test_an_empty_test_split_is_refused_before_training():
     tiny = _tiny()
     empty = data.Split(tiny.test.images[:0], tiny.test.labels[:0])
     dataset = data.Dataset.from_splits("no-test", tiny.train, empty, tiny.classes)
-    config = train.RunConfig(
-        data="no-test",
-        model="small_cnn",
-        format="fp32",
-        batch_size=16,
-        seed=0,
-        epochs=1,
-        base_lr=0.05,
-        base_batch_size=16,
-        warmup_epochs=0.0,
-        momentum=0.9,
-        weight_decay=0.0,
-        fp32_layers=(),
-        swa_start=None,
-        augment=False,
-        device="cpu",
-        threads=1,
-        world_size=1,
-        compress="none",
-        limit_train_batches=1,
+    config = dataclasses.replace(
+        HARNESS_RUN, data="no-test", batch_size=16, epochs=1, base_batch_size=16, world_size=1, limit_train_batches=1
     )
     with pytest.raises(ValueError, match="no-test: the test split is empty"):
         train.train_run(config, dataset, ONE_PROCESS, target_accuracy=None)

@@ -22,8 +22,9 @@ __device__ __forceinline__ i32 warp_max(i32 v) {
   return v;
 }
 
-// Four independent loads per thread and step: with one load in flight per thread, too few
-// bytes are in flight to keep HBM busy.
+// Four independent loads per thread and step, so that more bytes are in flight per thread
+// (on the H200 this kernel ran at 58 % of copy bandwidth; the one-load form was not timed
+// alone).
 extern "C" __global__ void dfp_amax_tensor(const float* __restrict__ x, int count, int* __restrict__ amax) {
   const int stride = gridDim.x * blockDim.x;
   u32 v0 = 0u, v1 = 0u, v2 = 0u, v3 = 0u;

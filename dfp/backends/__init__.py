@@ -39,21 +39,11 @@ def get(name: str) -> ModuleType:
     return module
 
 
-# Backends that passed their check, by name: every op asks for one, and importing and
-# checking again took 20 us a call (a tenth of a small layer's step).
-_READY: dict[str, ModuleType] = {}
-
-
 def active(device: torch.device | None = None) -> ModuleType:
     """The backend that runs dfp's ops on ``device`` now: ``dfp.cuda.ops`` for a CUDA
     device, else ``DFP_BACKEND`` or the default."""
-    name = "cuda" if device is not None and device.type == "cuda" else os.environ.get("DFP_BACKEND") or "cpu"
-    module = _READY.get(name)
-    if module is None:
-        if name == "cuda":
-            module = importlib.import_module("dfp.cuda.ops")
-            module.ensure_available()
-        else:
-            module = get(name)
-        _READY[name] = module
-    return module
+    if device is not None and device.type == "cuda":
+        module = importlib.import_module("dfp.cuda.ops")
+        module.ensure_available()
+        return module
+    return get(os.environ.get("DFP_BACKEND") or "cpu")
