@@ -7,6 +7,7 @@ as int32 K-pairs."""
 
 import platform
 import shutil
+import sys
 from pathlib import Path
 
 from pybind11.setup_helpers import ParallelCompile, Pybind11Extension, build_ext
@@ -82,6 +83,7 @@ setup(
             sources,
             extra_compile_args=COMMON,
             define_macros=[("DFP_X86_KERNELS", "1")] if X86 else [],
+            libraries=["dl"] if sys.platform.startswith("linux") else [],  # dlopen, before glibc 2.34
         )
     ],
     cmdclass={"build_ext": PerFileFlagsBuildExt, "build_py": BuildPyWithCudaSources},

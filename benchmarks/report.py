@@ -131,7 +131,7 @@ def header(dfp) -> str:
     backend = os.environ.get("DFP_BACKEND") or "cpu"
     if backend == "cpu":  # the ISA matters only to the compiled backend
         try:
-            backend += f", ISA {dfp.cpu_isa()}"
+            backend += f", ISA {dfp.cpu_isa()}, threads of {Path(dfp.backends.cpu.thread_runtime()).name}"
         except dfp.BackendUnavailableError:  # no compiled core: say so, run what can run
             backend += ", compiled core unavailable"
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE")

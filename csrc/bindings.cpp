@@ -12,6 +12,7 @@
 #include "cpu/isa.h"
 #include "cpu/numerics.h"
 #include "cpu/peak.h"
+#include "cpu/threads.h"
 
 namespace py = pybind11;
 
@@ -35,6 +36,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("supported_isas", &supported_isa_names, "CPU paths this machine can run, fastest first");
   m.def("isa", [] { return std::string(dfp::isa_name(dfp::active_isa())); }, "the active CPU path");
   m.def("set_isa", &dfp::set_isa, "force a CPU path by name", py::arg("name"));
+  m.def("thread_runtime", &dfp::thread_runtime, "whose threads run dfp's parallel loops");
   m.def("micro_kernel", [] { return std::string(dfp::micro_kernel(dfp::active_isa()).name); });
   m.def("chain_length", [](int ha, int hb) { return dfp::chain_length(ha, hb); });
 #ifdef DFP_X86_KERNELS

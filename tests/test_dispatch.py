@@ -6,8 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 
 import dfp
 
@@ -84,3 +86,34 @@ def test_backends_by_name(name, monkeypatch):
 
     x, y = torch.randn(5, 6), torch.randn(6, 7)
     assert dfp.matmul(x, y).shape == (5, 7)
+
+
+# Two threads through every parallel loop (quantize, packing, the GEMMs, the conv
+# gathers); prints the thread runtime, then a digest of every output's bits.
+_TWO_THREAD_STEP = """
+    import hashlib, torch, dfp
+    from dfp.backends import cpu
+    torch.set_num_threads(2)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 16, 12, 12, generator=gen).requires_grad_()
+    w = torch.randn(16, 16, 3, 3, generator=gen).requires_grad_()
+    a, b = torch.randn(300, 200, generator=gen), torch.randn(200, 70, generator=gen)
+    y = dfp.functional.conv2d(x, w, padding=1, fmt="dfp16")
+    y.square().sum().backward()
+    digest = hashlib.sha256()
+    for t in (y, x.grad, w.grad, dfp.matmul(a, b)):
+        digest.update(t.detach().numpy().tobytes())
+    print(cpu.thread_runtime())
+    print(digest.hexdigest())
+"""
+
+
+def test_kernels_run_on_torchs_openmp_threads_with_the_same_bits_as_their_own():
+    shared = _run(_TWO_THREAD_STEP)
+    own = _run(_TWO_THREAD_STEP, DFP_THREAD_POOL="own")
+    assert shared.returncode == 0, shared.stderr
+    assert own.returncode == 0, own.stderr
+    runtime, digest = shared.stdout.splitlines()[-2:]
+    assert own.stdout.splitlines()[-2:] == ["dfp's own threads", digest]
+    if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
+        assert Path(runtime).name.startswith(("libgomp", "libiomp5", "libomp")), runtime

@@ -466,6 +466,7 @@ def test_environment_reads_the_cpu_model(tmp_path):
     assert environment.cpu_model(cpuinfo) == "Test CPU 9000"
     env = environment.collect(torch.device("cpu"), threads=3, world_size=1)
     assert env["threads"] == 3 and env["torch"] == torch.__version__ and env["dfp_cpu_isa"]
+    assert env["dfp_threads_on"] in ("libgomp.so.1", "libiomp5.so", "libomp.so", "dfp's own threads")
     assert not any(socket.gethostname() in str(value) for value in env.values())
 
 

@@ -36,6 +36,13 @@ def cpu_isa() -> str:
     return _core().isa()
 
 
+def thread_runtime() -> str:
+    """Whose threads run the kernels' parallel loops: the file of the OpenMP runtime that
+    torch loaded (they share its threads), or "dfp's own threads" where there is none
+    or ``DFP_THREAD_POOL=own`` is set."""
+    return _core().thread_runtime()
+
+
 def supported_isas() -> list[str]:
     """The CPU paths this machine can run, fastest first."""
     return _core().supported_isas()

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import dfp
+from dfp.backends import cpu as cpu_backend
 
 
 def cpu_model(cpuinfo: str | Path = "/proc/cpuinfo") -> str:
@@ -43,6 +44,14 @@ def dfp_isa() -> str:
         return f"unavailable: {err}"
 
 
+def dfp_threads() -> str:
+    """The file name of the OpenMP runtime whose threads dfp's kernels share, or why none."""
+    try:
+        return Path(cpu_backend.thread_runtime()).name
+    except dfp.BackendUnavailableError as err:
+        return f"unavailable: {err}"
+
+
 def collect(device: torch.device, threads: int, world_size: int) -> dict[str, Any]:
     """The environment of a run on ``device`` with ``threads`` torch threads per process
     and ``world_size`` processes."""
@@ -56,6 +65,7 @@ def collect(device: torch.device, threads: int, world_size: int) -> dict[str, An
         "dfp_cpu_isa": dfp_isa(),
         "python": platform.python_version(),
         "threads": threads,
+        "dfp_threads_on": dfp_threads(),
         "device": device.type,
         "device_name": device_name,
         "cpu_model": cpu_model(),

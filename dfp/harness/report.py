@@ -238,7 +238,7 @@ def _environment_lines(group: Sequence[dict[str, Any]]) -> list[str]:
         env = record.get("environment") or {}
         line = (
             f"{env.get('device_name', '?')} | torch {env.get('torch', '?')} | dfp {env.get('dfp', '?')}, "
-            f"CPU path {env.get('dfp_cpu_isa', '?')} | Python {env.get('python', '?')}"
+            f"CPU path {env.get('dfp_cpu_isa', '?')} on {env.get('dfp_threads_on', '?')} | Python {env.get('python', '?')}"
         )
         if line not in seen:
             seen.append(line)
