@@ -433,6 +433,9 @@ def test_fp32_layers_first_last_and_containers():
     fp32 = {"conv1", "stages.0.1.conv1", "stages.0.1.conv2"}
     assert {name for name, kind in kinds.items() if kind is torch.nn.Conv2d} == fp32
     assert all(kinds[name] in (dfp.nn.Conv2d, dfp.nn.Linear) for name in names if name not in fp32)
+    # every format trains in channels_last, its weights included
+    assert training.memory_format == torch.channels_last
+    assert training.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_float_formats_keep_fp32_layers_out_of_autocast():

@@ -6,8 +6,7 @@ format     set-up
 =========  ==================================================================================
 fp32       torch layers in float32; SGD with momentum
 bf16       ``torch.autocast(device, dtype=torch.bfloat16)`` around the forward; SGD
-fp16       autocast to float16 + ``torch.amp.GradScaler``; on CUDA also channels_last (the
-           tensor-core path); SGD
+fp16       autocast to float16 + ``torch.amp.GradScaler``; SGD
 dfp16      ``dfp.convert(model, "dfp16")``: int16 products, nearest rounding; SGD
 dfp16-sr   ``dfp.convert(model, "dfp16-sr")``: stochastic rounding of gradients; SGD
 swalp      dfp16-sr layers and ``dfp.optim.SWALP`` (weights kept as DFP16 numbers, no fp32
@@ -15,6 +14,11 @@ swalp      dfp16-sr layers and ``dfp.optim.SWALP`` (weights kept as DFP16 number
            taken once per epoch, with batch-norm statistics recomputed (Yang et al. 2019);
            the average is evaluated with dfp16-sr layers, like the trained weights
 =========  ==================================================================================
+
+Every format trains in channels_last: the layout of cuDNN's tensor-core path, and on the
+development CPU (AMD EPYC Zen 3, 2 threads) the faster one for a ResNet-20 training step
+in fp32, bf16 and dfp16 alike (1.24x, 1.17x and 1.26x over NCHW), so that no format is
+measured in a layout that slows it down.
 
 On CUDA every format runs with ``cudnn.benchmark`` on (each convolution autotuned, during
 the untimed warm-up step of ``train``), so that no format is compared against a slower
@@ -68,7 +72,7 @@ class Training:
         autocast_dtype: the dtype of ``torch.autocast`` around the forward, or None.
         scaler: a GradScaler for "fp16", else None.
         average: the SWALP weight average (``WeightAverage``), else None.
-        memory_format: the memory format inputs should take (channels_last for fp16 on CUDA).
+        memory_format: the memory format inputs should take (channels_last).
     """
 
     model: nn.Module
@@ -77,7 +81,7 @@ class Training:
     autocast_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     average: WeightAverage | None
-    memory_format: torch.memory_format = torch.contiguous_format
+    memory_format: torch.memory_format = torch.channels_last
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the forward pass (a no-op for formats without one)."""
@@ -193,10 +197,8 @@ def prepare(
     elif name in AUTOCAST_DTYPES and fp32_layers:
         dfp.convert(model, "fp32", filter_fn=lambda layer, module: not _outside(fp32_layers)(layer, module))
     model.to(device)
-    memory_format = torch.contiguous_format
-    if name == "fp16" and device.type == "cuda":
-        memory_format = torch.channels_last
-        model.to(memory_format=memory_format)
+    memory_format = torch.channels_last
+    model.to(memory_format=memory_format)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if name == "swalp":
         optimizer = SWALP(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed)
