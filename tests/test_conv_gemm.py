@@ -1,6 +1,7 @@
 """The convolution GEMMs on every backend and CPU path (dfp::conv_gemm,
-dfp::conv_grad_weight_gemm): the compiled backend gathers patches per cache block, and
-must give the bits of the GEMM on the materialised patch matrix (im2col) exactly."""
+dfp::conv_grad_weight_gemm): the compiled backend reads patches in the image (even
+channel counts) or gathers them per cache block, and must give the bits of the GEMM on
+the materialised patch matrix (im2col) exactly."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ CASES = {
     "3x3": (2, 10, 9, 16, 1, (3, 3), (1, 1), (1, 1), 20, None),
     "odd-channels-strided": (1, 7, 7, 3, 1, (3, 3), (2, 2), (1, 1), 5, None),
     "groups-dilated": (3, 8, 11, 6, 2, (2, 3), (1, 2), (2, 1), 7, None),
+    "even-groups-strided-dilated": (2, 9, 10, 8, 2, (3, 3), (2, 1), (1, 2), 6, None),
     "kblock-even": (2, 9, 9, 8, 1, (3, 3), (1, 1), (1, 1), 9, 4),
     "kblock-odd-depthwise": (2, 9, 9, 9, 3, (3, 1), (1, 1), (1, 1), 4, 3),
     "batch-0": (0, 5, 5, 4, 1, (3, 3), (1, 1), (1, 1), 4, None),

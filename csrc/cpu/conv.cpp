@@ -2,6 +2,7 @@
 #include "conv.h"
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "numerics.h"
@@ -57,9 +58,39 @@ PatchIndex::PatchIndex(const ConvShape& s) : taps_(s.kh * s.kw) {
 }
 
 PatchRows::PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl)
-    : x_(x), s_(s), kl_(kl), index_(s), pairs_in_taps_(s.cg % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0)) {}
+    : x_(x),
+      s_(s),
+      kl_(kl),
+      index_(s),
+      pairs_in_taps_(s.cg % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0)),
+      in_place_(pairs_in_taps_ && s.channels % 2 == 0 && reinterpret_cast<uintptr_t>(x) % alignof(int32_t) == 0 &&
+                s.k() % kl.kblock == 0) {}
 
-ABlock PatchRows::block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const {
+ABlock PatchRows::block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const {
+  return in_place_ ? in_place(i0, rows, kp0, len, scratch) : gathered(i0, rows, kp0, len, scratch);
+}
+
+ABlock PatchRows::in_place(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const {
+  scratch.offsets.resize(len);
+  for (int64_t q = 0; q < len; ++q) {
+    const int64_t k = 2 * (kp0 + q), tap = k / s_.cg;
+    scratch.offsets[q] = (index_.tap(tap) + k - tap * s_.cg) / 2;
+  }
+  // Rows past the last pixel repeat it: whatever they sum is never stored.
+  scratch.rows.resize(rows);
+  const int64_t valid = std::clamp<int64_t>(s_.pixels() - i0, 1, rows);
+  PixelWalk pixel(s_, i0);
+  for (int64_t r = 0; r < valid; ++r, pixel.next())
+    scratch.rows[r] = reinterpret_cast<const int32_t*>(x_ + pixel.origin());
+  std::fill(scratch.rows.begin() + valid, scratch.rows.end(), scratch.rows[valid - 1]);
+  ABlock block{};
+  block.rows = scratch.rows.data();
+  block.offsets = scratch.offsets.data();
+  return block;
+}
+
+ABlock PatchRows::gathered(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& ascratch) const {
+  std::vector<int32_t>& scratch = ascratch.patches;
   scratch.resize(rows * len);
   const int64_t valid = std::clamp<int64_t>(s_.pixels() - i0, 0, rows);
   PixelWalk pixel(s_, i0);

@@ -31,19 +31,26 @@ class PatchIndex {
   std::vector<int64_t> taps_;
 };
 
-// A = the patch matrix (pixels, K) of the image x, in the K-pair layout kl.
+// A = the patch matrix (pixels, K) of the image x, in the K-pair layout kl. Where the
+// image's K-pairs are whole int32 words (even channel counts, no padding in K) the
+// micro-kernel reads them in the image itself, through a row pointer per pixel and an
+// offset per K-pair; otherwise each block of patches is gathered into scratch.
 class PatchRows : public ASource {
  public:
   PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl);
   int64_t rows() const override { return s_.pixels(); }
-  ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const override;
+  ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const override;
 
  private:
+  ABlock in_place(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const;
+  ABlock gathered(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const;
+
   const int16_t* x_;
   ConvShape s_;
   KLayout kl_;
   PatchIndex index_;
   bool pairs_in_taps_;  // every K-pair lies inside one tap (cg even, blocks of even length)
+  bool in_place_;       // and is an aligned int32 word of the image, with no padding in K
 };
 
 // B = the patch matrix (pixels, K) of x as the right operand of dW = dY^T patches:

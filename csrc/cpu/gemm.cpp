@@ -160,7 +160,8 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
     const int64_t mlen = std::min(mc, M - i0), nlen = std::min(nc, N - j0);
     const int64_t mpanels = (mlen + uk.mr - 1) / uk.mr, npanels = (nlen + uk.nr - 1) / uk.nr;
     thread_local std::vector<float> acc;
-    thread_local std::vector<int32_t> a_scratch, b_scratch;
+    thread_local AScratch a_scratch;
+    thread_local std::vector<int32_t> b_scratch;
     const int64_t ldacc = npanels * uk.nr;
     acc.resize(mpanels * uk.mr * ldacc);
     if (slices.empty()) std::fill(acc.begin(), acc.end(), 0.0f);  // K = 0
@@ -173,9 +174,11 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
         const int64_t j = j0 + jp * uk.nr;
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
+          const int32_t* rows[kMaxMr];
+          for (int r = 0; r < uk.mr; ++r) rows[r] = ab.row(ip * uk.mr + r);
           MicroKernelArgs args;
-          args.a = ab.row(ip * uk.mr);
-          args.a_row_stride = ab.row_stride(ip * uk.mr);
+          args.a_rows = rows;
+          args.a_offsets = ab.offsets;
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;

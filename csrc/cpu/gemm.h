@@ -22,8 +22,10 @@ struct Chain {
 };
 
 struct MicroKernelArgs {
-  const int32_t* a;  // A's first row at the first K-pair; each int32 holds two int16
-  int64_t a_row_stride;  // int32 elements from one row of A to the next
+  // A's mr rows, each at the slice's first K-pair; each int32 holds two int16. K-pair q
+  // of row r lies at a_rows[r][q], or at a_rows[r][a_offsets[q]] where offsets are given.
+  const int32_t* const* a_rows;
+  const int64_t* a_offsets;
   const int32_t* b;  // B panel: [kpair][nr]
   const Chain* chains;
   int64_t nchains;
@@ -35,6 +37,8 @@ struct MicroKernelArgs {
   int64_t ldacc;
   bool accumulate;  // add to acc (a later K slice) or overwrite it (the first)
 };
+
+constexpr int kMaxMr = 8;  // the most rows a micro-kernel's tile has
 
 struct MicroKernel {
   const char* name;
@@ -62,21 +66,32 @@ struct KLayout {
 // (convolution patches, csrc/cpu/conv.cpp), which keeps an im2col matrix out of memory.
 //
 // A block: rows [i0, i0 + rows) of A at K-pairs [kp0, kp0 + len); rows past M read as
-// zeros. Row i0 + r lies at row(r), the next row row_stride(r) int32 further on.
+// zeros (or as copies of a valid row: the macro-kernel never stores them). Row i0 + r
+// lies at row(r), its K-pairs consecutive, or where `offsets` says (MicroKernelArgs).
 struct ABlock {
   const int32_t* data;
   int64_t stride;
   const int32_t* tail;  // rows r >= tail_row
   int64_t tail_stride, tail_row;
-  const int32_t* row(int64_t r) const { return r < tail_row ? data + r * stride : tail + (r - tail_row) * tail_stride; }
-  int64_t row_stride(int64_t r) const { return r < tail_row ? stride : tail_stride; }
+  const int32_t* const* rows = nullptr;  // where given, row r lies at rows[r]
+  const int64_t* offsets = nullptr;
+  const int32_t* row(int64_t r) const {
+    if (rows) return rows[r];
+    return r < tail_row ? data + r * stride : tail + (r - tail_row) * tail_stride;
+  }
+};
+// A thread's buffers for the A blocks it is handed.
+struct AScratch {
+  std::vector<int32_t> patches;
+  std::vector<const int32_t*> rows;
+  std::vector<int64_t> offsets;
 };
 class ASource {
  public:
   virtual ~ASource() = default;
   virtual int64_t rows() const = 0;
   // rows is a multiple of the micro-kernel's mr; scratch is the calling thread's own.
-  virtual ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, std::vector<int32_t>& scratch) const = 0;
+  virtual ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const = 0;
 };
 
 // B block: columns [j0, j0 + cols) at K-pairs [kp0, kp0 + len) as panels of nr columns,
@@ -114,7 +129,7 @@ struct RowsA : ASource {
   int64_t stride = 0, full_rows = 0;
   std::vector<int32_t> owned, tail;
   int64_t rows() const override { return nrows; }
-  ABlock block(int64_t i0, int64_t, int64_t kp0, int64_t, std::vector<int32_t>&) const override {
+  ABlock block(int64_t i0, int64_t, int64_t kp0, int64_t, AScratch&) const override {
     return {data + i0 * stride + kp0, stride, tail.data() + kp0, kpairs, full_rows - i0};
   }
 };

@@ -16,7 +16,9 @@ namespace {
 
 template <typename V, int MR, int NV>
 struct TileKernel {
-  template <bool kBlocked>
+  static_assert(MR <= dfp::kMaxMr);
+
+  template <bool kBlocked, bool kOffsets>
   static void run_chains(const dfp::MicroKernelArgs& p) {
     constexpr int NR = NV * V::lanes;
     typename V::F f[MR][NV];
@@ -24,21 +26,25 @@ struct TileKernel {
     for (int r = 0; r < MR; ++r)
       DFP_UNROLL
       for (int v = 0; v < NV; ++v) f[r][v] = p.accumulate ? V::loadf(p.acc + r * p.ldacc + v * V::lanes) : V::zerof();
-    const int32_t* a = p.a;
+    const int32_t* a[MR];
+    DFP_UNROLL
+    for (int r = 0; r < MR; ++r) a[r] = p.a_rows[r];
     const int32_t* b = p.b;
+    int64_t q = 0;  // the K-pair, from the slice's first
     for (int64_t c = 0; c < p.nchains; ++c) {
       typename V::I acc[MR][NV];
       DFP_UNROLL
       for (int r = 0; r < MR; ++r)
         DFP_UNROLL
         for (int v = 0; v < NV; ++v) acc[r][v] = V::zeroi();
-      for (int32_t k = 0; k < p.chains[c].kpairs; ++k, ++a, b += NR) {
+      for (const int64_t end = q + p.chains[c].kpairs; q < end; ++q, b += NR) {
+        const int64_t at = kOffsets ? p.a_offsets[q] : q;
         typename V::I bv[NV];
         DFP_UNROLL
         for (int v = 0; v < NV; ++v) bv[v] = V::loadi(b + v * V::lanes);
         DFP_UNROLL
         for (int r = 0; r < MR; ++r) {
-          const typename V::I av = V::broadcast(a + r * p.a_row_stride);
+          const typename V::I av = V::broadcast(a[r] + at);
           DFP_UNROLL
           for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
         }
@@ -69,10 +75,10 @@ struct TileKernel {
   }
 
   static void run(const dfp::MicroKernelArgs& p) {
-    if (p.row_scale)
-      run_chains<true>(p);
+    if (p.a_offsets)
+      p.row_scale ? run_chains<true, true>(p) : run_chains<false, true>(p);
     else
-      run_chains<false>(p);
+      p.row_scale ? run_chains<true, false>(p) : run_chains<false, false>(p);
   }
 };
 
