@@ -5,6 +5,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
 #include "numerics.h"
 #include "threads.h"
 
@@ -49,6 +53,31 @@ class PixelWalk {
   const ConvShape& s_;
   int64_t ow_, oh_, col_, row_, image_;
 };
+
+#if defined(__SSE2__)
+// Eight channels of four pixel pairs (eight rows of dy, ld apart) into eight rows of
+// four K-pairs (ldd apart): the pairs of a row are interleaved, then 4x4 blocks of
+// int32 transposed.
+inline void transpose_pairs_4x8(const int16_t* dy, int64_t ld, int32_t* dst, int64_t ldd) {
+  __m128i lo[4], hi[4];  // pixel pair i: the K-pairs of channels 0-3 and 4-7
+  for (int i = 0; i < 4; ++i) {
+    const __m128i even = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dy + 2 * i * ld));
+    const __m128i odd = _mm_loadu_si128(reinterpret_cast<const __m128i*>(dy + (2 * i + 1) * ld));
+    lo[i] = _mm_unpacklo_epi16(even, odd);
+    hi[i] = _mm_unpackhi_epi16(even, odd);
+  }
+  for (int half = 0; half < 2; ++half) {
+    const __m128i* v = half ? hi : lo;
+    const __m128i t0 = _mm_unpacklo_epi32(v[0], v[1]), t1 = _mm_unpackhi_epi32(v[0], v[1]);
+    const __m128i t2 = _mm_unpacklo_epi32(v[2], v[3]), t3 = _mm_unpackhi_epi32(v[2], v[3]);
+    int32_t* d = dst + 4 * half * ldd;
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d), _mm_unpacklo_epi64(t0, t2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + ldd), _mm_unpackhi_epi64(t0, t2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 2 * ldd), _mm_unpacklo_epi64(t1, t3));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 3 * ldd), _mm_unpackhi_epi64(t1, t3));
+  }
+}
+#endif
 
 }  // namespace
 
@@ -174,16 +203,28 @@ void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout
   // Tiles of 64 pairs (128 rows of dy) x 64 columns: the rows' slices stay in L1 while
   // each output row gets a run of 64 pairs, also when dy's rows are long (linear).
   constexpr int64_t kTile = 64;
+  const int64_t whole_pairs = pixels / 2;  // pairs whose odd pixel exists
   parallel_for((kp + kTile - 1) / kTile, nthreads, [&](int64_t t) {
     const int64_t q0 = t * kTile, q1 = std::min(kp, q0 + kTile);
-    for (int64_t c0 = 0; c0 < cout; c0 += kTile)
-      for (int64_t c = c0; c < std::min(cout, c0 + kTile); ++c) {
+    for (int64_t c0 = 0; c0 < cout; c0 += kTile) {
+      const int64_t c1 = std::min(cout, c0 + kTile);
+      int64_t q = q0;
+#if defined(__SSE2__)
+      for (; q + 4 <= std::min(q1, whole_pairs); q += 4) {
+        int64_t c = c0;
+        for (; c + 8 <= c1; c += 8) transpose_pairs_4x8(dy + 2 * q * ld + c, ld, out.owned.data() + c * kp + q, kp);
+        for (; c < c1; ++c)
+          for (int64_t i = q; i < q + 4; ++i) out.owned[c * kp + i] = pair(dy[2 * i * ld + c], dy[(2 * i + 1) * ld + c]);
+      }
+#endif
+      for (int64_t c = c0; c < c1; ++c) {
         int32_t* dst = out.owned.data() + c * kp;
-        for (int64_t q = q0; q < q1; ++q) {
-          const int16_t odd = 2 * q + 1 < pixels ? dy[(2 * q + 1) * ld + c] : int16_t(0);
-          dst[q] = pair(dy[2 * q * ld + c], odd);
+        for (int64_t i = q; i < q1; ++i) {
+          const int16_t odd = 2 * i + 1 < pixels ? dy[(2 * i + 1) * ld + c] : int16_t(0);
+          dst[i] = pair(dy[2 * i * ld + c], odd);
         }
       }
+    }
   });
 }
 
