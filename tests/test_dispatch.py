@@ -117,3 +117,21 @@ def test_kernels_run_on_torchs_openmp_threads_with_the_same_bits_as_their_own():
     assert own.stdout.splitlines()[-2:] == ["dfp's own threads", digest]
     if sys.platform.startswith("linux") and "parallel backend: OpenMP" in torch.__config__.parallel_info():
         assert Path(runtime).name.startswith(("libgomp", "libiomp5", "libomp")), runtime
+
+
+def test_kernels_pick_torchs_openmp_runtime_when_another_was_loaded_first():
+    pytest.importorskip("sklearn")
+    done = _run("""
+        import sklearn.utils._openmp_helpers  # scikit-learn's wheels load a libgomp of their own
+        import torch, dfp
+        from dfp.backends import cpu
+        maps = open("/proc/self/maps").read() if __import__("os").path.exists("/proc/self/maps") else ""
+        runtimes = sorted({line.split()[-1] for line in maps.splitlines() if "libgomp" in line})
+        print(cpu.thread_runtime())
+        print(len(runtimes))
+    """)
+    assert done.returncode == 0, done.stderr
+    runtime, count = done.stdout.splitlines()[-2:]
+    if int(count) < 2:
+        pytest.skip("scikit-learn did not load a second OpenMP runtime here")
+    assert "scikit_learn" not in runtime and "sklearn" not in runtime, runtime

@@ -22,8 +22,9 @@ struct Chain {
 };
 
 struct MicroKernelArgs {
-  // A's mr rows, each at the slice's first K-pair; each int32 holds two int16. K-pair q
-  // of row r lies at a_rows[r][q], or at a_rows[r][a_offsets[q]] where offsets are given.
+  // A's mr rows, each int32 two int16. K-pair q of the slice lies at a_rows[r][q], the
+  // rows given at the slice's first K-pair; or, where offsets are given, at
+  // a_rows[r][a_offsets[q]] (a convolution's patches read in the image).
   const int32_t* const* a_rows;
   const int64_t* a_offsets;
   const int32_t* b;  // B panel: [kpair][nr]
@@ -62,8 +63,9 @@ struct KLayout {
 };
 
 // Where the macro-kernel reads A and B, one cache block at a time: from memory laid
-// out beforehand (RowsA, Packed), or gathered per block into a thread's scratch buffer
-// (convolution patches, csrc/cpu/conv.cpp), which keeps an im2col matrix out of memory.
+// out beforehand (RowsA, Packed), from the image itself or gathered per block into a
+// thread's scratch buffer (convolution patches, csrc/cpu/conv.cpp), which keeps an
+// im2col matrix out of memory.
 //
 // A block: rows [i0, i0 + rows) of A at K-pairs [kp0, kp0 + len); rows past M read as
 // zeros (or as copies of a valid row: the macro-kernel never stores them). Row i0 + r

@@ -13,7 +13,6 @@ struct HostOpenMP {
   std::string path;  // the runtime's file
   // The libgomp entry point behind `#pragma omp parallel`, exported by all three runtimes.
   void (*parallel)(void (*fn)(void*), void* data, unsigned nthreads, unsigned flags);
-  int (*thread_num)();
   int (*in_parallel)();
 };
 
