@@ -84,7 +84,8 @@ def naive_quantize(x: torch.Tensor, spec: dfp.DFPSpec) -> torch.Tensor:
     _, e = torch.frexp(amax)  # amax = f * 2**e, f in [0.5, 1)
     v = x * torch.ldexp(torch.ones_like(amax), (15 - spec.headroom) - e)
     v = (v + torch.rand_like(v)).floor() if spec.rounding == "stochastic" else v.round()
-    return v.clamp(-spec.max_mantissa, spec.max_mantissa).to(torch.int16)
+    limit = 2 ** (15 - spec.headroom) - 1
+    return v.clamp(-limit, limit).to(torch.int16)
 
 
 def quant_contenders(x: torch.Tensor, spec: dfp.DFPSpec) -> dict[str, Callable[[], object]]:
