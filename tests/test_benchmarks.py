@@ -13,9 +13,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks import cases  # noqa: E402
-
-import dfp  # noqa: E402
+import dfp
+from benchmarks import cases
 
 
 @pytest.mark.parametrize("group", cases.QUANT_GROUPS)
