@@ -119,6 +119,12 @@ def test_kernels_run_on_torchs_openmp_threads_with_the_same_bits_as_their_own():
         assert Path(runtime).name.startswith(("libgomp", "libiomp5", "libomp")), runtime
 
 
+def test_unknown_thread_pool_is_a_clear_error():
+    done = _run("import dfp, torch; dfp.matmul(torch.ones(64, 64), torch.ones(64, 64))", DFP_THREAD_POOL="mine")
+    assert done.returncode != 0
+    assert "DFP_THREAD_POOL='mine' is not a choice" in done.stderr
+
+
 def test_kernels_pick_torchs_openmp_runtime_when_another_was_loaded_first():
     pytest.importorskip("sklearn")
     done = _run("""

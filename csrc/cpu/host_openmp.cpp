@@ -1,6 +1,7 @@
 #include "host_openmp.h"
 
 #include <cstdlib>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -70,8 +71,12 @@ const HostOpenMP* host_openmp() {
   // Looked up once: dfp imports torch, and with it torch's runtime, before its core.
   static const HostOpenMP found = [] {
     HostOpenMP omp{};
-    const char* pool = std::getenv("DFP_THREAD_POOL");
-    if (pool && std::string(pool) == "own") return omp;
+    const std::string pool = std::getenv("DFP_THREAD_POOL") ? std::getenv("DFP_THREAD_POOL") : "";
+    if (pool == "own") return omp;
+    if (!pool.empty())
+      throw std::invalid_argument("DFP_THREAD_POOL='" + pool +
+                                  "' is not a choice: set it to 'own' for dfp's own threads, or leave it unset "
+                                  "for torch's OpenMP threads");
     return find(omp) ? omp : HostOpenMP{};
   }();
   return found.parallel ? &found : nullptr;
