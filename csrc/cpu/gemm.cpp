@@ -151,10 +151,18 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
   const auto whole = [](int64_t size, int64_t fallback, int64_t unit) {
     return ((size ? size : fallback) + unit - 1) / unit * unit;
   };
-  const int64_t mc = whole(options.mc, uk.mc, uk.mr), nc = whole(options.nc, uk.nc, uk.nr);
-  const int64_t row_blocks = (M + mc - 1) / mc, col_blocks = (N + nc - 1) / nc;
   // Small problems run on one thread: waking a second costs more than it saves.
   const int threads = double(M) * N * kl.k < 4e6 ? 1 : nthreads;
+  const int64_t nc = whole(options.nc, uk.nc, uk.nr), col_blocks = (N + nc - 1) / nc;
+  int64_t mc = whole(options.mc, uk.mc, uk.mr);
+  // Too few blocks to share out evenly (256 rows make a block of 192 and one of 64):
+  // about four per thread, of equal height, unless the caller chose the blocks (a
+  // gathered B source is gathered again for every block of rows).
+  if (threads > 1 && options.mc == 0 && options.nc == 0) {
+    const int64_t wanted = (4 * threads + col_blocks - 1) / col_blocks;
+    if ((M + mc - 1) / mc < wanted) mc = whole((M + wanted - 1) / wanted, 0, uk.mr);
+  }
+  const int64_t row_blocks = (M + mc - 1) / mc;
   parallel_for(row_blocks * col_blocks, threads, [&](int64_t task) {
     const int64_t i0 = (task / col_blocks) * mc, j0 = (task % col_blocks) * nc;
     const int64_t mlen = std::min(mc, M - i0), nlen = std::min(nc, N - j0);
