@@ -434,7 +434,7 @@ def test_fp32_layers_first_last_and_containers():
     assert {name for name, kind in kinds.items() if kind is torch.nn.Conv2d} == fp32
     assert all(kinds[name] in (dfp.nn.Conv2d, dfp.nn.Linear) for name in names if name not in fp32)
     # every format trains in channels_last, its weights included
-    assert training.memory_format == torch.channels_last
+    assert formats.MEMORY_FORMAT == torch.channels_last
     assert training.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)
 
 

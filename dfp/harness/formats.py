@@ -58,6 +58,10 @@ LAYER_FORMATS = {
 FIRST, LAST = "first", "last"
 
 
+# The layout of every model, input and batch (the module docstring says why).
+MEMORY_FORMAT = torch.channels_last
+
+
 class FormatUnavailableError(RuntimeError):
     """A format that cannot run on the chosen device."""
 
@@ -67,12 +71,11 @@ class Training:
     """Everything a training loop needs to train a model in one format.
 
     Attributes:
-        model: the model to train (converted, on the device, in ``memory_format``).
+        model: the model to train (converted, on the device, in ``MEMORY_FORMAT``).
         optimizer: SGD with momentum, or SWALP for "swalp".
         autocast_dtype: the dtype of ``torch.autocast`` around the forward, or None.
         scaler: a GradScaler for "fp16", else None.
         average: the SWALP weight average (``WeightAverage``), else None.
-        memory_format: the memory format inputs should take (channels_last).
     """
 
     model: nn.Module
@@ -81,7 +84,6 @@ class Training:
     autocast_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     average: WeightAverage | None
-    memory_format: torch.memory_format = torch.channels_last
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context of the forward pass (a no-op for formats without one)."""
@@ -197,8 +199,7 @@ def prepare(
     elif name in AUTOCAST_DTYPES and fp32_layers:
         dfp.convert(model, "fp32", filter_fn=lambda layer, module: not _outside(fp32_layers)(layer, module))
     model.to(device)
-    memory_format = torch.channels_last
-    model.to(memory_format=memory_format)
+    model.to(memory_format=MEMORY_FORMAT)
     torch.backends.cudnn.benchmark = device.type == "cuda"
     if name == "swalp":
         optimizer = SWALP(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, seed=seed)
@@ -214,5 +215,4 @@ def prepare(
         autocast_dtype=AUTOCAST_DTYPES.get(name),
         scaler=scaler,
         average=average,
-        memory_format=memory_format,
     )

@@ -94,10 +94,9 @@ class _Timed:
     """Iterates ``batches``, moving each to ``device`` and adding the time that takes
     (preparation included) to ``seconds``."""
 
-    def __init__(self, batches: Iterable, device: torch.device, memory_format: torch.memory_format) -> None:
+    def __init__(self, batches: Iterable, device: torch.device) -> None:
         self.batches = iter(batches)
         self.device = device
-        self.memory_format = memory_format
         self.seconds = 0.0
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -107,7 +106,7 @@ class _Timed:
         start = time.perf_counter()
         try:
             x, y = next(self.batches)
-            x = x.to(self.device, memory_format=self.memory_format, non_blocking=True)
+            x = x.to(self.device, memory_format=formats.MEMORY_FORMAT, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -124,7 +123,7 @@ def evaluate(model: nn.Module, dataset: data.Dataset, training: formats.Training
     correct, loss_sum, count = 0, 0.0, 0
     test = data.batches(dataset.test, dataset, EVAL_BATCH_SIZE, shuffle=False)
     with torch.no_grad():
-        for x, y in _Timed(test, training.device, training.memory_format):
+        for x, y in _Timed(test, training.device):
             with training.autocast():
                 logits = model(x)
             loss_sum += nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
@@ -260,7 +259,6 @@ def train_run(
                     world_size=ctx.world_size,
                 ),
                 device,
-                training.memory_format,
             )
             loss_sum = torch.zeros((), device=device)
             for _ in range(steps_per_epoch):
@@ -391,7 +389,7 @@ def _warm_up(
     training batch, and drawing it takes nothing from the run's order generator.
     """
     x, y = next(data.batches(dataset.train, dataset, batch_size, shuffle=False, drop_last=True))
-    x = x.to(training.device, memory_format=training.memory_format)
+    x = x.to(training.device, memory_format=formats.MEMORY_FORMAT)
     y = y.to(training.device)
     saved = copy.deepcopy(
         {
@@ -423,7 +421,6 @@ def _averaged_model(training: formats.Training, dataset: data.Dataset) -> tuple[
             _Timed(
                 data.batches(dataset.train, dataset, EVAL_BATCH_SIZE, shuffle=False),
                 training.device,
-                training.memory_format,
             )
         )
         return loaders[-1]
