@@ -204,26 +204,27 @@ void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout
   // each output row gets a run of 64 pairs, also when dy's rows are long (linear).
   constexpr int64_t kTile = 64;
   const int64_t whole_pairs = pixels / 2;  // pairs whose odd pixel exists
+  const auto pairs = [&](int64_t c_begin, int64_t c_end, int64_t q_begin, int64_t q_end) {
+    for (int64_t c = c_begin; c < c_end; ++c)
+      for (int64_t q = q_begin; q < q_end; ++q) {
+        const int16_t odd = 2 * q + 1 < pixels ? dy[(2 * q + 1) * ld + c] : int16_t(0);
+        out.owned[c * kp + q] = pair(dy[2 * q * ld + c], odd);
+      }
+  };
   parallel_for((kp + kTile - 1) / kTile, nthreads, [&](int64_t t) {
     const int64_t q0 = t * kTile, q1 = std::min(kp, q0 + kTile);
     for (int64_t c0 = 0; c0 < cout; c0 += kTile) {
       const int64_t c1 = std::min(cout, c0 + kTile);
-      int64_t q = q0;
+      int64_t c = c0;
 #if defined(__SSE2__)
-      for (; q + 4 <= std::min(q1, whole_pairs); q += 4) {
-        int64_t c = c0;
-        for (; c + 8 <= c1; c += 8) transpose_pairs_4x8(dy + 2 * q * ld + c, ld, out.owned.data() + c * kp + q, kp);
-        for (; c < c1; ++c)
-          for (int64_t i = q; i < q + 4; ++i) out.owned[c * kp + i] = pair(dy[2 * i * ld + c], dy[(2 * i + 1) * ld + c]);
+      for (; c + 8 <= c1; c += 8) {
+        int64_t q = q0;
+        for (; q + 4 <= std::min(q1, whole_pairs); q += 4)
+          transpose_pairs_4x8(dy + 2 * q * ld + c, ld, out.owned.data() + c * kp + q, kp);
+        pairs(c, c + 8, q, q1);
       }
 #endif
-      for (int64_t c = c0; c < c1; ++c) {
-        int32_t* dst = out.owned.data() + c * kp;
-        for (int64_t i = q; i < q1; ++i) {
-          const int16_t odd = 2 * i + 1 < pixels ? dy[(2 * i + 1) * ld + c] : int16_t(0);
-          dst[i] = pair(dy[2 * i * ld + c], odd);
-        }
-      }
+      pairs(c, c1, q0, q1);
     }
   });
 }

@@ -71,7 +71,8 @@ const HostOpenMP* host_openmp() {
   // Looked up once: dfp imports torch, and with it torch's runtime, before its core.
   static const HostOpenMP found = [] {
     HostOpenMP omp{};
-    const std::string pool = std::getenv("DFP_THREAD_POOL") ? std::getenv("DFP_THREAD_POOL") : "";
+    const char* env = std::getenv("DFP_THREAD_POOL");
+    const std::string pool = env ? env : "";
     if (pool == "own") return omp;
     if (!pool.empty())
       throw std::invalid_argument("DFP_THREAD_POOL='" + pool +
