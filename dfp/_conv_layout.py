@@ -1,6 +1,6 @@
 """Tensor plumbing of the DFP16 convolution: quantization into channels-last int16,
-zero padding, and col2im, the adjoint of im2col (``dfp._patches``) for the strided
-grad_input. The input is quantized once; padding copies int16, never float32.
+zero padding, and windows of a channels-last image (zeros past its edges). The input
+is quantized once; padding copies int16, never float32.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import torch
 
 from . import _ops
 from ._errors import NonFiniteError
-from ._patches import output_size
 from .format import DFPSpec, DFPTensor, exponent_shape
 
 # Exponent that marks a quantized tensor whose source held NaN or Inf: real exponents
@@ -54,43 +53,30 @@ def is_nonfinite(*tensors: DFPTensor) -> bool:
     )
 
 
-def zero_pad(x: torch.Tensor, padding: tuple[int, int]) -> torch.Tensor:
-    """(N, H, W, C) -> contiguous (N, H + 2*ph, W + 2*pw, C), zeros around."""
-    ph, pw = padding
-    if ph == 0 and pw == 0:
-        return x.contiguous()
-    n, h, w, c = x.shape
-    out = x.new_empty(n, h + 2 * ph, w + 2 * pw, c)
-    # Only the border is zeroed: the interior is written once, by the copy.
-    out[:, :ph].zero_()
-    out[:, ph + h :].zero_()
-    out[:, ph : ph + h, :pw].zero_()
-    out[:, ph : ph + h, pw + w :].zero_()
-    out[:, ph : ph + h, pw : pw + w] = x
-    return out
+def zero_pad(x: torch.Tensor, padding: tuple[int, int], channels: int | None = None) -> torch.Tensor:
+    """(N, H, W, C) -> contiguous (N, H + 2*ph, W + 2*pw, channels), zeros around (and in
+    the channels past C)."""
+    (ph, pw), (h, w) = padding, x.shape[1:3]
+    return window(x, (-ph, h + ph), (-pw, w + pw), channels)
 
 
-def col2im(
-    cols: torch.Tensor,
-    padded_shape: tuple[int, int, int, int],
-    kernel: tuple[int, int],
-    stride: tuple[int, int],
-    dilation: tuple[int, int],
+def window(
+    x: torch.Tensor, rows: tuple[int, int], columns: tuple[int, int], channels: int | None = None
 ) -> torch.Tensor:
-    """The adjoint of ``im2col``: patch gradients (G, N*OH*OW, KH*KW*C/G) summed into
-    the padded input's gradient (N, Hp, Wp, C). One strided add per kernel tap, each
-    elementwise, so the result does not depend on the thread count."""
-    n, hp, wp, c = padded_shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    oh, ow = output_size(hp, kh, sh, 0, dh), output_size(wp, kw, sw, 0, dw)
-    groups = cols.shape[0]
-    taps = cols.view(groups, n, oh, ow, kh, kw, c // groups).permute(1, 2, 3, 4, 5, 0, 6)
-    if (kh, kw, sh, sw) == (1, 1, 1, 1):  # every input pixel is exactly one patch
-        return taps.reshape(n, hp, wp, c)
-    out = cols.new_zeros(n, hp, wp, groups, c // groups)
-    for i in range(kh):
-        for j in range(kw):
-            rows = slice(i * dh, i * dh + sh * (oh - 1) + 1, sh)
-            columns = slice(j * dw, j * dw + sw * (ow - 1) + 1, sw)
-            out[:, rows, columns] += taps[:, :, :, i, j]
-    return out.view(n, hp, wp, c)
+    """Rows [r0, r1) and columns [c0, c1) of x (N, H, W, C), with ``channels`` >= C
+    channels (default C), contiguous; where they reach past x's edges, zeros."""
+    n, h, w, c = x.shape
+    (r0, r1), (c0, c1), channels = rows, columns, channels or c
+    if (r0, r1, c0, c1, channels) == (0, h, 0, w, c):
+        return x.contiguous()
+    out = x.new_empty(n, r1 - r0, c1 - c0, channels)
+    top, left = max(0, -r0), max(0, -c0)  # x's part of out: rows [top, bottom), columns [left, right)
+    bottom, right = max(top, min(r1, h) - r0), max(left, min(c1, w) - c0)
+    # Only the border is zeroed: the interior is written once, by the copy.
+    out[:, :top].zero_()
+    out[:, bottom:].zero_()
+    out[:, top:bottom, :left].zero_()
+    out[:, top:bottom, right:].zero_()
+    out[:, top:bottom, left:right, c:].zero_()
+    out[:, top:bottom, left:right, :c] = x[:, r0 + top : r0 + bottom, c0 + left : c0 + right]
+    return out

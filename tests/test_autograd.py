@@ -155,7 +155,8 @@ def _dequantized(t: torch.Tensor, spec: DFPSpec) -> torch.Tensor:
     return dfp.quantize(t, spec).dequantize().double()
 
 
-def test_each_product_multiplies_the_operands_quantized_as_documented():
+@pytest.mark.parametrize("stride", [1, 2])
+def test_each_product_multiplies_the_operands_quantized_as_documented(stride):
     """Forward: x per tensor, weight per output channel; grad_input: dY per tensor,
     weight per block of 32 (the chain length) output channels along the reduction;
     grad_weight: dY and x per tensor. The result equals fp64 on the dequantized operands
@@ -166,16 +167,17 @@ def test_each_product_multiplies_the_operands_quantized_as_documented():
     x = _gaussian((2, 5, 6, 6), 0).requires_grad_()
     w = (_gaussian((cout, 5, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
     grad = _gaussian((2, cout, 6, 6), 2)
-    DF.conv2d(x, w, padding=1, fmt=fmt).backward(grad)
+    grad = grad[:, :, ::stride, ::stride]
+    DF.conv2d(x, w, stride=stride, padding=1, fmt=fmt).backward(grad)
 
     xd, dyd = _dequantized(x.detach(), DFPSpec()), _dequantized(grad, DFPSpec())
     w_forward = _dequantized(w.detach(), DFPSpec(axis=0))
     w_backward = _dequantized(w.detach().reshape(cout, -1), DFPSpec(axis=0, block=32)).view(w.shape)
-    y = DF.conv2d(x.detach(), w.detach(), padding=1, fmt=fmt)
+    y = DF.conv2d(x.detach(), w.detach(), stride=stride, padding=1, fmt=fmt)
     checks = [
-        (y, torch.nn.functional.conv2d(xd, w_forward, padding=1)),
-        (x.grad, torch.nn.grad.conv2d_input(x.shape, w_backward, dyd, padding=1)),
-        (w.grad, torch.nn.grad.conv2d_weight(xd, w.shape, dyd, padding=1)),
+        (y, torch.nn.functional.conv2d(xd, w_forward, stride=stride, padding=1)),
+        (x.grad, torch.nn.grad.conv2d_input(x.shape, w_backward, dyd, stride=stride, padding=1)),
+        (w.grad, torch.nn.grad.conv2d_weight(xd, w.shape, dyd, stride=stride, padding=1)),
     ]
     for got, want in checks:
         assert (got.double() - want).norm() <= 1e-6 * want.norm()
@@ -192,9 +194,9 @@ def test_backward_keeps_int16_mantissas_not_float_copies():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         DF.conv2d(x, w, padding=1)
-    # the padded int16 input and its exponent, and the (master) weight itself
+    # the padded int16 input (3 channels and a zero one) and its exponent, and the (master) weight itself
     assert sorted(saved, key=str) == sorted(
-        [(torch.int16, (2, 10, 10, 3)), (torch.int32, ()), (torch.float32, (4, 3, 3, 3))], key=str
+        [(torch.int16, (2, 10, 10, 4)), (torch.int32, ()), (torch.float32, (4, 3, 3, 3))], key=str
     )
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

@@ -1,6 +1,7 @@
 """The convolution GEMMs on every backend and CPU path (dfp::conv_gemm,
 dfp::conv_grad_weight_gemm): the compiled backend reads patches in the image (even
-channel counts) or gathers them per cache block, and must give the bits of the GEMM on
+channel counts; for dW, transposed patches where the output width is even) or gathers
+them per cache block, and must give the bits of the GEMM on
 the materialised patch matrix (im2col) exactly."""
 
 from __future__ import annotations
@@ -16,6 +17,10 @@ from dfp._patches import output_size
 # (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, K-block)
 CASES = {
     "3x3": (2, 10, 9, 16, 1, (3, 3), (1, 1), (1, 1), 20, None),
+    # an even output width at stride 1 along w: dW reads the transposed patches in place
+    "3x3-even-width": (2, 10, 10, 16, 1, (3, 3), (1, 1), (1, 1), 20, None),
+    "odd-channels-even-width": (1, 8, 8, 3, 1, (3, 3), (1, 1), (1, 1), 5, None),
+    "depthwise-even-width": (2, 8, 10, 6, 6, (3, 3), (2, 1), (1, 1), 2, None),
     "odd-channels-strided": (1, 7, 7, 3, 1, (3, 3), (2, 2), (1, 1), 5, None),
     "groups-dilated": (3, 8, 11, 6, 2, (2, 3), (1, 2), (2, 1), 7, None),
     "even-groups-strided-dilated": (2, 9, 10, 8, 2, (3, 3), (2, 1), (1, 2), 6, None),

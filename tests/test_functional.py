@@ -90,6 +90,8 @@ CONV_CASES = {
     "depthwise": ((2, 5, 7, 7), (5, 1, 3, 3), {"groups": 5, "padding": 1, "stride": 2}),
     "depthwise-multiplier": ((2, 4, 6, 6), (8, 1, 3, 3), {"groups": 4}),
     "pointwise": ((2, 8, 5, 5), (6, 8, 1, 1), {}),
+    "pointwise-strided": ((2, 4, 7, 6), (5, 4, 1, 1), {"stride": 2}),
+    "stride-beyond-kernel": ((2, 3, 10, 9), (4, 3, 2, 1), {"stride": (3, 2), "padding": (1, 0)}),
     "grouped-pointwise": ((2, 8, 5, 5), (6, 4, 1, 1), {"groups": 2}),
     "no-bias": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": 1, "bias": False}),
     "reflect": ((2, 3, 7, 6), (4, 3, 3, 3), {"padding": (2, 1), "padding_mode": "reflect"}),

@@ -15,6 +15,8 @@ namespace {
 struct Workspace {
   RowsA a;
   Packed b;
+  std::vector<int16_t> image;  // channel major, for TransposedPatches
+  std::vector<float> result;   // dW^T of one group
 };
 Workspace& workspace() {
   thread_local Workspace w;
@@ -23,6 +25,31 @@ Workspace& workspace() {
 
 ConvShape group_shape(const ConvGeometry& g) {
   return {g.n, g.hp, g.wp, g.channels, g.channels / g.groups, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw};
+}
+
+// dW = (patches^T dY)^T: the patches read in place from a channel-major copy of the
+// image and dY packed once, instead of gathering pixel pairs of patches for every block
+// (two fifths of a 16-channel layer's dW). The same products in the same chains, and
+// 2^ex 2^ey is the same scale: the same bits as dY^T patches.
+void grad_weight_transposed(const int16_t* dy, int64_t cout, int32_t ey, int hy, const int16_t* x,
+                            const ConvShape& shape, int64_t groups, int32_t ex, int hx, float* dw, int nthreads) {
+  const MicroKernel& uk = micro_kernel(active_isa());
+  const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
+  const KLayout kl(pixels, std::max<int64_t>(pixels, 1));
+  const std::vector<int32_t> ea(1, ex), eb(cout_g, ey);
+  Workspace& ws = workspace();
+  ws.image.resize(shape.n * plane * shape.channels);
+  to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
+  ws.result.resize(k * cout_g);
+  for (int64_t g = 0; g < groups; ++g) {
+    const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape);
+    pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
+    gemm_packed(patches, ws.b, kl, ea.data(), eb.data(), hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
+                GemmOptions{0, 0, true});
+    float* dw_g = dw + g * cout_g * k;
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[j * cout_g + o];
+  }
 }
 
 }  // namespace
@@ -118,6 +145,12 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   // the image's rows, packed once instead.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
   Workspace& ws = workspace();
+  // Gathering costs the most per product where dY has few channels; at 64 both ways ran
+  // equally fast (within 6%, paired A/B), at 16 and 32 the transposed one 1.13-1.29x faster.
+  if (!pointwise && cout_g <= 32 && TransposedPatches::fits(shape)) {
+    grad_weight_transposed(dy, cout, ey, hy, x, shape, geometry.groups, ex, hx, dw, nthreads);
+    return;
+  }
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
     pack_transposed(dy + g * cout_g, pixels, cout, cout_g, uk.mr, ws.a, nthreads);

@@ -4,6 +4,8 @@
 
 #include <cstdint>
 
+#include "gemm.h"
+
 namespace {
 
 struct Avx512Vector {
@@ -13,7 +15,7 @@ struct Avx512Vector {
   static I zeroi() { return _mm512_setzero_si512(); }
   static F zerof() { return _mm512_setzero_ps(); }
   static I loadi(const int32_t* p) { return _mm512_loadu_si512(p); }
-  static I broadcast(const int32_t* p) { return _mm512_set1_epi32(*p); }
+  static I broadcast(const void* p) { return _mm512_set1_epi32(dfp::load_pair(p)); }
   static F loadf(const float* p) { return _mm512_loadu_ps(p); }
   static void storef(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F setf(float x) { return _mm512_set1_ps(x); }

@@ -77,6 +77,28 @@ inline void transpose_pairs_4x8(const int16_t* dy, int64_t ld, int32_t* dst, int
     _mm_storeu_si128(reinterpret_cast<__m128i*>(d + 3 * ldd), _mm_unpackhi_epi64(t1, t3));
   }
 }
+
+// 8 x 8 int16: rows of src (ld apart) into columns of dst (ldd apart).
+inline void transpose_8x8(const int16_t* src, int64_t ld, int16_t* dst, int64_t ldd) {
+  __m128i r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i * ld));
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm_unpacklo_epi16(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm_unpackhi_epi16(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i)
+    for (int j = 0; j < 2; ++j) {
+      r[4 * i + j] = _mm_unpacklo_epi32(t[4 * i + j], t[4 * i + j + 2]);
+      r[4 * i + j + 2] = _mm_unpackhi_epi32(t[4 * i + j], t[4 * i + j + 2]);
+    }
+  // r[0..3]: rows 0-3 as column pairs (0,1), (4,5), (2,3), (6,7); r[4..7] the same for rows 4-7
+  const int order[8] = {0, 0, 2, 2, 1, 1, 3, 3};
+  for (int c = 0; c < 8; ++c) {
+    const __m128i lo = r[order[c]], hi = r[4 + order[c]];
+    const __m128i v = c % 2 ? _mm_unpackhi_epi64(lo, hi) : _mm_unpacklo_epi64(lo, hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + c * ldd), v);
+  }
+}
 #endif
 
 }  // namespace
@@ -103,14 +125,14 @@ ABlock PatchRows::in_place(int64_t i0, int64_t rows, int64_t kp0, int64_t len, A
   scratch.offsets.resize(len);
   for (int64_t q = 0; q < len; ++q) {
     const int64_t k = 2 * (kp0 + q), tap = k / s_.cg;
-    scratch.offsets[q] = (index_.tap(tap) + k - tap * s_.cg) / 2;
+    scratch.offsets[q] = int64_t(sizeof(int16_t)) * (index_.tap(tap) + k - tap * s_.cg);
   }
   // Rows past the last pixel repeat it: whatever they sum is never stored.
   scratch.rows.resize(rows);
   const int64_t valid = std::clamp<int64_t>(s_.pixels() - i0, 1, rows);
   PixelWalk pixel(s_, i0);
   for (int64_t r = 0; r < valid; ++r, pixel.next())
-    scratch.rows[r] = reinterpret_cast<const int32_t*>(x_ + pixel.origin());
+    scratch.rows[r] = x_ + pixel.origin();
   std::fill(scratch.rows.begin() + valid, scratch.rows.end(), scratch.rows[valid - 1]);
   ABlock block{};
   block.rows = scratch.rows.data();
@@ -192,6 +214,48 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
     }
   }
   return {scratch.data(), panel_stride};
+}
+
+ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const {
+  // Pixel pairs never straddle image rows (fits), so stepping by two pixels is exact.
+  const int64_t ow = s_.ow(), oh = s_.oh(), first = 2 * kp0;
+  int64_t col = first % ow, row = first / ow % oh, image = first / (ow * oh);
+  scratch.offsets.resize(len);
+  for (int64_t q = 0; q < len; ++q) {
+    scratch.offsets[q] = int64_t(sizeof(int16_t)) * ((image * s_.channels * s_.hp + row * s_.sh) * s_.wp + col);
+    if ((col += 2) < ow) continue;
+    col = 0;
+    if (++row < oh) continue;
+    row = 0, ++image;
+  }
+  // Rows past K repeat the last: whatever they sum is never stored.
+  scratch.rows.resize(rows);
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t k = std::min(i0 + r, s_.k() - 1), tap = k / s_.cg, ci = k % s_.cg;
+    scratch.rows[r] = x_ + (ci * s_.hp + tap / s_.kw * s_.dh) * s_.wp + tap % s_.kw * s_.dw;
+  }
+  ABlock block{};
+  block.rows = scratch.rows.data();
+  block.offsets = scratch.offsets.data();
+  return block;
+}
+
+void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t channels, int16_t* out, int nthreads) {
+  // Blocks of 64 pixels: their channels' runs in out stay in L1 while the block is read.
+  constexpr int64_t kBlock = 64;
+  const int64_t blocks = (pixels + kBlock - 1) / kBlock;
+  parallel_for(n * blocks, nthreads, [&](int64_t task) {
+    const int64_t image = task / blocks, p0 = task % blocks * kBlock, p1 = std::min(pixels, p0 + kBlock);
+    const int16_t* src = x + image * pixels * channels;
+    int16_t* dst = out + image * pixels * channels;
+    int64_t p = p0;
+#if defined(__SSE2__)
+    for (; p + 8 <= p1 && channels % 8 == 0; p += 8)
+      for (int64_t c = 0; c < channels; c += 8) transpose_8x8(src + p * channels + c, channels, dst + c * pixels + p, pixels);
+#endif
+    for (; p < p1; ++p)
+      for (int64_t c = 0; c < channels; ++c) dst[c * pixels + p] = src[p * channels + c];
+  });
 }
 
 void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int mr, RowsA& out, int nthreads) {

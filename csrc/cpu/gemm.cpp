@@ -85,6 +85,13 @@ class Epilogue {
     for (int64_t j = 0; j < ncols_; ++j) col_scale_[j] = in_fp32_ ? pow2f_any(rb[j]) : 0.0f;
   }
 
+  // Whether C = acc * (row_scale(i) * col_scale(j)) + bias, in fp32 (the micro-kernel
+  // can write whole tiles itself).
+  bool in_fp32() const { return in_fp32_; }
+  float row_scale(int64_t i) const { return pow2f_any(ra_[i]); }
+  const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
+  const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
+
   void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
     for (int64_t i = 0; i < rows; ++i) {
       const float* src = acc + i * ldacc;
@@ -178,11 +185,12 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
       const int64_t len = (s + 1 < slices.size() ? slices[s + 1].first_kpair : kl.kpairs()) - kp0;
       const ABlock ab = a.block(i0, mpanels * uk.mr, kp0, len, a_scratch);
       const BBlock bb = b.block(j0, npanels * uk.nr, kp0, len, b_scratch);
+      const bool last = s + 1 == slices.size();
       for (int64_t jp = 0; jp < npanels; ++jp) {
         const int64_t j = j0 + jp * uk.nr;
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
-          const int32_t* rows[kMaxMr];
+          const void* rows[kMaxMr];
           for (int r = 0; r < uk.mr; ++r) rows[r] = ab.row(ip * uk.mr + r);
           MicroKernelArgs args;
           args.a_rows = rows;
@@ -197,11 +205,23 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
-          uk.run(args);
+          float row_scale[kMaxMr];
+          if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
+            for (int r = 0; r < uk.mr; ++r) row_scale[r] = epilogue.row_scale(i + r);
+            args.out = out.c + i * out.ldc + j;
+            args.ldc = out.ldc;
+            args.out_row_scale = row_scale;
+            args.out_col_scale = epilogue.col_scale(j);
+            args.bias = epilogue.bias(j);
+            uk.run(args);
+          } else {
+            uk.run(args);
+            if (last) epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j));
+          }
         }
       }
     }
-    epilogue.apply(acc.data(), ldacc, i0, mlen, j0, nlen);
+    if (slices.empty()) epilogue.apply(acc.data(), ldacc, i0, mlen, j0, nlen);
   });
 }
 

@@ -8,6 +8,7 @@
 // GEMM's own time on the CNN shape M = 8192, K = 576, N = 64 (measured, one thread).
 #pragma once
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "isa.h"
@@ -21,11 +22,19 @@ struct Chain {
   int32_t block;
 };
 
+// The K-pair at p, which need not be 4-byte aligned (patches read in place).
+inline int32_t load_pair(const void* p) {
+  int32_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
 struct MicroKernelArgs {
-  // A's mr rows, each int32 two int16. K-pair q of the slice lies at a_rows[r][q], the
-  // rows given at the slice's first K-pair; or, where offsets are given, at
-  // a_rows[r][a_offsets[q]] (a convolution's patches read in the image).
-  const int32_t* const* a_rows;
+  // A's mr rows of K-pairs (two int16 each, 4 bytes). K-pair q of the slice lies at byte
+  // 4q from a_rows[r], the rows given at the slice's first K-pair; or, where offsets are
+  // given, at byte a_offsets[q] from a_rows[r], at any even address (a convolution's
+  // patches read in the image).
+  const void* const* a_rows;
   const int64_t* a_offsets;
   const int32_t* b;  // B panel: [kpair][nr]
   const Chain* chains;
@@ -37,6 +46,13 @@ struct MicroKernelArgs {
   float* acc;  // fp32 tile, mr x nr, row stride ldacc
   int64_t ldacc;
   bool accumulate;  // add to acc (a later K slice) or overwrite it (the first)
+  // Where given (the last K slice of a whole tile), the tile goes to C instead of acc, as
+  // the epilogue would write it: acc * (out_row_scale[r] * out_col_scale[c]) + bias[c].
+  float* out = nullptr;  // row r at out + r * ldc
+  int64_t ldc = 0;
+  const float* out_row_scale = nullptr;  // [mr]
+  const float* out_col_scale = nullptr;  // [nr]
+  const float* bias = nullptr;           // [nr], or null for none
 };
 
 constexpr int kMaxMr = 8;  // the most rows a micro-kernel's tile has
@@ -75,9 +91,9 @@ struct ABlock {
   int64_t stride;
   const int32_t* tail;  // rows r >= tail_row
   int64_t tail_stride, tail_row;
-  const int32_t* const* rows = nullptr;  // where given, row r lies at rows[r]
+  const void* const* rows = nullptr;  // where given, row r lies at rows[r]
   const int64_t* offsets = nullptr;
-  const int32_t* row(int64_t r) const {
+  const void* row(int64_t r) const {
     if (rows) return rows[r];
     return r < tail_row ? data + r * stride : tail + (r - tail_row) * tail_stride;
   }
@@ -85,7 +101,7 @@ struct ABlock {
 // A thread's buffers for the A blocks it is handed.
 struct AScratch {
   std::vector<int32_t> patches;
-  std::vector<const int32_t*> rows;
+  std::vector<const void*> rows;
   std::vector<int64_t> offsets;
 };
 class ASource {

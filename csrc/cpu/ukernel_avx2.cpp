@@ -16,7 +16,7 @@ struct Avx2 {
   static I zeroi() { return _mm256_setzero_si256(); }
   static F zerof() { return _mm256_setzero_ps(); }
   static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I broadcast(const int32_t* p) { return _mm256_set1_epi32(*p); }
+  static I broadcast(const void* p) { return _mm256_set1_epi32(dfp::load_pair(p)); }
   static I dot_pairs(I acc, I a, I b) { return _mm256_add_epi32(acc, _mm256_madd_epi16(a, b)); }
   static F loadf(const float* p) { return _mm256_loadu_ps(p); }
   static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }

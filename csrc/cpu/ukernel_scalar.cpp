@@ -19,9 +19,9 @@ struct Lanes8 {
     for (int i = 0; i < 8; ++i) r.v[i] = p[i];
     return r;
   }
-  static I broadcast(const int32_t* p) {
+  static I broadcast(const void* p) {
     I r;
-    for (int i = 0; i < 8; ++i) r.v[i] = *p;
+    for (int i = 0; i < 8; ++i) r.v[i] = dfp::load_pair(p);
     return r;
   }
   static I dot_pairs(I acc, I a, I b) {

@@ -1,0 +1,100 @@
+"""grad_input of the DFP16 convolution as stride-1 convolutions of the output gradient,
+one per phase of the input (the sub-pixel split), each run by the forward's kernel.
+
+Along one axis the forward is y[o] = sum over taps t of x[s*o + d*t] W[t] (padded
+coordinates), so dx[u] = sum over s*o + d*t = u of dy[o] W[t]. The positions
+u = s*v + r of one phase r (0 <= r < s) receive only from the taps t with
+d*t = r (mod s), t_0 < t_1 < ..., through dy[v - c_0 - j*D] with c_0 = (d*t_0 - r)/s and
+D = d / gcd(s, d): a stride-1 convolution, dilated by D, of a window of dy with those
+taps flipped and the kernel's channel axes swapped. Every element of dx is one GEMM row
+whose int32 chains run across taps and output channels, as in the forward: no
+(pixels x K) gradient matrix and no col2im of fp32 partial sums. Stride 1 is one phase.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from . import _conv_layout as layout
+from . import _ops
+from .format import DFPTensor
+
+
+class _Phase(NamedTuple):
+    """One phase along one axis."""
+
+    taps: list[int]  # the kernel taps that reach it, flipped (last first)
+    dilation: int  # D
+    window: tuple[int, int]  # the range of dy that its convolution reads; may reach past dy's edges
+    first: int  # its first position in dx (unpadded)
+
+
+def _phases(size: int, kernel: int, stride: int, padding: int, dilation: int) -> list[_Phase]:
+    """The phases along an axis of an input of ``size`` that hold at least one position."""
+    phases = []
+    for r in range(stride):
+        v0, v1 = -((r - padding) // stride), (padding + size - 1 - r) // stride  # first and last v in dx
+        if v1 < v0:
+            continue
+        taps = [t for t in range(kernel) if (dilation * t - r) % stride == 0]
+        d = dilation // math.gcd(stride, dilation)
+        c0 = (dilation * taps[0] - r) // stride if taps else 0
+        window = (v0 - c0 - (len(taps) - 1) * d, v1 - c0 + 1)
+        phases.append(_Phase(taps[::-1], d, window, stride * v0 + r - padding))
+    return phases
+
+
+def grad_input(
+    dy: torch.Tensor, dy_exponent: torch.Tensor, wq: DFPTensor, input_shape, stride, padding, dilation
+) -> torch.Tensor:
+    """dX (N, H, W, C) float32 of a convolution with symmetric zero ``padding``: ``dy`` int16
+    (N, OH, OW, Cout) with 0-d exponent; ``wq`` the weight quantized for the reduction
+    over output channels, mantissa (G, Cout/G, KH, KW, C/G) (``dfp.autograd``)."""
+    n, c, h, w = input_shape
+    groups, cout_g, kh, kw, _ = wq.mantissa.shape
+    block = wq.spec.block
+    if block is not None and cout_g % block:  # a K-block must not straddle taps: pad Cout/G with zeros
+        wq, dy, cout_g = _pad_output_channels(wq, dy, groups, -(-cout_g // block) * block)
+    rows = _phases(h, kh, stride[0], padding[0], dilation[0])
+    cols = _phases(w, kw, stride[1], padding[1], dilation[1])
+    if len(rows) == len(cols) == 1 and rows[0].taps and cols[0].taps:  # stride 1: dx is the one phase
+        return _phase(dy, dy_exponent, wq, rows[0], cols[0])
+    every_phase_has_taps = all(p.taps for p in rows + cols)
+    dx = (torch.empty if every_phase_has_taps else torch.zeros)((n, h, w, c), dtype=torch.float32, device=dy.device)
+    for row in rows:
+        for col in cols:
+            if row.taps and col.taps:
+                dx[:, row.first :: stride[0], col.first :: stride[1]] = _phase(dy, dy_exponent, wq, row, col)
+    return dx
+
+
+def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Tensor:
+    """The convolution that gives one phase of dx, (N, rows, columns, C)."""
+    groups, cout_g, _, _, cin_g = wq.mantissa.shape
+    taps = len(row.taps) * len(col.taps)
+    kernel = wq.mantissa[:, :, row.taps][:, :, :, col.taps]  # (G, Cout/G, taps_h, taps_w, C/G)
+    w = kernel.permute(0, 2, 3, 1, 4).reshape(groups, taps * cout_g, cin_g)  # K ordered (tap, output channel)
+    if wq.spec.block is None:
+        ew, kblock = wq.exponent.reshape(1, 1, 1).expand(groups, 1, cin_g), w.shape[1]
+    else:
+        exponents = wq.exponent[:, :, row.taps][:, :, :, col.taps]  # (G, blocks, taps_h, taps_w, C/G)
+        blocks = taps * exponents.shape[1]
+        ew, kblock = exponents.permute(0, 2, 3, 1, 4).reshape(groups, blocks, cin_g), wq.spec.block
+    h = wq.spec.headroom
+    return _ops.conv_gemm_impl(
+        layout.window(dy, row.window, col.window), dy_exponent, h, w, ew.contiguous(), h, kblock,
+        [len(row.taps), len(col.taps)], [1, 1], [row.dilation, col.dilation], None,
+    )  # fmt: skip
+
+
+def _pad_output_channels(wq: DFPTensor, dy: torch.Tensor, groups: int, cout_g: int):
+    """wq and dy with each group's output channels padded with zeros to ``cout_g``."""
+    pad = cout_g - wq.mantissa.shape[1]
+    mantissa = F.pad(wq.mantissa, (0, 0, 0, 0, 0, 0, 0, pad))
+    n, oh, ow, _ = dy.shape
+    dy = F.pad(dy.reshape(n, oh, ow, groups, -1), (0, pad)).reshape(n, oh, ow, groups * cout_g)
+    return DFPTensor(mantissa, wq.exponent, wq.spec), dy, cout_g
