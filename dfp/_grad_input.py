@@ -27,7 +27,7 @@ from .format import DFPTensor
 class _Phase(NamedTuple):
     """One phase along one axis."""
 
-    taps: list[int]  # the kernel taps that reach it, flipped (last first)
+    taps: range  # the kernel taps that reach it (every step-th from the first)
     dilation: int  # D
     window: tuple[int, int]  # the range of dy that its convolution reads; may reach past dy's edges
     first: int  # its first position in dx (unpadded)
@@ -40,11 +40,12 @@ def _phases(size: int, kernel: int, stride: int, padding: int, dilation: int) ->
         v0, v1 = -((r - padding) // stride), (padding + size - 1 - r) // stride  # first and last v in dx
         if v1 < v0:
             continue
-        taps = [t for t in range(kernel) if (dilation * t - r) % stride == 0]
-        d = dilation // math.gcd(stride, dilation)
-        c0 = (dilation * taps[0] - r) // stride if taps else 0
+        step, d = stride // math.gcd(stride, dilation), dilation // math.gcd(stride, dilation)
+        first_tap = next((t for t in range(step) if (dilation * t - r) % stride == 0), kernel)
+        taps = range(first_tap, kernel, step)
+        c0 = (dilation * first_tap - r) // stride if taps else 0
         window = (v0 - c0 - (len(taps) - 1) * d, v1 - c0 + 1)
-        phases.append(_Phase(taps[::-1], d, window, stride * v0 + r - padding))
+        phases.append(_Phase(taps, d, window, stride * v0 + r - padding))
     return phases
 
 
@@ -76,12 +77,13 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
     """The convolution that gives one phase of dx, (N, rows, columns, C)."""
     groups, cout_g, _, _, cin_g = wq.mantissa.shape
     taps = len(row.taps) * len(col.taps)
-    kernel = wq.mantissa[:, :, row.taps][:, :, :, col.taps]  # (G, Cout/G, taps_h, taps_w, C/G)
+    select = (slice(None), slice(None), _slice(row.taps), _slice(col.taps))
+    kernel = wq.mantissa[select].flip(2, 3)  # (G, Cout/G, taps_h, taps_w, C/G), the taps flipped
     w = kernel.permute(0, 2, 3, 1, 4).reshape(groups, taps * cout_g, cin_g)  # K ordered (tap, output channel)
     if wq.spec.block is None:
         ew, kblock = wq.exponent.reshape(1, 1, 1).expand(groups, 1, cin_g), w.shape[1]
     else:
-        exponents = wq.exponent[:, :, row.taps][:, :, :, col.taps]  # (G, blocks, taps_h, taps_w, C/G)
+        exponents = wq.exponent[select].flip(2, 3)  # (G, blocks, taps_h, taps_w, C/G)
         blocks = taps * exponents.shape[1]
         ew, kblock = exponents.permute(0, 2, 3, 1, 4).reshape(groups, blocks, cin_g), wq.spec.block
     h = wq.spec.headroom
@@ -89,6 +91,10 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
         layout.window(dy, row.window, col.window), dy_exponent, h, w, ew.contiguous(), h, kblock,
         [len(row.taps), len(col.taps)], [1, 1], [row.dilation, col.dilation], None,
     )  # fmt: skip
+
+
+def _slice(taps: range) -> slice:
+    return slice(taps.start, taps.stop, taps.step)
 
 
 def _pad_output_channels(wq: DFPTensor, dy: torch.Tensor, groups: int, cout_g: int):

@@ -23,12 +23,6 @@ inline void copy_run(int16_t* dst, const int16_t* src, int64_t n) {
   for (; n >= 2; n -= 2, dst += 2, src += 2) std::memcpy(dst, src, 4);
 }
 
-// dst[t] = the K-pair (a[t], b[t]). The buffers never overlap; saying so lets the
-// compiler interleave whole vectors instead of one pair at a time.
-inline void interleave(int32_t* __restrict dst, const int16_t* __restrict a, const int16_t* __restrict b, int64_t n) {
-  for (int64_t t = 0; t < n; ++t) dst[t] = pair(a[t], b[t]);
-}
-
 // A run of consecutive patch elements that are consecutive in the image too: the same
 // for every pixel of a block, so found once per block (divisions are slow).
 struct Run {

@@ -46,15 +46,14 @@ void pack_b(int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads, Row
   const int64_t pairs_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(n, 1));
   parallel_for((kp + pairs_per_task - 1) / pairs_per_task, nthreads, [&](int64_t t) {
     std::vector<int16_t> zeros(n, 0), even_scratch(n), odd_scratch(n);
-    for (int64_t q = t * pairs_per_task; q < std::min(kp, (t + 1) * pairs_per_task); ++q) {
-      const int64_t block = q / kl.pairs_per_block, j = (q % kl.pairs_per_block) * 2;
+    const int64_t q0 = t * pairs_per_task;
+    int64_t block = q0 / kl.pairs_per_block, j = (q0 % kl.pairs_per_block) * 2;  // then stepped: no division per pair
+    for (int64_t q = q0; q < std::min(kp, q0 + pairs_per_task); ++q) {
       const int64_t k = block * kl.kblock + j, block_end = std::min(kl.k, (block + 1) * kl.kblock);
+      if ((j += 2) == 2 * kl.pairs_per_block) j = 0, ++block;
       const int16_t* even = k < block_end ? row(k, even_scratch.data()) : zeros.data();
       const int16_t* odd = k + 1 < block_end ? row(k + 1, odd_scratch.data()) : zeros.data();
-      for (int64_t p = 0; p < full_panels; ++p) {
-        int32_t* dst = out.panel(p) + q * nr;
-        for (int c = 0; c < nr; ++c) dst[c] = pair(even[p * nr + c], odd[p * nr + c]);
-      }
+      for (int64_t p = 0; p < full_panels; ++p) interleave(out.panel(p) + q * nr, even + p * nr, odd + p * nr, nr);
       if (full_panels * nr < n) {  // the last panel, padded with zero columns
         int32_t* dst = out.panel(full_panels) + q * nr;
         for (int c = 0; c < nr; ++c) {
