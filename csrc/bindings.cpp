@@ -66,6 +66,18 @@ PYBIND11_MODULE(_C, m) {
       "quantize a contiguous (O, N, I) float32 buffer; False on NaN/Inf");
 
   m.def(
+      "quantize_padded",
+      [](uintptr_t x, int64_t images, int64_t rows, int64_t cols, int64_t channels, int64_t pad_rows,
+         int64_t pad_cols, int64_t out_channels, int headroom, uintptr_t out, uintptr_t exponent, int nthreads) {
+        py::gil_scoped_release release;
+        const dfp::PaddedImage image{images, rows, cols, channels, pad_rows, pad_cols, out_channels};
+        return dfp::quantize_padded(ptr<const float>(x), image, headroom, ptr<int16_t>(out), ptr<int32_t>(exponent),
+                                    nthreads);
+      },
+      "quantize a contiguous (N, H, W, C) float32 image per tensor into its zero-padded int16 copy; False on "
+      "NaN/Inf");
+
+  m.def(
       "gemm_int16",
       [](uintptr_t a, int64_t sam, int64_t sak, uintptr_t b, int64_t sbk, int64_t sbn, int64_t M, int64_t N,
          int64_t K, uintptr_t ea, uintptr_t eb, int64_t kblock, int ha, int hb, uintptr_t bias, uintptr_t c,

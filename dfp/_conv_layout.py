@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops
+from . import _ops, backends
 from ._errors import NonFiniteError
 from .format import DFPSpec, DFPTensor, exponent_shape
 
@@ -42,6 +42,25 @@ def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFP
         mantissa = mantissa.permute(perm)
         exponent = exponent.permute(perm) if exponent.dim() else exponent
     return DFPTensor(mantissa, exponent, spec)
+
+
+def quantize_padded(
+    t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``t`` (N, C, H, W) quantized per tensor (nearest) and zero-padded:
+    ``zero_pad(quantize_channels_last(t).mantissa, padding, channels)`` and the 0-d
+    exponent, in one pass where the backend fuses them (a channels-last ``t``)."""
+    fused = getattr(backends.active(t.device), "quantize_padded", None)
+    permuted = t.permute(_to_channels_last(4))
+    if fused is None or not permuted.is_contiguous():
+        q = quantize_channels_last(t, DFPSpec(headroom))
+        return zero_pad(q.mantissa, padding, channels), q.exponent
+    try:
+        return fused(permuted, headroom, padding, channels)
+    except NonFiniteError:
+        n, h, w, _ = permuted.shape
+        shape = (n, h + 2 * padding[0], w + 2 * padding[1], channels)
+        return t.new_zeros(shape, dtype=torch.int16), t.new_full((), NONFINITE, dtype=torch.int32)
 
 
 def is_nonfinite(*tensors: DFPTensor) -> bool:

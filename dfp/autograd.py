@@ -117,17 +117,16 @@ def conv2d_impl(
     """
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    xq = layout.quantize_channels_last(x, DFPSpec(headroom))
-    x_padded = layout.zero_pad(xq.mantissa, tuple(padding), _padded_channels(c, groups))
+    x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), _padded_channels(c, groups))
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     if not forward_dfp:
         with torch.autocast(x.device.type, enabled=False):
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
-        return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, xq.exponent
+        return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, x_exponent
     wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
-    if layout.is_nonfinite(xq, wq):
-        return _nan((n, cout, oh, ow), x, channels_last), x_padded, xq.exponent
+    if layout.is_nonfinite(DFPTensor(x_padded, x_exponent, DFPSpec(headroom)), wq):
+        return _nan((n, cout, oh, ow), x, channels_last), x_padded, x_exponent
     cout_g = cout // groups
     w_taps = torch.nn.functional.pad(wq.mantissa, (0, x_padded.shape[3] - c))  # (Cout, KH, KW, C'/G)
     w_cols = w_taps.reshape(groups, cout_g, kh * kw * x_padded.shape[3] // groups).transpose(1, 2)  # (G, K, Cout/G)
@@ -140,9 +139,9 @@ def conv2d_impl(
     ew = ew.contiguous()
     k = w_cols.shape[1]
     y = _ops.conv_gemm_impl(
-        x_padded, xq.exponent, headroom, w_cols, ew, headroom, max(k, 1), [kh, kw], stride, dilation, bias
+        x_padded, x_exponent, headroom, w_cols, ew, headroom, max(k, 1), [kh, kw], stride, dilation, bias
     )
-    return _to_nchw(y, channels_last), x_padded, xq.exponent
+    return _to_nchw(y, channels_last), x_padded, x_exponent
 
 
 def _padded_channels(channels: int, groups: int) -> int:

@@ -156,4 +156,41 @@ void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headro
   }
 }
 
+bool quantize_padded(const float* x, const PaddedImage& im, int headroom, int16_t* out, int32_t* exponent,
+                     int nthreads) {
+  const int64_t count = im.images * im.rows * im.cols * im.channels;
+  if (!compute_exponents(x, {1, count, 1, Grouping::tensor, 0}, headroom, exponent, nthreads)) return false;
+  const QuantizeKernels& k = quantize_kernels(active_isa());
+  const Scale scale = inverse_scale(exponent[0]);
+  const int64_t hp = im.rows + 2 * im.pad_rows, wp = im.cols + 2 * im.pad_cols, oc = im.out_channels;
+  const int64_t row_len = wp * oc, run = im.cols * im.channels, border = im.pad_cols * oc;
+  for_row_chunks(im.images * hp, row_len, nthreads, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<int16_t> scratch;  // a row's mantissas, when channels are added
+    for (int64_t r = r0; r < r1; ++r) {
+      int16_t* dst = out + r * row_len;
+      const int64_t h = r % hp - im.pad_rows;
+      if (h < 0 || h >= im.rows) {
+        std::fill_n(dst, row_len, int16_t(0));
+        continue;
+      }
+      std::fill_n(dst, border, int16_t(0));
+      std::fill_n(dst + row_len - border, border, int16_t(0));
+      const int64_t src = ((r / hp) * im.rows + h) * run;
+      const RoundingArgs args{float(max_mantissa(headroom)), false, uint64_t(src), 0, 0};
+      if (oc == im.channels) {
+        k.run(x + src, dst + border, run, scale, args);
+        continue;
+      }
+      scratch.resize(run);
+      k.run(x + src, scratch.data(), run, scale, args);
+      for (int64_t j = 0; j < im.cols; ++j) {
+        int16_t* pixel = dst + border + j * oc;
+        std::copy_n(scratch.data() + j * im.channels, im.channels, pixel);
+        std::fill(pixel + im.channels, pixel + oc, int16_t(0));
+      }
+    }
+  });
+  return true;
+}
+
 }  // namespace dfp

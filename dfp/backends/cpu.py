@@ -74,6 +74,22 @@ def quantize3d(x, mode, block, headroom, stochastic, seed):
     return mantissa, exponent.view((1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i))
 
 
+def quantize_padded(x, headroom, padding, channels):
+    """Per tensor, nearest: contiguous float32 x (N, H, W, C) -> its mantissas zero-padded
+    to (N, H + 2*ph, W + 2*pw, channels), and the 0-d exponent; one pass, no copy."""
+    n, h, w, c = x.shape
+    (ph, pw) = padding
+    out = torch.empty((n, h + 2 * ph, w + 2 * pw, channels), dtype=torch.int16)
+    exponent = torch.empty((), dtype=torch.int32)
+    ok = _core().quantize_padded(
+        x.data_ptr(), n, h, w, c, ph, pw, channels, headroom, out.data_ptr(), exponent.data_ptr(),
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if not ok:
+        raise _nonfinite("the tensor to quantize")
+    return out, exponent
+
+
 def gemm(a, ea, ha, b, eb, hb, kblock, bias):
     (m, k), n = a.shape, b.shape[1]
     out = torch.empty((m, n), dtype=torch.float32)
