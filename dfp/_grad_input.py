@@ -78,12 +78,12 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
     groups, cout_g, _, _, cin_g = wq.mantissa.shape
     taps = len(row.taps) * len(col.taps)
     select = (slice(None), slice(None), _slice(row.taps), _slice(col.taps))
-    kernel = wq.mantissa[select].flip(2, 3)  # (G, Cout/G, taps_h, taps_w, C/G), the taps flipped
+    kernel = _flipped(wq.mantissa[select])  # (G, Cout/G, taps_h, taps_w, C/G)
     w = kernel.permute(0, 2, 3, 1, 4).reshape(groups, taps * cout_g, cin_g)  # K ordered (tap, output channel)
     if wq.spec.block is None:
         ew, kblock = wq.exponent.reshape(1, 1, 1).expand(groups, 1, cin_g), w.shape[1]
     else:
-        exponents = wq.exponent[select].flip(2, 3)  # (G, blocks, taps_h, taps_w, C/G)
+        exponents = _flipped(wq.exponent[select])  # (G, blocks, taps_h, taps_w, C/G)
         blocks = taps * exponents.shape[1]
         ew, kblock = exponents.permute(0, 2, 3, 1, 4).reshape(groups, blocks, cin_g), wq.spec.block
     h = wq.spec.headroom
@@ -95,6 +95,13 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
 
 def _slice(taps: range) -> slice:
     return slice(taps.start, taps.stop, taps.step)
+
+
+def _flipped(t: torch.Tensor) -> torch.Tensor:
+    """t with its tap axes (2, 3) reversed; flip copies even a single tap (a linear
+    layer's whole weight), so those are left alone."""
+    axes = [a for a in (2, 3) if t.shape[a] > 1]
+    return t.flip(axes) if axes else t
 
 
 def _pad_output_channels(wq: DFPTensor, dy: torch.Tensor, groups: int, cout_g: int):

@@ -1,8 +1,8 @@
 """The convolution GEMMs on every backend and CPU path (dfp::conv_gemm,
 dfp::conv_grad_weight_gemm): the compiled backend reads patches in the image (even
 channel counts; for dW, transposed patches where the output width is even) or gathers
-them per cache block, and must give the bits of the GEMM on
-the materialised patch matrix (im2col) exactly."""
+them per cache block, and must give the bits of the GEMM on the materialised patch
+matrix (im2col) exactly; and the forward's input, quantized into its padded image."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from helpers import int16_operand, on_reference
 from torch.library import opcheck
 
 import dfp  # noqa: F401  (registers the ops)
+from dfp import DFPSpec
+from dfp import _conv_layout as layout
 from dfp._patches import output_size
 
 # (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, K-block)
@@ -103,3 +105,17 @@ def test_opcheck_conv_gemms(name):
     dy = int16_operand((x.shape[0], oh, ow, groups * w.shape[2]), 2, 7)
     ey = torch.tensor(-9, dtype=torch.int32)
     opcheck(torch.ops.dfp.conv_grad_weight_gemm.default, (dy, ey, 2, x, ex, 2, kernel, stride, dilation, groups))
+
+
+@pytest.mark.parametrize("channels", [16, 3])
+def test_input_quantized_into_the_padded_image_as_quantized_then_padded(backend, channels):
+    """The forward's input goes straight into its zero-padded int16 image on the compiled
+    backend (channels-last input): the bits of quantizing, then padding; an odd channel
+    count gets a zero channel."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn((2, channels, 5, 6), generator=g) * 3).contiguous(memory_format=torch.channels_last)
+    out_channels = channels + channels % 2
+    got, exponent = layout.quantize_padded(x, 2, (1, 2), out_channels)
+    q = on_reference(layout.quantize_channels_last, x, DFPSpec(2))
+    assert torch.equal(got, layout.zero_pad(q.mantissa, (1, 2), out_channels))
+    assert torch.equal(exponent, q.exponent)

@@ -280,10 +280,11 @@ def test_fp16_unsupported_by_torch_is_a_clear_error(monkeypatch):
         DF.conv2d(torch.randn(1, 1, 3, 3), torch.randn(1, 1, 3, 3), fmt="fp16")
 
 
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])  # two ways to quantize x
 @pytest.mark.parametrize("where", ["x", "weight"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_nonfinite_operands_give_nan_never_an_error(where, value):
-    x, w = _gaussian((2, 3, 5, 5), 0), _gaussian((4, 3, 3, 3), 1)
+def test_nonfinite_operands_give_nan_never_an_error(where, value, layout):
+    x, w = _gaussian((2, 3, 5, 5), 0).to(memory_format=layout), _gaussian((4, 3, 3, 3), 1)
     (x if where == "x" else w)[0, 0, 1, 1] = value
     x.requires_grad_()
     w.requires_grad_()

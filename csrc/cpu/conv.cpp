@@ -245,7 +245,8 @@ void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t chann
     int64_t p = p0;
 #if defined(__SSE2__)
     for (; p + 8 <= p1 && channels % 8 == 0; p += 8)
-      for (int64_t c = 0; c < channels; c += 8) transpose_8x8(src + p * channels + c, channels, dst + c * pixels + p, pixels);
+      for (int64_t c = 0; c < channels; c += 8)
+        transpose_8x8(src + p * channels + c, channels, dst + c * pixels + p, pixels);
 #endif
     for (; p < p1; ++p)
       for (int64_t c = 0; c < channels; ++c) dst[c * pixels + p] = src[p * channels + c];

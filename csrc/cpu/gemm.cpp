@@ -216,7 +216,8 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
             uk.run(args);
           } else {
             uk.run(args);
-            if (last) epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j));
+            if (last)
+              epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j));
           }
         }
       }
