@@ -210,18 +210,19 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
   return {scratch.data(), panel_stride};
 }
 
-ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const {
+TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s) : x_(x), s_(s), offsets_(s.pixels() / 2) {
   // Pixel pairs never straddle image rows (fits), so stepping by two pixels is exact.
-  const int64_t ow = s_.ow(), oh = s_.oh(), first = 2 * kp0;
-  int64_t col = first % ow, row = first / ow % oh, image = first / (ow * oh);
-  scratch.offsets.resize(len);
-  for (int64_t q = 0; q < len; ++q) {
-    scratch.offsets[q] = int64_t(sizeof(int16_t)) * ((image * s_.channels * s_.hp + row * s_.sh) * s_.wp + col);
-    if ((col += 2) < ow) continue;
+  int64_t col = 0, row = 0, image = 0;
+  for (int64_t& offset : offsets_) {
+    offset = int64_t(sizeof(int16_t)) * ((image * s_.channels * s_.hp + row * s_.sh) * s_.wp + col);
+    if ((col += 2) < s_.ow()) continue;
     col = 0;
-    if (++row < oh) continue;
+    if (++row < s_.oh()) continue;
     row = 0, ++image;
   }
+}
+
+ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, AScratch& scratch) const {
   // Rows past K repeat the last: whatever they sum is never stored.
   scratch.rows.resize(rows);
   for (int64_t r = 0; r < rows; ++r) {
@@ -230,7 +231,7 @@ ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t l
   }
   ABlock block{};
   block.rows = scratch.rows.data();
-  block.offsets = scratch.offsets.data();
+  block.offsets = offsets_.data() + kp0;
   return block;
 }
 

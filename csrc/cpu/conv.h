@@ -75,7 +75,7 @@ class PatchColumns : public BSource {
 // output width even (`fits`).
 class TransposedPatches : public ASource {
  public:
-  TransposedPatches(const int16_t* x, const ConvShape& s) : x_(x), s_(s) {}
+  TransposedPatches(const int16_t* x, const ConvShape& s);
   static bool fits(const ConvShape& s) { return s.sw == 1 && s.ow() % 2 == 0; }
   int64_t rows() const override { return s_.k(); }
   ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const override;
@@ -83,6 +83,7 @@ class TransposedPatches : public ASource {
  private:
   const int16_t* x_;
   ConvShape s_;
+  std::vector<int64_t> offsets_;  // of every pixel pair, in bytes: the same for every block of rows
 };
 
 // (n, pixels, channels) -> (n, channels, pixels).
