@@ -128,7 +128,8 @@ def conv2d_impl(
     if layout.is_nonfinite(DFPTensor(x_padded, x_exponent, DFPSpec(headroom)), wq):
         return _nan((n, cout, oh, ow), x, channels_last), x_padded, x_exponent
     cout_g = cout // groups
-    w_taps = torch.nn.functional.pad(wq.mantissa, (0, x_padded.shape[3] - c))  # (Cout, KH, KW, C'/G)
+    extra = x_padded.shape[3] - c
+    w_taps = torch.nn.functional.pad(wq.mantissa, (0, extra)) if extra else wq.mantissa  # (Cout, KH, KW, C'/G)
     w_cols = w_taps.reshape(groups, cout_g, kh * kw * x_padded.shape[3] // groups).transpose(1, 2)  # (G, K, Cout/G)
     per_channel = wq.exponent.dim() > 0
     ew = (

@@ -36,6 +36,8 @@ class PixelWalk {
     col_ = first % ow_, row_ = first / ow_ % oh_, image_ = first / (ow_ * oh_);
   }
   int64_t origin() const { return ((image_ * s_.hp + row_ * s_.sh) * s_.wp + col_ * s_.sw) * s_.channels; }
+  // The same in the image laid out channel major (n, channels, hp, wp).
+  int64_t channel_major_origin() const { return (image_ * s_.channels * s_.hp + row_ * s_.sh) * s_.wp + col_ * s_.sw; }
   void next() {
     if (++col_ < ow_) return;
     col_ = 0;
@@ -211,14 +213,12 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
 }
 
 TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s) : x_(x), s_(s), offsets_(s.pixels() / 2) {
-  // Pixel pairs never straddle image rows (fits), so stepping by two pixels is exact.
-  int64_t col = 0, row = 0, image = 0;
+  if (offsets_.empty()) return;
+  PixelWalk pixel(s_, 0);  // a pair's second pixel is the first's neighbour in the image row (fits)
   for (int64_t& offset : offsets_) {
-    offset = int64_t(sizeof(int16_t)) * ((image * s_.channels * s_.hp + row * s_.sh) * s_.wp + col);
-    if ((col += 2) < s_.ow()) continue;
-    col = 0;
-    if (++row < s_.oh()) continue;
-    row = 0, ++image;
+    offset = int64_t(sizeof(int16_t)) * pixel.channel_major_origin();
+    pixel.next();
+    pixel.next();
   }
 }
 
