@@ -72,6 +72,27 @@ def test_conv_grad_weight_gemm_equals_gemm_on_im2col(backend, name):
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("ex,ey", [(-100, -60), (90, 40)])
+def test_conv_gemms_with_extreme_exponents_round_once(backend, ex, ey):
+    """Every row of a convolution's patches has the input's exponent; with scales beyond
+    the fp32 range, results are subnormal or Inf exactly as the double-precision
+    epilogue gives them, in the forward and in dW (both of its layouts)."""
+    for name in ("3x3", "3x3-even-width"):
+        x, _, w, _, _, kernel, stride, dilation, _ = _operands(CASES[name])
+        x_exponent, other = torch.tensor(ex, dtype=torch.int32), torch.tensor(ey, dtype=torch.int32)
+        ew = torch.full((1, 1, w.shape[2]), ey, dtype=torch.int32)
+        oh, ow = (output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
+        dy = int16_operand((x.shape[0], oh, ow, 8), 2, 7)
+        for op, args in (
+            (torch.ops.dfp.conv_gemm, (x, x_exponent, 2, w, ew, 2, w.shape[1], kernel, stride, dilation, None)),
+            (torch.ops.dfp.conv_grad_weight_gemm, (dy, other, 2, x, x_exponent, 2, kernel, stride, dilation, 1)),
+        ):
+            got = op(*args)
+            assert torch.equal(got, on_reference(op, *args))
+            beyond = torch.isinf(got) if ex > 0 else (got != 0) & (got.abs() < 2**-126)
+            assert beyond.any()
+
+
 def test_conv_gemms_worst_case_values_do_not_overflow(backend):
     """All mantissas at +max over a long K, where a naive int32 sum would overflow: the
     chains keep every product; the result equals the reference and the exact sum to

@@ -145,5 +145,6 @@ def test_missing_numba_is_reported_clearly(monkeypatch):
     monkeypatch.setitem(sys.modules, "numba", None)  # makes `import numba` fail
     monkeypatch.delitem(sys.modules, "dfp.backends.numba", raising=False)
     monkeypatch.setattr(backends, "numba", None, raising=False)  # restored afterwards
+    monkeypatch.setattr(backends, "_checked", {})  # forget that it passed its check before
     with pytest.raises(BackendUnavailableError, match="pip install numba"):
         backends.get("numba")

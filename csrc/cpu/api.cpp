@@ -41,11 +41,16 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   ws.image.resize(shape.n * plane * shape.channels);
   to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
   ws.result.resize(k * cout_g);
+  // Every block of rows reads all of packed dY, as long as the image: one block per
+  // thread where that fits the cache block, not the default four per thread (16 channels
+  // at 2 threads: 8% faster, paired runs).
+  const int64_t per_thread = ((k + nthreads - 1) / nthreads + uk.mr - 1) / uk.mr * uk.mr;
+  const int64_t rows_per_thread = std::min<int64_t>(per_thread, uk.mc);
   for (int64_t g = 0; g < groups; ++g) {
     const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape);
     pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
     gemm_packed(patches, ws.b, kl, ea.data(), eb.data(), hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
-                GemmOptions{0, 0, true});
+                GemmOptions{rows_per_thread, 0, true});
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)
       for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[j * cout_g + o];

@@ -49,17 +49,15 @@ struct Scales {
   std::vector<float> chain;        // empty when K is not blocked
 };
 
-// row_stride 0: every row has the same exponents (one row of chain scales is made).
+// row_stride 0: every row has the same exponents (one reference and one row of chain
+// scales are made).
 Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t block_stride,
                    int64_t padded_rows) {
   Scales s;
+  if (row_stride == 0) rows = std::min<int64_t>(rows, 1);
   s.reference.resize(rows);
   if (blocks > 1) s.chain.assign(blocks * (row_stride ? padded_rows : 1), 0.0f);
   for (int64_t i = 0; i < rows; ++i) {
-    if (row_stride == 0 && i > 0) {
-      s.reference[i] = s.reference[0];
-      continue;
-    }
     int32_t r = e[i * row_stride];
     for (int64_t b = 1; b < blocks; ++b) r = std::max(r, e[i * row_stride + b * block_stride]);
     s.reference[i] = r;
@@ -70,13 +68,14 @@ Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_s
   return s;
 }
 
-// C = fp32(acc * 2^(ra[m] + rb[n])) (+ bias). The product of the exact acc and a power
-// of two is rounded once, whether in fp32 or in double then to fp32; so fp32 is used
-// whenever every 2^ra, 2^rb and 2^(ra + rb) is an fp32 number (always, in practice).
+// C = fp32(acc * 2^(ra[m] + rb[n])) (+ bias), with one ra for every row where ra has one
+// entry (rows of uniform exponents). The product of the exact acc and a power of two is
+// rounded once, whether in fp32 or in double then to fp32; so fp32 is used whenever every
+// 2^ra, 2^rb and 2^(ra + rb) is an fp32 number (always, in practice).
 class Epilogue {
  public:
   Epilogue(const std::vector<int32_t>& ra, const std::vector<int32_t>& rb, GemmOutput out)
-      : ra_(ra), rb_(rb), out_(out), ncols_(int64_t(rb.size())) {
+      : ra_(ra), rb_(rb), out_(out), ncols_(int64_t(rb.size())), row_step_(ra.size() > 1 ? 1 : 0) {
     const auto [ra_min, ra_max] = range(ra);
     const auto [rb_min, rb_max] = range(rb);
     in_fp32_ = ra_min >= kMin && rb_min >= kMin && ra_max <= kMax && rb_max <= kMax && ra_min + rb_min >= kMin &&
@@ -88,7 +87,7 @@ class Epilogue {
   // Whether C = acc * (row_scale(i) * col_scale(j)) + bias, in fp32 (the micro-kernel
   // can write whole tiles itself).
   bool in_fp32() const { return in_fp32_; }
-  float row_scale(int64_t i) const { return pow2f_any(ra_[i]); }
+  float row_scale(int64_t i) const { return pow2f_any(ra_[i * row_step_]); }
   const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
   const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
 
@@ -97,11 +96,12 @@ class Epilogue {
       const float* src = acc + i * ldacc;
       float* dst = out_.c + (i0 + i) * out_.ldc + j0;
       if (in_fp32_) {
-        const float rs = pow2f_any(ra_[i0 + i]);
+        const float rs = row_scale(i0 + i);
         const float* cs = col_scale_.data() + j0;
         for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * (rs * cs[j]);
       } else {
-        for (int64_t j = 0; j < cols; ++j) dst[j] = float(std::ldexp(double(src[j]), ra_[i0 + i] + rb_[j0 + j]));
+        const int32_t ra = ra_[(i0 + i) * row_step_];
+        for (int64_t j = 0; j < cols; ++j) dst[j] = float(std::ldexp(double(src[j]), ra + rb_[j0 + j]));
       }
       if (out_.bias)
         for (int64_t j = 0; j < cols; ++j) dst[j] += out_.bias[j0 + j];
@@ -118,7 +118,7 @@ class Epilogue {
   const std::vector<int32_t>& ra_;
   const std::vector<int32_t>& rb_;
   GemmOutput out_;
-  int64_t ncols_;
+  int64_t ncols_, row_step_;
   bool in_fp32_;
   std::vector<float> col_scale_;
 };
@@ -170,6 +170,9 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
     if ((M + mc - 1) / mc < wanted) mc = whole((M + wanted - 1) / wanted, 0, uk.mr);
   }
   const int64_t row_blocks = (M + mc - 1) / mc;
+  // Every row's scale, where all rows share their exponents: made once, not per tile.
+  float uniform_row_scale[kMaxMr];
+  if (options.uniform_a && M > 0) std::fill_n(uniform_row_scale, kMaxMr, epilogue.row_scale(0));
   parallel_for(row_blocks * col_blocks, threads, [&](int64_t task) {
     const int64_t i0 = (task / col_blocks) * mc, j0 = (task % col_blocks) * nc;
     const int64_t mlen = std::min(mc, M - i0), nlen = std::min(nc, N - j0);
@@ -191,9 +194,10 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
           const void* rows[kMaxMr];
-          for (int r = 0; r < uk.mr; ++r) rows[r] = ab.row(ip * uk.mr + r);
+          if (!ab.rows)
+            for (int r = 0; r < uk.mr; ++r) rows[r] = ab.row(ip * uk.mr + r);
           MicroKernelArgs args;
-          args.a_rows = rows;
+          args.a_rows = ab.rows ? ab.rows + ip * uk.mr : rows;
           args.a_offsets = ab.offsets;
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
@@ -207,10 +211,11 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
           args.accumulate = s > 0;
           float row_scale[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            for (int r = 0; r < uk.mr; ++r) row_scale[r] = epilogue.row_scale(i + r);
+            if (!options.uniform_a)
+              for (int r = 0; r < uk.mr; ++r) row_scale[r] = epilogue.row_scale(i + r);
             args.out = out.c + i * out.ldc + j;
             args.ldc = out.ldc;
-            args.out_row_scale = row_scale;
+            args.out_row_scale = options.uniform_a ? uniform_row_scale : row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);
             uk.run(args);

@@ -3,6 +3,7 @@ portable C++, chosen at run time; ``DFP_CPU_ISA`` forces one)."""
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
@@ -18,6 +19,7 @@ _BUILD_HINT = (
 )
 
 
+@functools.cache
 def _core():
     try:
         return importlib.import_module("dfp._C")
