@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "cpu/api.h"
+#include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
 #include "cpu/numerics.h"
@@ -76,6 +77,17 @@ PYBIND11_MODULE(_C, m) {
       },
       "quantize a contiguous (N, H, W, C) float32 image per tensor into its zero-padded int16 copy; False on "
       "NaN/Inf");
+
+  m.def(
+      "copy_window",
+      [](uintptr_t x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
+         int64_t out_channels, uintptr_t out, int nthreads) {
+        py::gil_scoped_release release;
+        dfp::copy_window(ptr<const int16_t>(x), n, h, w, c, {r0, r1, c0, c1, out_channels}, ptr<int16_t>(out),
+                         nthreads);
+      },
+      "rows [r0, r1), columns [c0, c1) of a contiguous int16 (N, H, W, C) image with out_channels channels, zeros "
+      "past its edges");
 
   m.def(
       "gemm_int16",

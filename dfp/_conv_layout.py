@@ -31,6 +31,10 @@ def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFP
     """
     perm = _to_channels_last(t.dim())
     permuted = t.permute(perm)
+    if t.dim() == 4 and spec == DFPSpec(spec.headroom):  # per tensor, nearest: the fused path, if any, unpadded
+        fused = _quantize_padded_fused(t, spec.headroom, (0, 0), t.shape[1])
+        if fused is not None:
+            return DFPTensor(*fused, spec)
     source = permuted if permuted.is_contiguous() else t
     stochastic = spec.rounding == "stochastic"
     try:
@@ -50,11 +54,20 @@ def quantize_padded(
     """float32 ``t`` (N, C, H, W) quantized per tensor (nearest) and zero-padded:
     ``zero_pad(quantize_channels_last(t).mantissa, padding, channels)`` and the 0-d
     exponent, in one pass where the backend fuses them (a channels-last ``t``)."""
+    fused = _quantize_padded_fused(t, headroom, padding, channels)
+    if fused is not None:
+        return fused
+    q = quantize_channels_last(t, DFPSpec(headroom))
+    return zero_pad(q.mantissa, padding, channels), q.exponent
+
+
+def _quantize_padded_fused(t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int):
+    """``quantize_padded`` by the backend in one pass, or None where it has no such path
+    or ``t`` is not channels-last."""
     fused = getattr(backends.active(t.device), "quantize_padded", None)
     permuted = t.permute(_to_channels_last(4))
     if fused is None or not permuted.is_contiguous():
-        q = quantize_channels_last(t, DFPSpec(headroom))
-        return zero_pad(q.mantissa, padding, channels), q.exponent
+        return None
     try:
         return fused(permuted, headroom, padding, channels)
     except NonFiniteError:
@@ -88,6 +101,9 @@ def window(
     (r0, r1), (c0, c1), channels = rows, columns, channels or c
     if (r0, r1, c0, c1, channels) == (0, h, 0, w, c):
         return x.contiguous()
+    fused = getattr(backends.active(x.device), "window", None)
+    if fused is not None and x.dtype == torch.int16:
+        return fused(x, (r0, r1), (c0, c1), channels)
     out = x.new_empty(n, r1 - r0, c1 - c0, channels)
     top, left = max(0, -r0), max(0, -c0)  # x's part of out: rows [top, bottom), columns [left, right)
     bottom, right = max(top, min(r1, h) - r0), max(left, min(c1, w) - c0)

@@ -79,9 +79,10 @@ def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight
     channels (and per kh, kw, ci), blocks never straddling groups: exponent
     (G, blocks, KH, KW, Cg). Otherwise one per tensor, as in the forward."""
     cout_g = weight.shape[0] // groups
+    if not weight_channel:  # the 4-d weight's mantissa (Cout, KH, KW, Cg), grouped: one pass on the fused path
+        q = layout.quantize_channels_last(weight, DFPSpec(headroom))
+        return DFPTensor(q.mantissa.reshape(groups, cout_g, *q.mantissa.shape[1:]), q.exponent, q.spec)
     grouped = weight.view(groups, cout_g, *weight.shape[1:])
-    if not weight_channel:
-        return layout.quantize_channels_last(grouped, DFPSpec(headroom))
     block = min(chain_length(headroom, headroom), max(cout_g, 1))
     return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, block))
 

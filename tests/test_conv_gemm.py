@@ -140,3 +140,24 @@ def test_input_quantized_into_the_padded_image_as_quantized_then_padded(backend,
     q = on_reference(layout.quantize_channels_last, x, DFPSpec(2))
     assert torch.equal(got, layout.zero_pad(q.mantissa, (1, 2), out_channels))
     assert torch.equal(exponent, q.exponent)
+
+
+@pytest.mark.parametrize(
+    "rows,columns,channels",
+    [
+        ((-1, 6), (-2, 8), 4),  # zero padding all around
+        ((1, 4), (2, 5), 4),  # inside
+        ((-3, 2), (3, 9), 4),  # past the top and the right edge
+        ((5, 7), (-4, -1), 4),  # wholly outside
+        ((-1, 6), (-1, 7), 6),  # added channels
+        ((0, 5), (0, 6), 5),  # only added channels
+    ],
+)
+def test_window_as_the_generic_copy(backend, rows, columns, channels):
+    """A window of an int16 image (grad_input's padded dY; the forward's padding where it
+    is not fused): the compiled backend's one-pass copy against the generic one."""
+    x = int16_operand((2, 5, 6, 4), 2, 3)
+    got = layout.window(x, rows, columns, channels)
+    assert got.shape == (2, rows[1] - rows[0], columns[1] - columns[0], channels)
+    assert torch.equal(got, on_reference(layout.window, x, rows, columns, channels))
+    assert torch.equal(layout.window(x[:0], rows, columns, channels), got[:0])

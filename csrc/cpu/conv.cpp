@@ -235,6 +235,34 @@ ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, 
   return block;
 }
 
+void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const Window& win, int16_t* out,
+                 int nthreads) {
+  const int64_t rows = win.r1 - win.r0, cols = win.c1 - win.c0, oc = win.out_channels, row_len = cols * oc;
+  // x's columns inside the window: [left, right) of the window's
+  const int64_t left = std::clamp<int64_t>(-win.c0, 0, cols), right = std::clamp<int64_t>(w - win.c0, left, cols);
+  const int64_t tasks = n * rows, per_task = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_len, 1));
+  parallel_for((tasks + per_task - 1) / per_task, nthreads, [&](int64_t t) {
+    for (int64_t task = t * per_task; task < std::min(tasks, (t + 1) * per_task); ++task) {
+      const int64_t image = task / rows, r = win.r0 + task % rows;
+      int16_t* dst = out + task * row_len;
+      if (r < 0 || r >= h || left == right) {
+        std::fill_n(dst, row_len, int16_t(0));
+        continue;
+      }
+      std::fill_n(dst, left * oc, int16_t(0));
+      std::fill_n(dst + right * oc, (cols - right) * oc, int16_t(0));
+      const int16_t* src = x + ((image * h + r) * w + win.c0 + left) * c;
+      if (oc == c) {
+        std::copy_n(src, (right - left) * c, dst + left * oc);
+        continue;
+      }
+      int16_t* to = dst + left * oc;
+      for (int64_t j = left; j < right; ++j, src += c, to += oc)
+        for (int64_t ch = 0; ch < oc; ++ch) to[ch] = ch < c ? src[ch] : int16_t(0);
+    }
+  });
+}
+
 void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t channels, int16_t* out, int nthreads) {
   // Blocks of 64 pixels: their channels' runs in out stay in L1 while the block is read.
   constexpr int64_t kBlock = 64;

@@ -86,6 +86,15 @@ class TransposedPatches : public ASource {
   std::vector<int64_t> offsets_;  // of every pixel pair, in bytes: the same for every block of rows
 };
 
+// Rows [r0, r1) and columns [c0, c1) of the image x (n, h, w, c) with out_channels >= c
+// channels, into out (n, r1 - r0, c1 - c0, out_channels): zeros where the window reaches
+// past x's edges and in the added channels. Each element of out is written once.
+struct Window {
+  int64_t r0, r1, c0, c1, out_channels;
+};
+void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const Window& window, int16_t* out,
+                 int nthreads);
+
 // (n, pixels, channels) -> (n, channels, pixels).
 void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t channels, int16_t* out, int nthreads);
 

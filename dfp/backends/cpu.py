@@ -92,6 +92,19 @@ def quantize_padded(x, headroom, padding, channels):
     return out, exponent
 
 
+def window(x, rows, columns, channels):
+    """Rows [r0, r1), columns [c0, c1) of the int16 image x (N, H, W, C) with ``channels``
+    channels, zeros past its edges: one pass, each element written once."""
+    x = x.contiguous()
+    n, h, w, c = x.shape
+    (r0, r1), (c0, c1) = rows, columns
+    out = torch.empty((n, r1 - r0, c1 - c0, channels), dtype=torch.int16)
+    _core().copy_window(
+        x.data_ptr(), n, h, w, c, r0, r1, c0, c1, channels, out.data_ptr(), torch.get_num_threads()
+    )  # fmt: skip
+    return out
+
+
 def gemm(a, ea, ha, b, eb, hb, kblock, bias):
     (m, k), n = a.shape, b.shape[1]
     out = torch.empty((m, n), dtype=torch.float32)
