@@ -29,12 +29,12 @@ def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFP
     no float32 copy; otherwise the int16 mantissa is permuted. NaN/Inf in ``t`` gives
     zero mantissas with every exponent ``NONFINITE`` (see ``is_nonfinite``).
     """
-    perm = _to_channels_last(t.dim())
-    permuted = t.permute(perm)
     if t.dim() == 4 and spec == DFPSpec(spec.headroom):  # per tensor, nearest: the fused path, if any, unpadded
         fused = _quantize_padded_fused(t, spec.headroom, (0, 0), t.shape[1])
         if fused is not None:
             return DFPTensor(*fused, spec)
+    perm = _to_channels_last(t.dim())
+    permuted = t.permute(perm)
     source = permuted if permuted.is_contiguous() else t
     stochastic = spec.rounding == "stochastic"
     try:
@@ -61,7 +61,9 @@ def quantize_padded(
     return zero_pad(q.mantissa, padding, channels), q.exponent
 
 
-def _quantize_padded_fused(t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int):
+def _quantize_padded_fused(
+    t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int
+) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``quantize_padded`` by the backend in one pass, or None where it has no such path
     or ``t`` is not channels-last."""
     fused = getattr(backends.active(t.device), "quantize_padded", None)
