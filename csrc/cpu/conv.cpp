@@ -252,13 +252,10 @@ void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, c
       std::fill_n(dst, left * oc, int16_t(0));
       std::fill_n(dst + right * oc, (cols - right) * oc, int16_t(0));
       const int16_t* src = x + ((image * h + r) * w + win.c0 + left) * c;
-      if (oc == c) {
+      if (oc == c)
         std::copy_n(src, (right - left) * c, dst + left * oc);
-        continue;
-      }
-      int16_t* to = dst + left * oc;
-      for (int64_t j = left; j < right; ++j, src += c, to += oc)
-        for (int64_t ch = 0; ch < oc; ++ch) to[ch] = ch < c ? src[ch] : int16_t(0);
+      else
+        copy_pixels(src, right - left, c, dst + left * oc, oc);
     }
   });
 }
