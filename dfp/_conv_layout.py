@@ -33,6 +33,11 @@ def quantize_channels_last(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFP
         fused = _quantize_padded_fused(t, spec.headroom, (0, 0), t.shape[1])
         if fused is not None:
             return DFPTensor(*fused, spec)
+    return _quantize_channels_last_unfused(t, spec, seed)
+
+
+def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 0) -> DFPTensor:
+    """``quantize_channels_last`` by the backend's generic quantization."""
     perm = _to_channels_last(t.dim())
     permuted = t.permute(perm)
     source = permuted if permuted.is_contiguous() else t
@@ -57,7 +62,7 @@ def quantize_padded(
     fused = _quantize_padded_fused(t, headroom, padding, channels)
     if fused is not None:
         return fused
-    q = quantize_channels_last(t, DFPSpec(headroom))
+    q = _quantize_channels_last_unfused(t, DFPSpec(headroom))
     return zero_pad(q.mantissa, padding, channels), q.exponent
 
 

@@ -240,11 +240,10 @@ void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, c
   const int64_t rows = win.r1 - win.r0, cols = win.c1 - win.c0, oc = win.out_channels, row_len = cols * oc;
   // x's columns inside the window: [left, right) of the window's
   const int64_t left = std::clamp<int64_t>(-win.c0, 0, cols), right = std::clamp<int64_t>(w - win.c0, left, cols);
-  const int64_t tasks = n * rows, per_task = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(row_len, 1));
-  parallel_for((tasks + per_task - 1) / per_task, nthreads, [&](int64_t t) {
-    for (int64_t task = t * per_task; task < std::min(tasks, (t + 1) * per_task); ++task) {
-      const int64_t image = task / rows, r = win.r0 + task % rows;
-      int16_t* dst = out + task * row_len;
+  for_row_chunks(n * rows, row_len, nthreads, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row) {
+      const int64_t image = row / rows, r = win.r0 + row % rows;
+      int16_t* dst = out + row * row_len;
       if (r < 0 || r >= h || left == right) {
         std::fill_n(dst, row_len, int16_t(0));
         continue;

@@ -11,17 +11,8 @@
 namespace dfp {
 namespace {
 
-constexpr int64_t kMinTaskElements = 1 << 15;  // below this a task costs more than it saves
 // Runs shorter than this waste the SIMD lanes; such layouts are handled a row at a time.
 constexpr int64_t kShortRun = 16;
-
-// Calls fn(row_begin, row_end) over [0, rows) in tasks of about kMinTaskElements or more.
-template <typename Fn>
-void for_row_chunks(int64_t rows, int64_t row_len, int nthreads, Fn fn) {
-  const int64_t per_task = std::max<int64_t>(1, kMinTaskElements / std::max<int64_t>(row_len, 1));
-  const int64_t tasks = (rows + per_task - 1) / per_task;
-  parallel_for(tasks, nthreads, [&](int64_t t) { fn(t * per_task, std::min(rows, (t + 1) * per_task)); });
-}
 
 std::vector<uint32_t> group_absmax(const float* x, const QuantizeShape& sh, int nthreads) {
   const QuantizeKernels& k = quantize_kernels(active_isa());
