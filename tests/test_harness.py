@@ -319,7 +319,8 @@ def test_report_table_against_fp32_at_the_same_batch_size(tmp_path):
     assert "97.50 % (97.00-98.00)" in fp32_32
     # Time to 95.5 %: fp32 seeds reach it at epoch 1 (2.0, 3.0 s) and at 50 s: median 3.0.
     assert "| 3.0 (3/3) |" in fp32_32
-    assert "| 2 | 2.5 |" in dfp16_32 and "| 2.40x |" in dfp16_32
+    # Per seed: 4.0 / 3.0 and 6.0 / 2.0.
+    assert "| 2 | 2.5 |" in dfp16_32 and "| 2.40x (per seed 1.33-3.00x) |" in dfp16_32
     # dfp16: one seed reaches 95.5 % at 3.0 s, the other never: the median is "not reached".
     assert "not reached (1/2)" in dfp16_32
     assert "| 0.25x |" in rows[("swalp (avg from 2)", "128")]
@@ -358,6 +359,25 @@ def test_diverged_runs_stay_out_of_times_speed_ups_and_the_front(tmp_path):
     figure = report.plot_pareto(records, tmp_path / "p.png")
     legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
     assert legend == ["fp32", "dfp16", "diverged", "Pareto front"]  # no bf16 marker: it only diverged
+
+
+def test_per_seed_speed_ups_pair_the_seeds_that_finished_in_both_formats():
+    records = [
+        _record("fp32", 32, 0, 4.0, 0.97),
+        _diverged(_record("fp32", 32, 1, 0.5, 0.10)),
+        _record("fp32", 32, 2, 6.0, 0.97),
+        _record("fp32", 32, 3, 3.0, 0.97),  # fp32 median 4.0
+        _record("dfp16", 32, 0, 2.0, 0.96),
+        _record("dfp16", 32, 1, 1.0, 0.96),  # its fp32 run diverged: no pair
+        _diverged(_record("dfp16", 32, 2, 0.2, 0.10)),
+        _record("dfp16", 32, 3, 1.0, 0.96),  # dfp16 median 1.0
+    ]
+    rows = _rows(report.markdown(records))
+    # Seeds 0 and 3 pair: 4.0 / 2.0 and 3.0 / 1.0.
+    assert "| 4.00x (per seed 2.00-3.00x) |" in rows[("dfp16", "32")]
+    assert "| 1.00x |" in rows[("fp32", "32")]
+    one_pair = _rows(report.markdown(records[:6]))  # seeds 0 and 1 of dfp16: only seed 0 pairs
+    assert "| 2.67x |" in one_pair[("dfp16", "32")]  # 4.0 / 1.5, and no range from one pair
 
 
 def test_each_run_counts_once_and_swalp_rows_are_keyed_by_their_start():

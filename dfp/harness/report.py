@@ -13,6 +13,9 @@ Times (medians) come from the runs that did not diverge: a run stopped early by 
 is short, not fast. Diverged runs still count in the accuracy (mean over seeds) and stay
 off the Pareto front (drawn with an x). "Speed-up over fp32" is the median training time
 of fp32 at the same batch size over the median of the row: above 1, faster than fp32.
+Where two or more seeds were timed in both, the range of the per-seed ratios (a seed's
+fp32 time over its time in the row's format) follows: on a shared machine it shows
+whether a speed-up is larger than the noise.
 """
 
 from __future__ import annotations
@@ -83,6 +86,7 @@ class Row:
     diverged: int
     averaged: int
     speedup: float | None
+    speedup_range: tuple[float, float] | None  # lowest and highest per-seed speed-up
 
     @property
     def label(self) -> str:
@@ -146,6 +150,10 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
     for record in group:
         config = record["config"]
         cells.setdefault((config["format"], config["batch_size"], config["swa_start"]), []).append(record)
+    seed_seconds = {
+        cell: {r["config"]["seed"]: r["result"]["train_seconds"] for r in runs if not r["result"]["diverged"]}
+        for cell, runs in cells.items()
+    }
     rows = []
     for (fmt, batch_size, swa_start), runs in cells.items():
         config, results = runs[0]["config"], [r["result"] for r in runs]
@@ -174,16 +182,30 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 diverged=len(results) - len(completed),
                 averaged=sum(r["epochs"][-1].get("swa_accuracy") is not None for r in results),
                 speedup=None,
+                speedup_range=None,
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32"}
     rows = [
-        dataclasses.replace(row, speedup=fp32_seconds[row.batch_size] / row.train_seconds)
+        dataclasses.replace(
+            row,
+            speedup=fp32_seconds[row.batch_size] / row.train_seconds,
+            speedup_range=None if row.format == "fp32" else _per_seed_range(row, seed_seconds),
+        )
         if fp32_seconds.get(row.batch_size) is not None and row.train_seconds
         else row
         for row in rows
     ]
     return sorted(rows, key=lambda row: (row.batch_size, _format_order(row.format), row.format, row.swa_start or 0))
+
+
+def _per_seed_range(row: Row, seed_seconds: dict[tuple, dict[int, float]]) -> tuple[float, float] | None:
+    """The lowest and highest per-seed speed-up of ``row`` (fp32's time of a seed at the
+    same batch size over the row's) over the seeds timed in both; None for fewer than two."""
+    fp32 = seed_seconds[("fp32", row.batch_size, None)]
+    seconds = seed_seconds[(row.format, row.batch_size, row.swa_start)]
+    ratios = [fp32[seed] / t for seed, t in seconds.items() if seed in fp32 and t]
+    return (min(ratios), max(ratios)) if len(ratios) > 1 else None
 
 
 def _percent(fraction: float) -> str:
@@ -199,7 +221,8 @@ def _accuracy_cell(row: Row) -> str:
 
 def _speedup_cell(row: Row, fp32: Row | None) -> str:
     if row.speedup is not None:
-        return f"{row.speedup:.2f}x"
+        spread = f" (per seed {row.speedup_range[0]:.2f}-{row.speedup_range[1]:.2f}x)" if row.speedup_range else ""
+        return f"{row.speedup:.2f}x{spread}"
     if row.train_seconds is None:
         return "diverged"
     return "no fp32 run" if fp32 is None else "fp32 diverged"
@@ -274,7 +297,8 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
             "the batch-norm recomputation of the final average); data preparation and evaluation are timed "
             "apart. Times are medians over the seeds that did not diverge; images/s = training images / "
             "training time. Accuracy: test accuracy after the last epoch (mean over all seeds, min-max in "
-            "brackets). swalp (avg from N): the average of the weights of epochs N to the last, evaluated "
+            "brackets). Speed-up over fp32: fp32's median time over the row's, with the lowest and highest "
+            "per-seed ratio in brackets where two or more seeds were timed in both. swalp (avg from N): the average of the weights of epochs N to the last, evaluated "
             "with dfp16-sr layers."
         ),
         "",
