@@ -21,6 +21,7 @@ ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma"],
     "_avx512bw.cpp": ["-mavx512f", "-mavx512bw"],
     "_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vnni"],
+    "_avx512bf16.cpp": ["-mavx512f", "-mavx512bw", "-mavx512bf16"],
 }
 
 

@@ -3,6 +3,8 @@ the contenders (zero-argument callables on prepared inputs)."""
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from collections.abc import Callable, Iterable
 
 import torch
@@ -16,7 +18,11 @@ SQUARE_SIZES = (256, 512, 1024, 2048)
 CNN_SHAPES = ((8192, 576, 64), (2048, 1152, 128), (512, 2304, 256))
 GEMM_SHAPES = tuple((s, s, s) for s in SQUARE_SIZES) + CNN_SHAPES
 
-GEMM_CONTENDERS = ("dfp gemm", "dfp matmul", "torch fp32", "torch bf16")
+# "numpy fp32": numpy's own BLAS (OpenBLAS in numpy's wheels), an fp32 GEMM that is not
+# vendor-gated: torch's fp32 mm is MKL, which runs far below the fp32 peak on AMD cores.
+GEMM_CONTENDERS = ("dfp gemm", "dfp matmul", "torch fp32", "numpy fp32", "torch bf16")
+if importlib.util.find_spec("numpy") is None:
+    GEMM_CONTENDERS = tuple(c for c in GEMM_CONTENDERS if c != "numpy fp32")
 
 # 16M elements: far larger than the caches, so quantization runs at memory speed as it
 # would on real activations.
@@ -52,12 +58,65 @@ def gemm_contenders(
             fns[name] = lambda: dfp.matmul(x, y, spec)
         elif name == "torch fp32":
             fns[name] = lambda: torch.mm(x, y)
+        elif name == "numpy fp32":
+            xn, yn, set_threads = x.numpy(), y.numpy(), numpy_blas_threads()
+
+            def numpy_mm(xn=xn, yn=yn, set_threads=set_threads):
+                set_threads(torch.get_num_threads())  # the thread count torch runs at, as for every contender
+                return xn @ yn
+
+            fns[name] = numpy_mm
         elif name == "torch bf16":
             xb, yb = x.bfloat16(), y.bfloat16()
             fns[name] = lambda xb=xb, yb=yb: torch.mm(xb, yb)
         else:
             raise ValueError(f"unknown GEMM contender {name!r}; choose from {GEMM_CONTENDERS}")
     return fns
+
+
+def _numpy_blas_pools() -> list:
+    """threadpoolctl's handles on the BLAS libraries numpy loaded ([] without threadpoolctl)."""
+    try:
+        import numpy
+        from threadpoolctl import ThreadpoolController
+    except ImportError:
+        return []
+    numpy.ones(2) @ numpy.ones(2)  # loads numpy's BLAS, if it is loaded lazily
+    return [lib for lib in ThreadpoolController().lib_controllers if lib.user_api == "blas"]
+
+
+def numpy_blas_threads() -> Callable[[int], None]:
+    """A setter of numpy's BLAS thread count (through threadpoolctl; a no-op without it),
+    which calls into the library only when the count changes."""
+    pools, current = _numpy_blas_pools(), [None]
+
+    def set_threads(n: int) -> None:
+        if n != current[0]:
+            for pool in pools:
+                pool.set_num_threads(n)
+            current[0] = n
+
+    return set_threads
+
+
+def numpy_blas() -> str:
+    """Which BLAS numpy's fp32 GEMM runs: library, version, the kernel it chose for this
+    core, and the environment variables that force a kernel."""
+    try:
+        import numpy
+    except ImportError:
+        return "numpy not installed (not timed)"
+
+    pools = _numpy_blas_pools()
+    if not pools:
+        return f"numpy {numpy.__version__}, BLAS unknown (no threadpoolctl), threads not controlled"
+    info = ", ".join(
+        f"{p.internal_api} {p.version} (kernel {getattr(p, 'architecture', None) or 'unknown'})" for p in pools
+    )
+    forced = [f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
+    return f"numpy {numpy.__version__} with {info}" + (
+        f"; {', '.join(forced)} set: that forces the kernel" if forced else ""
+    )
 
 
 def quant_input(shape: tuple[int, int] = QUANT_SHAPE) -> torch.Tensor:

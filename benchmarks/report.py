@@ -1,5 +1,6 @@
-"""Markdown tables of dfp's GEMM and quantization throughput against torch, measured in
-the same run: `python -m benchmarks.report [--threads 1 2] [--quick] [--output FILE.md]`.
+"""Markdown tables of dfp's GEMM, quantization, layer and training-step throughput against
+torch (and numpy's BLAS), measured in the same run, with the register peaks of the core:
+`python -m benchmarks.report [--threads 1 2] [--quick] [--tables ...] [--output FILE.md]`.
 
 Ratios are the numbers to read: absolute rates move with the load of a shared machine.
 Each ratio is the median over rounds of the two contenders' times in the same round.
@@ -23,6 +24,8 @@ from statistics import median
 
 import torch
 
+from . import peaks as peak_probes
+from .peaks import bf16_peak, fp32_peak, fraction
 from .timing import interleaved_times, machine, speedup, today
 
 FULL = {"sizes": (256, 512, 1024, 2048), "repeats": 7, "min_sample_s": 0.05, "max_call_s": 2.0, "quant_shape": None}
@@ -37,15 +40,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--output", metavar="FILE.md", help="also write the tables to this file")
     p.add_argument("--isa", help="force dfp's CPU path (sets DFP_CPU_ISA before importing dfp), e.g. avx2")
     p.add_argument(
-        "--tables", nargs="+", choices=("gemm", "quantize", "layers"), default=["gemm", "quantize", "layers"]
+        "--tables",
+        nargs="+",
+        choices=("gemm", "quantize", "layers", "step", "fidelity"),
+        default=["gemm", "quantize", "layers", "step"],
+        help="fidelity: SQNR against fp64 of every product per format (not timed; not in the default set)",
     )
+    p.add_argument(
+        "--cifar10",
+        metavar="DIR_OR_TAR",
+        default=os.environ.get("DFP_CIFAR10"),
+        help="a local CIFAR-10 copy for the fidelity table's captured step (default: $DFP_CIFAR10)",
+    )
+    p.add_argument("--cache-dir", help="where CIFAR-10's decoded images are cached (see dfp.data.load)")
     p.add_argument("--headroom", type=int, default=2, help="DFPSpec headroom of the GEMM operands (default 2)")
     p.add_argument(
         "--int16-peak-gmacs",
         type=float,
         metavar="GMAC/S",
-        help="int16 multiply-add peak of one core for the fraction-of-peak column "
-        "(default: measured by dfp._C.peak_gmacs_avx2 on the AVX2 path)",
+        help="int16 multiply-add peak of one core for dfp's fraction of peak "
+        "(default: measured on registers for the path dfp runs, see benchmarks/peaks.py)",
     )
     p.add_argument(
         "--max-call-s",
@@ -70,10 +84,13 @@ def speed(times: dict[str, list[float]], name: str, baseline: str) -> str:
 def gemm_table(args, cfg, cases) -> list[str]:
     shapes = [(s, s, s) for s in cfg["sizes"]] + list(cases.CNN_SHAPES)
     shapes = [tuple(max(1, d // args.shrink) for d in shape) for shape in shapes]
-    headers = ["M, K, N", "threads", *(f"{c} GOP/s" for c in cases.GEMM_CONTENDERS)]
-    headers += ["dfp gemm / fp32", "dfp matmul / fp32"]
-    if args.int16_peak_gmacs:
-        headers.append("dfp gemm / int16 peak")
+    headers = ["M, K, N", "threads", *(f"{c} GOP/s (% of peak)" for c in cases.GEMM_CONTENDERS)]
+    ratios = (("dfp gemm", "torch fp32"), ("dfp gemm", "numpy fp32"), ("dfp gemm", "torch bf16"), ("dfp matmul", "torch fp32"))  # fmt: skip
+    headers += [f"{a} / {b}" for a, b in ratios]
+    # GMAC/s of one core that each contender's instructions reach at best
+    peaks = getattr(args, "peaks", {})
+    peak_of = {"dfp gemm": args.int16_peak_gmacs, "dfp matmul": args.int16_peak_gmacs}
+    peak_of.update({"torch fp32": fp32_peak(peaks), "numpy fp32": fp32_peak(peaks), "torch bf16": bf16_peak(peaks)})
     rows, last_gops, skipped = [], {}, set()
     for shape in shapes:
         ops = cases.gemm_ops(*shape)
@@ -91,14 +108,23 @@ def gemm_table(args, cfg, cases) -> list[str]:
             gops = {c: ops / median(t) / 1e9 for c, t in times.items()}
             last_gops.update({(c, threads): g for c, g in gops.items()})
             row = [", ".join(map(str, shape)), str(threads)]
-            row += [f"{gops[c]:.3g}" if c in gops else "skipped" for c in cases.GEMM_CONTENDERS]
-            row += [speed(times, "dfp gemm", "torch fp32"), speed(times, "dfp matmul", "torch fp32")]
-            if args.int16_peak_gmacs:
-                peak = 2 * args.int16_peak_gmacs * threads  # GOP/s: 2 ops per multiply-add
-                row.append(f"{100 * gops['dfp gemm'] / peak:.0f}%" if "dfp gemm" in gops else "-")
+            row += [
+                f"{gops[c]:.3g} ({fraction(gops[c] / 2, peak_of[c], threads)})" if c in gops else "skipped"
+                for c in cases.GEMM_CONTENDERS
+            ]  # GMAC/s = GOP/s / 2
+            row += [speed(times, a, b) for a, b in ratios]
             rows.append(row)
             print(f"  gemm {shape} t{threads} done", file=sys.stderr)
-    lines = [f"GEMM, GOP/s (2*M*N*K / median time), DFPSpec(headroom={args.headroom}) per tensor", ""]
+    int16, fp32, bf16 = (f"{p:.1f}" if p else "-" for p in (args.int16_peak_gmacs, fp32_peak(peaks), bf16_peak(peaks)))
+    note = (
+        f"GEMM, GOP/s (2*M*N*K / median time), DFPSpec(headroom={args.headroom}) per tensor. % of peak: of threads x "
+        f"one core's register peak of the contender's instructions (dfp: {int16} GMAC/s, the int16 path it runs; "
+        f"torch and numpy fp32: the best fp32 FMA, {fp32}; torch bf16: vdpbf16ps, {bf16}, '-' without native "
+        "bf16). Ratios are paired medians of the same "
+        "rounds against the baseline each column names: torch fp32 = torch.mm (MKL in x86 wheels, vendor-gated on "
+        f"AMD), numpy fp32 = {cases.numpy_blas()}, torch bf16 = torch.mm on bf16 (oneDNN)."
+    )
+    lines = [note, ""]
     lines += table(headers, rows)
     if skipped:
         lines += ["", f"skipped: predicted over {cfg['max_call_s']} s per call ({', '.join(sorted(skipped))})"]
@@ -140,19 +166,14 @@ def header(dfp) -> str:
     )
 
 
-def measured_peaks(dfp) -> tuple[float, float] | None:
-    """(int16, fp32) GMAC/s of one core, best of five probes, on the AVX2 path only."""
+def active_isa(dfp) -> str | None:
+    """The CPU path dfp's compiled core runs; None with another backend or without it."""
     if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
         return None
     try:
-        if dfp.cpu_isa() != "avx2":
-            return None
-        from dfp import _C
-    except (dfp.BackendUnavailableError, ImportError):
+        return dfp.cpu_isa()
+    except dfp.BackendUnavailableError:
         return None
-    torch.set_num_threads(1)
-    probes = [_C.peak_gmacs_avx2() for _ in range(5)]
-    return max(p[0] for p in probes), max(p[1] for p in probes)
 
 
 def avx2_rerun(dfp, argv: list[str]) -> list[str]:
@@ -185,25 +206,26 @@ def main(argv: list[str] | None = None) -> None:
     # Imported only now so that DFP_CPU_ISA is set before dfp loads its core.
     import dfp
 
-    from . import cases, layers
+    from . import cases, fidelity, layers, step
 
     cfg = {**(QUICK if args.quick else FULL)}
     if args.max_call_s is not None:
         cfg["max_call_s"] = args.max_call_s
     lines = [header(dfp), ""]
-    if not args.int16_peak_gmacs and "gemm" in args.tables:
-        peaks = measured_peaks(dfp)
-        if peaks:
-            args.int16_peak_gmacs = peaks[0]
-            lines += [
-                (
-                    f"Peaks of one core, measured now on registers: int16 vpmaddwd+vpaddd {peaks[0]:.1f} GMAC/s, "
-                    f"fp32 FMA {peaks[1]:.1f} GMAC/s (int16 / fp32 = {peaks[0] / peaks[1]:.2f})."
-                ),
-                "",
-            ]
+    isa = active_isa(dfp)
+    args.peaks = peak_probes.measure(args.quick) if {"gemm", "step"} & set(args.tables) else {}
+    if args.peaks:
+        lines += [peak_probes.describe(args.peaks, isa), ""]
+    if not args.int16_peak_gmacs:
+        args.int16_peak_gmacs = peak_probes.int16_peak(args.peaks, isa)[1]
     print("\n".join(lines), flush=True)
-    tables = (("gemm", gemm_table), ("quantize", quantize_table), ("layers", lambda a, c, _: layers.layer_table(a, c)))
+    tables = (
+        ("gemm", gemm_table),
+        ("quantize", quantize_table),
+        ("layers", lambda a, c, _: layers.layer_table(a, c)),
+        ("step", lambda a, c, _: step.step_table(a, a.peaks, isa)),
+        ("fidelity", lambda a, c, _: fidelity.report(a)),
+    )
     for name, make in tables:
         if name in args.tables:
             part = make(args, cfg, cases) + [""]

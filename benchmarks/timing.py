@@ -53,28 +53,76 @@ def speedup(times: list[float], baseline: list[float]) -> float:
     return statistics.median(b / t for t, b in zip(times, baseline))
 
 
-def _cpuinfo() -> tuple[str, set[str]]:
-    """The CPU model name and flags from /proc/cpuinfo (Linux); empty elsewhere."""
-    model, flags = "", set()
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (Linux; empty elsewhere):
+    "model name", "vendor_id", "cpu family", "model", "flags", ..."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
+                if not line.strip():
+                    break  # the end of the first processor's block
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and not model:
-                    model = value.strip()
-                elif key.strip() == "flags" and not flags:
-                    flags = set(value.split())
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return model, flags
+    return fields
+
+
+# AMD's (family, model range) -> core; a VM often reports only "AMD EPYC" as the model name.
+_AMD_CORES = (
+    (23, range(0x30), "Zen/Zen+"),
+    (23, range(0x30, 0x100), "Zen 2"),
+    (25, range(0x10), "Zen 3"),
+    (25, range(0x10, 0x20), "Zen 4"),
+    (25, range(0x20, 0x60), "Zen 3"),
+    (25, range(0x60, 0x80), "Zen 4"),
+    (25, range(0xA0, 0xB0), "Zen 4c"),
+    (26, range(0x100), "Zen 5"),
+)
+
+
+def core_name(fields: dict[str, str] | None = None) -> str:
+    """The core, from vendor, family and model: e.g. "AMD Zen 4, family 25 model 17";
+    "" when /proc/cpuinfo says nothing."""
+    fields = _cpuinfo() if fields is None else fields
+    vendor = fields.get("vendor_id", "")
+    try:
+        family, model = int(fields["cpu family"]), int(fields["model"])
+    except (KeyError, ValueError):
+        return ""
+    ids = f"family {family} model {model}"
+    if vendor == "AuthenticAMD":
+        core = next((name for fam, models, name in _AMD_CORES if fam == family and model in models), None)
+        return f"AMD {core}, {ids}" if core else f"AMD, {ids}"
+    return f"{'Intel' if vendor == 'GenuineIntel' else vendor}, {ids}"
+
+
+def flags_class(flags: set[str]) -> str:
+    """The class of core for dfp's targets: which int16 and bf16 paths it has."""
+    if "avx512_vnni" in flags:
+        cls = "AVX-512 VNNI"
+        if "avx512_bf16" in flags:
+            cls += " + BF16"
+        return cls + (" + AMX" if "amx_tile" in flags else "")
+    if "avx512bw" in flags:
+        return "AVX-512 BW, no VNNI"
+    if "avx2" in flags:
+        return "AVX2 only" + (" + AVX-VNNI" if "avx_vnni" in flags else "")
+    return "no AVX2"
 
 
 def machine() -> str:
-    """The CPU model, the SIMD extensions that matter to int16 GEMM, and the CPU count."""
-    model, flags = _cpuinfo()
+    """The CPU model name, its core and class, the SIMD extensions that matter to int16
+    GEMM, and the CPU count."""
+    fields = _cpuinfo()
+    flags = set(fields.get("flags", "").split())
     simd = [f for f in ("avx2", "fma", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile") if f in flags]
-    cpu = model or platform.processor() or platform.machine()
-    return f"{cpu} ({', '.join(simd) or platform.machine()}; {os.cpu_count()} logical CPUs)"
+    cpu = fields.get("model name") or platform.processor() or platform.machine()
+    core = core_name(fields)
+    where = f"core {core}; " if core else ""
+    extensions = ", ".join(simd) or platform.machine()
+    return f"{cpu} ({where}class {flags_class(flags)}: {extensions}; {os.cpu_count()} logical CPUs)"
 
 
 def today() -> str:

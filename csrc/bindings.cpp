@@ -55,6 +55,15 @@ PYBIND11_MODULE(_C, m) {
       "(int16 vpmaddwd+vpaddd, fp32 FMA) multiply-adds per second of one core, in GMAC/s; AVX2 hosts only",
       py::arg("iterations") = 50'000'000);
 #endif
+  m.def(
+      "peak_gmacs",
+      [](int64_t iterations) {
+        py::gil_scoped_release release;
+        return dfp::peak_probes(iterations);
+      },
+      "[(path, GMAC/s)] register-only multiply-add peaks of one core for every path cpuid reports (fp32 FMA "
+      "ymm/zmm, int16 vpmaddwd+vpaddd ymm/zmm, vpdpwssd zmm, bf16 vdpbf16ps zmm); empty off x86",
+      py::arg("iterations") = 10'000'000);
 
   m.def(
       "quantize3d",
@@ -65,6 +74,19 @@ PYBIND11_MODULE(_C, m) {
                                ptr<int16_t>(mantissa), ptr<int32_t>(exponent), nthreads);
       },
       "quantize a contiguous (O, N, I) float32 buffer; False on NaN/Inf");
+
+  m.def(
+      "quantize_gradient",
+      [](uintptr_t x, int64_t rows, int64_t cols, int headroom, bool stochastic, uint64_t seed, uintptr_t q_blocks,
+         uintptr_t e_blocks, int64_t block, uintptr_t q_groups, uintptr_t e_groups, int64_t group_rows,
+         int nthreads) {
+        py::gil_scoped_release release;
+        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks), ptr<int32_t>(e_blocks), block,
+                                            ptr<int16_t>(q_groups), ptr<int32_t>(e_groups), group_rows};
+        return dfp::quantize_gradient(ptr<const float>(x), rows, cols, headroom, stochastic, seed, out, nthreads);
+      },
+      "quantize a contiguous (rows, cols) float32 buffer per block of rows and column and/or per group of rows "
+      "(a q pointer of 0: not that one), in two passes; False on NaN/Inf");
 
   m.def(
       "quantize_padded",
@@ -120,22 +142,25 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "conv_gemm_int16",
-      [](uintptr_t x, const dfp::ConvGeometry& geometry, int32_t ex, int hx, uintptr_t w, int64_t swg, int64_t swk,
-         int64_t swn, int64_t nout, uintptr_t ew, int64_t kblock, int hw, uintptr_t bias, uintptr_t y,
-         int nthreads) {
+      [](uintptr_t x, const dfp::ConvGeometry& geometry, uintptr_t ex, int64_t ex_count, int hx, uintptr_t w,
+         int64_t swg, int64_t swk, int64_t swn, int64_t nout, uintptr_t ew, int64_t kblock, int hw, uintptr_t bias,
+         uintptr_t y, int nthreads) {
         py::gil_scoped_release release;
-        dfp::conv_gemm_int16(ptr<const int16_t>(x), geometry, ex, hx, ptr<const int16_t>(w), swg, swk, swn, nout,
-                             ptr<const int32_t>(ew), kblock, hw, ptr<const float>(bias), ptr<float>(y), nthreads);
+        dfp::conv_gemm_int16(ptr<const int16_t>(x), geometry, ptr<const int32_t>(ex), ex_count, hx,
+                             ptr<const int16_t>(w), swg, swk, swn, nout, ptr<const int32_t>(ew), kblock, hw,
+                             ptr<const float>(bias), ptr<float>(y), nthreads);
       },
-      "y = patches(x) w per group, patches gathered per cache block (no im2col matrix)");
+      "y = patches(x) w per group (x's exponent per tensor or per image), patches read in place or gathered per "
+      "cache block (no im2col matrix)");
 
   m.def(
       "conv_grad_weight_int16",
-      [](uintptr_t dy, int64_t cout, int32_t ey, int hy, uintptr_t x, const dfp::ConvGeometry& geometry, int32_t ex,
-         int hx, uintptr_t dw, int nthreads) {
+      [](uintptr_t dy, int64_t cout, uintptr_t ey, int64_t kblock, int hy, uintptr_t x,
+         const dfp::ConvGeometry& geometry, int32_t ex, int hx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
-        dfp::conv_grad_weight_int16(ptr<const int16_t>(dy), cout, ey, hy, ptr<const int16_t>(x), geometry, ex, hx,
-                                    ptr<float>(dw), nthreads);
+        dfp::conv_grad_weight_int16(ptr<const int16_t>(dy), cout, ptr<const int32_t>(ey), kblock, hy,
+                                    ptr<const int16_t>(x), geometry, ex, hx, ptr<float>(dw), nthreads);
       },
-      "dw = dy^T patches(x) per group, patches gathered per cache block");
+      "dw = dy^T patches(x) per group (dy's exponents per block of pixels and channel), patches read in place "
+      "or gathered per cache block");
 }

@@ -53,6 +53,50 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
     return DFPTensor(mantissa, exponent, spec)
 
 
+def quantize_gradient(
+    t: torch.Tensor, headroom: int, block: int, per_sample: bool | None, stochastic: bool, seed: int = 0
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """An output gradient, float32 ``t`` (N, C, H, W), for both backward products,
+    mantissas (N, H, W, C) contiguous:
+    - for grad_weight where ``block`` > 0: one exponent per run of ``block`` consecutive
+      pixels (in (n, h, w) order) and channel, exponent (ceil(N*H*W / block), C);
+    - for grad_input where ``per_sample`` is not None: one exponent per sample (N,)
+      (True) or per tensor, 0-d (False).
+    Each has the bits of quantizing the (N*H*W, C) pixel matrix that way on its own
+    (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per sample: its rows in
+    groups of H*W); the backend may read t twice in all for both. Outputs not asked for
+    are None. NaN/Inf in ``t`` gives zero mantissas with every exponent ``NONFINITE``
+    (see ``is_nonfinite``)."""
+    n, c, h, w = t.shape
+    pixels = t.permute(0, 2, 3, 1).contiguous().view(n * h * w, c)  # no copy where t is channels-last
+    group_rows = 0 if per_sample is None else h * w if per_sample else n * h * w
+    if pixels.numel() == 0:  # nothing to read; an empty tensor has the exponent of a group of zeros
+        zeros = pixels.new_zeros((n, h, w, c), dtype=torch.int16)
+        blocks = (zeros, pixels.new_empty((-(-n * h * w // max(block, 1)), c), dtype=torch.int32)) if block else None
+        empty_tensor = pixels.new_full((), -149 - (15 - headroom) + 1, dtype=torch.int32)
+        groups = (zeros.clone(), pixels.new_empty((n,), dtype=torch.int32) if per_sample else empty_tensor)
+        return (*(blocks or (None, None)), *(groups if per_sample is not None else (None, None)))
+    fused = getattr(backends.active(t.device), "quantize_gradient", None)
+    try:
+        if fused is not None:
+            blocks, groups = fused(pixels, headroom, block, group_rows, stochastic, seed)
+        else:
+            blocks = _ops.quantize_impl(pixels, headroom, 0, block, stochastic, seed) if block else None
+            groups = None
+            if group_rows:
+                q, e = _ops.quantize_impl(pixels.view(-1, group_rows * c), headroom, 0, None, stochastic, seed)
+                groups = q, e.view(-1)
+    except NonFiniteError:
+        zeros = pixels.new_zeros(pixels.shape, dtype=torch.int16)
+        nonfinite = pixels.new_full((-(-n * h * w // max(block, 1)), c), NONFINITE, dtype=torch.int32)
+        blocks = (zeros, nonfinite) if block else None
+        groups = (zeros.clone(), nonfinite.new_full((-(-n * h * w // group_rows),), NONFINITE)) if group_rows else None
+    q_blocks, e_blocks = (blocks[0].view(n, h, w, c), blocks[1]) if blocks else (None, None)
+    if groups is None:
+        return q_blocks, e_blocks, None, None
+    return q_blocks, e_blocks, groups[0].view(n, h, w, c), groups[1] if per_sample else groups[1].reshape(())
+
+
 def quantize_padded(
     t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,13 +127,11 @@ def _quantize_padded_fused(
         return t.new_zeros(shape, dtype=torch.int16), t.new_full((), NONFINITE, dtype=torch.int32)
 
 
-def is_nonfinite(*tensors: DFPTensor) -> bool:
-    """Whether any of the tensors was quantized from a source holding NaN or Inf."""
+def is_nonfinite(*exponents: torch.Tensor) -> bool:
+    """Whether any of the quantized tensors with these exponents came from a source
+    holding NaN or Inf."""
     # a 0-d exponent (per tensor, the common case) is read directly: one call, not three
-    return any(
-        (int(t.exponent) == NONFINITE) if t.exponent.dim() == 0 else bool((t.exponent == NONFINITE).any())
-        for t in tensors
-    )
+    return any((int(e) == NONFINITE) if e.dim() == 0 else bool((e == NONFINITE).any()) for e in exponents)
 
 
 def zero_pad(x: torch.Tensor, padding: tuple[int, int], channels: int | None = None) -> torch.Tensor:

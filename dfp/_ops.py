@@ -54,7 +54,25 @@ def gemm_impl(
     kblock: int,
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
+    _check_gemm(a, ea, b, eb, kblock, bias)
     return backends.active(a.device).gemm(a, ea, ha, b, eb, hb, kblock, bias)
+
+
+def _check_gemm(a, ea, b, eb, kblock, bias) -> None:
+    """The dtypes and shapes the backends rely on (the compiled one reads raw memory, so
+    a wrong one would read out of bounds, not fail); attribute checks only, no data pass."""
+    if a.dtype != torch.int16 or b.dtype != torch.int16 or a.dim() != 2 or b.dim() != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"a and b must be int16 (M, K) and (K, N), got {a.dtype} of shape {tuple(a.shape)} and "
+                         f"{b.dtype} of shape {tuple(b.shape)}")  # fmt: skip
+    (m, k), n = a.shape, b.shape[1]
+    blocks = -(-k // kblock) if kblock > 0 else -1
+    shapes_ok = k == 0 or (ea.shape == (m, blocks) and eb.shape == (blocks, n))  # K = 0 reads no exponent
+    if ea.dtype != torch.int32 or eb.dtype != torch.int32 or not shapes_ok:
+        raise ValueError(f"ea and eb must be int32 (M, KB) and (KB, N) with KB = ceil(K / kblock) = ({m}, {blocks}) "
+                         f"and ({blocks}, {n}), kblock >= 1; got {ea.dtype} {tuple(ea.shape)}, {eb.dtype} "
+                         f"{tuple(eb.shape)}, kblock={kblock}")  # fmt: skip
+    if bias is not None and (bias.dtype != torch.float32 or bias.shape != (n,)):
+        raise ValueError(f"bias must be float32 ({n},), got {bias.dtype} of shape {tuple(bias.shape)}")
 
 
 gemm = torch.library.custom_op("dfp::gemm", mutates_args=())(gemm_impl)
@@ -128,7 +146,8 @@ def conv_gemm_impl(
 ) -> torch.Tensor:
     """Per group g: y[..., g] = patches_g(x) @ w[g] (+ bias), float32 (N, OH, OW, G*Nout).
 
-    x: contiguous int16 (N, Hp, Wp, C), zero-padded, exponent ex (0-d int32); w: int16
+    x: contiguous int16 (N, Hp, Wp, C), zero-padded, exponent ex (0-d int32, or (N,): one
+    per image, every patch lying in one image); w: int16
     (G, K, Nout), K = KH*KW*C/G over (kh, kw, ci); ew: int32 (G, KB, Nout), KB =
     ceil(K / kblock); bias: float32 (G*Nout,) or None. The result is the GEMM of the
     materialised patch matrix (``dfp._patches.im2col``), bit for bit.
@@ -146,17 +165,27 @@ def conv_gemm_impl(
     if kblock < 1 or ew.shape != (groups, -(-k // kblock), nout):
         raise ValueError(f"ew must have shape (G, ceil(K / kblock), Nout) = ({groups}, {-(-k // max(kblock, 1))}, "
                          f"{nout}) with kblock >= 1, got {tuple(ew.shape)} and kblock={kblock}")  # fmt: skip
+    if ex.dtype != torch.int32 or ex.shape not in ((), (x.shape[0],)):
+        raise ValueError(f"ex must be int32 of shape () or ({x.shape[0]},) (one per image), got {ex.dtype} of shape "
+                         f"{tuple(ex.shape)}")  # fmt: skip
+    if ex.numel() == 0:  # no images: nothing is read
+        ex = ex.new_zeros(())
     fused = getattr(backends.active(x.device), "conv_gemm", None)
     if fused is not None:
         return fused(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
-    ea = ex.reshape(1, 1).expand(cols.shape[1], ew.shape[1]).contiguous()
+    ea = _row_exponents(ex, cols.shape[1]).expand(cols.shape[1], ew.shape[1]).contiguous()
     outputs = [
         gemm_impl(cols[g], ea, hx, w[g], ew[g], hw, kblock, None if bias is None else bias[g * nout : (g + 1) * nout])
         for g in range(groups)
     ]
     y = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
     return y.view(x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout)
+
+
+def _row_exponents(ex: torch.Tensor, rows: int) -> torch.Tensor:
+    """(rows, 1): the image's exponent, or each image's for its rows (patches) in order."""
+    return ex.reshape(1, 1) if ex.dim() == 0 else ex.repeat_interleave(rows // ex.numel()).view(rows, 1)
 
 
 conv_gemm = torch.library.custom_op("dfp::conv_gemm", mutates_args=())(conv_gemm_impl)
@@ -179,11 +208,14 @@ def conv_grad_weight_gemm_impl(
     stride: list[int],
     dilation: list[int],
     groups: int,
+    kblock: int = 0,
 ) -> torch.Tensor:
     """Per group g: dw[g rows] = dy[..., g]^T @ patches_g(x), float32 (Cout, K).
 
-    dy: contiguous int16 (N, OH, OW, Cout), exponent ey (0-d); x as in ``conv_gemm``.
-    The reduction runs over the N*OH*OW output pixels.
+    dy: contiguous int16 (N, OH, OW, Cout) with exponents ey: 0-d (per tensor), or
+    (ceil(P / kblock), Cout), one per block of ``kblock`` consecutive output pixels (of the
+    P = N*OH*OW in (n, oh, ow) order; kblock even) and channel; x as in ``conv_gemm``.
+    The reduction runs over the P output pixels, its K-blocks being dy's blocks.
     """
     _check_image(x, kernel, stride, dilation, groups)
     cout, k = dy.shape[-1], kernel[0] * kernel[1] * x.shape[3] // groups
@@ -195,19 +227,35 @@ def conv_grad_weight_gemm_impl(
         raise ValueError(f"groups={groups} must divide the {cout} channels of dy")
     if dy.numel() == 0 or k == 0:  # no products: the sum is empty
         return dy.new_zeros((cout, k), dtype=torch.float32)
+    pixels = dy.numel() // cout
+    ey, kblock = _pixel_block_exponents(ey, kblock, pixels, cout)
     fused = getattr(backends.active(dy.device), "conv_grad_weight_gemm", None)
     if fused is not None:
-        return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups)
+        return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
     dy2 = dy.reshape(-1, cout)
-    pixels, cout_g = dy2.shape[0], cout // groups
-    ea = ey.reshape(1, 1).expand(cout_g, 1).contiguous()
-    eb = ex.reshape(1, 1).expand(1, k).contiguous()
+    cout_g = cout // groups
+    eb = ex.reshape(1, 1).expand(ey.shape[0], k).contiguous()
     grads = [
-        gemm_impl(dy2[:, g * cout_g : (g + 1) * cout_g].t(), ea, hy, cols[g], eb, hx, pixels, None)
+        gemm_impl(dy2[:, g * cout_g : (g + 1) * cout_g].t(), ey[:, g * cout_g : (g + 1) * cout_g].t().contiguous(),
+                  hy, cols[g], eb, hx, kblock, None)
         for g in range(groups)
-    ]
+    ]  # fmt: skip
     return grads[0] if groups == 1 else torch.cat(grads)
+
+
+def _pixel_block_exponents(ey: torch.Tensor, kblock: int, pixels: int, cout: int) -> tuple[torch.Tensor, int]:
+    """dy's exponents as (KB, Cout) int32 and the block length: a 0-d (per tensor) ``ey``
+    is one block of all ``pixels``."""
+    if ey.dim() == 0:
+        return ey.reshape(1, 1).expand(1, cout), pixels
+    blocks = -(-pixels // kblock) if kblock > 0 else 0
+    if ey.dtype != torch.int32 or kblock < 1 or ey.shape != (blocks, cout) or (blocks > 1 and kblock % 2):
+        raise ValueError(
+            f"ey must be a 0-d int32 exponent or int32 (ceil(pixels / kblock), Cout) = ({blocks}, {cout}) with an "
+            f"even kblock >= 1 (or one block), got {ey.dtype} of shape {tuple(ey.shape)} and kblock={kblock}"
+        )
+    return ey, kblock
 
 
 conv_grad_weight_gemm = torch.library.custom_op("dfp::conv_grad_weight_gemm", mutates_args=())(
@@ -216,5 +264,5 @@ conv_grad_weight_gemm = torch.library.custom_op("dfp::conv_grad_weight_gemm", mu
 
 
 @conv_grad_weight_gemm.register_fake
-def _(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups):
+def _(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock=0):
     return dy.new_empty((dy.shape[-1], kernel[0] * kernel[1] * x.shape[-1] // groups), dtype=torch.float32)

@@ -101,6 +101,8 @@ def conv2d_impl(
     grad_input_dfp: bool,
     grad_weight_dfp: bool,
     grad_stochastic: bool,
+    grad_weight_block: int,
+    grad_input_per_sample: bool,
     channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = conv2d(x, weight) + bias, float32 (N, Cout, OH, OW) in channels-last memory
@@ -113,8 +115,11 @@ def conv2d_impl(
 
     x: float32 (N, C, H, W), any strides; weight: float32 (Cout, C/groups, KH, KW);
     bias: float32 (Cout,) or None; padding is symmetric zeros. The input is quantized
-    even when the forward runs in fp32, for a DFP16 grad_weight. The grad_* flags only
-    steer the backward (see ``_setup_context``).
+    even when the forward runs in fp32, for a DFP16 grad_weight. The grad_* arguments only
+    steer the backward (see ``_setup_context``); ``grad_weight_block`` > 0 gives the output
+    gradient one exponent per block of that many output pixels and channel in grad_weight
+    (0: one per tensor); ``grad_input_per_sample`` one per sample in grad_input (else one
+    per tensor).
     """
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -126,7 +131,7 @@ def conv2d_impl(
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, x_exponent
     wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
-    if layout.is_nonfinite(DFPTensor(x_padded, x_exponent, DFPSpec(headroom)), wq):
+    if layout.is_nonfinite(x_exponent, wq.exponent):
         return _nan((n, cout, oh, ow), x, channels_last), x_padded, x_exponent
     cout_g = cout // groups
     extra = x_padded.shape[3] - c
@@ -204,7 +209,7 @@ def conv2d_grad_input_impl(
     (N, OH, OW, Cout) with 0-d exponent, and the float32 weight (Cout, C/groups, KH, KW),
     quantized here (see ``_grad_input_weights``)."""
     wq = _grad_input_weights(weight, groups, headroom, weight_channel)
-    if layout.is_nonfinite(DFPTensor(grad_q, grad_exponent, DFPSpec(headroom)), wq):
+    if layout.is_nonfinite(grad_exponent, wq.exponent):
         return _nan(input_shape, grad_q, channels_last)
     grad = grad_input(grad_q, grad_exponent, wq, input_shape, stride, padding, dilation)
     return _to_nchw(grad, channels_last)
@@ -218,6 +223,41 @@ def _(grad_q, grad_exponent, weight, input_shape, *config):
     return _empty(input_shape, weight, config[-1])
 
 
+def quantize_grad_output_impl(
+    t: torch.Tensor, headroom: int, block: int, input_exponent: int, stochastic: bool, seed: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float32 (N, C, H, W) -> (int16 mantissas (N, H, W, C) and int32 exponents) for
+    grad_weight, one exponent per block of ``block`` output pixels and channel
+    (ceil(N*H*W / block), C), the K-blocks of its reduction over pixels; and for
+    grad_input, per tensor (0-d; ``input_exponent`` 1) or per sample ((N,); 2). An
+    output not asked for (``block`` 0, ``input_exponent`` 0) is an empty (0,) mantissa
+    and a 0-d exponent. Reads ``t`` twice in all where the backend can; ``NONFINITE``
+    exponents if ``t`` holds NaN/Inf. ``seed`` as in ``quantize_channels_last``."""
+    per_sample = (None, False, True)[input_exponent]
+    outputs = layout.quantize_gradient(t, headroom, block, per_sample, stochastic, int(seed))
+    none = (t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32))
+    q_blocks, e_blocks = outputs[:2] if block else none
+    q_input, e_input = outputs[2:] if input_exponent else none
+    return q_blocks, e_blocks, q_input, e_input
+
+
+quantize_grad_output = torch.library.custom_op("dfp::quantize_grad_output", mutates_args=())(
+    quantize_grad_output_impl
+)
+
+
+@quantize_grad_output.register_fake
+def _(t, headroom, block, input_exponent, stochastic, seed):
+    n, c, h, w = t.shape
+
+    def mantissa(asked: bool) -> torch.Tensor:
+        return t.new_empty((n, h, w, c) if asked else (0,), dtype=torch.int16)
+
+    e_blocks = t.new_empty((-(-(n * h * w) // block), c) if block else (), dtype=torch.int32)
+    e_input = t.new_empty((n,) if input_exponent == 2 else (), dtype=torch.int32)
+    return mantissa(block > 0), e_blocks, mantissa(input_exponent > 0), e_input
+
+
 def conv2d_grad_weight_impl(
     grad_q: torch.Tensor,
     grad_exponent: torch.Tensor,
@@ -228,18 +268,21 @@ def conv2d_grad_weight_impl(
     dilation: list[int],
     groups: int,
     headroom: int,
+    grad_block: int,
     channels_last: bool,
 ) -> torch.Tensor:
     """dW (Cout, C/groups, KH, KW) float32 = dY^T im2col(X): ``grad_q`` int16
-    (N, OH, OW, Cout), ``input_q`` the zero-padded int16 input (N, Hp, Wp, C') from
-    ``dfp::conv2d``, both with 0-d exponents; the reduction runs over N*OH*OW. The
-    columns of a padding channel (C' > C) are dropped."""
+    (N, OH, OW, Cout) with a 0-d exponent (``grad_block`` 0) or one per block of
+    ``grad_block`` output pixels and channel (``quantize_grad_output``); ``input_q`` the
+    zero-padded int16 input (N, Hp, Wp, C') from ``dfp::conv2d``, with a 0-d exponent;
+    the reduction runs over N*OH*OW. The columns of a padding channel (C' > C) are
+    dropped."""
     cout, cin_g, kh, kw = weight_shape
-    spec = DFPSpec(headroom)
-    if layout.is_nonfinite(DFPTensor(grad_q, grad_exponent, spec), DFPTensor(input_q, input_exponent, spec)):
+    if layout.is_nonfinite(grad_exponent, input_exponent):
         return _nan(weight_shape, grad_q, channels_last)
     grad = _ops.conv_grad_weight_gemm_impl(
-        grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups
+        grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups,
+        grad_block,
     )
     return _to_nchw(grad.view(cout, kh, kw, input_q.shape[3] // groups)[..., :cin_g], channels_last)
 
@@ -248,7 +291,8 @@ conv2d_grad_weight = torch.library.custom_op("dfp::conv2d_grad_weight", mutates_
 
 
 @conv2d_grad_weight.register_fake
-def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, headroom, channels_last):
+def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, headroom, grad_block,
+      channels_last):
     return _empty(weight_shape, grad_q, channels_last)
 
 
@@ -258,7 +302,9 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, _bias, stride, padding, dilation, groups, headroom, weight_channel = inputs[:9]
-    _forward_dfp, grad_input_dfp, grad_weight_dfp, grad_stochastic, channels_last = inputs[9:]
+    _forward_dfp, grad_input_dfp, grad_weight_dfp, grad_stochastic, weight_block, input_per_sample, channels_last = (
+        inputs[9:]
+    )
     _, x_padded, x_exponent = output
     need_weight_grad = ctx.needs_input_grad[1]
     # Keep the int16 input for a DFP16 grad_weight, the float input only for an fp32 one;
@@ -268,7 +314,9 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if keep_x else None, weight, x_padded if keep_q else None, x_exponent if keep_q else None)
     ctx.input_shape = list(x.shape)
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
-    ctx.config = (headroom, weight_channel, grad_input_dfp, grad_weight_dfp, grad_stochastic)
+    ctx.config = (
+        headroom, weight_channel, grad_input_dfp, grad_weight_dfp, grad_stochastic, weight_block, input_per_sample
+    )
     ctx.channels_last = (channels_last, _is_channels_last(weight))
 
 
@@ -276,12 +324,15 @@ class _BackwardCalls(NamedTuple):
     """What the backward calls: the registered ops (traceable) or their bodies (eager)."""
 
     quantize: Callable
+    quantize_both: Callable
     grad_input: Callable
     grad_weight: Callable
 
 
-_TRACEABLE = _BackwardCalls(quantize_channels_last, conv2d_grad_input, conv2d_grad_weight)
-_EAGER = _BackwardCalls(quantize_channels_last_impl, conv2d_grad_input_impl, conv2d_grad_weight_impl)
+_TRACEABLE = _BackwardCalls(quantize_channels_last, quantize_grad_output, conv2d_grad_input, conv2d_grad_weight)
+_EAGER = _BackwardCalls(
+    quantize_channels_last_impl, quantize_grad_output_impl, conv2d_grad_input_impl, conv2d_grad_weight_impl
+)
 
 
 def _backward(ctx, grad_y, calls: _BackwardCalls):
@@ -290,27 +341,42 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
     x, weight, x_padded, x_exponent = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     stride, _, dilation, groups = ctx.conv
-    headroom, weight_channel, grad_input_dfp, grad_weight_dfp, stochastic = ctx.config
+    headroom, weight_channel, grad_input_dfp, grad_weight_dfp, stochastic, weight_block, per_sample = ctx.config
     input_last, weight_last = ctx.channels_last
     grad_x = grad_w = grad_b = None
+    dfp_input, dfp_weight = need_input and grad_input_dfp, need_weight and grad_weight_dfp
     with torch.autocast(grad_y.device.type, enabled=False):
-        if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
+        if dfp_input or dfp_weight:
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
             seed = torch.randint(-(2**63), 2**63 - 1, ()) if stochastic else torch.zeros((), dtype=torch.int64)
-            grad_q, grad_e = calls.quantize(grad_y, headroom, stochastic, seed)
-        if need_input and grad_input_dfp:
+        # grad_weight's reduction runs over pixels: runs of them get exponents there; the
+        # per-tensor quantization for grad_input rides along where dY is read anyway
+        fused_weight = dfp_weight and weight_block > 0
+        fused_input = dfp_input and (per_sample or fused_weight)
+        if fused_weight or fused_input:
+            block, input_exponent = weight_block if fused_weight else 0, (2 if per_sample else 1) if fused_input else 0
+            grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
+                grad_y, headroom, block, input_exponent, stochastic, seed
+            )
+        if (dfp_input and not fused_input) or (dfp_weight and not fused_weight):
+            per_tensor = calls.quantize(grad_y, headroom, stochastic, seed)
+            if not fused_input:
+                grad_q, grad_e = per_tensor
+            if not fused_weight:
+                grad_wq, grad_we = per_tensor
+        if dfp_input:
             config = (headroom, weight_channel, input_last)
             grad_x = calls.grad_input(grad_q, grad_e, weight, ctx.input_shape, *ctx.conv, *config)
         elif need_input:
             grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_y, *ctx.conv)
-        if need_weight and grad_weight_dfp:
-            geometry = (list(weight.shape), stride, dilation, groups, headroom, weight_last)
-            grad_w = calls.grad_weight(grad_q, grad_e, x_padded, x_exponent, *geometry)
+        if dfp_weight:
+            geometry = (list(weight.shape), stride, dilation, groups, headroom, weight_block, weight_last)
+            grad_w = calls.grad_weight(grad_wq, grad_we, x_padded, x_exponent, *geometry)
         elif need_weight:
             grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *ctx.conv)
         if need_bias:
             grad_b = grad_y.sum(dim=(0, 2, 3))
-    return grad_x, grad_w, grad_b, *([None] * 11)
+    return grad_x, grad_w, grad_b, *([None] * 13)
 
 
 def _backward_traceable(ctx, grad_y, _grad_x_padded, _grad_x_exponent):

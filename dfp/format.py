@@ -37,14 +37,14 @@ class DFPSpec:
     rounding: Rounding = "nearest"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.headroom, int) or not 0 <= self.headroom <= MAX_HEADROOM:
+        if not _is_int(self.headroom) or not 0 <= self.headroom <= MAX_HEADROOM:
             raise ValueError(f"DFPSpec.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
-        if self.axis is not None and not isinstance(self.axis, int):
+        if self.axis is not None and not _is_int(self.axis):
             raise ValueError(f"DFPSpec.axis must be None or an int, got {self.axis!r}")
         if self.block is not None:
             if self.axis is None:
                 raise ValueError("DFPSpec.block needs an axis: pass axis=<the axis the blocks run along>")
-            if not isinstance(self.block, int) or self.block < 1:
+            if not _is_int(self.block) or self.block < 1:
                 raise ValueError(f"DFPSpec.block must be a positive int, got {self.block!r}")
         if self.rounding not in ("nearest", "stochastic"):
             raise ValueError(f"DFPSpec.rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
@@ -54,6 +54,11 @@ class DFPSpec:
         if self.axis is None:
             return "tensor"
         return "channel" if self.block is None else "block"
+
+
+def _is_int(value: object) -> bool:
+    """An int that is not a bool: ``True`` is an int to Python, but headroom=True is a mistake."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def mirrored(spec: DFPSpec) -> DFPSpec:
@@ -71,6 +76,22 @@ class DFPTensor:
     mantissa: torch.Tensor
     exponent: torch.Tensor
     spec: DFPSpec
+
+    def __post_init__(self) -> None:
+        # Types and dtypes only, which cost nothing: the kernels read int16 and int32 raw
+        # memory, so any other dtype would give wrong numbers, not an error. Shapes and
+        # ranges are checked where a GEMM consumes the tensor (``check_operand``).
+        if not isinstance(self.spec, DFPSpec):
+            raise TypeError(f"DFPTensor.spec must be a dfp.DFPSpec, got {type(self.spec).__name__}")
+        for name, dtype in (("mantissa", torch.int16), ("exponent", torch.int32)):
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"DFPTensor.{name} must be a torch.Tensor, got {type(value).__name__}")
+            if value.dtype != dtype:
+                raise TypeError(
+                    f"DFPTensor.{name} must be {dtype}, got {value.dtype}; make DFPTensors with dfp.quantize, "
+                    f"or convert with .to({dtype}) after checking the values fit"
+                )
 
     @property
     def shape(self) -> torch.Size:
@@ -140,6 +161,45 @@ def exponent_shape(shape: torch.Size, spec: DFPSpec) -> tuple[int, ...]:
     return tuple(-(-d // spec.block) if i == axis else d for i, d in enumerate(shape))
 
 
+# The GEMM scales by 2**(ea + eb) and 2**(e - max e) in float64, whose exponents reach
+# +-1022; exponents within +-511 keep both exact on every backend. dfp.quantize makes
+# exponents in -163..126.
+EXPONENT_LIMIT = 511
+
+
+def check_operand(t: DFPTensor, name: str) -> None:
+    """Raise a clear error unless ``t`` (maybe built by hand) is what the kernels may read:
+    an exponent tensor of the shape its spec gives (the kernels index it without bounds
+    checks), on the mantissa's device, exponents within +-EXPONENT_LIMIT and mantissas
+    within the headroom's symmetric range (the int32 chains are overflow-free only there).
+    Costs one pass over the values, small beside the GEMM that reads them."""
+    m, e, spec = t.mantissa, t.exponent, t.spec
+    if e.device != m.device:
+        raise ValueError(f"{name}.exponent is on {e.device} but {name}.mantissa on {m.device}; move both to one device")
+    want = exponent_shape(m.shape, spec)
+    if tuple(e.shape) != want and not (spec.group == "tensor" and e.numel() == 1):
+        raise ValueError(
+            f"{name}.exponent has shape {tuple(e.shape)}, but a DFPTensor of shape {tuple(m.shape)} with {spec} "
+            f"needs {want}: one exponent per group, shaped as dfp.quantize makes them"
+        )
+    if e.numel():
+        low, high = (int(v) for v in torch.aminmax(e))
+        if low < -EXPONENT_LIMIT or high > EXPONENT_LIMIT:
+            raise ValueError(
+                f"{name}.exponent holds values in {low}..{high}; dfp's GEMM takes exponents in "
+                f"-{EXPONENT_LIMIT}..{EXPONENT_LIMIT} (dfp.quantize makes them in -163..126)"
+            )
+    limit = 2 ** (15 - spec.headroom) - 1
+    if m.numel():
+        low, high = (int(v) for v in torch.aminmax(m))
+        if low < -limit or high > limit:
+            raise ValueError(
+                f"{name}.mantissa holds values in {low}..{high}, outside -{limit}..{limit}, the range of headroom "
+                f"{spec.headroom}; the int32 chains of the GEMM are exact only inside it. Quantize with dfp.quantize, "
+                f"or build the DFPTensor with the headroom its mantissas have"
+            )
+
+
 def check_float_input(x: object, name: str) -> torch.Tensor:
     """Raise a clear error unless ``x`` is a float32 CPU tensor."""
     if not isinstance(x, torch.Tensor):
@@ -148,7 +208,33 @@ def check_float_input(x: object, name: str) -> torch.Tensor:
         raise TypeError(f"{name} must be float32, got {x.dtype}; convert it with {name}.float()")
     if x.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} is on {x.device}; dfp's DFP16 kernels run on CPU and CUDA tensors")
+    check_plain(x, name)
     return x
+
+
+def check_plain(x: torch.Tensor, name: str) -> None:
+    """Raise a clear error for a tensor of a torch.func transform (vmap, grad, jvp): the
+    kernels read raw memory, which such tensors do not expose."""
+    if torch._C._functorch.is_functorch_wrapped_tensor(x):
+        raise NotImplementedError(
+            f"{name} is a tensor inside torch.vmap or another torch.func transform, which dfp's kernels do not "
+            "support; call the dfp op on the whole batch (or in a loop over its items) instead"
+        )
+
+
+def check_spec(spec: object) -> DFPSpec:
+    """``spec``, or the default DFPSpec() for None; a clear error for anything else."""
+    if spec is None:
+        return DFPSpec()
+    if not isinstance(spec, DFPSpec):
+        hint = (
+            f": {spec!r} names a layer format (dfp.formats); pass the DFPSpec to quantize with, e.g. "
+            "dfp.DFPSpec() (headroom 2, one exponent per tensor, rounding to nearest)"
+            if isinstance(spec, str)
+            else ""
+        )
+        raise TypeError(f"spec must be a dfp.DFPSpec, got {type(spec).__name__} {spec!r}{hint}")
+    return spec
 
 
 def draw_seed(generator: torch.Generator | None) -> int:
@@ -163,7 +249,7 @@ def quantize(x: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.G
     its seed from ``generator`` (or torch's default generator), so ``torch.manual_seed``
     makes it reproducible, whatever the thread count.
     """
-    spec = spec or DFPSpec()
+    spec = check_spec(spec)
     check_float_input(x, "x")
     if spec.axis is not None:
         _normalize_axis(spec.axis, x.dim())

@@ -17,6 +17,7 @@ from .format import MAX_HEADROOM, DFPSpec, Rounding
 
 Product = Literal["dfp", "fp32", "bf16", "fp16"]
 WeightExponent = Literal["tensor", "channel"]
+GradInputExponent = Literal["tensor", "sample"]
 
 _FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -38,6 +39,13 @@ class Format:
             grad_input product, whose reduction runs over output channels, one per
             block of ``chain_length`` output channels and input element, which the
             GEMM gets for free). Activations and gradients have one per tensor.
+        grad_weight_block: where given (a positive even int), output gradients get one
+            exponent per block of this many output pixels and per channel in the
+            grad_weight product, whose reduction runs over pixels: each block is a K-block
+            of that GEMM (MX-style). None: one exponent per tensor (Das et al.).
+        grad_input_exponent: "tensor" (Das et al.) or "sample": output gradients get one
+            exponent per sample in the grad_input product (each row of that GEMM lies in
+            one sample, so a row's exponent costs only its epilogue scale).
         grad_rounding: rounding of output gradients ("stochastic" draws its seed from
             torch's generator, so ``torch.manual_seed`` reproduces it); the forward
             quantization always rounds to nearest.
@@ -51,6 +59,8 @@ class Format:
     dtype: torch.dtype = torch.float32
     headroom: int = 2
     weight_exponent: WeightExponent = "tensor"
+    grad_weight_block: int | None = None
+    grad_input_exponent: GradInputExponent = "tensor"
     grad_rounding: Rounding = "nearest"
     forward: Product = "dfp"
     grad_input: Product = "dfp"
@@ -63,7 +73,12 @@ class Format:
             raise ValueError(f"Format.weight_exponent must be 'tensor' or 'channel', got {self.weight_exponent!r}")
         if self.grad_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"Format.grad_rounding must be 'nearest' or 'stochastic', got {self.grad_rounding!r}")
-        if not isinstance(self.headroom, int) or not 0 <= self.headroom <= MAX_HEADROOM:
+        block = self.grad_weight_block
+        if block is not None and (type(block) is not int or block < 2 or block % 2):
+            raise ValueError(f"Format.grad_weight_block must be None or an even int >= 2, got {block!r}")
+        if self.grad_input_exponent not in ("tensor", "sample"):
+            raise ValueError(f"Format.grad_input_exponent must be 'tensor' or 'sample', got {self.grad_input_exponent!r}")
+        if type(self.headroom) is not int or not 0 <= self.headroom <= MAX_HEADROOM:  # a bool is no headroom
             raise ValueError(f"Format.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
         products = {"forward": self.forward, "grad_input": self.grad_input, "grad_weight": self.grad_weight}
         if self.is_dfp:
@@ -78,9 +93,16 @@ class Format:
                 raise ValueError(f"Format.{field}={value!r}: {kind} computes each product as one of {allowed}")
 
 
+# The default's output gradients get an exponent per 32 output pixels and channel in
+# grad_weight (one int32 chain at headroom 2) and one per sample in grad_input: per
+# tensor, both products were less accurate than bf16 on ResNet-20's layers, or barely
+# more (docs/design.md, "Training layers").
+GRAD_EXPONENTS = {"grad_weight_block": 32, "grad_input_exponent": "sample"}
+
 FORMATS: dict[str, Format] = {
-    "dfp16": Format("dfp16", is_dfp=True),
-    "dfp16-sr": Format("dfp16-sr", is_dfp=True, grad_rounding="stochastic"),
+    "dfp16": Format("dfp16", is_dfp=True, **GRAD_EXPONENTS),
+    "dfp16-sr": Format("dfp16-sr", is_dfp=True, grad_rounding="stochastic", **GRAD_EXPONENTS),
+    "dfp16-tensor": Format("dfp16-tensor", is_dfp=True),
     **{
         name: Format(name, is_dfp=False, dtype=dtype, forward=name, grad_input=name, grad_weight=name)
         for dtype, name in _FLOAT_NAMES.items()
@@ -92,8 +114,10 @@ def resolve(fmt: str | DFPSpec | Format) -> Format:
     """The Format named by ``fmt``.
 
     ``fmt`` is a Format (returned as is), a name from ``FORMATS`` ("dfp16": headroom 2,
-    nearest rounding; "dfp16-sr": the same with stochastic rounding of gradients;
-    "fp32", "bf16", "fp16"), or a DFPSpec: its headroom, its rounding for the gradients
+    nearest rounding, output gradients with an exponent per 32 pixels and channel in
+    grad_weight and per sample in grad_input; "dfp16-sr": the same with stochastic rounding of gradients;
+    "dfp16-tensor": one exponent per tensor everywhere, as in Das et al. 2018; "fp32",
+    "bf16", "fp16"), or a DFPSpec: its headroom, its rounding for the gradients
     (the forward rounds to nearest), and ``axis=None`` for one weight exponent per
     tensor or ``axis=0`` for one per output channel.
     """

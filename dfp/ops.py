@@ -4,9 +4,29 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops  # noqa: F401  (registers torch.ops.dfp.*)
+from . import _ops, backends  # noqa: F401  (_ops registers torch.ops.dfp.*)
 from ._gemm_layout import gemm_layout, matmul_grouping
-from .format import DFPSpec, DFPTensor, check_float_input, draw_seed
+from .format import DFPSpec, DFPTensor, check_float_input, check_operand, check_plain, check_spec, draw_seed
+
+
+def _check_backend(device: torch.device) -> None:
+    """Resolve the backend before entering torch's dispatcher: a bad DFP_BACKEND or
+    DFP_CPU_ISA then fails with a short traceback instead of one through torch.library."""
+    if not torch.compiler.is_compiling():
+        backends.active(device)
+
+
+def _refuse_grad(op: str, hint: str, **tensors: torch.Tensor | None) -> None:
+    """No autograd formula is registered for ``op``: refuse inputs that require grad now,
+    rather than return a tensor whose ``.backward()`` fails later."""
+    if not torch.is_grad_enabled():
+        return
+    needing = [name for name, t in tensors.items() if t is not None and t.requires_grad]
+    if needing:
+        raise RuntimeError(
+            f"{op} has no backward, and {' and '.join(needing)} require{'s' if len(needing) == 1 else ''} grad: "
+            f"{hint}, or call it on detached tensors or under torch.no_grad()"
+        )
 
 
 def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -19,17 +39,25 @@ def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> tor
     for name, t in (("a", a), ("b", b)):
         if not isinstance(t, DFPTensor):
             raise TypeError(f"{name} must be a DFPTensor (from dfp.quantize), got {type(t).__name__}")
+        if t.mantissa.dim() != 2:
+            raise ValueError(f"{name} must be a 2-D DFPTensor, got shape {tuple(t.shape)}; reshape before quantizing")
+        check_plain(t.mantissa, name)
+        check_operand(t, name)
     (m, k), (k2, n) = a.shape, b.shape
     if k != k2:
         raise ValueError(f"a is {m}x{k} and b is {k2}x{n}: the inner dimensions must match")
+    if b.mantissa.device != a.mantissa.device:
+        raise ValueError(f"a is on {a.mantissa.device} and b on {b.mantissa.device}; move both to one device")
     if bias is not None:
         check_float_input(bias, "bias")
         if bias.shape != (n,):
             raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+        _refuse_grad("dfp.ops.gemm", "for a trainable bias use dfp.functional.linear", bias=bias)
     ea, eb, kblock = gemm_layout(a, b)  # validates the exponent layouts, also for K = 0
     if k == 0:
         out = torch.zeros(m, n, device=a.mantissa.device)
         return out + bias if bias is not None else out
+    _check_backend(a.mantissa.device)
     return torch.ops.dfp.gemm(a.mantissa, ea, a.spec.headroom, b.mantissa, eb, b.spec.headroom, kblock, bias)
 
 
@@ -41,14 +69,19 @@ def matmul(
     x: (M, K), y: (K, N) float32. ``spec`` describes x; y gets the mirrored spec (an
     exponent per row of x goes with one per column of y; blocks along K on both).
     """
-    spec = spec or DFPSpec()
+    spec = check_spec(spec)
     check_float_input(x, "x")
     check_float_input(y, "y")
     if x.dim() != 2 or y.dim() != 2:
         raise ValueError(f"matmul takes 2-D x and y, got shapes {tuple(x.shape)} and {tuple(y.shape)}")
     if x.shape[1] != y.shape[0]:
         raise ValueError(f"x is {tuple(x.shape)} and y is {tuple(y.shape)}: the inner dimensions must match")
+    if x.device != y.device:
+        raise ValueError(f"x is on {x.device} and y on {y.device}; move both to one device")
     matmul_grouping(spec.axis, spec.block)
+    _refuse_grad("dfp.matmul", "to train through x @ y use dfp.functional.linear(x, y.t()) (x @ y, DFP16 forward "
+                 "and backward)", x=x, y=y)  # fmt: skip
+    _check_backend(x.device)
     stochastic = spec.rounding == "stochastic"
     seed_x = draw_seed(generator) if stochastic else 0
     seed_y = draw_seed(generator) if stochastic else 0

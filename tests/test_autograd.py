@@ -23,31 +23,31 @@ def _gaussian(shape, seed, scale=1.0) -> torch.Tensor:
 
 # dfp::conv2d arguments after (x, weight, bias): stride, padding, dilation, groups,
 # headroom, weight_channel, forward_dfp, grad_input_dfp, grad_weight_dfp,
-# grad_stochastic, channels_last
+# grad_stochastic, grad_weight_block, grad_input_per_sample, channels_last
 CONV_CONFIGS = {
     "groups-bias": (
         (2, 4, 6, 6),
         (6, 2, 3, 3),
         True,
-        ([1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False),
+        ([1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, 0, False, False),
     ),
     "channel-sr-channels-last": (
         (2, 4, 6, 5),
         (6, 4, 3, 3),
         False,
-        ([2, 1], [1, 1], [1, 2], 1, 3, True, True, True, True, True, True),
+        ([2, 1], [1, 1], [1, 2], 1, 3, True, True, True, True, True, 4, True, True),
     ),
     "fp32-products": (
         (2, 4, 5, 5),
         (4, 4, 3, 3),
         True,
-        ([1, 1], [1, 1], [1, 1], 1, 2, False, False, False, True, False, False),
+        ([1, 1], [1, 1], [1, 1], 1, 2, False, False, False, True, False, 2, True, False),
     ),
     "linear-batch-0": (
         (0, 8, 1, 1),
         (3, 8, 1, 1),
         True,
-        ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, False, False),
+        ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, False, 32, True, False),
     ),
 }
 
@@ -101,15 +101,22 @@ def test_opcheck_backward_ops():
     seed = torch.tensor(12345, dtype=torch.int64)
     for stochastic in (False, True):
         opcheck(torch.ops.dfp.quantize_channels_last.default, (grad, 2, stochastic, seed))
+        for block, input_exponent in ((4, 0), (4, 1), (0, 2), (4, 2)):
+            args = (grad, 2, block, input_exponent, stochastic, seed)
+            opcheck(torch.ops.dfp.quantize_grad_output.default, args)
     grad_q, grad_e = torch.ops.dfp.quantize_channels_last(grad, 2, False, seed)
+    grad_bq, grad_be, grad_sq, grad_se = torch.ops.dfp.quantize_grad_output(grad, 2, 4, 2, False, seed)
     for weight_channel, channels_last in ((False, False), (True, True)):
-        args = (grad_q, grad_e, w, [2, 4, 6, 6], [1, 2], [1, 0], [1, 1], 2, 2, weight_channel, channels_last)
-        opcheck(torch.ops.dfp.conv2d_grad_input.default, args)
+        for q, e in ((grad_q, grad_e), (grad_sq, grad_se)):
+            args = (q, e, w, [2, 4, 6, 6], [1, 2], [1, 0], [1, 1], 2, 2, weight_channel, channels_last)
+            opcheck(torch.ops.dfp.conv2d_grad_input.default, args)
     _, x_padded, x_e = torch.ops.dfp.conv2d(
-        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False
+        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, 0, False, False
     )
     for channels_last in (False, True):
-        args = (grad_q, grad_e, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, channels_last)
+        args = (grad_q, grad_e, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 0, channels_last)
+        opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
+        args = (grad_bq, grad_be, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 4, channels_last)
         opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
 
 
@@ -155,29 +162,41 @@ def _dequantized(t: torch.Tensor, spec: DFPSpec) -> torch.Tensor:
     return dfp.quantize(t, spec).dequantize().double()
 
 
+def _dequantized_pixel_blocks(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t (N, C, H, W) quantized with an exponent per block of pixels and channel."""
+    n, c, h, w = t.shape
+    pixels = t.permute(0, 2, 3, 1).reshape(-1, c)
+    return _dequantized(pixels, DFPSpec(axis=0, block=block)).view(n, h, w, c).permute(0, 3, 1, 2)
+
+
+@pytest.mark.parametrize("name", ["dfp16", "dfp16-tensor"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_each_product_multiplies_the_operands_quantized_as_documented(stride):
-    """Forward: x per tensor, weight per output channel; grad_input: dY per tensor,
-    weight per block of 32 (the chain length) output channels along the reduction;
-    grad_weight: dY and x per tensor. The result equals fp64 on the dequantized operands
-    up to fp32 accumulation, and the channels' scales (2^0 .. 2^-13) make any other
-    grouping miss by orders of magnitude more."""
-    fmt = dataclasses.replace(resolve("dfp16"), weight_exponent="channel")
+def test_each_product_multiplies_the_operands_quantized_as_documented(stride, name):
+    """Forward: x per tensor, weight per output channel; grad_input: dY per tensor
+    ("dfp16-tensor") or per sample ("dfp16"), weight per block of 32 (the chain length)
+    output channels along the reduction; grad_weight: x per tensor, dY per tensor
+    ("dfp16-tensor") or per block of 32 output pixels and channel ("dfp16"). The result
+    equals fp64 on the dequantized operands up to fp32 accumulation, and the channels'
+    and samples' scales (2^0 .. 2^-13, 2^-9) make any other grouping miss by orders of
+    magnitude more."""
+    fmt = dataclasses.replace(resolve(name), weight_exponent="channel")
     cout = 40  # two blocks along Cout in grad_input: 32 + 8
     x = _gaussian((2, 5, 6, 6), 0).requires_grad_()
     w = (_gaussian((cout, 5, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
-    grad = _gaussian((2, cout, 6, 6), 2)
+    grad = _gaussian((2, cout, 6, 6), 2) * torch.tensor([1.0, 2.0**-9]).view(2, 1, 1, 1)
     grad = grad[:, :, ::stride, ::stride]
     DF.conv2d(x, w, stride=stride, padding=1, fmt=fmt).backward(grad)
 
     xd, dyd = _dequantized(x.detach(), DFPSpec()), _dequantized(grad, DFPSpec())
+    dyd_weight = _dequantized_pixel_blocks(grad, fmt.grad_weight_block) if fmt.grad_weight_block else dyd
+    dyd_input = _dequantized(grad, DFPSpec(axis=0)) if fmt.grad_input_exponent == "sample" else dyd
     w_forward = _dequantized(w.detach(), DFPSpec(axis=0))
     w_backward = _dequantized(w.detach().reshape(cout, -1), DFPSpec(axis=0, block=32)).view(w.shape)
     y = DF.conv2d(x.detach(), w.detach(), stride=stride, padding=1, fmt=fmt)
     checks = [
         (y, torch.nn.functional.conv2d(xd, w_forward, stride=stride, padding=1)),
-        (x.grad, torch.nn.grad.conv2d_input(x.shape, w_backward, dyd, stride=stride, padding=1)),
-        (w.grad, torch.nn.grad.conv2d_weight(xd, w.shape, dyd, stride=stride, padding=1)),
+        (x.grad, torch.nn.grad.conv2d_input(x.shape, w_backward, dyd_input, stride=stride, padding=1)),
+        (w.grad, torch.nn.grad.conv2d_weight(xd, w.shape, dyd_weight, stride=stride, padding=1)),
     ]
     for got, want in checks:
         assert (got.double() - want).norm() <= 1e-6 * want.norm()

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dfp
-from benchmarks import cases
+from benchmarks import cases, step
 
 
 @pytest.mark.parametrize("group", cases.QUANT_GROUPS)
@@ -40,3 +40,32 @@ def test_report_runs_every_table_quickly(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
     assert "GEMM, GOP/s" in text and "Quantize" in text and "| Linear" in text
+    assert "Training steps" in text and "| ResNet-20 | 1 |" in text and "Breakdown of a ResNet-18-CIFAR step" in text
+
+
+def test_step_breakdown_parts():
+    # Op paths as torch.profiler nests them, from the step's child down to the op.
+    evaluate = "autograd::engine::evaluate_function: "
+    assert step._part(["EagerConv2d", "dfp: quantize", "aten::empty"]) == step.QUANTIZE
+    assert step._part(["EagerConv2d", "aten::copy_"]) == step.CONV_FORWARD
+    assert step._part([evaluate + "EagerConv2dBackward", "EagerConv2dBackward", "dfp: grad_input", "aten::flip"]) == (
+        step.GRAD_INPUT
+    )
+    assert step._part([evaluate + "EagerConv2dBackward", "dfp: grad_input", "dfp: quantize"]) == step.QUANTIZE
+    assert step._part([evaluate + "EagerConv2dBackward", "dfp: grad_weight"]) == step.GRAD_WEIGHT
+    assert step._part(["aten::conv2d", "aten::_to_copy"], autocast=True) == step.CASTS
+    assert step._part(["aten::conv2d", "aten::convolution", "aten::mkldnn_convolution"]) == step.CONV_FORWARD
+    assert step._part([evaluate + "ConvolutionBackward0", "aten::convolution_backward", "aten::to"]) == (
+        step.CONV_BACKWARD
+    )
+    assert step._part(["aten::batch_norm", "aten::native_batch_norm"]) == step.BATCH_NORM
+    assert step._part(["aten::relu", "aten::clamp_min"]) == step.ELEMENTWISE
+    assert step._part(["aten::adaptive_avg_pool2d", "aten::mean", "aten::div_"]) == step.OTHER
+    assert step._part(["Optimizer.step#SGD.step", "aten::_foreach_add_"]) == step.OPTIMIZER
+
+
+def test_step_macs_count_every_product():
+    # ResNet-20 on 32x32: about 41 M multiply-adds per image forward; a step is three
+    # products per layer, less the first layer's grad_input.
+    assert 3 * 40e6 < step.step_macs("resnet20", 1) < 3 * 42e6
+    assert step.step_macs("resnet20", 4) == 4 * step.step_macs("resnet20", 1)

@@ -14,6 +14,7 @@ from torch.library import opcheck
 import dfp  # noqa: F401  (registers the ops)
 from dfp import DFPSpec
 from dfp import _conv_layout as layout
+from dfp import _ops
 from dfp._patches import output_size
 
 # (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, K-block)
@@ -70,6 +71,42 @@ def test_conv_grad_weight_gemm_equals_gemm_on_im2col(backend, name):
     want = on_reference(torch.ops.dfp.conv_grad_weight_gemm, *args)
     assert got.shape == (dy.shape[-1], w.shape[1])
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kblock", [2, 6, 32])
+@pytest.mark.parametrize("name", CASES)
+def test_conv_grad_weight_gemm_with_pixel_blocks_equals_gemm_on_im2col(backend, name, kblock):
+    """dy with an exponent per block of output pixels and channel (the K-blocks of the
+    reduction; 6 and 32 leave a shorter last block in most cases), spread over 40
+    binades: the compiled layouts (gathered, transposed, pointwise) give the reference's
+    bits."""
+    x, ex, w, _, _, kernel, stride, dilation, _ = _operands(CASES[name])
+    groups = CASES[name][4]
+    oh, ow = (output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
+    dy = int16_operand((x.shape[0], oh, ow, groups * w.shape[2]), 2, 7)
+    g = torch.Generator().manual_seed(8)
+    blocks = -(-(dy.numel() // dy.shape[-1]) // kblock)
+    ey = torch.randint(-40, 0, (blocks, dy.shape[-1]), generator=g, dtype=torch.int32)
+    args = (dy, ey, 2, x, ex, 2, kernel, stride, dilation, groups, kblock)
+    got = torch.ops.dfp.conv_grad_weight_gemm(*args)
+    assert torch.equal(got, on_reference(torch.ops.dfp.conv_grad_weight_gemm, *args))
+
+
+def test_conv_grad_weight_gemm_with_all_max_pixel_blocks_is_exact(backend):
+    """Every mantissa at +max or -max in blocks of 32 pixels (one chain each): the int32
+    chains cannot overflow (a naive int32 sum of the 128 products would), and with one
+    exponent everywhere the result is the integer sum, rounded once to fp32 (4 equal
+    chains), times 2^(ex + ey)."""
+    x = torch.full((2, 10, 10, 16), 8191, dtype=torch.int16)
+    x[1] = -8191
+    dy = torch.full((2, 8, 8, 4), -8191, dtype=torch.int16)
+    ey = torch.full((4, 4), -20, dtype=torch.int32)
+    ex = torch.tensor(-10, dtype=torch.int32)
+    got = torch.ops.dfp.conv_grad_weight_gemm(dy, ey, 2, x, ex, 2, [3, 3], [1, 1], [1, 1], 1, 32)
+    assert torch.equal(got, torch.zeros_like(got))  # the two images cancel
+    dy[1] = 8191  # now they add: 128 products of 8191^2 per weight, 4 chains of 32
+    got = torch.ops.dfp.conv_grad_weight_gemm(dy, ey, 2, x, ex, 2, [3, 3], [1, 1], [1, 1], 1, 32)
+    assert torch.equal(got, torch.full_like(got, -(8191 * 8191 * 128) * 2.0**-30))
 
 
 @pytest.mark.parametrize("ex,ey", [(-100, -60), (90, 40)])
@@ -161,3 +198,46 @@ def test_window_as_the_generic_copy(backend, rows, columns, channels):
     assert got.shape == (2, rows[1] - rows[0], columns[1] - columns[0], channels)
     assert torch.equal(got, on_reference(layout.window, x, rows, columns, channels))
     assert torch.equal(layout.window(x[:0], rows, columns, channels), got[:0])
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(backend, channels_last, stochastic):
+    """quantize_gradient gives the bits of quantizing the (N*H*W, C) pixel matrix with
+    DFPSpec(axis=0, block), per sample and per tensor on the reference backend (reading
+    it twice for two of them on the compiled one): a block of zeros included (the zero
+    group's exponent), a block whose one huge element takes the whole range, and runs of
+    4 pixels that straddle samples (35 pixels each); NaN makes every exponent NONFINITE."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randn((2, 6, 5, 7), generator=g) * torch.exp2(torch.randint(-30, 30, (2, 6, 1, 1), generator=g).float())
+    t[0, :, 0, :] = 0.0  # pixels 0-6: the first block of 4 is zeros
+    t[1, 2, 3, 4] = 1e30
+    t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
+    pixels = t.permute(0, 2, 3, 1).reshape(-1, 6)
+    want_blocks = on_reference(_ops.quantize_impl, pixels, 2, 0, 4, stochastic, 11)
+    want_tensor = on_reference(_ops.quantize_impl, pixels, 2, None, None, stochastic, 11)
+    want_samples = on_reference(_ops.quantize_impl, pixels.reshape(2, -1), 2, 0, None, stochastic, 11)
+    for per_sample, (q, e) in ((False, want_tensor), (True, want_samples)):
+        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, per_sample, stochastic, seed=11)
+        assert torch.equal(q_blocks.reshape(-1, 6), want_blocks[0]) and torch.equal(e_blocks, want_blocks[1])
+        assert torch.equal(q_input.reshape(q.shape), q) and torch.equal(e_input, e.reshape(e_input.shape))
+    assert (e_blocks[0] == -149 - 13 + 1).all()
+    assert layout.quantize_gradient(t, 2, 4, None, stochastic, seed=11)[2:] == (None, None)
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, True, stochastic, seed=11)
+    assert (q_blocks, e_blocks) == (None, None) and torch.equal(e_input, want_samples[1].view(2))
+    t[0, 0, 0, 0] = float("nan")
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, True, stochastic)
+    assert (e_blocks == layout.NONFINITE).all() and (e_input == layout.NONFINITE).all()
+    assert not q_blocks.any() and not q_input.any()
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_conv_gemm_with_an_exponent_per_image_equals_gemm_on_im2col(backend, name):
+    """An exponent per image (grad_input's output gradient per sample), 30 binades apart:
+    each row of patches has its image's, in the compiled kernel's epilogue as in the
+    reference's materialised exponents."""
+    x, _, w, ew, kblock, kernel, stride, dilation, bias = _operands(CASES[name])
+    g = torch.Generator().manual_seed(9)
+    ex = torch.randint(-40, -10, (x.shape[0],), generator=g, dtype=torch.int32)
+    args = (x, ex, 2, w, ew, 2, kblock, kernel, stride, dilation, bias)
+    assert torch.equal(torch.ops.dfp.conv_gemm(*args), on_reference(torch.ops.dfp.conv_gemm, *args))

@@ -45,12 +45,26 @@ def test_unknown_isa_is_a_clear_error_listing_the_paths():
     assert done.returncode != 0
     assert "DFP_CPU_ISA='avx9000' is not a path this CPU supports" in done.stderr
     assert "scalar" in done.stderr
+    _assert_short(done.stderr)
+
+
+def _assert_short(stderr: str) -> None:
+    """An error of a bad environment switch comes from where dfp checks it, before torch's
+    dispatcher: a short traceback, its last line the message, no chained C++ exception."""
+    assert len(stderr.splitlines()) <= 20, stderr
+    assert "During handling" not in stderr and "The above exception" not in stderr, stderr
 
 
 def test_unknown_backend_is_a_clear_error():
     done = _run("import dfp, torch; dfp.quantize(torch.ones(3))", DFP_BACKEND="gpu-magic")
     assert done.returncode != 0
     assert "unknown dfp backend 'gpu-magic'" in done.stderr
+    gemm = "dfp.ops.gemm(dfp.quantize(torch.ones(2, 2)), dfp.quantize(torch.ones(2, 2)))"
+    for call in ("dfp.matmul(torch.ones(2, 2), torch.ones(2, 2))", gemm):
+        for switch in ({"DFP_BACKEND": "gpu-magic"}, {"DFP_CPU_ISA": "avx9000"}):
+            done = _run(f"import dfp, torch; {call}", **switch)
+            assert done.returncode != 0 and next(iter(switch.values())) in done.stderr.splitlines()[-1]
+            _assert_short(done.stderr)
 
 
 def test_import_without_the_compiled_core_fails_late_and_clearly():

@@ -308,9 +308,10 @@ def test_nonfinite_output_gradient_gives_nan_gradients(fmt):
 
 
 def test_resolve_names_specs_and_formats():
-    assert set(FORMATS) == {"dfp16", "dfp16-sr", "fp32", "bf16", "fp16"}
+    assert set(FORMATS) == {"dfp16", "dfp16-sr", "dfp16-tensor", "fp32", "bf16", "fp16"}
     assert resolve("dfp16").is_dfp and resolve("dfp16").headroom == 2
-    assert resolve("dfp16-sr").grad_rounding == "stochastic"
+    assert resolve("dfp16").grad_weight_block == 32 and resolve("dfp16-tensor").grad_weight_block is None
+    assert resolve("dfp16-sr").grad_rounding == "stochastic" and resolve("dfp16-sr").grad_weight_block == 32
     assert resolve("bf16").dtype == torch.bfloat16 and not resolve("bf16").is_dfp
     assert resolve(CHANNEL) is CHANNEL
     spec = resolve(dfp.DFPSpec(headroom=3, axis=0, rounding="stochastic"))
@@ -320,7 +321,7 @@ def test_resolve_names_specs_and_formats():
 @pytest.mark.parametrize(
     "fmt, match",
     [
-        ("int8", "unknown format 'int8'; choose one of dfp16, dfp16-sr, fp32, bf16, fp16"),
+        ("int8", "unknown format 'int8'; choose one of dfp16, dfp16-sr, dfp16-tensor, fp32, bf16, fp16"),
         (dfp.DFPSpec(axis=1), "per tensor .* or per output channel"),
         (dfp.DFPSpec(axis=0, block=4), "block=4"),
     ],
@@ -338,7 +339,10 @@ def test_resolve_rejects_unknown_formats(fmt, match):
         ({"is_dfp": True, "dtype": torch.float16}, "float32"),
         ({"is_dfp": True, "weight_exponent": "row"}, "weight_exponent"),
         ({"is_dfp": True, "headroom": 14}, "headroom"),
+        ({"is_dfp": True, "headroom": True}, "headroom"),
         ({"is_dfp": True, "grad_rounding": "up"}, "grad_rounding"),
+        ({"is_dfp": True, "grad_weight_block": 31}, "grad_weight_block"),
+        ({"is_dfp": True, "grad_weight_block": True}, "grad_weight_block"),
     ],
 )
 def test_inconsistent_formats_are_rejected(fields, match):

@@ -10,6 +10,7 @@ import importlib.util
 import itertools
 import json
 import math
+import os
 import socket
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def test_formats_are_probed_after_setup_on_the_device_of_the_process(capsys, mon
     assert calls == ["setup", ("fp32", "cpu")]
 
 
-def test_missing_harness_extras_are_named_with_the_install_command(capsys, monkeypatch):
+def test_missing_harness_extras_are_named_with_the_install_command(capsys, monkeypatch, tmp_path):
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real_find_spec(name, *a)
@@ -127,7 +128,7 @@ def test_missing_harness_extras_are_named_with_the_install_command(capsys, monke
         raise ImportError("No module named 'PIL'")
 
     monkeypatch.setattr(data, "load", no_pillow)
-    err = _error(capsys, ["--data", "synthetic"])
+    err = _error(capsys, ["--data", "synthetic", "--out", str(tmp_path)])  # the results directory is made first
     assert "--data synthetic: No module named 'PIL'; dfp-compare needs the harness extras" in err
 
 
@@ -268,6 +269,83 @@ def test_a_partial_last_line_is_skipped_with_a_warning_and_kept(tmp_path):
     assert lines[1] == '{"config": {"data": "dig'  # nothing lost, the new record on its own line
     with pytest.warns(CorruptLineWarning, match=r"results.jsonl:2: .*damaged line"):
         assert [r["config"]["format"] for r in store.load()] == ["fp32", "dfp16"]
+
+
+@pytest.mark.parametrize(
+    ("damage", "problem"),
+    [
+        (lambda r: r.update(result={}), r"result lacks \['final_accuracy'"),
+        (lambda r: r.update(result=[1]), "result is not an object"),
+        (lambda r: r.update(config={}), r"config lacks \['data'"),
+        (lambda r: r["result"].update(diverged="no"), r"result\.diverged is not true or false"),
+        (lambda r: r["result"].update(train_seconds="2 s"), r"result has \['train_seconds'\] that are not numbers"),
+        (lambda r: r["result"].update(epochs=[]), r"result\.epochs is not a non-empty list"),
+        (lambda r: r["result"]["epochs"][1].pop("accuracy"), r"epoch 2 lacks \['accuracy'\]"),
+    ],
+)
+def test_a_record_that_parses_but_is_damaged_is_skipped_with_a_warning(tmp_path, capsys, damage, problem):
+    store = ResultStore(tmp_path)
+    store.append(_record("fp32", 32, 0, 2.0, 0.97))
+    broken = _record("dfp16", 32, 0, 1.0, 0.96)
+    damage(broken)
+    store.append(broken)
+    with pytest.warns(CorruptLineWarning, match=rf"results.jsonl:2: skipping a damaged record: {problem}"):
+        assert [r["config"]["format"] for r in store.load()] == ["fp32"]
+    with pytest.warns(CorruptLineWarning):
+        assert cli.main(["report", "--out", str(tmp_path)]) == 0  # the report of what is intact
+    assert "| fp32 |" in capsys.readouterr().out
+
+
+def test_a_damaged_progress_record_is_skipped_with_a_warning(tmp_path):
+    store = ResultStore(tmp_path)
+    store.append_progress({"data": "digits"}, "a1", {"epoch": 1})
+    store.append_progress(_record("fp32", 32, 0, 2.0, 0.97)["config"], ["a2"], {"epoch": 1})
+    store.append_progress(_record("fp32", 32, 0, 2.0, 0.97)["config"], "a3", {"epoch": 1})
+    with pytest.warns(CorruptLineWarning) as caught:
+        assert [entry["attempt"] for entry in store.load_progress()] == ["a3"]
+    assert [str(w.message).split(": ", 1)[1] for w in caught] == [
+        "skipping a damaged record: config lacks ['model', 'format', 'batch_size', 'seed', 'epochs']",
+        "skipping a damaged record: attempt is not a string",
+    ]
+
+
+def test_the_results_directory_is_checked_before_training(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(study, "run_study", lambda *a, **k: pytest.fail("trained although --out is unusable"))
+    options = ["--formats", "fp32", "--epochs", "1", "--no-progress"]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    err = _error(capsys, [*options, "--out", str(a_file)])
+    assert f"--out {a_file}: exists and is not a directory; choose a directory" in err
+    assert "Traceback" not in err
+    assert "--out" in _error(capsys, [*options, "--out", str(a_file / "below")])
+    (tmp_path / "out" / "results.jsonl").mkdir(parents=True)  # a results file that cannot be appended to
+    err = _error(capsys, [*options, "--out", str(tmp_path / "out")])
+    assert "holds a file that cannot be written" in err and "results.jsonl" in err
+    (tmp_path / "report" / "report.md").mkdir(parents=True)
+    (tmp_path / "report" / "results.jsonl").write_text(json.dumps(_record("fp32", 32, 0, 2.0, 0.97)) + "\n")
+    err = _error(capsys, ["report", "--out", str(tmp_path / "report")])
+    assert "holds a file that cannot be written" in err and "report.md" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes to read-only directories")
+def test_a_read_only_results_directory_is_refused(capsys, tmp_path):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        err = _error(capsys, ["--formats", "fp32", "--epochs", "1", "--no-progress", "--out", str(read_only)])
+    finally:
+        read_only.chmod(0o755)
+    assert f"--out {read_only}: cannot be written to" in err
+
+
+def test_cache_and_data_directories_that_are_files_are_named(capsys, tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    err = _error(capsys, ["--data", "cifar10", "--data-dir", str(tmp_path), "--cache-dir", str(a_file)])
+    assert f"--cache-dir {a_file}: exists and is not a directory" in err
+    err = _error(capsys, ["--data", "mnist", "--data-dir", str(a_file), "--out", str(tmp_path / "out")])
+    assert f"MNIST directory {a_file} is not a directory" in err
 
 
 def test_fresh_moves_the_old_files_aside(tmp_path):

@@ -27,16 +27,23 @@ ConvShape group_shape(const ConvGeometry& g) {
   return {g.n, g.hp, g.wp, g.channels, g.channels / g.groups, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw};
 }
 
+// dY's exponents (KB, cout) of one group: columns [g * cout_g, (g + 1) * cout_g).
+std::vector<int32_t> group_exponents(const int32_t* ey, int64_t blocks, int64_t cout, int64_t g, int64_t cout_g) {
+  std::vector<int32_t> e(blocks * cout_g);
+  for (int64_t b = 0; b < blocks; ++b) std::copy_n(ey + b * cout + g * cout_g, cout_g, e.data() + b * cout_g);
+  return e;
+}
+
 // dW = (patches^T dY)^T: the patches read in place from a channel-major copy of the
 // image and dY packed once, instead of gathering pixel pairs of patches for every block
 // (two fifths of a 16-channel layer's dW). The same products in the same chains, and
 // 2^ex 2^ey is the same scale: the same bits as dY^T patches.
-void grad_weight_transposed(const int16_t* dy, int64_t cout, int32_t ey, int hy, const int16_t* x,
-                            const ConvShape& shape, int64_t groups, int32_t ex, int hx, float* dw, int nthreads) {
+void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, const KLayout& kl, int hy,
+                            const int16_t* x, const ConvShape& shape, int64_t groups, int32_t ex, int hx, float* dw,
+                            int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa());
-  const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
-  const KLayout kl(pixels, std::max<int64_t>(pixels, 1));
-  const std::vector<int32_t> ea(1, ex), eb(cout_g, ey);
+  const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
+  const std::vector<int32_t> ea(kl.nblocks, ex);  // one row: the image has one exponent
   Workspace& ws = workspace();
   ws.image.resize(shape.n * plane * shape.channels);
   to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
@@ -47,8 +54,9 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   const int64_t per_thread = ((k + nthreads - 1) / nthreads + uk.mr - 1) / uk.mr * uk.mr;
   const int64_t rows_per_thread = std::min<int64_t>(per_thread, uk.mc);
   for (int64_t g = 0; g < groups; ++g) {
-    const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape);
+    const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape, kl.kpairs());
     pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
+    const std::vector<int32_t> eb = group_exponents(ey, kl.nblocks, cout, g, cout_g);
     gemm_packed(patches, ws.b, kl, ea.data(), eb.data(), hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
                 GemmOptions{rows_per_thread, 0, true});
     float* dw_g = dw + g * cout_g * k;
@@ -111,18 +119,27 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
   return true;
 }
 
-void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, const int16_t* w,
-                     int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
-                     const float* bias, float* y, int nthreads) {
+void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32_t* ex, int64_t ex_count, int hx,
+                     const int16_t* w, int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew,
+                     int64_t kblock, int hw, const float* bias, float* y, int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa());
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
-  const std::vector<int32_t> ea(kl.nblocks, ex);  // one row: the image has one exponent
+  // One row of exponents: the image's (its first one), and where each image has its own,
+  // the rest as an offset per row (every patch lies in one image), which moves no chain scale.
+  const std::vector<int32_t> ea(kl.nblocks, ex[0]);
+  std::vector<int32_t> row_offsets;
+  if (ex_count > 1) {
+    const int64_t per_image = shape.oh() * shape.ow();
+    row_offsets.resize(shape.pixels());
+    for (int64_t m = 0; m < shape.pixels(); ++m) row_offsets[m] = ex[m / per_image] - ex[0];
+  }
   // A pointwise convolution's patches are the image's rows: read them in place.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
   // Every task gathers its own block of patches, so all columns go in one task when
   // they fit (the fp32 tile then spans them all).
-  const GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), true};
+  GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), true};
+  if (!row_offsets.empty()) options.row_offsets = row_offsets.data();
   Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
@@ -135,17 +152,18 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex,
   }
 }
 
-void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy, const int16_t* x,
-                            const ConvGeometry& geometry, int32_t ex, int hx, float* dw, int nthreads) {
+void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
+                            const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, float* dw,
+                            int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa());
   const ConvShape shape = group_shape(geometry);
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
-  const KLayout kl(pixels, std::max<int64_t>(pixels, 1));
-  const std::vector<int32_t> ea(1, ey), eb(k, ex);
+  const KLayout kl(pixels, std::max<int64_t>(kblock, 1));
+  const std::vector<int32_t> eb(kl.nblocks, ex);  // one column: the image has one exponent
   // Few rows and a long reduction: split the columns into about four tasks per thread
   // (each task reads all of dY, so not into single panels), handed out dynamically.
   const int64_t panels = (k + uk.nr - 1) / uk.nr, per_task = (panels + 4 * nthreads - 1) / (4 * nthreads);
-  const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), true};
+  const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), false, true};
   // Every task gathers its own block of patches; a pointwise convolution's patches are
   // the image's rows, packed once instead.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
@@ -153,17 +171,22 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy,
   // Gathering costs the most per product where dY has few channels; at 64 both ways ran
   // equally fast (within 6%, paired A/B), at 16 and 32 the transposed one 1.13-1.29x faster.
   if (!pointwise && cout_g <= 32 && TransposedPatches::fits(shape)) {
-    grad_weight_transposed(dy, cout, ey, hy, x, shape, geometry.groups, ex, hx, dw, nthreads);
+    grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, nthreads);
     return;
   }
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
-    pack_transposed(dy + g * cout_g, pixels, cout, cout_g, uk.mr, ws.a, nthreads);
+    pack_transposed(dy + g * cout_g, pixels, cout, cout_g, kl.kpairs(), uk.mr, ws.a, nthreads);
+    // A's exponents [row][block]: dY's (KB, cout) transposed
+    const std::vector<int32_t> by_block = group_exponents(ey, kl.nblocks, cout, g, cout_g);
+    std::vector<int32_t> ea(cout_g * kl.nblocks);
+    for (int64_t b = 0; b < kl.nblocks; ++b)
+      for (int64_t o = 0; o < cout_g; ++o) ea[o * kl.nblocks + b] = by_block[b * cout_g + o];
     const PatchColumns patches(image, shape, uk.nr);
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
     gemm_packed(ws.a, b, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
-                pointwise ? GemmOptions{0, 0, true} : gathered);
+                pointwise ? GemmOptions{0, 0, false, true} : gathered);
   }
 }
 

@@ -30,15 +30,20 @@ struct ConvGeometry {
 };
 
 // y (pixels, groups * nout) = per group g: patches_g (pixels, K) x w_g (K, nout), K over
-// (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex is the image's
-// exponent, ew (groups, KB, nout) contiguous; bias (groups * nout) or null.
-void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, const int16_t* w,
+// (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex the image's
+// exponents, one (ex_count 1) or one per image (ex_count n); ew (groups, KB, nout)
+// contiguous; bias (groups * nout) or null.
+void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32_t* ex, int64_t ex_count, int hx,
+                     const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
                      const float* bias, float* y, int nthreads);
 
 // dw (cout, K) = per group g: dy_g^T (cout / groups, pixels) x patches_g (pixels, K);
-// dy (pixels, cout) contiguous with exponent ey, the image's exponent ex.
-void conv_grad_weight_int16(const int16_t* dy, int64_t cout, int32_t ey, int hy, const int16_t* x,
-                            const ConvGeometry& geometry, int32_t ex, int hx, float* dw, int nthreads);
+// dy (pixels, cout) contiguous with exponents ey (KB, cout), one per block of kblock
+// pixels (KB = ceil(pixels / kblock); kblock even unless KB = 1) and channel; the
+// image's exponent ex.
+void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
+                            const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, float* dw,
+                            int nthreads);
 
 }  // namespace dfp

@@ -212,11 +212,11 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
   return {scratch.data(), panel_stride};
 }
 
-TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s) : x_(x), s_(s), offsets_(s.pixels() / 2) {
-  if (offsets_.empty()) return;
+TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs)
+    : x_(x), s_(s), offsets_(std::max(kpairs, s.pixels() / 2), 0) {
   PixelWalk pixel(s_, 0);  // a pair's second pixel is the first's neighbour in the image row (fits)
-  for (int64_t& offset : offsets_) {
-    offset = int64_t(sizeof(int16_t)) * pixel.channel_major_origin();
+  for (int64_t q = 0; q < s.pixels() / 2; ++q) {
+    offsets_[q] = int64_t(sizeof(int16_t)) * pixel.channel_major_origin();
     pixel.next();
     pixel.next();
   }
@@ -278,8 +278,9 @@ void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t chann
   });
 }
 
-void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int mr, RowsA& out, int nthreads) {
-  const int64_t kp = (pixels + 1) / 2, padded = (cout + mr - 1) / mr * mr;
+void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int64_t kpairs, int mr,
+                     RowsA& out, int nthreads) {
+  const int64_t kp = std::max(kpairs, (pixels + 1) / 2), padded = (cout + mr - 1) / mr * mr;
   out.owned.resize(padded * kp);
   std::fill(out.owned.begin() + cout * kp, out.owned.end(), 0);  // the rows padding cout; the tasks write the rest
   out.nrows = cout, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
@@ -291,8 +292,9 @@ void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout
   const auto pairs = [&](int64_t c_begin, int64_t c_end, int64_t q_begin, int64_t q_end) {
     for (int64_t c = c_begin; c < c_end; ++c)
       for (int64_t q = q_begin; q < q_end; ++q) {
+        const int16_t even = 2 * q < pixels ? dy[2 * q * ld + c] : int16_t(0);
         const int16_t odd = 2 * q + 1 < pixels ? dy[(2 * q + 1) * ld + c] : int16_t(0);
-        out.owned[c * kp + q] = pair(dy[2 * q * ld + c], odd);
+        out.owned[c * kp + q] = pair(even, odd);
       }
   };
   parallel_for((kp + kTile - 1) / kTile, nthreads, [&](int64_t t) {

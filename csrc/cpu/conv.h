@@ -72,10 +72,11 @@ class PatchColumns : public BSource {
 // the image in channel-major layout (n, channels, hp, wp), x at the group's first
 // channel: row (kh, kw, ci) at K-pair q holds the tap's inputs for output pixels 2q and
 // 2q + 1, neighbours in one row of the image where the stride along w is 1 and the
-// output width even (`fits`).
+// output width even (`fits`). kpairs >= pixels / 2: the K-pairs of the layout, whose
+// last K-block may be padded (they read pixel pair 0, against zeros of dY).
 class TransposedPatches : public ASource {
  public:
-  TransposedPatches(const int16_t* x, const ConvShape& s);
+  TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs);
   static bool fits(const ConvShape& s) { return s.sw == 1 && s.ow() % 2 == 0; }
   int64_t rows() const override { return s_.k(); }
   ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const override;
@@ -98,7 +99,9 @@ void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, c
 // (n, pixels, channels) -> (n, channels, pixels).
 void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t channels, int16_t* out, int nthreads);
 
-// dY^T as rows of pixel pairs: rows = the cout columns of dy (pixels, ld) from column 0.
-void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int mr, RowsA& out, int nthreads);
+// dY^T as rows of kpairs >= ceil(pixels / 2) pixel pairs (zeros past the last pixel):
+// rows = the cout columns of dy (pixels, ld) from column 0.
+void pack_transposed(const int16_t* dy, int64_t pixels, int64_t ld, int64_t cout, int64_t kpairs, int mr,
+                     RowsA& out, int nthreads);
 
 }  // namespace dfp

@@ -145,16 +145,39 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
   const int64_t m_padded = (M + uk.mr - 1) / uk.mr * uk.mr;
   const int64_t a_row_stride = options.uniform_a ? 0 : KB;
   const Scales sa = make_scales(ea, M, KB, a_row_stride, 1, m_padded);
-  Scales sb = make_scales(eb, N, KB, 1, N, N);
-  if (KB > 1) {  // pad B's chain scales to whole panels so the micro-kernel may load nr at once
-    std::vector<float> padded(KB * n_padded, 0.0f);
-    for (int64_t blk = 0; blk < KB; ++blk) std::copy_n(sb.chain.data() + blk * N, N, padded.data() + blk * n_padded);
+  Scales sb = options.uniform_b ? make_scales(eb, N, KB, 0, 1, 1) : make_scales(eb, N, KB, 1, N, N);
+  // A side whose chain scales are all 1 (one exponent along K: a convolution's image) is
+  // not multiplied at all. Only real rows count (A's are padded with zeros).
+  const auto all_one = [](const float* v, int64_t n) { return std::all_of(v, v + n, [](float x) { return x == 1.0f; }); };
+  const bool row_scales = KB > 1 && !all_one(sa.chain.data(), options.uniform_a ? KB : M * KB);
+  const bool col_scales = KB > 1 && !all_one(sb.chain.data(), int64_t(sb.chain.size()));
+  // B's chain scales as [block][column], padded to whole panels so the micro-kernel may
+  // load nr at once; where the columns share their exponents, one panel's width per block
+  // (the micro-kernel then reads the same nr scales for every panel).
+  const int64_t b_scale_width = options.uniform_b ? uk.nr : n_padded;
+  if (KB > 1) {
+    std::vector<float> padded(KB * b_scale_width, 0.0f);
+    for (int64_t blk = 0; blk < KB; ++blk) {
+      float* row = padded.data() + blk * b_scale_width;
+      if (options.uniform_b)
+        std::fill_n(row, uk.nr, sb.chain[blk]);
+      else
+        std::copy_n(sb.chain.data() + blk * N, N, row);
+    }
     sb.chain.swap(padded);
   }
+  if (options.uniform_b) sb.reference.assign(N, sb.reference.empty() ? 0 : sb.reference[0]);
   const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2);
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
-  const Epilogue epilogue(sa.reference, sb.reference, out);
+  // Rows with exponents of their own in the epilogue: where A's differ, or are offset per row.
+  const bool row_references = !options.uniform_a || options.row_offsets;
+  std::vector<int32_t> ra = sa.reference;
+  if (options.row_offsets) {
+    ra.resize(M);
+    for (int64_t m = 0; m < M; ++m) ra[m] = sa.reference[options.uniform_a ? 0 : m] + options.row_offsets[m];
+  }
+  const Epilogue epilogue(ra, sb.reference, out);
   const auto whole = [](int64_t size, int64_t fallback, int64_t unit) {
     return ((size ? size : fallback) + unit - 1) / unit * unit;
   };
@@ -172,7 +195,7 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
   const int64_t row_blocks = (M + mc - 1) / mc;
   // Every row's scale, where all rows share their exponents: made once, not per tile.
   float uniform_row_scale[kMaxMr];
-  if (options.uniform_a && M > 0) std::fill_n(uniform_row_scale, kMaxMr, epilogue.row_scale(0));
+  if (!row_references && M > 0) std::fill_n(uniform_row_scale, kMaxMr, epilogue.row_scale(0));
   parallel_for(row_blocks * col_blocks, threads, [&](int64_t task) {
     const int64_t i0 = (task / col_blocks) * mc, j0 = (task % col_blocks) * nc;
     const int64_t mlen = std::min(mc, M - i0), nlen = std::min(nc, N - j0);
@@ -202,20 +225,20 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;
-          args.row_scale = KB > 1 ? sa.chain.data() + i * a_row_stride : nullptr;
+          args.row_scale = row_scales ? sa.chain.data() + i * a_row_stride : nullptr;
           args.row_scale_stride = a_row_stride;
-          args.col_scale = KB > 1 ? sb.chain.data() + j : nullptr;
-          args.col_scale_stride = n_padded;
+          args.col_scale = col_scales ? sb.chain.data() + (options.uniform_b ? 0 : j) : nullptr;
+          args.col_scale_stride = b_scale_width;
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
           float row_scale[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            if (!options.uniform_a)
+            if (row_references)
               for (int r = 0; r < uk.mr; ++r) row_scale[r] = epilogue.row_scale(i + r);
             args.out = out.c + i * out.ldc + j;
             args.ldc = out.ldc;
-            args.out_row_scale = options.uniform_a ? uniform_row_scale : row_scale;
+            args.out_row_scale = row_references ? row_scale : uniform_row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);
             uk.run(args);

@@ -39,7 +39,8 @@ struct MicroKernelArgs {
   const int32_t* b;  // B panel: [kpair][nr]
   const Chain* chains;
   int64_t nchains;
-  const float* row_scale;  // null when K is not blocked; else [r * row_scale_stride + block]
+  // Chain scales, each side null when K is not blocked or all of its scales are 1.
+  const float* row_scale;  // [r * row_scale_stride + block]
   int64_t row_scale_stride;
   const float* col_scale;  // [block * col_scale_stride + c]
   int64_t col_scale_stride;
@@ -179,10 +180,16 @@ struct GemmOutput {
 
 // mc, nc: cache blocks in rows of A and columns of B (zero: the micro-kernel's own;
 // rounded up to whole micro-panels); they change no bits. uniform_a: every row of A has
-// the same exponents, so ea is one row (KB,) and the scales are made once, not per row.
+// the same exponents, so ea is one row (KB,) and the scales are made once, not per row;
+// uniform_b likewise for the columns of B (eb is one column (KB,)).
+// row_offsets: where given (M of them), added to every exponent of row m of A, as if
+// ea[m, b] + row_offsets[m]: constant along K, they change no chain scale, only the
+// row's scale in the epilogue (a convolution's image with an exponent per sample).
 struct GemmOptions {
   int64_t mc = 0, nc = 0;
   bool uniform_a = false;
+  bool uniform_b = false;
+  const int32_t* row_offsets = nullptr;
 };
 
 // C = A B; ea (M, KB), eb (KB, N) are the exponents.

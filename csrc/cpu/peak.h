@@ -1,6 +1,9 @@
 // Register-only throughput probes (GMAC/s of one core) for the benchmark report.
 #pragma once
 #include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
 
 namespace dfp {
 
@@ -8,5 +11,16 @@ namespace dfp {
 double peak_int16_gmacs_avx2(int64_t iterations);
 // fp32 multiply-adds per second with vfmadd231ps ymm (8 per instruction).
 double peak_fp32_gmacs_avx2(int64_t iterations);
+// fp32 vfmadd231ps zmm (16 per instruction) and int16 vpmaddwd + vpaddd zmm (32 per pair).
+double peak_fp32_gmacs_avx512(int64_t iterations);
+double peak_int16_gmacs_avx512bw(int64_t iterations);
+// int16 vpdpwssd zmm (32 per instruction).
+double peak_int16_gmacs_avx512vnni(int64_t iterations);
+// bf16 vdpbf16ps zmm (32 per instruction).
+double peak_bf16_gmacs_avx512bf16(int64_t iterations);
+
+// (path, GMAC/s of one core) for every probe this CPU supports (cpuid, at run time), each
+// run for ``iterations`` loops of 8 to 16 instructions; empty off x86.
+std::vector<std::pair<std::string, double>> peak_probes(int64_t iterations);
 
 }  // namespace dfp

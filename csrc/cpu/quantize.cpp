@@ -147,6 +147,64 @@ void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headro
   }
 }
 
+bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, bool stochastic, uint64_t seed,
+                       const GradientQuantization& out, int nthreads) {
+  // Row blocks for the first pass: grad_weight's, or groups' where there are none.
+  const int64_t block = out.q_blocks ? out.block : out.group_rows;
+  const int64_t nblocks = (rows + block - 1) / block;
+  const int64_t ngroups = out.q_groups ? (rows + out.group_rows - 1) / out.group_rows : 0;
+  const std::vector<uint32_t> amax = group_absmax(x, {1, rows, cols, Grouping::block, block}, nthreads);
+  for (uint32_t bits : amax)
+    if (bits >= kNonFiniteBits) return false;
+  // A group's maximum is its blocks' where no block straddles two groups (one pass less).
+  std::vector<uint32_t> group_amax(ngroups, 0);
+  if (ngroups && out.group_rows % block == 0) {
+    for (int64_t g = 0; g < nblocks * cols; ++g)
+      group_amax[g / cols * block / out.group_rows] = std::max(group_amax[g / cols * block / out.group_rows], amax[g]);
+  } else if (ngroups) {
+    group_amax = group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads);
+    for (int64_t g = 0; g < ngroups; ++g)
+      group_amax[g] = *std::max_element(group_amax.begin() + g * cols, group_amax.begin() + (g + 1) * cols);
+    group_amax.resize(ngroups);
+  }
+  const auto scales = [&](const std::vector<uint32_t>& maxima, int64_t count, int32_t* exponent) {
+    std::vector<Scale> s(count);
+    for (int64_t g = 0; g < count; ++g) {
+      exponent[g] = group_exponent(maxima[g], headroom);
+      s[g] = inverse_scale(exponent[g]);
+    }
+    return s;
+  };
+  std::vector<float> first, second;
+  if (out.q_blocks) {
+    const std::vector<Scale> s = scales(amax, int64_t(amax.size()), out.e_blocks);
+    for (const Scale& scale : s) first.push_back(scale.first), second.push_back(scale.second);
+  }
+  const std::vector<Scale> group_scale = ngroups ? scales(group_amax, ngroups, out.e_groups) : std::vector<Scale>{};
+  const QuantizeKernels& k = quantize_kernels(active_isa());
+  const RoundingArgs base{float(max_mantissa(headroom)), stochastic, 0, uint32_t(seed), uint32_t(seed >> 32)};
+  // A block of rows at a time: read from memory once, then again from cache for the second output.
+  for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
+      RoundingArgs args = base;
+      if (out.q_blocks)
+        for (int64_t r = r0; r < r1; ++r) {
+          args.index0 = uint64_t(r * cols);
+          k.run_scaled(x + r * cols, out.q_blocks + r * cols, cols, first.data() + b * cols, second.data() + b * cols,
+                       args);
+        }
+      for (int64_t r = r0; ngroups && r < r1;) {  // runs of rows inside one group
+        const int64_t g = r / out.group_rows, end = std::min(r1, (g + 1) * out.group_rows);
+        args.index0 = uint64_t(r * cols);
+        k.run(x + r * cols, out.q_groups + r * cols, (end - r) * cols, group_scale[g], args);
+        r = end;
+      }
+    }
+  });
+  return true;
+}
+
 bool quantize_padded(const float* x, const PaddedImage& im, int headroom, int16_t* out, int32_t* exponent,
                      int nthreads) {
   const int64_t count = im.images * im.rows * im.cols * im.channels;

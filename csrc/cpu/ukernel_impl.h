@@ -16,12 +16,18 @@
 
 namespace {
 
+// Which chain scales a tile applies: none (K not blocked), the rows' (A's), the
+// columns' (B's), or both; a side whose scales are all 1 gives none.
+enum class ChainScales { none, rows, cols, both };
+
 template <typename V, int MR, int NV>
 struct TileKernel {
   static_assert(MR <= dfp::kMaxMr);
 
-  template <bool kBlocked, bool kOffsets>
+  template <ChainScales kScales, bool kOffsets>
   static void run_chains(const dfp::MicroKernelArgs& p) {
+    constexpr bool kRows = kScales == ChainScales::rows || kScales == ChainScales::both;
+    constexpr bool kCols = kScales == ChainScales::cols || kScales == ChainScales::both;
     constexpr int NR = NV * V::lanes;
     typename V::F f[MR][NV];
     DFP_UNROLL
@@ -51,17 +57,24 @@ struct TileKernel {
           for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
         }
       }
-      if (kBlocked) {
+      if constexpr (kScales != ChainScales::none) {
         const int32_t blk = p.chains[c].block;
         typename V::F cs[NV];
-        DFP_UNROLL
-        for (int v = 0; v < NV; ++v) cs[v] = V::loadf(p.col_scale + blk * p.col_scale_stride + v * V::lanes);
+        if constexpr (kCols) {
+          DFP_UNROLL
+          for (int v = 0; v < NV; ++v) cs[v] = V::loadf(p.col_scale + blk * p.col_scale_stride + v * V::lanes);
+        }
         DFP_UNROLL
         for (int r = 0; r < MR; ++r) {
-          const typename V::F rs = V::setf(p.row_scale[r * p.row_scale_stride + blk]);
-          // a separate multiply and add (no FMA): the contract rounds the sum only
+          typename V::F rs{};
+          if constexpr (kRows) rs = V::setf(p.row_scale[r * p.row_scale_stride + blk]);
+          // a separate multiply and add (no FMA): the contract rounds the sum only; a side
+          // of scales 1 is left out, which changes no bits (rs * 1 = rs)
           DFP_UNROLL
-          for (int v = 0; v < NV; ++v) f[r][v] = V::addf(f[r][v], V::mulf(V::to_float(acc[r][v]), V::mulf(rs, cs[v])));
+          for (int v = 0; v < NV; ++v) {
+            const typename V::F scale = kRows && kCols ? V::mulf(rs, cs[v]) : kRows ? rs : cs[v];
+            f[r][v] = V::addf(f[r][v], V::mulf(V::to_float(acc[r][v]), scale));
+          }
         }
       } else {
         DFP_UNROLL
@@ -92,12 +105,19 @@ struct TileKernel {
       for (int v = 0; v < NV; ++v) V::storef(p.acc + r * p.ldacc + v * V::lanes, f[r][v]);
   }
 
-  static void run(const dfp::MicroKernelArgs& p) {
-    if (p.a_offsets)
-      p.row_scale ? run_chains<true, true>(p) : run_chains<false, true>(p);
+  template <bool kOffsets>
+  static void run_with(const dfp::MicroKernelArgs& p) {
+    if (p.row_scale && p.col_scale)
+      run_chains<ChainScales::both, kOffsets>(p);
+    else if (p.row_scale)
+      run_chains<ChainScales::rows, kOffsets>(p);
+    else if (p.col_scale)
+      run_chains<ChainScales::cols, kOffsets>(p);
     else
-      p.row_scale ? run_chains<true, false>(p) : run_chains<false, false>(p);
+      run_chains<ChainScales::none, kOffsets>(p);
   }
+
+  static void run(const dfp::MicroKernelArgs& p) { p.a_offsets ? run_with<true>(p) : run_with<false>(p); }
 };
 
 }  // namespace

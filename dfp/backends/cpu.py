@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import os
 
 import torch
 
@@ -22,11 +23,24 @@ _BUILD_HINT = (
 @functools.cache
 def _core():
     try:
-        return importlib.import_module("dfp._C")
+        core = importlib.import_module("dfp._C")
     except ImportError as err:
         raise BackendUnavailableError(
             f"dfp's compiled core (dfp._C) could not be loaded: {err}. {_BUILD_HINT}"
         ) from err
+    _check_forced_isa(core)
+    return core
+
+
+def _check_forced_isa(core) -> None:
+    """DFP_CPU_ISA checked when the core is first used, in Python: the core's own check
+    throws from whichever kernel call comes first, deep inside torch's dispatcher."""
+    forced = os.environ.get("DFP_CPU_ISA")
+    if forced and forced not in core.supported_isas():
+        raise BackendUnavailableError(
+            f"DFP_CPU_ISA={forced!r} is not a path this CPU supports; choose one of: "
+            f"{', '.join(core.supported_isas())}, or unset DFP_CPU_ISA to take the fastest"
+        )
 
 
 def ensure_available() -> None:
@@ -76,6 +90,29 @@ def quantize3d(x, mode, block, headroom, stochastic, seed):
     return mantissa, exponent.view((1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i))
 
 
+def quantize_gradient(x, headroom, block, group_rows, stochastic, seed):
+    """Contiguous float32 x (rows, cols) per block of ``block`` rows and column (none
+    where ``block`` is 0) and per group of ``group_rows`` rows (none where 0), reading x
+    twice in all: ((mantissa, exponent (blocks, cols)) or None, (mantissa, exponent
+    (groups,)) or None)."""
+    rows, cols = x.shape
+
+    def outputs(exponent_shape):
+        return torch.empty((rows, cols), dtype=torch.int16), torch.empty(exponent_shape, dtype=torch.int32)
+
+    blocks = outputs((-(-rows // block), cols)) if block else None
+    groups = outputs(-(-rows // group_rows)) if group_rows else None
+    ok = _core().quantize_gradient(
+        x.data_ptr(), rows, cols, headroom, stochastic, seed & (2**64 - 1),
+        blocks[0].data_ptr() if blocks else 0, blocks[1].data_ptr() if blocks else 0, block,
+        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    if not ok:
+        raise _nonfinite("the tensor to quantize")
+    return blocks, groups
+
+
 def quantize_padded(x, headroom, padding, channels):
     """Per tensor, nearest: contiguous float32 x (N, H, W, C) -> its mantissas zero-padded
     to (N, H + 2*ph, W + 2*pw, channels), and the 0-d exponent; one pass, no copy."""
@@ -108,6 +145,10 @@ def window(x, rows, columns, channels):
 def gemm(a, ea, ha, b, eb, hb, kblock, bias):
     (m, k), n = a.shape, b.shape[1]
     out = torch.empty((m, n), dtype=torch.float32)
+    # The core takes the mantissas' strides but reads exponents and bias as dense arrays:
+    # a strided or expanded (zero-stride) view would read the wrong memory.
+    ea, eb = ea.contiguous(), eb.contiguous()
+    bias = None if bias is None else bias.contiguous()
     _core().gemm_int16(
         a.data_ptr(), a.stride(0), a.stride(1), b.data_ptr(), b.stride(0), b.stride(1), m, n, k,
         ea.data_ptr(), eb.data_ptr(), kblock, ha, hb, 0 if bias is None else bias.data_ptr(),
@@ -143,21 +184,23 @@ def conv_gemm(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias):
     n, hp, wp, _ = x.shape
     oh, ow = (output_size(size, k, s, 0, d) for size, k, s, d in zip((hp, wp), kernel, stride, dilation))
     y = torch.empty((n, oh, ow, groups * nout), dtype=torch.float32)
-    x, ew = x.contiguous(), ew.contiguous()
+    x, ew, ex = x.contiguous(), ew.contiguous(), ex.contiguous()
     bias = None if bias is None else bias.contiguous()
     _core().conv_gemm_int16(
-        x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), int(ex), hx, w.data_ptr(), *w.stride(), nout,
-        ew.data_ptr(), kblock, hw, 0 if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), ex.data_ptr(), ex.numel(), hx, w.data_ptr(),
+        *w.stride(), nout, ew.data_ptr(), kblock, hw, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+        torch.get_num_threads(),
     )  # fmt: skip
     return y
 
 
-def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups):
-    dy, x = dy.contiguous(), x.contiguous()
+def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock):
+    """dy's exponents ey (KB, Cout): one per block of ``kblock`` output pixels and channel."""
+    dy, x, ey = dy.contiguous(), x.contiguous(), ey.contiguous()
     cout = dy.shape[-1]
     dw = torch.empty((cout, kernel[0] * kernel[1] * x.shape[-1] // groups), dtype=torch.float32)
     _core().conv_grad_weight_int16(
-        dy.data_ptr(), cout, int(ey), hy, x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), int(ex), hx,
-        dw.data_ptr(), torch.get_num_threads(),
+        dy.data_ptr(), cout, ey.data_ptr(), kblock, hy, x.data_ptr(), _geometry(x, groups, kernel, stride, dilation),
+        int(ex), hx, dw.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dw

@@ -15,11 +15,14 @@ passes; the ``.cu`` files declare their parameters accordingly.
 from __future__ import annotations
 
 import contextlib
+import ctypes.util
 import importlib.util
+import os
 import threading
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +32,10 @@ from .sources import read_source, source_dir
 
 INT32_MAX = 2**31 - 1
 NVRTC_OPTIONS = ("-std=c++17",)  # never --use_fast_math: the contract needs IEEE fp32 without flush to zero
+# Where NVIDIA's pip wheels put libnvrtc, inside the ``nvidia`` namespace package: the
+# CUDA 13 wheels (what torch >= 2.14 brings by default) in cu13/lib, the CUDA 12 wheels
+# (nvidia-cuda-nvrtc-cu12) in cuda_nvrtc/lib.
+NVRTC_WHEEL_DIRS = ("cu13/lib", "cuda_nvrtc/lib")
 
 Launch = Callable[[tuple[int, int, int], tuple[int, int, int], Sequence[Any]], None]
 
@@ -129,6 +136,27 @@ class CupyNvrtc:
 
 
 COMPILERS = (TorchNvrtc(), CupyNvrtc())
+
+
+def nvrtc_library(nvidia_dirs: Sequence[str | os.PathLike] | None = None) -> str | None:
+    """The NVRTC shared library to load: ``$DFP_NVRTC_LIBRARY``, else the first
+    ``libnvrtc.so*`` of the NVIDIA wheels (under ``nvidia_dirs``, by default the
+    directories of the installed ``nvidia`` package; see NVRTC_WHEEL_DIRS), else the
+    system's (by name); None where there is none."""
+    if os.environ.get("DFP_NVRTC_LIBRARY"):
+        return os.environ["DFP_NVRTC_LIBRARY"]
+    for root in _nvidia_package_dirs() if nvidia_dirs is None else nvidia_dirs:
+        for sub in NVRTC_WHEEL_DIRS:
+            found = sorted(Path(root, sub).glob("libnvrtc.so*"))
+            if found:
+                return str(found[0])
+    return ctypes.util.find_library("nvrtc")
+
+
+def _nvidia_package_dirs() -> list[str]:
+    """The directories of the ``nvidia`` namespace package (the wheels may install it in several)."""
+    spec = importlib.util.find_spec("nvidia")
+    return list(spec.submodule_search_locations or []) if spec is not None else []
 
 
 def ensure_cuda() -> None:

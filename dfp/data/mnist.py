@@ -32,7 +32,8 @@ def load_mnist(root: Path) -> Dataset:
     hashes are not, since re-compressing a file changes them without changing the data.
     """
     if not root.is_dir():
-        raise DatasetNotFoundError(f"MNIST directory {root} does not exist; expected {LAYOUT}")
+        what = "is not a directory" if root.exists() else "does not exist"
+        raise DatasetNotFoundError(f"MNIST directory {root} {what}; expected {LAYOUT}")
     splits = {}
     for part, (images_name, labels_name) in FILES.items():
         images_path, labels_path = _find(root, images_name), _find(root, labels_name)

@@ -19,6 +19,7 @@ import argparse
 import importlib.util
 import math
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,7 +27,7 @@ import torch
 
 from .. import data, distributed, models
 from . import formats
-from .report import group_markdown, group_records, write_report
+from .report import CURVES_FILE, PARETO_FILE, REPORT_FILE, group_markdown, group_records, write_report
 from .results import RESULTS_FILE, ResultStore
 from .study import StudyConfig, run_study
 from .train import NO_COMPRESSION, check_batch_size, check_test_split
@@ -263,6 +264,39 @@ def _check_data_options(args: argparse.Namespace, parser: argparse.ArgumentParse
         parser.error(
             f"--cache-dir applies only to --data cifar10 (image folders decoded once); --data {args.data} has no cache"
         )
+    if args.cache_dir is not None:
+        problem = _unwritable_directory(Path(args.cache_dir).expanduser())
+        if problem:
+            parser.error(f"--cache-dir {args.cache_dir}: {problem}; give a directory the cache can be written to")
+
+
+def _unwritable_directory(path: Path) -> str | None:
+    """Why files cannot be written in directory ``path`` (made if missing), or None: asked
+    before training, since the cache and the results are written only after it."""
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        return f"cannot be written to ({err.strerror or err})"
+    return None
+
+
+def _results_store(out: str, parser: argparse.ArgumentParser) -> ResultStore:
+    """The store in ``--out``, checked before anything trains: a study that could not
+    save its results would otherwise fail after its first run, with a traceback."""
+    problem = _unwritable_directory(Path(out))
+    if problem is None:
+        store = ResultStore(out)
+        try:
+            store.check_writable((REPORT_FILE, PARETO_FILE, CURVES_FILE))
+        except OSError as err:
+            problem = f"holds a file that cannot be written ({err.strerror or err}: {err.filename})"
+    if problem:
+        parser.error(f"--out {out}: {problem}; choose a directory dfp-compare can write its results to")
+    return store
 
 
 def _check_formats(study: StudyConfig, device: torch.device, parser: argparse.ArgumentParser) -> None:
@@ -319,7 +353,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not results.is_file():
             print(f"error: {results} does not exist: run a study with --out {args.out} first", file=sys.stderr)
             return 2
-        print(write_report(ResultStore(args.out), args.target_accuracy))
+        store = _results_store(args.out, build_report_parser())
+        print(write_report(store, args.target_accuracy))
         return 0
 
     parser = build_parser()
@@ -335,9 +370,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(str(err))
     try:
         _check_formats(study, ctx.device, parser)
+        store = _results_store(args.out, parser) if ctx.is_main else None
         dataset = _load_data(args, parser)
         _check_against_data(study, dataset, ctx.world_size, parser)
-        store = ResultStore(args.out) if ctx.is_main else None
         if study.compress != NO_COMPRESSION and ctx.world_size == 1:
             print(
                 f"note: --compress {study.compress} compresses gradients between processes; with one there is "

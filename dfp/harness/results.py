@@ -10,9 +10,11 @@ the file, so running the same command again resumes where it stopped.
 "epoch": {...}}``, so an interrupted run still shows how far it got; ``attempt`` tells
 two tries of the same run apart. A resumed run starts again from its first epoch.
 
-A line that does not parse (an interrupted write leaves a partial last line) is skipped
-with a ``CorruptLineWarning`` naming the file and line, never an error; the next append
-starts on a new line, so the partial text stays in the file untouched. ``start_fresh``
+A line that does not parse (an interrupted write leaves a partial last line), or that
+parses but lacks what the study and its report read (a damaged or hand-edited record,
+e.g. ``"result": {}``), is skipped with a ``CorruptLineWarning`` naming the file and
+line, never an error, and its run counts as not finished; the next append starts on a
+new line, so the partial text stays in the file untouched. ``start_fresh``
 renames both files aside (``results.<time>.jsonl``) instead of deleting them.
 """
 
@@ -20,14 +22,25 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
 RESULTS_FILE = "results.jsonl"
 PROGRESS_FILE = "progress.jsonl"
+# What the study and its report read of a record (train.RunConfig and train_run's result
+# hold more): a record without one of these is skipped as corrupt.
+LABEL_KEYS = ("data", "model", "format", "batch_size", "seed", "epochs")
+CONFIG_KEYS = (
+    *LABEL_KEYS, "base_lr", "base_batch_size", "warmup_epochs", "momentum", "weight_decay", "fp32_layers", "swa_start",
+    "augment", "device", "threads", "world_size", "compress", "limit_train_batches",
+)  # fmt: skip
+RESULT_NUMBERS = ("final_accuracy", "trained_accuracy", "train_seconds", "data_seconds", "eval_seconds")
+EPOCH_NUMBERS = ("seconds", "accuracy")
 
 
 class CorruptLineWarning(UserWarning):
@@ -48,9 +61,57 @@ def run_label(config: Mapping[str, Any]) -> str:
     return f"{config['data']}, {config['model']}, {config['format']} batch {config['batch_size']} seed {config['seed']}"
 
 
-def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+def _missing(mapping: object, keys: Sequence[str], where: str) -> str | None:
+    if not isinstance(mapping, dict):
+        return f"{where} is not an object"
+    absent = [key for key in keys if key not in mapping]
+    return f"{where} lacks {absent}" if absent else None
+
+
+def _not_numbers(mapping: dict[str, Any], keys: Sequence[str], where: str) -> str | None:
+    # bool is a Real to Python, but never a time or an accuracy
+    bad = [key for key in keys if not isinstance(mapping[key], Real) or isinstance(mapping[key], bool)]
+    return f"{where} has {bad} that are not numbers" if bad else None
+
+
+def finished_run_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a results record, as the study and its report read it; None if nothing."""
+    config, result = record["config"], record["result"]
+    problem = _missing(config, CONFIG_KEYS, "config") or _missing(
+        result, (*RESULT_NUMBERS, "images_per_second", "diverged", "epochs"), "result"
+    )
+    if problem:
+        return problem
+    problem = _not_numbers(result, RESULT_NUMBERS, "result")
+    if problem:
+        return problem
+    if not isinstance(result["diverged"], bool):
+        return "result.diverged is not true or false"
+    epochs = result["epochs"]
+    if not isinstance(epochs, list) or not epochs:
+        return "result.epochs is not a non-empty list"
+    for number, epoch in enumerate(epochs, start=1):
+        problem = _missing(epoch, EPOCH_NUMBERS, f"epoch {number}") or _not_numbers(
+            epoch, EPOCH_NUMBERS, f"epoch {number}"
+        )
+        if problem:
+            return problem
+    return None
+
+
+def progress_problem(record: dict[str, Any]) -> str | None:
+    """What is wrong with a progress record, as the report reads it; None if nothing."""
+    if not isinstance(record["attempt"], str):
+        return "attempt is not a string"
+    return _missing(record["config"], LABEL_KEYS, "config") or _missing(record["epoch"], (), "epoch")
+
+
+def read_jsonl(
+    path: Path, required: tuple[str, ...] = (), check: Callable[[dict[str, Any]], str | None] | None = None
+) -> list[dict[str, Any]]:
     """The JSON objects of ``path``, one per line, skipping (with a warning) lines that
-    do not parse or lack one of the ``required`` keys; [] if the file does not exist."""
+    do not parse, lack one of the ``required`` keys or in which ``check`` finds a
+    problem (it returns the problem in words, or None); [] if the file does not exist."""
     if not path.exists():
         return []
     records = []
@@ -69,6 +130,10 @@ def read_jsonl(path: Path, required: tuple[str, ...] = ()) -> list[dict[str, Any
         missing = [key for key in required if not isinstance(record, dict) or key not in record]
         if missing:
             warnings.warn(f"{path}:{number}: skipping a record without {missing}", CorruptLineWarning)
+            continue
+        problem = check(record) if check is not None else None
+        if problem:
+            warnings.warn(f"{path}:{number}: skipping a damaged record: {problem}", CorruptLineWarning)
             continue
         records.append(record)
     return records
@@ -101,7 +166,7 @@ class ResultStore:
 
     def load(self) -> list[dict[str, Any]]:
         """Every finished run, in the order they finished."""
-        return read_jsonl(self.results_path, required=("config", "result"))
+        return read_jsonl(self.results_path, required=("config", "result"), check=finished_run_problem)
 
     def append(self, record: Mapping[str, Any]) -> None:
         """Store one finished run (a dict with at least "config" and "result")."""
@@ -111,11 +176,23 @@ class ResultStore:
 
     def load_progress(self) -> list[dict[str, Any]]:
         """Every per-epoch progress line, in the order written."""
-        return read_jsonl(self.progress_path, required=("config", "attempt", "epoch"))
+        return read_jsonl(self.progress_path, required=("config", "attempt", "epoch"), check=progress_problem)
 
     def append_progress(self, config: Mapping[str, Any], attempt: str, epoch: Mapping[str, Any]) -> None:
         """Record one finished epoch of the run ``config`` (try ``attempt``)."""
         append_jsonl(self.progress_path, {"config": dict(config), "attempt": attempt, "epoch": dict(epoch)})
+
+    def check_writable(self, names: Sequence[str] = ()) -> None:
+        """Raise OSError unless a new file can be made in the directory and its existing
+        results and progress files (and ``names``) can be appended to; changes none of them.
+        A study calls this before training, so that it never trains what it cannot store."""
+        with tempfile.TemporaryFile(dir=self.directory):
+            pass
+        for name in (RESULTS_FILE, PROGRESS_FILE, *names):
+            path = self.directory / name
+            if path.exists():
+                with path.open("ab"):
+                    pass
 
     def start_fresh(self) -> list[Path]:
         """Rename the existing results and progress files aside so that the study starts

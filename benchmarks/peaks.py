@@ -1,0 +1,76 @@
+"""Register peaks of one core for every multiply-add path it has, and the fraction of
+them that a measured rate reaches: the yardstick for dfp and for every baseline.
+
+The probes (``dfp._C.peak_gmacs``, csrc/cpu/peak_*.cpp) run loops of independent
+multiply-adds on registers only, each in a file compiled with its own ISA's flags and
+called only when cpuid reports the ISA: fp32 FMA on ymm and zmm, int16 vpmaddwd+vpaddd on
+ymm and zmm, vpdpwssd on zmm, bf16 vdpbf16ps on zmm. The best of a few runs is kept.
+"""
+
+from __future__ import annotations
+
+import os
+
+FP32 = ("fp32 vfmadd231ps ymm", "fp32 vfmadd231ps zmm")
+BF16 = "bf16 vdpbf16ps zmm"
+# dfp's CPU path -> the probe of the instructions its micro-kernel runs.
+INT16_OF_ISA = {
+    "avx512_vnni": "int16 vpdpwssd zmm",
+    "avx512bw": "int16 vpmaddwd+vpaddd zmm",
+    "avx2": "int16 vpmaddwd+vpaddd ymm",
+}
+
+
+def measure(quick: bool = False) -> dict[str, float]:
+    """GMAC/s of one core per path, best of a few probes; {} without the compiled core
+    (or with another dfp backend)."""
+    if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
+        return {}
+    try:
+        from dfp import _C
+    except ImportError:
+        return {}
+    # The probes run on the calling thread alone.
+    if hasattr(_C, "peak_gmacs"):
+        runs = [dict(_C.peak_gmacs(2_000_000 if quick else 10_000_000)) for _ in range(3 if quick else 5)]
+    elif hasattr(_C, "peak_gmacs_avx2"):  # an older build of the core
+        runs = [dict(zip(("int16 vpmaddwd+vpaddd ymm", FP32[0]), _C.peak_gmacs_avx2())) for _ in range(5)]
+    else:
+        return {}
+    return {name: max(run[name] for run in runs) for name in runs[0]}
+
+
+def fp32_peak(peaks: dict[str, float]) -> float | None:
+    """The best fp32 FMA peak (ymm or zmm): what an fp32 GEMM can reach at best."""
+    return max((peaks[name] for name in FP32 if name in peaks), default=None)
+
+
+def bf16_peak(peaks: dict[str, float]) -> float | None:
+    """vdpbf16ps's peak; None on cores without native bf16 dot products."""
+    return peaks.get(BF16)
+
+
+def int16_peak(peaks: dict[str, float], isa: str | None) -> tuple[str, float] | tuple[None, None]:
+    """(probe, GMAC/s) of the int16 instructions that dfp's path ``isa`` runs."""
+    name = INT16_OF_ISA.get(isa or "")
+    return (name, peaks[name]) if name in peaks else (None, None)
+
+
+def fraction(gmacs: float, peak_gmacs: float | None, threads: int) -> str:
+    """``gmacs`` (GMAC/s on ``threads`` threads) as a percentage of ``threads`` cores' peak."""
+    return f"{100 * gmacs / (peak_gmacs * threads):.0f}%" if peak_gmacs else "-"
+
+
+def describe(peaks: dict[str, float], isa: str | None) -> str:
+    """One line: every measured peak and the ratios that bound dfp's speed-ups."""
+    if not peaks:
+        return "Register peaks: not measured (no compiled dfp core)."
+    cells = ", ".join(f"{name} {value:.1f}" for name, value in peaks.items())
+    line = f"Register peaks of one core, measured now (GMAC/s): {cells}."
+    fp32 = fp32_peak(peaks)
+    name, int16 = int16_peak(peaks, isa)
+    if fp32 and int16:
+        line += f" dfp's path ({isa}) runs {name}: {int16 / fp32:.2f}x the fp32 peak"
+        bf16 = bf16_peak(peaks)
+        line += f", {int16 / bf16:.2f}x the bf16 peak." if bf16 else "; no native bf16."
+    return line

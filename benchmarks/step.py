@@ -1,0 +1,397 @@
+"""Whole training steps (forward, backward, SGD) of ResNet-20 and ResNet-18-CIFAR in
+fp32, bf16 autocast and DFP16, for ``python -m benchmarks.report --tables step`` and
+bench_step.py; plus a torch.profiler breakdown of each format's step into parts.
+
+Each format is set up as the comparison harness sets it up (``dfp.harness.formats.prepare``:
+fp32 torch layers; bf16 = ``torch.autocast(bfloat16)`` around the forward; dfp16 =
+``dfp.convert(model, "dfp16")``), channels_last, SGD with momentum, on one fixed random
+CIFAR-shaped batch. The formats are timed in turns in one process, so that their ratios
+come from the same rounds.
+
+The breakdown attributes each profiled op's self time to the part of the outermost
+region it runs in (a convolution, a batch norm, the optimizer, ...). Inside a dfp layer
+it goes further: dfp's layers run as a plain ``torch.autograd.Function`` whose C++ calls
+are no torch ops, so while profiling (only then) the functions that quantize and the
+backward's two products are wrapped in ``record_function`` labels (``dfp_labels``).
+oneDNN computes grad_input and grad_weight of a torch convolution in one op: for fp32
+and bf16 they stay one part ("conv backward, unsplit").
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from statistics import median
+
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from . import peaks as peak_probes
+from .timing import interleaved_times, speedup
+
+MODELS = {"resnet20": "ResNet-20", "resnet18": "ResNet-18-CIFAR"}
+FORMATS = ("fp32", "bf16", "dfp16")
+IMAGE = (3, 32, 32)
+CLASSES = 10
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    batch: int
+    repeats: int  # interleaved rounds, one step per format each
+    profile_steps: int  # steps under torch.profiler, per format and thread count
+
+
+FULL = StepConfig(batch=128, repeats=5, profile_steps=3)
+# --quick: a smoke test of well under a minute on 2 cores.
+QUICK = StepConfig(batch=8, repeats=3, profile_steps=1)
+
+# Parts of a step, in the order the breakdown prints them.
+CONV_FORWARD, GRAD_INPUT, GRAD_WEIGHT, CONV_BACKWARD = (
+    "conv forward",
+    "grad_input",
+    "grad_weight",
+    "conv backward, unsplit",
+)
+QUANTIZE, CASTS, BATCH_NORM, ELEMENTWISE = "quantization", "casts", "batch norm", "elementwise"
+OPTIMIZER, ACCUMULATE = "optimizer", "AccumulateGrad (autograd)"
+OTHER, OUTSIDE = "other ops", "outside ops (Python)"
+PARTS = (
+    CONV_FORWARD, GRAD_INPUT, GRAD_WEIGHT, CONV_BACKWARD, QUANTIZE, CASTS, BATCH_NORM, ELEMENTWISE, OPTIMIZER,
+    ACCUMULATE, OTHER, OUTSIDE,
+)  # fmt: skip
+STEP_LABEL = "benchmark step"
+# record_function labels of dfp's functions (see dfp_labels).
+LABELS = {"dfp: quantize": QUANTIZE, "dfp: grad_input": GRAD_INPUT, "dfp: grad_weight": GRAD_WEIGHT}
+
+
+class Step:
+    """One training step of ``model_name`` in ``fmt`` on a fixed random batch, callable."""
+
+    def __init__(self, model_name: str, fmt: str, batch: int, seed: int = 0) -> None:
+        from dfp.harness import formats
+        from dfp.models import build
+
+        torch.manual_seed(seed)
+        model = build(model_name, IMAGE[0], CLASSES, IMAGE[1])
+        # A small rate: the same random batch again and again must not drive any format
+        # to non-finite values, which a DFP16 layer refuses.
+        self.training = formats.prepare(
+            fmt, model, torch.device("cpu"), fp32_layers=set(), lr=1e-3, momentum=0.9, weight_decay=5e-4, seed=seed
+        )
+        gen = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(batch, *IMAGE, generator=gen).contiguous(memory_format=torch.channels_last)
+        self.y = torch.randint(0, CLASSES, (batch,), generator=gen)
+
+    def __call__(self) -> None:
+        training = self.training
+        training.optimizer.zero_grad(set_to_none=True)
+        with training.autocast():
+            loss = nn.functional.cross_entropy(training.model(self.x), self.y)
+        loss.backward()
+        training.optimizer.step()
+
+
+@functools.cache
+def step_macs(model_name: str, batch: int) -> int:
+    """Multiply-adds of the convolutions and linear layers in one training step: each
+    layer's forward, grad_weight, and grad_input (except the first layer's: the images
+    need no gradient)."""
+    from dfp.models import build
+
+    model, forward = build(model_name, IMAGE[0], CLASSES, IMAGE[1]), []
+
+    def count(module, inputs, output) -> None:
+        if isinstance(module, nn.Conv2d):
+            kh, kw = module.kernel_size
+            forward.append(output.numel() * module.in_channels // module.groups * kh * kw)
+        elif isinstance(module, nn.Linear):
+            forward.append(output.numel() * module.in_features)
+
+    hooks = [m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        model(torch.zeros(1, *IMAGE))
+    for hook in hooks:
+        hook.remove()
+    return batch * (3 * sum(forward) - forward[0])
+
+
+# --- the profiler breakdown ---------------------------------------------------------------
+
+
+def _labelled(fn: Callable, label: str) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with record_function(label):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _label_of(name: str) -> str | None:
+    """The record_function label for a dfp function or backward call of this name."""
+    if "grad_input" in name:
+        return "dfp: grad_input"
+    if "grad_weight" in name:
+        return "dfp: grad_weight"
+    return "dfp: quantize" if name.startswith("quantize") else None
+
+
+@contextlib.contextmanager
+def dfp_labels() -> Iterator[None]:
+    """Wrap, while the block runs, the functions through which dfp's eager layers
+    quantize (the public ``quantize*`` functions of ``dfp._conv_layout``) and compute
+    grad_input and grad_weight (the fields of ``dfp.autograd._EAGER``, the calls its
+    backward makes, by name: ``quantize*``, ``grad_input``, ``grad_weight``) in
+    record_function labels. Work that a later dfp does under other names stays in the
+    enclosing layer's part ("conv forward", "conv backward, unsplit")."""
+    import dfp._conv_layout as layout
+    from dfp import autograd
+
+    saved = []
+
+    def patch(owner, name: str, value) -> None:
+        saved.append((owner, name, getattr(owner, name)))
+        setattr(owner, name, value)
+
+    for name, fn in list(vars(layout).items()):
+        if callable(fn) and name.startswith("quantize") and getattr(fn, "__module__", None) == layout.__name__:
+            patch(layout, name, _labelled(fn, "dfp: quantize"))
+    calls = getattr(autograd, "_EAGER", None)
+    if calls is not None and hasattr(calls, "_replace"):
+        labelled = {f: _labelled(getattr(calls, f), label) for f in calls._fields if (label := _label_of(f))}
+        patch(autograd, "_EAGER", calls._replace(**labelled))
+    try:
+        yield
+    finally:
+        for owner, name, value in reversed(saved):
+            setattr(owner, name, value)
+
+
+def _region(name: str) -> str | None:
+    """The part that an op (or autograd node, or label) and everything inside it belong
+    to, when it is the outermost such one; None for ops that are not a region."""
+    name = name.removeprefix("autograd::engine::evaluate_function: ")
+    if name in ("EagerConv2d", "dfp::conv2d", "aten::conv2d", "aten::convolution", "aten::linear"):
+        return CONV_FORWARD  # a linear layer is a 1x1 convolution in dfp: the same part everywhere
+    if name in ("EagerConv2dBackward", "ConvolutionBackward0", "AddmmBackward0", "MmBackward0"):
+        return CONV_BACKWARD
+    if name in LABELS:
+        return LABELS[name]
+    if name.startswith("dfp::"):  # traced dfp ops (torch.compile), by their names
+        return GRAD_INPUT if "grad_input" in name else GRAD_WEIGHT if "grad_weight" in name else QUANTIZE
+    if "batch_norm" in name or "BatchNorm" in name:
+        return BATCH_NORM
+    if name.startswith("Optimizer."):
+        return OPTIMIZER
+    if name == "torch::autograd::AccumulateGrad":
+        return ACCUMULATE
+    if name in ("aten::to", "aten::_to_copy", "ToCopyBackward0"):
+        return CASTS
+    if name in ("ReluBackward0", "AddBackward0", "CloneBackward0") or name.removeprefix("aten::").rstrip("_") in (
+        "relu", "add", "mul", "sub", "div", "clamp_min", "threshold_backward", "copy", "clone", "contiguous", "fill", "zero"
+    ):  # fmt: skip
+        return ELEMENTWISE
+    return None
+
+
+# Parts that count only for an op called by the step itself (not inside another op).
+TOP_ONLY = (ELEMENTWISE, CASTS)
+# Parts that refine a layer's region: the innermost of them inside it decides. A dfp layer
+# quantizes and runs its two backward products inside its own region; autocast casts a
+# torch convolution's operands inside aten::conv2d.
+DFP_LAYERS = ("EagerConv2d", "EagerConv2dBackward", "dfp::conv2d")
+REFINES_DFP = (QUANTIZE, GRAD_INPUT, GRAD_WEIGHT)
+
+
+def _part(path: list[str], autocast: bool = False) -> str:
+    """The part of an event, given the names from the step's child down to the event."""
+    top = _region(path[0])
+    if top in TOP_ONLY:
+        return top
+    outer = next((i for i, name in enumerate(path) if _region(name) not in (None, *TOP_ONLY)), None)
+    if outer is None:
+        return OTHER
+    part = _region(path[outer])
+    if part in (CONV_FORWARD, CONV_BACKWARD):
+        if path[outer].removeprefix("autograd::engine::evaluate_function: ") in DFP_LAYERS:
+            refines = REFINES_DFP
+        else:
+            refines = (CASTS,) if autocast and part == CONV_FORWARD else ()
+        for name in path[outer + 1 :]:
+            if (inner := _region(name)) in refines:
+                part = inner
+    return part
+
+
+def breakdowns(steps: dict[str, Step], rounds: int) -> dict[str, dict[str, float]]:
+    """Seconds per step of each part (PARTS) of each step in ``steps``, from
+    torch.profiler over ``rounds`` steps each, the steps profiled in turns (as they are
+    timed) so that a burst of load on a shared machine does not fall on one alone."""
+    total = {name: dict.fromkeys(PARTS, 0.0) for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            for part, s in breakdown(step, 1).items():
+                total[name][part] += s / rounds
+    return total
+
+
+def breakdown(step: Step, steps: int) -> dict[str, float]:
+    """Seconds per step of each part (PARTS), from torch.profiler over ``steps`` steps."""
+    autocast = step.training.autocast_dtype is not None
+    with dfp_labels(), profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            with record_function(STEP_LABEL):
+                step()
+    seconds = dict.fromkeys(PARTS, 0.0)
+    for event in prof.events():
+        path, node = [], event
+        while node is not None and node.name != STEP_LABEL:
+            path.append(node.name)
+            node = node.cpu_parent
+        if node is None:
+            continue  # outside the steps (the profiler's own)
+        part = OUTSIDE if not path else _part(path[::-1], autocast)
+        seconds[part] += event.self_cpu_time_total / 1e6 / steps
+    return seconds
+
+
+# --- the report table ---------------------------------------------------------------------
+
+
+def format_peaks(peaks: dict[str, float], isa: str | None) -> dict[str, tuple[str, float] | None]:
+    """Which register peak each format's step is measured against: (probe, GMAC/s)."""
+    fp32 = peak_probes.fp32_peak(peaks)
+    fp32_name = max((n for n in peak_probes.FP32 if n in peaks), key=peaks.get, default=None)
+    bf16 = peak_probes.bf16_peak(peaks)
+    int16_name, int16 = peak_probes.int16_peak(peaks, isa)
+    return {
+        "fp32": (fp32_name, fp32) if fp32 else None,
+        "bf16": (peak_probes.BF16, bf16) if bf16 else None,
+        "dfp16": (int16_name, int16) if int16 else None,
+    }
+
+
+def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
+    """The step table and the breakdowns for benchmarks/report.py (``args.threads``,
+    ``args.quick``); ``peaks`` from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
+    cfg = QUICK if args.quick else FULL
+    against = format_peaks(peaks, isa)
+    peak_note = "; ".join(
+        f"{fmt} against {p[0]} {p[1]:.1f} GMAC/s per core" if p else f"{fmt}: no peak measured"
+        for fmt, p in against.items()
+    )
+    note = (
+        f"Training steps: forward, backward and SGD step (momentum 0.9) of the whole model on one random batch of "
+        f"{cfg.batch} CIFAR-shaped images, channels_last, each format set up as the harness does "
+        "(fp32: torch layers; bf16: torch.autocast(bfloat16) around the forward; dfp16: dfp.convert). The formats "
+        f"run in turns in one process; ms = median of {cfg.repeats} rounds; speed-ups are paired medians of the "
+        "same rounds: bf16 / fp32 and dfp16 / fp32 against torch fp32 (oneDNN convolutions), dfp16 / bf16 "
+        "against torch bf16 autocast (oneDNN bf16 convolutions). % of peak: the step's conv and linear "
+        "multiply-adds (forward, grad_input, grad_weight) / step time / (threads x the register peak of the "
+        f"format's path: {peak_note})."
+    )
+    lines = [note, ""]
+    headers = ["model", "threads", "GMAC/step", *(f"{f} ms (% of peak)" for f in FORMATS)]
+    headers += ["bf16 / fp32", "dfp16 / fp32", "dfp16 / bf16"]
+    rows, medians, parts = [], {}, {}
+    cpu_before = _cpu_times()
+    for model_name, title in MODELS.items():
+        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in FORMATS}
+        macs = step_macs(model_name, cfg.batch)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            times = interleaved_times(steps, cfg.repeats, min_sample_s=0.0)
+            cells = []
+            for fmt in FORMATS:
+                t = medians[(model_name, fmt, threads)] = median(times[fmt])
+                peak = against[fmt][1] if against[fmt] else None
+                cells.append(f"{1e3 * t:.1f} ({peak_probes.fraction(macs / t / 1e9, peak, threads)})")
+            ratios = [
+                f"{speedup(times[a], times[b]):.2f}x"
+                for a, b in (("bf16", "fp32"), ("dfp16", "fp32"), ("dfp16", "bf16"))
+            ]
+            rows.append([title, str(threads), f"{macs / 1e9:.2f}", *cells, *ratios])
+            parts[(model_name, threads)] = breakdowns(steps, cfg.profile_steps)
+            print(f"  step {model_name} t{threads} done", file=sys.stderr)
+    lines += table(headers, rows)
+    lines += ["", *scaling_lines(medians, args.threads), *load_lines(cpu_before, _cpu_times())]
+    for (model_name, threads), by_format in parts.items():
+        lines += ["", *breakdown_table(MODELS[model_name], threads, cfg, by_format, medians, model_name)]
+    return lines
+
+
+def _cpu_times() -> tuple[float, float, float] | None:
+    """(wall s, busy CPU s of the whole machine, CPU s of this process) from /proc/stat
+    (Linux; None elsewhere). Busy counts steal time: a hypervisor's other guests."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    own = os.times()
+    busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
+    return time.monotonic(), busy, own.user + own.system
+
+
+def load_lines(before, after) -> list[str]:
+    """How much of the machine other processes used while the steps ran: on a shared
+    machine that slows multi-threaded steps most (OpenMP's barriers wait for a core)."""
+    if before is None or after is None or after[0] <= before[0]:
+        return []
+    cpus = os.cpu_count() or 1
+    others = max(0.0, (after[1] - before[1]) - (after[2] - before[2])) / ((after[0] - before[0]) * cpus)
+    warning = "; the multi-threaded rows are the least reliable" if others > 0.1 else ""
+    return [f"Other processes used {100 * others:.0f}% of the {cpus} CPUs while the steps ran{warning}."]
+
+
+def scaling_lines(medians: dict[tuple[str, str, int], float], threads: list[int]) -> list[str]:
+    """Speed-up of each format's step from the fewest to the most threads timed."""
+    if len(threads) < 2:
+        return []
+    lo, hi = min(threads), max(threads)
+    out = []
+    for model_name, title in MODELS.items():
+        cells = ", ".join(
+            f"{fmt} {medians[(model_name, fmt, lo)] / medians[(model_name, fmt, hi)]:.2f}x" for fmt in FORMATS
+        )
+        out.append(f"{title}, step speed-up from {lo} to {hi} threads: {cells}.")
+    return out
+
+
+def breakdown_table(
+    title: str, threads: int, cfg: StepConfig, by_format: dict[str, dict[str, float]], medians: dict, model_name: str
+) -> list[str]:
+    note = (
+        f"Breakdown of a {title} step, {threads} thread(s), batch {cfg.batch}: ms per step (share of the "
+        f"profiled step), torch.profiler over {cfg.profile_steps} step(s) per format taken in turns, self time of each op in the "
+        "part of the region it runs in. conv covers the linear layer too; 'conv backward, unsplit': one oneDNN "
+        "call computes grad_input and grad_weight (fp32, bf16), or a dfp layer's backward outside its products "
+        "and quantization (dfp16); grad_input, grad_weight: dfp's products with their own glue, quantization "
+        "excluded; casts: autocast's dtype conversions; elementwise: ReLU, residual adds, copies; AccumulateGrad: "
+        "the autograd engine's writing of parameter gradients."
+    )
+    rows = []
+    totals = {fmt: sum(p.values()) for fmt, p in by_format.items()}
+    for part in PARTS:
+        if all(by_format[fmt][part] == 0 for fmt in FORMATS):
+            continue
+        cells = []
+        for fmt in FORMATS:
+            s = by_format[fmt][part]
+            cells.append(f"{1e3 * s:.1f} ({100 * s / totals[fmt]:.0f}%)" if s else "-")
+        rows.append([part, *cells])
+    rows.append(["profiled step", *(f"{1e3 * totals[fmt]:.1f}" for fmt in FORMATS)])
+    rows.append(["timed step (median)", *(f"{1e3 * medians[(model_name, fmt, threads)]:.1f}" for fmt in FORMATS)])
+    return [note, "", *table(["part", *FORMATS], rows)]
+
+
+def table(headers: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
