@@ -235,9 +235,8 @@ def report(args) -> list[str]:
         cases += cifar10_cases(args.cifar10, args.cache_dir)
     else:
         note = " (no CIFAR-10 copy given: --cifar10 DIR_OR_TAR for its step)"
-    lines = [
+    title = (
         "Fidelity: SQNR (dB) against fp64 of each product, same inputs; ResNet-20 layers captured in one fp32 "
-        f"training step (batch 128 digits, 64 CIFAR-10) after {WARMUP_STEPS} SGD steps on other batches{note}",
-        "",
-    ]
-    return lines + fidelity_table(fidelity_rows(cases))
+        f"training step (batch 128 digits, 64 CIFAR-10) after {WARMUP_STEPS} SGD steps on other batches{note}"
+    )
+    return [title, "", *fidelity_table(fidelity_rows(cases))]

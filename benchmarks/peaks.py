@@ -4,7 +4,8 @@ them that a measured rate reaches: the yardstick for dfp and for every baseline.
 The probes (``dfp._C.peak_gmacs``, csrc/cpu/peak_*.cpp) run loops of independent
 multiply-adds on registers only, each in a file compiled with its own ISA's flags and
 called only when cpuid reports the ISA: fp32 FMA on ymm and zmm, int16 vpmaddwd+vpaddd on
-ymm and zmm, vpdpwssd on zmm, bf16 vdpbf16ps on zmm. The best of a few runs is kept.
+ymm and zmm, vpdpwssd on zmm, bf16 vdpbf16ps on zmm. The best of many short runs is
+kept: another process on the core can only make a probe slower.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def measure(quick: bool = False) -> dict[str, float]:
         from dfp import _C
     except ImportError:
         return {}
-    # The probes run on the calling thread alone.
+    # The probes run on the calling thread alone, about 10 ms each: many short runs, so
+    # that on a shared machine the best of them still finds the core to itself.
     if hasattr(_C, "peak_gmacs"):
-        runs = [dict(_C.peak_gmacs(2_000_000 if quick else 10_000_000)) for _ in range(3 if quick else 5)]
+        runs = [dict(_C.peak_gmacs(2_000_000)) for _ in range(5 if quick else 20)]
     elif hasattr(_C, "peak_gmacs_avx2"):  # an older build of the core
         runs = [dict(zip(("int16 vpmaddwd+vpaddd ymm", FP32[0]), _C.peak_gmacs_avx2())) for _ in range(5)]
     else:

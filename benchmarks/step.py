@@ -36,7 +36,7 @@ from . import peaks as peak_probes
 from .timing import interleaved_times, speedup
 
 MODELS = {"resnet20": "ResNet-20", "resnet18": "ResNet-18-CIFAR"}
-FORMATS = ("fp32", "bf16", "dfp16")
+FORMATS = ("fp32", "bf16", "dfp16-tensor", "dfp16")
 IMAGE = (3, 32, 32)
 CLASSES = 10
 
@@ -274,6 +274,7 @@ def format_peaks(peaks: dict[str, float], isa: str | None) -> dict[str, tuple[st
     return {
         "fp32": (fp32_name, fp32) if fp32 else None,
         "bf16": (peak_probes.BF16, bf16) if bf16 else None,
+        "dfp16-tensor": (int16_name, int16) if int16 else None,
         "dfp16": (int16_name, int16) if int16 else None,
     }
 
@@ -290,16 +291,18 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     note = (
         f"Training steps: forward, backward and SGD step (momentum 0.9) of the whole model on one random batch of "
         f"{cfg.batch} CIFAR-shaped images, channels_last, each format set up as the harness does "
-        "(fp32: torch layers; bf16: torch.autocast(bfloat16) around the forward; dfp16: dfp.convert). The formats "
+        "(fp32: torch layers; bf16: torch.autocast(bfloat16) around the forward; dfp16, dfp16-tensor: "
+        "dfp.convert). The formats "
         f"run in turns in one process; ms = median of {cfg.repeats} rounds; speed-ups are paired medians of the "
         "same rounds: bf16 / fp32 and dfp16 / fp32 against torch fp32 (oneDNN convolutions), dfp16 / bf16 "
-        "against torch bf16 autocast (oneDNN bf16 convolutions). % of peak: the step's conv and linear "
+        "against torch bf16 autocast (oneDNN bf16 convolutions), dfp16 / tensor against dfp16-tensor (Das et "
+        "al.'s exponent per tensor: the cost of finer gradient exponents). % of peak: the step's conv and linear "
         "multiply-adds (forward, grad_input, grad_weight) / step time / (threads x the register peak of the "
         f"format's path: {peak_note})."
     )
     lines = [note, ""]
     headers = ["model", "threads", "GMAC/step", *(f"{f} ms (% of peak)" for f in FORMATS)]
-    headers += ["bf16 / fp32", "dfp16 / fp32", "dfp16 / bf16"]
+    headers += ["bf16 / fp32", "dfp16 / fp32", "dfp16 / bf16", "dfp16 / tensor"]
     rows, medians, parts = [], {}, {}
     cpu_before = _cpu_times()
     for model_name, title in MODELS.items():
@@ -315,7 +318,7 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
                 cells.append(f"{1e3 * t:.1f} ({peak_probes.fraction(macs / t / 1e9, peak, threads)})")
             ratios = [
                 f"{speedup(times[a], times[b]):.2f}x"
-                for a, b in (("bf16", "fp32"), ("dfp16", "fp32"), ("dfp16", "bf16"))
+                for a, b in (("bf16", "fp32"), ("dfp16", "fp32"), ("dfp16", "bf16"), ("dfp16", "dfp16-tensor"))
             ]
             rows.append([title, str(threads), f"{macs / 1e9:.2f}", *cells, *ratios])
             parts[(model_name, threads)] = breakdowns(steps, cfg.profile_steps)

@@ -77,16 +77,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "quantize_gradient",
-      [](uintptr_t x, int64_t rows, int64_t cols, int headroom, bool stochastic, uint64_t seed, uintptr_t q_blocks,
-         uintptr_t e_blocks, int64_t block, uintptr_t q_groups, uintptr_t e_groups, int64_t group_rows,
-         int nthreads) {
+      [](uintptr_t x, int64_t rows, int64_t cols, int headroom, uint64_t seed, uintptr_t q_blocks, uintptr_t e_blocks,
+         int64_t block, bool blocks_stochastic, uintptr_t q_groups, uintptr_t e_groups, int64_t group_rows,
+         bool groups_stochastic, int nthreads) {
         py::gil_scoped_release release;
-        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks), ptr<int32_t>(e_blocks), block,
-                                            ptr<int16_t>(q_groups), ptr<int32_t>(e_groups), group_rows};
-        return dfp::quantize_gradient(ptr<const float>(x), rows, cols, headroom, stochastic, seed, out, nthreads);
+        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks), ptr<int32_t>(e_blocks), block, blocks_stochastic,
+                                            ptr<int16_t>(q_groups), ptr<int32_t>(e_groups), group_rows,
+                                            groups_stochastic};
+        return dfp::quantize_gradient(ptr<const float>(x), rows, cols, headroom, seed, out, nthreads);
       },
       "quantize a contiguous (rows, cols) float32 buffer per block of rows and column and/or per group of rows "
-      "(a q pointer of 0: not that one), in two passes; False on NaN/Inf");
+      "(a q pointer of 0: not that one), each rounded its own way, in two passes; False on NaN/Inf");
 
   m.def(
       "quantize_padded",

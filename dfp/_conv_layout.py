@@ -54,7 +54,7 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
 
 
 def quantize_gradient(
-    t: torch.Tensor, headroom: int, block: int, per_sample: bool | None, stochastic: bool, seed: int = 0
+    t: torch.Tensor, headroom: int, block: int, per_sample: bool | None, stochastic: tuple[bool, bool], seed: int = 0
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """An output gradient, float32 ``t`` (N, C, H, W), for both backward products,
     mantissas (N, H, W, C) contiguous:
@@ -62,9 +62,10 @@ def quantize_gradient(
       pixels (in (n, h, w) order) and channel, exponent (ceil(N*H*W / block), C);
     - for grad_input where ``per_sample`` is not None: one exponent per sample (N,)
       (True) or per tensor, 0-d (False).
-    Each has the bits of quantizing the (N*H*W, C) pixel matrix that way on its own
-    (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per sample: its rows in
-    groups of H*W); the backend may read t twice in all for both. Outputs not asked for
+    ``stochastic``: whether each (grad_weight's, grad_input's) rounds stochastically,
+    from the one ``seed``. Each has the bits of quantizing the (N*H*W, C) pixel matrix
+    that way on its own (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per
+    sample: its rows in groups of H*W); the backend may read t twice in all for both. Outputs not asked for
     are None. NaN/Inf in ``t`` gives zero mantissas with every exponent ``NONFINITE``
     (see ``is_nonfinite``)."""
     n, c, h, w = t.shape
@@ -81,10 +82,10 @@ def quantize_gradient(
         if fused is not None:
             blocks, groups = fused(pixels, headroom, block, group_rows, stochastic, seed)
         else:
-            blocks = _ops.quantize_impl(pixels, headroom, 0, block, stochastic, seed) if block else None
+            blocks = _ops.quantize_impl(pixels, headroom, 0, block, stochastic[0], seed) if block else None
             groups = None
             if group_rows:
-                q, e = _ops.quantize_impl(pixels.view(-1, group_rows * c), headroom, 0, None, stochastic, seed)
+                q, e = _ops.quantize_impl(pixels.view(-1, group_rows * c), headroom, 0, None, stochastic[1], seed)
                 groups = q, e.view(-1)
     except NonFiniteError:
         zeros = pixels.new_zeros(pixels.shape, dtype=torch.int16)

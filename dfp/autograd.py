@@ -101,6 +101,7 @@ def conv2d_impl(
     grad_input_dfp: bool,
     grad_weight_dfp: bool,
     grad_stochastic: bool,
+    grad_weight_stochastic: bool,
     grad_weight_block: int,
     grad_input_per_sample: bool,
     channels_last: bool,
@@ -116,7 +117,9 @@ def conv2d_impl(
     x: float32 (N, C, H, W), any strides; weight: float32 (Cout, C/groups, KH, KW);
     bias: float32 (Cout,) or None; padding is symmetric zeros. The input is quantized
     even when the forward runs in fp32, for a DFP16 grad_weight. The grad_* arguments only
-    steer the backward (see ``_setup_context``); ``grad_weight_block`` > 0 gives the output
+    steer the backward (see ``_setup_context``): ``grad_stochastic`` rounds the output
+    gradient stochastically in grad_input (and in grad_weight where
+    ``grad_weight_stochastic`` says so); ``grad_weight_block`` > 0 gives the output
     gradient one exponent per block of that many output pixels and channel in grad_weight
     (0: one per tensor); ``grad_input_per_sample`` one per sample in grad_input (else one
     per tensor).
@@ -224,30 +227,35 @@ def _(grad_q, grad_exponent, weight, input_shape, *config):
 
 
 def quantize_grad_output_impl(
-    t: torch.Tensor, headroom: int, block: int, input_exponent: int, stochastic: bool, seed: torch.Tensor
+    t: torch.Tensor,
+    headroom: int,
+    block: int,
+    input_exponent: int,
+    block_stochastic: bool,
+    input_stochastic: bool,
+    seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 (N, C, H, W) -> (int16 mantissas (N, H, W, C) and int32 exponents) for
     grad_weight, one exponent per block of ``block`` output pixels and channel
     (ceil(N*H*W / block), C), the K-blocks of its reduction over pixels; and for
     grad_input, per tensor (0-d; ``input_exponent`` 1) or per sample ((N,); 2). An
     output not asked for (``block`` 0, ``input_exponent`` 0) is an empty (0,) mantissa
-    and a 0-d exponent. Reads ``t`` twice in all where the backend can; ``NONFINITE``
-    exponents if ``t`` holds NaN/Inf. ``seed`` as in ``quantize_channels_last``."""
+    and a 0-d exponent. Each rounds its own way (``*_stochastic``) from the one ``seed``
+    (as in ``quantize_channels_last``). Reads ``t`` twice in all where the backend can;
+    ``NONFINITE`` exponents if ``t`` holds NaN/Inf."""
     per_sample = (None, False, True)[input_exponent]
-    outputs = layout.quantize_gradient(t, headroom, block, per_sample, stochastic, int(seed))
+    outputs = layout.quantize_gradient(t, headroom, block, per_sample, (block_stochastic, input_stochastic), int(seed))
     none = (t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32))
     q_blocks, e_blocks = outputs[:2] if block else none
     q_input, e_input = outputs[2:] if input_exponent else none
     return q_blocks, e_blocks, q_input, e_input
 
 
-quantize_grad_output = torch.library.custom_op("dfp::quantize_grad_output", mutates_args=())(
-    quantize_grad_output_impl
-)
+quantize_grad_output = torch.library.custom_op("dfp::quantize_grad_output", mutates_args=())(quantize_grad_output_impl)
 
 
 @quantize_grad_output.register_fake
-def _(t, headroom, block, input_exponent, stochastic, seed):
+def _(t, headroom, block, input_exponent, block_stochastic, input_stochastic, seed):
     n, c, h, w = t.shape
 
     def mantissa(asked: bool) -> torch.Tensor:
@@ -283,7 +291,7 @@ def conv2d_grad_weight_impl(
     grad = _ops.conv_grad_weight_gemm_impl(
         grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups,
         grad_block,
-    )
+    )  # fmt: skip
     return _to_nchw(grad.view(cout, kh, kw, input_q.shape[3] // groups)[..., :cin_g], channels_last)
 
 
@@ -291,9 +299,8 @@ conv2d_grad_weight = torch.library.custom_op("dfp::conv2d_grad_weight", mutates_
 
 
 @conv2d_grad_weight.register_fake
-def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, headroom, grad_block,
-      channels_last):
-    return _empty(weight_shape, grad_q, channels_last)
+def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, *config):
+    return _empty(weight_shape, grad_q, config[-1])
 
 
 def _is_channels_last(t: torch.Tensor) -> bool:
@@ -302,9 +309,7 @@ def _is_channels_last(t: torch.Tensor) -> bool:
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, _bias, stride, padding, dilation, groups, headroom, weight_channel = inputs[:9]
-    _forward_dfp, grad_input_dfp, grad_weight_dfp, grad_stochastic, weight_block, input_per_sample, channels_last = (
-        inputs[9:]
-    )
+    _forward_dfp, _grad_input_dfp, grad_weight_dfp, *_, channels_last = inputs[9:]
     _, x_padded, x_exponent = output
     need_weight_grad = ctx.needs_input_grad[1]
     # Keep the int16 input for a DFP16 grad_weight, the float input only for an fp32 one;
@@ -314,9 +319,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if keep_x else None, weight, x_padded if keep_q else None, x_exponent if keep_q else None)
     ctx.input_shape = list(x.shape)
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
-    ctx.config = (
-        headroom, weight_channel, grad_input_dfp, grad_weight_dfp, grad_stochastic, weight_block, input_per_sample
-    )
+    ctx.config = (headroom, weight_channel, *inputs[10:-1])  # the backward's switches, as conv2d_impl takes them
     ctx.channels_last = (channels_last, _is_channels_last(weight))
 
 
@@ -341,29 +344,38 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
     x, weight, x_padded, x_exponent = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     stride, _, dilation, groups = ctx.conv
-    headroom, weight_channel, grad_input_dfp, grad_weight_dfp, stochastic, weight_block, per_sample = ctx.config
+    (
+        headroom,
+        weight_channel,
+        grad_input_dfp,
+        grad_weight_dfp,
+        stochastic,
+        weight_stochastic,
+        weight_block,
+        per_sample,
+    ) = ctx.config
     input_last, weight_last = ctx.channels_last
     grad_x = grad_w = grad_b = None
     dfp_input, dfp_weight = need_input and grad_input_dfp, need_weight and grad_weight_dfp
     with torch.autocast(grad_y.device.type, enabled=False):
         if dfp_input or dfp_weight:
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
-            seed = torch.randint(-(2**63), 2**63 - 1, ()) if stochastic else torch.zeros((), dtype=torch.int64)
+            draws = stochastic or weight_stochastic
+            seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else torch.zeros((), dtype=torch.int64)
         # grad_weight's reduction runs over pixels: runs of them get exponents there; the
-        # per-tensor quantization for grad_input rides along where dY is read anyway
+        # quantization for grad_input rides along where dY is read anyway
         fused_weight = dfp_weight and weight_block > 0
         fused_input = dfp_input and (per_sample or fused_weight)
         if fused_weight or fused_input:
             block, input_exponent = weight_block if fused_weight else 0, (2 if per_sample else 1) if fused_input else 0
             grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
-                grad_y, headroom, block, input_exponent, stochastic, seed
+                grad_y, headroom, block, input_exponent, weight_stochastic, stochastic, seed
             )
-        if (dfp_input and not fused_input) or (dfp_weight and not fused_weight):
-            per_tensor = calls.quantize(grad_y, headroom, stochastic, seed)
-            if not fused_input:
-                grad_q, grad_e = per_tensor
-            if not fused_weight:
-                grad_wq, grad_we = per_tensor
+        if dfp_input and not fused_input:
+            grad_q, grad_e = calls.quantize(grad_y, headroom, stochastic, seed)
+        if dfp_weight and not fused_weight:  # per tensor: the same as grad_input's where it rounds alike
+            same = dfp_input and not fused_input and weight_stochastic == stochastic
+            grad_wq, grad_we = (grad_q, grad_e) if same else calls.quantize(grad_y, headroom, weight_stochastic, seed)
         if dfp_input:
             config = (headroom, weight_channel, input_last)
             grad_x = calls.grad_input(grad_q, grad_e, weight, ctx.input_shape, *ctx.conv, *config)
@@ -376,7 +388,7 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
             grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *ctx.conv)
         if need_bias:
             grad_b = grad_y.sum(dim=(0, 2, 3))
-    return grad_x, grad_w, grad_b, *([None] * 13)
+    return grad_x, grad_w, grad_b, *([None] * 14)
 
 
 def _backward_traceable(ctx, grad_y, _grad_x_padded, _grad_x_exponent):

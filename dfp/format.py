@@ -182,22 +182,24 @@ def check_operand(t: DFPTensor, name: str) -> None:
             f"{name}.exponent has shape {tuple(e.shape)}, but a DFPTensor of shape {tuple(m.shape)} with {spec} "
             f"needs {want}: one exponent per group, shaped as dfp.quantize makes them"
         )
-    if e.numel():
-        low, high = (int(v) for v in torch.aminmax(e))
-        if low < -EXPONENT_LIMIT or high > EXPONENT_LIMIT:
-            raise ValueError(
-                f"{name}.exponent holds values in {low}..{high}; dfp's GEMM takes exponents in "
-                f"-{EXPONENT_LIMIT}..{EXPONENT_LIMIT} (dfp.quantize makes them in -163..126)"
-            )
+    _check_range(
+        e, EXPONENT_LIMIT, f"{name}.exponent", f"dfp's GEMM takes exponents in -{EXPONENT_LIMIT}..{EXPONENT_LIMIT} "
+        "(dfp.quantize makes them in -163..126)",
+    )  # fmt: skip
     limit = 2 ** (15 - spec.headroom) - 1
-    if m.numel():
-        low, high = (int(v) for v in torch.aminmax(m))
+    _check_range(
+        m, limit, f"{name}.mantissa", f"outside -{limit}..{limit}, the range of headroom {spec.headroom}; the int32 "
+        "chains of the GEMM are exact only inside it. Quantize with dfp.quantize, or build the DFPTensor with the "
+        "headroom its mantissas have",
+    )  # fmt: skip
+
+
+def _check_range(t: torch.Tensor, limit: int, what: str, why: str) -> None:
+    """Raise ValueError(what holds values in low..high; why) unless every value of t lies in -limit..limit."""
+    if t.numel():
+        low, high = (int(v) for v in torch.aminmax(t))
         if low < -limit or high > limit:
-            raise ValueError(
-                f"{name}.mantissa holds values in {low}..{high}, outside -{limit}..{limit}, the range of headroom "
-                f"{spec.headroom}; the int32 chains of the GEMM are exact only inside it. Quantize with dfp.quantize, "
-                f"or build the DFPTensor with the headroom its mantissas have"
-            )
+            raise ValueError(f"{what} holds values in {low}..{high}; {why}")
 
 
 def check_float_input(x: object, name: str) -> torch.Tensor:

@@ -46,6 +46,10 @@ class Format:
         grad_input_exponent: "tensor" (Das et al.) or "sample": output gradients get one
             exponent per sample in the grad_input product (each row of that GEMM lies in
             one sample, so a row's exponent costs only its epilogue scale).
+        grad_weight_rounding: rounding of output gradients in the grad_weight product, whose
+            sums run over every pixel of the batch: rounding to nearest there leaves
+            errors that add up coherently (the same small values round the same way), while
+            stochastic rounding's are unbiased. None: as ``grad_rounding``.
         grad_rounding: rounding of output gradients ("stochastic" draws its seed from
             torch's generator, so ``torch.manual_seed`` reproduces it); the forward
             quantization always rounds to nearest.
@@ -62,9 +66,16 @@ class Format:
     grad_weight_block: int | None = None
     grad_input_exponent: GradInputExponent = "tensor"
     grad_rounding: Rounding = "nearest"
+    grad_weight_rounding: Rounding | None = None
     forward: Product = "dfp"
     grad_input: Product = "dfp"
     grad_weight: Product = "dfp"
+
+    @property
+    def weight_grad_rounding(self) -> Rounding:
+        """The rounding of output gradients in grad_weight (``grad_weight_rounding`` or,
+        where None, ``grad_rounding``)."""
+        return self.grad_weight_rounding or self.grad_rounding
 
     def __post_init__(self) -> None:
         if self.dtype not in _FLOAT_NAMES:
@@ -73,11 +84,17 @@ class Format:
             raise ValueError(f"Format.weight_exponent must be 'tensor' or 'channel', got {self.weight_exponent!r}")
         if self.grad_rounding not in ("nearest", "stochastic"):
             raise ValueError(f"Format.grad_rounding must be 'nearest' or 'stochastic', got {self.grad_rounding!r}")
+        if self.grad_weight_rounding not in (None, "nearest", "stochastic"):
+            raise ValueError(
+                f"Format.grad_weight_rounding must be 'nearest', 'stochastic' or None, got {self.grad_weight_rounding!r}"
+            )
         block = self.grad_weight_block
         if block is not None and (type(block) is not int or block < 2 or block % 2):
             raise ValueError(f"Format.grad_weight_block must be None or an even int >= 2, got {block!r}")
         if self.grad_input_exponent not in ("tensor", "sample"):
-            raise ValueError(f"Format.grad_input_exponent must be 'tensor' or 'sample', got {self.grad_input_exponent!r}")
+            raise ValueError(
+                f"Format.grad_input_exponent must be 'tensor' or 'sample', got {self.grad_input_exponent!r}"
+            )
         if type(self.headroom) is not int or not 0 <= self.headroom <= MAX_HEADROOM:  # a bool is no headroom
             raise ValueError(f"Format.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
         products = {"forward": self.forward, "grad_input": self.grad_input, "grad_weight": self.grad_weight}

@@ -26,9 +26,9 @@ def _backend_params():
     return params
 
 
-@pytest.fixture(params=_backend_params())
-def backend(request, monkeypatch):
-    """Selects a backend (and CPU path) for the ops, as DFP_BACKEND / DFP_CPU_ISA would."""
+def use_backend(request, monkeypatch):
+    """Selects the backend (and CPU path) ``request.param`` = (name, isa or None) for the
+    ops, as DFP_BACKEND / DFP_CPU_ISA would; a fixture's body (yields its id)."""
     name, isa = request.param
     monkeypatch.setenv("DFP_BACKEND", name)
     if isa is None:
@@ -42,6 +42,12 @@ def backend(request, monkeypatch):
         yield f"{name}-{isa}"
     finally:
         cpu.set_cpu_isa(before)
+
+
+@pytest.fixture(params=_backend_params())
+def backend(request, monkeypatch):
+    """Selects a backend (and CPU path) for the ops, as DFP_BACKEND / DFP_CPU_ISA would."""
+    yield from use_backend(request, monkeypatch)
 
 
 @pytest.fixture

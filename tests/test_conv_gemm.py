@@ -12,9 +12,8 @@ from helpers import int16_operand, on_reference
 from torch.library import opcheck
 
 import dfp  # noqa: F401  (registers the ops)
-from dfp import DFPSpec
+from dfp import DFPSpec, _ops
 from dfp import _conv_layout as layout
-from dfp import _ops
 from dfp._patches import output_size
 
 # (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, K-block)
@@ -200,33 +199,39 @@ def test_window_as_the_generic_copy(backend, rows, columns, channels):
     assert torch.equal(layout.window(x[:0], rows, columns, channels), got[:0])
 
 
+@pytest.mark.parametrize("channels", [6, 32])  # 32: whole vectors of channels, the compiled fast path
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(backend, channels_last, stochastic):
+def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(
+    backend, channels_last, stochastic, channels
+):
     """quantize_gradient gives the bits of quantizing the (N*H*W, C) pixel matrix with
     DFPSpec(axis=0, block), per sample and per tensor on the reference backend (reading
     it twice for two of them on the compiled one): a block of zeros included (the zero
     group's exponent), a block whose one huge element takes the whole range, and runs of
     4 pixels that straddle samples (35 pixels each); NaN makes every exponent NONFINITE."""
     g = torch.Generator().manual_seed(3)
-    t = torch.randn((2, 6, 5, 7), generator=g) * torch.exp2(torch.randint(-30, 30, (2, 6, 1, 1), generator=g).float())
+    shape = (2, channels, 5, 7)
+    t = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, (2, channels, 1, 1), generator=g).float())
     t[0, :, 0, :] = 0.0  # pixels 0-6: the first block of 4 is zeros
     t[1, 2, 3, 4] = 1e30
     t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
-    pixels = t.permute(0, 2, 3, 1).reshape(-1, 6)
+    pixels = t.permute(0, 2, 3, 1).reshape(-1, channels)
     want_blocks = on_reference(_ops.quantize_impl, pixels, 2, 0, 4, stochastic, 11)
-    want_tensor = on_reference(_ops.quantize_impl, pixels, 2, None, None, stochastic, 11)
-    want_samples = on_reference(_ops.quantize_impl, pixels.reshape(2, -1), 2, 0, None, stochastic, 11)
+    want_tensor = on_reference(_ops.quantize_impl, pixels, 2, None, None, not stochastic, 11)
+    want_samples = on_reference(_ops.quantize_impl, pixels.reshape(2, -1), 2, 0, None, not stochastic, 11)
     for per_sample, (q, e) in ((False, want_tensor), (True, want_samples)):
-        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, per_sample, stochastic, seed=11)
-        assert torch.equal(q_blocks.reshape(-1, 6), want_blocks[0]) and torch.equal(e_blocks, want_blocks[1])
+        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(
+            t, 2, 4, per_sample, (stochastic, not stochastic), seed=11
+        )
+        assert torch.equal(q_blocks.reshape(-1, channels), want_blocks[0]) and torch.equal(e_blocks, want_blocks[1])
         assert torch.equal(q_input.reshape(q.shape), q) and torch.equal(e_input, e.reshape(e_input.shape))
     assert (e_blocks[0] == -149 - 13 + 1).all()
-    assert layout.quantize_gradient(t, 2, 4, None, stochastic, seed=11)[2:] == (None, None)
-    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, True, stochastic, seed=11)
+    assert layout.quantize_gradient(t, 2, 4, None, (stochastic, False), seed=11)[2:] == (None, None)
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, True, (False, not stochastic), seed=11)
     assert (q_blocks, e_blocks) == (None, None) and torch.equal(e_input, want_samples[1].view(2))
     t[0, 0, 0, 0] = float("nan")
-    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, True, stochastic)
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, True, (stochastic, stochastic))
     assert (e_blocks == layout.NONFINITE).all() and (e_input == layout.NONFINITE).all()
     assert not q_blocks.any() and not q_input.any()
 

@@ -13,7 +13,7 @@ from statistics import median
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks package
-from benchmarks import fidelity  # noqa: E402
+from benchmarks import fidelity
 
 FORMATS = ("bf16", "dfp16-tensor", "dfp16")
 

@@ -85,6 +85,23 @@ def test_cli_rejects_cuda_without_a_gpu(capsys):
     assert "sees no CUDA device; use --device cpu" in _error(capsys, ["--device", "cuda"])
 
 
+@pytest.mark.parametrize(
+    "variable, message",
+    [
+        ("DFP_BACKEND", "DFP_BACKEND: unknown dfp backend 'bogus'; choose one of cpu, numba, reference"),
+        ("DFP_CPU_ISA", "DFP_CPU_ISA='bogus' is not a path this CPU supports"),
+    ],
+)
+def test_cli_names_a_bad_environment_switch_in_one_line(tmp_path, variable, message):
+    """In a fresh process, as a user meets it (the compiled core reads DFP_CPU_ISA when it loads)."""
+    argv = ["--formats", "dfp16", "--epochs", "1", "--out", str(tmp_path), "--no-progress"]
+    env = {**os.environ, variable: "bogus"}
+    done = subprocess.run(
+        [sys.executable, "-m", "dfp.harness", *argv], env=env, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
 def test_cli_says_what_to_use_when_fp16_cannot_run(capsys, monkeypatch):
     real_probe = formats._probe
     monkeypatch.setattr(

@@ -14,7 +14,7 @@ import random
 
 import pytest
 import torch
-from conftest import _backend_params
+from conftest import _backend_params, use_backend
 from helpers import backend_env, int16_operand
 
 import dfp
@@ -27,19 +27,7 @@ CASES = range(6)  # random draws of layouts per op and backend
 @pytest.fixture(params=[*_backend_params(), pytest.param(("reference", None), id="reference")])
 def any_backend(request, monkeypatch):
     """Each backend (and each CPU path of the compiled one), as DFP_BACKEND / DFP_CPU_ISA select them."""
-    name, isa = request.param
-    monkeypatch.setenv("DFP_BACKEND", name)
-    if isa is None:
-        yield name
-        return
-    from dfp.backends import cpu
-
-    before = cpu.cpu_isa()
-    cpu.set_cpu_isa(isa)
-    try:
-        yield f"{name}-{isa}"
-    finally:
-        cpu.set_cpu_isa(before)
+    yield from use_backend(request, monkeypatch)
 
 
 def _layout(make, shape: tuple[int, ...], layout: str) -> torch.Tensor:

@@ -132,7 +132,8 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32
   if (ex_count > 1) {
     const int64_t per_image = shape.oh() * shape.ow();
     row_offsets.resize(shape.pixels());
-    for (int64_t m = 0; m < shape.pixels(); ++m) row_offsets[m] = ex[m / per_image] - ex[0];
+    for (int64_t image = 0; image < shape.n; ++image)
+      std::fill_n(row_offsets.begin() + image * per_image, per_image, ex[image] - ex[0]);
   }
   // A pointwise convolution's patches are the image's rows: read them in place.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;

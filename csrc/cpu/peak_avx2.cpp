@@ -2,22 +2,12 @@
 // (vpmaddwd + vpaddd) and fp32 FMAs (vfmadd231ps) one core retires per second, on
 // registers only, so that a GEMM's fraction of the peak is measured on this machine.
 // Inline assembly: a compiler would fold the repeated, unused arithmetic away.
-#include <chrono>
-
 #include "peak.h"
+#include "peak_impl.h"
 
 namespace dfp {
-namespace {
 
-template <typename Body>
-double gmacs(int64_t iterations, double macs_per_iteration, Body body) {
-  const auto t0 = std::chrono::steady_clock::now();
-  body(iterations);
-  const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-  return double(iterations) * macs_per_iteration / s / 1e9;
-}
-
-}  // namespace
+using peak_detail::gmacs;
 
 double peak_int16_gmacs_avx2(int64_t iterations) {
   // 8 independent accumulators cover the latency of vpaddd on any AVX2 core.

@@ -1,4 +1,5 @@
-// Shared by the peak_*.cpp probes: time a register-only loop and turn it into GMAC/s.
+// Shared by the peak_*.cpp probes: time a register-only loop and turn it into GMAC/s;
+// the AVX-512 ones also share its zmm loops (below).
 #pragma once
 #include <chrono>
 #include <cstdint>

@@ -147,53 +147,61 @@ void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headro
   }
 }
 
-bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, bool stochastic, uint64_t seed,
+bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads) {
-  // Row blocks for the first pass: grad_weight's, or groups' where there are none.
+  const QuantizeKernels& k = quantize_kernels(active_isa());
+  // Row blocks for both passes: grad_weight's, or the groups' where there are none.
   const int64_t block = out.q_blocks ? out.block : out.group_rows;
   const int64_t nblocks = (rows + block - 1) / block;
   const int64_t ngroups = out.q_groups ? (rows + out.group_rows - 1) / out.group_rows : 0;
-  const std::vector<uint32_t> amax = group_absmax(x, {1, rows, cols, Grouping::block, block}, nthreads);
+  // Pass 1: each block's maxima per column.
+  std::vector<uint32_t> amax(nblocks * cols, 0);
+  for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r0 = b * block;
+      k.absmax_rows(x + r0 * cols, std::min(rows, r0 + block) - r0, cols, amax.data() + b * cols);
+    }
+  });
   for (uint32_t bits : amax)
     if (bits >= kNonFiniteBits) return false;
-  // A group's maximum is its blocks' where no block straddles two groups (one pass less).
+  // A group's maximum is its blocks' where no block straddles two groups; else a pass of its own.
   std::vector<uint32_t> group_amax(ngroups, 0);
-  if (ngroups && out.group_rows % block == 0) {
-    for (int64_t g = 0; g < nblocks * cols; ++g)
-      group_amax[g / cols * block / out.group_rows] = std::max(group_amax[g / cols * block / out.group_rows], amax[g]);
-  } else if (ngroups) {
-    group_amax = group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads);
-    for (int64_t g = 0; g < ngroups; ++g)
-      group_amax[g] = *std::max_element(group_amax.begin() + g * cols, group_amax.begin() + (g + 1) * cols);
-    group_amax.resize(ngroups);
-  }
-  const auto scales = [&](const std::vector<uint32_t>& maxima, int64_t count, int32_t* exponent) {
-    std::vector<Scale> s(count);
-    for (int64_t g = 0; g < count; ++g) {
-      exponent[g] = group_exponent(maxima[g], headroom);
-      s[g] = inverse_scale(exponent[g]);
+  const auto fold = [&](const std::vector<uint32_t>& maxima, int64_t rows_per_entry) {
+    for (int64_t b = 0; b < int64_t(maxima.size()) / cols; ++b) {
+      uint32_t& m = group_amax[b * rows_per_entry / out.group_rows];
+      for (int64_t c = 0; c < cols; ++c) m = std::max(m, maxima[b * cols + c]);
     }
-    return s;
   };
-  std::vector<float> first, second;
-  if (out.q_blocks) {
-    const std::vector<Scale> s = scales(amax, int64_t(amax.size()), out.e_blocks);
-    for (const Scale& scale : s) first.push_back(scale.first), second.push_back(scale.second);
+  if (ngroups && out.group_rows % block == 0)
+    fold(amax, block);
+  else if (ngroups)
+    fold(group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads), out.group_rows);
+  std::vector<float> first(out.q_blocks ? nblocks * cols : 0), second(first.size());
+  std::vector<Scale> group_scale(ngroups);
+  for (size_t g = 0; g < first.size(); ++g) {
+    out.e_blocks[g] = group_exponent(amax[g], headroom);
+    const Scale s = inverse_scale(out.e_blocks[g]);
+    first[g] = s.first, second[g] = s.second;
   }
-  const std::vector<Scale> group_scale = ngroups ? scales(group_amax, ngroups, out.e_groups) : std::vector<Scale>{};
-  const QuantizeKernels& k = quantize_kernels(active_isa());
-  const RoundingArgs base{float(max_mantissa(headroom)), stochastic, 0, uint32_t(seed), uint32_t(seed >> 32)};
-  // A block of rows at a time: read from memory once, then again from cache for the second output.
+  for (int64_t g = 0; g < ngroups; ++g) {
+    out.e_groups[g] = group_exponent(group_amax[g], headroom);
+    group_scale[g] = inverse_scale(out.e_groups[g]);
+  }
+  // Pass 2, a block of rows at a time: read from memory once, then from cache for the
+  // second output.
+  const auto rounding = [&](bool stochastic) {
+    return RoundingArgs{float(max_mantissa(headroom)), stochastic, 0, uint32_t(seed), uint32_t(seed >> 32)};
+  };
   for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
-      RoundingArgs args = base;
-      if (out.q_blocks)
-        for (int64_t r = r0; r < r1; ++r) {
-          args.index0 = uint64_t(r * cols);
-          k.run_scaled(x + r * cols, out.q_blocks + r * cols, cols, first.data() + b * cols, second.data() + b * cols,
-                       args);
-        }
+      RoundingArgs args = rounding(out.blocks_stochastic);
+      if (out.q_blocks) {
+        args.index0 = uint64_t(r0 * cols);
+        k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, first.data() + b * cols,
+                   second.data() + b * cols, args);
+      }
+      args = rounding(out.groups_stochastic);
       for (int64_t r = r0; ngroups && r < r1;) {  // runs of rows inside one group
         const int64_t g = r / out.group_rows, end = std::min(r1, (g + 1) * out.group_rows);
         args.index0 = uint64_t(r * cols);

@@ -43,17 +43,20 @@ bool quantize_padded(const float* x, const PaddedImage& image, int headroom, int
 // per group of `group_rows` consecutive rows (a sample's pixels; rows: per tensor) into
 // q_groups, e_groups (ceil(rows / group_rows)) (grad_input). The bits of quantizing x
 // each way on its own (quantize3d): the same rounding of element i from the same
-// random bits. A third pass finds the groups' maxima where blocks straddle groups.
-// Returns false, writing nothing else, when x holds NaN or Inf.
+// random bits. Each output rounds its own way (nearest or stochastic), from one seed.
+// A third pass finds the groups' maxima where blocks straddle groups. Returns false,
+// writing nothing else, when x holds NaN or Inf.
 struct GradientQuantization {
   int16_t* q_blocks = nullptr;
   int32_t* e_blocks = nullptr;
   int64_t block = 0;
+  bool blocks_stochastic = false;
   int16_t* q_groups = nullptr;
   int32_t* e_groups = nullptr;
   int64_t group_rows = 0;
+  bool groups_stochastic = false;
 };
-bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, bool stochastic, uint64_t seed,
+bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads);
 
 }  // namespace dfp

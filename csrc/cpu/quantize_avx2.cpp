@@ -119,9 +119,45 @@ void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const
   run_impl(x, q, n, ElementScale{first, second}, r);
 }
 
+// A tile's column maxima, 8 columns at a time down the rows: the maxima stay in a
+// register, not in memory from row to row.
+void absmax_rows(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8) {
+    __m256i* a = reinterpret_cast<__m256i*>(acc + c);
+    __m256i m = _mm256_loadu_si256(a);
+    for (int64_t r = 0; r < rows; ++r) m = _mm256_max_epi32(m, abs_bits8(x + r * cols + c));
+    _mm256_storeu_si256(a, m);
+  }
+  for (; c < cols; ++c)
+    for (int64_t r = 0; r < rows; ++r) acc[c] = abs_bits(x[r * cols + c]) > acc[c] ? abs_bits(x[r * cols + c]) : acc[c];
+}
+
+// A tile with a scale per column, 16 columns at a time down the rows: the scales are
+// loaded once per column run, not once per row. Column counts that are not a multiple
+// of 16, and the rare tiles whose flat indices cross a multiple of 2^32 (stochastic
+// rounding hashes the high half once per vector), go a row at a time.
+void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
+              const RoundingArgs& r) {
+  const uint64_t last = r.index0 + uint64_t(rows * cols);
+  if (cols % 16 || (r.stochastic && (r.index0 >> 32) != (last >> 32)))
+    return run_rows_of<run_scaled>(x, q, rows, cols, first, second, r);
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __m256 f0 = _mm256_loadu_ps(first + c), f1 = _mm256_loadu_ps(first + c + 8);
+    const __m256 s0 = _mm256_loadu_ps(second + c), s1 = _mm256_loadu_ps(second + c + 8);
+    for (int64_t row = 0; row < rows; ++row) {
+      const float* xr = x + row * cols + c;
+      const uint64_t index = r.index0 + uint64_t(row * cols + c);
+      const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr), f0), s0);
+      const __m256 v1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + 8), f1), s1);
+      store16(q + row * cols + c, round8(v0, r, index), round8(v1, r, index + 8));
+    }
+  }
+}
+
 }  // namespace
 
 const QuantizeKernels quantize_avx2 = {absmax, absmax_into, run, run_scaled, absmax_blocks_of<absmax>,
-                                            run_blocks_of<run>};
+                                            run_blocks_of<run>, absmax_rows, run_rows};
 
 }  // namespace dfp

@@ -29,6 +29,12 @@ struct QuantizeKernels {
   void (*absmax_blocks)(const float* x, int64_t n, int64_t block, uint32_t* out);
   void (*run_blocks)(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
                      const RoundingArgs& r);
+  // A (rows, cols) tile with a scale per column, in one call: a call per short row (16
+  // channels: 64 bytes) would cost more than the row. acc[c] = max(acc[c], |x[r, c]|);
+  // q[r, c] = quantize(x[r, c] * first[c] * second[c]).
+  void (*absmax_rows)(const float* x, int64_t rows, int64_t cols, uint32_t* acc);
+  void (*run_rows)(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
+                   const RoundingArgs& r);
 };
 
 // The block loops, written once over a kernel set's own absmax and run (inlined).
@@ -44,6 +50,23 @@ void run_blocks_of(const float* x, int16_t* q, int64_t n, int64_t block, const f
   for (int64_t b = 0; b * block < n; ++b) {
     at.index0 = r.index0 + uint64_t(b * block);
     Run(x + b * block, q + b * block, n - b * block < block ? n - b * block : block, {first[b], second[b]}, at);
+  }
+}
+
+// The row loops of a tile, written once over a kernel set's own absmax_into and
+// run_scaled (inlined, so no call per row).
+template <void (*AbsmaxInto)(const float*, uint32_t*, int64_t)>
+void absmax_rows_of(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
+  for (int64_t r = 0; r < rows; ++r) AbsmaxInto(x + r * cols, acc, cols);
+}
+
+template <void (*RunScaled)(const float*, int16_t*, int64_t, const float*, const float*, const RoundingArgs&)>
+void run_rows_of(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
+                 const RoundingArgs& r) {
+  RoundingArgs at = r;
+  for (int64_t row = 0; row < rows; ++row) {
+    at.index0 = r.index0 + uint64_t(row * cols);
+    RunScaled(x + row * cols, q + row * cols, cols, first, second, at);
   }
 }
 

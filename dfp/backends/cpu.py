@@ -93,8 +93,8 @@ def quantize3d(x, mode, block, headroom, stochastic, seed):
 def quantize_gradient(x, headroom, block, group_rows, stochastic, seed):
     """Contiguous float32 x (rows, cols) per block of ``block`` rows and column (none
     where ``block`` is 0) and per group of ``group_rows`` rows (none where 0), reading x
-    twice in all: ((mantissa, exponent (blocks, cols)) or None, (mantissa, exponent
-    (groups,)) or None)."""
+    twice in all; ``stochastic``: (blocks', groups') rounding. Returns ((mantissa,
+    exponent (blocks, cols)) or None, (mantissa, exponent (groups,)) or None)."""
     rows, cols = x.shape
 
     def outputs(exponent_shape):
@@ -103,9 +103,9 @@ def quantize_gradient(x, headroom, block, group_rows, stochastic, seed):
     blocks = outputs((-(-rows // block), cols)) if block else None
     groups = outputs(-(-rows // group_rows)) if group_rows else None
     ok = _core().quantize_gradient(
-        x.data_ptr(), rows, cols, headroom, stochastic, seed & (2**64 - 1),
-        blocks[0].data_ptr() if blocks else 0, blocks[1].data_ptr() if blocks else 0, block,
-        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows,
+        x.data_ptr(), rows, cols, headroom, seed & (2**64 - 1),
+        blocks[0].data_ptr() if blocks else 0, blocks[1].data_ptr() if blocks else 0, block, stochastic[0],
+        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows, stochastic[1],
         torch.get_num_threads(),
     )  # fmt: skip
     if not ok:

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from .. import data, distributed, models
+from .. import backends, data, distributed, models
+from .._errors import BackendUnavailableError
 from . import formats
 from .report import CURVES_FILE, PARETO_FILE, REPORT_FILE, group_markdown, group_records, write_report
 from .results import RESULTS_FILE, ResultStore
@@ -97,8 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     """The options of a study (``dfp-compare --help``)."""
     parser = argparse.ArgumentParser(
         prog="dfp-compare",
-        description="Train a CNN in several number formats (fp32, bf16, fp16, dfp16, dfp16-sr, swalp), batch "
-        "sizes and seeds; report training time against test accuracy. A repeated command resumes, skipping "
+        description="Train a CNN in several number formats (fp32, bf16, fp16, dfp16, dfp16-sr, dfp16-tensor, "
+        "swalp), batch sizes and seeds; report training time against test accuracy. A repeated command resumes, skipping "
         "finished runs. 'dfp-compare report --out DIR' regenerates the report of an earlier study.",
     )
     what = parser.add_argument_group("what to train")
@@ -301,7 +302,16 @@ def _results_store(out: str, parser: argparse.ArgumentParser) -> ResultStore:
 
 def _check_formats(study: StudyConfig, device: torch.device, parser: argparse.ArgumentParser) -> None:
     """Each format tried on ``device``, the device of this process (under torchrun, each
-    rank probes its own GPU)."""
+    rank probes its own GPU), after the backend that DFP_BACKEND names."""
+    try:
+        backends.active(device)
+    except ValueError as err:
+        parser.error(f"DFP_BACKEND: {err}")
+    except (
+        BackendUnavailableError
+    ) as err:  # a compiled core missing or a bad DFP_CPU_ISA: formats that need none still run
+        if any(formats.LAYER_FORMATS.get(name) for name in study.formats):
+            parser.error(str(err))
     for name in study.formats:
         try:
             formats.check_available(name, device)

@@ -9,6 +9,8 @@ bf16       ``torch.autocast(device, dtype=torch.bfloat16)`` around the forward; 
 fp16       autocast to float16 + ``torch.amp.GradScaler``; SGD
 dfp16      ``dfp.convert(model, "dfp16")``: int16 products, nearest rounding; SGD
 dfp16-sr   ``dfp.convert(model, "dfp16-sr")``: stochastic rounding of gradients; SGD
+dfp16-tensor  ``dfp.convert(model, "dfp16-tensor")``: one exponent per tensor everywhere
+           (Das et al. 2018); SGD
 swalp      dfp16-sr layers and ``dfp.optim.SWALP`` (weights kept as DFP16 numbers, no fp32
            master copy), plus ``dfp.optim.WeightAverage``: the fp32 average of the weights,
            taken once per epoch, with batch-norm statistics recomputed (Yang et al. 2019);
@@ -44,7 +46,7 @@ import dfp
 
 from ..optim import SWALP, WeightAverage
 
-FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16", "dfp16", "dfp16-sr", "swalp")
+FORMATS: tuple[str, ...] = ("fp32", "bf16", "fp16", "dfp16", "dfp16-sr", "dfp16-tensor", "swalp")
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The layer format of each format's converted layers (None: torch layers).
 LAYER_FORMATS = {
@@ -53,6 +55,7 @@ LAYER_FORMATS = {
     "fp16": None,
     "dfp16": "dfp16",
     "dfp16-sr": "dfp16-sr",
+    "dfp16-tensor": "dfp16-tensor",
     "swalp": "dfp16-sr",
 }
 FIRST, LAST = "first", "last"

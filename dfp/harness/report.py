@@ -35,8 +35,16 @@ from .schedule import scaled_lr
 
 REPORT_FILE, PARETO_FILE, CURVES_FILE = "report.md", "pareto.png", "curves.png"
 PER_RUN = ("format", "batch_size", "seed", "swa_start")
-MARKERS = {"fp32": "o", "bf16": "s", "fp16": "D", "dfp16": "^", "dfp16-sr": "v", "swalp": "*"}
-COLORS = {"fp32": "C0", "bf16": "C1", "fp16": "C2", "dfp16": "C3", "dfp16-sr": "C4", "swalp": "C5"}
+MARKERS = {"fp32": "o", "bf16": "s", "fp16": "D", "dfp16": "^", "dfp16-sr": "v", "dfp16-tensor": "<", "swalp": "*"}
+COLORS = {
+    "fp32": "C0",
+    "bf16": "C1",
+    "fp16": "C2",
+    "dfp16": "C3",
+    "dfp16-sr": "C4",
+    "dfp16-tensor": "C6",
+    "swalp": "C5",
+}
 LINESTYLES = ("-", "--", ":", "-.")
 
 if TYPE_CHECKING:
