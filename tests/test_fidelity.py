@@ -34,22 +34,22 @@ def test_digits_step_every_conv_and_linear_layer_is_captured(digits_rows):
 
 
 def test_default_weight_gradient_beats_bf16_by_12_db_on_every_layer(digits_rows):
-    """Measured: at least 16.9 dB above bf16 (per tensor: down to 5.1 dB below it)."""
+    """Measured: at least 16.4 dB above bf16 (per tensor: down to 4.3 dB below it)."""
     for _, layer, product, s in digits_rows:
         if product == "grad_weight":
             assert s["dfp16"] >= s["bf16"] + 12, (layer, s)
 
 
 def test_default_beats_bf16_on_every_product_of_the_step(digits_rows):
-    """Measured: grad_input at least 7.4 dB above bf16, the forward 16 dB; 18 dB at the median."""
+    """Measured: every product at least 16.3 dB above bf16, 18.9 dB at the median."""
     margins = [s["dfp16"] - s["bf16"] for *_, s in digits_rows]
-    assert min(margins) >= 6
-    assert median(margins) >= 15
+    assert min(margins) >= 12
+    assert median(margins) >= 16
 
 
 def test_default_is_never_below_bf16_on_synthetic_data(synthetic_rows):
-    """Heavy-tailed (Student-t) operands are the closest call: grad_input 0.6 dB above bf16
-    with one exponent per tensor for dY; Gaussian and ReLU data 15 dB and more."""
+    """Outlier channels and heavy-tailed (Student-t) operands are the closest calls
+    (measured 5.6 dB above bf16 at the least); Gaussian and ReLU data 18.4 dB and more."""
     for _, layer, product, s in synthetic_rows:
         assert s["dfp16"] >= s["bf16"], (layer, product, s)
         if layer.split(" ", 1)[1] in ("gaussian", "relu"):
