@@ -65,9 +65,9 @@ def quantize_gradient(
     ``stochastic``: whether each (grad_weight's, grad_input's) rounds stochastically,
     from the one ``seed``. Each has the bits of quantizing the (N*H*W, C) pixel matrix
     that way on its own (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per
-    sample: its rows in groups of H*W); the backend may read t twice in all for both. Outputs not asked for
-    are None. NaN/Inf in ``t`` gives zero mantissas with every exponent ``NONFINITE``
-    (see ``is_nonfinite``)."""
+    sample: its rows in groups of H*W); the backend may read t twice in all for both.
+    Outputs not asked for are None. NaN/Inf in ``t`` gives zero mantissas with every
+    exponent ``NONFINITE`` (see ``is_nonfinite``)."""
     n, c, h, w = t.shape
     pixels = t.permute(0, 2, 3, 1).contiguous().view(n * h * w, c)  # no copy where t is channels-last
     group_rows = 0 if per_sample is None else h * w if per_sample else n * h * w
