@@ -153,7 +153,7 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
         x.float(), weight.float(), None if bias is None else bias.float(),
         list(stride), list(padding), list(dilation), groups,
         f.headroom, f.weight_exponent == "channel", f.forward == "dfp", f.grad_input == "dfp",
-        f.grad_weight == "dfp", f.grad_rounding == "stochastic", f.weight_grad_rounding == "stochastic",
+        f.grad_weight == "dfp", f.grad_rounding == "stochastic", f.rounding_in_grad_weight == "stochastic",
         f.grad_weight_block or 0, f.grad_input_exponent == "sample", channels_last,
     )  # fmt: skip
     if _ops.plain_eager(x, weight):

@@ -178,11 +178,10 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
     pack_transposed(dy + g * cout_g, pixels, cout, cout_g, kl.kpairs(), uk.mr, ws.a, nthreads);
-    // A's exponents [row][block]: dY's (KB, cout) transposed
-    const std::vector<int32_t> by_block = group_exponents(ey, kl.nblocks, cout, g, cout_g);
+    // A's exponents [row][block]: the group's columns of dY's (KB, cout), transposed
     std::vector<int32_t> ea(cout_g * kl.nblocks);
     for (int64_t b = 0; b < kl.nblocks; ++b)
-      for (int64_t o = 0; o < cout_g; ++o) ea[o * kl.nblocks + b] = by_block[b * cout_g + o];
+      for (int64_t o = 0; o < cout_g; ++o) ea[o * kl.nblocks + b] = ey[b * cout + g * cout_g + o];
     const PatchColumns patches(image, shape, uk.nr);
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
