@@ -38,7 +38,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("isa", [] { return std::string(dfp::isa_name(dfp::active_isa())); }, "the active CPU path");
   m.def("set_isa", &dfp::set_isa, "force a CPU path by name", py::arg("name"));
   m.def("thread_runtime", &dfp::thread_runtime, "whose threads run dfp's parallel loops");
-  m.def("micro_kernel", [] { return std::string(dfp::micro_kernel(dfp::active_isa()).name); });
+  m.def(
+      "micro_kernel", [](int64_t columns) { return std::string(dfp::micro_kernel(dfp::active_isa(), columns).name); },
+      "the micro-kernel that a product of this many columns runs", py::arg("columns") = 1 << 20);
   m.def("chain_length", [](int ha, int hb) { return dfp::chain_length(ha, hb); });
 #ifdef DFP_X86_KERNELS
   m.def(

@@ -16,6 +16,17 @@ from .format import DFPSpec, DFPTensor, exponent_shape
 NONFINITE = torch.iinfo(torch.int32).max
 
 
+def is_channels_last(t: torch.Tensor) -> bool:
+    """Whether a 4-d ``t`` is laid out channels-last as torch's convolutions see it: a
+    convolution's output is channels-last when its input or weight is. Where both layouts
+    describe its memory (one channel, e.g. a grayscale batch or a first layer's weight),
+    the stride of the channel axis says which was meant: torch.nn.Module.to(
+    memory_format=torch.channels_last) makes it 1."""
+    if t.dim() != 4 or not t.is_contiguous(memory_format=torch.channels_last):
+        return False
+    return not t.is_contiguous() or (t.stride(1) == 1 and t.shape[2] * t.shape[3] > 1)
+
+
 def _to_channels_last(ndim: int) -> tuple[int, ...]:
     """Permutation (..., C, H, W) -> (..., H, W, C)."""
     return (*range(ndim - 3), ndim - 2, ndim - 1, ndim - 3)

@@ -303,10 +303,6 @@ def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, *config):
     return _empty(weight_shape, grad_q, config[-1])
 
 
-def _is_channels_last(t: torch.Tensor) -> bool:
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
-
-
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, _bias, stride, padding, dilation, groups, headroom, weight_channel = inputs[:9]
     _forward_dfp, _grad_input_dfp, grad_weight_dfp, *_, channels_last = inputs[9:]
@@ -320,7 +316,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.input_shape = list(x.shape)
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
     ctx.config = (headroom, weight_channel, *inputs[10:-1])  # the backward's switches, as conv2d_impl takes them
-    ctx.channels_last = (channels_last, _is_channels_last(weight))
+    ctx.channels_last = (channels_last, layout.is_channels_last(weight))
 
 
 class _BackwardCalls(NamedTuple):

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from . import _conv_layout as layout
 from . import _ops
 from . import autograd as _autograd  # also registers torch.ops.dfp.conv2d
 from .format import DFPSpec
@@ -92,7 +93,7 @@ def conv2d(
     unbatched = x.dim() == 3
     if unbatched:
         x = x.unsqueeze(0)
-    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    channels_last = layout.is_channels_last(x) or layout.is_channels_last(weight)  # torch's rule
     kernel = tuple(weight.shape[2:])
     x, zeros = _pad(x, _padding(padding, kernel, stride, dilation), padding_mode)
     for axis, size, k, p, d in zip("HW", x.shape[2:], kernel, zeros, dilation):

@@ -159,6 +159,17 @@ def build(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.
     return model
 
 
+def initialise(model: nn.Module) -> nn.Module:
+    """Draw every parameter of ``model`` afresh, as ``build`` does (batch-norm running
+    statistics reset too), for its current shapes: a network narrowed by channel
+    surgery then trains from scratch with the initialisation of its own widths."""
+    for module in model.modules():
+        if hasattr(module, "reset_parameters"):  # batch norms reset their running statistics too
+            module.reset_parameters()
+    _init_weights(model)
+    return model
+
+
 def _init_weights(model: nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, nn.Conv2d):

@@ -216,3 +216,18 @@ def test_extreme_exponents_round_once(backend, ea, eb):
     a = _dfp(a.mantissa, torch.full((7, 1), ea).index_put_((torch.tensor([0]),), torch.tensor([[ea - 10]])), a.spec)
     b = _dfp(b.mantissa, eb, b.spec)
     assert torch.equal(dfp.ops.gemm(a, b), on_reference(dfp.ops.gemm, a, b))
+
+
+def test_subnormal_chain_sums_are_added_exactly(backend):
+    """K-blocks 140 binades below a block of zeros, of small mantissas: each chain's
+    scaled sum is subnormal, and exact (an integer times a power of two >= 2^-149), so
+    the compiled kernel's fused multiply-add gives the contract's bits."""
+    m, n, block = 16, 16, 32
+    a = torch.randint(-40, 41, (m, 3 * block), generator=torch.Generator().manual_seed(3), dtype=torch.int16)
+    a[:, :block] = 0
+    ea = torch.tensor([0, -140, -141], dtype=torch.int32).expand(m, 3)
+    b = _dfp(int16_operand((3 * block, n), 2, 4), 0, DFPSpec())
+    a = _dfp(a, ea, DFPSpec(axis=1, block=block))
+    got = dfp.ops.gemm(a, b)
+    assert torch.equal(got, on_reference(dfp.ops.gemm, a, b))
+    assert ((got != 0) & (got.abs() < 2**-126)).any()

@@ -643,6 +643,60 @@ def test_main_job_smoke_writes_records_and_report(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 0
 
 
+def test_structural_strategies_train_shrink_grow_and_are_reported(tmp_path, capsys):
+    strategies = "none,pruned-scratch,prunetrain,net2net,net2net+prunetrain"
+    argv = ["--formats", "fp32,dfp16", "--strategies", strategies, "--epochs", "3", "--warmup-epochs", "0"]
+    # A threshold far above PruneTrain's 1e-4 prunes after two steps (the strongest channel of a space stays).
+    argv += ["--prune-every", "1", "--prune-threshold", "0.3", "--grow-epochs", "1"]
+    assert _main_job(tmp_path, *argv) == 0
+    records = ResultStore(tmp_path).load()
+    runs = {(r["config"]["format"], r["config"].get("strategy", "none")): r for r in records}
+    assert [r["config"].get("strategy", "none") for r in records[:5]] == [
+        "none",
+        "prunetrain",
+        "net2net",
+        "net2net+prunetrain",
+        "pruned-scratch",  # after the run whose architecture it trains
+    ]
+    assert "strategy_settings" not in runs["fp32", "none"]["config"]  # keyed as before the strategies
+    assert runs["fp32", "prunetrain"]["config"]["strategy_settings"] == {
+        "penalty_ratio": 0.2,
+        "threshold": 0.3,
+        "prune_every": 1,
+    }
+    for fmt in ("fp32", "dfp16"):
+        plain, pruned = runs[fmt, "none"]["result"], runs[fmt, "prunetrain"]["result"]
+        grown, control = runs[fmt, "net2net"]["result"], runs[fmt, "pruned-scratch"]["result"]
+        assert pruned["penalty_coefficient"] > 0 and pruned["surgeries"][0]["kind"] == "prune"
+        assert {s["epoch"] for s in pruned["surgeries"]} <= {1, 2}  # never after the last epoch
+        assert pruned["parameters"] < plain["parameters"] and pruned["train_flops"] < plain["train_flops"]
+        assert pruned["epochs"][-1]["surgery_seconds"] > 0 and pruned["epochs"][0]["train_flops"] > 0
+        assert [s["kind"] for s in grown["surgeries"]] == ["grow"] and grown["widths"] == plain["widths"]
+        assert grown["epochs"][0]["widths"] == plain["widths"] and grown["train_flops"] < plain["train_flops"]
+        assert grown["epochs"][0]["forward_flops"] < grown["epochs"][1]["forward_flops"]
+        assert control["widths"] == pruned["widths"] and control["surgeries"] == []
+        both = runs[fmt, "net2net+prunetrain"]["result"]
+        assert [s["kind"] for s in both["surgeries"]][:2] == ["grow", "prune"] and both["surgeries"][1]["epoch"] == 2
+    text = (tmp_path / "report.md").read_text()
+    assert "| dfp16 + prunetrain | 64 |" in text and "| format + strategy | batch | training FLOPs |" in text
+    assert "penalty_ratio 0.2" in text and "| fp32 | 64 |" in text
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--strategies", "prunetrain,slimming"], "unknown strategy 'slimming'"),
+        (["--strategies", "pruned-scratch"], "add prunetrain to --strategies"),
+        (["--strategies", "net2net", "--epochs", "2", "--grow-epochs", "2"], "before the last (--epochs 2)"),
+        (["--penalty-ratio", "1"], "a ratio in (0, 1)"),
+        (["--start-width", "0"], "a fraction in (0, 1]"),
+    ],
+)
+def test_cli_rejects_bad_strategy_options(capsys, argv, message):
+    assert message in _error(capsys, ["--formats", "fp32", *argv])
+
+
 def test_an_interrupted_study_resumes_and_skips_finished_runs(tmp_path, monkeypatch, capsys):
     real_train_run = study.train_run
     trained = []

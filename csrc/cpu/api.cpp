@@ -41,8 +41,8 @@ std::vector<int32_t> group_exponents(const int32_t* ey, int64_t blocks, int64_t 
 void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, const KLayout& kl, int hy,
                             const int16_t* x, const ConvShape& shape, int64_t groups, int32_t ex, int hx, float* dw,
                             int nthreads) {
-  const MicroKernel& uk = micro_kernel(active_isa());
   const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
+  const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
   const std::vector<int32_t> ea(kl.nblocks, ex);  // one row: the image has one exponent
   Workspace& ws = workspace();
   ws.image.resize(shape.n * plane * shape.channels);
@@ -57,7 +57,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape, kl.kpairs());
     pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
     const std::vector<int32_t> eb = group_exponents(ey, kl.nblocks, cout, g, cout_g);
-    gemm_packed(patches, ws.b, kl, ea.data(), eb.data(), hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
+    gemm_packed(uk, patches, ws.b, kl, ea.data(), eb.data(), hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
                 GemmOptions{rows_per_thread, 0, true});
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)
@@ -78,13 +78,13 @@ bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64
 void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, int64_t sbk, int64_t sbn,
                 int64_t M, int64_t N, int64_t K, const int32_t* ea, const int32_t* eb, int64_t kblock,
                 int headroom_a, int headroom_b, const float* bias, float* c, int nthreads) {
-  const MicroKernel& uk = micro_kernel(active_isa());
+  const MicroKernel& uk = micro_kernel(active_isa(), N);
   const KLayout kl(K, kblock);
   RowsA& pa = workspace().a;
   Packed& pb = workspace().b;
   pack_a_int16(a, sam, sak, M, kl, uk.mr, pa, nthreads);
   pack_b_int16(b, sbk, sbn, N, kl, uk.nr, pb, nthreads);
-  gemm_packed(pa, pb, kl, ea, eb, headroom_a, headroom_b, {c, bias, N}, nthreads);
+  gemm_packed(uk, pa, pb, kl, ea, eb, headroom_a, headroom_b, {c, bias, N}, nthreads);
 }
 
 bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t K, int headroom,
@@ -110,37 +110,33 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
     ex.assign(M, ex[0]);
     ey.assign(N, ey[0]);
   }
-  const MicroKernel& uk = micro_kernel(active_isa());
+  const MicroKernel& uk = micro_kernel(active_isa(), N);
   RowsA& pa = workspace().a;
   Packed& pb = workspace().b;
   pack_a_float(x, M, kl, ex.data(), headroom, {stochastic, seed_x}, uk.mr, pa, nthreads);
   pack_b_float(y, N, kl, ey.data(), headroom, {stochastic, seed_y}, uk.nr, pb, nthreads);
-  gemm_packed(pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias, N}, nthreads);
+  gemm_packed(uk, pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias, N}, nthreads);
   return true;
 }
 
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32_t* ex, int64_t ex_count, int hx,
                      const int16_t* w, int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew,
                      int64_t kblock, int hw, const float* bias, float* y, int nthreads) {
-  const MicroKernel& uk = micro_kernel(active_isa());
+  const MicroKernel& uk = micro_kernel(active_isa(), nout);
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
   // One row of exponents: the image's (its first one), and where each image has its own,
   // the rest as an offset per row (every patch lies in one image), which moves no chain scale.
   const std::vector<int32_t> ea(kl.nblocks, ex[0]);
-  std::vector<int32_t> row_offsets;
-  if (ex_count > 1) {
-    const int64_t per_image = shape.oh() * shape.ow();
-    row_offsets.resize(shape.pixels());
-    for (int64_t image = 0; image < shape.n; ++image)
-      std::fill_n(row_offsets.begin() + image * per_image, per_image, ex[image] - ex[0]);
-  }
+  std::vector<int32_t> image_offsets;
+  for (int64_t image = 0; image < ex_count && ex_count > 1; ++image) image_offsets.push_back(ex[image] - ex[0]);
   // A pointwise convolution's patches are the image's rows: read them in place.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
   // Every task gathers its own block of patches, so all columns go in one task when
   // they fit (the fp32 tile then spans them all).
   GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), true};
-  if (!row_offsets.empty()) options.row_offsets = row_offsets.data();
+  if (!image_offsets.empty())
+    options.row_offsets = {image_offsets.data(), std::max<int64_t>(shape.oh() * shape.ow(), 1), ex_count};
   Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
@@ -149,16 +145,16 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32
     pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
     const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout};
     const ASource& a = pointwise ? static_cast<const ASource&>(ws.a) : patches;
-    gemm_packed(a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
+    gemm_packed(uk, a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
   }
 }
 
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
                             const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, float* dw,
                             int nthreads) {
-  const MicroKernel& uk = micro_kernel(active_isa());
   const ConvShape shape = group_shape(geometry);
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
+  const MicroKernel& uk = micro_kernel(active_isa(), k);
   const KLayout kl(pixels, std::max<int64_t>(kblock, 1));
   const std::vector<int32_t> eb(kl.nblocks, ex);  // one column: the image has one exponent
   // Few rows and a long reduction: split the columns into about four tasks per thread
@@ -185,7 +181,7 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const PatchColumns patches(image, shape, uk.nr);
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
-    gemm_packed(ws.a, b, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
+    gemm_packed(uk, ws.a, b, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
                 pointwise ? GemmOptions{0, 0, false, true} : gathered);
   }
 }

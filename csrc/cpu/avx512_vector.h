@@ -22,6 +22,7 @@ struct Avx512Vector {
   static F to_float(I v) { return _mm512_cvtepi32_ps(v); }
   static F addf(F a, F b) { return _mm512_add_ps(a, b); }
   static F mulf(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F mul_add(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
 };
 
 }  // namespace

@@ -36,8 +36,6 @@ class PixelWalk {
     col_ = first % ow_, row_ = first / ow_ % oh_, image_ = first / (ow_ * oh_);
   }
   int64_t origin() const { return ((image_ * s_.hp + row_ * s_.sh) * s_.wp + col_ * s_.sw) * s_.channels; }
-  // The same in the image laid out channel major (n, channels, hp, wp).
-  int64_t channel_major_origin() const { return (image_ * s_.channels * s_.hp + row_ * s_.sh) * s_.wp + col_ * s_.sw; }
   void next() {
     if (++col_ < ow_) return;
     col_ = 0;
@@ -111,18 +109,20 @@ PatchRows::PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl)
       index_(s),
       pairs_in_taps_(s.cg % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0)),
       in_place_(pairs_in_taps_ && s.channels % 2 == 0 && reinterpret_cast<uintptr_t>(x) % alignof(int32_t) == 0 &&
-                s.k() % kl.kblock == 0) {}
+                s.k() % kl.kblock == 0) {
+  if (!in_place_) return;
+  offsets_.resize(kl.kpairs());  // the same for every block of rows: made once
+  for (int64_t q = 0; q < kl.kpairs(); ++q) {
+    const int64_t k = 2 * q, tap = k / s.cg;
+    offsets_[q] = int64_t(sizeof(int16_t)) * (index_.tap(tap) + k - tap * s.cg);
+  }
+}
 
 ABlock PatchRows::block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const {
   return in_place_ ? in_place(i0, rows, kp0, len, scratch) : gathered(i0, rows, kp0, len, scratch);
 }
 
-ABlock PatchRows::in_place(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const {
-  scratch.offsets.resize(len);
-  for (int64_t q = 0; q < len; ++q) {
-    const int64_t k = 2 * (kp0 + q), tap = k / s_.cg;
-    scratch.offsets[q] = int64_t(sizeof(int16_t)) * (index_.tap(tap) + k - tap * s_.cg);
-  }
+ABlock PatchRows::in_place(int64_t i0, int64_t rows, int64_t kp0, int64_t, AScratch& scratch) const {
   // Rows past the last pixel repeat it: whatever they sum is never stored.
   scratch.rows.resize(rows);
   const int64_t valid = std::clamp<int64_t>(s_.pixels() - i0, 1, rows);
@@ -132,7 +132,7 @@ ABlock PatchRows::in_place(int64_t i0, int64_t rows, int64_t kp0, int64_t len, A
   std::fill(scratch.rows.begin() + valid, scratch.rows.end(), scratch.rows[valid - 1]);
   ABlock block{};
   block.rows = scratch.rows.data();
-  block.offsets = scratch.offsets.data();
+  block.offsets = offsets_.data() + kp0;
   return block;
 }
 
@@ -214,12 +214,14 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
 
 TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs)
     : x_(x), s_(s), offsets_(std::max(kpairs, s.pixels() / 2), 0) {
-  PixelWalk pixel(s_, 0);  // a pair's second pixel is the first's neighbour in the image row (fits)
-  for (int64_t q = 0; q < s.pixels() / 2; ++q) {
-    offsets_[q] = int64_t(sizeof(int16_t)) * pixel.channel_major_origin();
-    pixel.next();
-    pixel.next();
-  }
+  // A pair's second pixel is the first's neighbour in the image row (fits): along a row
+  // of output pixels the pairs' origins step by two columns.
+  int64_t q = 0;
+  for (int64_t image = 0; image < s.n; ++image)
+    for (int64_t row = 0; row < s.oh(); ++row) {
+      const int64_t origin = (image * s.channels * s.hp + row * s.sh) * s.wp;  // elements, channel major
+      for (int64_t col = 0; col < s.ow(); col += 2) offsets_[q++] = int64_t(sizeof(int16_t)) * (origin + col * s.sw);
+    }
 }
 
 ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, AScratch& scratch) const {

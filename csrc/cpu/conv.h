@@ -51,6 +51,7 @@ class PatchRows : public ASource {
   PatchIndex index_;
   bool pairs_in_taps_;  // every K-pair lies inside one tap (cg even, blocks of even length)
   bool in_place_;       // and is an aligned int32 word of the image, with no padding in K
+  std::vector<int64_t> offsets_;  // in place: of every K-pair from a patch's origin, in bytes
 };
 
 // B = the patch matrix (pixels, K) of x as the right operand of dW = dY^T patches:

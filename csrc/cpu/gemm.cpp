@@ -62,21 +62,28 @@ Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_s
     for (int64_t b = 1; b < blocks; ++b) r = std::max(r, e[i * row_stride + b * block_stride]);
     s.reference[i] = r;
     if (blocks > 1)
-      for (int64_t b = 0; b < blocks; ++b)
-        s.chain[i * row_stride + b * block_stride] = std::ldexp(1.0f, e[i * row_stride + b * block_stride] - r);
+      for (int64_t b = 0; b < blocks; ++b) {
+        const int32_t k = e[i * row_stride + b * block_stride] - r;  // <= 0
+        s.chain[i * row_stride + b * block_stride] = k < -149 ? 0.0f : pow2f_any(k);  // as ldexp(1, k) rounds
+      }
   }
   return s;
 }
 
 // C = fp32(acc * 2^(ra[m] + rb[n])) (+ bias), with one ra for every row where ra has one
-// entry (rows of uniform exponents). The product of the exact acc and a power of two is
+// entry (rows of uniform exponents), plus the offset of the row's group where given
+// (RowOffsets). The product of the exact acc and a power of two is
 // rounded once, whether in fp32 or in double then to fp32; so fp32 is used whenever every
 // 2^ra, 2^rb and 2^(ra + rb) is an fp32 number (always, in practice).
 class Epilogue {
  public:
-  Epilogue(const std::vector<int32_t>& ra, const std::vector<int32_t>& rb, GemmOutput out)
-      : ra_(ra), rb_(rb), out_(out), ncols_(int64_t(rb.size())), row_step_(ra.size() > 1 ? 1 : 0) {
-    const auto [ra_min, ra_max] = range(ra);
+  Epilogue(const std::vector<int32_t>& ra, RowOffsets offsets, const std::vector<int32_t>& rb, GemmOutput out)
+      : ra_(ra), offsets_(offsets), rb_(rb), out_(out), ncols_(int64_t(rb.size())), row_step_(ra.size() > 1 ? 1 : 0) {
+    auto [ra_min, ra_max] = range(ra);
+    if (offsets.values) {  // bounds of every row's sum, which is all the test needs
+      const auto [lo, hi] = std::minmax_element(offsets.values, offsets.values + offsets.count);
+      ra_min += *lo, ra_max += *hi;
+    }
     const auto [rb_min, rb_max] = range(rb);
     in_fp32_ = ra_min >= kMin && rb_min >= kMin && ra_max <= kMax && rb_max <= kMax && ra_min + rb_min >= kMin &&
                ra_max + rb_max <= kMax;
@@ -87,7 +94,19 @@ class Epilogue {
   // Whether C = acc * (row_scale(i) * col_scale(j)) + bias, in fp32 (the micro-kernel
   // can write whole tiles itself).
   bool in_fp32() const { return in_fp32_; }
-  float row_scale(int64_t i) const { return pow2f_any(ra_[i * row_step_]); }
+  int32_t row_exponent(int64_t i) const {
+    return ra_[i * row_step_] + (offsets_.values ? offsets_.values[i / offsets_.rows] : 0);
+  }
+  float row_scale(int64_t i) const { return pow2f_any(row_exponent(i)); }
+  // row_scale(i0 + r) for r < count, with one division by the group size, not one per row.
+  void row_scales(int64_t i0, int count, float* out) const {
+    int64_t group = offsets_.values ? i0 / offsets_.rows : 0, group_end = (group + 1) * offsets_.rows;
+    for (int r = 0; r < count; ++r) {
+      const int64_t i = i0 + r;
+      if (offsets_.values && i >= group_end) ++group, group_end += offsets_.rows;
+      out[r] = pow2f_any(ra_[i * row_step_] + (offsets_.values ? offsets_.values[group] : 0));
+    }
+  }
   const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
   const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
 
@@ -100,7 +119,7 @@ class Epilogue {
         const float* cs = col_scale_.data() + j0;
         for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * (rs * cs[j]);
       } else {
-        const int32_t ra = ra_[(i0 + i) * row_step_];
+        const int32_t ra = row_exponent(i0 + i);
         for (int64_t j = 0; j < cols; ++j) dst[j] = float(std::ldexp(double(src[j]), ra + rb_[j0 + j]));
       }
       if (out_.bias)
@@ -116,6 +135,7 @@ class Epilogue {
     return {*lo, *hi};
   }
   const std::vector<int32_t>& ra_;
+  RowOffsets offsets_;
   const std::vector<int32_t>& rb_;
   GemmOutput out_;
   int64_t ncols_, row_step_;
@@ -125,20 +145,21 @@ class Epilogue {
 
 }  // namespace
 
-const MicroKernel& micro_kernel(Isa isa) {
+const MicroKernel& micro_kernel(Isa isa, int64_t columns) {
+  const bool narrow = columns <= 16;
   switch (isa) {
 #ifdef DFP_X86_KERNELS
-    case Isa::avx512_vnni: return gemm_s16s16s32_avx512vnni_6x32;
-    case Isa::avx512bw: return gemm_s16s16s32_avx512bw_6x32;
+    case Isa::avx512_vnni: return narrow ? gemm_s16s16s32_avx512vnni_12x16 : gemm_s16s16s32_avx512vnni_6x32;
+    case Isa::avx512bw: return narrow ? gemm_s16s16s32_avx512bw_12x16 : gemm_s16s16s32_avx512bw_6x32;
     case Isa::avx2: return gemm_s16s16s32_avx2_6x16;
 #endif
     default: return gemm_s16s16s32_scalar_4x8;
   }
 }
 
-void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
-                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, GemmOptions options) {
-  const MicroKernel& uk = micro_kernel(active_isa());
+void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea,
+                 const int32_t* eb, int headroom_a, int headroom_b, GemmOutput out, int nthreads,
+                 GemmOptions options) {
   const int64_t M = a.rows(), N = b.cols(), KB = kl.nblocks;
   const int64_t n_padded = (N + uk.nr - 1) / uk.nr * uk.nr;
   // A's scales are [m][block] (row stride KB); B's are [block][n] (row stride 1).
@@ -171,13 +192,8 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
   // Rows with exponents of their own in the epilogue: where A's differ, or are offset per row.
-  const bool row_references = !options.uniform_a || options.row_offsets;
-  std::vector<int32_t> ra = sa.reference;
-  if (options.row_offsets) {
-    ra.resize(M);
-    for (int64_t m = 0; m < M; ++m) ra[m] = sa.reference[options.uniform_a ? 0 : m] + options.row_offsets[m];
-  }
-  const Epilogue epilogue(ra, sb.reference, out);
+  const bool row_references = !options.uniform_a || options.row_offsets.values;
+  const Epilogue epilogue(sa.reference, options.row_offsets, sb.reference, out);
   const auto whole = [](int64_t size, int64_t fallback, int64_t unit) {
     return ((size ? size : fallback) + unit - 1) / unit * unit;
   };
@@ -234,8 +250,7 @@ void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const in
           args.accumulate = s > 0;
           float row_scale[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            if (row_references)
-              for (int r = 0; r < uk.mr; ++r) row_scale[r] = epilogue.row_scale(i + r);
+            if (row_references) epilogue.row_scales(i, uk.mr, row_scale);
             args.out = out.c + i * out.ldc + j;
             args.ldc = out.ldc;
             args.out_row_scale = row_references ? row_scale : uniform_row_scale;

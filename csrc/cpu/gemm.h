@@ -56,7 +56,7 @@ struct MicroKernelArgs {
   const float* bias = nullptr;           // [nr], or null for none
 };
 
-constexpr int kMaxMr = 8;  // the most rows a micro-kernel's tile has
+constexpr int kMaxMr = 12;  // the most rows a micro-kernel's tile has
 
 struct MicroKernel {
   const char* name;
@@ -69,7 +69,13 @@ extern const MicroKernel gemm_s16s16s32_scalar_4x8;
 extern const MicroKernel gemm_s16s16s32_avx2_6x16;
 extern const MicroKernel gemm_s16s16s32_avx512bw_6x32;
 extern const MicroKernel gemm_s16s16s32_avx512vnni_6x32;
-const MicroKernel& micro_kernel(Isa isa);
+extern const MicroKernel gemm_s16s16s32_avx512bw_12x16;
+extern const MicroKernel gemm_s16s16s32_avx512vnni_12x16;
+// The micro-kernel for a product of `columns` columns (N) on isa: on AVX-512, a tile one
+// vector wide (12 x 16) where the 6 x 32 one would compute zeros in half of its columns
+// (16-channel layers: forward, grad_input and grad_weight all have N = 16). The tile
+// changes no bits: chains, their order and the epilogue are the same.
+const MicroKernel& micro_kernel(Isa isa, int64_t columns);
 
 // How K is laid out in the packed panels: each K-block is padded to whole K-pairs so a
 // pair never spans two exponents.
@@ -103,7 +109,6 @@ struct ABlock {
 struct AScratch {
   std::vector<int32_t> patches;
   std::vector<const void*> rows;
-  std::vector<int64_t> offsets;
 };
 class ASource {
  public:
@@ -182,18 +187,24 @@ struct GemmOutput {
 // rounded up to whole micro-panels); they change no bits. uniform_a: every row of A has
 // the same exponents, so ea is one row (KB,) and the scales are made once, not per row;
 // uniform_b likewise for the columns of B (eb is one column (KB,)).
-// row_offsets: where given (M of them), added to every exponent of row m of A, as if
-// ea[m, b] + row_offsets[m]: constant along K, they change no chain scale, only the
-// row's scale in the epilogue (a convolution's image with an exponent per sample).
+// row_offsets: where given, values[m / rows] is added to every exponent of row m of A,
+// as if ea[m, b] + values[m / rows]: constant along K, they change no chain scale, only
+// the row's scale in the epilogue (a convolution's image with an exponent per sample:
+// one value per image, `rows` its output pixels).
+struct RowOffsets {
+  const int32_t* values = nullptr;  // count of them
+  int64_t rows = 1, count = 0;
+};
 struct GemmOptions {
   int64_t mc = 0, nc = 0;
   bool uniform_a = false;
   bool uniform_b = false;
-  const int32_t* row_offsets = nullptr;
+  RowOffsets row_offsets;
 };
 
-// C = A B; ea (M, KB), eb (KB, N) are the exponents.
-void gemm_packed(const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
+// C = A B; ea (M, KB), eb (KB, N) are the exponents; uk the micro-kernel whose mr and nr
+// A and B were laid out for (micro_kernel(isa, N)).
+void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
                  int headroom_a, int headroom_b, GemmOutput out, int nthreads, GemmOptions options = {});
 
 }  // namespace dfp

@@ -29,6 +29,25 @@ static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
   return above && big_e < 128 ? e + 1 : e;
 }
 
+// group_exponent of n maxima: normal numbers by branch-free steps that the compiler
+// turns into vector code (blocks of 32 have an exponent per 32 elements, which one at a
+// time cost as much as quantizing them); zeros and subnormals by group_exponent.
+static inline void group_exponents(const uint32_t* amax_bits, int64_t n, int headroom, int32_t* e) {
+  const int32_t digits = 15 - headroom;
+  // a normal amax rounds above the largest mantissa when its significand (24 bits, leading
+  // 1) exceeds 2^24 - 2^(24 - digits): group_exponent's test with length 24
+  const int32_t threshold = (1 << 24) - (1 << (24 - digits));
+  int32_t rare = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int32_t bits = int32_t(amax_bits[i]), biased = bits >> 23, significand = (bits & 0x7fffff) | 0x800000;
+    e[i] = biased - 126 - digits + int32_t(significand > threshold && biased < 254);
+    rare |= int32_t(biased == 0);
+  }
+  if (rare)
+    for (int64_t i = 0; i < n; ++i)
+      if ((amax_bits[i] >> 23) == 0) e[i] = group_exponent(amax_bits[i], headroom);
+}
+
 // Two int16 as one int32 K-pair, lo first (the layout vpmaddwd and vpdpwssd read).
 static inline int32_t pair(int16_t lo, int16_t hi) {
   return int32_t(uint32_t(uint16_t(lo)) | (uint32_t(uint16_t(hi)) << 16));

@@ -24,6 +24,7 @@ struct Avx2 {
   static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
   static F addf(F a, F b) { return _mm256_add_ps(a, b); }
   static F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F mul_add(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 };
 
 }  // namespace

@@ -1,5 +1,6 @@
 // gemm_s16s16s32 on AVX-512 VNNI: vpdpwssd does the int16 pair product and the int32 add
-// in one instruction. 6 x 32 tile: 12 int32 + 12 fp32 accumulators + 2 B + 1 A = 27 zmm.
+// in one instruction. 6 x 32 tile: 12 int32 + 12 fp32 accumulators + 2 B + 1 A = 27 zmm;
+// 12 x 16 (N <= 16): 12 + 12 + 1 B, the A broadcasts read by the instruction itself.
 #include "avx512_vector.h"
 #include "gemm.h"
 #include "ukernel_impl.h"
@@ -14,3 +15,5 @@ struct Avx512Vnni : Avx512Vector {
 
 const dfp::MicroKernel dfp::gemm_s16s16s32_avx512vnni_6x32 = {"gemm_s16s16s32_avx512vnni_6x32", 6, 32, 256, 96, 256,
                                                                TileKernel<Avx512Vnni, 6, 2>::run};
+const dfp::MicroKernel dfp::gemm_s16s16s32_avx512vnni_12x16 = {"gemm_s16s16s32_avx512vnni_12x16", 12, 16, 256, 96, 256,
+                                                               TileKernel<Avx512Vnni, 12, 1>::run};

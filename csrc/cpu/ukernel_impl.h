@@ -68,12 +68,14 @@ struct TileKernel {
         for (int r = 0; r < MR; ++r) {
           typename V::F rs{};
           if constexpr (kRows) rs = V::setf(p.row_scale[r * p.row_scale_stride + blk]);
-          // a separate multiply and add (no FMA): the contract rounds the sum only; a side
-          // of scales 1 is left out, which changes no bits (rs * 1 = rs)
+          // The contract rounds the sum only, so one fused multiply-add: the product is
+          // exact anyway, an integer-valued fp32 times a power of two >= 2^-149 (or 0),
+          // which is a multiple of 2^-149 with at most 24 significant bits. A side of
+          // scales 1 is left out, which changes no bits (rs * 1 = rs).
           DFP_UNROLL
           for (int v = 0; v < NV; ++v) {
             const typename V::F scale = kRows && kCols ? V::mulf(rs, cs[v]) : kRows ? rs : cs[v];
-            f[r][v] = V::addf(f[r][v], V::mulf(V::to_float(acc[r][v]), scale));
+            f[r][v] = V::mul_add(V::to_float(acc[r][v]), scale, f[r][v]);
           }
         }
       } else {

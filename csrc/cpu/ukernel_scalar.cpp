@@ -55,6 +55,7 @@ struct Lanes8 {
     for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
     return a;
   }
+  static F mul_add(F a, F b, F c) { return addf(mulf(a, b), c); }  // a * b is exact where it is used
 };
 
 }  // namespace

@@ -27,7 +27,7 @@ import torch
 
 from .. import backends, data, distributed, models
 from .._errors import BackendUnavailableError
-from . import formats
+from . import formats, strategies
 from .report import CURVES_FILE, PARETO_FILE, REPORT_FILE, group_markdown, group_records, write_report
 from .results import RESULTS_FILE, ResultStore
 from .study import StudyConfig, run_study
@@ -89,6 +89,14 @@ def _format_name(text: str) -> str:
     return text
 
 
+def _strategy_name(text: str) -> str:
+    try:
+        strategies.check_strategy_name(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def _missing_packages(packages: dict[str, str]) -> list[str]:
     """The pip names of ``packages`` (import name: pip name) that cannot be imported."""
     return [pip_name for module, pip_name in packages.items() if importlib.util.find_spec(module) is None]
@@ -99,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dfp-compare",
         description="Train a CNN in several number formats (fp32, bf16, fp16, dfp16, dfp16-sr, dfp16-tensor, "
-        "swalp), batch sizes and seeds; report training time against test accuracy. A repeated command resumes, skipping "
+        "swalp), structural strategies (PruneTrain, Net2Net), batch sizes and seeds; report training time "
+        "against test accuracy. A repeated command resumes, skipping "
         "finished runs. 'dfp-compare report --out DIR' regenerates the report of an earlier study.",
     )
     what = parser.add_argument_group("what to train")
@@ -137,6 +146,44 @@ def build_parser() -> argparse.ArgumentParser:
         default=(),
         help="comma list of layers kept in fp32 in every format: names from model.named_modules() (a block "
         "keeps all its layers), 'first' (the first conv) or 'last' (the last linear) (default: none)",
+    )
+    structural = parser.add_argument_group("structural strategies (dfp.harness.strategies), crossed with the formats")
+    structural.add_argument(
+        "--strategies",
+        type=_comma_list(_strategy_name, "strategies"),
+        default="none",
+        help=f"comma list from {', '.join(strategies.STRATEGIES)} (default: %(default)s)",
+    )
+    structural.add_argument(
+        "--penalty-ratio",
+        type=_parsed(float, lambda v: 0 < v < 1, "a ratio in (0, 1)"),
+        default=strategies.StrategySettings.penalty_ratio,
+        help="prunetrain: the share of the group-lasso penalty in the loss at the first step, which sets its "
+        "coefficient for the whole run (default: %(default)s)",
+    )
+    structural.add_argument(
+        "--prune-every",
+        type=positive_int,
+        default=strategies.StrategySettings.prune_every,
+        help="prunetrain: remove zero channels at the end of every N-th epoch (default: %(default)s)",
+    )
+    structural.add_argument(
+        "--prune-threshold",
+        type=non_negative_float,
+        default=strategies.StrategySettings.threshold,
+        help="prunetrain: a channel is zero when all its weights are below this in magnitude (default: %(default)s)",
+    )
+    structural.add_argument(
+        "--start-width",
+        type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        default=strategies.StrategySettings.start_width,
+        help="net2net: the starting fraction of every layer's channels (default: %(default)s)",
+    )
+    structural.add_argument(
+        "--grow-epochs",
+        type=_comma_list(positive_int, "epochs"),
+        help="net2net: widen at the end of these epochs, evenly to the full width at the last (default: the "
+        "epoch a third of the way through)",
     )
     recipe = parser.add_argument_group("optimisation, the same for every format")
     recipe.add_argument(
@@ -227,6 +274,7 @@ def study_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
                 f"after the warm-up of {args.warmup_epochs:g} epochs to average: give more --epochs, a shorter "
                 "--warmup-epochs, or leave swalp out of --formats"
             )
+    settings = _strategy_settings(args, parser)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu (the default)")
     return StudyConfig(
@@ -248,6 +296,31 @@ def study_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> S
         compress=args.compress,
         limit_train_batches=args.limit_train_batches,
         target_accuracy=args.target_accuracy if args.target_accuracy is not None else DEFAULT_TARGET[args.data],
+        strategies=args.strategies,
+        strategy_settings=settings,
+    )
+
+
+def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> strategies.StrategySettings:
+    """The strategy options, checked against the epochs and each other."""
+    grow_epochs = args.grow_epochs or (max(1, round(args.epochs / 3)),)
+    growing = {strategies.NET2NET, strategies.GROW_THEN_PRUNE} & set(args.strategies)
+    if growing and max(grow_epochs) >= args.epochs:
+        parser.error(
+            f"--grow-epochs {','.join(map(str, grow_epochs))}: {sorted(growing)[0]} widens at the end of an epoch "
+            f"before the last (--epochs {args.epochs}); choose earlier epochs or give more --epochs"
+        )
+    if strategies.PRUNED_SCRATCH in args.strategies and strategies.PRUNETRAIN not in args.strategies:
+        parser.error(
+            "--strategies: pruned-scratch trains the final architecture of the prunetrain run with the same "
+            "settings; add prunetrain to --strategies"
+        )
+    return strategies.StrategySettings(
+        penalty_ratio=args.penalty_ratio,
+        threshold=args.prune_threshold,
+        prune_every=args.prune_every,
+        start_width=args.start_width,
+        grow_epochs=tuple(sorted(grow_epochs)),
     )
 
 

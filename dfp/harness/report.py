@@ -2,17 +2,19 @@
 format x batch size), ``pareto.png`` (training time against accuracy, the Pareto front
 highlighted) and ``curves.png`` (accuracy over training time).
 
-Runs are grouped by everything in their config but format, batch size, seed and SWA
-start; each group (one data set, model, epoch budget, ...) gets its own table and plot
-panel, and a row of the table is one format at one batch size (for swalp, one SWA start)
-over its seeds. A run recorded twice (the same config) counts once, with a
+Runs are grouped by everything in their config but format, batch size, seed, SWA
+start and structural strategy; each group (one data set, model, epoch budget, ...) gets
+its own table and plot panel, and a row of the table is one format at one batch size
+(for swalp, one SWA start) and one strategy over its seeds. Where a group has structural
+strategies, a second table gives their training FLOPs, parameters, widths and surgery
+time. A run recorded twice (the same config) counts once, with a
 ``DuplicateRunWarning``; a group whose runs come from different environments gets a
 ``MixedEnvironmentWarning`` and a note, since their times are not comparable.
 
 Times (medians) come from the runs that did not diverge: a run stopped early by a NaN
 is short, not fast. Diverged runs still count in the accuracy (mean over seeds) and stay
 off the Pareto front (drawn with an x). "Speed-up over fp32" is the median training time
-of fp32 at the same batch size over the median of the row: above 1, faster than fp32.
+of fp32 (without a strategy) at the same batch size over the median of the row: above 1, faster than fp32.
 Where two or more seeds were timed in both, the range of the per-seed ratios (a seed's
 fp32 time over its time in the row's format) follows: on a shared machine it shows
 whether a speed-up is larger than the noise.
@@ -30,11 +32,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .formats import FORMATS
+from .strategies import NONE, STRATEGIES
 from .results import DuplicateRunWarning, ResultStore, config_key, run_label, time_to_target
 from .schedule import scaled_lr
 
 REPORT_FILE, PARETO_FILE, CURVES_FILE = "report.md", "pareto.png", "curves.png"
-PER_RUN = ("format", "batch_size", "seed", "swa_start")
+# Runs that differ only in these share a table (a run of no structural strategy stores
+# neither strategy key: its config is that of a run from before the strategies).
+PER_RUN = ("format", "batch_size", "seed", "swa_start", "strategy", "strategy_settings")
 MARKERS = {"fp32": "o", "bf16": "s", "fp16": "D", "dfp16": "^", "dfp16-sr": "v", "dfp16-tensor": "<", "swalp": "*"}
 COLORS = {
     "fp32": "C0",
@@ -46,6 +51,8 @@ COLORS = {
     "swalp": "C5",
 }
 LINESTYLES = ("-", "--", ":", "-.")
+# Where a table has structural strategies, the marker tells the strategy (colour: format).
+STRATEGY_MARKERS = {"none": "o", "prunetrain": "v", "net2net": "^", "net2net+prunetrain": "D", "pruned-scratch": "s"}
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -95,11 +102,18 @@ class Row:
     averaged: int
     speedup: float | None
     speedup_range: tuple[float, float] | None  # lowest and highest per-seed speed-up
+    strategy: str = NONE
+    train_flops: float | None = None  # median over the seeds; None for runs from before it was recorded
+    parameters: int | None = None  # at the end, of the first seed
+    widths: dict[str, int] | None = None  # of each channel space at the end, of the first seed
+    surgery_seconds: float | None = None  # median
 
     @property
     def label(self) -> str:
-        """The format, with the first averaged epoch for swalp: "swalp (avg from 8)"."""
-        return self.format if self.swa_start is None else f"{self.format} (avg from {self.swa_start})"
+        """The format, with the first averaged epoch for swalp ("swalp (avg from 8)") and
+        the structural strategy if any ("dfp16 + prunetrain")."""
+        label = self.format if self.swa_start is None else f"{self.format} (avg from {self.swa_start})"
+        return label if self.strategy == NONE else f"{label} + {self.strategy}"
 
 
 def unique_runs(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -151,19 +165,28 @@ def _format_order(fmt: str) -> int:
     return FORMATS.index(fmt) if fmt in FORMATS else len(FORMATS)
 
 
+def _strategy_order(strategy: str) -> int:
+    return STRATEGIES.index(strategy) if strategy in STRATEGIES else len(STRATEGIES)
+
+
+def strategy_of(config: dict[str, Any]) -> str:
+    return config.get("strategy", NONE)
+
+
 def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) -> list[Row]:
     """The rows of one group, ordered by batch size, then format (in FORMATS order), then
-    SWA start."""
-    cells: dict[tuple[str, int, int | None], list[dict[str, Any]]] = {}
+    SWA start, then strategy (in STRATEGIES order)."""
+    cells: dict[tuple[str, int, int | None, str], list[dict[str, Any]]] = {}
     for record in group:
         config = record["config"]
-        cells.setdefault((config["format"], config["batch_size"], config["swa_start"]), []).append(record)
+        cell = (config["format"], config["batch_size"], config["swa_start"], strategy_of(config))
+        cells.setdefault(cell, []).append(record)
     seed_seconds = {
         cell: {r["config"]["seed"]: r["result"]["train_seconds"] for r in runs if not r["result"]["diverged"]}
         for cell, runs in cells.items()
     }
     rows = []
-    for (fmt, batch_size, swa_start), runs in cells.items():
+    for (fmt, batch_size, swa_start, strategy), runs in cells.items():
         config, results = runs[0]["config"], [r["result"] for r in runs]
         completed = [r for r in results if not r["diverged"]]
         accuracies = [r["final_accuracy"] for r in results]
@@ -191,27 +214,41 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 averaged=sum(r["epochs"][-1].get("swa_accuracy") is not None for r in results),
                 speedup=None,
                 speedup_range=None,
+                strategy=strategy,
+                train_flops=_median([r.get("train_flops") for r in completed]),
+                parameters=results[0].get("parameters"),
+                widths=results[0].get("widths"),
+                surgery_seconds=_median([r["epochs"][-1].get("surgery_seconds") for r in completed]),
             )
         )
-    fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32"}
+    fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
     rows = [
         dataclasses.replace(
             row,
             speedup=fp32_seconds[row.batch_size] / row.train_seconds,
-            speedup_range=None if row.format == "fp32" else _per_seed_range(row, seed_seconds),
+            speedup_range=None if (row.format, row.strategy) == ("fp32", NONE) else _per_seed_range(row, seed_seconds),
         )
         if fp32_seconds.get(row.batch_size) is not None and row.train_seconds
         else row
         for row in rows
     ]
-    return sorted(rows, key=lambda row: (row.batch_size, _format_order(row.format), row.format, row.swa_start or 0))
+    return sorted(
+        rows,
+        key=lambda row: (
+            row.batch_size,
+            _format_order(row.format),
+            row.format,
+            row.swa_start or 0,
+            _strategy_order(row.strategy),
+        ),
+    )
 
 
 def _per_seed_range(row: Row, seed_seconds: dict[tuple, dict[int, float]]) -> tuple[float, float] | None:
     """The lowest and highest per-seed speed-up of ``row`` (fp32's time of a seed at the
     same batch size over the row's) over the seeds timed in both; None for fewer than two."""
-    fp32 = seed_seconds[("fp32", row.batch_size, None)]
-    seconds = seed_seconds[(row.format, row.batch_size, row.swa_start)]
+    fp32 = seed_seconds[("fp32", row.batch_size, None, NONE)]
+    seconds = seed_seconds[(row.format, row.batch_size, row.swa_start, row.strategy)]
     ratios = [fp32[seed] / t for seed, t in seconds.items() if seed in fp32 and t]
     return (min(ratios), max(ratios)) if len(ratios) > 1 else None
 
@@ -320,7 +357,7 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rows = summarise(group, target)
-    fp32 = {row.batch_size: row for row in rows if row.format == "fp32"}
+    fp32 = {row.batch_size: row for row in rows if row.format == "fp32" and row.strategy == NONE}
     for row in rows:
         if target is None:
             to_target = "no target set"
@@ -334,7 +371,53 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
             f"| {images} | {_accuracy_cell(row)} | {_speedup_cell(row, fp32.get(row.batch_size))} | {to_target} "
             f"| {_seconds(row.data_seconds)} / {_seconds(row.eval_seconds)} | {_notes(row)} |"
         )
+    if any(row.strategy != NONE for row in rows):
+        lines += _structure_lines(rows, group[0]["config"], [r for r in group if strategy_of(r["config"]) != NONE])
     return "\n".join(lines) + "\n"
+
+
+def _structure_lines(rows: Sequence[Row], config: dict[str, Any], structured: Sequence[dict[str, Any]]) -> list[str]:
+    """The table of what the structural strategies cost: training FLOPs against the same
+    format without a strategy, parameters and widths at the end, surgery time."""
+    settings = {}
+    for record in structured:
+        settings.update(record["config"].get("strategy_settings") or {})
+    lines = [
+        "",
+        f"Structural strategies ({', '.join(f'{k} {v}' for k, v in sorted(settings.items()))}; "
+        "see dfp.harness.strategies). Training FLOPs: convolutions and linear layers, 3 forward passes per "
+        "image trained, summed over the epochs as the network changed (medians over the seeds). Surgery time "
+        "(removing or copying channels, wrapping DDP again) counts in the training time above. Not implemented: "
+        "PruneTrain's mini-batch growth after pruning (described in the paper, absent from its code).",
+        "",
+        "| format + strategy | batch | training FLOPs | vs. no strategy | parameters at the end | widths at the end "
+        "| surgery time (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    plain = {(row.format, row.batch_size, row.swa_start): row for row in rows if row.strategy == NONE}
+    for row in rows:
+        base = plain.get((row.format, row.batch_size, row.swa_start))
+        ratio = (
+            f"{row.train_flops / base.train_flops:.2f}x"
+            if row.train_flops is not None and base is not None and base.train_flops
+            else "-"
+        )
+        widths = ", ".join(f"{name} {width}" for name, width in (row.widths or {}).items()) or "-"
+        surgery = "-" if row.surgery_seconds is None else f"{row.surgery_seconds:.2f}"
+        lines.append(
+            f"| {row.label} | {row.batch_size} | {_flops(row.train_flops)} | {ratio} | "
+            f"{row.parameters if row.parameters is not None else '-'} | {widths} | {surgery} |"
+        )
+    return lines
+
+
+def _flops(value: float | None) -> str:
+    if value is None:
+        return "-"
+    for unit, scale in (("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.3g}"
 
 
 def unfinished_markdown(progress: Sequence[dict[str, Any]], finished_keys: set[str]) -> str:
@@ -396,8 +479,9 @@ def _annotate(axes: Any, record: dict[str, Any], text: str, batch_sizes: list[in
 
 
 def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> Figure:
-    """Training time against final accuracy, one point per run, one marker per format;
-    the Pareto front of each group circled and joined; diverged runs drawn as an x (with
+    """Training time against final accuracy, one point per run, one marker per format
+    (where a group has structural strategies: one colour per format, one marker per
+    strategy); the Pareto front of each group circled and joined; diverged runs drawn as an x (with
     their format), off the front. Returns the figure saved to ``path``."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter
@@ -406,17 +490,26 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> Figure:
     figure = Figure(figsize=(7, 4.5 * len(groups)), layout="constrained")
     for axes, group in zip(figure.subplots(len(groups), 1, squeeze=False)[:, 0], groups):
         batch_sizes = sorted({r["config"]["batch_size"] for r in group})
-        for fmt in sorted({r["config"]["format"] for r in group}, key=_format_order):
-            mine = [r for r in group if r["config"]["format"] == fmt and not r["result"]["diverged"]]
+        structured = any(strategy_of(r["config"]) != NONE for r in group)
+        kinds = sorted(
+            {(r["config"]["format"], strategy_of(r["config"])) for r in group},
+            key=lambda kind: (_format_order(kind[0]), _strategy_order(kind[1])),
+        )
+        for fmt, strategy in kinds:
+            mine = [
+                r
+                for r in group
+                if (r["config"]["format"], strategy_of(r["config"])) == (fmt, strategy) and not r["result"]["diverged"]
+            ]
             if not mine:
                 continue
             axes.scatter(
                 [_point(r)[0] for r in mine],
                 [_point(r)[1] for r in mine],
-                marker=MARKERS.get(fmt, "P"),
+                marker=STRATEGY_MARKERS.get(strategy, "P") if structured else MARKERS.get(fmt, "P"),
                 color=COLORS.get(fmt),
                 s=70,
-                label=fmt,
+                label=f"{fmt} + {strategy}" if structured else fmt,
                 zorder=3,
             )
             for record in mine:

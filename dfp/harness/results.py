@@ -57,8 +57,13 @@ def config_key(config: Mapping[str, Any]) -> str:
 
 
 def run_label(config: Mapping[str, Any]) -> str:
-    """A run in words: "digits, small_cnn, fp32 batch 32 seed 0"."""
-    return f"{config['data']}, {config['model']}, {config['format']} batch {config['batch_size']} seed {config['seed']}"
+    """A run in words: "digits, small_cnn, fp32 batch 32 seed 0" (with its structural
+    strategy, if any, after the format)."""
+    strategy = f" {config['strategy']}" if config.get("strategy") else ""
+    return (
+        f"{config['data']}, {config['model']}, {config['format']}{strategy} batch {config['batch_size']} "
+        f"seed {config['seed']}"
+    )
 
 
 def _missing(mapping: object, keys: Sequence[str], where: str) -> str | None:

@@ -1,11 +1,15 @@
-"""A study: every (seed, batch size, format) run of one data set and model, resumable.
+"""A study: every (seed, batch size, format, strategy) run of one data set and model,
+resumable.
 
 Runs go seed by seed, batch size by batch size, so that an interrupted study has
-compared every format at the first settings before it starts the next.
+compared every format at the first settings before it starts the next. Within a format
+the strategies go in the order given, except the pruned-scratch control, which comes
+after the prunetrain run whose final architecture it trains.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -17,6 +21,7 @@ import torch.distributed as dist
 from .. import data, distributed
 from . import environment
 from .results import ResultStore, config_key
+from .strategies import NONE, PRUNED_SCRATCH, PRUNETRAIN, StrategySettings
 from .train import RunConfig, train_run
 
 
@@ -42,9 +47,13 @@ class StudyConfig:
     compress: str
     limit_train_batches: int | None
     target_accuracy: float | None
+    strategies: tuple[str, ...] = (NONE,)
+    strategy_settings: StrategySettings = StrategySettings()
 
     def runs(self, world_size: int) -> list[RunConfig]:
         """The runs of the study, in the order they are trained."""
+        strategies = [s for s in self.strategies if s != PRUNED_SCRATCH]
+        strategies += [PRUNED_SCRATCH] if PRUNED_SCRATCH in self.strategies else []
         return [
             RunConfig(
                 data=self.data,
@@ -66,10 +75,13 @@ class StudyConfig:
                 world_size=world_size,
                 compress=self.compress,
                 limit_train_batches=self.limit_train_batches,
+                strategy=strategy,
+                strategy_settings=None if strategy == NONE else self.strategy_settings,
             )
             for seed in self.seeds
             for batch_size in self.batch_sizes
             for fmt in self.formats
+            for strategy in strategies
         ]
 
 
@@ -108,7 +120,13 @@ def run_study(
                 store.append_progress(run.as_dict(), attempt, epoch)
 
         result = train_run(
-            run, dataset, ctx, target_accuracy=study.target_accuracy, progress=progress, on_epoch=save_progress
+            run,
+            dataset,
+            ctx,
+            target_accuracy=study.target_accuracy,
+            progress=progress,
+            on_epoch=save_progress,
+            control_widths=_control_widths(run, finished, records, ctx),
         )
         record = {
             "config": run.as_dict(),
@@ -122,6 +140,29 @@ def run_study(
         if ctx.is_main:
             log(f"[{number}/{len(runs)}] {run.label}: {_summary(result)}")
     return records
+
+
+def _control_widths(
+    run: RunConfig, finished: dict[str, dict[str, Any]], records: Sequence[dict[str, Any]], ctx: distributed.Context
+) -> dict[str, int] | None:
+    """For a pruned-scratch run, the final widths of the prunetrain run with the same
+    config (trained earlier in this study or found in the results), rank 0's on every
+    rank (only rank 0 reads the results file); else None."""
+    if run.strategy != PRUNED_SCRATCH:
+        return None
+    source = config_key(dataclasses.replace(run, strategy=PRUNETRAIN).as_dict())
+    found = [None]
+    for record in [*records, finished.get(source)]:
+        if record and config_key(record.get("config", {})) == source and "widths" in record.get("result", {}):
+            found = [record["result"]["widths"]]
+    if ctx.world_size > 1:
+        dist.broadcast_object_list(found, src=0)
+    if found[0] is not None:
+        return found[0]
+    raise ValueError(
+        f"{run.label}: the control trains the final architecture of the prunetrain run with the same settings, "
+        "which is neither in the results nor in this study; add prunetrain to --strategies"
+    )
 
 
 def _summary(result: dict[str, Any]) -> str:

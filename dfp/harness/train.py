@@ -37,10 +37,11 @@ from torch import nn
 
 import dfp
 
-from .. import data, distributed, models
+from .. import data, distributed, models, structure
 from . import formats
 from .results import time_to_target
 from .schedule import Schedule
+from .strategies import NONE, GroupLasso, StrategySettings, StructuredRun
 
 EVAL_BATCH_SIZE = 500
 NO_COMPRESSION = "none"  # RunConfig.compress without gradient compression (distributed.wrap's None)
@@ -57,7 +58,10 @@ class RunConfig:
     ``batch_size`` is the global batch (all ranks together); ``base_lr`` the learning
     rate at ``base_batch_size`` (see ``schedule``); ``swa_start`` the first epoch
     (1-based) whose weights enter the SWALP average (None for other formats);
-    ``limit_train_batches`` caps the steps per epoch (smoke tests), None for all.
+    ``limit_train_batches`` caps the steps per epoch (smoke tests), None for all;
+    ``strategy`` the structural strategy (``strategies``) with its ``strategy_settings``
+    (None: the defaults). A run without a strategy ("none") is keyed without these two
+    fields, as before they existed, so results stored then still resume.
     """
 
     data: str
@@ -79,15 +83,22 @@ class RunConfig:
     world_size: int
     compress: str
     limit_train_batches: int | None
+    strategy: str = NONE
+    strategy_settings: StrategySettings | None = None
 
     def as_dict(self) -> dict[str, Any]:
         config = dataclasses.asdict(self)
         config["fp32_layers"] = list(self.fp32_layers)
+        del config["strategy"], config["strategy_settings"]
+        if self.strategy != NONE:
+            config["strategy"] = self.strategy
+            config["strategy_settings"] = (self.strategy_settings or StrategySettings()).for_strategy(self.strategy)
         return config
 
     @property
     def label(self) -> str:
-        return f"{self.format} batch {self.batch_size} seed {self.seed}"
+        strategy = "" if self.strategy == NONE else f" {self.strategy}"
+        return f"{self.format}{strategy} batch {self.batch_size} seed {self.seed}"
 
 
 class _Timed:
@@ -175,10 +186,13 @@ def train_run(
     target_accuracy: float | None,
     progress: bool = False,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
+    control_widths: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Train and evaluate one run; returns its result (see ``results.py`` for the file).
 
-    ``on_epoch`` gets each epoch's record as soon as the epoch is evaluated. The result:
+    ``on_epoch`` gets each epoch's record as soon as the epoch is evaluated;
+    ``control_widths``: for the pruned-scratch strategy, the final widths of its prunetrain
+    run. The result:
     final_accuracy (the reported model: SWALP's average for "swalp", else the trained
     weights), trained_accuracy (the trained weights), train_seconds, data_seconds,
     eval_seconds, images_per_second (images over train_seconds), steps, images,
@@ -187,7 +201,14 @@ def train_run(
     ``epochs``, a list of per-epoch records: epoch, lr, train_loss, test_loss,
     trained_accuracy, swa_accuracy, accuracy (the reported model's), seconds (cumulative
     training time when that model existed), train_seconds, data_seconds, eval_seconds
-    (cumulative).
+    (cumulative); and the structural accounting: forward_flops (per image, this epoch's
+    architecture), train_flops (cumulative, ``TRAINING_FLOPS_PER_FORWARD`` forwards per
+    image trained), parameters (this epoch's), surgery_seconds (cumulative, counted in the
+    training time too), widths (of each channel space after the epoch).
+
+    The result adds train_flops (total), parameters and widths at the end, surgeries (epoch,
+    kind and new widths of each), and penalty_coefficient (PruneTrain's lambda, else None).
+    Surgery happens after an epoch's evaluation; its time counts in that epoch.
     """
     check_test_split(dataset)
     check_batch_size(config.batch_size, dataset, ctx.world_size)
@@ -196,6 +217,12 @@ def train_run(
     device = ctx.device
     torch.manual_seed(config.seed)
     model = models.build(config.model, dataset.channels, dataset.num_classes, dataset.image_size)
+    plan = None
+    if config.strategy != NONE:
+        plan = StructuredRun.plan(
+            config.strategy, config.strategy_settings, config.epochs, config.seed, model, control_widths
+        )
+        plan.shape_initial_model(model)
     if ctx.rank:
         # dfp16-sr layers draw their stochastic rounding from torch's generator: with one seed
         # the ranks would round alike and their errors would add up instead of averaging out.
@@ -227,11 +254,18 @@ def train_run(
         seed=config.seed,
     )
     module = training.model
-    network = distributed.wrap(module, ctx, None if config.compress == NO_COMPRESSION else config.compress)
+    compress = None if config.compress == NO_COMPRESSION else config.compress
+    network = distributed.wrap(module, ctx, compress)
     order = torch.Generator().manual_seed(config.seed)  # the same permutation on every rank
-    _warm_up(training, network, dataset, per_rank_batch, ctx)
+    regulariser = plan.make_regulariser(module, ctx) if plan is not None else None
+    _warm_up(training, network, dataset, per_rank_batch, ctx, regulariser)
+    if regulariser is not None:
+        regulariser.coefficient = None  # set again at the first timed step, as the warm-up is undone
 
-    train_seconds = data_seconds = eval_seconds = 0.0
+    input_shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    forward_flops = structure.forward_flops(module, input_shape)
+    train_flops = 0
+    train_seconds = data_seconds = eval_seconds = surgery_seconds = 0.0
     epochs: list[dict[str, Any]] = []
     step = 0
     diverged = False
@@ -261,18 +295,20 @@ def train_run(
                 device,
             )
             loss_sum = torch.zeros((), device=device)
+            epoch_flops, parameters = forward_flops, structure.parameter_count(module)
             for _ in range(steps_per_epoch):
                 x, y = next(batches)
                 start = time.perf_counter()
                 lr = schedule.learning_rate(step)
                 for group in training.optimizer.param_groups:
                     group["lr"] = lr
-                loss = _train_step(training, network, x, y, ctx)
+                loss = _train_step(training, network, x, y, ctx, regulariser)
                 loss_sum += loss
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
                 step += 1
+                train_flops += config.batch_size * structure.TRAINING_FLOPS_PER_FORWARD * forward_flops
                 bar.update(1)
                 # Every rank must leave at the same step, or the others would wait in the next
                 # step's all-reduce: the mean over ranks is NaN when any rank's loss is.
@@ -299,6 +335,20 @@ def train_run(
                 swa_accuracy, _ = evaluate(averaged, dataset, training)
                 eval_seconds += time.perf_counter() - start
 
+            if plan is not None and not diverged:
+                start = time.perf_counter()
+                changed = plan.after_epoch(epoch, module, training.optimizer, training.average)
+                if changed:
+                    # DDP's hooks and buckets belong to the old parameters: wrap again.
+                    network = structure.rewrap(network, ctx, compress)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                elapsed = time.perf_counter() - start  # the check for channels to remove counts too
+                surgery_seconds += elapsed
+                train_seconds += elapsed
+                if changed:
+                    forward_flops = structure.forward_flops(module, input_shape)  # accounting, not timed
+
             record = {
                 "epoch": epoch,
                 "lr": lr,
@@ -312,6 +362,11 @@ def train_run(
                 "train_seconds": train_seconds,
                 "data_seconds": data_seconds,
                 "eval_seconds": eval_seconds,
+                "forward_flops": epoch_flops,
+                "train_flops": train_flops,
+                "parameters": parameters,
+                "surgery_seconds": surgery_seconds,
+                "widths": structure.widths(module, structure.channel_spaces(module)),
             }
             epochs.append(record)
             bar.set_postfix(loss=f"{train_loss:.3f}", acc=f"{100 * record['accuracy']:.1f}%")
@@ -337,14 +392,25 @@ def train_run(
         "target_accuracy": target_accuracy,
         "diverged": diverged,
         "epochs": epochs,
+        "train_flops": train_flops,
+        "parameters": structure.parameter_count(module),
+        "widths": last["widths"],
+        "surgeries": plan.surgeries if plan is not None else [],
+        "penalty_coefficient": regulariser.coefficient if regulariser is not None else None,
     }
 
 
 def _train_step(
-    training: formats.Training, network: nn.Module, x: torch.Tensor, y: torch.Tensor, ctx: distributed.Context
+    training: formats.Training,
+    network: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    ctx: distributed.Context,
+    regulariser: GroupLasso | None = None,
 ) -> torch.Tensor:
-    """One optimizer step on the batch (x, y); returns the loss (a 0-d float32 tensor), NaN
-    when a dfp layer or SWALP refused a non-finite value (the run diverged).
+    """One optimizer step on the batch (x, y); returns the loss (a 0-d float32 tensor,
+    with ``regulariser``'s penalty added if given), NaN when a dfp layer or SWALP refused
+    a non-finite value (the run diverged).
 
     Raises RuntimeError when a dfp layer refuses a non-finite value under DDP (see below).
     """
@@ -352,6 +418,8 @@ def _train_step(
     try:
         with training.autocast():
             loss = nn.functional.cross_entropy(network(x), y)
+        if regulariser is not None:  # in float32 on the master weights, outside autocast
+            loss = regulariser(loss.float())
         (loss if training.scaler is None else training.scaler.scale(loss)).backward()
     except dfp.NonFiniteError as err:
         # dfp layers raise on NaN or Inf activations and gradients, which DFP16 cannot hold.
@@ -377,7 +445,12 @@ def _train_step(
 
 
 def _warm_up(
-    training: formats.Training, network: nn.Module, dataset: data.Dataset, batch_size: int, ctx: distributed.Context
+    training: formats.Training,
+    network: nn.Module,
+    dataset: data.Dataset,
+    batch_size: int,
+    ctx: distributed.Context,
+    regulariser: GroupLasso | None = None,
 ) -> None:
     """One untimed training step, undone: it pays the one-time start-up costs (allocator,
     oneDNN / cuBLAS / cuDNN set-up and autotuning, DDP's first iteration) before the clock
@@ -401,7 +474,7 @@ def _warm_up(
     devices = [training.device] if training.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         training.model.train()
-        _train_step(training, network, x, y, ctx)
+        _train_step(training, network, x, y, ctx, regulariser)
         if training.device.type == "cuda":
             torch.cuda.synchronize(training.device)
     training.model.load_state_dict(saved["model"])

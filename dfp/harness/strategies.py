@@ -1,0 +1,201 @@
+"""Structural training strategies, crossed with the formats: the network changes shape
+while it trains (see ``dfp.structure`` for the surgery).
+
+=====================  ===========================================================================
+strategy               what changes
+=====================  ===========================================================================
+none                   nothing: the architecture of ``--model``
+prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every channel from the
+                       first step, its coefficient set at step one from the penalty ratio; at the
+                       end of every ``prune_every``-th epoch (not the last) the channels whose
+                       weights all fell below ``threshold`` are removed, with channel union at
+                       residual joins
+net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
+                       space, widen with Net2WiderNet at the end of each of ``grow_epochs``
+                       (evenly to the full width at the last), new channels' incoming weights
+                       perturbed by ``GROW_NOISE`` of their std to break the symmetry
+net2net+prunetrain     grow as net2net, with the regulariser from the first step; prune as
+                       prunetrain, only after the last growth. The coefficient set at step one is
+                       kept after growth (not recomputed)
+pruned-scratch         the control (Liu et al., ICLR 2019): the final architecture of the
+                       prunetrain run with the same settings, initialised afresh and trained
+                       from scratch as ``none``
+=====================  ===========================================================================
+
+Not implemented: PruneTrain's dynamic mini-batch growth after pruning (described in the
+paper, absent from its released code), removing a whole residual branch, Net2DeeperNet in
+the harness (``dfp.structure.insert_block`` exists; the strategy grows width only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .. import distributed, models, structure
+from ..structure import ChannelSpace
+
+NONE, PRUNETRAIN, NET2NET, GROW_THEN_PRUNE, PRUNED_SCRATCH = (
+    "none",
+    "prunetrain",
+    "net2net",
+    "net2net+prunetrain",
+    "pruned-scratch",
+)
+STRATEGIES: tuple[str, ...] = (NONE, PRUNETRAIN, NET2NET, GROW_THEN_PRUNE, PRUNED_SCRATCH)
+GROW_NOISE = 0.05  # erogol/Net2Net's noise on the widened layer, a fraction of its weights' std
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """The options of the structural strategies (``cli`` documents each)."""
+
+    penalty_ratio: float = structure.PENALTY_RATIO
+    threshold: float = structure.THRESHOLD
+    prune_every: int = 3
+    start_width: float = 0.5
+    grow_epochs: tuple[int, ...] = (1,)
+
+    def for_strategy(self, strategy: str) -> dict[str, Any]:
+        """The settings that ``strategy`` uses, as stored in a run's config."""
+        prune = {"penalty_ratio": self.penalty_ratio, "threshold": self.threshold, "prune_every": self.prune_every}
+        grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
+        return {
+            NONE: {},
+            PRUNETRAIN: prune,
+            PRUNED_SCRATCH: prune,  # identifies the prunetrain run it copies
+            NET2NET: grow,
+            GROW_THEN_PRUNE: {**grow, **prune},
+        }[strategy]
+
+
+def check_strategy_name(name: str) -> None:
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose from {', '.join(STRATEGIES)}")
+
+
+class GroupLasso:
+    """PruneTrain's penalty ``lambda * R(W)`` added to the loss; lambda is set at the first
+    call from that step's cross-entropy (the mean over ranks, so that every rank uses the
+    same one) and then kept."""
+
+    def __init__(self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context) -> None:
+        self.model = model
+        self.penalty_ratio = penalty_ratio
+        self.ctx = ctx
+        self.coefficient: float | None = None
+
+    def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        penalty = structure.group_lasso(self.model, structure.channel_spaces(self.model))
+        if self.coefficient is None:
+            cross_entropy = distributed.all_reduce_mean(loss.detach().item(), self.ctx)
+            penalty_value = distributed.all_reduce_mean(penalty.detach().item(), self.ctx)
+            self.coefficient = structure.coefficient(cross_entropy, penalty_value, self.penalty_ratio)
+        return loss + self.coefficient * penalty.to(loss.dtype)
+
+
+class StructuredRun:
+    """What a strategy does to one run: the architecture it starts from, the penalty it adds
+    to the loss, and the surgery at the end of an epoch."""
+
+    def __init__(
+        self,
+        strategy: str,
+        settings: StrategySettings,
+        epochs: int,
+        seed: int,
+        full_widths: dict[str, int],
+        start_widths: dict[str, int] | None,
+    ) -> None:
+        self.strategy = strategy
+        self.settings = settings
+        self.epochs = epochs
+        self.seed = seed
+        self.full_widths = full_widths
+        self.start_widths = start_widths
+        self.regulariser: GroupLasso | None = None
+        self.surgeries: list[dict[str, Any]] = []
+
+    @classmethod
+    def plan(
+        cls,
+        strategy: str,
+        settings: StrategySettings | None,
+        epochs: int,
+        seed: int,
+        model: nn.Module,
+        control_widths: dict[str, int] | None = None,
+    ) -> StructuredRun:
+        """The plan for ``model`` (freshly built, full width). ``control_widths``: for
+        pruned-scratch, the final widths of the prunetrain run it copies."""
+        check_strategy_name(strategy)
+        settings = settings or StrategySettings()
+        full = structure.widths(model, structure.channel_spaces(model))
+        start = None
+        if strategy in (NET2NET, GROW_THEN_PRUNE):
+            start = {name: max(1, round(width * settings.start_width)) for name, width in full.items()}
+        elif strategy == PRUNED_SCRATCH:
+            if control_widths is None:
+                raise ValueError(
+                    "pruned-scratch trains the final architecture of a prunetrain run: it needs that run's widths; "
+                    "put prunetrain before it in --strategies"
+                )
+            start = dict(control_widths)
+        return cls(strategy, settings, epochs, seed, full, start)
+
+    def shape_initial_model(self, model: nn.Module) -> None:
+        """Narrow the freshly built ``model`` to the start widths and draw its weights
+        afresh for them (an initialisation of its own widths, not a slice of a wider one)."""
+        if self.start_widths is None:
+            return
+        spaces = structure.channel_spaces(model)
+        changes = {name: width for name, width in self.start_widths.items() if width != self.full_widths[name]}
+        structure.apply(model, structure.narrowing(model, spaces, changes))
+        models.initialise(model)
+
+    def make_regulariser(self, model: nn.Module, ctx: distributed.Context) -> GroupLasso | None:
+        if self.strategy in (PRUNETRAIN, GROW_THEN_PRUNE):
+            self.regulariser = GroupLasso(model, self.settings.penalty_ratio, ctx)
+        return self.regulariser
+
+    def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, average: Any) -> bool:
+        """The surgery due at the end of ``epoch`` (1-based), applied to ``model`` (not a
+        DDP wrapper), ``optimizer`` and SWALP's ``average``; True if the shape changed."""
+        spaces = structure.channel_spaces(model)
+        if self.strategy in (NET2NET, GROW_THEN_PRUNE) and epoch in self.settings.grow_epochs:
+            return self._grow(epoch, model, spaces, optimizer, average)
+        last_growth = max(self.settings.grow_epochs) if self.strategy == GROW_THEN_PRUNE else 0
+        if (
+            self.strategy in (PRUNETRAIN, GROW_THEN_PRUNE)
+            and epoch % self.settings.prune_every == 0
+            and last_growth < epoch < self.epochs
+        ):
+            surgery, widths = structure.pruning(model, spaces, self.settings.threshold)
+            if widths:
+                structure.apply(model, surgery, optimizer, average)
+                self.surgeries.append({"epoch": epoch, "kind": "prune", "widths": widths})
+            return bool(widths)
+        return False
+
+    def _grow(self, epoch: int, model: nn.Module, spaces: list[ChannelSpace], optimizer, average) -> bool:
+        # Growth steps move the width evenly from the start to the full width.
+        step = sorted(self.settings.grow_epochs).index(epoch) + 1
+        fraction = step / len(self.settings.grow_epochs)
+        # The same generator on every rank: the ranks must draw the same mappings and noise.
+        generator = torch.Generator().manual_seed(self.seed * 1000 + epoch)
+        surgery, widths = structure.Surgery(), {}
+        for space in spaces:
+            width, full = space.width(model), self.full_widths[space.name]
+            start = self.start_widths[space.name]
+            target = max(width, round(start + (full - start) * fraction))
+            if target > width:
+                mapping = structure.wider_mapping(width, target, generator)
+                surgery = surgery.merged(structure.widening(model, space, mapping, GROW_NOISE, generator))
+                widths[space.name] = target
+        if widths:
+            structure.apply(model, surgery, optimizer, average)
+            self.surgeries.append({"epoch": epoch, "kind": "grow", "widths": widths})
+        return bool(widths)

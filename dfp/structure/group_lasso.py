@@ -1,0 +1,57 @@
+"""PruneTrain's group-lasso regulariser (Lym et al., SC 2019; reference code
+``get_group_lasso_global`` at VictorSuciu/PruneTrain-Dynamic@5adb367).
+
+Groups, one per channel of every channel space: each writer's output channel (a row of
+its weight) and each reader's input channel (a column, or for a classifier after
+``flatten`` the H * W columns of one channel). So every convolution gets output and input
+groups, except that the first one's inputs (the image) and the classifier's outputs (the
+classes) are not penalised; batch norms and biases are in no group. The penalty is
+``R(W) = sum over groups sqrt(sum w^2 + 1e-8)``, with one global coefficient and no
+weighting by group size.
+
+Deviation: the reference groups a flattened classifier's inputs per column; here per
+channel (all its columns at once), the unit that can be removed.
+
+The coefficient is set once, at the first step, from the penalty ratio (LPR, default 0.2):
+``lambda = LPR * CE0 / ((1 - LPR) * R0)``, so that ``lambda R / (CE + lambda R) = LPR``
+at initialisation; it stays constant for the whole run.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .spaces import ChannelSpace
+
+EPS = 1e-8  # inside the square root, as the reference: the norm stays differentiable at 0
+PENALTY_RATIO = 0.2
+
+
+def group_lasso(model: nn.Module, spaces: list[ChannelSpace]) -> torch.Tensor:
+    """``R(W)`` of ``model`` over the groups of ``spaces`` (a float32 scalar, differentiable)."""
+    modules = dict(model.named_modules())
+    total = None
+    for space in spaces:
+        width = space.width(model)
+        for writer in space.writers:
+            weight = modules[writer.layer].weight.float()
+            term = weight.reshape(width, -1).square().sum(1).add(EPS).sqrt().sum()
+            total = term if total is None else total + term
+        for reader in space.readers:
+            weight = modules[reader.layer].weight.float()
+            per_channel = weight.reshape(weight.shape[0], width, -1).square().sum(dim=(0, 2))
+            total = total + per_channel.add(EPS).sqrt().sum()
+    if total is None:
+        raise ValueError("group_lasso got no channel spaces: nothing to penalise")
+    return total
+
+
+def coefficient(cross_entropy: float, penalty: float, penalty_ratio: float = PENALTY_RATIO) -> float:
+    """The global lambda for which ``lambda * penalty / (cross_entropy + lambda * penalty)``
+    equals ``penalty_ratio`` (in [0, 1))."""
+    if not 0 <= penalty_ratio < 1:
+        raise ValueError(f"the penalty ratio must lie in [0, 1), got {penalty_ratio!r}")
+    if not penalty > 0 or not cross_entropy >= 0:
+        raise ValueError(f"need a positive penalty and a non-negative loss, got {penalty!r} and {cross_entropy!r}")
+    return penalty_ratio * cross_entropy / ((1 - penalty_ratio) * penalty)
