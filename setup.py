@@ -35,10 +35,11 @@ def isa_flags(source: str) -> list[str]:
     return next((flags for suffix, flags in ISA_FLAGS.items() if source.endswith(suffix)), [])
 
 
-# The portable loops that move data (gathering patches, packing, the epilogue) have trip
-# counts known only at run time, which -O2's vectorizer cost model leaves scalar. -O3
-# changes no rounding here: -ffp-contract=off stays, and nothing reassociates.
-VECTORIZED = {"conv.cpp", "pack.cpp", "gemm.cpp"}
+# The portable loops that move data (gathering patches, packing, the epilogue) or make
+# block exponents have trip counts known only at run time, which -O2's vectorizer cost
+# model leaves scalar. -O3 changes no rounding here: -ffp-contract=off stays, and nothing
+# reassociates.
+VECTORIZED = {"conv.cpp", "pack.cpp", "gemm.cpp", "quantize.cpp"}
 
 
 def file_flags(source: str) -> list[str]:

@@ -56,8 +56,11 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   for (int64_t g = 0; g < groups; ++g) {
     const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape, kl.kpairs());
     pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
-    const std::vector<int32_t> eb = group_exponents(ey, kl.nblocks, cout, g, cout_g);
-    gemm_packed(uk, patches, ws.b, kl, ea.data(), eb.data(), hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
+    // one group's exponents: all of dY's where there is one group, else a copy of its columns
+    const std::vector<int32_t> own =
+        groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
+    const int32_t* eb = groups > 1 ? own.data() : ey;
+    gemm_packed(uk, patches, ws.b, kl, ea.data(), eb, hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
                 GemmOptions{rows_per_thread, 0, true});
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)

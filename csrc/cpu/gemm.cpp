@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 
 #include "numerics.h"
 #include "threads.h"
@@ -49,23 +50,52 @@ struct Scales {
   std::vector<float> chain;        // empty when K is not blocked
 };
 
-// row_stride 0: every row has the same exponents (one reference and one row of chain
-// scales are made).
-Scales make_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t block_stride,
-                   int64_t padded_rows) {
+// out[j] = 2^(e[j] - r[j]) (exponents <= 0), rounded as ldexp(1.0f, k) rounds: 0 below
+// 2^-149. Normal powers from their bits in one loop the compiler vectorizes (a K-block
+// of 32 pixels gives dY an exponent per 32 products); subnormal ones, rare, one at a time.
+void chain_scales(const int32_t* __restrict e, const int32_t* __restrict r, int64_t n, float* __restrict out) {
+  int32_t rare = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    const int32_t k = e[j] - r[j];
+    const uint32_t bits = k >= -126 ? uint32_t(k + 127) << 23 : 0u;
+    std::memcpy(out + j, &bits, sizeof bits);
+    rare |= int32_t(k < -126);
+  }
+  if (rare)
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t k = e[j] - r[j];
+      if (k < -126) out[j] = k < -149 ? 0.0f : pow2f_any(k);
+    }
+}
+
+// A's: e is [row][block] (row_stride 0: every row has the same exponents, and one
+// reference and one row of chain scales are made), chain scales [row][block].
+Scales make_row_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t padded_rows) {
   Scales s;
   if (row_stride == 0) rows = std::min<int64_t>(rows, 1);
   s.reference.resize(rows);
   if (blocks > 1) s.chain.assign(blocks * (row_stride ? padded_rows : 1), 0.0f);
+  std::vector<int32_t> r(blocks);
   for (int64_t i = 0; i < rows; ++i) {
-    int32_t r = e[i * row_stride];
-    for (int64_t b = 1; b < blocks; ++b) r = std::max(r, e[i * row_stride + b * block_stride]);
-    s.reference[i] = r;
-    if (blocks > 1)
-      for (int64_t b = 0; b < blocks; ++b) {
-        const int32_t k = e[i * row_stride + b * block_stride] - r;  // <= 0
-        s.chain[i * row_stride + b * block_stride] = k < -149 ? 0.0f : pow2f_any(k);  // as ldexp(1, k) rounds
-      }
+    const int32_t* row = e + i * row_stride;
+    s.reference[i] = *std::max_element(row, row + blocks);
+    if (blocks == 1) continue;
+    std::fill(r.begin(), r.end(), s.reference[i]);
+    chain_scales(row, r.data(), blocks, s.chain.data() + i * row_stride);
+  }
+  return s;
+}
+
+// B's: e is [block][column] (blocks, n); chain scales [block][width] (width >= n, the
+// columns past n 0), so that the micro-kernel may load a whole panel's.
+Scales make_column_scales(const int32_t* e, int64_t n, int64_t blocks, int64_t width) {
+  Scales s;
+  s.reference.assign(e, e + n);
+  for (int64_t b = 1; b < blocks; ++b)
+    for (int64_t j = 0; j < n; ++j) s.reference[j] = std::max(s.reference[j], e[b * n + j]);
+  if (blocks > 1) {
+    s.chain.assign(blocks * width, 0.0f);
+    for (int64_t b = 0; b < blocks; ++b) chain_scales(e + b * n, s.reference.data(), n, s.chain.data() + b * width);
   }
   return s;
 }
@@ -165,29 +195,30 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
   // A's scales are [m][block] (row stride KB); B's are [block][n] (row stride 1).
   const int64_t m_padded = (M + uk.mr - 1) / uk.mr * uk.mr;
   const int64_t a_row_stride = options.uniform_a ? 0 : KB;
-  const Scales sa = make_scales(ea, M, KB, a_row_stride, 1, m_padded);
-  Scales sb = options.uniform_b ? make_scales(eb, N, KB, 0, 1, 1) : make_scales(eb, N, KB, 1, N, N);
-  // A side whose chain scales are all 1 (one exponent along K: a convolution's image) is
-  // not multiplied at all. Only real rows count (A's are padded with zeros).
-  const auto all_one = [](const float* v, int64_t n) { return std::all_of(v, v + n, [](float x) { return x == 1.0f; }); };
-  const bool row_scales = KB > 1 && !all_one(sa.chain.data(), options.uniform_a ? KB : M * KB);
-  const bool col_scales = KB > 1 && !all_one(sb.chain.data(), int64_t(sb.chain.size()));
+  const Scales sa = make_row_scales(ea, M, KB, a_row_stride, m_padded);
   // B's chain scales as [block][column], padded to whole panels so the micro-kernel may
   // load nr at once; where the columns share their exponents, one panel's width per block
   // (the micro-kernel then reads the same nr scales for every panel).
   const int64_t b_scale_width = options.uniform_b ? uk.nr : n_padded;
-  if (KB > 1) {
-    std::vector<float> padded(KB * b_scale_width, 0.0f);
-    for (int64_t blk = 0; blk < KB; ++blk) {
-      float* row = padded.data() + blk * b_scale_width;
-      if (options.uniform_b)
-        std::fill_n(row, uk.nr, sb.chain[blk]);
-      else
-        std::copy_n(sb.chain.data() + blk * N, N, row);
-    }
-    sb.chain.swap(padded);
+  Scales sb;
+  if (options.uniform_b) {
+    const Scales column = make_row_scales(eb, std::min<int64_t>(N, 1), KB, 0, 1);  // one column, as a row
+    sb.reference.assign(N, column.reference.empty() ? 0 : column.reference[0]);
+    sb.chain.resize(column.chain.size() * b_scale_width);
+    for (size_t blk = 0; blk < column.chain.size(); ++blk)
+      std::fill_n(sb.chain.data() + blk * b_scale_width, b_scale_width, column.chain[blk]);
+  } else {
+    sb = make_column_scales(eb, N, KB, b_scale_width);
   }
-  if (options.uniform_b) sb.reference.assign(N, sb.reference.empty() ? 0 : sb.reference[0]);
+  // A side whose chain scales are all 1 (one exponent along K: a convolution's image) is
+  // not multiplied at all. Only real rows and columns count (the padding is 0).
+  const auto all_one = [](const float* v, int64_t n) {
+    return std::all_of(v, v + n, [](float x) { return x == 1.0f; });
+  };
+  const bool row_scales = KB > 1 && !all_one(sa.chain.data(), options.uniform_a ? KB : M * KB);
+  bool col_scales = false;
+  for (int64_t blk = 0; blk < KB && KB > 1 && !col_scales; ++blk)
+    col_scales = !all_one(sb.chain.data() + blk * b_scale_width, options.uniform_b ? 1 : N);
   const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2);
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 

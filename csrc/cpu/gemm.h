@@ -199,12 +199,13 @@ struct GemmOptions {
   int64_t mc = 0, nc = 0;
   bool uniform_a = false;
   bool uniform_b = false;
-  RowOffsets row_offsets;
+  RowOffsets row_offsets = {};
 };
 
 // C = A B; ea (M, KB), eb (KB, N) are the exponents; uk the micro-kernel whose mr and nr
 // A and B were laid out for (micro_kernel(isa, N)).
-void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea, const int32_t* eb,
-                 int headroom_a, int headroom_b, GemmOutput out, int nthreads, GemmOptions options = {});
+void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea,
+                 const int32_t* eb, int headroom_a, int headroom_b, GemmOutput out, int nthreads,
+                 GemmOptions options = {});
 
 }  // namespace dfp

@@ -32,7 +32,8 @@ static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
 // group_exponent of n maxima: normal numbers by branch-free steps that the compiler
 // turns into vector code (blocks of 32 have an exponent per 32 elements, which one at a
 // time cost as much as quantizing them); zeros and subnormals by group_exponent.
-static inline void group_exponents(const uint32_t* amax_bits, int64_t n, int headroom, int32_t* e) {
+static inline void group_exponents(const uint32_t* __restrict amax_bits, int64_t n, int headroom,
+                                   int32_t* __restrict e) {
   const int32_t digits = 15 - headroom;
   // a normal amax rounds above the largest mantissa when its significand (24 bits, leading
   // 1) exceeds 2^24 - 2^(24 - digits): group_exponent's test with length 24
@@ -40,7 +41,7 @@ static inline void group_exponents(const uint32_t* amax_bits, int64_t n, int hea
   int32_t rare = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t bits = int32_t(amax_bits[i]), biased = bits >> 23, significand = (bits & 0x7fffff) | 0x800000;
-    e[i] = biased - 126 - digits + int32_t(significand > threshold && biased < 254);
+    e[i] = biased - 126 - digits + (int32_t(significand > threshold) & int32_t(biased < 254));
     rare |= int32_t(biased == 0);
   }
   if (rare)
