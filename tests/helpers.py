@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket
+import subprocess
+import sys
+import time
 from contextlib import contextmanager
 
+import pytest
 import torch
 
 
@@ -53,3 +58,37 @@ def random_bits(index: int, seed: int) -> int:
 
     seed &= 2**64 - 1
     return (mix((index & 0xFFFFFFFF) ^ (seed & 0xFFFFFFFF)) ^ mix((index >> 32) ^ (seed >> 32))) >> 9
+
+
+def run_ranks(script, args: list[str], world_size: int, timeout: float, prefix: list[str] = ()) -> list[str]:
+    """Run ``script`` as ``world_size`` gloo ranks, as torchrun would, one thread each; wait
+    for all and return their output. A rank that dies leaves the others waiting in a
+    collective, so they are stopped rather than left to hang; a rank that fails fails
+    the test with its output."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [*prefix, sys.executable, "-W", "ignore", str(script), *args],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(world_size)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in range(world_size)
+    ]
+    deadline = time.monotonic() + timeout
+    while any(p.poll() is None for p in procs):
+        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+    logs = [p.communicate()[0] for p in procs]
+    for r, p in enumerate(procs):
+        if p.returncode != 0:
+            pytest.fail(f"rank {r} exited with {p.returncode}:\n{logs[r]}")
+    return logs

@@ -7,17 +7,13 @@ torchrun sets; each test below checks one part of what they saved.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import distributed_worker as worker
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import run_ranks
 from torch import nn
 
 import dfp
@@ -29,40 +25,11 @@ TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT
 LIMIT = 2**14 - 1  # mantissa bound on 2 ranks: headroom 1, 2**14 - 1 <= floor((2**15 - 1) / 2)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """Start the 2 ranks as torchrun would, wait for both, return what each saved."""
     out = tmp_path_factory.mktemp("ddp")
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-W", "ignore", str(WORKER), str(out)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(worker.WORLD_SIZE)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(worker.WORLD_SIZE)
-    ]
-    # a rank that dies leaves the other waiting in a collective: stop it rather than hang
-    deadline = time.monotonic() + 180
-    while any(p.poll() is None for p in procs):
-        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    for r, p in enumerate(procs):
-        if p.returncode != 0:
-            pytest.fail(f"rank {r} exited with {p.returncode}:\n{logs[r]}")
+    run_ranks(WORKER, [str(out)], worker.WORLD_SIZE, timeout=180)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(worker.WORLD_SIZE)]
 
 

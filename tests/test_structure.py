@@ -6,14 +6,11 @@ from __future__ import annotations
 import copy
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from helpers import run_ranks
 from torch import nn
 
 import dfp
@@ -561,33 +558,8 @@ def test_ranks_stay_identical_after_surgery_and_a_new_wrapper(tmp_path):
     """2 gloo processes (pinned to one core where taskset exists): prune, widen with a
     seeded mapping, wrap again, two steps on different batches; bitwise equal replicas."""
     worker = Path(__file__).with_name("structure_worker.py")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
     pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if shutil.which("taskset") else []
-    procs = [
-        subprocess.Popen(
-            [*pin, sys.executable, "-W", "ignore", str(worker), str(tmp_path)],
-            env={**env, "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    deadline = time.monotonic() + 120
-    while any(p.poll() is None for p in procs):
-        # A rank that dies leaves the other waiting in a collective: stop it rather than hang.
-        if time.monotonic() > deadline or any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.05)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-    logs = [p.communicate()[0] for p in procs]
-    for r, p in enumerate(procs):
-        assert p.returncode == 0, f"rank {r} exited with {p.returncode}:\n{logs[r]}"
+    run_ranks(worker, [str(tmp_path)], 2, timeout=120, prefix=pin)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     assert ranks[0]["pruned"] == {"stages.1": 31} and ranks[0]["widths"]["stages.2"] == 80
     assert ranks[0]["widths"] == ranks[1]["widths"]

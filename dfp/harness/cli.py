@@ -81,20 +81,21 @@ momentum_value = _parsed(float, lambda v: 0 <= v < 1, "a momentum in [0, 1)")
 fraction = _parsed(float, lambda v: 0 < v <= 1, "an accuracy as a fraction in (0, 1], e.g. 0.97")
 
 
-def _format_name(text: str) -> str:
-    try:
-        formats.check_format_name(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+def _name_checked_by(check: Callable[[str], None]) -> Callable[[str], str]:
+    """An argparse type: the name as given, where ``check`` (raising ValueError) accepts it."""
+
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return text
+
+    return parse
 
 
-def _strategy_name(text: str) -> str:
-    try:
-        strategies.check_strategy_name(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
-    return text
+_format_name = _name_checked_by(formats.check_format_name)
+_strategy_name = _name_checked_by(strategies.check_strategy_name)
 
 
 def _missing_packages(packages: dict[str, str]) -> list[str]:
