@@ -268,7 +268,9 @@ void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t chann
   // grad_weight's transposition then ran 3x slower on 2 threads than on 1.
   constexpr int64_t kBlock = 64;
   const int64_t blocks = (pixels + kBlock - 1) / kBlock;
-  const int64_t per_task = std::min(blocks, (kMinTaskElements / std::max<int64_t>(channels, 1) + kBlock - 1) / kBlock);
+  if (blocks == 0) return;
+  const int64_t per_task =
+      std::clamp<int64_t>((kMinTaskElements / std::max<int64_t>(channels, 1) + kBlock - 1) / kBlock, 1, blocks);
   const int64_t tasks_per_image = (blocks + per_task - 1) / per_task;
   parallel_for(n * tasks_per_image, nthreads, [&](int64_t task) {
     const int64_t image = task / tasks_per_image, first = task % tasks_per_image * per_task * kBlock;
