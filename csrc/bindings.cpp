@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -11,6 +12,7 @@
 #include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
+#include "cpu/layer.h"
 #include "cpu/numerics.h"
 #include "cpu/peak.h"
 #include "cpu/threads.h"
@@ -166,4 +168,54 @@ PYBIND11_MODULE(_C, m) {
       },
       "dw = dy^T patches(x) per group (dy's exponents per block of pixels and channel), patches read in place "
       "or gathered per cache block");
+
+  py::class_<dfp::ConvLayer>(m, "ConvLayer")
+      .def(py::init([](std::vector<int64_t> sizes, std::vector<int64_t> weight_strides, int headroom,
+                       bool weight_per_channel) {
+             if (sizes.size() != 15 || weight_strides.size() != 4)
+               throw std::invalid_argument("ConvLayer: 15 sizes and 4 weight strides");
+             dfp::ConvLayer l{};
+             int64_t* fields[] = {&l.n,  &l.h,  &l.w,  &l.c,  &l.cout, &l.groups, &l.kh,      &l.kw,
+                                  &l.sh, &l.sw, &l.ph, &l.pw, &l.dh,   &l.dw,     &l.channels};
+             for (size_t i = 0; i < sizes.size(); ++i) *fields[i] = sizes[i];
+             std::copy(weight_strides.begin(), weight_strides.end(), l.weight_strides);
+             l.headroom = headroom;
+             l.weight_per_channel = weight_per_channel;
+             return l;
+           }),
+           py::arg("sizes"), py::arg("weight_strides"), py::arg("headroom"), py::arg("weight_per_channel"),
+           "sizes: (n, h, w, c, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, channels of the padded image)");
+
+  m.def(
+      "conv_forward",
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, const dfp::ConvLayer& layer, uintptr_t x_padded,
+         uintptr_t x_exponent, uintptr_t y, int nthreads) {
+        py::gil_scoped_release release;
+        return dfp::conv_forward(ptr<const float>(x), ptr<const float>(weight), ptr<const float>(bias), layer,
+                                 ptr<int16_t>(x_padded), ptr<int32_t>(x_exponent), ptr<float>(y), nthreads);
+      },
+      "a layer's forward from float32 x (channels last) and weight: x quantized and zero-padded, y = conv + bias; "
+      "False on NaN/Inf");
+
+  m.def(
+      "conv_grad_input",
+      [](uintptr_t dy, uintptr_t ey, int64_t ey_count, uintptr_t weight, int64_t block, const dfp::ConvLayer& layer,
+         uintptr_t dx, int nthreads) {
+        py::gil_scoped_release release;
+        return dfp::conv_grad_input(ptr<const int16_t>(dy), ptr<const int32_t>(ey), ey_count,
+                                    ptr<const float>(weight), block, layer, ptr<float>(dx), nthreads);
+      },
+      "a stride-1 layer's dx from int16 dy and the float32 weight, quantized here for the reduction over output "
+      "channels; False on NaN/Inf");
+
+  m.def(
+      "conv_grad_weight",
+      [](uintptr_t dy, uintptr_t ey, int64_t ey_count, int64_t kblock, uintptr_t x_padded, int32_t x_exponent,
+         const dfp::ConvLayer& layer, uintptr_t dw, int nthreads) {
+        py::gil_scoped_release release;
+        return dfp::conv_grad_weight(ptr<const int16_t>(dy), ptr<const int32_t>(ey), ey_count, kblock,
+                                     ptr<const int16_t>(x_padded), x_exponent, layer, ptr<float>(dw), nthreads);
+      },
+      "a layer's dW from int16 dy and the padded int16 input, written at the layer's weight strides; False on "
+      "NaN/Inf");
 }

@@ -29,13 +29,15 @@ whole result NaN: its shared exponent is undefined. Double backward is not suppo
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 
 from . import _conv_layout as layout
-from . import _ops
+from . import _ops, backends
 from ._grad_input import grad_input
 from ._patches import output_size
 from .format import DFPSpec, DFPTensor
@@ -83,8 +85,13 @@ def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight
         q = layout.quantize_channels_last(weight, DFPSpec(headroom))
         return DFPTensor(q.mantissa.reshape(groups, cout_g, *q.mantissa.shape[1:]), q.exponent, q.spec)
     grouped = weight.view(groups, cout_g, *weight.shape[1:])
-    block = min(chain_length(headroom, headroom), max(cout_g, 1))
-    return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, block))
+    return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, _grad_input_block(cout_g, headroom)))
+
+
+def _grad_input_block(cout_g: int, headroom: int) -> int:
+    """Output channels per weight exponent in grad_input (``weight_channel``): as many as
+    an int32 chain sums, at most a group's."""
+    return min(chain_length(headroom, headroom), max(cout_g, 1))
 
 
 def conv2d_impl(
@@ -126,9 +133,17 @@ def conv2d_impl(
     """
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
-    x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), _padded_channels(c, groups))
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
+    layer = getattr(backends.active(x.device), "conv2d", None)
+    whole = x.dtype == torch.float32 and (bias is None or (bias.dtype == torch.float32 and bias.shape == (cout,)))
+    if forward_dfp and layer is not None and whole and _fits_one_call(x.shape, weight, groups, oh, ow):
+        fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel,
+                      _padded_channels(c, groups))  # fmt: skip
+        if fused is not None:  # else x is not channels-last, or NaN/Inf: the steps below
+            y, x_padded, x_exponent = fused
+            return _to_nchw(y, channels_last), x_padded, x_exponent
+    x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), _padded_channels(c, groups))
     if not forward_dfp:
         with torch.autocast(x.device.type, enabled=False):
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -152,6 +167,22 @@ def conv2d_impl(
         x_padded, x_exponent, headroom, w_cols, ew, headroom, max(k, 1), [kh, kw], stride, dilation, bias
     )
     return _to_nchw(y, channels_last), x_padded, x_exponent
+
+
+def _fits_one_call(input_shape, weight: torch.Tensor, groups: int, oh: int, ow: int) -> bool:
+    """Whether a layer of this input shape and weight is non-empty and consistent, so that
+    the backend's one-call path may read its tensors as raw memory; anything else takes
+    the steps, which say what is wrong."""
+    cout, cin_g = weight.shape[:2]
+    return (
+        weight.dtype == torch.float32
+        and weight.dim() == len(input_shape) == 4
+        and weight.numel() > 0
+        and math.prod(input_shape) > 0
+        and cin_g * groups == input_shape[1]
+        and cout % groups == 0
+        and min(oh, ow) > 0
+    )
 
 
 def _padded_channels(channels: int, groups: int) -> int:
@@ -211,6 +242,26 @@ def conv2d_grad_input_impl(
     """dX (N, C, H, W) float32 from the quantized output gradient ``grad_q`` int16
     (N, OH, OW, Cout) with 0-d exponent, and the float32 weight (Cout, C/groups, KH, KW),
     quantized here (see ``_grad_input_weights``)."""
+    layer = getattr(backends.active(grad_q.device), "conv2d_grad_input", None)
+    n, c, h, w = input_shape
+    cout, _, kh, kw = weight.shape
+    block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
+    one_phase = stride == [1, 1] and (block == 0 or (cout // groups) % block == 0)
+    oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    if (
+        layer is not None
+        and one_phase
+        and _fits_one_call(input_shape, weight, groups, oh, ow)
+        and grad_q.dtype == torch.int16
+        and grad_q.is_contiguous()
+        and grad_q.shape == (n, oh, ow, cout)
+        and grad_exponent.dtype == torch.int32
+        and grad_exponent.numel() in (1, n)
+    ):
+        grad = layer(grad_q, grad_exponent, weight, input_shape, padding, dilation, groups, headroom, weight_channel,
+                     block)  # fmt: skip
+        if grad is not None:  # else NaN/Inf: the steps below
+            return _to_nchw(grad, channels_last)
     wq = _grad_input_weights(weight, groups, headroom, weight_channel)
     if layout.is_nonfinite(grad_exponent, wq.exponent):
         return _nan(input_shape, grad_q, channels_last)
@@ -245,9 +296,11 @@ def quantize_grad_output_impl(
     ``NONFINITE`` exponents if ``t`` holds NaN/Inf."""
     per_sample = (None, False, True)[input_exponent]
     outputs = layout.quantize_gradient(t, headroom, block, per_sample, (block_stochastic, input_stochastic), int(seed))
-    none = (t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32))
-    q_blocks, e_blocks = outputs[:2] if block else none
-    q_input, e_input = outputs[2:] if input_exponent else none
+    def none():
+        return t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32)
+
+    q_blocks, e_blocks = outputs[:2] if block else none()
+    q_input, e_input = outputs[2:] if input_exponent else none()
     return q_blocks, e_blocks, q_input, e_input
 
 
@@ -286,6 +339,13 @@ def conv2d_grad_weight_impl(
     the reduction runs over N*OH*OW. The columns of a padding channel (C' > C) are
     dropped."""
     cout, cin_g, kh, kw = weight_shape
+    layer = getattr(backends.active(grad_q.device), "conv2d_grad_weight", None)
+    if layer is not None and _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride,
+                                               dilation, groups, grad_block):  # fmt: skip
+        grad = layer(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, headroom,
+                     grad_block, channels_last)  # fmt: skip
+        if grad is not None:  # else NaN/Inf: the steps below
+            return grad
     if layout.is_nonfinite(grad_exponent, input_exponent):
         return _nan(weight_shape, grad_q, channels_last)
     grad = _ops.conv_grad_weight_gemm_impl(
@@ -293,6 +353,29 @@ def conv2d_grad_weight_impl(
         grad_block,
     )  # fmt: skip
     return _to_nchw(grad.view(cout, kh, kw, input_q.shape[3] // groups)[..., :cin_g], channels_last)
+
+
+def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, block):
+    """``_fits_one_call`` for grad_weight's operands: int16 and int32, contiguous, of
+    consistent shapes (dy's exponents per tensor or per block of ``block`` pixels)."""
+    n, hp, wp, channels = input_q.shape
+    cout, cin_g, kh, kw = weight_shape
+    oh, ow = (output_size(*a) for a in zip((hp, wp), (kh, kw), stride, (0, 0), dilation))
+    pixels = n * oh * ow
+    blocks = -(-pixels // block) if block > 0 else 0
+    per_block = grad_exponent.shape == (blocks, cout) and (blocks == 1 or block % 2 == 0)
+    return (
+        min(n, oh, ow, cout, cin_g, kh, kw) > 0
+        and input_q.dtype == grad_q.dtype == torch.int16
+        and input_exponent.dtype == grad_exponent.dtype == torch.int32
+        and all(t.is_contiguous() for t in (grad_q, grad_exponent, input_q))
+        and grad_q.shape == (n, oh, ow, cout)
+        and input_exponent.dim() == 0
+        and (grad_exponent.dim() == 0 or per_block)
+        and cout % groups == 0
+        and channels in (cin_g * groups, cin_g * groups + 1)
+        and channels % groups == 0
+    )
 
 
 conv2d_grad_weight = torch.library.custom_op("dfp::conv2d_grad_weight", mutates_args=())(conv2d_grad_weight_impl)
@@ -353,7 +436,9 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
     input_last, weight_last = ctx.channels_last
     grad_x = grad_w = grad_b = None
     dfp_input, dfp_weight = need_input and grad_input_dfp, need_weight and grad_weight_dfp
-    with torch.autocast(grad_y.device.type, enabled=False):
+    # autocast off (its context manager costs more than a small layer's grad_input)
+    device = grad_y.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
         if dfp_input or dfp_weight:
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
             draws = stochastic or weight_stochastic

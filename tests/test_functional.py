@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import on_reference
+from helpers import on_reference, wide_range
 
 import dfp
 from dfp import functional as DF
@@ -219,6 +219,34 @@ def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
     torch.manual_seed(5)  # stochastic rounding is deterministic given the seed
     got = _forward_backward(fn, x, w, b, None, grad)
     torch.manual_seed(5)
+    want = on_reference(_forward_backward, fn, x, w, b, None, grad)
+    _assert_equal(got, want)
+
+
+# Channels-last layers, which the compiled backend runs in one call per product
+# (forward, and grad_input at stride 1): (x shape, weight shape, options).
+ONE_CALL_CASES = {
+    "3x3": ((2, 16, 6, 5), (24, 16, 3, 3), {"padding": 1}),
+    "odd-channels-dilated": ((2, 3, 9, 8), (8, 3, 3, 2), {"padding": 2, "dilation": 2}),
+    "groups-two-weight-blocks": ((2, 8, 5, 5), (128, 4, 3, 3), {"padding": (1, 0), "groups": 2}),
+    "weight-blocks-padded": ((2, 4, 4, 4), (40, 4, 1, 1), {}),
+    "stride-2": ((2, 6, 7, 7), (8, 6, 3, 3), {"padding": 1, "stride": 2}),
+    "unpadded-5x5": ((2, 4, 7, 6), (6, 4, 5, 5), {}),
+}
+
+
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-tensor")], ids=lambda f: f.name)
+@pytest.mark.parametrize("case", ONE_CALL_CASES)
+def test_channels_last_layers_bit_exact_against_the_integer_reference(backend, case, fmt):
+    x_shape, w_shape, options = ONE_CALL_CASES[case]
+    x = wide_range(x_shape, 0).to(memory_format=torch.channels_last)
+    w, b = _gaussian(w_shape, 1), _gaussian(w_shape[:1], 2)
+
+    def fn(*a):
+        return DF.conv2d(*a, fmt=fmt, **options)
+
+    grad = wide_range(fn(x, w, b).shape, 3).to(memory_format=torch.channels_last)
+    got = _forward_backward(fn, x, w, b, None, grad)
     want = on_reference(_forward_backward, fn, x, w, b, None, grad)
     _assert_equal(got, want)
 

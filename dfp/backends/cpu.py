@@ -194,6 +194,69 @@ def conv_gemm(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias):
     return y
 
 
+@functools.lru_cache(maxsize=1024)
+def _layer(sizes: tuple[int, ...], weight_strides: tuple[int, ...], headroom: int, weight_channel: bool):
+    """The core's description of a layer, made once per shape (a call builds none)."""
+    return _core().ConvLayer(sizes, weight_strides, headroom, weight_channel)
+
+
+def conv2d(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels):
+    """A layer's forward in one call (csrc/cpu/layer.cpp): float32 x (N, C, H, W)
+    channels-last, weight (Cout, C/groups, KH, KW) -> (y (N, OH, OW, Cout), the padded
+    int16 input (N, Hp, Wp, channels), its 0-d exponent), as ``dfp::conv2d`` makes them
+    step by step. None where x is not channels-last or NaN/Inf is met (the caller's
+    general path then gives its results). Shapes as ``dfp::conv2d`` checks them."""
+    if not x.permute(0, 2, 3, 1).is_contiguous() or (bias is not None and not bias.is_contiguous()):
+        return None
+    n, c, h, w = x.shape
+    cout, _, kh, kw = weight.shape
+    oh, ow = (output_size(*args) for args in zip((h, w), (kh, kw), stride, padding, dilation))
+    y = torch.empty((n, oh, ow, cout), dtype=torch.float32)
+    x_padded = torch.empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
+    exponent = torch.empty((), dtype=torch.int32)
+    sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, channels)
+    ok = _core().conv_forward(
+        x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+        _layer(sizes, weight.stride(), headroom, weight_channel), x_padded.data_ptr(), exponent.data_ptr(),
+        y.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return (y, x_padded, exponent) if ok else None
+
+
+def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, headroom, weight_channel, block):
+    """dx (N, H, W, C) of a stride-1 layer in one call (csrc/cpu/layer.cpp): int16 dy
+    (N, OH, OW, Cout) contiguous with exponents ey, 0-d or (N,); the float32 weight,
+    quantized here per tensor or (``weight_channel``) per ``block`` output channels, as
+    ``dfp.autograd`` does. None where NaN/Inf is met."""
+    n, c, h, w = input_shape
+    cout, _, kh, kw = weight.shape
+    dx = torch.empty((n, h, w, c), dtype=torch.float32)
+    sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, c)
+    ey = ey.contiguous()
+    ok = _core().conv_grad_input(
+        dy.data_ptr(), ey.data_ptr(), ey.numel(), weight.data_ptr(), block,
+        _layer(sizes, weight.stride(), headroom, weight_channel), dx.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return dx if ok else None
+
+
+def conv2d_grad_weight(dy, ey, x_padded, ex, weight_shape, stride, dilation, groups, headroom, kblock, channels_last):
+    """dW (Cout, C/groups, KH, KW) in one call (csrc/cpu/layer.cpp), channels-last where
+    asked: int16 dy (N, OH, OW, Cout) with exponents ey, 0-d or one per block of
+    ``kblock`` output pixels and channel; the padded int16 input and its 0-d exponent
+    from ``dfp::conv2d``. None where NaN/Inf is met."""
+    n, hp, wp, channels = x_padded.shape
+    cout, cin_g, kh, kw = weight_shape
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    dw = torch.empty(weight_shape, dtype=torch.float32, memory_format=memory_format)
+    sizes = (n, hp, wp, cin_g * groups, cout, groups, kh, kw, *stride, 0, 0, *dilation, channels)
+    ok = _core().conv_grad_weight(
+        dy.data_ptr(), ey.data_ptr(), ey.numel(), kblock, x_padded.data_ptr(), int(ex),
+        _layer(sizes, dw.stride(), headroom, False), dw.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return dw if ok else None
+
+
 def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock):
     """dy's exponents ey (KB, Cout): one per block of ``kblock`` output pixels and channel."""
     dy, x, ey = dy.contiguous(), x.contiguous(), ey.contiguous()

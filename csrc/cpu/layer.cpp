@@ -1,0 +1,115 @@
+#include "layer.h"
+
+#include <algorithm>
+#include <climits>
+#include <memory>
+#include <vector>
+
+#include "conv.h"
+#include "quantize.h"
+
+namespace dfp {
+namespace {
+
+// The exponent that marks a tensor quantized from NaN/Inf (dfp._conv_layout.NONFINITE).
+constexpr int32_t kNonFiniteExponent = INT32_MAX;
+
+// weight[o][ci][i][j] of the layer's (cout, c / groups, kh, kw) float32 weight.
+float weight_at(const float* weight, const ConvLayer& l, int64_t o, int64_t ci, int64_t i, int64_t j) {
+  const int64_t* s = l.weight_strides;
+  return weight[o * s[0] + ci * s[1] + i * s[2] + j * s[3]];
+}
+
+// Quantizes a gathered copy of the weight (rows laid out as the product reads them);
+// the bits do not depend on the order: each element rounds alone against its group's
+// exponent. Weights are small: one thread.
+bool quantize_gathered(const std::vector<float>& gathered, const QuantizeShape& shape, int headroom,
+                       int16_t* mantissa, int32_t* exponent) {
+  if (!compute_exponents(gathered.data(), shape, headroom, exponent, 1)) return false;
+  quantize_with_exponents(gathered.data(), shape, headroom, exponent, false, 0, mantissa, 1);
+  return true;
+}
+
+}  // namespace
+
+bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& l, int16_t* x_padded,
+                  int32_t* x_exponent, float* y, int nthreads) {
+  // B of each group: (K, cout / groups), K over (kh, kw, ci) of the padded channels
+  // (zeros in an added one, which neither moves a maximum nor adds to a sum).
+  const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp, cout_g = l.cout / l.groups;
+  std::vector<float> rows(l.cout * k, 0.0f);  // (cout, K)
+  for (int64_t o = 0; o < l.cout; ++o)
+    for (int64_t i = 0; i < l.kh; ++i)
+      for (int64_t j = 0; j < l.kw; ++j)
+        for (int64_t ci = 0; ci < cg; ++ci) rows[o * k + (i * l.kw + j) * cgp + ci] = weight_at(weight, l, o, ci, i, j);
+  const QuantizeShape shape = l.weight_per_channel ? QuantizeShape{1, l.cout, k, Grouping::channel, 0}
+                                                   : QuantizeShape{1, l.cout * k, 1, Grouping::tensor, 0};
+  std::unique_ptr<int16_t[]> w(new int16_t[l.cout * k]);
+  std::vector<int32_t> ew(l.cout);  // (groups, 1, cout / groups): one K-block
+  if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
+  if (!l.weight_per_channel) std::fill(ew.begin(), ew.end(), ew[0]);
+  const PaddedImage image{l.n, l.h, l.w, l.c, l.ph, l.pw, l.channels};
+  if (!quantize_padded(x, image, l.headroom, x_padded, x_exponent, nthreads)) return false;
+  conv_gemm_int16(x_padded, l.padded(), x_exponent, 1, l.headroom, w.get(), cout_g * k, 1, k, cout_g, ew.data(),
+                  std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads);
+  return true;
+}
+
+bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, const float* weight, int64_t block,
+                     const ConvLayer& l, float* dx, int nthreads) {
+  if (std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count) return false;
+  // B of each group: (K, c / groups), K over (tap, output channel) with the taps flipped,
+  // so that its per-block exponents come out as (groups, taps * blocks, c / groups).
+  const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw, k = taps * cout_g;
+  std::vector<float> rows(l.groups * k * cg);
+  for (int64_t g = 0; g < l.groups; ++g)
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t o = 0; o < cout_g; ++o)
+        for (int64_t ci = 0; ci < cg; ++ci)
+          rows[((g * taps + t) * cout_g + o) * cg + ci] =
+              weight_at(weight, l, g * cout_g + o, ci, l.kh - 1 - t / l.kw, l.kw - 1 - t % l.kw);
+  const bool blocks = l.weight_per_channel;
+  const QuantizeShape shape = blocks ? QuantizeShape{l.groups * taps, cout_g, cg, Grouping::block, block}
+                                     : QuantizeShape{1, l.groups * k * cg, 1, Grouping::tensor, 0};
+  const int64_t kblock = blocks ? block : std::max<int64_t>(k, 1);
+  std::unique_ptr<int16_t[]> w(new int16_t[rows.size()]);
+  std::vector<int32_t> ew(l.groups * ((k + kblock - 1) / kblock) * cg);
+  if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
+  if (!blocks) std::fill(ew.begin(), ew.end(), ew[0]);
+  // dy zero-padded by the kernel's reach past the padding, as one phase of dfp._grad_input
+  const ConvGeometry g = l.padded();
+  const int64_t oh = (g.hp - l.dh * (l.kh - 1) - 1) / l.sh + 1, ow = (g.wp - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+  const Window window{l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
+  const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
+  const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
+  std::unique_ptr<int16_t[]> padded(whole ? nullptr : new int16_t[l.n * rows_w * cols_w * l.cout]);
+  if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded.get(), nthreads);
+  const ConvGeometry flipped{l.n, rows_w, cols_w, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
+  conv_gemm_int16(whole ? dy : padded.get(), flipped, ey, ey_count, l.headroom, w.get(), k * cg, cg, 1, cg,
+                  ew.data(), kblock, l.headroom, nullptr, dx, nthreads);
+  return true;
+}
+
+bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
+                      const int16_t* x_padded, int32_t x_exponent, const ConvLayer& l, float* dw, int nthreads) {
+  if (x_exponent == kNonFiniteExponent || std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count)
+    return false;
+  const ConvGeometry g = l.padded();
+  const int64_t oh = (g.hp - l.dh * (l.kh - 1) - 1) / l.sh + 1, ow = (g.wp - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+  const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp;
+  // per tensor: one block of all pixels, its exponent in every column
+  const bool one = ey_count == 1;
+  const std::vector<int32_t> columns(one ? l.cout : 0, ey[0]);
+  std::vector<float> rows(l.cout * k);  // (cout, K), K over (kh, kw, ci) of the padded channels
+  conv_grad_weight_int16(dy, l.cout, one ? columns.data() : ey, one ? l.n * oh * ow : kblock, l.headroom, x_padded,
+                         g, x_exponent, l.headroom, rows.data(), nthreads);
+  const int64_t* s = l.weight_strides;
+  for (int64_t o = 0; o < l.cout; ++o)
+    for (int64_t i = 0; i < l.kh; ++i)
+      for (int64_t j = 0; j < l.kw; ++j)
+        for (int64_t ci = 0; ci < cg; ++ci)
+          dw[o * s[0] + ci * s[1] + i * s[2] + j * s[3]] = rows[o * k + (i * l.kw + j) * cgp + ci];
+  return true;
+}
+
+}  // namespace dfp

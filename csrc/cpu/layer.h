@@ -1,0 +1,48 @@
+// A DFP16 convolution layer's forward and grad_input from its float32 tensors, each in
+// one call: the weight quantized straight into the layout the product reads, no
+// Python between the steps (a small layer's glue cost more than its products).
+#pragma once
+#include <cstdint>
+
+#include "api.h"
+
+namespace dfp {
+
+// The input x (n, h, w, c) channels-last float32; the weight (cout, c / groups, kh, kw)
+// float32 at element strides weight_strides; symmetric zero padding; the padded image's
+// channel count (c, or c + 1 where c is odd and groups is 1: docs/design.md).
+struct ConvLayer {
+  int64_t n, h, w, c, cout, groups, kh, kw, sh, sw, ph, pw, dh, dw, channels;
+  int64_t weight_strides[4];
+  int headroom;
+  bool weight_per_channel;  // else one exponent for the whole weight
+  ConvGeometry padded() const { return {n, h + 2 * ph, w + 2 * pw, channels, groups, kh, kw, sh, sw, dh, dw}; }
+};
+
+// x quantized per tensor into the zero-padded x_padded (n, h + 2 ph, w + 2 pw, channels)
+// with its exponent, and y (n, oh, ow, cout) = conv(x, W) + bias (bias null or (cout,)).
+// The bits of quantizing and multiplying step by step. False, with y unwritten, where x
+// or the weight holds NaN or Inf.
+bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& layer, int16_t* x_padded,
+                  int32_t* x_exponent, float* y, int nthreads);
+
+// dx (n, h, w, c) of a convolution of stride 1 from dy (n, oh, ow, cout) int16 with its
+// exponents ey (one, or one per image: ey_count n): a stride-1 convolution of dy,
+// zero-padded, with the flipped kernel whose channel axes are swapped. The weight is
+// quantized for that reduction over output channels: per tensor as in the forward, or
+// (weight_per_channel) per block of `block` output channels and (kh, kw, ci); block
+// divides cout / groups. False, with dx unwritten, where a NaN or Inf reached dy's
+// exponents or the weight.
+bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, const float* weight, int64_t block,
+                     const ConvLayer& layer, float* dx, int nthreads);
+
+// dW = dy^T patches(x) of the layer into dw (cout, c / groups, kh, kw) at the layer's
+// weight strides (the padding channel's columns dropped): dy (n, oh, ow, cout) int16 with
+// exponents ey, one (ey_count 1) or one per block of `kblock` output pixels and channel
+// (ceil(pixels / kblock) * cout of them), x_padded and x_exponent as conv_forward makes
+// them (the layer's padding 0, its h and w the padded image's). False, with dw
+// unwritten, where a NaN or Inf reached an exponent.
+bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
+                      const int16_t* x_padded, int32_t x_exponent, const ConvLayer& layer, float* dw, int nthreads);
+
+}  // namespace dfp
