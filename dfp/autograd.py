@@ -136,7 +136,9 @@ def conv2d_impl(
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     layer = getattr(backends.active(x.device), "conv2d", None)
-    whole = x.dtype == torch.float32 and (bias is None or (bias.dtype == torch.float32 and bias.shape == (cout,)))
+    whole = x.dtype == torch.float32 and (
+        bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (cout,))
+    )
     if forward_dfp and layer is not None and whole and _fits_one_call(x.shape, weight, groups, oh, ow):
         fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel,
                       _padded_channels(c, groups))  # fmt: skip
@@ -243,7 +245,7 @@ def conv2d_grad_input_impl(
     (N, OH, OW, Cout) with 0-d exponent, and the float32 weight (Cout, C/groups, KH, KW),
     quantized here (see ``_grad_input_weights``)."""
     layer = getattr(backends.active(grad_q.device), "conv2d_grad_input", None)
-    n, c, h, w = input_shape
+    n, _, h, w = input_shape
     cout, _, kh, kw = weight.shape
     block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
     one_phase = stride == [1, 1] and (block == 0 or (cout // groups) % block == 0)
@@ -254,7 +256,7 @@ def conv2d_grad_input_impl(
         and _fits_one_call(input_shape, weight, groups, oh, ow)
         and grad_q.dtype == torch.int16
         and grad_q.is_contiguous()
-        and grad_q.shape == (n, oh, ow, cout)
+        and tuple(grad_q.shape) == (n, oh, ow, cout)
         and grad_exponent.dtype == torch.int32
         and grad_exponent.numel() in (1, n)
     ):
@@ -296,6 +298,7 @@ def quantize_grad_output_impl(
     ``NONFINITE`` exponents if ``t`` holds NaN/Inf."""
     per_sample = (None, False, True)[input_exponent]
     outputs = layout.quantize_gradient(t, headroom, block, per_sample, (block_stochastic, input_stochastic), int(seed))
+
     def none():
         return t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32)
 
@@ -363,13 +366,14 @@ def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_sha
     oh, ow = (output_size(*a) for a in zip((hp, wp), (kh, kw), stride, (0, 0), dilation))
     pixels = n * oh * ow
     blocks = -(-pixels // block) if block > 0 else 0
-    per_block = grad_exponent.shape == (blocks, cout) and (blocks == 1 or block % 2 == 0)
+    # tuples, not torch.Size: its == with a tuple goes through symbolic-shape code (~3 us)
+    per_block = tuple(grad_exponent.shape) == (blocks, cout) and (blocks == 1 or block % 2 == 0)
     return (
         min(n, oh, ow, cout, cin_g, kh, kw) > 0
         and input_q.dtype == grad_q.dtype == torch.int16
         and input_exponent.dtype == grad_exponent.dtype == torch.int32
         and all(t.is_contiguous() for t in (grad_q, grad_exponent, input_q))
-        and grad_q.shape == (n, oh, ow, cout)
+        and tuple(grad_q.shape) == (n, oh, ow, cout)
         and input_exponent.dim() == 0
         and (grad_exponent.dim() == 0 or per_block)
         and cout % groups == 0

@@ -19,6 +19,7 @@ Double backward is not supported (a clear error when tried).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -150,17 +151,26 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
     float32; exact for bf16 and fp16 inputs)."""
     _check_device(x, "x")
     _check_device(weight, "weight")
-    args = (
-        x.float(), weight.float(), None if bias is None else bias.float(),
-        list(stride), list(padding), list(dilation), groups,
+    tensors = (x.float(), weight.float(), None if bias is None else bias.float())
+    geometry = (list(stride), list(padding), list(dilation), groups)
+    if _ops.plain_eager(x, weight):
+        return _autograd.EagerConv2d.apply(*tensors, *geometry, *_cached_op_switches(f), channels_last)
+    y, _, _ = torch.ops.dfp.conv2d(*tensors, *geometry, *_op_switches(f), channels_last)
+    return y
+
+
+def _op_switches(f: Format) -> tuple:
+    """``dfp::conv2d``'s arguments from headroom to grad_input_per_sample."""
+    return (
         f.headroom, f.weight_exponent == "channel", f.forward == "dfp", f.grad_input == "dfp",
         f.grad_weight == "dfp", f.grad_rounding == "stochastic", f.rounding_in_grad_weight == "stochastic",
-        f.grad_weight_block or 0, f.grad_input_exponent == "sample", channels_last,
+        f.grad_weight_block or 0, f.grad_input_exponent == "sample",
     )  # fmt: skip
-    if _ops.plain_eager(x, weight):
-        return _autograd.EagerConv2d.apply(*args)
-    y, _, _ = torch.ops.dfp.conv2d(*args)
-    return y
+
+
+# Made once per format for eager calls (a small layer's step read them on every call);
+# traced code computes them, as Dynamo would trace through the cache anyway.
+_cached_op_switches = functools.lru_cache(maxsize=64)(_op_switches)
 
 
 def _in_float_format(op, f: Format, x, weight, bias, *args) -> torch.Tensor:
