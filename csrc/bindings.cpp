@@ -218,4 +218,18 @@ PYBIND11_MODULE(_C, m) {
       },
       "a layer's dW from int16 dy and the padded int16 input, written at the layer's weight strides; False on "
       "NaN/Inf");
+
+  m.def(
+      "conv_backward",
+      [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, int32_t x_exponent, const dfp::ConvLayer& layer,
+         int64_t dy_block, bool per_sample, bool dy_block_stochastic, bool per_sample_stochastic, uint64_t seed,
+         int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
+        py::gil_scoped_release release;
+        const dfp::GradientRounding rounding{dy_block, per_sample, dy_block_stochastic, per_sample_stochastic, seed,
+                                             weight_block};
+        return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),
+                                  x_exponent, layer, rounding, ptr<float>(dx), ptr<float>(dw), nthreads);
+      },
+      "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "
+      "dx (stride 1; 0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");
 }

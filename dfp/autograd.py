@@ -413,19 +413,81 @@ class _BackwardCalls(NamedTuple):
     quantize_both: Callable
     grad_input: Callable
     grad_weight: Callable
+    whole: Callable | None  # all of it at once where it can (``_whole_backward``), else None
 
 
-_TRACEABLE = _BackwardCalls(quantize_channels_last, quantize_grad_output, conv2d_grad_input, conv2d_grad_weight)
+def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
+    """(grad_x, grad_w), each None where not asked, from one call of the backend, where
+    it has one and takes the layer: every asked gradient in DFP16, stride 1, grad_weight's
+    dY in pixel blocks. The bits of the steps in ``_backward``. None otherwise."""
+    layer = getattr(backends.active(grad_y.device), "conv2d_backward", None)
+    need_input, need_weight = ctx.needs_input_grad[:2]
+    stride, padding, dilation, groups = ctx.conv
+    headroom, weight_channel, input_dfp, weight_dfp, stochastic, weight_stochastic, dy_block, per_sample = ctx.config
+    n, _, h, w = ctx.input_shape
+    cout, _, kh, kw = weight.shape
+    weight_block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
+    oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    if (
+        layer is None
+        or stride != [1, 1]
+        or not (need_input or need_weight)
+        or (need_input and not (input_dfp and (weight_block == 0 or (cout // groups) % weight_block == 0)))
+        or (need_weight and not (weight_dfp and dy_block > 0))
+        or grad_y.dtype != torch.float32
+        or tuple(grad_y.shape) != (n, cout, oh, ow)
+        or not _fits_one_call(ctx.input_shape, weight, groups, oh, ow)
+    ):
+        return None
+    input_last, weight_last = ctx.channels_last
+    grads = layer(
+        grad_y, weight, x_padded, x_exponent, ctx.input_shape, (padding, dilation, groups), headroom, weight_channel,
+        (weight_block, dy_block), (per_sample, weight_stochastic, stochastic, int(seed)), (need_input, need_weight),
+        weight_last,
+    )  # fmt: skip
+    if grads is None:
+        return None
+    return None if grads[0] is None else _to_nchw(grads[0], input_last), grads[1]
+
+
+_TRACEABLE = _BackwardCalls(quantize_channels_last, quantize_grad_output, conv2d_grad_input, conv2d_grad_weight, None)
 _EAGER = _BackwardCalls(
-    quantize_channels_last_impl, quantize_grad_output_impl, conv2d_grad_input_impl, conv2d_grad_weight_impl
+    quantize_channels_last_impl,
+    quantize_grad_output_impl,
+    conv2d_grad_input_impl,
+    conv2d_grad_weight_impl,
+    _whole_backward,
 )
 
 
 def _backward(ctx, grad_y, calls: _BackwardCalls):
     if torch.is_grad_enabled():  # create_graph=True: the backward ops have no derivative
         raise RuntimeError("dfp layers do not support double backward (create_graph=True through a dfp linear/conv2d)")
-    x, weight, x_padded, x_exponent = ctx.saved_tensors
+    _, weight, x_padded, x_exponent = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+    _, grad_input_dfp, grad_weight_dfp, stochastic, weight_stochastic, *_ = ctx.config[1:]
+    grad_x = grad_w = grad_b = None
+    # autocast off (its context manager costs more than a small layer's grad_input)
+    device = grad_y.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+        if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
+            # drawn here, from torch's generator, as a tensor so that tracing keeps it
+            draws = stochastic or weight_stochastic
+            seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else torch.zeros((), dtype=torch.int64)
+            whole = calls.whole and calls.whole(ctx, grad_y, weight, x_padded, x_exponent, seed)
+            grad_x, grad_w = whole or _products(ctx, grad_y, calls, seed)
+        else:  # every asked product in fp32
+            grad_x, grad_w = _products(ctx, grad_y, calls, None)
+        if need_bias:
+            grad_b = grad_y.sum(dim=(0, 2, 3))
+    return grad_x, grad_w, grad_b, *([None] * 14)
+
+
+def _products(ctx, grad_y, calls: _BackwardCalls, seed):
+    """(grad_x, grad_w), each None where not asked, step by step; ``seed`` draws the
+    stochastic rounding (None where no product is in DFP16)."""
+    x, weight, x_padded, x_exponent = ctx.saved_tensors
+    need_input, need_weight = ctx.needs_input_grad[:2]
     stride, _, dilation, groups = ctx.conv
     (
         headroom,
@@ -438,42 +500,33 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
         per_sample,
     ) = ctx.config
     input_last, weight_last = ctx.channels_last
-    grad_x = grad_w = grad_b = None
+    grad_x = grad_w = None
     dfp_input, dfp_weight = need_input and grad_input_dfp, need_weight and grad_weight_dfp
-    # autocast off (its context manager costs more than a small layer's grad_input)
-    device = grad_y.device.type
-    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
-        if dfp_input or dfp_weight:
-            # drawn here, from torch's generator, as a tensor so that tracing keeps it
-            draws = stochastic or weight_stochastic
-            seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else torch.zeros((), dtype=torch.int64)
-        # grad_weight's reduction runs over pixels: runs of them get exponents there; the
-        # quantization for grad_input rides along where dY is read anyway
-        fused_weight = dfp_weight and weight_block > 0
-        fused_input = dfp_input and (per_sample or fused_weight)
-        if fused_weight or fused_input:
-            block, input_exponent = weight_block if fused_weight else 0, (2 if per_sample else 1) if fused_input else 0
-            grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
-                grad_y, headroom, block, input_exponent, weight_stochastic, stochastic, seed
-            )
-        if dfp_input and not fused_input:
-            grad_q, grad_e = calls.quantize(grad_y, headroom, stochastic, seed)
-        if dfp_weight and not fused_weight:  # per tensor: the same as grad_input's where it rounds alike
-            same = dfp_input and not fused_input and weight_stochastic == stochastic
-            grad_wq, grad_we = (grad_q, grad_e) if same else calls.quantize(grad_y, headroom, weight_stochastic, seed)
-        if dfp_input:
-            config = (headroom, weight_channel, input_last)
-            grad_x = calls.grad_input(grad_q, grad_e, weight, ctx.input_shape, *ctx.conv, *config)
-        elif need_input:
-            grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_y, *ctx.conv)
-        if dfp_weight:
-            geometry = (list(weight.shape), stride, dilation, groups, headroom, weight_block, weight_last)
-            grad_w = calls.grad_weight(grad_wq, grad_we, x_padded, x_exponent, *geometry)
-        elif need_weight:
-            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *ctx.conv)
-        if need_bias:
-            grad_b = grad_y.sum(dim=(0, 2, 3))
-    return grad_x, grad_w, grad_b, *([None] * 14)
+    # grad_weight's reduction runs over pixels: runs of them get exponents there; the
+    # quantization for grad_input rides along where dY is read anyway
+    fused_weight = dfp_weight and weight_block > 0
+    fused_input = dfp_input and (per_sample or fused_weight)
+    if fused_weight or fused_input:
+        block, input_exponent = weight_block if fused_weight else 0, (2 if per_sample else 1) if fused_input else 0
+        grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
+            grad_y, headroom, block, input_exponent, weight_stochastic, stochastic, seed
+        )
+    if dfp_input and not fused_input:
+        grad_q, grad_e = calls.quantize(grad_y, headroom, stochastic, seed)
+    if dfp_weight and not fused_weight:  # per tensor: the same as grad_input's where it rounds alike
+        same = dfp_input and not fused_input and weight_stochastic == stochastic
+        grad_wq, grad_we = (grad_q, grad_e) if same else calls.quantize(grad_y, headroom, weight_stochastic, seed)
+    if dfp_input:
+        config = (headroom, weight_channel, input_last)
+        grad_x = calls.grad_input(grad_q, grad_e, weight, ctx.input_shape, *ctx.conv, *config)
+    elif need_input:
+        grad_x = torch.nn.grad.conv2d_input(ctx.input_shape, weight, grad_y, *ctx.conv)
+    if dfp_weight:
+        geometry = (list(weight.shape), stride, dilation, groups, headroom, weight_block, weight_last)
+        grad_w = calls.grad_weight(grad_wq, grad_we, x_padded, x_exponent, *geometry)
+    elif need_weight:
+        grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad_y, *ctx.conv)
+    return grad_x, grad_w
 
 
 def _backward_traceable(ctx, grad_y, _grad_x_padded, _grad_x_exponent):

@@ -6,6 +6,7 @@ autocast, non-finite values and bad inputs."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import pytest
@@ -33,10 +34,14 @@ def _gaussian(shape, seed, scale=1.0) -> torch.Tensor:
     return torch.randn(shape, generator=g) * scale
 
 
-def _forward_backward(fn, x, weight, bias, grad_seed, grad=None):
+def _forward_backward(fn, x, weight, bias, grad_seed, grad=None, frozen=None):
     """(y, dx, dw, db) of ``fn(x, weight, bias)`` for an output gradient of integers
-    (or ``grad``); inputs are cloned (memory format kept), so calls do not interfere."""
-    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (x, weight, bias)]
+    (or ``grad``); inputs are cloned (memory format kept), so calls do not interfere.
+    The input at index ``frozen`` needs no gradient (its is None)."""
+    leaves = [
+        t.detach().clone().requires_grad_(i != frozen) if t is not None else None
+        for i, t in enumerate((x, weight, bias))
+    ]
     y = fn(*leaves)
     g = _integers(y.shape, grad_seed).to(y.dtype) if grad is None else grad
     y.backward(g)
@@ -235,7 +240,7 @@ ONE_CALL_CASES = {
 }
 
 
-@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-tensor")], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr")], ids=lambda f: f.name)
 @pytest.mark.parametrize("case", ONE_CALL_CASES)
 def test_channels_last_layers_bit_exact_against_the_integer_reference(backend, case, fmt):
     x_shape, w_shape, options = ONE_CALL_CASES[case]
@@ -246,9 +251,13 @@ def test_channels_last_layers_bit_exact_against_the_integer_reference(backend, c
         return DF.conv2d(*a, fmt=fmt, **options)
 
     grad = wide_range(fn(x, w, b).shape, 3).to(memory_format=torch.channels_last)
-    got = _forward_backward(fn, x, w, b, None, grad)
-    want = on_reference(_forward_backward, fn, x, w, b, None, grad)
-    _assert_equal(got, want)
+    for frozen in (None, 0, 1):  # all gradients; none for the input (a first layer); none for the weight
+        results = []
+        for run in (_forward_backward, functools.partial(on_reference, _forward_backward)):
+            torch.manual_seed(5)  # stochastic rounding draws its seed from torch's generator
+            y, *grads = run(fn, x, w, b, None, grad, frozen=frozen)
+            results.append((y, *grads))
+        _assert_equal(*results)
 
 
 @pytest.mark.parametrize("product", ["forward", "grad_input", "grad_weight"])

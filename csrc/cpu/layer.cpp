@@ -112,4 +112,25 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   return true;
 }
 
+bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,
+                   const ConvLayer& l, const GradientRounding& r, float* dx, float* dw, int nthreads) {
+  const ConvGeometry g = l.padded();
+  const int64_t oh = (g.hp - l.dh * (l.kh - 1) - 1) / l.sh + 1, ow = (g.wp - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+  if (dw && x_exponent == kNonFiniteExponent) return false;
+  const int64_t pixels = l.n * oh * ow, size = pixels * l.cout;
+  const int64_t blocks = dw ? (pixels + r.dy_block - 1) / r.dy_block : 0, groups = r.per_sample ? l.n : 1;
+  std::unique_ptr<int16_t[]> q_blocks(dw ? new int16_t[size] : nullptr), q_groups(dx ? new int16_t[size] : nullptr);
+  std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
+  const GradientQuantization out{q_blocks.get(), e_blocks.data(), r.dy_block,     r.dy_block_stochastic,
+                                 q_groups.get(), e_groups.data(), pixels / groups, r.per_sample_stochastic};
+  if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
+  if (dx && !conv_grad_input(q_groups.get(), e_groups.data(), groups, weight, r.weight_block, l, dx, nthreads))
+    return false;
+  if (!dw) return true;
+  ConvLayer unpadded = l;  // grad_weight's: the padded image as is, dw's strides (those of the weight)
+  unpadded.h = g.hp, unpadded.w = g.wp, unpadded.ph = unpadded.pw = 0;
+  return conv_grad_weight(q_blocks.get(), e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
+                          unpadded, dw, nthreads);
+}
+
 }  // namespace dfp

@@ -45,4 +45,21 @@ bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, con
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
                       const int16_t* x_padded, int32_t x_exponent, const ConvLayer& layer, float* dw, int nthreads);
 
+// The backward from the float32 output gradient dy (n, oh, ow, cout), channels last:
+// dy quantized for both products in one pass pair (quantize_gradient: per block of
+// `dy_block` pixels and channel for grad_weight, per sample or per tensor for
+// grad_input, each rounded its own way from `seed`), then dx as conv_grad_input (stride
+// 1; dx null: not asked) and dw as conv_grad_weight, at the layer's weight strides (dw
+// null: not asked). The bits of the three calls. False, with nothing written, where dy,
+// the weight or x held NaN or Inf.
+struct GradientRounding {
+  int64_t dy_block;      // > 0 where dw is asked
+  bool per_sample;       // grad_input's dy: an exponent per sample, else per tensor
+  bool dy_block_stochastic, per_sample_stochastic;
+  uint64_t seed;
+  int64_t weight_block;  // conv_grad_input's block (weight_per_channel)
+};
+bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,
+                   const ConvLayer& layer, const GradientRounding& rounding, float* dx, float* dw, int nthreads);
+
 }  // namespace dfp

@@ -257,6 +257,36 @@ def conv2d_grad_weight(dy, ey, x_padded, ex, weight_shape, stride, dilation, gro
     return dw if ok else None
 
 
+def conv2d_backward(
+    dy, weight, x_padded, ex, input_shape, geometry, headroom, weight_channel, blocks, rounding, need, weight_last
+):
+    """A stride-1 layer's backward in one call (csrc/cpu/layer.cpp): float32 dy
+    (N, Cout, OH, OW) quantized for both products, then dx (N, H, W, C) and dW in the
+    weight's layout, as the three calls make them. geometry: (padding, dilation, groups);
+    blocks: (grad_input's weight block or 0, grad_weight's dy block); rounding:
+    (per_sample, dy blocks stochastic, per sample/tensor stochastic, seed); need: (dx,
+    dW); dW channels-last where ``weight_last``. None where the weight's strides are not
+    dW's, or NaN/Inf is met."""
+    (padding, dilation, groups), (need_input, need_weight) = geometry, need
+    n, c, h, w = input_shape
+    cout, _, kh, kw = weight.shape
+    memory_format = torch.channels_last if weight_last else torch.contiguous_format
+    dw = torch.empty(weight.shape, dtype=torch.float32, memory_format=memory_format) if need_weight else None
+    if need_weight and dw.stride() != weight.stride():
+        return None
+    pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
+    dx = torch.empty((n, h, w, c), dtype=torch.float32) if need_input else None
+    sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, x_padded.shape[3] if need_weight else c)
+    per_sample, blocks_stochastic, groups_stochastic, seed = rounding
+    ok = _core().conv_backward(
+        pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0, int(ex) if need_weight else 0,
+        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], per_sample, blocks_stochastic,
+        groups_stochastic, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
+        dw.data_ptr() if need_weight else 0, torch.get_num_threads(),
+    )  # fmt: skip
+    return (dx, dw) if ok else None
+
+
 def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock):
     """dy's exponents ey (KB, Cout): one per block of ``kblock`` output pixels and channel."""
     dy, x, ey = dy.contiguous(), x.contiguous(), ey.contiguous()
