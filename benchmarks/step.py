@@ -149,8 +149,12 @@ def dfp_labels() -> Iterator[None]:
     quantize (the public ``quantize*`` functions of ``dfp._conv_layout``) and compute
     grad_input and grad_weight (the fields of ``dfp.autograd._EAGER``, the calls its
     backward makes, by name: ``quantize*``, ``grad_input``, ``grad_weight``) in
-    record_function labels. Work that a later dfp does under other names stays in the
-    enclosing layer's part ("conv forward", "conv backward, unsplit")."""
+    record_function labels, with the backward's one-call path (``whole``) switched off
+    so that its parts show: the same kernels and bits, called one by one (a little more
+    Python per layer than the timed steps run). Work that a later dfp does under other
+    names stays in the enclosing layer's part ("conv forward", "conv backward, unsplit"):
+    so does the forward's quantization of the input and weight on the compiled backend,
+    which runs inside the forward's one call."""
     import dfp._conv_layout as layout
     from dfp import autograd
 
@@ -166,6 +170,8 @@ def dfp_labels() -> Iterator[None]:
     calls = getattr(autograd, "_EAGER", None)
     if calls is not None and hasattr(calls, "_replace"):
         labelled = {f: _labelled(getattr(calls, f), label) for f in calls._fields if (label := _label_of(f))}
+        if "whole" in calls._fields:  # one call for the whole backward would hide its parts
+            labelled["whole"] = None
         patch(autograd, "_EAGER", calls._replace(**labelled))
     try:
         yield
