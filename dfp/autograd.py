@@ -94,6 +94,12 @@ def _grad_input_block(cout_g: int, headroom: int) -> int:
     return min(chain_length(headroom, headroom), max(cout_g, 1))
 
 
+def _grad_input_in_one_call(stride: list[int], cout_g: int, block: int) -> bool:
+    """Whether the backend's one-call grad_input takes a layer: one phase (stride 1), and
+    weight blocks (``block`` > 0) that need no zero output channels to fill the last."""
+    return stride == [1, 1] and (block == 0 or cout_g % block == 0)
+
+
 def conv2d_impl(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -136,10 +142,10 @@ def conv2d_impl(
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     layer = getattr(backends.active(x.device), "conv2d", None)
-    whole = x.dtype == torch.float32 and (
+    float32 = x.dtype == torch.float32 and (
         bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (cout,))
     )
-    if forward_dfp and layer is not None and whole and _fits_one_call(x.shape, weight, groups, oh, ow):
+    if forward_dfp and layer is not None and float32 and _fits_one_call(x.shape, weight, groups, oh, ow):
         fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel,
                       _padded_channels(c, groups))  # fmt: skip
         if fused is not None:  # else x is not channels-last, or NaN/Inf: the steps below
@@ -248,11 +254,10 @@ def conv2d_grad_input_impl(
     n, _, h, w = input_shape
     cout, _, kh, kw = weight.shape
     block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
-    one_phase = stride == [1, 1] and (block == 0 or (cout // groups) % block == 0)
     oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
     if (
         layer is not None
-        and one_phase
+        and _grad_input_in_one_call(stride, cout // groups, block)
         and _fits_one_call(input_shape, weight, groups, oh, ow)
         and grad_q.dtype == torch.int16
         and grad_q.is_contiguous()
@@ -432,7 +437,7 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
         layer is None
         or stride != [1, 1]
         or not (need_input or need_weight)
-        or (need_input and not (input_dfp and (weight_block == 0 or (cout // groups) % weight_block == 0)))
+        or (need_input and not (input_dfp and _grad_input_in_one_call(stride, cout // groups, weight_block)))
         or (need_weight and not (weight_dfp and dy_block > 0))
         or grad_y.dtype != torch.float32
         or tuple(grad_y.shape) != (n, cout, oh, ow)
