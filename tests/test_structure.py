@@ -14,7 +14,7 @@ from helpers import run_ranks
 from torch import nn
 
 import dfp
-from dfp import models, structure
+from dfp import distributed, models, structure
 from dfp.optim import SWALP, WeightAverage
 from dfp.structure import ChannelSpace, Reader, Writer
 
@@ -566,3 +566,24 @@ def test_ranks_stay_identical_after_surgery_and_a_new_wrapper(tmp_path):
     for kind in ("parameters", "momentum"):
         for name, tensor in ranks[0][kind].items():
             assert torch.equal(tensor, ranks[1][kind][name]), (kind, name)
+
+
+@pytest.mark.parametrize("fmt", [None, "dfp16"])
+def test_a_compiled_model_compiles_again_after_surgery(fmt):
+    """torch.compile around a model whose shapes a removal changed: after
+    ``rewrap(compiled=True)`` the new compiled module traces the new shapes once and
+    computes what the eager model does, forward and backward."""
+    model = _chain(fmt=fmt).eval()
+    x = _x()
+    torch.compile(model, backend="aot_eager")(x)  # the old shapes, compiled
+    structure.apply(model, structure.removal(model, model.spaces()[0], [0, 2, 3, 5]))
+    eager = copy.deepcopy(model)
+    compiled = torch.compile(structure.rewrap(model, distributed.setup("cpu"), compiled=True), backend="aot_eager")
+    frames = torch._dynamo.utils.counters["frames"]["ok"]
+    y = compiled(x)
+    assert torch._dynamo.utils.counters["frames"]["ok"] == frames + 1  # one trace, no graph break
+    assert torch.equal(y, model(x))
+    y.square().sum().backward()
+    eager(x).square().sum().backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert p.grad is not None and torch.equal(p.grad, q.grad), name
