@@ -134,6 +134,7 @@ _BUILDERS: dict[str, tuple[Callable[[int, int, int], nn.Module], int]] = {
 }
 
 MODELS: tuple[str, ...] = tuple(_BUILDERS)
+RESNETS: tuple[str, ...] = ("resnet20", "resnet18")  # the CifarResNets, which Net2DeeperNet can deepen
 
 
 def build(name: str, in_channels: int, num_classes: int, image_size: int) -> nn.Module:

@@ -23,8 +23,8 @@ from distributed_worker import HARNESS_RUN
 from PIL import Image
 
 import dfp
-from dfp import data, distributed, models
-from dfp.harness import cli, environment, formats, report, study, train
+from dfp import data, distributed, models, structure
+from dfp.harness import cli, environment, formats, report, strategies, study, train
 from dfp.harness.results import CorruptLineWarning, DuplicateRunWarning, ResultStore, config_key, time_to_target
 from dfp.harness.schedule import Schedule, scaled_lr
 
@@ -683,6 +683,48 @@ def test_structural_strategies_train_shrink_grow_and_are_reported(tmp_path, caps
     assert (tmp_path / "pareto.png").stat().st_size > 0
 
 
+def test_net2net_deepens_a_resnet_with_identity_blocks():
+    """--start-depth: the run starts with the first blocks of each stage and inserts
+    identity blocks at the grow epochs, evenly to the full depth; each insertion keeps the
+    function (eval mode, on a trained state), the new blocks join the optimizer, and with
+    widening too the network ends at the full shape."""
+    for start_width in (1.0, 0.5):
+        torch.manual_seed(0)
+        model = models.build("resnet20", 3, 10, 8)
+        full = structure.widths(model, structure.channel_spaces(model))
+        settings = strategies.StrategySettings(start_width=start_width, start_depth=0.34, grow_epochs=(1, 2))
+        plan = strategies.StructuredRun.plan(strategies.NET2NET, settings, 3, 0, model)
+        plan.shape_initial_model(model)
+        assert [len(stage) for stage in model.stages] == [1, 1, 1]
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x = torch.randn(4, 3, 8, 8)
+        model(x).square().mean().backward()
+        optimizer.step()
+        for epoch, depth in ((1, 2), (2, 3)):
+            before = model.eval()(x)
+            assert plan.after_epoch(epoch, model, optimizer, None)
+            assert [len(stage) for stage in model.stages] == [depth] * 3
+            if start_width == 1.0:  # no widening noise: exact
+                assert torch.equal(model(x), before)
+        assert [s["blocks"] for s in plan.surgeries] == [[2, 2, 2], [3, 3, 3]]
+        assert structure.widths(model, structure.channel_spaces(model)) == full
+        assert len(optimizer.param_groups) == 1 + 6
+
+
+def test_net2net_deepening_runs_in_the_harness(tmp_path):
+    argv = ["--model", "resnet20", "--formats", "dfp16", "--strategies", "net2net", "--epochs", "3"]
+    argv += ["--warmup-epochs", "0", "--grow-epochs", "1,2", "--start-depth", "0.34"]
+    assert _main_job(tmp_path, *argv) == 0
+    (record,) = ResultStore(tmp_path).load()
+    assert record["config"]["strategy_settings"]["start_depth"] == 0.34
+    result = record["result"]
+    assert [s.get("blocks") for s in result["surgeries"]] == [[2, 2, 2], [3, 3, 3]]
+    full = models.build("resnet20", 1, 10, 8)
+    assert result["widths"] == structure.widths(full, structure.channel_spaces(full))
+    flops = [epoch["forward_flops"] for epoch in result["epochs"]]
+    assert flops[0] < flops[1] < flops[2]
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -691,6 +733,8 @@ def test_structural_strategies_train_shrink_grow_and_are_reported(tmp_path, caps
         (["--strategies", "net2net", "--epochs", "2", "--grow-epochs", "2"], "before the last (--epochs 2)"),
         (["--penalty-ratio", "1"], "a ratio in (0, 1)"),
         (["--start-width", "0"], "a fraction in (0, 1]"),
+        (["--start-depth", "1.5"], "a fraction in (0, 1]"),
+        (["--strategies", "net2net", "--start-depth", "0.5"], "model 'small_cnn' has none of"),
     ],
 )
 def test_cli_rejects_bad_strategy_options(capsys, argv, message):

@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="net2net: the starting fraction of every layer's channels (default: %(default)s)",
     )
     structural.add_argument(
+        "--start-depth",
+        type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+        default=strategies.StrategySettings.start_depth,
+        help="net2net on a ResNet: the starting fraction of every stage's blocks; the rest are inserted as "
+        "identity blocks at the grow epochs (Net2DeeperNet; default: %(default)s, width only)",
+    )
+    structural.add_argument(
         "--grow-epochs",
         type=_comma_list(positive_int, "epochs"),
         help="net2net: widen at the end of these epochs, evenly to the full width at the last (default: the "
@@ -311,6 +318,12 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
             f"--grow-epochs {','.join(map(str, grow_epochs))}: {sorted(growing)[0]} widens at the end of an epoch "
             f"before the last (--epochs {args.epochs}); choose earlier epochs or give more --epochs"
         )
+    model = args.model or DEFAULT_MODEL[args.data]
+    if growing and args.start_depth < 1 and model not in models.RESNETS:
+        parser.error(
+            f"--start-depth {args.start_depth}: deepening inserts residual blocks, which model {model!r} "
+            f"has none of; choose one of {', '.join(models.RESNETS)} or leave --start-depth at 1"
+        )
     if strategies.PRUNED_SCRATCH in args.strategies and strategies.PRUNETRAIN not in args.strategies:
         parser.error(
             "--strategies: pruned-scratch trains the final architecture of the prunetrain run with the same "
@@ -321,6 +334,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         threshold=args.prune_threshold,
         prune_every=args.prune_every,
         start_width=args.start_width,
+        start_depth=args.start_depth,
         grow_epochs=tuple(sorted(grow_epochs)),
     )
 

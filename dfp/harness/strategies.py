@@ -11,9 +11,12 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        weights all fell below ``threshold`` are removed, with channel union at
                        residual joins
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
-                       space, widen with Net2WiderNet at the end of each of ``grow_epochs``
-                       (evenly to the full width at the last), new channels' incoming weights
-                       perturbed by ``GROW_NOISE`` of their std to break the symmetry
+                       space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
+                       with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
+                       full width at the last), new channels' incoming weights perturbed by
+                       ``GROW_NOISE`` of their std to break the symmetry; then deepen with
+                       Net2DeeperNet: identity blocks at the end of each stage, evenly to the
+                       full depth at the last
 net2net+prunetrain     grow as net2net, with the regulariser from the first step; prune as
                        prunetrain, only after the last growth. The coefficient set at step one is
                        kept after growth (not recomputed)
@@ -23,8 +26,7 @@ pruned-scratch         the control (Liu et al., ICLR 2019): the final architectu
 =====================  ===========================================================================
 
 Not implemented: PruneTrain's dynamic mini-batch growth after pruning (described in the
-paper, absent from its released code), removing a whole residual branch, Net2DeeperNet in
-the harness (``dfp.structure.insert_block`` exists; the strategy grows width only).
+paper, absent from its released code), removing a whole residual branch.
 """
 
 from __future__ import annotations
@@ -57,12 +59,15 @@ class StrategySettings:
     threshold: float = structure.THRESHOLD
     prune_every: int = 3
     start_width: float = 0.5
+    start_depth: float = 1.0
     grow_epochs: tuple[int, ...] = (1,)
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """The settings that ``strategy`` uses, as stored in a run's config."""
         prune = {"penalty_ratio": self.penalty_ratio, "threshold": self.threshold, "prune_every": self.prune_every}
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
+        if self.start_depth < 1:  # keyed as before deepening existed where it does not deepen
+            grow["start_depth"] = self.start_depth
         return {
             NONE: {},
             PRUNETRAIN: prune,
@@ -109,6 +114,7 @@ class StructuredRun:
         seed: int,
         full_widths: dict[str, int],
         start_widths: dict[str, int] | None,
+        depths: tuple[list[int], list[int]] | None = None,
     ) -> None:
         self.strategy = strategy
         self.settings = settings
@@ -116,6 +122,7 @@ class StructuredRun:
         self.seed = seed
         self.full_widths = full_widths
         self.start_widths = start_widths
+        self.depths = depths  # (full, start) blocks of each stage, where the run deepens
         self.regulariser: GroupLasso | None = None
         self.surgeries: list[dict[str, Any]] = []
 
@@ -134,9 +141,17 @@ class StructuredRun:
         check_strategy_name(strategy)
         settings = settings or StrategySettings()
         full = structure.widths(model, structure.channel_spaces(model))
-        start = None
+        start, depths = None, None
         if strategy in (NET2NET, GROW_THEN_PRUNE):
             start = {name: max(1, round(width * settings.start_width)) for name, width in full.items()}
+            if settings.start_depth < 1:
+                if not isinstance(model, models.CifarResNet):
+                    raise ValueError(
+                        f"a start depth below 1 deepens ResNets (Net2DeeperNet inserts residual blocks), not a "
+                        f"{type(model).__name__}; choose a ResNet model or a start depth of 1"
+                    )
+                blocks = [len(stage) for stage in model.stages]
+                depths = (blocks, [max(1, round(n * settings.start_depth)) for n in blocks])
         elif strategy == PRUNED_SCRATCH:
             if control_widths is None:
                 raise ValueError(
@@ -144,15 +159,23 @@ class StructuredRun:
                     "put prunetrain before it in --strategies"
                 )
             start = dict(control_widths)
-        return cls(strategy, settings, epochs, seed, full, start)
+        return cls(strategy, settings, epochs, seed, full, start, depths)
 
     def shape_initial_model(self, model: nn.Module) -> None:
-        """Narrow the freshly built ``model`` to the start widths and draw its weights
-        afresh for them (an initialisation of its own widths, not a slice of a wider one)."""
+        """Cut the freshly built ``model`` to the start depth (the first blocks of each
+        stage), narrow it to the start widths and draw its weights afresh for them (an
+        initialisation of its own shape, not a slice of a larger one)."""
         if self.start_widths is None:
             return
+        for stage, count in enumerate(self.depths[1] if self.depths else ()):
+            model.stages[stage] = nn.Sequential(*list(model.stages[stage])[:count])
         spaces = structure.channel_spaces(model)
-        changes = {name: width for name, width in self.start_widths.items() if width != self.full_widths[name]}
+        present = {space.name for space in spaces}
+        changes = {
+            name: width
+            for name, width in self.start_widths.items()
+            if name in present and width != self.full_widths[name]
+        }
         structure.apply(model, structure.narrowing(model, spaces, changes))
         models.initialise(model)
 
@@ -197,5 +220,23 @@ class StructuredRun:
                 widths[space.name] = target
         if widths:
             structure.apply(model, surgery, optimizer, average)
-            self.surgeries.append({"epoch": epoch, "kind": "grow", "widths": widths})
-        return bool(widths)
+        blocks = self._deepen(model, fraction, optimizer, average)
+        if widths or blocks:
+            self.surgeries.append(
+                {"epoch": epoch, "kind": "grow", "widths": widths, **({"blocks": blocks} if blocks else {})}
+            )
+        return bool(widths or blocks)
+
+    def _deepen(self, model: nn.Module, fraction: float, optimizer, average) -> list[int] | None:
+        """Identity blocks at the end of each stage, evenly to the full depth at the last
+        growth step (they take the width the stage has now); the new block counts, or None
+        where none was added."""
+        if self.depths is None:
+            return None
+        added = False
+        for stage, (full, start) in enumerate(zip(*self.depths)):
+            target = start + round((full - start) * fraction)
+            while len(model.stages[stage]) < target:
+                structure.insert_block(model, stage, len(model.stages[stage]) - 1, optimizer, average)
+                added = True
+        return [len(stage) for stage in model.stages] if added else None
