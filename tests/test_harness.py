@@ -683,6 +683,48 @@ def test_structural_strategies_train_shrink_grow_and_are_reported(tmp_path, caps
     assert (tmp_path / "pareto.png").stat().st_size > 0
 
 
+def test_prunetrain_grows_the_batch_after_pruning_with_the_rate(tmp_path):
+    """--grow-batch: after a pruning the batch grows as the forward FLOPs per image fell
+    (a multiple of 8), the rate with it; the schedule runs on images, the FLOPs count the
+    larger batches, and the report says so."""
+    argv = ["--formats", "fp32", "--strategies", "prunetrain", "--epochs", "3", "--warmup-epochs", "0"]
+    argv += ["--prune-every", "1", "--prune-threshold", "0.3", "--grow-batch", "--limit-train-batches", "3"]
+    assert _main_job(tmp_path, *argv) == 0
+    (record,) = ResultStore(tmp_path).load()
+    assert record["config"]["strategy_settings"]["grow_batch"] is True
+    result = record["result"]
+    epochs, surgeries = result["epochs"], result["surgeries"]
+    assert [s["kind"] for s in surgeries] == ["prune", "prune"]
+    batches = [e["batch_size"] for e in epochs]
+    assert batches[0] == 64 and batches[1:] == [s["batch_size"] for s in surgeries]
+    for (before, after), e in zip(itertools.pairwise(epochs), epochs[1:]):
+        fall = before["forward_flops"] / after["forward_flops"]
+        assert e["batch_size"] == max(before["batch_size"], int(before["batch_size"] * fall) // 8 * 8)
+    assert batches[-1] > 64
+    flops = sum(3 * e["batch_size"] * e["forward_flops"] * 3 for e in epochs)  # 3 steps per epoch
+    assert result["train_flops"] == flops and result["images"] == 3 * sum(batches)
+    # the rate follows the batch: cosine over images, times batch / 64 (lr 0.05 at 32, linearly 0.1 at 64)
+    schedule = train.Schedule.build(0.05, 64, 32, 0, 3, 3)
+    images = 64 * 3 + batches[1] * 3 + batches[2] * 2  # before the last step of the last epoch
+    assert epochs[-1]["lr"] == pytest.approx(schedule.learning_rate(images // 64) * batches[2] / 64)
+    text = (tmp_path / "report.md").read_text()
+    assert f"batch grown after pruning: 64 -> {batches[1]} -> {batches[2]}" in text
+
+
+def test_the_grown_batch_keeps_the_work_per_step_and_stays_within_the_data():
+    model = models.build("small_cnn", 1, 10, 8)
+    plan = strategies.StructuredRun.plan(
+        strategies.PRUNETRAIN, strategies.StrategySettings(grow_batch=True), 9, 0, model
+    )
+    plan.surgeries.append({"epoch": 3, "kind": "prune", "widths": {}})
+    assert plan.batch_after_surgery(2, 128, (3.0, 1.0), 8, 10_000) == 128  # no pruning at that epoch
+    assert plan.batch_after_surgery(3, 128, (3.0, 2.0), 16, 10_000) == 192
+    assert plan.batch_after_surgery(3, 128, (3.0, 1.0), 8, 300) == 300 and plan.surgeries[-1]["batch_size"] == 300
+    fixed = strategies.StructuredRun.plan(strategies.PRUNETRAIN, strategies.StrategySettings(), 9, 0, model)
+    fixed.surgeries.append({"epoch": 3, "kind": "prune", "widths": {}})
+    assert fixed.batch_after_surgery(3, 128, (3.0, 1.0), 8, 10_000) == 128
+
+
 def test_net2net_deepens_a_resnet_with_identity_blocks():
     """--start-depth: the run starts with the first blocks of each stage and inserts
     identity blocks at the grow epochs, evenly to the full depth; each insertion keeps the

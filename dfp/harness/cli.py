@@ -175,6 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="prunetrain: a channel is zero when all its weights are below this in magnitude (default: %(default)s)",
     )
     structural.add_argument(
+        "--grow-batch",
+        action="store_true",
+        help="prunetrain: after each pruning, grow the mini-batch as the forward FLOPs per image fell (a multiple "
+        "of 8 per process) and the learning rate with it, as the paper describes (its code does not)",
+    )
+    structural.add_argument(
         "--start-width",
         type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         default=strategies.StrategySettings.start_width,
@@ -332,6 +338,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
     return strategies.StrategySettings(
         penalty_ratio=args.penalty_ratio,
         threshold=args.prune_threshold,
+        grow_batch=args.grow_batch,
         prune_every=args.prune_every,
         start_width=args.start_width,
         start_depth=args.start_depth,

@@ -107,6 +107,7 @@ class Row:
     parameters: int | None = None  # at the end, of the first seed
     widths: dict[str, int] | None = None  # of each channel space at the end, of the first seed
     surgery_seconds: float | None = None  # median
+    batch_sizes: tuple[int, ...] = ()  # the batch grown after pruning to, of the first seed
 
     @property
     def label(self) -> str:
@@ -219,6 +220,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 parameters=results[0].get("parameters"),
                 widths=results[0].get("widths"),
                 surgery_seconds=_median([r["epochs"][-1].get("surgery_seconds") for r in completed]),
+                batch_sizes=tuple(s["batch_size"] for s in results[0].get("surgeries", []) if "batch_size" in s),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -283,6 +285,9 @@ def _notes(row: Row) -> str:
         notes.append(f"SWA average; its low-precision weights: {_percent(row.trained_accuracy)}")
     if row.diverged:
         notes.append(f"diverged in {row.diverged} of {row.runs} runs")
+    if row.batch_sizes:
+        grown = " -> ".join(map(str, (row.batch_size, *row.batch_sizes)))
+        notes.append(f"batch grown after pruning: {grown} (as PruneTrain's paper describes; not in its code)")
     return "; ".join(notes)
 
 
@@ -387,8 +392,7 @@ def _structure_lines(rows: Sequence[Row], config: dict[str, Any], structured: Se
         f"Structural strategies ({', '.join(f'{k} {v}' for k, v in sorted(settings.items()))}; "
         "see dfp.harness.strategies). Training FLOPs: convolutions and linear layers, 3 forward passes per "
         "image trained, summed over the epochs as the network changed (medians over the seeds). Surgery time "
-        "(removing or copying channels, wrapping DDP again) counts in the training time above. Not implemented: "
-        "PruneTrain's mini-batch growth after pruning (described in the paper, absent from its code).",
+        "(removing or copying channels, wrapping DDP again) counts in the training time above.",
         "",
         "| format + strategy | batch | training FLOPs | vs. no strategy | parameters at the end | widths at the end "
         "| surgery time (s) |",

@@ -9,7 +9,9 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        first step, its coefficient set at step one from the penalty ratio; at the
                        end of every ``prune_every``-th epoch (not the last) the channels whose
                        weights all fell below ``threshold`` are removed, with channel union at
-                       residual joins
+                       residual joins; with ``grow_batch`` the mini-batch then grows as the
+                       forward FLOPs per image fell, the learning rate with it (linear scaling):
+                       described in the paper, absent from its released code
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
@@ -25,8 +27,7 @@ pruned-scratch         the control (Liu et al., ICLR 2019): the final architectu
                        from scratch as ``none``
 =====================  ===========================================================================
 
-Not implemented: PruneTrain's dynamic mini-batch growth after pruning (described in the
-paper, absent from its released code), removing a whole residual branch.
+Not implemented: removing a whole residual branch.
 """
 
 from __future__ import annotations
@@ -61,12 +62,16 @@ class StrategySettings:
     start_width: float = 0.5
     start_depth: float = 1.0
     grow_epochs: tuple[int, ...] = (1,)
+    grow_batch: bool = False
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
-        """The settings that ``strategy`` uses, as stored in a run's config."""
+        """The settings that ``strategy`` uses, as stored in a run's config (an option at
+        its default that older runs lacked is left out, so that they still match)."""
         prune = {"penalty_ratio": self.penalty_ratio, "threshold": self.threshold, "prune_every": self.prune_every}
+        if self.grow_batch:
+            prune["grow_batch"] = True
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
-        if self.start_depth < 1:  # keyed as before deepening existed where it does not deepen
+        if self.start_depth < 1:
             grow["start_depth"] = self.start_depth
         return {
             NONE: {},
@@ -202,6 +207,20 @@ class StructuredRun:
                 self.surgeries.append({"epoch": epoch, "kind": "prune", "widths": widths})
             return bool(widths)
         return False
+
+    def batch_after_surgery(self, epoch: int, batch: int, flops: tuple[float, float], multiple: int, most: int) -> int:
+        """The mini-batch for the epochs after ``epoch``'s surgery: with ``grow_batch``,
+        after a pruning, ``batch`` times the fall of the forward FLOPs per image (``flops``:
+        before, after), rounded down to a multiple of ``multiple``, at most ``most``: the
+        work per step stays about the same (PruneTrain grows it into the memory the pruning
+        freed); else ``batch``. Recorded with the surgery."""
+        pruned = bool(self.surgeries) and self.surgeries[-1]["epoch"] == epoch and self.surgeries[-1]["kind"] == "prune"
+        before, after = flops
+        if not (self.settings.grow_batch and pruned and after > 0):
+            return batch
+        grown = min(most, max(batch, int(batch * before / after) // multiple * multiple))
+        self.surgeries[-1]["batch_size"] = grown
+        return grown
 
     def _grow(self, epoch: int, model: nn.Module, spaces: list[ChannelSpace], optimizer, average) -> bool:
         # Growth steps move the width evenly from the start to the full width.

@@ -267,7 +267,10 @@ def train_run(
     train_flops = 0
     train_seconds = data_seconds = eval_seconds = surgery_seconds = 0.0
     epochs: list[dict[str, Any]] = []
-    step = 0
+    step = images = 0
+    # The batch grows after pruning where the strategy says so: the schedule then runs on
+    # images trained on (its step at the first batch size), the rate scaled with the batch.
+    batch_size, position = config.batch_size, 0.0
     diverged = False
     bar = tqdm(
         total=config.epochs * steps_per_epoch,
@@ -280,6 +283,13 @@ def train_run(
     try:
         for epoch in range(1, config.epochs + 1):
             network.train()
+            if batch_size != config.batch_size:
+                per_rank_batch = batch_size // ctx.world_size
+                steps_per_epoch = data.num_batches(
+                    dataset.train, per_rank_batch, drop_last=True, world_size=ctx.world_size
+                )
+                steps_per_epoch = min(steps_per_epoch, config.limit_train_batches or steps_per_epoch)
+            scale = batch_size / config.batch_size
             batches = _Timed(
                 data.batches(
                     dataset.train,
@@ -299,7 +309,7 @@ def train_run(
             for _ in range(steps_per_epoch):
                 x, y = next(batches)
                 start = time.perf_counter()
-                lr = schedule.learning_rate(step)
+                lr = schedule.learning_rate(int(position)) * scale
                 for group in training.optimizer.param_groups:
                     group["lr"] = lr
                 loss = _train_step(training, network, x, y, ctx, regulariser)
@@ -307,8 +317,8 @@ def train_run(
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 train_seconds += time.perf_counter() - start
-                step += 1
-                train_flops += config.batch_size * structure.TRAINING_FLOPS_PER_FORWARD * forward_flops
+                step, images, position = step + 1, images + batch_size, position + scale
+                train_flops += batch_size * structure.TRAINING_FLOPS_PER_FORWARD * forward_flops
                 bar.update(1)
                 # Every rank must leave at the same step, or the others would wait in the next
                 # step's all-reduce: the mean over ranks is NaN when any rank's loss is.
@@ -346,12 +356,19 @@ def train_run(
                 elapsed = time.perf_counter() - start  # the check for channels to remove counts too
                 surgery_seconds += elapsed
                 train_seconds += elapsed
-                if changed:
-                    forward_flops = structure.forward_flops(module, input_shape)  # accounting, not timed
+                if changed:  # accounting, not timed
+                    pruned_flops = structure.forward_flops(module, input_shape)
+                    most = (
+                        data.num_batches(dataset.train, 1, drop_last=True, world_size=ctx.world_size) * ctx.world_size
+                    )
+                    flops = (forward_flops, pruned_flops)
+                    batch_size = plan.batch_after_surgery(epoch, batch_size, flops, 8 * ctx.world_size, most)
+                    forward_flops = pruned_flops
 
             record = {
                 "epoch": epoch,
                 "lr": lr,
+                "batch_size": per_rank_batch * ctx.world_size,
                 "train_loss": _finite_or_none(train_loss),
                 "test_loss": _finite_or_none(test_loss),
                 "trained_accuracy": trained_accuracy,
@@ -378,7 +395,6 @@ def train_run(
         bar.close()
 
     last = epochs[-1]
-    images = step * config.batch_size
     return {
         "final_accuracy": last["accuracy"],
         "trained_accuracy": last["trained_accuracy"],
