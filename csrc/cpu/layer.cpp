@@ -5,7 +5,6 @@
 #include <memory>
 #include <vector>
 
-#include "conv.h"
 #include "quantize.h"
 
 namespace dfp {
@@ -77,8 +76,7 @@ bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, con
   if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
   if (!blocks) std::fill(ew.begin(), ew.end(), ew[0]);
   // dy zero-padded by the kernel's reach past the padding, as one phase of dfp._grad_input
-  const ConvGeometry g = l.padded();
-  const int64_t oh = (g.hp - l.dh * (l.kh - 1) - 1) / l.sh + 1, ow = (g.wp - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   const Window window{l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
   const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
   const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
@@ -95,7 +93,7 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   if (x_exponent == kNonFiniteExponent || std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count)
     return false;
   const ConvGeometry g = l.padded();
-  const int64_t oh = (g.hp - l.dh * (l.kh - 1) - 1) / l.sh + 1, ow = (g.wp - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp;
   // per tensor: one block of all pixels, its exponent in every column
   const bool one = ey_count == 1;
@@ -115,7 +113,7 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,
                    const ConvLayer& l, const GradientRounding& r, float* dx, float* dw, int nthreads) {
   const ConvGeometry g = l.padded();
-  const int64_t oh = (g.hp - l.dh * (l.kh - 1) - 1) / l.sh + 1, ow = (g.wp - l.dw * (l.kw - 1) - 1) / l.sw + 1;
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   if (dw && x_exponent == kNonFiniteExponent) return false;
   const int64_t pixels = l.n * oh * ow, size = pixels * l.cout;
   const int64_t blocks = dw ? (pixels + r.dy_block - 1) / r.dy_block : 0, groups = r.per_sample ? l.n : 1;

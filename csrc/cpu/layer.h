@@ -1,10 +1,12 @@
-// A DFP16 convolution layer's forward and grad_input from its float32 tensors, each in
-// one call: the weight quantized straight into the layout the product reads, no
-// Python between the steps (a small layer's glue cost more than its products).
+// A DFP16 convolution layer's products from its float32 tensors, each in one call (and
+// the whole stride-1 backward in one): the weight quantized straight into the layout the
+// product reads, no Python between the steps (a small layer's glue cost more than its
+// products).
 #pragma once
 #include <cstdint>
 
 #include "api.h"
+#include "conv.h"
 
 namespace dfp {
 
@@ -17,6 +19,10 @@ struct ConvLayer {
   int headroom;
   bool weight_per_channel;  // else one exponent for the whole weight
   ConvGeometry padded() const { return {n, h + 2 * ph, w + 2 * pw, channels, groups, kh, kw, sh, sw, dh, dw}; }
+  // the output's size, as a group of the padded image gives it
+  ConvShape shape() const {
+    return {n, h + 2 * ph, w + 2 * pw, channels, channels / groups, kh, kw, sh, sw, dh, dw};
+  }
 };
 
 // x quantized per tensor into the zero-padded x_padded (n, h + 2 ph, w + 2 pw, channels)

@@ -230,10 +230,13 @@ def train_run(
         # same on every rank, because its updates must stay identical.
         torch.manual_seed(config.seed + RANK_SEED_STRIDE * ctx.rank)
     fp32_layers = formats.resolve_fp32_layers(model, config.fp32_layers)
+
+    def epoch_steps(per_rank_batch: int) -> int:
+        steps = data.num_batches(dataset.train, per_rank_batch, drop_last=True, world_size=ctx.world_size)
+        return steps if config.limit_train_batches is None else min(steps, config.limit_train_batches)
+
     per_rank_batch = config.batch_size // ctx.world_size
-    steps_per_epoch = data.num_batches(dataset.train, per_rank_batch, drop_last=True, world_size=ctx.world_size)
-    if config.limit_train_batches is not None:
-        steps_per_epoch = min(steps_per_epoch, config.limit_train_batches)
+    steps_per_epoch = epoch_steps(per_rank_batch)
     schedule = Schedule.build(
         config.base_lr,
         config.batch_size,
@@ -285,10 +288,7 @@ def train_run(
             network.train()
             if batch_size != config.batch_size:
                 per_rank_batch = batch_size // ctx.world_size
-                steps_per_epoch = data.num_batches(
-                    dataset.train, per_rank_batch, drop_last=True, world_size=ctx.world_size
-                )
-                steps_per_epoch = min(steps_per_epoch, config.limit_train_batches or steps_per_epoch)
+                steps_per_epoch = epoch_steps(per_rank_batch)
             scale = batch_size / config.batch_size
             batches = _Timed(
                 data.batches(
@@ -357,13 +357,10 @@ def train_run(
                 surgery_seconds += elapsed
                 train_seconds += elapsed
                 if changed:  # accounting, not timed
-                    pruned_flops = structure.forward_flops(module, input_shape)
-                    most = (
-                        data.num_batches(dataset.train, 1, drop_last=True, world_size=ctx.world_size) * ctx.world_size
-                    )
-                    flops = (forward_flops, pruned_flops)
+                    flops = (forward_flops, structure.forward_flops(module, input_shape))
+                    most = data.num_batches(dataset.train, 1, world_size=ctx.world_size) * ctx.world_size
                     batch_size = plan.batch_after_surgery(epoch, batch_size, flops, 8 * ctx.world_size, most)
-                    forward_flops = pruned_flops
+                    forward_flops = flops[1]
 
             record = {
                 "epoch": epoch,
