@@ -203,8 +203,7 @@ def quantize_table(budget_s: float) -> list[str]:
         ("channel, nearest", dfp.DFPSpec(axis=0)),
         ("block 32, nearest", dfp.DFPSpec(axis=1, block=32)),
     ):
-        stochastic = spec.rounding == "stochastic"
-        args = (spec.headroom, spec.axis, spec.block, stochastic, 1234)
+        args = (spec.headroom, spec.axis, spec.block, dfp.format.ROUNDINGS.index(spec.rounding), 1234)
         try:
             ms = median_ms(lambda: torch.ops.dfp.quantize(x, *args), budget_s, 50)  # noqa: B023
         except FAILURES as err:

@@ -71,10 +71,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "quantize3d",
-      [](uintptr_t x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom, bool stochastic,
+      [](uintptr_t x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom, int rounding,
          uint64_t seed, uintptr_t mantissa, uintptr_t exponent, int nthreads) {
         py::gil_scoped_release release;
-        return dfp::quantize3d(ptr<const float>(x), O, N, I, mode, block, headroom, stochastic, seed,
+        return dfp::quantize3d(ptr<const float>(x), O, N, I, mode, block, headroom, rounding, seed,
                                ptr<int16_t>(mantissa), ptr<int32_t>(exponent), nthreads);
       },
       "quantize a contiguous (O, N, I) float32 buffer; False on NaN/Inf");
@@ -82,12 +82,13 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "quantize_gradient",
       [](uintptr_t x, int64_t rows, int64_t cols, int headroom, uint64_t seed, uintptr_t q_blocks, uintptr_t e_blocks,
-         int64_t block, bool blocks_stochastic, uintptr_t q_groups, uintptr_t e_groups, int64_t group_rows,
-         bool groups_stochastic, int nthreads) {
+         int64_t block, int blocks_rounding, uintptr_t q_groups, uintptr_t e_groups, int64_t group_rows,
+         int groups_rounding, int nthreads) {
         py::gil_scoped_release release;
-        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks), ptr<int32_t>(e_blocks), block, blocks_stochastic,
-                                            ptr<int16_t>(q_groups), ptr<int32_t>(e_groups), group_rows,
-                                            groups_stochastic};
+        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks),    ptr<int32_t>(e_blocks),
+                                            block,                     dfp::Rounding(blocks_rounding),
+                                            ptr<int16_t>(q_groups),    ptr<int32_t>(e_groups),
+                                            group_rows,                dfp::Rounding(groups_rounding)};
         return dfp::quantize_gradient(ptr<const float>(x), rows, cols, headroom, seed, out, nthreads);
       },
       "quantize a contiguous (rows, cols) float32 buffer per block of rows and column and/or per group of rows "
@@ -131,10 +132,10 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "matmul_float",
       [](uintptr_t x, uintptr_t y, int64_t M, int64_t N, int64_t K, int headroom, int grouping, int64_t block,
-         bool stochastic, uint64_t seed_x, uint64_t seed_y, uintptr_t bias, uintptr_t c, int nthreads) {
+         int rounding, uint64_t seed_x, uint64_t seed_y, uintptr_t bias, uintptr_t c, int nthreads) {
         py::gil_scoped_release release;
         return dfp::matmul_float(ptr<const float>(x), ptr<const float>(y), M, N, K, headroom,
-                                 dfp::MatmulGrouping(grouping), block, stochastic, seed_x, seed_y,
+                                 dfp::MatmulGrouping(grouping), block, rounding, seed_x, seed_y,
                                  ptr<const float>(bias), ptr<float>(c), nthreads);
       },
       "quantize x and y into packed panels and multiply; False on NaN/Inf");
@@ -222,10 +223,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_backward",
       [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, int32_t x_exponent, const dfp::ConvLayer& layer,
-         int64_t dy_block, bool per_sample, bool dy_block_stochastic, bool per_sample_stochastic, uint64_t seed,
+         int64_t dy_block, bool per_sample, int dy_block_rounding, int per_sample_rounding, uint64_t seed,
          int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
-        const dfp::GradientRounding rounding{dy_block, per_sample, dy_block_stochastic, per_sample_stochastic, seed,
+        const dfp::GradientRounding rounding{dy_block,
+                                             per_sample,
+                                             dfp::Rounding(dy_block_rounding),
+                                             dfp::Rounding(per_sample_rounding),
+                                             seed,
                                              weight_block};
         return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),
                                   x_exponent, layer, rounding, ptr<float>(dx), ptr<float>(dw), nthreads);

@@ -9,7 +9,7 @@ import torch
 
 from . import _ops, backends
 from ._errors import NonFiniteError
-from .format import DFPSpec, DFPTensor, exponent_shape
+from .format import ROUNDINGS, DFPSpec, DFPTensor, exponent_shape
 
 # Exponent that marks a quantized tensor whose source held NaN or Inf: real exponents
 # lie within a few hundred of zero, so it never collides with one.
@@ -52,9 +52,9 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
     perm = _to_channels_last(t.dim())
     permuted = t.permute(perm)
     source = permuted if permuted.is_contiguous() else t
-    stochastic = spec.rounding == "stochastic"
+    rounding = ROUNDINGS.index(spec.rounding)
     try:
-        mantissa, exponent = _ops.quantize_impl(source, spec.headroom, spec.axis, spec.block, stochastic, seed)
+        mantissa, exponent = _ops.quantize_impl(source, spec.headroom, spec.axis, spec.block, rounding, seed)
     except NonFiniteError:
         mantissa = source.new_zeros(source.shape, dtype=torch.int16)
         exponent = source.new_full(exponent_shape(source.shape, spec), NONFINITE, dtype=torch.int32)
@@ -65,7 +65,7 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
 
 
 def quantize_gradient(
-    t: torch.Tensor, headroom: int, block: int, per_sample: bool | None, stochastic: tuple[bool, bool], seed: int = 0
+    t: torch.Tensor, headroom: int, block: int, per_sample: bool | None, rounding: tuple[int, int], seed: int = 0
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """An output gradient, float32 ``t`` (N, C, H, W), for both backward products,
     mantissas (N, H, W, C) contiguous:
@@ -73,9 +73,9 @@ def quantize_gradient(
       pixels (in (n, h, w) order) and channel, exponent (ceil(N*H*W / block), C);
     - for grad_input where ``per_sample`` is not None: one exponent per sample (N,)
       (True) or per tensor, 0-d (False).
-    ``stochastic``: whether each (grad_weight's, grad_input's) rounds stochastically,
-    from the one ``seed``. Each has the bits of quantizing the (N*H*W, C) pixel matrix
-    that way on its own (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per
+    ``rounding``: how each (grad_weight's, grad_input's) rounds, as codes of
+    ``dfp.format.ROUNDINGS``, stochastic rounding from the one ``seed``. Each has the
+    bits of quantizing the (N*H*W, C) pixel matrix that way on its own (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per
     sample: its rows in groups of H*W); the backend may read t twice in all for both.
     Outputs not asked for are None. NaN/Inf in ``t`` gives zero mantissas with every
     exponent ``NONFINITE`` (see ``is_nonfinite``)."""
@@ -91,12 +91,12 @@ def quantize_gradient(
     fused = getattr(backends.active(t.device), "quantize_gradient", None)
     try:
         if fused is not None:
-            blocks, groups = fused(pixels, headroom, block, group_rows, stochastic, seed)
+            blocks, groups = fused(pixels, headroom, block, group_rows, rounding, seed)
         else:
-            blocks = _ops.quantize_impl(pixels, headroom, 0, block, stochastic[0], seed) if block else None
+            blocks = _ops.quantize_impl(pixels, headroom, 0, block, rounding[0], seed) if block else None
             groups = None
             if group_rows:
-                q, e = _ops.quantize_impl(pixels.view(-1, group_rows * c), headroom, 0, None, stochastic[1], seed)
+                q, e = _ops.quantize_impl(pixels.view(-1, group_rows * c), headroom, 0, None, rounding[1], seed)
                 groups = q, e.view(-1)
     except NonFiniteError:
         zeros = pixels.new_zeros(pixels.shape, dtype=torch.int16)

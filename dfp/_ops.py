@@ -26,12 +26,13 @@ def plain_eager(*tensors: torch.Tensor) -> bool:
 
 
 def quantize_impl(
-    x: torch.Tensor, headroom: int, axis: int | None, block: int | None, stochastic: bool, seed: int
+    x: torch.Tensor, headroom: int, axis: int | None, block: int | None, rounding: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rounding``: a code of ``dfp.format.ROUNDINGS``; ``seed``: stochastic rounding's."""
     spec = DFPSpec(headroom, axis, block)
     (o, n, i), mode, blk = canonical_view(x.shape, spec)
     x3 = x.contiguous().view(o, n, i)
-    mantissa, exponent = backends.active(x.device).quantize3d(x3, mode, blk, headroom, stochastic, seed)
+    mantissa, exponent = backends.active(x.device).quantize3d(x3, mode, blk, headroom, rounding, seed)
     return mantissa.view(x.shape), exponent.reshape(exponent_shape(x.shape, spec))
 
 
@@ -39,7 +40,7 @@ quantize = torch.library.custom_op("dfp::quantize", mutates_args=())(quantize_im
 
 
 @quantize.register_fake
-def _(x, headroom, axis, block, stochastic, seed):
+def _(x, headroom, axis, block, rounding, seed):
     spec = DFPSpec(headroom, axis, block)
     return x.new_empty(x.shape, dtype=torch.int16), x.new_empty(exponent_shape(x.shape, spec), dtype=torch.int32)
 
@@ -90,25 +91,25 @@ def matmul(
     headroom: int,
     axis: int | None,
     block: int | None,
-    stochastic: bool,
+    rounding: int,
     seed_x: int,
     seed_y: int,
 ) -> torch.Tensor:
     fused = getattr(backends.active(x.device), "matmul", None)
     if fused is not None:
-        return fused(x, y, headroom, axis, block, stochastic, seed_x, seed_y)
+        return fused(x, y, headroom, axis, block, rounding, seed_x, seed_y)
     if x.shape[1] == 0:
         return x.new_zeros((x.shape[0], y.shape[1]))
     spec_x = DFPSpec(headroom, axis, block)
     spec_y = mirrored(spec_x)
-    xq = DFPTensor(*quantize_impl(x, headroom, spec_x.axis, block, stochastic, seed_x), spec_x)
-    yq = DFPTensor(*quantize_impl(y, headroom, spec_y.axis, block, stochastic, seed_y), spec_y)
+    xq = DFPTensor(*quantize_impl(x, headroom, spec_x.axis, block, rounding, seed_x), spec_x)
+    yq = DFPTensor(*quantize_impl(y, headroom, spec_y.axis, block, rounding, seed_y), spec_y)
     ea, eb, kblock = gemm_layout(xq, yq, ("x", "y"))
     return gemm_impl(xq.mantissa, ea, headroom, yq.mantissa, eb, headroom, kblock, None)
 
 
 @matmul.register_fake
-def _(x, y, headroom, axis, block, stochastic, seed_x, seed_y):
+def _(x, y, headroom, axis, block, rounding, seed_x, seed_y):
     return x.new_empty((x.shape[0], y.shape[1]))
 
 

@@ -40,8 +40,10 @@ from . import _conv_layout as layout
 from . import _ops, backends
 from ._grad_input import grad_input
 from ._patches import output_size
-from .format import DFPSpec, DFPTensor
+from .format import ROUNDINGS, DFPSpec, DFPTensor
 from .reference import chain_length
+
+_STOCHASTIC = ROUNDINGS.index("stochastic")
 
 
 def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
@@ -113,8 +115,8 @@ def conv2d_impl(
     forward_dfp: bool,
     grad_input_dfp: bool,
     grad_weight_dfp: bool,
-    grad_stochastic: bool,
-    grad_weight_stochastic: bool,
+    grad_rounding: int,
+    grad_weight_rounding: int,
     grad_weight_block: int,
     grad_input_per_sample: bool,
     channels_last: bool,
@@ -130,9 +132,9 @@ def conv2d_impl(
     x: float32 (N, C, H, W), any strides; weight: float32 (Cout, C/groups, KH, KW);
     bias: float32 (Cout,) or None; padding is symmetric zeros. The input is quantized
     even when the forward runs in fp32, for a DFP16 grad_weight. The grad_* arguments only
-    steer the backward (see ``_setup_context``): ``grad_stochastic`` rounds the output
-    gradient stochastically in grad_input (and in grad_weight where
-    ``grad_weight_stochastic`` says so); ``grad_weight_block`` > 0 gives the output
+    steer the backward (see ``_setup_context``): ``grad_rounding`` and
+    ``grad_weight_rounding`` (codes of ``dfp.format.ROUNDINGS``) round the output
+    gradient in grad_input and in grad_weight; ``grad_weight_block`` > 0 gives the output
     gradient one exponent per block of that many output pixels and channel in grad_weight
     (0: one per tensor); ``grad_input_per_sample`` one per sample in grad_input (else one
     per tensor).
@@ -213,12 +215,13 @@ def _(x, weight, bias, stride, padding, dilation, groups, *config):
 
 
 def quantize_channels_last_impl(
-    t: torch.Tensor, headroom: int, stochastic: bool, seed: torch.Tensor
+    t: torch.Tensor, headroom: int, rounding: int, seed: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (N, C, H, W) -> int16 mantissas (N, H, W, C), contiguous, and the 0-d
-    int32 exponent (``NONFINITE`` if ``t`` holds NaN/Inf). ``seed``: int64 0-d tensor
-    (a tensor, so the backward can draw it from torch's generator while traced)."""
-    spec = DFPSpec(headroom, rounding="stochastic" if stochastic else "nearest")
+    int32 exponent (``NONFINITE`` if ``t`` holds NaN/Inf). ``rounding``: a code of
+    ``dfp.format.ROUNDINGS``; ``seed``: int64 0-d tensor, stochastic rounding's (a
+    tensor, so the backward can draw it from torch's generator while traced)."""
+    spec = DFPSpec(headroom, rounding=ROUNDINGS[rounding])
     q = layout.quantize_channels_last(t, spec, int(seed))
     return q.mantissa.contiguous(), q.exponent
 
@@ -229,7 +232,7 @@ quantize_channels_last = torch.library.custom_op("dfp::quantize_channels_last", 
 
 
 @quantize_channels_last.register_fake
-def _(t, headroom, stochastic, seed):
+def _(t, headroom, rounding, seed):
     n, c, h, w = t.shape
     return t.new_empty((n, h, w, c), dtype=torch.int16), t.new_empty((), dtype=torch.int32)
 
@@ -289,8 +292,8 @@ def quantize_grad_output_impl(
     headroom: int,
     block: int,
     input_exponent: int,
-    block_stochastic: bool,
-    input_stochastic: bool,
+    block_rounding: int,
+    input_rounding: int,
     seed: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 (N, C, H, W) -> (int16 mantissas (N, H, W, C) and int32 exponents) for
@@ -298,11 +301,11 @@ def quantize_grad_output_impl(
     (ceil(N*H*W / block), C), the K-blocks of its reduction over pixels; and for
     grad_input, per tensor (0-d; ``input_exponent`` 1) or per sample ((N,); 2). An
     output not asked for (``block`` 0, ``input_exponent`` 0) is an empty (0,) mantissa
-    and a 0-d exponent. Each rounds its own way (``*_stochastic``) from the one ``seed``
+    and a 0-d exponent. Each rounds its own way (``*_rounding``), from the one ``seed``
     (as in ``quantize_channels_last``). Reads ``t`` twice in all where the backend can;
     ``NONFINITE`` exponents if ``t`` holds NaN/Inf."""
     per_sample = (None, False, True)[input_exponent]
-    outputs = layout.quantize_gradient(t, headroom, block, per_sample, (block_stochastic, input_stochastic), int(seed))
+    outputs = layout.quantize_gradient(t, headroom, block, per_sample, (block_rounding, input_rounding), int(seed))
 
     def none():
         return t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32)
@@ -316,7 +319,7 @@ quantize_grad_output = torch.library.custom_op("dfp::quantize_grad_output", muta
 
 
 @quantize_grad_output.register_fake
-def _(t, headroom, block, input_exponent, block_stochastic, input_stochastic, seed):
+def _(t, headroom, block, input_exponent, block_rounding, input_rounding, seed):
     n, c, h, w = t.shape
 
     def mantissa(asked: bool) -> torch.Tensor:
@@ -428,7 +431,7 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
     layer = getattr(backends.active(grad_y.device), "conv2d_backward", None)
     need_input, need_weight = ctx.needs_input_grad[:2]
     stride, padding, dilation, groups = ctx.conv
-    headroom, weight_channel, input_dfp, weight_dfp, stochastic, weight_stochastic, dy_block, per_sample = ctx.config
+    headroom, weight_channel, input_dfp, weight_dfp, rounding, weight_rounding, dy_block, per_sample = ctx.config
     n, _, h, w = ctx.input_shape
     cout, _, kh, kw = weight.shape
     weight_block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
@@ -447,7 +450,7 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
     input_last, weight_last = ctx.channels_last
     grads = layer(
         grad_y, weight, x_padded, x_exponent, ctx.input_shape, (padding, dilation, groups), headroom, weight_channel,
-        (weight_block, dy_block), (per_sample, weight_stochastic, stochastic, int(seed)), (need_input, need_weight),
+        (weight_block, dy_block), (per_sample, weight_rounding, rounding, int(seed)), (need_input, need_weight),
         weight_last,
     )  # fmt: skip
     if grads is None:
@@ -470,14 +473,14 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
         raise RuntimeError("dfp layers do not support double backward (create_graph=True through a dfp linear/conv2d)")
     _, weight, x_padded, x_exponent = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
-    _, grad_input_dfp, grad_weight_dfp, stochastic, weight_stochastic, *_ = ctx.config[1:]
+    _, grad_input_dfp, grad_weight_dfp, rounding, weight_rounding, *_ = ctx.config[1:]
     grad_x = grad_w = grad_b = None
     # autocast off (its context manager costs more than a small layer's grad_input)
     device = grad_y.device.type
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
         if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
-            draws = stochastic or weight_stochastic
+            draws = _STOCHASTIC in (rounding, weight_rounding)
             seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else torch.zeros((), dtype=torch.int64)
             whole = calls.whole and calls.whole(ctx, grad_y, weight, x_padded, x_exponent, seed)
             grad_x, grad_w = whole or _products(ctx, grad_y, calls, seed)
@@ -499,8 +502,8 @@ def _products(ctx, grad_y, calls: _BackwardCalls, seed):
         weight_channel,
         grad_input_dfp,
         grad_weight_dfp,
-        stochastic,
-        weight_stochastic,
+        rounding,
+        weight_rounding,
         weight_block,
         per_sample,
     ) = ctx.config
@@ -514,13 +517,13 @@ def _products(ctx, grad_y, calls: _BackwardCalls, seed):
     if fused_weight or fused_input:
         block, input_exponent = weight_block if fused_weight else 0, (2 if per_sample else 1) if fused_input else 0
         grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
-            grad_y, headroom, block, input_exponent, weight_stochastic, stochastic, seed
+            grad_y, headroom, block, input_exponent, weight_rounding, rounding, seed
         )
     if dfp_input and not fused_input:
-        grad_q, grad_e = calls.quantize(grad_y, headroom, stochastic, seed)
+        grad_q, grad_e = calls.quantize(grad_y, headroom, rounding, seed)
     if dfp_weight and not fused_weight:  # per tensor: the same as grad_input's where it rounds alike
-        same = dfp_input and not fused_input and weight_stochastic == stochastic
-        grad_wq, grad_we = (grad_q, grad_e) if same else calls.quantize(grad_y, headroom, weight_stochastic, seed)
+        same = dfp_input and not fused_input and weight_rounding == rounding
+        grad_wq, grad_we = (grad_q, grad_e) if same else calls.quantize(grad_y, headroom, weight_rounding, seed)
     if dfp_input:
         config = (headroom, weight_channel, input_last)
         grad_x = calls.grad_input(grad_q, grad_e, weight, ctx.input_shape, *ctx.conv, *config)

@@ -13,7 +13,9 @@ import torch
 
 MAX_HEADROOM = 13
 
-Rounding = Literal["nearest", "stochastic"]
+Rounding = Literal["nearest", "stochastic", "dithered"]
+# The backends' rounding codes: a rounding's index here (csrc/cpu/numerics.h, Rounding).
+ROUNDINGS: tuple[Rounding, ...] = ("nearest", "stochastic", "dithered")
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,12 @@ class DFPSpec:
             exponents vary (one per index, or one per block of ``block`` indices).
         block: with ``axis``, the number of consecutive elements along ``axis`` that
             share an exponent; ``None`` for one exponent per index ("per channel").
-        rounding: ``"nearest"`` (half to even) or ``"stochastic"``.
+        rounding: ``"nearest"`` (half to even); ``"stochastic"`` (up with probability
+            the fraction, from random bits of a seed drawn from torch's generator);
+            ``"dithered"`` (the same rule, its bits a hash of the element's sign and
+            significand: unbiased over many values, yet a fixed function of the value,
+            so no generator, no seed, and the same bits however the tensor is laid out,
+            split or scaled by a power of two).
     """
 
     headroom: int = 2
@@ -46,8 +53,8 @@ class DFPSpec:
                 raise ValueError("DFPSpec.block needs an axis: pass axis=<the axis the blocks run along>")
             if not _is_int(self.block) or self.block < 1:
                 raise ValueError(f"DFPSpec.block must be a positive int, got {self.block!r}")
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ValueError(f"DFPSpec.rounding must be 'nearest' or 'stochastic', got {self.rounding!r}")
+        if self.rounding not in ROUNDINGS:
+            raise ValueError(f"DFPSpec.rounding must be one of {ROUNDINGS}, got {self.rounding!r}")
 
     @property
     def group(self) -> Literal["tensor", "channel", "block"]:
@@ -259,5 +266,5 @@ def quantize(x: torch.Tensor, spec: DFPSpec | None = None, *, generator: torch.G
 
     seed = draw_seed(generator) if spec.rounding == "stochastic" else 0
     op = _ops.quantize_impl if _ops.plain_eager(x) else torch.ops.dfp.quantize
-    mantissa, exponent = op(x, spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", seed)
+    mantissa, exponent = op(x, spec.headroom, spec.axis, spec.block, ROUNDINGS.index(spec.rounding), seed)
     return DFPTensor(mantissa, exponent, spec)

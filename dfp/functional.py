@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import _conv_layout as layout
 from . import _ops
 from . import autograd as _autograd  # also registers torch.ops.dfp.conv2d
-from .format import DFPSpec
+from .format import ROUNDINGS, DFPSpec
 from .formats import Format, resolve
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
@@ -163,7 +163,7 @@ def _op_switches(f: Format) -> tuple:
     """``dfp::conv2d``'s arguments from headroom to grad_input_per_sample."""
     return (
         f.headroom, f.weight_exponent == "channel", f.forward == "dfp", f.grad_input == "dfp",
-        f.grad_weight == "dfp", f.grad_rounding == "stochastic", f.rounding_in_grad_weight == "stochastic",
+        f.grad_weight == "dfp", ROUNDINGS.index(f.grad_rounding), ROUNDINGS.index(f.rounding_in_grad_weight),
         f.grad_weight_block or 0, f.grad_input_exponent == "sample",
     )  # fmt: skip
 

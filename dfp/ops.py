@@ -6,7 +6,7 @@ import torch
 
 from . import _ops, backends  # noqa: F401  (_ops registers torch.ops.dfp.*)
 from ._gemm_layout import gemm_layout, matmul_grouping
-from .format import DFPSpec, DFPTensor, check_float_input, check_operand, check_plain, check_spec, draw_seed
+from .format import ROUNDINGS, DFPSpec, DFPTensor, check_float_input, check_operand, check_plain, check_spec, draw_seed
 
 
 def _check_backend(device: torch.device) -> None:
@@ -85,4 +85,5 @@ def matmul(
     stochastic = spec.rounding == "stochastic"
     seed_x = draw_seed(generator) if stochastic else 0
     seed_y = draw_seed(generator) if stochastic else 0
-    return torch.ops.dfp.matmul(x, y, spec.headroom, spec.axis, spec.block, stochastic, seed_x, seed_y)
+    rounding = ROUNDINGS.index(spec.rounding)
+    return torch.ops.dfp.matmul(x, y, spec.headroom, spec.axis, spec.block, rounding, seed_x, seed_y)

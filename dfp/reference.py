@@ -10,10 +10,11 @@ from __future__ import annotations
 import torch
 
 from ._errors import NonFiniteError
-from .format import exact_pow2
+from .format import ROUNDINGS, exact_pow2
 
 _INT32_MAX = 2**31 - 1
 _U32 = 0xFFFFFFFF
+NEAREST, STOCHASTIC = ROUNDINGS.index("nearest"), ROUNDINGS.index("stochastic")
 
 
 def check_finite(x: torch.Tensor) -> None:
@@ -82,8 +83,18 @@ def _random_bits(shape: tuple[int, int, int], seed: int) -> torch.Tensor:
     return (_mix(lo ^ k0) ^ _mix(hi ^ k1)) >> 9
 
 
+DITHER_MASK, DITHER_KEY = 0x807FFFFF, 0x9E3779B9  # csrc/cpu/numerics.h
+
+
+def _dither_bits(x: torch.Tensor) -> torch.Tensor:
+    """The 23-bit integer r of dithered rounding (as int64): a hash of each element's sign
+    and significand bits (not its exponent field, so that a power-of-two scale leaves the
+    rounding as it is)."""
+    return _mix((x.view(torch.int32).to(torch.int64) & DITHER_MASK) ^ DITHER_KEY) >> 9
+
+
 def quantize3d(
-    x: torch.Tensor, mode: int, block: int, headroom: int, stochastic: bool, seed: int
+    x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int16 mantissas (O, N, I) and int32 exponents ((1,), (N,) or (O, ceil(N/block), I))."""
     check_finite(x)
@@ -97,13 +108,13 @@ def quantize3d(
     first = torch.where(-e > 127, 64, -e)
     v = x * exact_pow2(first).float() * exact_pow2(-e - first).float()
 
-    if stochastic:
+    if rounding == NEAREST:
+        q = torch.round(v)  # half to even
+    else:
         floor = torch.floor(v)
         threshold = (v - floor) * 2.0**23
-        r = _random_bits((o, n, i), seed).float() + 0.5
-        q = floor + (r < threshold).float()
-    else:
-        q = torch.round(v)  # half to even
+        bits = _random_bits((o, n, i), seed) if rounding == STOCHASTIC else _dither_bits(x.contiguous())
+        q = floor + ((bits.float() + 0.5) < threshold).float()
     limit = 2 ** (15 - headroom) - 1
     mantissa = q.clamp(-limit, limit).to(torch.int16)
     exponent = group_exponent if mode == 2 else group_exponent.reshape(-1)

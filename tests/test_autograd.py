@@ -99,13 +99,13 @@ def test_opcheck_backward_ops():
     x, w = _gaussian((2, 4, 6, 6), 0), _gaussian((6, 2, 3, 3), 1)
     grad = _gaussian((2, 6, 6, 2), 2)
     seed = torch.tensor(12345, dtype=torch.int64)
-    for stochastic in (False, True):
-        opcheck(torch.ops.dfp.quantize_channels_last.default, (grad, 2, stochastic, seed))
+    for rounding in (0, 1, 2):  # codes of dfp.format.ROUNDINGS
+        opcheck(torch.ops.dfp.quantize_channels_last.default, (grad, 2, rounding, seed))
         for block, input_exponent in ((4, 0), (4, 1), (0, 2), (4, 2)):
-            args = (grad, 2, block, input_exponent, stochastic, not stochastic, seed)
+            args = (grad, 2, block, input_exponent, rounding, (rounding + 1) % 3, seed)
             opcheck(torch.ops.dfp.quantize_grad_output.default, args)
-    grad_q, grad_e = torch.ops.dfp.quantize_channels_last(grad, 2, False, seed)
-    grad_bq, grad_be, grad_sq, grad_se = torch.ops.dfp.quantize_grad_output(grad, 2, 4, 2, False, False, seed)
+    grad_q, grad_e = torch.ops.dfp.quantize_channels_last(grad, 2, 0, seed)
+    grad_bq, grad_be, grad_sq, grad_se = torch.ops.dfp.quantize_grad_output(grad, 2, 4, 2, 0, 0, seed)
     for weight_channel, channels_last in ((False, False), (True, True)):
         for q, e in ((grad_q, grad_e), (grad_sq, grad_se)):
             args = (q, e, w, [2, 4, 6, 6], [1, 2], [1, 0], [1, 1], 2, 2, weight_channel, channels_last)
@@ -239,6 +239,24 @@ def test_stochastic_rounding_is_seeded_by_torch_and_touches_only_gradients():
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert torch.equal(first[0], other[0]) and torch.equal(first[0], nearest[0])  # forward rounds to nearest
     assert not torch.equal(first[1], other[1]) and not torch.equal(first[2], other[2])
+
+
+def test_the_default_format_draws_nothing_from_torch_generator():
+    """dfp16 rounds grad_weight's output gradient with dithering: a fixed function of each
+    value, so the results do not depend on torch's generator and do not advance it."""
+    x, w = _gaussian((2, 6, 8, 8), 0), _gaussian((8, 6, 3, 3), 1)
+    grad = _gaussian((2, 8, 8, 8), 2) * 1e-3
+
+    def grads(seed):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        torch.manual_seed(seed)
+        DF.conv2d(xr, wr, padding=1, fmt="dfp16").backward(grad)
+        return xr.grad, wr.grad, torch.get_rng_state()
+
+    first, other = grads(1), grads(2)
+    assert torch.equal(first[0], other[0]) and torch.equal(first[1], other[1])
+    torch.manual_seed(1)
+    assert torch.equal(first[2], torch.get_rng_state())
 
 
 def test_grad_scaler_skips_the_step_when_a_gradient_overflows():

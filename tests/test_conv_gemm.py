@@ -200,11 +200,9 @@ def test_window_as_the_generic_copy(backend, rows, columns, channels):
 
 
 @pytest.mark.parametrize("channels", [6, 32])  # 32: whole vectors of channels, the compiled fast path
-@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("rounding", [0, 1, 2])  # codes of dfp.format.ROUNDINGS
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(
-    backend, channels_last, stochastic, channels
-):
+def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(backend, channels_last, rounding, channels):
     """quantize_gradient gives the bits of quantizing the (N*H*W, C) pixel matrix with
     DFPSpec(axis=0, block), per sample and per tensor on the reference backend (reading
     it twice for two of them on the compiled one): a block of zeros included (the zero
@@ -217,21 +215,20 @@ def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(
     t[1, 2, 3, 4] = 1e30
     t = t.contiguous(memory_format=torch.channels_last) if channels_last else t
     pixels = t.permute(0, 2, 3, 1).reshape(-1, channels)
-    want_blocks = on_reference(_ops.quantize_impl, pixels, 2, 0, 4, stochastic, 11)
-    want_tensor = on_reference(_ops.quantize_impl, pixels, 2, None, None, not stochastic, 11)
-    want_samples = on_reference(_ops.quantize_impl, pixels.reshape(2, -1), 2, 0, None, not stochastic, 11)
+    other = (rounding + 1) % 3  # grad_input's rounding, another one
+    want_blocks = on_reference(_ops.quantize_impl, pixels, 2, 0, 4, rounding, 11)
+    want_tensor = on_reference(_ops.quantize_impl, pixels, 2, None, None, other, 11)
+    want_samples = on_reference(_ops.quantize_impl, pixels.reshape(2, -1), 2, 0, None, other, 11)
     for per_sample, (q, e) in ((False, want_tensor), (True, want_samples)):
-        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(
-            t, 2, 4, per_sample, (stochastic, not stochastic), seed=11
-        )
+        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, per_sample, (rounding, other), seed=11)
         assert torch.equal(q_blocks.reshape(-1, channels), want_blocks[0]) and torch.equal(e_blocks, want_blocks[1])
         assert torch.equal(q_input.reshape(q.shape), q) and torch.equal(e_input, e.reshape(e_input.shape))
     assert (e_blocks[0] == -149 - 13 + 1).all()
-    assert layout.quantize_gradient(t, 2, 4, None, (stochastic, False), seed=11)[2:] == (None, None)
-    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, True, (False, not stochastic), seed=11)
+    assert layout.quantize_gradient(t, 2, 4, None, (rounding, 0), seed=11)[2:] == (None, None)
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, True, (0, other), seed=11)
     assert (q_blocks, e_blocks) == (None, None) and torch.equal(e_input, want_samples[1].view(2))
     t[0, 0, 0, 0] = float("nan")
-    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, True, (stochastic, stochastic))
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, True, (rounding, rounding))
     assert (e_blocks == layout.NONFINITE).all() and (e_input == layout.NONFINITE).all()
     assert not q_blocks.any() and not q_input.any()
 

@@ -20,6 +20,7 @@ from dfp._errors import BackendUnavailableError, NonFiniteError
 from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import loader
+from dfp.format import ROUNDINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -245,14 +246,14 @@ QUANTIZE_CASES = {
 
 
 @needs_gpu
-@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", ROUNDINGS)
 @pytest.mark.parametrize("case", QUANTIZE_CASES)
 def test_quantize_bit_exact(case, rounding):
     shape, spec = QUANTIZE_CASES[case]
     x = wide_range(shape, seed=1)
     x.view(-1)[:2] = torch.tensor([0.0, 2.0**-149])
     seed = -(2**63) + 977
-    args = (spec.headroom, spec.axis, spec.block, rounding == "stochastic", seed)
+    args = (spec.headroom, spec.axis, spec.block, ROUNDINGS.index(rounding), seed)
     got_m, got_e = torch.ops.dfp.quantize(x.cuda(), *args)
     want_m, want_e = on_reference(torch.ops.dfp.quantize, x, *args)
     assert got_m.is_cuda and torch.equal(got_m.cpu(), want_m)
@@ -400,7 +401,7 @@ def test_gemm_opcheck():
 )
 def test_matmul_bit_exact(spec):
     x, y = wide_range((50, 130), seed=3), wide_range((130, 20), seed=4)
-    args = (spec.headroom, spec.axis, spec.block, spec.rounding == "stochastic", 11, -12)
+    args = (spec.headroom, spec.axis, spec.block, ROUNDINGS.index(spec.rounding), 11, -12)
     got = torch.ops.dfp.matmul(x.cuda(), y.cuda(), *args)
     assert torch.equal(got.cpu(), on_reference(torch.ops.dfp.matmul, x, y, *args))
 

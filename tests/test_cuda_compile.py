@@ -232,10 +232,10 @@ template <class T> static void save(const char* path, const std::vector<T>& v) {
   fclose(f);
 }
 
-// quantize O N I mode block headroom stochastic seed x.bin mantissa.bin exponent.bin
+// quantize O N I mode block headroom rounding seed x.bin mantissa.bin exponent.bin
 static int quantize(char** argv) {
   const int o = atoi(argv[2]), n = atoi(argv[3]), inner = atoi(argv[4]), mode = atoi(argv[5]);
-  const int block = atoi(argv[6]), headroom = atoi(argv[7]), stochastic = atoi(argv[8]);
+  const int block = atoi(argv[6]), headroom = atoi(argv[7]), rounding = atoi(argv[8]);
   const u64 seed = strtoull(argv[9], nullptr, 10);
   const int count = o * n * inner;
   const int groups = mode == 0 ? 1 : mode == 1 ? n : o * ((n + block - 1) / block) * inner;
@@ -253,7 +253,7 @@ static int quantize(char** argv) {
   const float limit = float(max_mantissa(headroom));
   for (int idx = 0; idx < count; ++idx) {
     const Scale s = inverse_scale(exponent[group_of(idx, mode, n, inner, block)]);
-    q[idx] = quantize_one(x[idx], s, limit, stochastic != 0, u64(idx), u32(seed), u32(seed >> 32));
+    q[idx] = quantize_one(x[idx], s, limit, rounding, u64(idx), u32(seed), u32(seed >> 32));
   }
   save(argv[11], q);
   save(argv[12], exponent);
@@ -355,9 +355,9 @@ QUANTIZE_CASES = {
 
 
 @pytest.mark.parametrize("headroom", [0, 2, 5])
-@pytest.mark.parametrize("stochastic", [False, True], ids=["nearest", "stochastic"])
+@pytest.mark.parametrize("rounding", [0, 1, 2], ids=["nearest", "stochastic", "dithered"])
 @pytest.mark.parametrize("case", QUANTIZE_CASES)
-def test_header_quantizes_like_the_reference(host_program, case, stochastic, headroom):
+def test_header_quantizes_like_the_reference(host_program, case, rounding, headroom):
     exe, work = host_program
     shape, mode, block = QUANTIZE_CASES[case]
     x = wide_range(shape, seed=3)
@@ -366,9 +366,9 @@ def test_header_quantizes_like_the_reference(host_program, case, stochastic, hea
         x[0, :block] = 0.0  # a group of zeros
     seed = -(2**62) + 12345  # negative, as torch.randint draws them
     x.numpy().tofile(work / "x.bin")
-    _run(exe, "quantize", *shape, mode, block, headroom, int(stochastic), seed & (2**64 - 1),
+    _run(exe, "quantize", *shape, mode, block, headroom, rounding, seed & (2**64 - 1),
          work / "x.bin", work / "q.bin", work / "e.bin")  # fmt: skip
-    want_q, want_e = reference.quantize3d(x, mode, block, headroom, stochastic, seed)
+    want_q, want_e = reference.quantize3d(x, mode, block, headroom, rounding, seed)
     got_q = torch.from_numpy(np.fromfile(work / "q.bin", dtype=np.int16)).view(shape)
     got_e = torch.from_numpy(np.fromfile(work / "e.bin", dtype=np.int32))
     assert torch.equal(got_q, want_q)

@@ -6,6 +6,7 @@ bf16's own rounding (oneDNN's order of sums) cannot move."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 from statistics import median
@@ -14,6 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository's benchmarks package
 from benchmarks import fidelity
+from dfp.formats import resolve
 
 FORMATS = ("bf16", "dfp16-tensor", "dfp16")
 
@@ -34,14 +36,14 @@ def test_digits_step_every_conv_and_linear_layer_is_captured(digits_rows):
 
 
 def test_default_weight_gradient_beats_bf16_by_12_db_on_every_layer(digits_rows):
-    """Measured: at least 16.4 dB above bf16 (per tensor: down to 4.3 dB below it)."""
+    """Measured: at least 14.5 dB above bf16 (per tensor: down to 4.3 dB below it)."""
     for _, layer, product, s in digits_rows:
         if product == "grad_weight":
             assert s["dfp16"] >= s["bf16"] + 12, (layer, s)
 
 
 def test_default_beats_bf16_on_every_product_of_the_step(digits_rows):
-    """Measured: every product at least 16.3 dB above bf16, 18.9 dB at the median."""
+    """Measured: every product at least 14.5 dB above bf16, 18.7 dB at the median."""
     margins = [s["dfp16"] - s["bf16"] for *_, s in digits_rows]
     assert min(margins) >= 12
     assert median(margins) >= 16
@@ -57,11 +59,32 @@ def test_default_is_never_below_bf16_on_synthetic_data(synthetic_rows):
 
 
 def test_finer_gradient_exponents_never_lose_to_one_per_tensor(digits_rows, synthetic_rows):
+    """grad_input: never more than 0.5 dB below. grad_weight rounds dithered: its errors
+    have up to twice the variance of rounding to nearest (3 dB), which finer exponents
+    make up for everywhere but on layers whose gradients lose little per tensor (the
+    classifier, measured 1.6 dB below)."""
     for _, layer, product, s in digits_rows + synthetic_rows:
         if product == "forward":  # computed alike: the same bits
             assert s["dfp16"] == s["dfp16-tensor"], (layer, product, s)
         else:
-            assert s["dfp16"] >= s["dfp16-tensor"] - 0.5, (layer, product, s)
+            assert s["dfp16"] >= s["dfp16-tensor"] - (3 if product == "grad_weight" else 0.5), (layer, product, s)
+
+
+def test_dithered_weight_gradient_keeps_the_small_gradients_that_nearest_rounds_away():
+    """Post-ReLU inputs and an output gradient of a few large values over a sea of small
+    ones (as a batch norm's backward leaves them): rounded to nearest, the small ones all
+    go to zero in their blocks and their error adds up over every pixel (measured: 54.7 dB,
+    bf16 50.6); dithered, they round up as often as their size says (65.8 dB)."""
+    g = fidelity.torch.Generator().manual_seed(0)
+    torch = fidelity.torch
+    x = torch.relu(torch.randn(16, 16, 32, 32, generator=g))
+    w = torch.randn(16, 16, 3, 3, generator=g) * 0.1
+    big = torch.randn(16, 16, 32, 32, generator=g) * (torch.rand(16, 16, 32, 32, generator=g) < 0.05)
+    dy = big + 2e-4 * (1 + 0.1 * torch.randn(16, 16, 32, 32, generator=g))
+    case = fidelity.LayerCase("synthetic", "coherent", x, w, dy, padding=(1, 1))
+    nearest = dataclasses.replace(resolve("dfp16"), grad_weight_rounding="nearest")
+    s = fidelity.fidelity(case, ("bf16", nearest, "dfp16"))["grad_weight"]
+    assert s["dfp16"] >= s[nearest] + 8 and s["dfp16"] >= s["bf16"] + 12, s
 
 
 def test_fp16_beyond_its_range_scores_minus_infinity():

@@ -38,18 +38,19 @@ SHAPES = [(1, 1, 1), (1, 1000, 1), (3, 37, 5), (2, 130, 3), (0, 4, 3), (2, 0, 3)
 MODES = [(0, 0), (1, 0), (2, 1), (2, 4), (2, 7), (2, 1000)]
 
 
-ROUNDINGS = [(False, 0), (True, 0), (True, -(2**63)), (True, 0x0123456789ABCDEF)]
+# (rounding code of dfp.format.ROUNDINGS, seed)
+ROUNDINGS = [(0, 0), (1, 0), (1, -(2**63)), (1, 0x0123456789ABCDEF), (2, 0)]
 
 
 @needs_numba
-@pytest.mark.parametrize("stochastic,seed", ROUNDINGS, ids=["nearest", "seed0", "seed-min", "seed-mixed"])
+@pytest.mark.parametrize("rounding,seed", ROUNDINGS, ids=["nearest", "seed0", "seed-min", "seed-mixed", "dithered"])
 @pytest.mark.parametrize("headroom", [0, 1, 2, 3, 7, 13])
 @pytest.mark.parametrize("mode,block", MODES)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_quantize_bit_exact(shape, mode, block, headroom, stochastic, seed):
+def test_quantize_bit_exact(shape, mode, block, headroom, rounding, seed):
     x = awkward(shape, seed=hash((shape, mode, block, headroom)) & 0xFFFF)
-    got = numba_backend().quantize3d(x, mode, block, headroom, stochastic, seed)
-    want = reference.quantize3d(x, mode, block, headroom, stochastic, seed)
+    got = numba_backend().quantize3d(x, mode, block, headroom, rounding, seed)
+    want = reference.quantize3d(x, mode, block, headroom, rounding, seed)
     assert got[0].dtype == torch.int16 and got[1].dtype == torch.int32
     assert torch.equal(got[0], want[0]), "mantissas differ"
     assert torch.equal(got[1], want[1]), "exponents differ"

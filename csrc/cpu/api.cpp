@@ -71,10 +71,10 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
 }  // namespace
 
 bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom,
-                bool stochastic, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads) {
+                int rounding, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads) {
   const QuantizeShape shape{O, N, I, Grouping(mode), block};
   if (!compute_exponents(x, shape, headroom, exponent, nthreads)) return false;
-  quantize_with_exponents(x, shape, headroom, exponent, stochastic, seed, mantissa, nthreads);
+  quantize_with_exponents(x, shape, headroom, exponent, Rounding(rounding), seed, mantissa, nthreads);
   return true;
 }
 
@@ -91,7 +91,7 @@ void gemm_int16(const int16_t* a, int64_t sam, int64_t sak, const int16_t* b, in
 }
 
 bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t K, int headroom,
-                  MatmulGrouping grouping, int64_t block, bool stochastic, uint64_t seed_x, uint64_t seed_y,
+                  MatmulGrouping grouping, int64_t block, int rounding, uint64_t seed_x, uint64_t seed_y,
                   const float* bias, float* c, int nthreads) {
   // x and y as (O, N, I) views whose exponents come out as (M, KB) and (KB, N).
   QuantizeShape xs{1, M * K, 1, Grouping::tensor, 0}, ys{1, K * N, 1, Grouping::tensor, 0};
@@ -116,8 +116,8 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
   const MicroKernel& uk = micro_kernel(active_isa(), N);
   RowsA& pa = workspace().a;
   Packed& pb = workspace().b;
-  pack_a_float(x, M, kl, ex.data(), headroom, {stochastic, seed_x}, uk.mr, pa, nthreads);
-  pack_b_float(y, N, kl, ey.data(), headroom, {stochastic, seed_y}, uk.nr, pb, nthreads);
+  pack_a_float(x, M, kl, ex.data(), headroom, {Rounding(rounding), seed_x}, uk.mr, pa, nthreads);
+  pack_b_float(y, N, kl, ey.data(), headroom, {Rounding(rounding), seed_y}, uk.nr, pb, nthreads);
   gemm_packed(uk, pa, pb, kl, ex.data(), ey.data(), headroom, headroom, {c, bias, N}, nthreads);
   return true;
 }

@@ -4,9 +4,10 @@
 
 namespace dfp {
 
-// x: contiguous (O, N, I); see QuantizeShape. False (nothing written) on NaN/Inf.
+// x: contiguous (O, N, I); see QuantizeShape. rounding: a Rounding code (numerics.h).
+// False (nothing written) on NaN/Inf.
 bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom,
-                bool stochastic, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads);
+                int rounding, uint64_t seed, int16_t* mantissa, int32_t* exponent, int nthreads);
 
 // c (M, N) = a (M, K; strides sam, sak) x b (K, N; strides sbk, sbn); ea (M, KB),
 // eb (KB, N) contiguous; bias (N,) or null.
@@ -20,7 +21,7 @@ enum class MatmulGrouping : int { tensor = 0, rows = 1, k_blocks = 2 };
 // c = quantize(x) quantize(y), quantization fused into packing. x, y contiguous.
 // False (nothing written) on NaN/Inf in x or y.
 bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t K, int headroom,
-                  MatmulGrouping grouping, int64_t block, bool stochastic, uint64_t seed_x, uint64_t seed_y,
+                  MatmulGrouping grouping, int64_t block, int rounding, uint64_t seed_x, uint64_t seed_y,
                   const float* bias, float* c, int nthreads);
 
 // A convolution's geometry: a contiguous zero-padded int16 image (n, hp, wp, channels)

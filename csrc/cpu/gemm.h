@@ -168,13 +168,13 @@ void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLa
 
 // Quantization fused into packing: x (M, K) and y (K, N) row-major float32, exponents
 // ea (M, KB) and eb (KB, N) already computed (compute_exponents).
-struct Rounding {
-  bool stochastic;
-  uint64_t seed;
+struct SeededRounding {
+  Rounding how;
+  uint64_t seed;  // stochastic rounding's
 };
-void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
+void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, SeededRounding r,
                   int mr, RowsA& out, int nthreads);
-void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, Rounding r,
+void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, SeededRounding r,
                   int nr, Packed& out, int nthreads);
 
 struct GemmOutput {

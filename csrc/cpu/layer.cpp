@@ -25,7 +25,7 @@ float weight_at(const float* weight, const ConvLayer& l, int64_t o, int64_t ci, 
 bool quantize_gathered(const std::vector<float>& gathered, const QuantizeShape& shape, int headroom,
                        int16_t* mantissa, int32_t* exponent) {
   if (!compute_exponents(gathered.data(), shape, headroom, exponent, 1)) return false;
-  quantize_with_exponents(gathered.data(), shape, headroom, exponent, false, 0, mantissa, 1);
+  quantize_with_exponents(gathered.data(), shape, headroom, exponent, Rounding::nearest, 0, mantissa, 1);
   return true;
 }
 
@@ -119,8 +119,8 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const int64_t blocks = dw ? (pixels + r.dy_block - 1) / r.dy_block : 0, groups = r.per_sample ? l.n : 1;
   std::unique_ptr<int16_t[]> q_blocks(dw ? new int16_t[size] : nullptr), q_groups(dx ? new int16_t[size] : nullptr);
   std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
-  const GradientQuantization out{q_blocks.get(), e_blocks.data(), r.dy_block,     r.dy_block_stochastic,
-                                 q_groups.get(), e_groups.data(), pixels / groups, r.per_sample_stochastic};
+  const GradientQuantization out{q_blocks.get(), e_blocks.data(), r.dy_block,     r.dy_block_rounding,
+                                 q_groups.get(), e_groups.data(), pixels / groups, r.per_sample_rounding};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   if (dx && !conv_grad_input(q_groups.get(), e_groups.data(), groups, weight, r.weight_block, l, dx, nthreads))
     return false;

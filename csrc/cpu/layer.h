@@ -61,8 +61,8 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 struct GradientRounding {
   int64_t dy_block;      // > 0 where dw is asked
   bool per_sample;       // grad_input's dy: an exponent per sample, else per tensor
-  bool dy_block_stochastic, per_sample_stochastic;
-  uint64_t seed;
+  Rounding dy_block_rounding, per_sample_rounding;
+  uint64_t seed;         // stochastic rounding's
   int64_t weight_block;  // conv_grad_input's block (weight_per_channel)
 };
 bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,

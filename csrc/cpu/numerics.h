@@ -110,9 +110,24 @@ static inline uint32_t mix32(uint32_t x) {
   return x;
 }
 
+// How a scaled value becomes an integer (docs/design.md, "Quantization"); the codes
+// are the Python side's (dfp.format.ROUNDINGS).
+enum class Rounding : int { nearest = 0, stochastic = 1, dithered = 2 };
+
 // The 23 random bits of element `index` for stochastic rounding.
 static inline uint32_t random_bits(uint64_t index, uint32_t k0, uint32_t k1) {
   return (mix32(uint32_t(index) ^ k0) ^ mix32(uint32_t(index >> 32) ^ k1)) >> 9;
+}
+
+// The 23 bits of dithered rounding: a hash of the element's sign and significand bits,
+// so that its rounding depends on nothing else (no seed, index, layout or batch split),
+// and, the exponent field left out, not on a power-of-two scale either (a loss scale, a
+// mean over half the batch), as rounding to nearest does not.
+constexpr uint32_t kDitherMask = 0x807fffffu, kDitherKey = 0x9e3779b9u;
+static inline uint32_t dither_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, 4);
+  return mix32((u & kDitherMask) ^ kDitherKey) >> 9;
 }
 
 static inline uint32_t abs_bits(float x) {
@@ -121,17 +136,18 @@ static inline uint32_t abs_bits(float x) {
   return u & 0x7fffffffu;
 }
 
-// One element, scalar: the reference every SIMD path must match.
-static inline int16_t quantize_one(float x, Scale s, float limit, bool stochastic, uint64_t index, uint32_t k0,
-                            uint32_t k1) {
+// One element, scalar: the reference every SIMD path must match. `x` is the element
+// before scaling (dithered rounding hashes it).
+static inline int16_t quantize_one(float x, Scale s, float limit, Rounding rounding, uint64_t index, uint32_t k0,
+                                   uint32_t k1) {
   const float v = x * s.first * s.second;
   float q;
-  if (stochastic) {
-    const float fl = std::floor(v);
-    const float r = float(random_bits(index, k0, k1)) + 0.5f;
-    q = fl + ((r < (v - fl) * 8388608.0f) ? 1.0f : 0.0f);
-  } else {
+  if (rounding == Rounding::nearest) {
     q = std::nearbyint(v);
+  } else {
+    const uint32_t bits = rounding == Rounding::stochastic ? random_bits(index, k0, k1) : dither_bits(x);
+    const float fl = std::floor(v);
+    q = fl + ((float(bits) + 0.5f < (v - fl) * 8388608.0f) ? 1.0f : 0.0f);
   }
   q = q > limit ? limit : (q < -limit ? -limit : q);
   return int16_t(q);

@@ -65,8 +65,8 @@ void pack_b(int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads, Row
   });
 }
 
-RoundingArgs rounding_args(int headroom, Rounding r, int64_t index0) {
-  return {float(max_mantissa(headroom)), r.stochastic, uint64_t(index0), uint32_t(r.seed), uint32_t(r.seed >> 32)};
+RoundingArgs rounding_args(int headroom, SeededRounding r, int64_t index0) {
+  return {float(max_mantissa(headroom)), r.how, uint64_t(index0), uint32_t(r.seed), uint32_t(r.seed >> 32)};
 }
 
 }  // namespace
@@ -143,7 +143,7 @@ void pack_b_int16(const int16_t* b, int64_t sk, int64_t sn, int64_t n, const KLa
   });
 }
 
-void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, Rounding r,
+void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* ea, int headroom, SeededRounding r,
                   int mr, RowsA& out, int nthreads) {
   const QuantizeKernels& qk = quantize_kernels(active_isa());
   pack_a(m, kl, mr, out, nthreads, [&](int64_t i, int64_t b, int16_t* dst) {
@@ -152,7 +152,7 @@ void pack_a_float(const float* x, int64_t m, const KLayout& kl, const int32_t* e
   });
 }
 
-void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, Rounding r,
+void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* eb, int headroom, SeededRounding r,
                   int nr, Packed& out, int nthreads) {
   const QuantizeKernels& qk = quantize_kernels(active_isa());
   std::vector<float> first(kl.nblocks * n), second(kl.nblocks * n);

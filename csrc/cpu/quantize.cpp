@@ -90,7 +90,7 @@ bool compute_exponents(const float* x, const QuantizeShape& shape, int headroom,
 }
 
 void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headroom, const int32_t* exponent,
-                             bool stochastic, uint64_t seed, int16_t* q, int nthreads) {
+                             Rounding rounding, uint64_t seed, int16_t* q, int nthreads) {
   const QuantizeKernels& k = quantize_kernels(active_isa());
   const int64_t O = sh.outer, N = sh.n, I = sh.inner, G = sh.groups();
   if (O * N * I == 0) return;
@@ -100,7 +100,7 @@ void quantize_with_exponents(const float* x, const QuantizeShape& sh, int headro
     first[g] = s.first;
     second[g] = s.second;
   }
-  const RoundingArgs base{float(max_mantissa(headroom)), stochastic, 0, uint32_t(seed), uint32_t(seed >> 32)};
+  const RoundingArgs base{float(max_mantissa(headroom)), rounding, 0, uint32_t(seed), uint32_t(seed >> 32)};
   auto args_at = [&](int64_t index) {
     RoundingArgs r = base;
     r.index0 = uint64_t(index);
@@ -196,19 +196,19 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   }
   // Pass 2, a block of rows at a time: read from memory once, then from cache for the
   // second output.
-  const auto rounding = [&](bool stochastic) {
-    return RoundingArgs{float(max_mantissa(headroom)), stochastic, 0, uint32_t(seed), uint32_t(seed >> 32)};
+  const auto rounding = [&](Rounding how) {
+    return RoundingArgs{float(max_mantissa(headroom)), how, 0, uint32_t(seed), uint32_t(seed >> 32)};
   };
   for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
-      RoundingArgs args = rounding(out.blocks_stochastic);
+      RoundingArgs args = rounding(out.blocks_rounding);
       if (out.q_blocks) {
         args.index0 = uint64_t(r0 * cols);
         k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, first.data() + b * cols,
                    second.data() + b * cols, args);
       }
-      args = rounding(out.groups_stochastic);
+      args = rounding(out.groups_rounding);
       for (int64_t r = r0; ngroups && r < r1;) {  // runs of rows inside one group
         const int64_t g = r / out.group_rows, end = std::min(r1, (g + 1) * out.group_rows);
         args.index0 = uint64_t(r * cols);
@@ -240,7 +240,7 @@ bool quantize_padded(const float* x, const PaddedImage& im, int headroom, int16_
       std::fill_n(dst, border, int16_t(0));
       std::fill_n(dst + row_len - border, border, int16_t(0));
       const int64_t src = ((r / hp) * im.rows + h) * run;
-      const RoundingArgs args{float(max_mantissa(headroom)), false, uint64_t(src), 0, 0};
+      const RoundingArgs args{float(max_mantissa(headroom)), Rounding::nearest, uint64_t(src), 0, 0};
       if (oc == im.channels) {
         k.run(x + src, dst + border, run, scale, args);
         continue;

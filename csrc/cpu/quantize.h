@@ -2,6 +2,8 @@
 #pragma once
 #include <cstdint>
 
+#include "numerics.h"
+
 namespace dfp {
 
 // Groups of a contiguous float32 tensor viewed as (O, N, I).
@@ -19,9 +21,9 @@ struct QuantizeShape {
 bool compute_exponents(const float* x, const QuantizeShape& shape, int headroom, int32_t* exponent,
                        int nthreads);
 
-// Writes the mantissas of x given its exponents; seed is used when stochastic.
+// Writes the mantissas of x given its exponents; seed is used by stochastic rounding.
 void quantize_with_exponents(const float* x, const QuantizeShape& shape, int headroom, const int32_t* exponent,
-                             bool stochastic, uint64_t seed, int16_t* mantissa, int nthreads);
+                             Rounding rounding, uint64_t seed, int16_t* mantissa, int nthreads);
 
 // A channels-last image (images, rows, cols, channels) and the zero-padded copy that
 // convolutions read: pad_rows and pad_cols of zeros around, and out_channels >= channels
@@ -43,18 +45,18 @@ bool quantize_padded(const float* x, const PaddedImage& image, int headroom, int
 // per group of `group_rows` consecutive rows (a sample's pixels; rows: per tensor) into
 // q_groups, e_groups (ceil(rows / group_rows)) (grad_input). The bits of quantizing x
 // each way on its own (quantize3d): the same rounding of element i from the same
-// random bits. Each output rounds its own way (nearest or stochastic), from one seed.
+// random bits. Each output rounds its own way, stochastic rounding from one seed.
 // A third pass finds the groups' maxima where blocks straddle groups. Returns false,
 // writing nothing else, when x holds NaN or Inf.
 struct GradientQuantization {
   int16_t* q_blocks = nullptr;
   int32_t* e_blocks = nullptr;
   int64_t block = 0;
-  bool blocks_stochastic = false;
+  Rounding blocks_rounding = Rounding::nearest;
   int16_t* q_groups = nullptr;
   int32_t* e_groups = nullptr;
   int64_t group_rows = 0;
-  bool groups_stochastic = false;
+  Rounding groups_rounding = Rounding::nearest;
 };
 bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads);

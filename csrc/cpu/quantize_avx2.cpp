@@ -51,21 +51,28 @@ inline __m256i mix8(__m256i x) {
   return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
 }
 
-// Rounds 8 scaled values v to integers (as float), then clamps.
-inline __m256 round8(__m256 v, const RoundingArgs& r, uint64_t index) {
+// Rounds 8 scaled values v (of the elements x) to integers (as float), then clamps.
+inline __m256 round8(__m256 v, __m256 x, const RoundingArgs& r, uint64_t index) {
   __m256 q;
-  if (r.stochastic) {
-    const __m256i lo = _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    // One hash per element: mix(lo ^ k0), xored with the hash of the high half, which
-    // the 8 lanes share.
-    const __m256i high = _mm256_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
-    const __m256i bits = _mm256_srli_epi32(_mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), high), 9);
-    const __m256 rnd = _mm256_add_ps(_mm256_cvtepi32_ps(bits), _mm256_set1_ps(0.5f));
+  if (r.rounding == Rounding::nearest) {
+    q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    __m256i bits;
+    if (r.rounding == Rounding::stochastic) {
+      const __m256i lo =
+          _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+      // One hash per element: mix(lo ^ k0), xored with the hash of the high half, which
+      // the 8 lanes share.
+      const __m256i high = _mm256_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
+      bits = _mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), high);
+    } else {
+      const __m256i sign_significand = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(int(kDitherMask)));
+      bits = mix8(_mm256_xor_si256(sign_significand, _mm256_set1_epi32(int(kDitherKey))));
+    }
+    const __m256 rnd = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 9)), _mm256_set1_ps(0.5f));
     const __m256 fl = _mm256_floor_ps(v);
     const __m256 frac = _mm256_mul_ps(_mm256_sub_ps(v, fl), _mm256_set1_ps(8388608.0f));
     q = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(rnd, frac, _CMP_LT_OQ), _mm256_set1_ps(1.0f)));
-  } else {
-    q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   }
   const __m256 lim = _mm256_set1_ps(r.limit);
   return _mm256_max_ps(_mm256_min_ps(q, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
@@ -81,17 +88,15 @@ inline bool lanes_share_high_bits(uint64_t index) { return uint32_t(index) <= 0x
 
 template <typename ScaleAt>
 void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const RoundingArgs& r) {
+  const bool indexed = r.rounding == Rounding::stochastic;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const uint64_t idx = r.index0 + i;
-    if (r.stochastic && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
-    const __m256 v0 = scale_at(i, _mm256_loadu_ps(x + i));
-    const __m256 v1 = scale_at(i + 8, _mm256_loadu_ps(x + i + 8));
-    store16(q + i, round8(v0, r, idx), round8(v1, r, idx + 8));
+    if (indexed && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
+    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+    store16(q + i, round8(scale_at(i, x0), x0, r, idx), round8(scale_at(i + 8, x1), x1, r, idx + 8));
   }
-  for (; i < n; ++i) {
-    q[i] = quantize_one(scale_at.one(i, x[i]), {1.0f, 1.0f}, r.limit, r.stochastic, r.index0 + i, r.k0, r.k1);
-  }
+  for (; i < n; ++i) q[i] = quantize_one(x[i], scale_at.one(i), r.limit, r.rounding, r.index0 + i, r.k0, r.k1);
 }
 
 struct UniformScale {
@@ -99,7 +104,7 @@ struct UniformScale {
   __m256 operator()(int64_t, __m256 x) const {
     return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_set1_ps(s.first)), _mm256_set1_ps(s.second));
   }
-  float one(int64_t, float x) const { return x * s.first * s.second; }
+  Scale one(int64_t) const { return s; }
 };
 
 struct ElementScale {
@@ -107,7 +112,7 @@ struct ElementScale {
   __m256 operator()(int64_t i, __m256 x) const {
     return _mm256_mul_ps(_mm256_mul_ps(x, _mm256_loadu_ps(first + i)), _mm256_loadu_ps(second + i));
   }
-  float one(int64_t i, float x) const { return x * first[i] * second[i]; }
+  Scale one(int64_t i) const { return {first[i], second[i]}; }
 };
 
 void run(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& r) {
@@ -140,7 +145,7 @@ void absmax_rows(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
 void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
               const RoundingArgs& r) {
   const uint64_t last = r.index0 + uint64_t(rows * cols);
-  if (cols % 16 || (r.stochastic && (r.index0 >> 32) != (last >> 32)))
+  if (cols % 16 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
     return run_rows_of<run_scaled>(x, q, rows, cols, first, second, r);
   for (int64_t c = 0; c < cols; c += 16) {
     const __m256 f0 = _mm256_loadu_ps(first + c), f1 = _mm256_loadu_ps(first + c + 8);
@@ -148,9 +153,9 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
     for (int64_t row = 0; row < rows; ++row) {
       const float* xr = x + row * cols + c;
       const uint64_t index = r.index0 + uint64_t(row * cols + c);
-      const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr), f0), s0);
-      const __m256 v1 = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(xr + 8), f1), s1);
-      store16(q + row * cols + c, round8(v0, r, index), round8(v1, r, index + 8));
+      const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
+      const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(x0, f0), s0), v1 = _mm256_mul_ps(_mm256_mul_ps(x1, f1), s1);
+      store16(q + row * cols + c, round8(v0, x0, r, index), round8(v1, x1, r, index + 8));
     }
   }
 }

@@ -9,7 +9,7 @@ namespace dfp {
 
 struct RoundingArgs {
   float limit;          // the largest mantissa, as float
-  bool stochastic;
+  Rounding rounding;
   uint64_t index0;      // flat index of the run's first element (stochastic rounding)
   uint32_t k0, k1;      // the seed's halves
 };

@@ -17,13 +17,13 @@ void absmax_into(const float* x, uint32_t* acc, int64_t n) {
 }
 
 void run(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& r) {
-  for (int64_t i = 0; i < n; ++i) q[i] = quantize_one(x[i], s, r.limit, r.stochastic, r.index0 + i, r.k0, r.k1);
+  for (int64_t i = 0; i < n; ++i) q[i] = quantize_one(x[i], s, r.limit, r.rounding, r.index0 + i, r.k0, r.k1);
 }
 
 void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const float* second,
                 const RoundingArgs& r) {
   for (int64_t i = 0; i < n; ++i)
-    q[i] = quantize_one(x[i], {first[i], second[i]}, r.limit, r.stochastic, r.index0 + i, r.k0, r.k1);
+    q[i] = quantize_one(x[i], {first[i], second[i]}, r.limit, r.rounding, r.index0 + i, r.k0, r.k1);
 }
 
 }  // namespace

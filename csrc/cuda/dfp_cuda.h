@@ -1,8 +1,9 @@
 // The numerics contract of docs/design.md for the CUDA kernels, a line-by-line port of
 // csrc/cpu/numerics.h: group exponents, exact power-of-two scales, the counter-based
-// random bits of stochastic rounding, one element's quantization, the GEMM's chain
-// accumulation and epilogue. Every function is __host__ __device__, so the tests can
-// run it on the CPU (tests/test_cuda_compile.py) and compare it with dfp.reference.
+// random bits of stochastic rounding and the bits of dithered rounding, one element's
+// quantization, the GEMM's chain accumulation and epilogue. Every function is
+// __host__ __device__, so the tests can run it on the CPU (tests/test_cuda_compile.py)
+// and compare it with dfp.reference.
 //
 // No standard headers: NVRTC compiles these files without the host's include paths.
 // Kernel parameters are int (32-bit), double or pointers only: that is what
@@ -134,16 +135,24 @@ DFP_HD u32 random_bits(u64 index, u32 k0, u32 k1) {
   return (mix32(u32(index) ^ k0) ^ mix32(u32(index >> 32) ^ k1)) >> 9;
 }
 
-// One element: v = x 2^-e exactly, rounded to nearest even or stochastically, clamped.
-DFP_HD i16 quantize_one(float x, Scale s, float limit, bool stochastic, u64 index, u32 k0, u32 k1) {
+// The 23 bits of dithered rounding: a hash of the element's sign and significand bits.
+DFP_HD u32 dither_bits(float x) { return mix32((float_bits(x) & 0x807fffffu) ^ 0x9e3779b9u) >> 9; }
+
+// Rounding codes (dfp.format.ROUNDINGS).
+enum Rounding : int { kNearest = 0, kStochastic = 1, kDithered = 2 };
+
+// One element: v = x 2^-e exactly, rounded to nearest even, stochastically or with
+// dithering, clamped.
+DFP_HD i16 quantize_one(float x, Scale s, float limit, int rounding, u64 index, u32 k0, u32 k1) {
   const float v = mul_rn(mul_rn(x, s.first), s.second);
   float q;
-  if (stochastic) {
-    const float fl = floorf(v);
-    const float r = float(random_bits(index, k0, k1)) + 0.5f;  // exact: r < 2^23
-    q = add_rn(fl, (r < mul_rn(sub_rn(v, fl), 8388608.0f)) ? 1.0f : 0.0f);
-  } else {
+  if (rounding == kNearest) {
     q = rintf(v);  // half to even
+  } else {
+    const u32 bits = rounding == kStochastic ? random_bits(index, k0, k1) : dither_bits(x);
+    const float fl = floorf(v);
+    const float r = float(bits) + 0.5f;  // exact: r < 2^23
+    q = add_rn(fl, (r < mul_rn(sub_rn(v, fl), 8388608.0f)) ? 1.0f : 0.0f);
   }
   q = q > limit ? limit : (q < -limit ? -limit : q);
   return i16(q);

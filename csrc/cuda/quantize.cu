@@ -109,39 +109,39 @@ struct __align__(8) Vec4Short {  // one 8-byte store
 // Per tensor (mode 0) with `count` a multiple of 4 and 16-byte aligned data: four elements
 // per thread and step, in one 16-byte load and one 8-byte store.
 __device__ __forceinline__ void quantize_tensor_vec4(const float* __restrict__ x, int count, Scale s, float limit,
-                                                     bool stochastic, u32 k0, u32 k1, short* __restrict__ out) {
+                                                     int rounding, u32 k0, u32 k1, short* __restrict__ out) {
   const float4* x4 = reinterpret_cast<const float4*>(x);
   Vec4Short* out4 = reinterpret_cast<Vec4Short*>(out);
   for (int q = blockIdx.x * blockDim.x + threadIdx.x; q < count / 4; q += gridDim.x * blockDim.x) {
     const float4 v = x4[q];
     const u64 idx = u64(q) * 4;
-    out4[q] = {quantize_one(v.x, s, limit, stochastic, idx, k0, k1),
-               quantize_one(v.y, s, limit, stochastic, idx + 1, k0, k1),
-               quantize_one(v.z, s, limit, stochastic, idx + 2, k0, k1),
-               quantize_one(v.w, s, limit, stochastic, idx + 3, k0, k1)};
+    out4[q] = {quantize_one(v.x, s, limit, rounding, idx, k0, k1),
+               quantize_one(v.y, s, limit, rounding, idx + 1, k0, k1),
+               quantize_one(v.z, s, limit, rounding, idx + 2, k0, k1),
+               quantize_one(v.w, s, limit, rounding, idx + 3, k0, k1)};
   }
 }
 
 // count < 2^31 elements (the caller checks). vec4: mode 0, count % 4 == 0, x 16-byte aligned.
 extern "C" __global__ void dfp_quantize(const float* __restrict__ x, int count, int mode, int n_count, int inner,
-                                        int block, const int* __restrict__ exponent, int headroom, int stochastic,
+                                        int block, const int* __restrict__ exponent, int headroom, int rounding,
                                         int seed_low, int seed_high, int vec4, short* __restrict__ out) {
   const float limit = float(max_mantissa(headroom));
   const u32 k0 = u32(seed_low), k1 = u32(seed_high);
   if (mode == 0) {
     const Scale s = inverse_scale(exponent[0]);
     if (vec4) {
-      quantize_tensor_vec4(x, count, s, limit, stochastic != 0, k0, k1, out);
+      quantize_tensor_vec4(x, count, s, limit, rounding, k0, k1, out);
       return;
     }
     for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
-      out[idx] = quantize_one(x[idx], s, limit, stochastic != 0, u64(idx), k0, k1);
+      out[idx] = quantize_one(x[idx], s, limit, rounding, u64(idx), k0, k1);
     }
     return;
   }
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
     const i32 e = exponent[group_of(idx, mode, n_count, inner, block)];
-    out[idx] = quantize_one(x[idx], inverse_scale(e), limit, stochastic != 0, u64(idx), k0, k1);
+    out[idx] = quantize_one(x[idx], inverse_scale(e), limit, rounding, u64(idx), k0, k1);
   }
 }
 

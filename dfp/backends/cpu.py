@@ -76,13 +76,13 @@ def _nonfinite(name: str) -> NonFiniteError:
     )
 
 
-def quantize3d(x, mode, block, headroom, stochastic, seed):
+def quantize3d(x, mode, block, headroom, rounding, seed):
     o, n, i = x.shape
     mantissa = torch.empty((o, n, i), dtype=torch.int16)
     groups = (1, n, o * -(-n // block) * i if block else 0)[mode]
     exponent = torch.empty(groups, dtype=torch.int32)
     ok = _core().quantize3d(
-        x.data_ptr(), o, n, i, mode, block, headroom, stochastic, seed & (2**64 - 1),
+        x.data_ptr(), o, n, i, mode, block, headroom, rounding, seed & (2**64 - 1),
         mantissa.data_ptr(), exponent.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if not ok:
@@ -90,10 +90,10 @@ def quantize3d(x, mode, block, headroom, stochastic, seed):
     return mantissa, exponent.view((1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i))
 
 
-def quantize_gradient(x, headroom, block, group_rows, stochastic, seed):
+def quantize_gradient(x, headroom, block, group_rows, rounding, seed):
     """Contiguous float32 x (rows, cols) per block of ``block`` rows and column (none
     where ``block`` is 0) and per group of ``group_rows`` rows (none where 0), reading x
-    twice in all; ``stochastic``: (blocks', groups') rounding. Returns ((mantissa,
+    twice in all; ``rounding``: (blocks', groups') rounding codes. Returns ((mantissa,
     exponent (blocks, cols)) or None, (mantissa, exponent (groups,)) or None)."""
     rows, cols = x.shape
 
@@ -104,8 +104,8 @@ def quantize_gradient(x, headroom, block, group_rows, stochastic, seed):
     groups = outputs(-(-rows // group_rows)) if group_rows else None
     ok = _core().quantize_gradient(
         x.data_ptr(), rows, cols, headroom, seed & (2**64 - 1),
-        blocks[0].data_ptr() if blocks else 0, blocks[1].data_ptr() if blocks else 0, block, stochastic[0],
-        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows, stochastic[1],
+        blocks[0].data_ptr() if blocks else 0, blocks[1].data_ptr() if blocks else 0, block, rounding[0],
+        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows, rounding[1],
         torch.get_num_threads(),
     )  # fmt: skip
     if not ok:
@@ -157,7 +157,7 @@ def gemm(a, ea, ha, b, eb, hb, kblock, bias):
     return out
 
 
-def matmul(x, y, headroom, axis, block, stochastic, seed_x, seed_y):
+def matmul(x, y, headroom, axis, block, rounding, seed_x, seed_y):
     """Fused: quantization writes the packed panels the GEMM reads."""
     x, y = x.contiguous(), y.contiguous()
     (m, k), n = x.shape, y.shape[1]
@@ -165,7 +165,7 @@ def matmul(x, y, headroom, axis, block, stochastic, seed_x, seed_y):
     out = torch.empty((m, n), dtype=torch.float32)
     mask = 2**64 - 1
     ok = _core().matmul_float(
-        x.data_ptr(), y.data_ptr(), m, n, k, headroom, grouping, block or 0, stochastic,
+        x.data_ptr(), y.data_ptr(), m, n, k, headroom, grouping, block or 0, rounding,
         seed_x & mask, seed_y & mask, 0, out.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     if not ok:
@@ -264,7 +264,7 @@ def conv2d_backward(
     (N, Cout, OH, OW) quantized for both products, then dx (N, H, W, C) and dW in the
     weight's layout, as the three calls make them. geometry: (padding, dilation, groups);
     blocks: (grad_input's weight block or 0, grad_weight's dy block); rounding:
-    (per_sample, dy blocks stochastic, per sample/tensor stochastic, seed); need: (dx,
+    (per_sample, dy blocks' rounding code, per sample/tensor's, seed); need: (dx,
     dW); dW channels-last where ``weight_last``. None where the weight's strides are not
     dW's, or NaN/Inf is met."""
     (padding, dilation, groups), (need_input, need_weight) = geometry, need
@@ -277,11 +277,11 @@ def conv2d_backward(
     pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
     dx = torch.empty((n, h, w, c), dtype=torch.float32) if need_input else None
     sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, x_padded.shape[3] if need_weight else c)
-    per_sample, blocks_stochastic, groups_stochastic, seed = rounding
+    per_sample, blocks_rounding, groups_rounding, seed = rounding
     ok = _core().conv_backward(
         pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0, int(ex) if need_weight else 0,
-        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], per_sample, blocks_stochastic,
-        groups_stochastic, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
+        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], per_sample, blocks_rounding,
+        groups_rounding, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
         dw.data_ptr() if need_weight else 0, torch.get_num_threads(),
     )  # fmt: skip
     return (dx, dw) if ok else None

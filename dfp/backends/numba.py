@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .._errors import BackendUnavailableError
-from ..reference import chain_length, check_finite
+from ..reference import DITHER_KEY, DITHER_MASK, NEAREST, STOCHASTIC, chain_length, check_finite
 
 try:
     import numba
@@ -57,6 +57,11 @@ def _random_bits(index, k0, k1):
 
 
 @_njit
+def _dither_bits(bits):
+    return _mix(np.uint32((bits & np.uint32(DITHER_MASK)) ^ np.uint32(DITHER_KEY))) >> np.uint32(9)
+
+
+@_njit
 def _group_of(mode, block, o, n, i):
     if mode == 0:
         return 0, 0, 0
@@ -66,7 +71,7 @@ def _group_of(mode, block, o, n, i):
 
 
 @_njit
-def _quantize_kernel(x, mode, block, headroom, stochastic, k0, k1, mantissa, exponent):
+def _quantize_kernel(x, mode, block, headroom, rounding, k0, k1, mantissa, exponent):
     """Fill mantissa (O, N, I) int16 and exponent (one entry per group) int32."""
     size_o, size_n, size_i = x.shape
     digits = 15 - headroom
@@ -94,19 +99,24 @@ def _quantize_kernel(x, mode, block, headroom, stochastic, k0, k1, mantissa, exp
         scale_second[g] = np.float32(math.ldexp(1.0, -e - first))
 
     limit = np.float32(2**digits - 1)
+    x_bits = x.view(np.uint32)
     index = 0
     for o in range(size_o):
         for n in range(size_n):
             for i in range(size_i):
                 g = _group_of(mode, block, o, n, i)
                 v = x[o, n, i] * scale_first[g] * scale_second[g]
-                if stochastic:
+                if rounding == NEAREST:
+                    q = np.rint(v)  # half to even
+                else:
                     floor = np.floor(v)
                     threshold = (v - floor) * np.float32(2.0**23)
-                    r = np.float32(_random_bits(index, k0, k1)) + np.float32(0.5)
+                    if rounding == STOCHASTIC:
+                        bits = _random_bits(index, k0, k1)
+                    else:
+                        bits = _dither_bits(x_bits[o, n, i])
+                    r = np.float32(bits) + np.float32(0.5)
                     q = floor + np.float32(1.0) if r < threshold else floor
-                else:
-                    q = np.rint(v)  # half to even
                 mantissa[o, n, i] = np.int16(min(max(q, -limit), limit))
                 index += 1
 
@@ -148,7 +158,7 @@ def _gemm_kernel(a, bt, ea, eb, kblock, chain, out):
 
 
 def quantize3d(
-    x: torch.Tensor, mode: int, block: int, headroom: int, stochastic: bool, seed: int
+    x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int16 mantissas (O, N, I) and int32 exponents ((1,), (N,) or (O, ceil(N/block), I))."""
     ensure_available()
@@ -160,7 +170,7 @@ def quantize3d(
         exponent = np.empty((1, n if mode == 1 else 1, 1), np.int32)
     mantissa = np.empty((o, n, i), np.int16)
     k0, k1 = np.uint32(seed & _U32), np.uint32((seed >> 32) & _U32)
-    _quantize_kernel(x.contiguous().numpy(), mode, block, headroom, stochastic, k0, k1, mantissa, exponent)
+    _quantize_kernel(x.contiguous().numpy(), mode, block, headroom, rounding, k0, k1, mantissa, exponent)
     exponent = torch.from_numpy(exponent)
     return torch.from_numpy(mantissa), exponent if mode == 2 else exponent.reshape(-1)
 

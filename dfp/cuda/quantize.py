@@ -64,7 +64,7 @@ def _exponents(amax: torch.Tensor, headroom: int) -> tuple[torch.Tensor, torch.T
     return exponent, nonfinite
 
 
-def _quantize_elements(x, mode, block, exponent, headroom, stochastic, seed, mantissa) -> None:
+def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa) -> None:
     """mantissa = every element of x rounded with its group's exponent (the third launch)."""
     _, n, i = x.shape
     count = x.numel()
@@ -74,13 +74,13 @@ def _quantize_elements(x, mode, block, exponent, headroom, stochastic, seed, man
     kernel(_FILE, "dfp_quantize", x.device)(
         (blocks_for(count // 4 if vec4 else count, _THREADS, 16 * sms), 1, 1),
         (_THREADS, 1, 1),
-        [x, count, mode, n, i, max(block, 1), exponent, headroom, int(stochastic),
+        [x, count, mode, n, i, max(block, 1), exponent, headroom, rounding,
          _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, mantissa],
     )  # fmt: skip
 
 
 def quantize3d(
-    x: torch.Tensor, mode: int, block: int, headroom: int, stochastic: bool, seed: int
+    x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The backend contract (``dfp/backends/__init__.py``) on a CUDA tensor: contiguous
     float32 ``x`` (O, N, I) -> int16 mantissas (O, N, I) and int32 exponents (1,), (N,) or
@@ -100,7 +100,7 @@ def quantize3d(
 
     amax = _group_amax(x, mode, block)
     exponent, nonfinite = _exponents(amax, headroom)
-    _quantize_elements(x, mode, block, exponent, headroom, stochastic, seed, mantissa)
+    _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa)
     if int(nonfinite.item()):
         raise NonFiniteError(
             "cannot quantize a CUDA tensor that contains NaN/Inf: DFP16 represents finite numbers only; "
