@@ -32,10 +32,9 @@ class DFPSpec:
             share an exponent; ``None`` for one exponent per index ("per channel").
         rounding: ``"nearest"`` (half to even); ``"stochastic"`` (up with probability
             the fraction, from random bits of a seed drawn from torch's generator);
-            ``"dithered"`` (the same rule, its bits a hash of the element's sign and
-            significand: unbiased over many values, yet a fixed function of the value,
-            so no generator, no seed, and the same bits however the tensor is laid out,
-            split or scaled by a power of two).
+            ``"dithered"`` (the same rule, its bits a hash of the element's sign,
+            significand and flat index: unbiased, yet with no seed, so no generator,
+            and the same bits for the tensor scaled by a power of two).
     """
 
     headroom: int = 2

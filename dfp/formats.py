@@ -53,7 +53,7 @@ class Format:
             ``grad_rounding``.
         grad_rounding: rounding of output gradients, a ``DFPSpec`` rounding ("nearest",
             "stochastic": its seed drawn from torch's generator, so ``torch.manual_seed``
-            reproduces it; "dithered": a fixed function of each value); the forward
+            reproduces it; "dithered": no seed, see DFPSpec); the forward
             quantization always rounds to nearest.
         forward, grad_input, grad_weight: how each product is computed: "dfp" (the
             integer GEMM) or "fp32" (torch in float32) for DFP formats; a float

@@ -87,10 +87,11 @@ DITHER_MASK, DITHER_KEY = 0x807FFFFF, 0x9E3779B9  # csrc/cpu/numerics.h
 
 
 def _dither_bits(x: torch.Tensor) -> torch.Tensor:
-    """The 23-bit integer r of dithered rounding (as int64): a hash of each element's sign
-    and significand bits (not its exponent field, so that a power-of-two scale leaves the
-    rounding as it is)."""
-    return _mix((x.view(torch.int32).to(torch.int64) & DITHER_MASK) ^ DITHER_KEY) >> 9
+    """The 23-bit integer r of dithered rounding (as int64) of contiguous ``x``: a hash of
+    each element's sign and significand bits (not its exponent field, so that a
+    power-of-two scale leaves the rounding as it is) and the low half of its flat index."""
+    index = torch.arange(x.numel(), dtype=torch.int64).view(x.shape) & _U32
+    return _mix((x.view(torch.int32).to(torch.int64) & DITHER_MASK) ^ index ^ DITHER_KEY) >> 9
 
 
 def quantize3d(

@@ -119,15 +119,16 @@ static inline uint32_t random_bits(uint64_t index, uint32_t k0, uint32_t k1) {
   return (mix32(uint32_t(index) ^ k0) ^ mix32(uint32_t(index >> 32) ^ k1)) >> 9;
 }
 
-// The 23 bits of dithered rounding: a hash of the element's sign and significand bits,
-// so that its rounding depends on nothing else (no seed, index, layout or batch split),
-// and, the exponent field left out, not on a power-of-two scale either (a loss scale, a
-// mean over half the batch), as rounding to nearest does not.
+// The 23 bits of dithered rounding: a hash of the element's sign and significand bits
+// and the low half of its flat index. No seed, so no generator; the value, so that the
+// bits change from step to step; the index, so that equal values spread their errors;
+// not the exponent field, so that a power-of-two scale (a loss scale, a mean over half
+// the batch) changes no rounding, as with rounding to nearest.
 constexpr uint32_t kDitherMask = 0x807fffffu, kDitherKey = 0x9e3779b9u;
-static inline uint32_t dither_bits(float x) {
+static inline uint32_t dither_bits(float x, uint64_t index) {
   uint32_t u;
   std::memcpy(&u, &x, 4);
-  return mix32((u & kDitherMask) ^ kDitherKey) >> 9;
+  return mix32((u & kDitherMask) ^ uint32_t(index) ^ kDitherKey) >> 9;
 }
 
 static inline uint32_t abs_bits(float x) {
@@ -145,7 +146,7 @@ static inline int16_t quantize_one(float x, Scale s, float limit, Rounding round
   if (rounding == Rounding::nearest) {
     q = std::nearbyint(v);
   } else {
-    const uint32_t bits = rounding == Rounding::stochastic ? random_bits(index, k0, k1) : dither_bits(x);
+    const uint32_t bits = rounding == Rounding::stochastic ? random_bits(index, k0, k1) : dither_bits(x, index);
     const float fl = std::floor(v);
     q = fl + ((float(bits) + 0.5f < (v - fl) * 8388608.0f) ? 1.0f : 0.0f);
   }

@@ -58,16 +58,16 @@ inline __m256 round8(__m256 v, __m256 x, const RoundingArgs& r, uint64_t index) 
     q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
     __m256i bits;
+    const __m256i lo =
+        _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     if (r.rounding == Rounding::stochastic) {
-      const __m256i lo =
-          _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
       // One hash per element: mix(lo ^ k0), xored with the hash of the high half, which
       // the 8 lanes share.
       const __m256i high = _mm256_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
       bits = _mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), high);
     } else {
       const __m256i sign_significand = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(int(kDitherMask)));
-      bits = mix8(_mm256_xor_si256(sign_significand, _mm256_set1_epi32(int(kDitherKey))));
+      bits = mix8(_mm256_xor_si256(_mm256_xor_si256(sign_significand, lo), _mm256_set1_epi32(int(kDitherKey))));
     }
     const __m256 rnd = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 9)), _mm256_set1_ps(0.5f));
     const __m256 fl = _mm256_floor_ps(v);

@@ -72,10 +72,12 @@ void run_rows_of(const float* x, int16_t* q, int64_t rows, int64_t cols, const f
 
 extern const QuantizeKernels quantize_scalar;
 extern const QuantizeKernels quantize_avx2;
+extern const QuantizeKernels quantize_avx512bw;
 
 inline const QuantizeKernels& quantize_kernels(Isa isa) {
 #ifdef DFP_X86_KERNELS
-  if (isa != Isa::scalar) return quantize_avx2;
+  if (isa == Isa::avx512bw || isa == Isa::avx512_vnni) return quantize_avx512bw;
+  if (isa == Isa::avx2) return quantize_avx2;
 #endif
   return quantize_scalar;
 }

@@ -135,8 +135,11 @@ DFP_HD u32 random_bits(u64 index, u32 k0, u32 k1) {
   return (mix32(u32(index) ^ k0) ^ mix32(u32(index >> 32) ^ k1)) >> 9;
 }
 
-// The 23 bits of dithered rounding: a hash of the element's sign and significand bits.
-DFP_HD u32 dither_bits(float x) { return mix32((float_bits(x) & 0x807fffffu) ^ 0x9e3779b9u) >> 9; }
+// The 23 bits of dithered rounding: a hash of the element's sign and significand bits
+// and the low half of its flat index.
+DFP_HD u32 dither_bits(float x, u64 index) {
+  return mix32((float_bits(x) & 0x807fffffu) ^ u32(index) ^ 0x9e3779b9u) >> 9;
+}
 
 // Rounding codes (dfp.format.ROUNDINGS).
 enum Rounding : int { kNearest = 0, kStochastic = 1, kDithered = 2 };
@@ -149,7 +152,7 @@ DFP_HD i16 quantize_one(float x, Scale s, float limit, int rounding, u64 index, 
   if (rounding == kNearest) {
     q = rintf(v);  // half to even
   } else {
-    const u32 bits = rounding == kStochastic ? random_bits(index, k0, k1) : dither_bits(x);
+    const u32 bits = rounding == kStochastic ? random_bits(index, k0, k1) : dither_bits(x, index);
     const float fl = floorf(v);
     const float r = float(bits) + 0.5f;  // exact: r < 2^23
     q = add_rn(fl, (r < mul_rn(sub_rn(v, fl), 8388608.0f)) ? 1.0f : 0.0f);

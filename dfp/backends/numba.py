@@ -57,8 +57,9 @@ def _random_bits(index, k0, k1):
 
 
 @_njit
-def _dither_bits(bits):
-    return _mix(np.uint32((bits & np.uint32(DITHER_MASK)) ^ np.uint32(DITHER_KEY))) >> np.uint32(9)
+def _dither_bits(bits, index):
+    low = np.uint32(index & _U32)
+    return _mix(np.uint32((bits & np.uint32(DITHER_MASK)) ^ low ^ np.uint32(DITHER_KEY))) >> np.uint32(9)
 
 
 @_njit
@@ -114,7 +115,7 @@ def _quantize_kernel(x, mode, block, headroom, rounding, k0, k1, mantissa, expon
                     if rounding == STOCHASTIC:
                         bits = _random_bits(index, k0, k1)
                     else:
-                        bits = _dither_bits(x_bits[o, n, i])
+                        bits = _dither_bits(x_bits[o, n, i], index)
                     r = np.float32(bits) + np.float32(0.5)
                     q = floor + np.float32(1.0) if r < threshold else floor
                 mantissa[o, n, i] = np.int16(min(max(q, -limit), limit))

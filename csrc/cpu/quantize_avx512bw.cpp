@@ -1,0 +1,143 @@
+// AVX-512 quantization of channels-last runs: the column maxima of a tile and the
+// mantissas of a tile or a run, 16 lanes at a time with masked tails, the rounding fixed
+// at compile time. Dithered rounding hashes every element, which makes these passes
+// bound by arithmetic, not memory: 16 lanes halve the instructions of AVX2's 8. The rest
+// of the kernel set is AVX2's (quantize_avx2.cpp). Compiled with -mavx512f -mavx512bw
+// only in this file; bit-identical to quantize_one() in numerics.h. No std:: templates
+// or inline functions with external linkage here (an AVX-512 instance could be the one
+// the linker keeps for all files). AVX-512F and BW only, no VL: 16-bit results leave
+// by a masked down-converting store.
+#include <immintrin.h>
+
+#include "quantize_kernels.h"
+
+namespace dfp {
+namespace {
+
+__mmask16 tail_mask(int64_t n) { return n >= 16 ? __mmask16(0xffff) : __mmask16((1u << n) - 1); }
+
+// x >> n per lane (GCC 12's _mm512_srli_epi32 warns of an uninitialised operand).
+__m512i shift_right(__m512i x, int n) { return _mm512_srl_epi32(x, _mm_cvtsi32_si128(n)); }
+
+__m512i mix16(__m512i x) {
+  x = _mm512_xor_si512(x, shift_right(x, 16));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb352d));
+  x = _mm512_xor_si512(x, shift_right(x, 15));
+  x = _mm512_mullo_epi32(x, _mm512_set1_epi32(int(0x846ca68bu)));
+  return _mm512_xor_si512(x, shift_right(x, 16));
+}
+
+// The 16 mantissas of x (scaled to v) at flat indices index.. index + 15, as int32.
+template <Rounding R>
+__m512i round16(__m512 v, __m512 x, const RoundingArgs& r, uint64_t index) {
+  __m512 q;
+  if constexpr (R == Rounding::nearest) {
+    q = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  } else {
+    const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(index))),
+                                        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+    __m512i bits;
+    if constexpr (R == Rounding::stochastic) {  // the 16 lanes share the high half (callers check)
+      const __m512i high = _mm512_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
+      bits = _mm512_xor_si512(mix16(_mm512_xor_si512(lo, _mm512_set1_epi32(int(r.k0)))), high);
+    } else {  // (x & mask) ^ lo ^ key in one ternary-logic instruction, then the key
+      const __m512i sign_significand =
+          _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int(kDitherMask)));
+      bits = mix16(_mm512_ternarylogic_epi32(sign_significand, lo, _mm512_set1_epi32(int(kDitherKey)), 0x96));
+    }
+    const __m512 rnd = _mm512_add_ps(_mm512_cvtepi32_ps(shift_right(bits, 9)), _mm512_set1_ps(0.5f));
+    const __m512 fl = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 frac = _mm512_mul_ps(_mm512_sub_ps(v, fl), _mm512_set1_ps(8388608.0f));
+    q = _mm512_mask_add_ps(fl, _mm512_cmp_ps_mask(rnd, frac, _CMP_LT_OQ), fl, _mm512_set1_ps(1.0f));
+  }
+  const __m512 lim = _mm512_set1_ps(r.limit);
+  q = _mm512_max_ps(_mm512_min_ps(q, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
+  return _mm512_cvtps_epi32(q);
+}
+
+// Stochastic rounding hashes the high half of the index once per vector: a vector whose
+// indices cross a multiple of 2^32 (never in practice) goes to AVX2, which handles it.
+bool crosses_high_half(const RoundingArgs& r, int64_t n) {
+  return r.rounding == Rounding::stochastic && (r.index0 >> 32) != ((r.index0 + uint64_t(n)) >> 32);
+}
+
+template <Rounding R>
+void run_as(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& r) {
+  const __m512 f = _mm512_set1_ps(s.first), g = _mm512_set1_ps(s.second);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = tail_mask(n - i);
+    const __m512 xi = _mm512_maskz_loadu_ps(m, x + i);
+    _mm512_mask_cvtsepi32_storeu_epi16(q + i, m, round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
+  }
+}
+
+void run(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& r) {
+  switch (r.rounding) {
+    case Rounding::nearest: return run_as<Rounding::nearest>(x, q, n, s, r);
+    case Rounding::dithered: return run_as<Rounding::dithered>(x, q, n, s, r);
+    case Rounding::stochastic:
+      if (crosses_high_half(r, n)) return quantize_avx2.run(x, q, n, s, r);
+      return run_as<Rounding::stochastic>(x, q, n, s, r);
+  }
+}
+
+// A tile with a scale per column, 16 columns at a time down the rows (the scales loaded
+// once per column run).
+template <Rounding R>
+void run_rows_as(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
+                 const RoundingArgs& r) {
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 m = tail_mask(cols - c);
+    const __m512 f = _mm512_maskz_loadu_ps(m, first + c), g = _mm512_maskz_loadu_ps(m, second + c);
+    for (int64_t row = 0; row < rows; ++row) {
+      const int64_t at = row * cols + c;
+      const __m512 xi = _mm512_maskz_loadu_ps(m, x + at);
+      const __m512i mantissas = round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + at);
+      _mm512_mask_cvtsepi32_storeu_epi16(q + at, m, mantissas);
+    }
+  }
+}
+
+void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
+              const RoundingArgs& r) {
+  switch (r.rounding) {
+    case Rounding::nearest: return run_rows_as<Rounding::nearest>(x, q, rows, cols, first, second, r);
+    case Rounding::dithered: return run_rows_as<Rounding::dithered>(x, q, rows, cols, first, second, r);
+    case Rounding::stochastic:
+      if (crosses_high_half(r, rows * cols)) return quantize_avx2.run_rows(x, q, rows, cols, first, second, r);
+      return run_rows_as<Rounding::stochastic>(x, q, rows, cols, first, second, r);
+  }
+}
+
+void absmax_rows(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t c = 0; c < cols; c += 16) {
+    const __mmask16 m = tail_mask(cols - c);
+    __m512i top = _mm512_maskz_loadu_epi32(m, acc + c);
+    for (int64_t row = 0; row < rows; ++row)
+      top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_maskz_loadu_epi32(m, x + row * cols + c), abs_mask));
+    _mm512_mask_storeu_epi32(acc + c, m, top);
+  }
+}
+
+// The members AVX-512 does not change, called through AVX2's set.
+uint32_t absmax(const float* x, int64_t n) { return quantize_avx2.absmax(x, n); }
+void absmax_into(const float* x, uint32_t* acc, int64_t n) { quantize_avx2.absmax_into(x, acc, n); }
+void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const float* second,
+                const RoundingArgs& r) {
+  quantize_avx2.run_scaled(x, q, n, first, second, r);
+}
+void absmax_blocks(const float* x, int64_t n, int64_t block, uint32_t* out) {
+  quantize_avx2.absmax_blocks(x, n, block, out);
+}
+void run_blocks(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
+                const RoundingArgs& r) {
+  quantize_avx2.run_blocks(x, q, n, block, first, second, r);
+}
+
+}  // namespace
+
+const QuantizeKernels quantize_avx512bw = {absmax,        absmax_into, run,         run_scaled,
+                                           absmax_blocks, run_blocks,  absmax_rows, run_rows};
+
+}  // namespace dfp
