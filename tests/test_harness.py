@@ -711,6 +711,28 @@ def test_prunetrain_grows_the_batch_after_pruning_with_the_rate(tmp_path):
     assert f"batch grown after pruning: 64 -> {batches[1]} -> {batches[2]}" in text
 
 
+def test_prunetrain_with_the_proximal_lasso_zeroes_groups_and_says_so(tmp_path):
+    """--proximal-lasso: the loss carries no penalty, each update is followed by the group
+    lasso's proximal step (lambda still from the penalty ratio), and the report marks it."""
+    model = models.build("small_cnn", 1, 10, 8)
+    ctx = distributed.Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    lasso = strategies.GroupLasso(model, 0.2, ctx, proximal=True)
+    loss = torch.tensor(2.0)
+    assert lasso(loss) is loss and lasso.coefficient > 0  # lambda set, no penalty added
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lasso.after_step(1e6)  # a threshold above every group's norm
+    for name, p in model.named_parameters():
+        grouped = p.dim() > 1  # conv and classifier weights; batch norms and biases are in no group
+        assert not p.any() if grouped else torch.equal(p, before[name]), name
+    argv = ["--formats", "fp32", "--strategies", "prunetrain", "--epochs", "2", "--warmup-epochs", "0"]
+    argv += ["--prune-every", "1", "--proximal-lasso", "--limit-train-batches", "3"]
+    assert _main_job(tmp_path, *argv) == 0
+    (record,) = ResultStore(tmp_path).load()
+    assert record["config"]["strategy_settings"]["proximal"] is True
+    assert record["result"]["penalty_coefficient"] > 0
+    assert "group lasso as a proximal step" in (tmp_path / "report.md").read_text()
+
+
 def test_the_grown_batch_keeps_the_work_per_step_and_stays_within_the_data():
     model = models.build("small_cnn", 1, 10, 8)
     plan = strategies.StructuredRun.plan(

@@ -540,6 +540,34 @@ def test_group_lasso_matches_a_brute_force_loop():
     assert abs(structure.group_lasso(model, spaces).item() - expected) <= 1e-5 * expected
 
 
+@pytest.mark.parametrize("fmt", [None, "dfp16"])
+def test_the_proximal_step_shrinks_every_group_and_zeroes_those_under_the_threshold(fmt):
+    """Group soft-thresholding, writers' groups first, then readers': a group of norm n
+    is scaled by max(0, 1 - t / n), in whatever memory format the weight is."""
+    model = _chain(fmt=fmt)
+    model.conv1.weight.data = model.conv1.weight.data.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        model.conv1.weight[2] *= 1e-3  # an output group far under the threshold
+        model.conv2.weight[:, 4] *= 1e-3  # an input group of conv2
+    t = 0.05
+    conv1, conv2, fc = (m.weight.detach().clone() for m in (model.conv1, model.conv2, model.fc))
+
+    def shrunk(w, norms):  # norms broadcast along the group's axis
+        return w * (1 - t / norms).clamp_min(0)
+
+    conv1 = shrunk(conv1, conv1.flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # writer of space A
+    conv2 = shrunk(conv2, conv2.flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # writer of space B
+    conv2 = shrunk(conv2, conv2.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, 1, 1))  # reader of A
+    fc_channels = fc.view(fc.shape[0], 8, 25)
+    fc = shrunk(fc_channels, fc_channels.square().sum(dim=(0, 2)).sqrt().view(1, 8, 1)).view(fc.shape)
+    structure.shrink_groups(model, model.spaces(), t)
+    assert not model.conv1.weight[2].any() and not model.conv2.weight[:, 4].any()
+    for got, want in ((model.conv1.weight, conv1), (model.conv2.weight, conv2), (model.fc.weight, fc)):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="threshold >= 0"):
+        structure.shrink_groups(model, model.spaces(), -1.0)
+
+
 def test_the_penalty_ratio_holds_at_the_first_step():
     model = _resnet()
     x, y = _x((4, 3, 8, 8)), torch.tensor([0, 1, 2, 3])

@@ -181,6 +181,13 @@ def build_parser() -> argparse.ArgumentParser:
         "of 8 per process) and the learning rate with it, as the paper describes (its code does not)",
     )
     structural.add_argument(
+        "--proximal-lasso",
+        action="store_true",
+        help="prunetrain: apply the group lasso as a proximal step after each update (groups shrunk by "
+        "learning rate x lambda, those below it set to exactly zero) instead of a penalty in the loss, so that "
+        "channels reach zero within a short schedule; PruneTrain's paper and code use the penalty",
+    )
+    structural.add_argument(
         "--start-width",
         type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         default=strategies.StrategySettings.start_width,
@@ -339,6 +346,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         penalty_ratio=args.penalty_ratio,
         threshold=args.prune_threshold,
         grow_batch=args.grow_batch,
+        proximal=args.proximal_lasso,
         prune_every=args.prune_every,
         start_width=args.start_width,
         start_depth=args.start_depth,

@@ -108,6 +108,7 @@ class Row:
     widths: dict[str, int] | None = None  # of each channel space at the end, of the first seed
     surgery_seconds: float | None = None  # median
     batch_sizes: tuple[int, ...] = ()  # the batch grown after pruning to, of the first seed
+    proximal: bool = False  # the group lasso applied as a proximal step
 
     @property
     def label(self) -> str:
@@ -221,6 +222,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 widths=results[0].get("widths"),
                 surgery_seconds=_median([r["epochs"][-1].get("surgery_seconds") for r in completed]),
                 batch_sizes=tuple(s["batch_size"] for s in results[0].get("surgeries", []) if "batch_size" in s),
+                proximal=(config.get("strategy_settings") or {}).get("proximal", False),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -288,6 +290,8 @@ def _notes(row: Row) -> str:
     if row.batch_sizes:
         grown = " -> ".join(map(str, (row.batch_size, *row.batch_sizes)))
         notes.append(f"batch grown after pruning: {grown} (as PruneTrain's paper describes; not in its code)")
+    if row.proximal:
+        notes.append("group lasso as a proximal step (PruneTrain adds it to the loss)")
     return "; ".join(notes)
 
 

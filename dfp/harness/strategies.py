@@ -11,7 +11,10 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        weights all fell below ``threshold`` are removed, with channel union at
                        residual joins; with ``grow_batch`` the mini-batch then grows as the
                        forward FLOPs per image fell, the learning rate with it (linear scaling):
-                       described in the paper, absent from its released code
+                       described in the paper, absent from its released code; with
+                       ``proximal`` the group lasso is a proximal step after each update
+                       (group soft-thresholding by learning rate x lambda, which zeroes groups
+                       exactly) instead of a penalty in the loss: in neither
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
@@ -63,6 +66,7 @@ class StrategySettings:
     start_depth: float = 1.0
     grow_epochs: tuple[int, ...] = (1,)
     grow_batch: bool = False
+    proximal: bool = False
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """The settings that ``strategy`` uses, as stored in a run's config (an option at
@@ -70,6 +74,8 @@ class StrategySettings:
         prune = {"penalty_ratio": self.penalty_ratio, "threshold": self.threshold, "prune_every": self.prune_every}
         if self.grow_batch:
             prune["grow_batch"] = True
+        if self.proximal:
+            prune["proximal"] = True
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
         if self.start_depth < 1:
             grow["start_depth"] = self.start_depth
@@ -90,21 +96,31 @@ def check_strategy_name(name: str) -> None:
 class GroupLasso:
     """PruneTrain's penalty ``lambda * R(W)`` added to the loss; lambda is set at the first
     call from that step's cross-entropy (the mean over ranks, so that every rank uses the
-    same one) and then kept."""
+    same one) and then kept. ``proximal``: the loss stays as it is, and ``after_step``
+    shrinks the groups by the penalty's proximal step instead."""
 
-    def __init__(self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context) -> None:
+    def __init__(self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context, proximal: bool = False):
         self.model = model
         self.penalty_ratio = penalty_ratio
         self.ctx = ctx
+        self.proximal = proximal
         self.coefficient: float | None = None
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
+        if self.proximal and self.coefficient is not None:
+            return loss
         penalty = structure.group_lasso(self.model, structure.channel_spaces(self.model))
         if self.coefficient is None:
             cross_entropy = distributed.all_reduce_mean(loss.detach().item(), self.ctx)
             penalty_value = distributed.all_reduce_mean(penalty.detach().item(), self.ctx)
             self.coefficient = structure.coefficient(cross_entropy, penalty_value, self.penalty_ratio)
-        return loss + self.coefficient * penalty.to(loss.dtype)
+        return loss if self.proximal else loss + self.coefficient * penalty.to(loss.dtype)
+
+    def after_step(self, lr: float) -> None:
+        """After an optimizer step at learning rate ``lr``: the proximal step, if that is
+        how the penalty applies (every rank shrinks the same weights alike)."""
+        if self.proximal and self.coefficient is not None:
+            structure.shrink_groups(self.model, structure.channel_spaces(self.model), lr * self.coefficient)
 
 
 class StructuredRun:
@@ -186,7 +202,7 @@ class StructuredRun:
 
     def make_regulariser(self, model: nn.Module, ctx: distributed.Context) -> GroupLasso | None:
         if self.strategy in (PRUNETRAIN, GROW_THEN_PRUNE):
-            self.regulariser = GroupLasso(model, self.settings.penalty_ratio, ctx)
+            self.regulariser = GroupLasso(model, self.settings.penalty_ratio, ctx, self.settings.proximal)
         return self.regulariser
 
     def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, average: Any) -> bool:

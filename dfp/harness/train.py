@@ -450,6 +450,8 @@ def _train_step(
             training.scaler.update()
         else:
             training.optimizer.step()
+        if regulariser is not None:
+            regulariser.after_step(training.optimizer.param_groups[0]["lr"])
     except dfp.NonFiniteError:
         # SWALP refuses a non-finite update and leaves the weights as they were. Its gradients
         # are the all-reduced ones, the same on every rank, so every rank refuses together.

@@ -27,7 +27,7 @@ from .apply import apply
 from .channels import channel_surgery
 from .cost import TRAINING_FLOPS_PER_FORWARD, forward_flops, parameter_count, widths
 from .deepen import identity_conv, insert_block, undo_norm
-from .group_lasso import PENALTY_RATIO, coefficient, group_lasso
+from .group_lasso import PENALTY_RATIO, coefficient, group_lasso, shrink_groups
 from .prune import THRESHOLD, channel_magnitudes, dense_channels, narrowing, pruning, removal
 from .runtime import rewrap
 from .spaces import ChannelSpace, Reader, Writer, channel_spaces
@@ -58,6 +58,7 @@ __all__ = [
     "pruning",
     "removal",
     "rewrap",
+    "shrink_groups",
     "undo_norm",
     "wider_mapping",
     "widening",

@@ -55,3 +55,33 @@ def coefficient(cross_entropy: float, penalty: float, penalty_ratio: float = PEN
     if not penalty > 0 or not cross_entropy >= 0:
         raise ValueError(f"need a positive penalty and a non-negative loss, got {penalty!r} and {cross_entropy!r}")
     return penalty_ratio * cross_entropy / ((1 - penalty_ratio) * penalty)
+
+
+def shrink_groups(model: nn.Module, spaces: list[ChannelSpace], threshold: float) -> None:
+    """The proximal step of ``threshold * R(W)``, group soft-thresholding: every group of
+    ``spaces`` (as in ``group_lasso``) is scaled by ``max(0, 1 - threshold / ||w_g||)``,
+    so a group whose norm is at most ``threshold`` becomes exactly zero. Applied after an
+    update with ``threshold = learning rate * lambda`` instead of the penalty's gradient,
+    it zeroes groups in a few epochs, where the subgradient only drives them towards
+    zero. Groups overlap (a weight is in its output channel's group and its input
+    channel's), so the writers' groups are shrunk first, then the readers'."""
+    if not threshold >= 0:
+        raise ValueError(f"shrink_groups needs a threshold >= 0, got {threshold!r}")
+    modules = dict(model.named_modules())
+
+    def factors(norms: torch.Tensor) -> torch.Tensor:
+        return (1 - threshold / norms.clamp_min(torch.finfo(norms.dtype).tiny)).clamp_min(0)
+
+    widths = [space.width(model) for space in spaces]
+    with torch.no_grad():
+        for space, width in zip(spaces, widths):
+            for writer in space.writers:
+                weight = modules[writer.layer].weight
+                rows = weight.reshape(width, -1)
+                weight.copy_((rows * factors(rows.norm(dim=1)).unsqueeze(1)).view(weight.shape))
+        for space, width in zip(spaces, widths):
+            for reader in space.readers:
+                weight = modules[reader.layer].weight
+                columns = weight.reshape(weight.shape[0], width, -1)
+                scale = factors(columns.square().sum(dim=(0, 2)).sqrt()).view(1, width, 1)
+                weight.copy_((columns * scale).view(weight.shape))
