@@ -75,8 +75,9 @@ def quantize_gradient(
       (True) or per tensor, 0-d (False).
     ``rounding``: how each (grad_weight's, grad_input's) rounds, as codes of
     ``dfp.format.ROUNDINGS``, stochastic rounding from the one ``seed``. Each has the
-    bits of quantizing the (N*H*W, C) pixel matrix that way on its own (``block``: ``DFPSpec(headroom, axis=0, block=block)``; per
-    sample: its rows in groups of H*W); the backend may read t twice in all for both.
+    bits of quantizing the (N*H*W, C) pixel matrix that way on its own (``block``:
+    ``DFPSpec(headroom, axis=0, block=block)``; per sample: its rows in groups of H*W);
+    the backend may read t twice in all for both.
     Outputs not asked for are None. NaN/Inf in ``t`` gives zero mantissas with every
     exponent ``NONFINITE`` (see ``is_nonfinite``)."""
     n, c, h, w = t.shape

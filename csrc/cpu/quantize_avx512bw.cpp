@@ -40,7 +40,7 @@ __m512i round16(__m512 v, __m512 x, const RoundingArgs& r, uint64_t index) {
     if constexpr (R == Rounding::stochastic) {  // the 16 lanes share the high half (callers check)
       const __m512i high = _mm512_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
       bits = _mm512_xor_si512(mix16(_mm512_xor_si512(lo, _mm512_set1_epi32(int(r.k0)))), high);
-    } else {  // (x & mask) ^ lo ^ key in one ternary-logic instruction, then the key
+    } else {  // (x & mask) ^ lo ^ key in one ternary-logic instruction
       const __m512i sign_significand =
           _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32(int(kDitherMask)));
       bits = mix16(_mm512_ternarylogic_epi32(sign_significand, lo, _mm512_set1_epi32(int(kDitherKey)), 0x96));

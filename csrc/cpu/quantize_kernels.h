@@ -10,7 +10,7 @@ namespace dfp {
 struct RoundingArgs {
   float limit;          // the largest mantissa, as float
   Rounding rounding;
-  uint64_t index0;      // flat index of the run's first element (stochastic rounding)
+  uint64_t index0;      // flat index of the run's first element (stochastic, dithered rounding)
   uint32_t k0, k1;      // the seed's halves
 };
 
