@@ -715,8 +715,7 @@ def test_prunetrain_with_the_proximal_lasso_zeroes_groups_and_says_so(tmp_path):
     """--proximal-lasso: the loss carries no penalty, each update is followed by the group
     lasso's proximal step (lambda still from the penalty ratio), and the report marks it."""
     model = models.build("small_cnn", 1, 10, 8)
-    ctx = distributed.Context(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
-    lasso = strategies.GroupLasso(model, 0.2, ctx, proximal=True)
+    lasso = strategies.GroupLasso(model, 0.2, ONE_PROCESS, proximal=True)
     loss = torch.tensor(2.0)
     assert lasso(loss) is loss and lasso.coefficient > 0  # lambda set, no penalty added
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

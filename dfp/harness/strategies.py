@@ -14,7 +14,8 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        described in the paper, absent from its released code; with
                        ``proximal`` the group lasso is a proximal step after each update
                        (group soft-thresholding by learning rate x lambda, which zeroes groups
-                       exactly) instead of a penalty in the loss: in neither
+                       exactly; SWALP's weights leave the DFP16 grid until its next step)
+                       instead of a penalty in the loss: in neither
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
@@ -99,7 +100,9 @@ class GroupLasso:
     same one) and then kept. ``proximal``: the loss stays as it is, and ``after_step``
     shrinks the groups by the penalty's proximal step instead."""
 
-    def __init__(self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context, proximal: bool = False):
+    def __init__(
+        self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context, proximal: bool = False
+    ) -> None:
         self.model = model
         self.penalty_ratio = penalty_ratio
         self.ctx = ctx
