@@ -83,16 +83,16 @@ PYBIND11_MODULE(_C, m) {
       "quantize_gradient",
       [](uintptr_t x, int64_t rows, int64_t cols, int headroom, uint64_t seed, uintptr_t q_blocks, uintptr_t e_blocks,
          int64_t block, int blocks_rounding, uintptr_t q_groups, uintptr_t e_groups, int64_t group_rows,
-         int groups_rounding, int nthreads) {
+         int64_t group_cols, int groups_rounding, int nthreads) {
         py::gil_scoped_release release;
-        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks),    ptr<int32_t>(e_blocks),
-                                            block,                     dfp::Rounding(blocks_rounding),
-                                            ptr<int16_t>(q_groups),    ptr<int32_t>(e_groups),
-                                            group_rows,                dfp::Rounding(groups_rounding)};
+        const dfp::GradientQuantization out{ptr<int16_t>(q_blocks), ptr<int32_t>(e_blocks), block,
+                                            dfp::Rounding(blocks_rounding), ptr<int16_t>(q_groups),
+                                            ptr<int32_t>(e_groups),     group_rows,
+                                            dfp::Rounding(groups_rounding), group_cols};
         return dfp::quantize_gradient(ptr<const float>(x), rows, cols, headroom, seed, out, nthreads);
       },
       "quantize a contiguous (rows, cols) float32 buffer per block of rows and column and/or per group of rows "
-      "(a q pointer of 0: not that one), each rounded its own way, in two passes; False on NaN/Inf");
+      "and columns (a q pointer of 0: not that one), each rounded its own way, in two passes; False on NaN/Inf");
 
   m.def(
       "quantize_padded",
@@ -148,16 +148,16 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "conv_gemm_int16",
-      [](uintptr_t x, const dfp::ConvGeometry& geometry, uintptr_t ex, int64_t ex_count, int hx, uintptr_t w,
-         int64_t swg, int64_t swk, int64_t swn, int64_t nout, uintptr_t ew, int64_t kblock, int hw, uintptr_t bias,
-         uintptr_t y, int nthreads) {
+      [](uintptr_t x, const dfp::ConvGeometry& geometry, uintptr_t ex, int64_t ex_count, int64_t ex_channel_block,
+         int hx, uintptr_t w, int64_t swg, int64_t swk, int64_t swn, int64_t nout, uintptr_t ew, int64_t kblock,
+         int hw, uintptr_t bias, uintptr_t y, int nthreads) {
         py::gil_scoped_release release;
-        dfp::conv_gemm_int16(ptr<const int16_t>(x), geometry, ptr<const int32_t>(ex), ex_count, hx,
-                             ptr<const int16_t>(w), swg, swk, swn, nout, ptr<const int32_t>(ew), kblock, hw,
+        dfp::conv_gemm_int16(ptr<const int16_t>(x), geometry, {ptr<const int32_t>(ex), ex_count, ex_channel_block},
+                             hx, ptr<const int16_t>(w), swg, swk, swn, nout, ptr<const int32_t>(ew), kblock, hw,
                              ptr<const float>(bias), ptr<float>(y), nthreads);
       },
-      "y = patches(x) w per group (x's exponent per tensor or per image), patches read in place or gathered per "
-      "cache block (no im2col matrix)");
+      "y = patches(x) w per group (x's exponents per tensor, per image, or per image row and channel block), "
+      "patches read in place or gathered per cache block (no im2col matrix)");
 
   m.def(
       "conv_grad_weight_int16",
@@ -200,10 +200,10 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "conv_grad_input",
-      [](uintptr_t dy, uintptr_t ey, int64_t ey_count, uintptr_t weight, int64_t block, const dfp::ConvLayer& layer,
-         uintptr_t dx, int nthreads) {
+      [](uintptr_t dy, uintptr_t ey, int64_t ey_count, int64_t ey_channel_block, uintptr_t weight, int64_t block,
+         const dfp::ConvLayer& layer, uintptr_t dx, int nthreads) {
         py::gil_scoped_release release;
-        return dfp::conv_grad_input(ptr<const int16_t>(dy), ptr<const int32_t>(ey), ey_count,
+        return dfp::conv_grad_input(ptr<const int16_t>(dy), {ptr<const int32_t>(ey), ey_count, ey_channel_block},
                                     ptr<const float>(weight), block, layer, ptr<float>(dx), nthreads);
       },
       "a stride-1 layer's dx from int16 dy and the float32 weight, quantized here for the reduction over output "
@@ -223,13 +223,14 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_backward",
       [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, int32_t x_exponent, const dfp::ConvLayer& layer,
-         int64_t dy_block, bool per_sample, int dy_block_rounding, int per_sample_rounding, uint64_t seed,
-         int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
+         int64_t dy_block, int input_groups, int64_t row_block, int dy_block_rounding, int input_rounding,
+         uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
         const dfp::GradientRounding rounding{dy_block,
-                                             per_sample,
+                                             dfp::InputGroups(input_groups),
+                                             row_block,
                                              dfp::Rounding(dy_block_rounding),
-                                             dfp::Rounding(per_sample_rounding),
+                                             dfp::Rounding(input_rounding),
                                              seed,
                                              weight_block};
         return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),

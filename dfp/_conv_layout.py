@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _ops, backends
+from . import _ops, backends, reference
 from ._errors import NonFiniteError
 from .format import ROUNDINGS, DFPSpec, DFPTensor, exponent_shape
 
@@ -65,49 +65,78 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
 
 
 def quantize_gradient(
-    t: torch.Tensor, headroom: int, block: int, per_sample: bool | None, rounding: tuple[int, int], seed: int = 0
+    t: torch.Tensor,
+    headroom: int,
+    block: int,
+    input_groups: str | None,
+    rounding: tuple[int, int],
+    seed: int = 0,
+    channel_block: int = 0,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """An output gradient, float32 ``t`` (N, C, H, W), for both backward products,
     mantissas (N, H, W, C) contiguous:
     - for grad_weight where ``block`` > 0: one exponent per run of ``block`` consecutive
       pixels (in (n, h, w) order) and channel, exponent (ceil(N*H*W / block), C);
-    - for grad_input where ``per_sample`` is not None: one exponent per sample (N,)
-      (True) or per tensor, 0-d (False).
+    - for grad_input where ``input_groups`` is not None: one exponent per tensor, 0-d
+      ("tensor"), per sample (N,) ("sample"), or per image row and block of
+      ``channel_block`` channels (N, H, C / channel_block) ("row").
     ``rounding``: how each (grad_weight's, grad_input's) rounds, as codes of
     ``dfp.format.ROUNDINGS``, stochastic rounding from the one ``seed``. Each has the
     bits of quantizing the (N*H*W, C) pixel matrix that way on its own (``block``:
-    ``DFPSpec(headroom, axis=0, block=block)``; per sample: its rows in groups of H*W);
-    the backend may read t twice in all for both.
+    ``DFPSpec(headroom, axis=0, block=block)``; per sample or row: its rows in groups of
+    H*W or W, and columns in blocks), each element's random bits from its index in that
+    matrix; the backend may read t twice in all for both.
     Outputs not asked for are None. NaN/Inf in ``t`` gives zero mantissas with every
     exponent ``NONFINITE`` (see ``is_nonfinite``)."""
     n, c, h, w = t.shape
     pixels = t.permute(0, 2, 3, 1).contiguous().view(n * h * w, c)  # no copy where t is channels-last
-    group_rows = 0 if per_sample is None else h * w if per_sample else n * h * w
-    if pixels.numel() == 0:  # nothing to read; an empty tensor has the exponent of a group of zeros
+    group_rows = {None: 0, "tensor": n * h * w, "sample": h * w, "row": w}[input_groups]
+    group_cols = channel_block if input_groups == "row" else 0
+    block_exponents = (-(-n * h * w // max(block, 1)), c)
+    group_exponents = {None: None, "tensor": (), "sample": (n,), "row": (n, h, c // max(channel_block, 1))}[
+        input_groups
+    ]
+    if pixels.numel() == 0:  # nothing to read; an empty group has the exponent of a group of zeros
         zeros = pixels.new_zeros((n, h, w, c), dtype=torch.int16)
-        blocks = (zeros, pixels.new_empty((-(-n * h * w // max(block, 1)), c), dtype=torch.int32)) if block else None
-        empty_tensor = pixels.new_full((), -149 - (15 - headroom) + 1, dtype=torch.int32)
-        groups = (zeros.clone(), pixels.new_empty((n,), dtype=torch.int32) if per_sample else empty_tensor)
-        return (*(blocks or (None, None)), *(groups if per_sample is not None else (None, None)))
+        empty = zeros_exponent(headroom)
+        blocks = (zeros, pixels.new_full(block_exponents, empty, dtype=torch.int32)) if block else None
+        groups = (zeros.clone(), pixels.new_full(group_exponents or (), empty, dtype=torch.int32))
+        return (*(blocks or (None, None)), *(groups if input_groups else (None, None)))
     fused = getattr(backends.active(t.device), "quantize_gradient", None)
     try:
         if fused is not None:
-            blocks, groups = fused(pixels, headroom, block, group_rows, rounding, seed)
+            blocks, groups = fused(pixels, headroom, block, group_rows, rounding, seed, group_cols)
         else:
             blocks = _ops.quantize_impl(pixels, headroom, 0, block, rounding[0], seed) if block else None
-            groups = None
-            if group_rows:
-                q, e = _ops.quantize_impl(pixels.view(-1, group_rows * c), headroom, 0, None, rounding[1], seed)
-                groups = q, e.view(-1)
+            groups = _quantize_groups(pixels, headroom, group_rows, group_cols, rounding[1], seed)
     except NonFiniteError:
         zeros = pixels.new_zeros(pixels.shape, dtype=torch.int16)
-        nonfinite = pixels.new_full((-(-n * h * w // max(block, 1)), c), NONFINITE, dtype=torch.int32)
-        blocks = (zeros, nonfinite) if block else None
-        groups = (zeros.clone(), nonfinite.new_full((-(-n * h * w // group_rows),), NONFINITE)) if group_rows else None
+        blocks = (zeros, pixels.new_full(block_exponents, NONFINITE, dtype=torch.int32)) if block else None
+        groups = (zeros.clone(), pixels.new_full(group_exponents, NONFINITE, dtype=torch.int32)) if group_rows else None
     q_blocks, e_blocks = (blocks[0].view(n, h, w, c), blocks[1]) if blocks else (None, None)
     if groups is None:
         return q_blocks, e_blocks, None, None
-    return q_blocks, e_blocks, groups[0].view(n, h, w, c), groups[1] if per_sample else groups[1].reshape(())
+    return q_blocks, e_blocks, groups[0].view(n, h, w, c), groups[1].reshape(group_exponents)
+
+
+def _quantize_groups(pixels: torch.Tensor, headroom: int, rows: int, cols: int, rounding: int, seed: int):
+    """(mantissa, exponent) of the pixel matrix (P, C) per group of ``rows`` rows (none
+    where 0) and ``cols`` columns (0: all), by the backend's generic quantization, or
+    where the groups split the columns, by the reference's steps in torch ops on the
+    matrix's device (a group is no block of memory then, and the random bits follow the
+    element's index in the matrix)."""
+    if not rows:
+        return None
+    if not cols:
+        q, e = _ops.quantize_impl(pixels.view(-1, rows * pixels.shape[1]), headroom, 0, None, rounding, seed)
+        return q, e.view(-1)
+    p, c = pixels.shape
+    amax = pixels.abs().view(p // rows, rows, c // cols, cols).amax(dim=(1, 3))
+    if not torch.isfinite(amax).all():
+        raise NonFiniteError("the output gradient holds NaN or Inf")
+    e = reference.group_exponents(amax, headroom)
+    expanded = e.view(p // rows, 1, c // cols, 1).expand(p // rows, rows, c // cols, cols).reshape(p, c)
+    return reference.round_to_exponents(pixels, expanded, headroom, rounding, seed), e
 
 
 def quantize_padded(
@@ -152,6 +181,22 @@ def zero_pad(x: torch.Tensor, padding: tuple[int, int], channels: int | None = N
     the channels past C)."""
     (ph, pw), (h, w) = padding, x.shape[1:3]
     return window(x, (-ph, h + ph), (-pw, w + pw), channels)
+
+
+def zeros_exponent(headroom: int) -> int:
+    """The exponent of a group of zeros (docs/design.md): that of the smallest positive
+    float32, so it never dominates a maximum."""
+    return -149 - (15 - headroom) + 1
+
+
+def window_rows(e: torch.Tensor, rows: tuple[int, int], fill: int) -> torch.Tensor:
+    """Rows [r0, r1) of per-row exponents e (N, H, B), contiguous; ``fill`` where they
+    reach past e's edges."""
+    (r0, r1), h = rows, e.shape[1]
+    out = e.new_full((e.shape[0], r1 - r0, e.shape[2]), fill)
+    top, bottom = max(0, -r0), max(0, min(r1, h) - r0)
+    out[:, top:bottom] = e[:, r0 + top : r0 + bottom]
+    return out
 
 
 def window(

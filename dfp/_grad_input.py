@@ -53,8 +53,10 @@ def grad_input(
     dy: torch.Tensor, dy_exponent: torch.Tensor, wq: DFPTensor, input_shape, stride, padding, dilation
 ) -> torch.Tensor:
     """dX (N, H, W, C) float32 of a convolution with symmetric zero ``padding``: ``dy`` int16
-    (N, OH, OW, Cout) with 0-d exponent; ``wq`` the weight quantized for the reduction
-    over output channels, mantissa (G, Cout/G, KH, KW, C/G) (``dfp.autograd``)."""
+    (N, OH, OW, Cout) with exponents ``dy_exponent``, 0-d, one per sample (N,) or one
+    per image row and block of Cout/B channels (N, OH, B), whose blocks are then the
+    K-blocks (and ``wq``'s blocks, where it has them); ``wq`` the weight quantized for the
+    reduction over output channels, mantissa (G, Cout/G, KH, KW, C/G) (``dfp.autograd``)."""
     n, c, h, w = input_shape
     groups, cout_g, kh, kw, _ = wq.mantissa.shape
     block = wq.spec.block
@@ -80,13 +82,20 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
     select = (slice(None), slice(None), _slice(row.taps), _slice(col.taps))
     kernel = _flipped(wq.mantissa[select])  # (G, Cout/G, taps_h, taps_w, C/G)
     w = kernel.permute(0, 2, 3, 1, 4).reshape(groups, taps * cout_g, cin_g)  # K ordered (tap, output channel)
-    if wq.spec.block is None:
+    row_blocks = dy_exponent.dim() == 3 and dy_exponent.shape[2] > 0  # (none: no output channels, K = 0)
+    if wq.spec.block is None and row_blocks:  # K-blocks of dy's channel blocks, the weight's one exponent in each
+        kblock = dy.shape[3] // dy_exponent.shape[2]
+        kblock *= len(col.taps) if kblock == cout_g else 1  # a kernel row of taps reads one row of dy
+        ew = wq.exponent.reshape(1, 1, 1).expand(groups, w.shape[1] // kblock, cin_g)
+    elif wq.spec.block is None:
         ew, kblock = wq.exponent.reshape(1, 1, 1).expand(groups, 1, cin_g), w.shape[1]
     else:
         exponents = _flipped(wq.exponent[select])  # (G, blocks, taps_h, taps_w, C/G)
         blocks = taps * exponents.shape[1]
         ew, kblock = exponents.permute(0, 2, 3, 1, 4).reshape(groups, blocks, cin_g), wq.spec.block
     h = wq.spec.headroom
+    if row_blocks:  # the window's rows past dy's edges are zeros: a group of zeros' exponent
+        dy_exponent = layout.window_rows(dy_exponent, row.window, layout.zeros_exponent(h))
     return _ops.conv_gemm_impl(
         layout.window(dy, row.window, col.window), dy_exponent, h, w, ew.contiguous(), h, kblock,
         [len(row.taps), len(col.taps)], [1, 1], [row.dilation, col.dilation], None,

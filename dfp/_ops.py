@@ -147,8 +147,11 @@ def conv_gemm_impl(
 ) -> torch.Tensor:
     """Per group g: y[..., g] = patches_g(x) @ w[g] (+ bias), float32 (N, OH, OW, G*Nout).
 
-    x: contiguous int16 (N, Hp, Wp, C), zero-padded, exponent ex (0-d int32, or (N,): one
-    per image, every patch lying in one image); w: int16
+    x: contiguous int16 (N, Hp, Wp, C), zero-padded, exponents ex int32: 0-d, (N,) (one
+    per image, every patch lying in one image) or (N, Hp, B) (one per image row and block
+    of C/B channels, dividing C/G; K-blocks are then those blocks, ``kblock`` = C/B, or
+    where a group's channels are one block, a kernel row of them, ``kblock`` = KW*C/G:
+    its taps read one image row); w: int16
     (G, K, Nout), K = KH*KW*C/G over (kh, kw, ci); ew: int32 (G, KB, Nout), KB =
     ceil(K / kblock); bias: float32 (G*Nout,) or None. The result is the GEMM of the
     materialised patch matrix (``dfp._patches.im2col``), bit for bit.
@@ -166,22 +169,57 @@ def conv_gemm_impl(
     if kblock < 1 or ew.shape != (groups, -(-k // kblock), nout):
         raise ValueError(f"ew must have shape (G, ceil(K / kblock), Nout) = ({groups}, {-(-k // max(kblock, 1))}, "
                          f"{nout}) with kblock >= 1, got {tuple(ew.shape)} and kblock={kblock}")  # fmt: skip
-    if ex.dtype != torch.int32 or ex.shape not in ((), (x.shape[0],)):
-        raise ValueError(f"ex must be int32 of shape () or ({x.shape[0]},) (one per image), got {ex.dtype} of shape "
-                         f"{tuple(ex.shape)}")  # fmt: skip
+    _check_image_exponents(ex, x, groups, kblock, kernel[1])
     if ex.numel() == 0:  # no images: nothing is read
         ex = ex.new_zeros(())
     fused = getattr(backends.active(x.device), "conv_gemm", None)
     if fused is not None:
         return fused(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
-    ea = _row_exponents(ex, cols.shape[1]).expand(cols.shape[1], ew.shape[1]).contiguous()
+    if ex.dim() == 3:
+        taps_per_block = kblock // (x.shape[3] // ex.shape[2])
+        ea = [
+            _patch_row_exponents(ex, g, groups, kernel, stride, dilation, cols.shape[1], taps_per_block)
+            for g in range(groups)
+        ]
+    else:
+        ea = [_row_exponents(ex, cols.shape[1]).expand(cols.shape[1], ew.shape[1]).contiguous()] * groups
     outputs = [
-        gemm_impl(cols[g], ea, hx, w[g], ew[g], hw, kblock, None if bias is None else bias[g * nout : (g + 1) * nout])
+        gemm_impl(
+            cols[g], ea[g], hx, w[g], ew[g], hw, kblock, None if bias is None else bias[g * nout : (g + 1) * nout]
+        )
         for g in range(groups)
     ]
     y = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
     return y.view(x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout)
+
+
+def _check_image_exponents(ex: torch.Tensor, x: torch.Tensor, groups: int, kblock: int, kw: int) -> None:
+    n, hp, _, c = x.shape
+    per_row = ex.dim() == 3 and ex.shape[:2] == (n, hp) and ex.shape[2] > 0 and c % ex.shape[2] == 0
+    if ex.dtype != torch.int32 or not (ex.shape in ((), (n,)) or per_row):
+        raise ValueError(f"ex must be int32 of shape () (per tensor), ({n},) (one per image) or ({n}, {hp}, B) (one "
+                         f"per image row and block of C/B channels), got {ex.dtype} of shape {tuple(ex.shape)}")  # fmt: skip
+    block, cg = (c // ex.shape[2], c // groups) if per_row else (0, 0)
+    if per_row and (cg % block or kblock not in (block, kw * cg if block == cg else block)):
+        raise ValueError(f"ex of shape {tuple(ex.shape)} gives blocks of {block} of the {c} channels: they must divide "
+                         f"the {cg} channels of a group, and kblock must be that block (or where it is a group's "
+                         f"channels, a kernel row of {kw} taps of it, {kw * cg}), got kblock={kblock}")  # fmt: skip
+
+
+def _patch_row_exponents(ex, g, groups, kernel, stride, dilation, rows, taps_per_block) -> torch.Tensor:
+    """(rows, KB) int32: the exponents of group g's patch matrix where the image has one
+    per row and channel block, ex (N, Hp, B): K-block (kh, kw, block) of output pixel
+    (n, oh, ow) takes ex[n, oh * sh + kh * dh, block]; with ``taps_per_block`` = KW
+    (a group's channels in one block), K-block kh does."""
+    n, hp, blocks = ex.shape
+    oh = output_size(hp, kernel[0], stride[0], 0, dilation[0])
+    per_group = blocks // groups
+    taps = torch.arange(kernel[0], device=ex.device).view(1, -1) * dilation[0]
+    image_rows = torch.arange(oh, device=ex.device).view(oh, 1) * stride[0] + taps
+    e = ex[:, image_rows, g * per_group : (g + 1) * per_group]  # (N, OH, KH, blocks of the group)
+    e = e.unsqueeze(3).expand(n, oh, kernel[0], kernel[1] // taps_per_block, per_group).reshape(n, oh, 1, -1)
+    return e.expand(n, oh, rows // max(n * oh, 1), e.shape[-1]).reshape(rows, -1).contiguous()
 
 
 def _row_exponents(ex: torch.Tensor, rows: int) -> torch.Tensor:

@@ -41,6 +41,7 @@ from . import _ops, backends
 from ._grad_input import grad_input
 from ._patches import output_size
 from .format import ROUNDINGS, DFPSpec, DFPTensor
+from .formats import GRAD_INPUT_EXPONENTS
 from .reference import chain_length
 
 _STOCHASTIC = ROUNDINGS.index("stochastic")
@@ -76,24 +77,31 @@ def _nan(shape, like: torch.Tensor, channels_last: bool) -> torch.Tensor:
     )
 
 
-def _grad_input_weights(weight: torch.Tensor, groups: int, headroom: int, weight_channel: bool) -> DFPTensor:
+def _grad_input_weights(
+    weight: torch.Tensor, groups: int, headroom: int, weight_channel: bool, rows: bool = False
+) -> DFPTensor:
     """The float32 weight (Cout, Cg, KH, KW) quantized for dX = dY W: mantissa
     (G, Cout/G, KH, KW, Cg). The reduction runs over output channels, so
-    ``weight_channel`` gives an exponent per block of ``spec.block`` = chain_length output
-    channels (and per kh, kw, ci), blocks never straddling groups: exponent
-    (G, blocks, KH, KW, Cg). Otherwise one per tensor, as in the forward."""
+    ``weight_channel`` gives an exponent per block of ``spec.block`` output channels
+    (``_grad_input_block``; ``rows``: dY has exponents per image row and block) and per
+    (kh, kw, ci), blocks never straddling groups: exponent (G, blocks, KH, KW, Cg).
+    Otherwise one per tensor, as in the forward."""
     cout_g = weight.shape[0] // groups
     if not weight_channel:  # the 4-d weight's mantissa (Cout, KH, KW, Cg), grouped: one pass on the fused path
         q = layout.quantize_channels_last(weight, DFPSpec(headroom))
         return DFPTensor(q.mantissa.reshape(groups, cout_g, *q.mantissa.shape[1:]), q.exponent, q.spec)
     grouped = weight.view(groups, cout_g, *weight.shape[1:])
-    return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, _grad_input_block(cout_g, headroom)))
+    return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, _grad_input_block(cout_g, headroom, rows)))
 
 
-def _grad_input_block(cout_g: int, headroom: int) -> int:
-    """Output channels per weight exponent in grad_input (``weight_channel``): as many as
-    an int32 chain sums, at most a group's."""
-    return min(chain_length(headroom, headroom), max(cout_g, 1))
+def _grad_input_block(cout_g: int, headroom: int, rows: bool = False) -> int:
+    """Output channels per K-block of grad_input's reduction over (tap, output channel),
+    where the weight (``weight_channel``) or dY (``rows``: per image row and block) has
+    exponents per block: as many as an int32 chain sums, at most a group's; with dY's
+    row blocks, the largest divisor of Cout/G up to that (dY's blocks need no zero
+    channels then)."""
+    most = min(chain_length(headroom, headroom), max(cout_g, 1))
+    return max(b for b in range(1, most + 1) if cout_g % b == 0) if rows else most
 
 
 def _grad_input_in_one_call(stride: list[int], cout_g: int, block: int) -> bool:
@@ -118,7 +126,7 @@ def conv2d_impl(
     grad_rounding: int,
     grad_weight_rounding: int,
     grad_weight_block: int,
-    grad_input_per_sample: bool,
+    grad_input_exponent: int,
     channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = conv2d(x, weight) + bias, float32 (N, Cout, OH, OW) in channels-last memory
@@ -136,8 +144,8 @@ def conv2d_impl(
     ``grad_weight_rounding`` (codes of ``dfp.format.ROUNDINGS``) round the output
     gradient in grad_input and in grad_weight; ``grad_weight_block`` > 0 gives the output
     gradient one exponent per block of that many output pixels and channel in grad_weight
-    (0: one per tensor); ``grad_input_per_sample`` one per sample in grad_input (else one
-    per tensor).
+    (0: one per tensor); ``grad_input_exponent`` (a code of ``dfp.formats.GRAD_INPUT_EXPONENTS``)
+    groups it in grad_input: per tensor, sample, or image row and channel block.
     """
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -251,13 +259,17 @@ def conv2d_grad_input_impl(
     channels_last: bool,
 ) -> torch.Tensor:
     """dX (N, C, H, W) float32 from the quantized output gradient ``grad_q`` int16
-    (N, OH, OW, Cout) with 0-d exponent, and the float32 weight (Cout, C/groups, KH, KW),
-    quantized here (see ``_grad_input_weights``)."""
+    (N, OH, OW, Cout) with exponents ``grad_exponent``: 0-d, one per sample (N,), or one
+    per image row and block of ``_grad_input_block(Cout/groups, headroom, rows=True)``
+    channels (N, OH, blocks); and the float32 weight (Cout, C/groups, KH, KW), quantized
+    here (see ``_grad_input_weights``)."""
     layer = getattr(backends.active(grad_q.device), "conv2d_grad_input", None)
     n, _, h, w = input_shape
     cout, _, kh, kw = weight.shape
-    block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
+    rows = grad_exponent.dim() == 3
+    block = _grad_input_block(cout // groups, headroom, rows) if weight_channel else 0
     oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    _check_row_exponents(grad_exponent, n, oh, cout, groups, headroom)
     if (
         layer is not None
         and _grad_input_in_one_call(stride, cout // groups, block)
@@ -266,17 +278,29 @@ def conv2d_grad_input_impl(
         and grad_q.is_contiguous()
         and tuple(grad_q.shape) == (n, oh, ow, cout)
         and grad_exponent.dtype == torch.int32
-        and grad_exponent.numel() in (1, n)
+        and (grad_exponent.numel() in (1, n) or rows)
     ):
         grad = layer(grad_q, grad_exponent, weight, input_shape, padding, dilation, groups, headroom, weight_channel,
                      block)  # fmt: skip
         if grad is not None:  # else NaN/Inf: the steps below
             return _to_nchw(grad, channels_last)
-    wq = _grad_input_weights(weight, groups, headroom, weight_channel)
+    wq = _grad_input_weights(weight, groups, headroom, weight_channel, rows)
     if layout.is_nonfinite(grad_exponent, wq.exponent):
         return _nan(input_shape, grad_q, channels_last)
     grad = grad_input(grad_q, grad_exponent, wq, input_shape, stride, padding, dilation)
     return _to_nchw(grad, channels_last)
+
+
+def _check_row_exponents(grad_exponent: torch.Tensor, n: int, oh: int, cout: int, groups: int, headroom: int) -> None:
+    """Exponents per image row must come in the blocks of channels grad_input reads."""
+    if grad_exponent.dim() != 3:
+        return
+    block = _grad_input_block(cout // groups, headroom, rows=True)
+    if tuple(grad_exponent.shape) != (n, oh, cout // block):
+        raise ValueError(
+            f"grad_exponent per image row must have shape (N, OH, Cout / {block}) = ({n}, {oh}, {cout // block}) "
+            f"(blocks of {block} output channels), got {tuple(grad_exponent.shape)}"
+        )
 
 
 conv2d_grad_input = torch.library.custom_op("dfp::conv2d_grad_input", mutates_args=())(conv2d_grad_input_impl)
@@ -295,17 +319,20 @@ def quantize_grad_output_impl(
     block_rounding: int,
     input_rounding: int,
     seed: torch.Tensor,
+    channel_block: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """float32 (N, C, H, W) -> (int16 mantissas (N, H, W, C) and int32 exponents) for
     grad_weight, one exponent per block of ``block`` output pixels and channel
     (ceil(N*H*W / block), C), the K-blocks of its reduction over pixels; and for
-    grad_input, per tensor (0-d; ``input_exponent`` 1) or per sample ((N,); 2). An
+    grad_input, per tensor (0-d; ``input_exponent`` 1), per sample ((N,); 2) or per image
+    row and block of ``channel_block`` channels ((N, H, C / channel_block); 3). An
     output not asked for (``block`` 0, ``input_exponent`` 0) is an empty (0,) mantissa
     and a 0-d exponent. Each rounds its own way (``*_rounding``), from the one ``seed``
     (as in ``quantize_channels_last``). Reads ``t`` twice in all where the backend can;
     ``NONFINITE`` exponents if ``t`` holds NaN/Inf."""
-    per_sample = (None, False, True)[input_exponent]
-    outputs = layout.quantize_gradient(t, headroom, block, per_sample, (block_rounding, input_rounding), int(seed))
+    groups = (None, *GRAD_INPUT_EXPONENTS)[input_exponent]
+    rounding = (block_rounding, input_rounding)
+    outputs = layout.quantize_gradient(t, headroom, block, groups, rounding, int(seed), channel_block)
 
     def none():
         return t.new_empty((0,), dtype=torch.int16), t.new_zeros((), dtype=torch.int32)
@@ -319,14 +346,15 @@ quantize_grad_output = torch.library.custom_op("dfp::quantize_grad_output", muta
 
 
 @quantize_grad_output.register_fake
-def _(t, headroom, block, input_exponent, block_rounding, input_rounding, seed):
+def _(t, headroom, block, input_exponent, block_rounding, input_rounding, seed, channel_block=0):
     n, c, h, w = t.shape
 
     def mantissa(asked: bool) -> torch.Tensor:
         return t.new_empty((n, h, w, c) if asked else (0,), dtype=torch.int16)
 
     e_blocks = t.new_empty((-(-(n * h * w) // block), c) if block else (), dtype=torch.int32)
-    e_input = t.new_empty((n,) if input_exponent == 2 else (), dtype=torch.int32)
+    e_shape = {2: (n,), 3: (n, h, c // max(channel_block, 1))}.get(input_exponent, ())
+    e_input = t.new_empty(e_shape, dtype=torch.int32)
     return mantissa(block > 0), e_blocks, mantissa(input_exponent > 0), e_input
 
 
@@ -431,10 +459,12 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
     layer = getattr(backends.active(grad_y.device), "conv2d_backward", None)
     need_input, need_weight = ctx.needs_input_grad[:2]
     stride, padding, dilation, groups = ctx.conv
-    headroom, weight_channel, input_dfp, weight_dfp, rounding, weight_rounding, dy_block, per_sample = ctx.config
+    headroom, weight_channel, input_dfp, weight_dfp, rounding, weight_rounding, dy_block, input_groups = ctx.config
     n, _, h, w = ctx.input_shape
     cout, _, kh, kw = weight.shape
-    weight_block = _grad_input_block(cout // groups, headroom) if weight_channel else 0
+    rows = GRAD_INPUT_EXPONENTS[input_groups] == "row"
+    weight_block = _grad_input_block(cout // groups, headroom, rows) if weight_channel else 0
+    row_block = _grad_input_block(cout // groups, headroom, rows=True) if rows else 0
     oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
     if (
         layer is None
@@ -450,7 +480,8 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
     input_last, weight_last = ctx.channels_last
     grads = layer(
         grad_y, weight, x_padded, x_exponent, ctx.input_shape, (padding, dilation, groups), headroom, weight_channel,
-        (weight_block, dy_block), (per_sample, weight_rounding, rounding, int(seed)), (need_input, need_weight),
+        (weight_block, dy_block, row_block), (input_groups, weight_rounding, rounding, int(seed)),
+        (need_input, need_weight),
         weight_last,
     )  # fmt: skip
     if grads is None:
@@ -505,7 +536,7 @@ def _products(ctx, grad_y, calls: _BackwardCalls, seed):
         rounding,
         weight_rounding,
         weight_block,
-        per_sample,
+        input_groups,
     ) = ctx.config
     input_last, weight_last = ctx.channels_last
     grad_x = grad_w = None
@@ -513,11 +544,13 @@ def _products(ctx, grad_y, calls: _BackwardCalls, seed):
     # grad_weight's reduction runs over pixels: runs of them get exponents there; the
     # quantization for grad_input rides along where dY is read anyway
     fused_weight = dfp_weight and weight_block > 0
-    fused_input = dfp_input and (per_sample or fused_weight)
+    fused_input = dfp_input and (input_groups > 0 or fused_weight)
     if fused_weight or fused_input:
-        block, input_exponent = weight_block if fused_weight else 0, (2 if per_sample else 1) if fused_input else 0
+        block, input_exponent = weight_block if fused_weight else 0, input_groups + 1 if fused_input else 0
+        rows = GRAD_INPUT_EXPONENTS[input_groups] == "row"
+        row_block = _grad_input_block(grad_y.shape[1] // groups, headroom, rows=True) if rows else 0
         grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
-            grad_y, headroom, block, input_exponent, weight_rounding, rounding, seed
+            grad_y, headroom, block, input_exponent, weight_rounding, rounding, seed, row_block
         )
     if dfp_input and not fused_input:
         grad_q, grad_e = calls.quantize(grad_y, headroom, rounding, seed)

@@ -17,7 +17,8 @@ from .format import MAX_HEADROOM, ROUNDINGS, DFPSpec, Rounding
 
 Product = Literal["dfp", "fp32", "bf16", "fp16"]
 WeightExponent = Literal["tensor", "channel"]
-GradInputExponent = Literal["tensor", "sample"]
+GradInputExponent = Literal["tensor", "sample", "row"]
+GRAD_INPUT_EXPONENTS = ("tensor", "sample", "row")  # the codes of the ops' grad_input_exponent
 
 _FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -43,9 +44,13 @@ class Format:
             exponent per block of this many output pixels and per channel in the
             grad_weight product, whose reduction runs over pixels: each block is a K-block
             of that GEMM (MX-style). None: one exponent per tensor (Das et al.).
-        grad_input_exponent: "tensor" (Das et al.) or "sample": output gradients get one
-            exponent per sample in the grad_input product (each row of that GEMM lies in
-            one sample, so a row's exponent costs only its epilogue scale).
+        grad_input_exponent: "tensor" (Das et al.), "sample" or "row": output gradients get
+            one exponent per sample in the grad_input product (each row of that GEMM lies in
+            one sample, so a row's exponent costs only its epilogue scale), or one per image
+            row and block of output channels (the largest divisor of Cout/groups up to the
+            int32 chain length: 32 at headroom 2), the K-blocks of that product's reduction
+            over (tap, output channel); a weight with exponents per channel then has them
+            per the same blocks.
         grad_weight_rounding: rounding of output gradients in the grad_weight product, whose
             sums run over every pixel of the batch: rounding to nearest there leaves
             errors that add up coherently (the same small values round the same way), while
@@ -93,9 +98,9 @@ class Format:
         block = self.grad_weight_block
         if block is not None and (type(block) is not int or block < 2 or block % 2):
             raise ValueError(f"Format.grad_weight_block must be None or an even int >= 2, got {block!r}")
-        if self.grad_input_exponent not in ("tensor", "sample"):
+        if self.grad_input_exponent not in GRAD_INPUT_EXPONENTS:
             raise ValueError(
-                f"Format.grad_input_exponent must be 'tensor' or 'sample', got {self.grad_input_exponent!r}"
+                f"Format.grad_input_exponent must be one of {GRAD_INPUT_EXPONENTS}, got {self.grad_input_exponent!r}"
             )
         if type(self.headroom) is not int or not 0 <= self.headroom <= MAX_HEADROOM:  # a bool is no headroom
             raise ValueError(f"Format.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
@@ -113,10 +118,12 @@ class Format:
 
 
 # The default's output gradients get an exponent per 32 output pixels and channel in
-# grad_weight (one int32 chain at headroom 2) and one per sample in grad_input: per
-# tensor, grad_weight was up to 21 dB less accurate than bf16 on ResNet-20's layers and
-# grad_input as little as 7.7 dB more (AMD Zen 4; docs/fidelity.md).
-GRAD_EXPONENTS = {"grad_weight_block": 32, "grad_input_exponent": "sample"}
+# grad_weight (one int32 chain at headroom 2) and one per image row and block of output
+# channels in grad_input: per tensor, grad_weight was up to 21 dB less accurate than bf16
+# on ResNet-20's layers and grad_input as little as 7.7 dB more; per sample, a
+# heavy-tailed gradient's grad_input stayed 9.8 dB above bf16, per image row 16.8 (AMD
+# Zen 4; docs/fidelity.md).
+GRAD_EXPONENTS = {"grad_weight_block": 32, "grad_input_exponent": "row"}
 
 FORMATS: dict[str, Format] = {
     # dithered rounding in grad_weight: rounded to nearest, the small gradients of a
@@ -137,7 +144,8 @@ def resolve(fmt: str | DFPSpec | Format) -> Format:
 
     ``fmt`` is a Format (returned as is), a name from ``FORMATS`` ("dfp16": headroom 2,
     output gradients with an exponent per 32 pixels and channel in grad_weight, rounded
-    there with dithering, and per sample in grad_input, rounded to nearest; "dfp16-sr":
+    there with dithering, and per image row and block of channels in grad_input, rounded
+    to nearest; "dfp16-sr":
     the same with stochastic rounding of gradients; "dfp16-tensor": one exponent per
     tensor everywhere, as in Das et al. 2018; "fp32", "bf16", "fp16"), or a DFPSpec: its
     headroom, its rounding for the gradients (the forward rounds to nearest), and

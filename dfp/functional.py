@@ -29,7 +29,7 @@ from . import _conv_layout as layout
 from . import _ops
 from . import autograd as _autograd  # also registers torch.ops.dfp.conv2d
 from .format import ROUNDINGS, DFPSpec
-from .formats import Format, resolve
+from .formats import GRAD_INPUT_EXPONENTS, Format, resolve
 
 PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 
@@ -160,11 +160,11 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
 
 
 def _op_switches(f: Format) -> tuple:
-    """``dfp::conv2d``'s arguments from headroom to grad_input_per_sample."""
+    """``dfp::conv2d``'s arguments from headroom to grad_input_exponent."""
     return (
         f.headroom, f.weight_exponent == "channel", f.forward == "dfp", f.grad_input == "dfp",
         f.grad_weight == "dfp", ROUNDINGS.index(f.grad_rounding), ROUNDINGS.index(f.rounding_in_grad_weight),
-        f.grad_weight_block or 0, f.grad_input_exponent == "sample",
+        f.grad_weight_block or 0, GRAD_INPUT_EXPONENTS.index(f.grad_input_exponent),
     )  # fmt: skip
 
 

@@ -7,6 +7,8 @@ they are exact), uint32 arithmetic in int64 with explicit masks.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._errors import NonFiniteError
@@ -74,11 +76,11 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _random_bits(shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+def _random_bits(shape: tuple[int, ...], seed: int, device: torch.device | None = None) -> torch.Tensor:
     """The 23-bit random integer r of every element (as int64): a counter-based hash of
     its row-major flat index and the 64-bit seed."""
     k0, k1 = seed & _U32, (seed >> 32) & _U32
-    index = torch.arange(shape[0] * shape[1] * shape[2], dtype=torch.int64).view(shape)
+    index = torch.arange(math.prod(shape), dtype=torch.int64, device=device).view(shape)
     lo, hi = index & _U32, index >> 32
     return (_mix(lo ^ k0) ^ _mix(hi ^ k1)) >> 9
 
@@ -90,7 +92,7 @@ def _dither_bits(x: torch.Tensor) -> torch.Tensor:
     """The 23-bit integer r of dithered rounding (as int64) of contiguous ``x``: a hash of
     each element's sign and significand bits (not its exponent field, so that a
     power-of-two scale leaves the rounding as it is) and the low half of its flat index."""
-    index = torch.arange(x.numel(), dtype=torch.int64).view(x.shape) & _U32
+    index = torch.arange(x.numel(), dtype=torch.int64, device=x.device).view(x.shape) & _U32
     return _mix((x.view(torch.int32).to(torch.int64) & DITHER_MASK) ^ index ^ DITHER_KEY) >> 9
 
 
@@ -99,10 +101,23 @@ def quantize3d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """int16 mantissas (O, N, I) and int32 exponents ((1,), (N,) or (O, ceil(N/block), I))."""
     check_finite(x)
-    o, n, i = x.shape
+    n = x.shape[1]
     group_exponent = _group_exponent(_group_amax(x, mode, block), headroom)
     e = group_exponent.repeat_interleave(block, dim=1)[:, :n] if mode == 2 else group_exponent
+    mantissa = round_to_exponents(x, e, headroom, rounding, seed)
+    exponent = group_exponent if mode == 2 else group_exponent.reshape(-1)
+    return mantissa, exponent.to(torch.int32)
 
+
+def group_exponents(amax: torch.Tensor, headroom: int) -> torch.Tensor:
+    """The int32 exponents of groups whose maxima of absolute values are ``amax``."""
+    return _group_exponent(amax, headroom).to(torch.int32)
+
+
+def round_to_exponents(x: torch.Tensor, e: torch.Tensor, headroom: int, rounding: int, seed: int) -> torch.Tensor:
+    """int16 mantissas of finite, contiguous ``x`` against the exponents ``e`` (broadcast
+    to x), each element's random bits from its row-major flat index in x; torch ops on
+    x's device."""
     # v = x * 2**-e in fp32. 2**-e leaves the fp32 range when -e > 127 (tiny groups):
     # then multiply by 2**64 first and by 2**(-e - 64) after, both exact; otherwise
     # the second factor is 1.
@@ -114,12 +129,10 @@ def quantize3d(
     else:
         floor = torch.floor(v)
         threshold = (v - floor) * 2.0**23
-        bits = _random_bits((o, n, i), seed) if rounding == STOCHASTIC else _dither_bits(x.contiguous())
+        bits = _random_bits(tuple(x.shape), seed, x.device) if rounding == STOCHASTIC else _dither_bits(x.contiguous())
         q = floor + ((bits.float() + 0.5) < threshold).float()
     limit = 2 ** (15 - headroom) - 1
-    mantissa = q.clamp(-limit, limit).to(torch.int16)
-    exponent = group_exponent if mode == 2 else group_exponent.reshape(-1)
-    return mantissa, exponent.to(torch.int32)
+    return q.clamp(-limit, limit).to(torch.int16)
 
 
 def gemm(

@@ -169,30 +169,45 @@ def _dequantized_pixel_blocks(t: torch.Tensor, block: int) -> torch.Tensor:
     return _dequantized(pixels, DFPSpec(axis=0, block=block)).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
-@pytest.mark.parametrize("name", ["dfp16", "dfp16-tensor"])
+def _dequantized_row_blocks(t: torch.Tensor, block: int) -> torch.Tensor:
+    """t (N, C, H, W) quantized with an exponent per image row and block of channels."""
+    n, c, h, w = t.shape
+    groups = t.view(n, c // block, block, h, w).permute(0, 3, 1, 2, 4).reshape(-1, block * w)
+    return (
+        _dequantized(groups, DFPSpec(axis=0)).view(n, h, c // block, block, w).permute(0, 2, 3, 1, 4).reshape(t.shape)
+    )
+
+
+@pytest.mark.parametrize("name", ["dfp16", "dfp16-tensor", "sample"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_product_multiplies_the_operands_quantized_as_documented(stride, name):
     """Forward: x per tensor, weight per output channel; grad_input: dY per tensor
-    ("dfp16-tensor") or per sample ("dfp16"), weight per block of 32 (the chain length)
-    output channels along the reduction; grad_weight: x per tensor, dY per tensor
-    ("dfp16-tensor") or per block of 32 output pixels and channel ("dfp16"). The result
-    equals fp64 on the dequantized operands up to fp32 accumulation, and the channels'
-    and samples' scales (2^0 .. 2^-13, 2^-9) make any other grouping miss by orders of
-    magnitude more."""
+    ("dfp16-tensor"), per sample ("sample") or per image row and block of 20 channels
+    (the largest divisor of 40 up to the chain length 32: "dfp16"), weight per block of
+    32 (rows: 20) output channels along the reduction; grad_weight: x per tensor, dY per
+    tensor ("dfp16-tensor") or per block of 32 output pixels and channel. The result
+    equals fp64 on the dequantized operands up to fp32 accumulation, and the channels',
+    samples' and rows' scales (2^0 .. 2^-13, 2^-9, 2^0 .. 2^-10) make any other grouping
+    miss by orders of magnitude more."""
     # nearest rounding everywhere: this is about which values share an exponent
-    fmt = dataclasses.replace(resolve(name), weight_exponent="channel", grad_weight_rounding="nearest")
-    cout = 40  # two blocks along Cout in grad_input: 32 + 8
+    fmt = resolve("dfp16" if name == "sample" else name)
+    fmt = dataclasses.replace(fmt, weight_exponent="channel", grad_weight_rounding="nearest")
+    fmt = dataclasses.replace(fmt, grad_input_exponent="sample") if name == "sample" else fmt
+    rows = fmt.grad_input_exponent == "row"
+    cout = 40  # two blocks along Cout in grad_input: 32 + 8 (rows: 20 + 20)
     x = _gaussian((2, 5, 6, 6), 0).requires_grad_()
     w = (_gaussian((cout, 5, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
     grad = _gaussian((2, cout, 6, 6), 2) * torch.tensor([1.0, 2.0**-9]).view(2, 1, 1, 1)
-    grad = grad[:, :, ::stride, ::stride]
+    grad = (grad * torch.exp2(-2.0 * torch.arange(6)).view(1, 1, 6, 1))[:, :, ::stride, ::stride]
     DF.conv2d(x, w, stride=stride, padding=1, fmt=fmt).backward(grad)
 
     xd, dyd = _dequantized(x.detach(), DFPSpec()), _dequantized(grad, DFPSpec())
     dyd_weight = _dequantized_pixel_blocks(grad, fmt.grad_weight_block) if fmt.grad_weight_block else dyd
-    dyd_input = _dequantized(grad, DFPSpec(axis=0)) if fmt.grad_input_exponent == "sample" else dyd
+    dyd_input = {"tensor": dyd, "sample": _dequantized(grad, DFPSpec(axis=0)), "row": _dequantized_row_blocks(grad, 20)}
+    dyd_input = dyd_input[fmt.grad_input_exponent]
     w_forward = _dequantized(w.detach(), DFPSpec(axis=0))
-    w_backward = _dequantized(w.detach().reshape(cout, -1), DFPSpec(axis=0, block=32)).view(w.shape)
+    w_block = 20 if rows else 32
+    w_backward = _dequantized(w.detach().reshape(cout, -1), DFPSpec(axis=0, block=w_block)).view(w.shape)
     y = DF.conv2d(x.detach(), w.detach(), stride=stride, padding=1, fmt=fmt)
     checks = [
         (y, torch.nn.functional.conv2d(xd, w_forward, stride=stride, padding=1)),

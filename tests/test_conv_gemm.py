@@ -219,18 +219,44 @@ def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(back
     want_blocks = on_reference(_ops.quantize_impl, pixels, 2, 0, 4, rounding, 11)
     want_tensor = on_reference(_ops.quantize_impl, pixels, 2, None, None, other, 11)
     want_samples = on_reference(_ops.quantize_impl, pixels.reshape(2, -1), 2, 0, None, other, 11)
-    for per_sample, (q, e) in ((False, want_tensor), (True, want_samples)):
-        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, per_sample, (rounding, other), seed=11)
+    for groups, (q, e) in (("tensor", want_tensor), ("sample", want_samples)):
+        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, groups, (rounding, other), seed=11)
         assert torch.equal(q_blocks.reshape(-1, channels), want_blocks[0]) and torch.equal(e_blocks, want_blocks[1])
         assert torch.equal(q_input.reshape(q.shape), q) and torch.equal(e_input, e.reshape(e_input.shape))
     assert (e_blocks[0] == -149 - 13 + 1).all()
     assert layout.quantize_gradient(t, 2, 4, None, (rounding, 0), seed=11)[2:] == (None, None)
-    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, True, (0, other), seed=11)
+    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 0, "sample", (0, other), seed=11)
     assert (q_blocks, e_blocks) == (None, None) and torch.equal(e_input, want_samples[1].view(2))
     t[0, 0, 0, 0] = float("nan")
-    q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, True, (rounding, rounding))
-    assert (e_blocks == layout.NONFINITE).all() and (e_input == layout.NONFINITE).all()
-    assert not q_blocks.any() and not q_input.any()
+    for groups in ("sample", "row"):
+        q_blocks, e_blocks, q_input, e_input = layout.quantize_gradient(t, 2, 4, groups, (rounding, rounding), 0, 2)
+        assert (e_blocks == layout.NONFINITE).all() and (e_input == layout.NONFINITE).all()
+        assert not q_blocks.any() and not q_input.any()
+
+
+@pytest.mark.parametrize("width", [7, 2])
+@pytest.mark.parametrize("channels", [6, 32])
+@pytest.mark.parametrize("rounding", [0, 1, 2])  # codes of dfp.format.ROUNDINGS
+def test_gradient_quantized_per_image_row_and_channel_block(backend, rounding, channels, width):
+    """grad_input's output gradient per image row and block of channels: the bits of
+    the reference (each element's random bits from its index in the pixel matrix), with
+    grad_weight's blocks of 4 pixels beside it, straddling rows (7 pixels each) or made
+    of two (2 pixels each); rounded to nearest, each group's bits are those of
+    quantizing it alone (a row of zeros included: the zero group's exponent)."""
+    g = torch.Generator().manual_seed(5)
+    shape, block = (2, channels, 5, width), channels // 2
+    t = torch.randn(shape, generator=g) * torch.exp2(torch.randint(-30, 30, (2, 1, 5, 1), generator=g).float())
+    t[0, :, 1] = 0.0
+    t = t.contiguous(memory_format=torch.channels_last)
+    args = (t, 2, 4, "row", (rounding, rounding), 11, block)
+    got, want = layout.quantize_gradient(*args), on_reference(layout.quantize_gradient, *args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert got[3].shape == (2, 5, 2) and (got[3][0, 1] == -149 - 13 + 1).all()
+    if rounding == 0:
+        for n, row, b in ((0, 0, 0), (1, 4, 1), (0, 1, 1)):
+            alone = t[n, b * block : (b + 1) * block, row].t().contiguous()  # (width, block)
+            q, e = _ops.quantize_impl(alone, 2, None, None, 0, 0)
+            assert torch.equal(got[2][n, row, :, b * block : (b + 1) * block], q) and int(e) == got[3][n, row, b]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -243,3 +269,40 @@ def test_conv_gemm_with_an_exponent_per_image_equals_gemm_on_im2col(backend, nam
     ex = torch.randint(-40, -10, (x.shape[0],), generator=g, dtype=torch.int32)
     args = (x, ex, 2, w, ew, 2, kblock, kernel, stride, dilation, bias)
     assert torch.equal(torch.ops.dfp.conv_gemm(*args), on_reference(torch.ops.dfp.conv_gemm, *args))
+
+
+def _channel_block(channels_per_group: int) -> int:
+    """The largest divisor of a group's channels up to 8: several blocks per tap where the
+    channels allow."""
+    return max(b for b in range(1, 9) if channels_per_group % b == 0)
+
+
+@pytest.mark.parametrize("kernel_rows", [False, True])
+@pytest.mark.parametrize("name", CASES)
+def test_conv_gemm_with_an_exponent_per_image_row_and_channel_block_equals_gemm_on_im2col(backend, name, kernel_rows):
+    """Exponents per image row and channel block (grad_input's output gradient, row by
+    row), 30 binades apart and some of a row of zeros (-161: its chains vanish against
+    the others): the compiled kernel's chain scales per row group give the reference's
+    bits on the materialised patch exponents; K-blocks of one tap and channel block, or
+    (``kernel_rows``: a group's channels in one block) of a kernel row of taps."""
+    x, _, w, _, _, kernel, stride, dilation, bias = _operands(CASES[name])
+    n, hp, _, c = x.shape
+    groups, k, nout = w.shape
+    block = c // groups if kernel_rows else _channel_block(c // groups)
+    kblock = kernel[1] * block if kernel_rows else block
+    g = torch.Generator().manual_seed(11)
+    ex = torch.randint(-40, -10, (n, hp, c // block), generator=g, dtype=torch.int32)
+    ex[:, ::3, ::2] = -161
+    ew = torch.randint(-30, -5, (groups, k // kblock, nout), generator=g, dtype=torch.int32)
+    args = (x, ex, 2, w, ew, 2, kblock, kernel, stride, dilation, bias)
+    assert torch.equal(torch.ops.dfp.conv_gemm(*args), on_reference(torch.ops.dfp.conv_gemm, *args))
+
+
+def test_conv_gemm_rejects_row_exponents_whose_blocks_straddle_taps():
+    x, _, w, _, _, kernel, stride, dilation, _ = _operands(CASES["3x3"])
+    ex = torch.zeros((x.shape[0], x.shape[1], 2), dtype=torch.int32)  # blocks of 8 of the 16 channels
+    ew = torch.zeros((1, 9, w.shape[2]), dtype=torch.int32)  # K-blocks of 16: one per tap
+    with pytest.raises(ValueError, match="kblock must be that block"):  # not a kernel row either: two blocks per tap
+        _ops.conv_gemm_impl(x, ex, 2, w, ew, 2, 16, kernel, stride, dilation, None)
+    with pytest.raises(ValueError, match=r"one per image row and block of C/B channels"):
+        _ops.conv_gemm_impl(x, ex[:, :3], 2, w, ew, 2, 16, kernel, stride, dilation, None)

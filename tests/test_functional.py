@@ -20,6 +20,9 @@ from dfp.formats import FORMATS, Format, resolve
 
 DFP16 = resolve("dfp16")
 CHANNEL = dataclasses.replace(DFP16, name="dfp16-channel", weight_exponent="channel")
+# grad_input's dY per image row and block of channels (the default's), rounded stochastically; per sample
+ROWS = dataclasses.replace(DFP16, name="dfp16-rows-sr", grad_rounding="stochastic")
+SAMPLE = dataclasses.replace(DFP16, name="dfp16-sample", grad_input_exponent="sample")
 
 
 def _integers(shape, seed, high=8) -> torch.Tensor:
@@ -206,7 +209,7 @@ def test_sqnr_against_fp64_on_gaussian_data(kind, fmt):
     assert _sqnr(got[3], want[3]) > 120  # the bias gradient stays fp32
 
 
-@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr")], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr"), ROWS, SAMPLE], ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
     if kind == "linear":
@@ -240,7 +243,9 @@ ONE_CALL_CASES = {
 }
 
 
-@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr")], ids=lambda f: f.name)
+@pytest.mark.parametrize(
+    "fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr"), ROWS, SAMPLE], ids=lambda f: f.name
+)
 @pytest.mark.parametrize("case", ONE_CALL_CASES)
 def test_channels_last_layers_bit_exact_against_the_integer_reference(backend, case, fmt):
     x_shape, w_shape, options = ONE_CALL_CASES[case]
@@ -297,12 +302,13 @@ def test_weight_gradient_alone_can_round_stochastically(kind):
     assert abs(_sqnr(runs[0][2], want[2]) - _sqnr(nearest[2], want[2])) < 6
 
 
+@pytest.mark.parametrize("fmt", [resolve("dfp16-sr"), ROWS], ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
-def test_results_do_not_depend_on_the_thread_count(kind):
+def test_results_do_not_depend_on_the_thread_count(kind, fmt):
     if kind == "linear":
-        shapes, fn = ((256, 200), (64, 200), (256, 64)), lambda *a: DF.linear(*a, fmt="dfp16-sr")
+        shapes, fn = ((256, 200), (64, 200), (256, 64)), lambda *a: DF.linear(*a, fmt=fmt)
     else:
-        shapes, fn = ((4, 16, 16, 16), (32, 16, 3, 3), (4, 32, 16, 16)), _conv_fn("dfp16-sr", padding=1)
+        shapes, fn = ((4, 16, 16, 16), (32, 16, 3, 3), (4, 32, 16, 16)), _conv_fn(fmt, padding=1)
     x, w, grad = (_gaussian(shape, seed) for seed, shape in enumerate(shapes))
     results = []
     for threads in (1, 2):
@@ -419,6 +425,7 @@ def test_resolve_rejects_unknown_formats(fmt, match):
         ({"is_dfp": True, "grad_weight_block": 31}, "grad_weight_block"),
         ({"is_dfp": True, "grad_weight_rounding": "up"}, "grad_weight_rounding"),
         ({"is_dfp": True, "grad_input_exponent": "pixel"}, "grad_input_exponent"),
+        ({"is_dfp": True, "grad_input_exponent": True}, "grad_input_exponent"),
         ({"is_dfp": True, "grad_weight_block": True}, "grad_weight_block"),
     ],
 )

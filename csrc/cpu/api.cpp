@@ -68,6 +68,25 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   }
 }
 
+// A's exponents of group g where the image has one per image row and channel block: each
+// output row's, (n * oh, KB), K-block (kh, kw, block) taking the row that kernel row
+// reads; or where a group's channels are one block, K-block kh: a kernel row's taps read
+// one image row.
+std::vector<int32_t> output_row_exponents(const ImageExponents& ex, const ConvShape& s, int64_t channels, int64_t g,
+                                          const KLayout& kl) {
+  const int64_t per_tap = s.cg / ex.channel_block, image_blocks = channels / ex.channel_block;
+  const int64_t oh = s.oh(), taps_per_block = kl.kblock / ex.channel_block;  // 1, or kw (one block per tap)
+  std::vector<int32_t> ea(s.n * oh * kl.nblocks);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t o = 0; o < oh; ++o)
+      for (int64_t i = 0; i < s.kh; ++i) {
+        const int32_t* row = ex.values + (n * s.hp + o * s.sh + i * s.dh) * image_blocks + g * per_tap;
+        for (int64_t j = 0; j < s.kw; j += taps_per_block)
+          std::copy_n(row, per_tap, ea.data() + (n * oh + o) * kl.nblocks + (i * s.kw + j) / taps_per_block * per_tap);
+      }
+  return ea;
+}
+
 }  // namespace
 
 bool quantize3d(const float* x, int64_t O, int64_t N, int64_t I, int mode, int64_t block, int headroom,
@@ -122,27 +141,32 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
   return true;
 }
 
-void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32_t* ex, int64_t ex_count, int hx,
-                     const int16_t* w, int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew,
-                     int64_t kblock, int hw, const float* bias, float* y, int nthreads) {
+void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
+                     int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
+                     const float* bias, float* y, int nthreads) {
   const MicroKernel& uk = micro_kernel(active_isa(), nout);
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
-  // One row of exponents: the image's (its first one), and where each image has its own,
-  // the rest as an offset per row (every patch lies in one image), which moves no chain scale.
-  const std::vector<int32_t> ea(kl.nblocks, ex[0]);
+  const bool per_row = ex.channel_block > 0;
+  // Per tensor or per image: one row of exponents, the image's (its first one), and where
+  // each image has its own, the rest as an offset per row (every patch lies in one
+  // image), which moves no chain scale.
+  std::vector<int32_t> ea(per_row ? 0 : kl.nblocks, ex.values[0]);
   std::vector<int32_t> image_offsets;
-  for (int64_t image = 0; image < ex_count && ex_count > 1; ++image) image_offsets.push_back(ex[image] - ex[0]);
+  for (int64_t image = 0; !per_row && image < ex.count && ex.count > 1; ++image)
+    image_offsets.push_back(ex.values[image] - ex.values[0]);
   // A pointwise convolution's patches are the image's rows: read them in place.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
   // Every task gathers its own block of patches, so all columns go in one task when
   // they fit (the fp32 tile then spans them all).
-  GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), true};
+  GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), !per_row};
   if (!image_offsets.empty())
-    options.row_offsets = {image_offsets.data(), std::max<int64_t>(shape.oh() * shape.ow(), 1), ex_count};
+    options.row_offsets = {image_offsets.data(), std::max<int64_t>(shape.oh() * shape.ow(), 1), ex.count};
+  if (per_row) options.a_rows_per_exponent = shape.ow();  // an output row's pixels share its exponents
   Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
+    if (per_row) ea = output_row_exponents(ex, shape, geometry.channels, g, kl);
     const PatchRows patches(image, shape, kl);
     if (pointwise) pack_a_int16(image, geometry.channels, 1, shape.pixels(), kl, uk.mr, ws.a, nthreads);
     pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);

@@ -30,12 +30,21 @@ struct ConvGeometry {
   int64_t n, hp, wp, channels, groups, kh, kw, sh, sw, dh, dw;
 };
 
+// The exponents of a convolution's image: one (count 1), one per image (count n), or
+// (channel_block > 0) one per image row and block of that many channels, (n, hp,
+// channels / channel_block) row-major, count n * hp * channels / channel_block.
+struct ImageExponents {
+  const int32_t* values;
+  int64_t count;
+  int64_t channel_block = 0;
+};
+
 // y (pixels, groups * nout) = per group g: patches_g (pixels, K) x w_g (K, nout), K over
 // (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex the image's
-// exponents, one (ex_count 1) or one per image (ex_count n); ew (groups, KB, nout)
-// contiguous; bias (groups * nout) or null.
-void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, const int32_t* ex, int64_t ex_count, int hx,
-                     const int16_t* w,
+// exponents (per image row and channel block, which divides channels / groups: K-blocks
+// of kblock = ex.channel_block, or where that is a group's channels, kw times that);
+// ew (groups, KB, nout) contiguous; bias (groups * nout) or null.
+void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
                      const float* bias, float* y, int nthreads);
 

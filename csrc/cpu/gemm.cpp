@@ -68,20 +68,19 @@ void chain_scales(const int32_t* __restrict e, const int32_t* __restrict r, int6
     }
 }
 
-// A's: e is [row][block] (row_stride 0: every row has the same exponents, and one
-// reference and one row of chain scales are made), chain scales [row][block].
-Scales make_row_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t row_stride, int64_t padded_rows) {
+// A's: e is [row][block] for `rows` rows of exponents, chain scales [row][block] (and
+// rows of zeros up to padded_rows).
+Scales make_row_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t padded_rows) {
   Scales s;
-  if (row_stride == 0) rows = std::min<int64_t>(rows, 1);
   s.reference.resize(rows);
-  if (blocks > 1) s.chain.assign(blocks * (row_stride ? padded_rows : 1), 0.0f);
+  if (blocks > 1) s.chain.assign(blocks * std::max(rows, padded_rows), 0.0f);
   std::vector<int32_t> r(blocks);
   for (int64_t i = 0; i < rows; ++i) {
-    const int32_t* row = e + i * row_stride;
+    const int32_t* row = e + i * blocks;
     s.reference[i] = *std::max_element(row, row + blocks);
     if (blocks == 1) continue;
     std::fill(r.begin(), r.end(), s.reference[i]);
-    chain_scales(row, r.data(), blocks, s.chain.data() + i * row_stride);
+    chain_scales(row, r.data(), blocks, s.chain.data() + i * blocks);
   }
   return s;
 }
@@ -100,15 +99,47 @@ Scales make_column_scales(const int32_t* e, int64_t n, int64_t blocks, int64_t w
   return s;
 }
 
-// C = fp32(acc * 2^(ra[m] + rb[n])) (+ bias), with one ra for every row where ra has one
-// entry (rows of uniform exponents), plus the offset of the row's group where given
-// (RowOffsets). The product of the exact acc and a power of two is
+// Rows [i0, i0 + count) of A in groups of `group` rows, each group one row of exponents:
+// calls visit(r, exponent row) for each, with one division, not one per row.
+template <typename Visit>
+void for_exponent_rows(int64_t i0, int count, int64_t group, Visit visit) {
+  int64_t row = i0 / group, row_end = (row + 1) * group;
+  for (int r = 0; r < count; ++r) {
+    if (i0 + r >= row_end) ++row, row_end += group;
+    visit(r, row);
+  }
+}
+
+// The chain scales of the tile at row i (mr rows, of M) for the micro-kernel, from
+// chain ([exponent row][block], blocks per row): each row its own (group 1, the table
+// padded to whole tiles), one row for all (a tile inside one group: stride 0), or the
+// rows copied into `tile` (mr * blocks; a tile across groups). One pointer and a stride,
+// as the micro-kernel's registers allow (a pointer per row made it spill).
+struct TileScales {
+  const float* scales;
+  int64_t stride;
+};
+TileScales row_chain_scales(const std::vector<float>& chain, int64_t blocks, int64_t group, int64_t i, int mr,
+                            int64_t M, float* tile) {
+  const int64_t first = i / group, last = std::min(i + mr, M) - 1;
+  if (group == 1) return {chain.data() + i * blocks, blocks};
+  if (last < (first + 1) * group) return {chain.data() + first * blocks, 0};
+  for_exponent_rows(i, mr, group, [&](int r, int64_t row) {  // rows past M (never stored) read M - 1's
+    std::copy_n(chain.data() + std::min(row, (M - 1) / group) * blocks, blocks, tile + r * blocks);
+  });
+  return {tile, blocks};
+}
+
+// C = fp32(acc * 2^(ra[m / group] + rb[n])) (+ bias), rows sharing their exponents in
+// groups of `group` (all of them: rows of uniform exponents), plus the offset of the
+// row's image where given (RowOffsets). The product of the exact acc and a power of two is
 // rounded once, whether in fp32 or in double then to fp32; so fp32 is used whenever every
 // 2^ra, 2^rb and 2^(ra + rb) is an fp32 number (always, in practice).
 class Epilogue {
  public:
-  Epilogue(const std::vector<int32_t>& ra, RowOffsets offsets, const std::vector<int32_t>& rb, GemmOutput out)
-      : ra_(ra), offsets_(offsets), rb_(rb), out_(out), ncols_(int64_t(rb.size())), row_step_(ra.size() > 1 ? 1 : 0) {
+  Epilogue(const std::vector<int32_t>& ra, int64_t group, RowOffsets offsets, const std::vector<int32_t>& rb,
+           GemmOutput out)
+      : ra_(ra), group_(group), offsets_(offsets), rb_(rb), out_(out), ncols_(int64_t(rb.size())) {
     auto [ra_min, ra_max] = range(ra);
     if (offsets.values) {  // bounds of every row's sum, which is all the test needs
       const auto [lo, hi] = std::minmax_element(offsets.values, offsets.values + offsets.count);
@@ -125,17 +156,17 @@ class Epilogue {
   // can write whole tiles itself).
   bool in_fp32() const { return in_fp32_; }
   int32_t row_exponent(int64_t i) const {
-    return ra_[i * row_step_] + (offsets_.values ? offsets_.values[i / offsets_.rows] : 0);
+    return ra_[i / group_] + (offsets_.values ? offsets_.values[i / offsets_.rows] : 0);
   }
   float row_scale(int64_t i) const { return pow2f_any(row_exponent(i)); }
-  // row_scale(i0 + r) for r < count, with one division by the group size, not one per row.
+  // row_scale(i0 + r) for r < count, with one division per kind of group, not one per row.
+  // count <= kMaxMr (a tile's rows).
   void row_scales(int64_t i0, int count, float* out) const {
-    int64_t group = offsets_.values ? i0 / offsets_.rows : 0, group_end = (group + 1) * offsets_.rows;
-    for (int r = 0; r < count; ++r) {
-      const int64_t i = i0 + r;
-      if (offsets_.values && i >= group_end) ++group, group_end += offsets_.rows;
-      out[r] = pow2f_any(ra_[i * row_step_] + (offsets_.values ? offsets_.values[group] : 0));
-    }
+    int32_t e[kMaxMr];
+    for_exponent_rows(i0, count, group_, [&](int r, int64_t row) { e[r] = ra_[row]; });
+    if (offsets_.values)
+      for_exponent_rows(i0, count, offsets_.rows, [&](int r, int64_t image) { e[r] += offsets_.values[image]; });
+    for (int r = 0; r < count; ++r) out[r] = pow2f_any(e[r]);
   }
   const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
   const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
@@ -165,10 +196,11 @@ class Epilogue {
     return {*lo, *hi};
   }
   const std::vector<int32_t>& ra_;
+  int64_t group_;
   RowOffsets offsets_;
   const std::vector<int32_t>& rb_;
   GemmOutput out_;
-  int64_t ncols_, row_step_;
+  int64_t ncols_;
   bool in_fp32_;
   std::vector<float> col_scale_;
 };
@@ -192,17 +224,19 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
                  GemmOptions options) {
   const int64_t M = a.rows(), N = b.cols(), KB = kl.nblocks;
   const int64_t n_padded = (N + uk.nr - 1) / uk.nr * uk.nr;
-  // A's scales are [m][block] (row stride KB); B's are [block][n] (row stride 1).
-  const int64_t m_padded = (M + uk.mr - 1) / uk.mr * uk.mr;
-  const int64_t a_row_stride = options.uniform_a ? 0 : KB;
-  const Scales sa = make_row_scales(ea, M, KB, a_row_stride, m_padded);
+  // A's scales are [exponent row][block], rows of A sharing an exponent row in groups;
+  // B's are [block][n] (row stride 1).
+  const int64_t group = std::max<int64_t>(options.uniform_a ? M : options.a_rows_per_exponent, 1);
+  const int64_t exponent_rows = (M + group - 1) / group;
+  // a row of exponents per row of A: the micro-kernel reads whole tiles' in place
+  const Scales sa = make_row_scales(ea, exponent_rows, KB, group == 1 ? (M + uk.mr - 1) / uk.mr * uk.mr : 0);
   // B's chain scales as [block][column], padded to whole panels so the micro-kernel may
   // load nr at once; where the columns share their exponents, one panel's width per block
   // (the micro-kernel then reads the same nr scales for every panel).
   const int64_t b_scale_width = options.uniform_b ? uk.nr : n_padded;
   Scales sb;
   if (options.uniform_b) {
-    const Scales column = make_row_scales(eb, std::min<int64_t>(N, 1), KB, 0, 1);  // one column, as a row
+    const Scales column = make_row_scales(eb, std::min<int64_t>(N, 1), KB, 0);  // one column, as a row
     sb.reference.assign(N, column.reference.empty() ? 0 : column.reference[0]);
     sb.chain.resize(column.chain.size() * b_scale_width);
     for (size_t blk = 0; blk < column.chain.size(); ++blk)
@@ -215,7 +249,7 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
   const auto all_one = [](const float* v, int64_t n) {
     return std::all_of(v, v + n, [](float x) { return x == 1.0f; });
   };
-  const bool row_scales = KB > 1 && !all_one(sa.chain.data(), options.uniform_a ? KB : M * KB);
+  const bool row_scales = KB > 1 && !all_one(sa.chain.data(), exponent_rows * KB);
   bool col_scales = false;
   for (int64_t blk = 0; blk < KB && KB > 1 && !col_scales; ++blk)
     col_scales = !all_one(sb.chain.data() + blk * b_scale_width, options.uniform_b ? 1 : N);
@@ -223,8 +257,8 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
   // Rows with exponents of their own in the epilogue: where A's differ, or are offset per row.
-  const bool row_references = !options.uniform_a || options.row_offsets.values;
-  const Epilogue epilogue(sa.reference, options.row_offsets, sb.reference, out);
+  const bool row_references = exponent_rows > 1 || options.row_offsets.values;
+  const Epilogue epilogue(sa.reference, group, options.row_offsets, sb.reference, out);
   const auto whole = [](int64_t size, int64_t fallback, int64_t unit) {
     return ((size ? size : fallback) + unit - 1) / unit * unit;
   };
@@ -250,6 +284,14 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     thread_local std::vector<float> acc;
     thread_local AScratch a_scratch;
     thread_local std::vector<int32_t> b_scratch;
+    // each tile's chain scales, made once for all its K slices and column panels
+    thread_local std::vector<TileScales> tiles;
+    thread_local std::vector<float> tile_scales;
+    tiles.resize(mpanels);
+    if (row_scales) tile_scales.resize(mpanels * uk.mr * KB);
+    for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
+      tiles[ip] = row_chain_scales(sa.chain, KB, group, i0 + ip * uk.mr, uk.mr, M,
+                                   tile_scales.data() + ip * uk.mr * KB);
     const int64_t ldacc = npanels * uk.nr;
     acc.resize(mpanels * uk.mr * ldacc);
     if (slices.empty()) std::fill(acc.begin(), acc.end(), 0.0f);  // K = 0
@@ -272,19 +314,19 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;
-          args.row_scale = row_scales ? sa.chain.data() + i * a_row_stride : nullptr;
-          args.row_scale_stride = a_row_stride;
+          args.row_scale = row_scales ? tiles[ip].scales : nullptr;
+          args.row_scale_stride = row_scales ? tiles[ip].stride : 0;
           args.col_scale = col_scales ? sb.chain.data() + (options.uniform_b ? 0 : j) : nullptr;
           args.col_scale_stride = b_scale_width;
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
-          float row_scale[kMaxMr];
+          float out_row_scale[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            if (row_references) epilogue.row_scales(i, uk.mr, row_scale);
+            if (row_references) epilogue.row_scales(i, uk.mr, out_row_scale);
             args.out = out.c + i * out.ldc + j;
             args.ldc = out.ldc;
-            args.out_row_scale = row_references ? row_scale : uniform_row_scale;
+            args.out_row_scale = row_references ? out_row_scale : uniform_row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);
             uk.run(args);

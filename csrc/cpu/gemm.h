@@ -186,7 +186,9 @@ struct GemmOutput {
 // mc, nc: cache blocks in rows of A and columns of B (zero: the micro-kernel's own;
 // rounded up to whole micro-panels); they change no bits. uniform_a: every row of A has
 // the same exponents, so ea is one row (KB,) and the scales are made once, not per row;
-// uniform_b likewise for the columns of B (eb is one column (KB,)).
+// uniform_b likewise for the columns of B (eb is one column (KB,)). a_rows_per_exponent:
+// rows m of A take the exponents of row m / a_rows_per_exponent of ea (a convolution's
+// image with exponents per image row: its output pixels share them a row at a time).
 // row_offsets: where given, values[m / rows] is added to every exponent of row m of A,
 // as if ea[m, b] + values[m / rows]: constant along K, they change no chain scale, only
 // the row's scale in the epilogue (a convolution's image with an exponent per sample:
@@ -200,10 +202,12 @@ struct GemmOptions {
   bool uniform_a = false;
   bool uniform_b = false;
   RowOffsets row_offsets = {};
+  int64_t a_rows_per_exponent = 1;
 };
 
-// C = A B; ea (M, KB), eb (KB, N) are the exponents; uk the micro-kernel whose mr and nr
-// A and B were laid out for (micro_kernel(isa, N)).
+// C = A B; ea (ceil(M / options.a_rows_per_exponent), KB), eb (KB, N) are the
+// exponents; uk the micro-kernel whose mr and nr A and B were laid out for
+// (micro_kernel(isa, N)).
 void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea,
                  const int32_t* eb, int headroom_a, int headroom_b, GemmOutput out, int nthreads,
                  GemmOptions options = {});

@@ -49,14 +49,14 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   if (!l.weight_per_channel) std::fill(ew.begin(), ew.end(), ew[0]);
   const PaddedImage image{l.n, l.h, l.w, l.c, l.ph, l.pw, l.channels};
   if (!quantize_padded(x, image, l.headroom, x_padded, x_exponent, nthreads)) return false;
-  conv_gemm_int16(x_padded, l.padded(), x_exponent, 1, l.headroom, w.get(), cout_g * k, 1, k, cout_g, ew.data(),
+  conv_gemm_int16(x_padded, l.padded(), {x_exponent, 1}, l.headroom, w.get(), cout_g * k, 1, k, cout_g, ew.data(),
                   std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads);
   return true;
 }
 
-bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, const float* weight, int64_t block,
+bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
                      const ConvLayer& l, float* dx, int nthreads) {
-  if (std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count) return false;
+  if (std::find(ey.values, ey.values + ey.count, kNonFiniteExponent) != ey.values + ey.count) return false;
   // B of each group: (K, c / groups), K over (tap, output channel) with the taps flipped,
   // so that its per-block exponents come out as (groups, taps * blocks, c / groups).
   const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw, k = taps * cout_g;
@@ -70,7 +70,10 @@ bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, con
   const bool blocks = l.weight_per_channel;
   const QuantizeShape shape = blocks ? QuantizeShape{l.groups * taps, cout_g, cg, Grouping::block, block}
                                      : QuantizeShape{1, l.groups * k * cg, 1, Grouping::tensor, 0};
-  const int64_t kblock = blocks ? block : std::max<int64_t>(k, 1);
+  // K-blocks: the weight's; or dy's channel blocks, each in one tap, a kernel row of taps
+  // where a group's channels are one block (its taps read one row of dy); or all of K.
+  const int64_t row_kblock = ey.channel_block == cout_g ? l.kw * cout_g : ey.channel_block;
+  const int64_t kblock = blocks ? block : ey.channel_block ? row_kblock : std::max<int64_t>(k, 1);
   std::unique_ptr<int16_t[]> w(new int16_t[rows.size()]);
   std::vector<int32_t> ew(l.groups * ((k + kblock - 1) / kblock) * cg);
   if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
@@ -82,9 +85,20 @@ bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, con
   const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
   std::unique_ptr<int16_t[]> padded(whole ? nullptr : new int16_t[l.n * rows_w * cols_w * l.cout]);
   if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded.get(), nthreads);
+  // exponents per row: the window's rows, those past dy's edges a group of zeros'
+  std::vector<int32_t> row_exponents;
+  if (ey.channel_block) {
+    const int64_t blocks_per_row = l.cout / ey.channel_block;
+    row_exponents.assign(l.n * rows_w * blocks_per_row, group_exponent(0, l.headroom));
+    for (int64_t n = 0; n < l.n; ++n)
+      for (int64_t r = std::max<int64_t>(window.r0, 0); r < std::min(window.r1, oh); ++r)
+        std::copy_n(ey.values + (n * oh + r) * blocks_per_row, blocks_per_row,
+                    row_exponents.data() + (n * rows_w + r - window.r0) * blocks_per_row);
+    ey.values = row_exponents.data(), ey.count = int64_t(row_exponents.size());
+  }
   const ConvGeometry flipped{l.n, rows_w, cols_w, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
-  conv_gemm_int16(whole ? dy : padded.get(), flipped, ey, ey_count, l.headroom, w.get(), k * cg, cg, 1, cg,
-                  ew.data(), kblock, l.headroom, nullptr, dx, nthreads);
+  conv_gemm_int16(whole ? dy : padded.get(), flipped, ey, l.headroom, w.get(), k * cg, cg, 1, cg, ew.data(), kblock,
+                  l.headroom, nullptr, dx, nthreads);
   return true;
 }
 
@@ -116,14 +130,18 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   if (dw && x_exponent == kNonFiniteExponent) return false;
   const int64_t pixels = l.n * oh * ow, size = pixels * l.cout;
-  const int64_t blocks = dw ? (pixels + r.dy_block - 1) / r.dy_block : 0, groups = r.per_sample ? l.n : 1;
+  const int64_t blocks = dw ? (pixels + r.dy_block - 1) / r.dy_block : 0;
+  const bool rows = r.input_groups == InputGroups::row;
+  const int64_t group_rows = rows ? ow : r.input_groups == InputGroups::sample ? oh * ow : pixels;
+  const int64_t groups = pixels / group_rows * (rows ? l.cout / r.row_block : 1);
   std::unique_ptr<int16_t[]> q_blocks(dw ? new int16_t[size] : nullptr), q_groups(dx ? new int16_t[size] : nullptr);
   std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
-  const GradientQuantization out{q_blocks.get(), e_blocks.data(), r.dy_block,     r.dy_block_rounding,
-                                 q_groups.get(), e_groups.data(), pixels / groups, r.per_sample_rounding};
+  const GradientQuantization out{q_blocks.get(), e_blocks.data(), r.dy_block,       r.dy_block_rounding,
+                                 q_groups.get(), e_groups.data(), group_rows,       r.input_rounding,
+                                 rows ? r.row_block : 0};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
-  if (dx && !conv_grad_input(q_groups.get(), e_groups.data(), groups, weight, r.weight_block, l, dx, nthreads))
-    return false;
+  const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
+  if (dx && !conv_grad_input(q_groups.get(), ey, weight, r.weight_block, l, dx, nthreads)) return false;
   if (!dw) return true;
   ConvLayer unpadded = l;  // grad_weight's: the padded image as is, dw's strides (those of the weight)
   unpadded.h = g.hp, unpadded.w = g.wp, unpadded.ph = unpadded.pw = 0;

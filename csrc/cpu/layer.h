@@ -33,13 +33,14 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
                   int32_t* x_exponent, float* y, int nthreads);
 
 // dx (n, h, w, c) of a convolution of stride 1 from dy (n, oh, ow, cout) int16 with its
-// exponents ey (one, or one per image: ey_count n): a stride-1 convolution of dy,
-// zero-padded, with the flipped kernel whose channel axes are swapped. The weight is
-// quantized for that reduction over output channels: per tensor as in the forward, or
-// (weight_per_channel) per block of `block` output channels and (kh, kw, ci); block
-// divides cout / groups. False, with dx unwritten, where a NaN or Inf reached dy's
+// exponents ey (one, one per image, or one per image row and block of channels, see
+// ImageExponents): a stride-1 convolution of dy, zero-padded, with the flipped kernel
+// whose channel axes are swapped. The weight is quantized for that reduction over output
+// channels: per tensor as in the forward, or (weight_per_channel) per block of `block`
+// output channels and (kh, kw, ci); block divides cout / groups and is dy's channel
+// block where it has one. False, with dx unwritten, where a NaN or Inf reached dy's
 // exponents or the weight.
-bool conv_grad_input(const int16_t* dy, const int32_t* ey, int64_t ey_count, const float* weight, int64_t block,
+bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
                      const ConvLayer& layer, float* dx, int nthreads);
 
 // dW = dy^T patches(x) of the layer into dw (cout, c / groups, kh, kw) at the layer's
@@ -53,17 +54,19 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 
 // The backward from the float32 output gradient dy (n, oh, ow, cout), channels last:
 // dy quantized for both products in one pass pair (quantize_gradient: per block of
-// `dy_block` pixels and channel for grad_weight, per sample or per tensor for
-// grad_input, each rounded its own way from `seed`), then dx as conv_grad_input (stride
-// 1; dx null: not asked) and dw as conv_grad_weight, at the layer's weight strides (dw
-// null: not asked). The bits of the three calls. False, with nothing written, where dy,
-// the weight or x held NaN or Inf.
+// `dy_block` pixels and channel for grad_weight; per tensor, per sample, or per image
+// row and block of `row_block` channels for grad_input; each rounded its own way from
+// `seed`), then dx as conv_grad_input (stride 1; dx null: not asked) and dw as
+// conv_grad_weight, at the layer's weight strides (dw null: not asked). The bits of the
+// three calls. False, with nothing written, where dy, the weight or x held NaN or Inf.
+enum class InputGroups { tensor, sample, row };  // dfp.formats.GRAD_INPUT_EXPONENTS
 struct GradientRounding {
-  int64_t dy_block;      // > 0 where dw is asked
-  bool per_sample;       // grad_input's dy: an exponent per sample, else per tensor
-  Rounding dy_block_rounding, per_sample_rounding;
-  uint64_t seed;         // stochastic rounding's
-  int64_t weight_block;  // conv_grad_input's block (weight_per_channel)
+  int64_t dy_block;           // > 0 where dw is asked
+  InputGroups input_groups;   // grad_input's dy
+  int64_t row_block;          // its channel block, for InputGroups::row
+  Rounding dy_block_rounding, input_rounding;
+  uint64_t seed;              // stochastic rounding's
+  int64_t weight_block;       // conv_grad_input's block (weight_per_channel)
 };
 bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,
                    const ConvLayer& layer, const GradientRounding& rounding, float* dx, float* dw, int nthreads);

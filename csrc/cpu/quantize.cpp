@@ -158,13 +158,26 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   // Pass 1: each block's maxima per column, and grad_weight's exponents and scales from
   // them in the same task (a serial loop over every block and column took a fifth of the
   // quantization of a 16-channel gradient).
+  // Where row groups split the blocks evenly (an image row of 16 pixels, blocks of 32),
+  // the maxima of the groups' rows, folded into the blocks', so no third pass is needed.
   std::vector<uint32_t> amax(nblocks * cols, 0);
+  const bool split = ngroups && out.group_rows < block && block % out.group_rows == 0;
+  const int64_t fine = split ? out.group_rows : block, fine_blocks = (rows + fine - 1) / fine;
+  std::vector<uint32_t> fine_amax(split ? fine_blocks * cols : 0);
   std::vector<float> first(out.q_blocks ? nblocks * cols : 0), second(first.size());
   std::atomic<bool> finite{true};
   for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block;
-      k.absmax_rows(x + r0 * cols, std::min(rows, r0 + block) - r0, cols, amax.data() + b * cols);
+      if (!split) {
+        k.absmax_rows(x + r0 * cols, std::min(rows, r0 + block) - r0, cols, amax.data() + b * cols);
+        continue;
+      }
+      for (int64_t f = r0 / fine; f < std::min(fine_blocks, (r0 + block) / fine); ++f) {
+        uint32_t* m = fine_amax.data() + f * cols;
+        k.absmax_rows(x + f * fine * cols, std::min(rows, (f + 1) * fine) - f * fine, cols, m);
+        for (int64_t c = 0; c < cols; ++c) amax[b * cols + c] = std::max(amax[b * cols + c], m[c]);
+      }
     }
     const int64_t g0 = b0 * cols, g1 = b1 * cols;
     if (std::any_of(amax.begin() + g0, amax.begin() + g1, [](uint32_t bits) { return bits >= kNonFiniteBits; }))
@@ -177,20 +190,27 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     }
   });
   if (!finite) return false;
-  // A group's maximum is its blocks' where no block straddles two groups; else a pass of its own.
-  std::vector<uint32_t> group_amax(ngroups, 0);
+  // A group's maximum is its blocks' where no block straddles two row groups; else a pass
+  // of its own.
+  const int64_t group_cols = out.group_cols ? out.group_cols : cols, col_groups = cols / group_cols;
+  std::vector<uint32_t> group_amax(ngroups * col_groups, 0);
   const auto fold = [&](const std::vector<uint32_t>& maxima, int64_t rows_per_entry) {
     for (int64_t b = 0; b < int64_t(maxima.size()) / cols; ++b) {
-      uint32_t& m = group_amax[b * rows_per_entry / out.group_rows];
-      for (int64_t c = 0; c < cols; ++c) m = std::max(m, maxima[b * cols + c]);
+      uint32_t* m = group_amax.data() + b * rows_per_entry / out.group_rows * col_groups;
+      for (int64_t j = 0; j < col_groups; ++j) {
+        const uint32_t* v = maxima.data() + b * cols + j * group_cols;
+        m[j] = std::max(m[j], *std::max_element(v, v + group_cols));
+      }
     }
   };
   if (ngroups && out.group_rows % block == 0)
     fold(amax, block);
+  else if (split)
+    fold(fine_amax, fine);
   else if (ngroups)
     fold(group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads), out.group_rows);
-  std::vector<Scale> group_scale(ngroups);
-  for (int64_t g = 0; g < ngroups; ++g) {
+  std::vector<Scale> group_scale(ngroups * col_groups);
+  for (int64_t g = 0; g < ngroups * col_groups; ++g) {
     out.e_groups[g] = group_exponent(group_amax[g], headroom);
     group_scale[g] = inverse_scale(out.e_groups[g]);
   }
@@ -200,6 +220,8 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     return RoundingArgs{float(max_mantissa(headroom)), how, 0, uint32_t(seed), uint32_t(seed >> 32)};
   };
   for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+    thread_local std::vector<float> column_first, column_second;
+    column_first.resize(col_groups > 1 ? cols : 0), column_second.resize(column_first.size());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
       RoundingArgs args = rounding(out.blocks_rounding);
@@ -212,7 +234,16 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
       for (int64_t r = r0; ngroups && r < r1;) {  // runs of rows inside one group
         const int64_t g = r / out.group_rows, end = std::min(r1, (g + 1) * out.group_rows);
         args.index0 = uint64_t(r * cols);
-        k.run(x + r * cols, out.q_groups + r * cols, (end - r) * cols, group_scale[g], args);
+        if (col_groups > 1) {  // the group's scales, one per column
+          for (int64_t j = 0; j < col_groups; ++j) {
+            const Scale& scale = group_scale[g * col_groups + j];
+            std::fill_n(column_first.data() + j * group_cols, group_cols, scale.first);
+            std::fill_n(column_second.data() + j * group_cols, group_cols, scale.second);
+          }
+          k.run_rows(x + r * cols, out.q_groups + r * cols, end - r, cols, column_first.data(),
+                     column_second.data(), args);
+        } else
+          k.run(x + r * cols, out.q_groups + r * cols, (end - r) * cols, group_scale[g], args);
         r = end;
       }
     }

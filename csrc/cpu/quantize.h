@@ -42,8 +42,9 @@ bool quantize_padded(const float* x, const PaddedImage& image, int headroom, int
 // An output gradient x (rows, cols) for both backward products in two passes over x
 // (not four): where q_blocks is given, per block of `block` rows and column into
 // q_blocks, e_blocks (ceil(rows / block), cols) (grad_weight); where q_groups is given,
-// per group of `group_rows` consecutive rows (a sample's pixels; rows: per tensor) into
-// q_groups, e_groups (ceil(rows / group_rows)) (grad_input). The bits of quantizing x
+// per group of `group_rows` consecutive rows (an image row's pixels, a sample's; rows:
+// per tensor) and `group_cols` columns (0: all) into q_groups, e_groups
+// (ceil(rows / group_rows), cols / group_cols) (grad_input). The bits of quantizing x
 // each way on its own (quantize3d): the same rounding of element i from the same
 // random bits. Each output rounds its own way, stochastic rounding from one seed.
 // A third pass finds the groups' maxima where blocks straddle groups. Returns false,
@@ -57,6 +58,7 @@ struct GradientQuantization {
   int32_t* e_groups = nullptr;
   int64_t group_rows = 0;
   Rounding groups_rounding = Rounding::nearest;
+  int64_t group_cols = 0;  // divides cols
 };
 bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads);

@@ -90,23 +90,25 @@ def quantize3d(x, mode, block, headroom, rounding, seed):
     return mantissa, exponent.view((1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i))
 
 
-def quantize_gradient(x, headroom, block, group_rows, rounding, seed):
+def quantize_gradient(x, headroom, block, group_rows, rounding, seed, group_cols=0):
     """Contiguous float32 x (rows, cols) per block of ``block`` rows and column (none
-    where ``block`` is 0) and per group of ``group_rows`` rows (none where 0), reading x
-    twice in all; ``rounding``: (blocks', groups') rounding codes. Returns ((mantissa,
-    exponent (blocks, cols)) or None, (mantissa, exponent (groups,)) or None)."""
+    where ``block`` is 0) and per group of ``group_rows`` rows (none where 0) and
+    ``group_cols`` columns (0: all), reading x twice in all; ``rounding``: (blocks',
+    groups') rounding codes. Returns ((mantissa, exponent (blocks, cols)) or None,
+    (mantissa, exponent (groups, cols / group_cols) or (groups,)) or None)."""
     rows, cols = x.shape
 
     def outputs(exponent_shape):
         return torch.empty((rows, cols), dtype=torch.int16), torch.empty(exponent_shape, dtype=torch.int32)
 
     blocks = outputs((-(-rows // block), cols)) if block else None
-    groups = outputs(-(-rows // group_rows)) if group_rows else None
+    row_groups = -(-rows // group_rows) if group_rows else 0
+    groups = outputs((row_groups, cols // group_cols) if group_cols else row_groups) if group_rows else None
     ok = _core().quantize_gradient(
         x.data_ptr(), rows, cols, headroom, seed & (2**64 - 1),
         blocks[0].data_ptr() if blocks else 0, blocks[1].data_ptr() if blocks else 0, block, rounding[0],
-        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows, rounding[1],
-        torch.get_num_threads(),
+        groups[0].data_ptr() if groups else 0, groups[1].data_ptr() if groups else 0, group_rows, group_cols,
+        rounding[1], torch.get_num_threads(),
     )  # fmt: skip
     if not ok:
         raise _nonfinite("the tensor to quantize")
@@ -186,10 +188,11 @@ def conv_gemm(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias):
     y = torch.empty((n, oh, ow, groups * nout), dtype=torch.float32)
     x, ew, ex = x.contiguous(), ew.contiguous(), ex.contiguous()
     bias = None if bias is None else bias.contiguous()
+    channel_block = x.shape[3] // ex.shape[2] if ex.dim() == 3 else 0
     _core().conv_gemm_int16(
-        x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), ex.data_ptr(), ex.numel(), hx, w.data_ptr(),
-        *w.stride(), nout, ew.data_ptr(), kblock, hw, 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-        torch.get_num_threads(),
+        x.data_ptr(), _geometry(x, groups, kernel, stride, dilation), ex.data_ptr(), ex.numel(), channel_block, hx,
+        w.data_ptr(), *w.stride(), nout, ew.data_ptr(), kblock, hw, 0 if bias is None else bias.data_ptr(),
+        y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return y
 
@@ -225,16 +228,18 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups, headroom, weight_
 
 def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, headroom, weight_channel, block):
     """dx (N, H, W, C) of a stride-1 layer in one call (csrc/cpu/layer.cpp): int16 dy
-    (N, OH, OW, Cout) contiguous with exponents ey, 0-d or (N,); the float32 weight,
-    quantized here per tensor or (``weight_channel``) per ``block`` output channels, as
-    ``dfp.autograd`` does. None where NaN/Inf is met."""
+    (N, OH, OW, Cout) contiguous with exponents ey, 0-d, (N,) or per image row and
+    channel block (N, OH, B); the float32 weight, quantized here per tensor or
+    (``weight_channel``) per ``block`` output channels, as ``dfp.autograd`` does. None
+    where NaN/Inf is met."""
     n, c, h, w = input_shape
     cout, _, kh, kw = weight.shape
     dx = torch.empty((n, h, w, c), dtype=torch.float32)
     sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, c)
     ey = ey.contiguous()
+    channel_block = cout // ey.shape[2] if ey.dim() == 3 else 0
     ok = _core().conv_grad_input(
-        dy.data_ptr(), ey.data_ptr(), ey.numel(), weight.data_ptr(), block,
+        dy.data_ptr(), ey.data_ptr(), ey.numel(), channel_block, weight.data_ptr(), block,
         _layer(sizes, weight.stride(), headroom, weight_channel), dx.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dx if ok else None
@@ -263,8 +268,9 @@ def conv2d_backward(
     """A stride-1 layer's backward in one call (csrc/cpu/layer.cpp): float32 dy
     (N, Cout, OH, OW) quantized for both products, then dx (N, H, W, C) and dW in the
     weight's layout, as the three calls make them. geometry: (padding, dilation, groups);
-    blocks: (grad_input's weight block or 0, grad_weight's dy block); rounding:
-    (per_sample, dy blocks' rounding code, per sample/tensor's, seed); need: (dx,
+    blocks: (grad_input's weight block or 0, grad_weight's dy block, grad_input's dy
+    channel block for row groups or 0); rounding: (grad_input's dy groups as a code of
+    ``dfp.formats.GRAD_INPUT_EXPONENTS``, dy blocks' rounding code, grad_input's, seed); need: (dx,
     dW); dW channels-last where ``weight_last``. None where the weight's strides are not
     dW's, or NaN/Inf is met."""
     (padding, dilation, groups), (need_input, need_weight) = geometry, need
@@ -277,10 +283,10 @@ def conv2d_backward(
     pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
     dx = torch.empty((n, h, w, c), dtype=torch.float32) if need_input else None
     sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, x_padded.shape[3] if need_weight else c)
-    per_sample, blocks_rounding, groups_rounding, seed = rounding
+    input_groups, blocks_rounding, groups_rounding, seed = rounding
     ok = _core().conv_backward(
         pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0, int(ex) if need_weight else 0,
-        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], per_sample, blocks_rounding,
+        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], input_groups, blocks[2], blocks_rounding,
         groups_rounding, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
         dw.data_ptr() if need_weight else 0, torch.get_num_threads(),
     )  # fmt: skip
