@@ -87,8 +87,8 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         const dfp::GradientQuantization out{ptr<int16_t>(q_blocks), ptr<int32_t>(e_blocks), block,
                                             dfp::Rounding(blocks_rounding), ptr<int16_t>(q_groups),
-                                            ptr<int32_t>(e_groups),     group_rows,
-                                            dfp::Rounding(groups_rounding), group_cols};
+                                            ptr<int32_t>(e_groups), group_rows, dfp::Rounding(groups_rounding),
+                                            group_cols};
         return dfp::quantize_gradient(ptr<const float>(x), rows, cols, headroom, seed, out, nthreads);
       },
       "quantize a contiguous (rows, cols) float32 buffer per block of rows and column and/or per group of rows "

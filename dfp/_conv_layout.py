@@ -89,13 +89,14 @@ def quantize_gradient(
     Outputs not asked for are None. NaN/Inf in ``t`` gives zero mantissas with every
     exponent ``NONFINITE`` (see ``is_nonfinite``)."""
     n, c, h, w = t.shape
+    if input_groups == "row" and (channel_block < 1 or c % channel_block):
+        raise ValueError(f"per image row, channel_block must divide the {c} channels, got {channel_block}")
     pixels = t.permute(0, 2, 3, 1).contiguous().view(n * h * w, c)  # no copy where t is channels-last
     group_rows = {None: 0, "tensor": n * h * w, "sample": h * w, "row": w}[input_groups]
     group_cols = channel_block if input_groups == "row" else 0
     block_exponents = (-(-n * h * w // max(block, 1)), c)
-    group_exponents = {None: None, "tensor": (), "sample": (n,), "row": (n, h, c // max(channel_block, 1))}[
-        input_groups
-    ]
+    group_exponents = {None: None, "tensor": (), "sample": (n,), "row": (n, h, c // max(channel_block, 1))}
+    group_exponents = group_exponents[input_groups]
     if pixels.numel() == 0:  # nothing to read; an empty group has the exponent of a group of zeros
         zeros = pixels.new_zeros((n, h, w, c), dtype=torch.int16)
         empty = zeros_exponent(headroom)

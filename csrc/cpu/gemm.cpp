@@ -321,12 +321,12 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
-          float out_row_scale[kMaxMr];
+          float row_scale[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            if (row_references) epilogue.row_scales(i, uk.mr, out_row_scale);
+            if (row_references) epilogue.row_scales(i, uk.mr, row_scale);
             args.out = out.c + i * out.ldc + j;
             args.ldc = out.ldc;
-            args.out_row_scale = row_references ? out_row_scale : uniform_row_scale;
+            args.out_row_scale = row_references ? row_scale : uniform_row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);
             uk.run(args);

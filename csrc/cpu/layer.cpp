@@ -136,8 +136,8 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const int64_t groups = pixels / group_rows * (rows ? l.cout / r.row_block : 1);
   std::unique_ptr<int16_t[]> q_blocks(dw ? new int16_t[size] : nullptr), q_groups(dx ? new int16_t[size] : nullptr);
   std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
-  const GradientQuantization out{q_blocks.get(), e_blocks.data(), r.dy_block,       r.dy_block_rounding,
-                                 q_groups.get(), e_groups.data(), group_rows,       r.input_rounding,
+  const GradientQuantization out{q_blocks.get(),  e_blocks.data(), r.dy_block,       r.dy_block_rounding,
+                                 q_groups.get(),  e_groups.data(), group_rows,       r.input_rounding,
                                  rows ? r.row_block : 0};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};

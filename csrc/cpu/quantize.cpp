@@ -157,9 +157,9 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   const int64_t ngroups = out.q_groups ? (rows + out.group_rows - 1) / out.group_rows : 0;
   // Pass 1: each block's maxima per column, and grad_weight's exponents and scales from
   // them in the same task (a serial loop over every block and column took a fifth of the
-  // quantization of a 16-channel gradient).
-  // Where row groups split the blocks evenly (an image row of 16 pixels, blocks of 32),
-  // the maxima of the groups' rows, folded into the blocks', so no third pass is needed.
+  // quantization of a 16-channel gradient). Where row groups split the blocks evenly (an
+  // image row of 16 pixels, blocks of 32), the maxima of the groups' rows first, folded
+  // into the blocks', so that the groups need no pass of their own.
   std::vector<uint32_t> amax(nblocks * cols, 0);
   const bool split = ngroups && out.group_rows < block && block % out.group_rows == 0;
   const int64_t fine = split ? out.group_rows : block, fine_blocks = (rows + fine - 1) / fine;
