@@ -159,14 +159,17 @@ class Epilogue {
     return ra_[i / group_] + (offsets_.values ? offsets_.values[i / offsets_.rows] : 0);
   }
   float row_scale(int64_t i) const { return pow2f_any(row_exponent(i)); }
-  // row_scale(i0 + r) for r < count, with one division per kind of group, not one per row.
-  // count <= kMaxMr (a tile's rows).
-  void row_scales(int64_t i0, int count, float* out) const {
-    int32_t e[kMaxMr];
-    for_exponent_rows(i0, count, group_, [&](int r, int64_t row) { e[r] = ra_[row]; });
-    if (offsets_.values)
-      for_exponent_rows(i0, count, offsets_.rows, [&](int r, int64_t image) { e[r] += offsets_.values[image]; });
-    for (int r = 0; r < count; ++r) out[r] = pow2f_any(e[r]);
+  // row_scale(i0 + r) for r < count (rows of A, all < M), with one division per kind of
+  // group, not one per row.
+  void row_scales(int64_t i0, int64_t count, float* out) const {
+    int64_t row = i0 / group_, row_end = (row + 1) * group_;
+    const int64_t per_image = offsets_.values ? offsets_.rows : INT64_MAX;
+    int64_t image = i0 / per_image, image_end = (image + 1) * per_image;
+    for (int64_t r = 0; r < count; ++r) {
+      if (i0 + r >= row_end) ++row, row_end += group_;
+      if (i0 + r >= image_end) ++image, image_end += per_image;
+      out[r] = pow2f_any(ra_[row] + (offsets_.values ? offsets_.values[image] : 0));
+    }
   }
   const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
   const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
@@ -292,6 +295,12 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
       tiles[ip] = row_chain_scales(sa.chain, KB, group, i0 + ip * uk.mr, uk.mr, M,
                                    tile_scales.data() + ip * uk.mr * KB);
+    // and the rows' epilogue scales (one division per block of rows, not per tile)
+    thread_local std::vector<float> out_row_scales;
+    if (row_references) {
+      out_row_scales.resize(mpanels * uk.mr);
+      epilogue.row_scales(i0, mlen, out_row_scales.data());
+    }
     const int64_t ldacc = npanels * uk.nr;
     acc.resize(mpanels * uk.mr * ldacc);
     if (slices.empty()) std::fill(acc.begin(), acc.end(), 0.0f);  // K = 0
@@ -321,12 +330,10 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
-          float row_scale[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            if (row_references) epilogue.row_scales(i, uk.mr, row_scale);
             args.out = out.c + i * out.ldc + j;
             args.ldc = out.ldc;
-            args.out_row_scale = row_references ? row_scale : uniform_row_scale;
+            args.out_row_scale = row_references ? out_row_scales.data() + ip * uk.mr : uniform_row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);
             uk.run(args);
