@@ -145,12 +145,11 @@ def resolve(fmt: str | DFPSpec | Format) -> Format:
     ``fmt`` is a Format (returned as is), a name from ``FORMATS`` ("dfp16": headroom 2,
     output gradients with an exponent per 32 pixels and channel in grad_weight, rounded
     there with dithering, and per image row and block of channels in grad_input, rounded
-    to nearest; "dfp16-sr":
-    the same with stochastic rounding of gradients; "dfp16-tensor": one exponent per
-    tensor everywhere, as in Das et al. 2018; "fp32", "bf16", "fp16"), or a DFPSpec: its
-    headroom, its rounding for the gradients (the forward rounds to nearest), and
-    ``axis=None`` for one weight exponent per tensor or ``axis=0`` for one per output
-    channel.
+    to nearest; "dfp16-sr": the same with stochastic rounding of gradients;
+    "dfp16-tensor": one exponent per tensor everywhere, as in Das et al. 2018; "fp32",
+    "bf16", "fp16"), or a DFPSpec: its headroom, its rounding for the gradients (the
+    forward rounds to nearest), and ``axis=None`` for one weight exponent per tensor or
+    ``axis=0`` for one per output channel.
     """
     if isinstance(fmt, Format):
         return fmt

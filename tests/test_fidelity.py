@@ -87,7 +87,7 @@ def test_dithered_weight_gradient_keeps_the_small_gradients_that_nearest_rounds_
     assert s["dfp16"] >= s[nearest] + 8 and s["dfp16"] >= s["bf16"] + 12, s
 
 
-def test_row_exponents_keep_a_heavy_tailed_gradients_bits_in_grad_input(synthetic_rows):
+def test_row_exponents_keep_a_heavy_tailed_gradients_bits_in_grad_input():
     """A Student-t output gradient (3 degrees): per sample, its largest values set the
     exponent of all the rest (measured 9.8 dB above bf16); per image row and channel
     block, 16.8 dB."""

@@ -20,8 +20,7 @@ from dfp.formats import FORMATS, Format, resolve
 
 DFP16 = resolve("dfp16")
 CHANNEL = dataclasses.replace(DFP16, name="dfp16-channel", weight_exponent="channel")
-# grad_input's dY per image row and block of channels (the default's), rounded stochastically; per sample
-ROWS = dataclasses.replace(DFP16, name="dfp16-rows-sr", grad_rounding="stochastic")
+# grad_input's dY per sample (the default's: per image row and block of channels)
 SAMPLE = dataclasses.replace(DFP16, name="dfp16-sample", grad_input_exponent="sample")
 
 
@@ -209,7 +208,7 @@ def test_sqnr_against_fp64_on_gaussian_data(kind, fmt):
     assert _sqnr(got[3], want[3]) > 120  # the bias gradient stays fp32
 
 
-@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr"), ROWS, SAMPLE], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr"), SAMPLE], ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
     if kind == "linear":
@@ -244,7 +243,7 @@ ONE_CALL_CASES = {
 
 
 @pytest.mark.parametrize(
-    "fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr"), ROWS, SAMPLE], ids=lambda f: f.name
+    "fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr"), SAMPLE], ids=lambda f: f.name
 )
 @pytest.mark.parametrize("case", ONE_CALL_CASES)
 def test_channels_last_layers_bit_exact_against_the_integer_reference(backend, case, fmt):
@@ -302,7 +301,7 @@ def test_weight_gradient_alone_can_round_stochastically(kind):
     assert abs(_sqnr(runs[0][2], want[2]) - _sqnr(nearest[2], want[2])) < 6
 
 
-@pytest.mark.parametrize("fmt", [resolve("dfp16-sr"), ROWS], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [resolve("dfp16-sr"), DFP16], ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_results_do_not_depend_on_the_thread_count(kind, fmt):
     if kind == "linear":
