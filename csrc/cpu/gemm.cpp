@@ -73,15 +73,12 @@ void chain_scales(const int32_t* __restrict e, const int32_t* __restrict r, int6
 Scales make_row_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t padded_rows) {
   Scales s;
   s.reference.resize(rows);
-  if (blocks > 1) s.chain.assign(blocks * std::max(rows, padded_rows), 0.0f);
-  std::vector<int32_t> r(blocks);
-  for (int64_t i = 0; i < rows; ++i) {
-    const int32_t* row = e + i * blocks;
-    s.reference[i] = *std::max_element(row, row + blocks);
-    if (blocks == 1) continue;
-    std::fill(r.begin(), r.end(), s.reference[i]);
-    chain_scales(row, r.data(), blocks, s.chain.data() + i * blocks);
-  }
+  for (int64_t i = 0; i < rows; ++i) s.reference[i] = *std::max_element(e + i * blocks, e + (i + 1) * blocks);
+  if (blocks == 1) return s;
+  s.chain.assign(blocks * std::max(rows, padded_rows), 0.0f);
+  std::vector<int32_t> r(rows * blocks);  // each row's reference in each of its blocks: one call for all rows
+  for (int64_t i = 0; i < rows; ++i) std::fill_n(r.data() + i * blocks, blocks, s.reference[i]);
+  chain_scales(e, r.data(), rows * blocks, s.chain.data());
   return s;
 }
 
