@@ -9,7 +9,7 @@ import torch
 
 from . import _ops, backends, reference
 from ._errors import NonFiniteError
-from .format import ROUNDINGS, DFPSpec, DFPTensor, exponent_shape
+from .format import ROUNDINGS, DFPSpec, DFPTensor, exponent_shape, zeros_exponent
 
 # Exponent that marks a quantized tensor whose source held NaN or Inf: real exponents
 # lie within a few hundred of zero, so it never collides with one.
@@ -182,12 +182,6 @@ def zero_pad(x: torch.Tensor, padding: tuple[int, int], channels: int | None = N
     the channels past C)."""
     (ph, pw), (h, w) = padding, x.shape[1:3]
     return window(x, (-ph, h + ph), (-pw, w + pw), channels)
-
-
-def zeros_exponent(headroom: int) -> int:
-    """The exponent of a group of zeros (docs/design.md): that of the smallest positive
-    float32, so it never dominates a maximum."""
-    return -149 - (15 - headroom) + 1
 
 
 def window_rows(e: torch.Tensor, rows: tuple[int, int], fill: int) -> torch.Tensor:

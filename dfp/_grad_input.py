@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from . import _conv_layout as layout
 from . import _ops
-from .format import DFPTensor
+from .format import DFPTensor, zeros_exponent
 
 
 class _Phase(NamedTuple):
@@ -95,7 +95,7 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
         ew, kblock = exponents.permute(0, 2, 3, 1, 4).reshape(groups, blocks, cin_g), wq.spec.block
     h = wq.spec.headroom
     if row_blocks:  # the window's rows past dy's edges are zeros: a group of zeros' exponent
-        dy_exponent = layout.window_rows(dy_exponent, row.window, layout.zeros_exponent(h))
+        dy_exponent = layout.window_rows(dy_exponent, row.window, zeros_exponent(h))
     return _ops.conv_gemm_impl(
         layout.window(dy, row.window, col.window), dy_exponent, h, w, ew.contiguous(), h, kblock,
         [len(row.taps), len(col.taps)], [1, 1], [row.dilation, col.dilation], None,

@@ -127,6 +127,12 @@ class DFPTensor:
         return DFPTensor(self.mantissa.t(), exponent, spec)
 
 
+def zeros_exponent(headroom: int) -> int:
+    """The exponent of a group of zeros (docs/design.md): that of the smallest positive
+    float32, so it never dominates a maximum."""
+    return -149 - (15 - headroom) + 1
+
+
 def exact_pow2(k: torch.Tensor) -> torch.Tensor:
     """Exactly ``2**k`` as float64 for integer ``k`` in [-1022, 1023], built from its bits:
     torch.exp2 is not exact outside the float32 exponent range."""

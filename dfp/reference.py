@@ -12,7 +12,7 @@ import math
 import torch
 
 from ._errors import NonFiniteError
-from .format import ROUNDINGS, exact_pow2
+from .format import ROUNDINGS, exact_pow2, zeros_exponent
 
 _INT32_MAX = 2**31 - 1
 _U32 = 0xFFFFFFFF
@@ -58,7 +58,7 @@ def _group_exponent(amax: torch.Tensor, headroom: int) -> torch.Tensor:
     f, big_e = torch.frexp(amax)
     # f * 2**digits is exact; no raise for amax >= 2**127, whose rounded top would be 2**128 (inf)
     e = big_e - digits + ((f * 2**digits > 2**digits - 1) & (big_e < 128)).int()
-    return torch.where(amax > 0, e, -149 - digits + 1)
+    return torch.where(amax > 0, e, zeros_exponent(headroom))
 
 
 def _mul_u32(x: torch.Tensor, c: int) -> torch.Tensor:

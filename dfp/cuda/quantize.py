@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .._errors import NonFiniteError
-from ..format import DFPTensor, canonical_view
+from ..format import DFPTensor, canonical_view, zeros_exponent
 from .loader import blocks_for, check_int32, kernel
 
 _FILE = "quantize.cu"
@@ -96,7 +96,7 @@ def quantize3d(
     mantissa = torch.empty((o, n, i), dtype=torch.int16, device=x.device)
     exponent_shape = (1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i)
     if count == 0:
-        return mantissa, torch.full(exponent_shape, -149 - (15 - headroom) + 1, dtype=torch.int32, device=x.device)
+        return mantissa, torch.full(exponent_shape, zeros_exponent(headroom), dtype=torch.int32, device=x.device)
 
     amax = _group_amax(x, mode, block)
     exponent, nonfinite = _exponents(amax, headroom)
