@@ -30,6 +30,7 @@ whole result NaN: its shared exponent is undefined. Double backward is not suppo
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -94,6 +95,7 @@ def _grad_input_weights(
     return layout.quantize_channels_last(grouped, DFPSpec(headroom, 1, _grad_input_block(cout_g, headroom, rows)))
 
 
+@functools.lru_cache(maxsize=256)  # asked in every backward; a small layer's step felt the divisor search
 def _grad_input_block(cout_g: int, headroom: int, rows: bool = False) -> int:
     """Output channels per K-block of grad_input's reduction over (tap, output channel),
     where the weight (``weight_channel``) or dY (``rows``: per image row and block) has
