@@ -292,9 +292,10 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
       tiles[ip] = row_chain_scales(sa.chain, KB, group, i0 + ip * uk.mr, uk.mr, M,
                                    tile_scales.data() + ip * uk.mr * KB);
-    // and the rows' epilogue scales (one division per block of rows, not per tile)
+    // and the rows' epilogue scales where the micro-kernel writes C (one division per block
+    // of rows, not per tile)
     thread_local std::vector<float> out_row_scales;
-    if (row_references) {
+    if (row_references && epilogue.in_fp32()) {
       out_row_scales.resize(mpanels * uk.mr);
       epilogue.row_scales(i0, mlen, out_row_scales.data());
     }
