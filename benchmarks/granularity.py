@@ -7,16 +7,18 @@ float64, since int32 chains are exact). A design study, not dfp's kernels:
 median and worst margins over bf16 of the rows of ``--tables fidelity``.
 
 Groupings of an operand (N, C, H, W) (a linear layer's (N, C) is N samples of 1x1):
-"tensor"; "sample"; "row" (an image row and block of 32 channels); "pixel" (a pixel
-and block of 32 channels); "sample-channel" (a sample's channel; a linear layer's: a
-channel in runs of 32 samples); "run32" (runs of 32 pixels in (n, h, w) order, per
-channel); "channel" (per output channel, for weights); "cout32" (weights in grad_input:
-blocks of 32 output channels).
+"tensor"; "row" (an image row and block of 32 channels); "pixel" (a pixel and block of
+32 channels); "sample-block" and "sample-channel" (a group of samples and block of 32
+channels, or channel: the fewest samples whose output pixels are whole runs of 32, as
+dfp's input in grad_weight; a linear layer's: 32 samples); "batch-channel" (a channel);
+"run32" (runs of 32 pixels in (n, h, w) order, per channel); "channel" (per output
+channel, for weights); "cout32" (weights in grad_input: blocks of 32 output channels).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from statistics import median
 
 import torch
@@ -30,19 +32,14 @@ PRODUCTS = fidelity.PRODUCTS
 # Where each product takes its operands: (x forward, weight forward, dY grad_input,
 # weight grad_input, x grad_weight, dY grad_weight).
 OPERANDS = ("x_forward", "w_forward", "dy_grad_input", "w_grad_input", "x_grad_weight", "dy_grad_weight")
-DEFAULT = dict(zip(OPERANDS, ("tensor", "tensor", "row", "tensor", "tensor", "run32"), strict=True))
+DEFAULT = dict(zip(OPERANDS, ("row", "tensor", "row", "tensor", "sample-channel", "run32"), strict=True))
 GROUPINGS = {
     "dfp16 (the default)": DEFAULT,
-    "+ x per row": {**DEFAULT, "x_forward": "row", "x_grad_weight": "row"},
-    "+ x per row, grad_weight's per sample-channel": {
-        **DEFAULT, "x_forward": "row", "x_grad_weight": "sample-channel"
-    },
-    "+ x per pixel, grad_weight's per sample-channel, dY per pixel": {
-        **DEFAULT, "x_forward": "pixel", "x_grad_weight": "sample-channel", "dy_grad_input": "pixel"
-    },
-    "+ x per row, weights per channel": {
-        **DEFAULT, "x_forward": "row", "x_grad_weight": "row", "w_forward": "channel", "w_grad_input": "cout32"
-    },
+    "x per tensor (the default until 2026-12-03)": {**DEFAULT, "x_forward": "tensor", "x_grad_weight": "tensor"},
+    "x per sample and channel block": {**DEFAULT, "x_forward": "sample-block", "x_grad_weight": "sample-block"},
+    "x per channel in grad_weight": {**DEFAULT, "x_grad_weight": "batch-channel"},
+    "+ x and dY per pixel": {**DEFAULT, "x_forward": "pixel", "dy_grad_input": "pixel"},
+    "+ weights per channel": {**DEFAULT, "w_forward": "channel", "w_grad_input": "cout32"},
 }  # fmt: skip
 
 
@@ -57,20 +54,24 @@ def _blocks_max(a: torch.Tensor, dim: int, block: int) -> torch.Tensor:
     return m.narrow(dim, 0, n)
 
 
-def group_max(t: torch.Tensor, grouping: str) -> torch.Tensor:
-    """max |t| of each element's group (broadcastable to t)."""
+def group_max(t: torch.Tensor, grouping: str, pixels: int = 1) -> torch.Tensor:
+    """max |t| of each element's group (broadcastable to t); ``pixels``: the layer's
+    output pixels per sample."""
     a = t.abs()
     image = t.dim() == 4
     if grouping == "tensor":
         return a.amax()
-    if grouping in ("sample", "channel"):  # a weight's output channel is its first axis too
+    if grouping == "channel":  # a weight's output channel is its first axis
         return a.flatten(1).amax(1).view(-1, *[1] * (t.dim() - 1))
     if grouping == "row":
         return _blocks_max(a.amax(3, keepdim=True) if image else a, 1, 32).expand_as(a)
     if grouping == "pixel":
         return _blocks_max(a, 1, 32)
-    if grouping == "sample-channel":
-        return a.amax((2, 3), keepdim=True) if image else _blocks_max(a, 0, 32)
+    if grouping in ("sample-block", "sample-channel", "batch-channel"):
+        samples = t.shape[0] if grouping == "batch-channel" else 32 // math.gcd(32, pixels)
+        m = _blocks_max(a.amax((2, 3)) if image else a, 0, samples)
+        m = _blocks_max(m, 1, 32) if grouping == "sample-block" else m
+        return m.view(*m.shape, 1, 1) if image else m
     if grouping == "run32":
         if not image:
             return _blocks_max(a, 0, 32)
@@ -82,10 +83,11 @@ def group_max(t: torch.Tensor, grouping: str) -> torch.Tensor:
     raise ValueError(f"unknown grouping {grouping!r}")
 
 
-def quantized(t: torch.Tensor, grouping: str, random: torch.Generator | None = None) -> torch.Tensor:
+def quantized(t: torch.Tensor, grouping: str, random: torch.Generator | None = None, pixels: int = 1) -> torch.Tensor:
     """t (float64) rounded to DFP16 mantissas against its groups' exponents (the rule of
-    docs/design.md), dequantized; rounded at random where ``random`` is given."""
-    amax = group_max(t, grouping)
+    docs/design.md), dequantized; rounded at random where ``random`` is given; ``pixels``
+    as group_max takes it."""
+    amax = group_max(t, grouping, pixels)
     digits = 15 - HEADROOM
     f, e = torch.frexp(amax)
     exponent = e - digits + (f * 2**digits > 2**digits - 1).int()
@@ -100,7 +102,9 @@ def quantized(t: torch.Tensor, grouping: str, random: torch.Generator | None = N
 
 def products(case: fidelity.LayerCase, grouping: dict[str, str]) -> dict[str, torch.Tensor]:
     x, w, dy = case.x.double(), case.weight.double(), case.grad_y.double()
-    q = {name: quantized(t, grouping[name]) for name, t in zip(OPERANDS[:5], (x, w, dy, w, x), strict=True)}
+    pixels = dy[0, 0].numel()  # output pixels per sample
+    operands = zip(OPERANDS[:5], (x, w, dy, w, x), strict=True)
+    q = {name: quantized(t, grouping[name], pixels=pixels) for name, t in operands}
     q["dy_grad_weight"] = quantized(dy, grouping["dy_grad_weight"], torch.Generator().manual_seed(0))
     if case.is_linear:
         return {

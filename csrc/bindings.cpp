@@ -107,6 +107,20 @@ PYBIND11_MODULE(_C, m) {
       "NaN/Inf");
 
   m.def(
+      "quantize_input",
+      [](uintptr_t x, int64_t images, int64_t rows, int64_t cols, int64_t channels, int64_t pad_rows,
+         int64_t pad_cols, int64_t out_channels, int headroom, uintptr_t q_rows, uintptr_t e_rows, int64_t row_block,
+         uintptr_t q_channels, uintptr_t e_channels, int64_t group_samples, int nthreads) {
+        py::gil_scoped_release release;
+        const dfp::PaddedImage image{images, rows, cols, channels, pad_rows, pad_cols, out_channels};
+        const dfp::InputQuantization out{ptr<int16_t>(q_rows),     ptr<int32_t>(e_rows),     row_block,
+                                         ptr<int16_t>(q_channels), ptr<int32_t>(e_channels), group_samples};
+        return dfp::quantize_input(ptr<const float>(x), image, headroom, out, nthreads);
+      },
+      "quantize a contiguous (N, H, W, C) float32 image into two zero-padded int16 copies: per image row and "
+      "channel block, and per group of samples and channel; False on NaN/Inf");
+
+  m.def(
       "copy_window",
       [](uintptr_t x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
          int64_t out_channels, uintptr_t out, int nthreads) {
@@ -162,10 +176,11 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_grad_weight_int16",
       [](uintptr_t dy, int64_t cout, uintptr_t ey, int64_t kblock, int hy, uintptr_t x,
-         const dfp::ConvGeometry& geometry, int32_t ex, int hx, uintptr_t dw, int nthreads) {
+         const dfp::ConvGeometry& geometry, uintptr_t ex, bool ex_per_sample, int hx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
         dfp::conv_grad_weight_int16(ptr<const int16_t>(dy), cout, ptr<const int32_t>(ey), kblock, hy,
-                                    ptr<const int16_t>(x), geometry, ex, hx, ptr<float>(dw), nthreads);
+                                    ptr<const int16_t>(x), geometry, {ptr<const int32_t>(ex), ex_per_sample}, hx,
+                                    ptr<float>(dw), nthreads);
       },
       "dw = dy^T patches(x) per group (dy's exponents per block of pixels and channel), patches read in place "
       "or gathered per cache block");
@@ -189,11 +204,12 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "conv_forward",
-      [](uintptr_t x, uintptr_t weight, uintptr_t bias, const dfp::ConvLayer& layer, uintptr_t x_padded,
-         uintptr_t x_exponent, uintptr_t y, int nthreads) {
+      [](uintptr_t x, uintptr_t weight, uintptr_t bias, const dfp::ConvLayer& layer, int64_t row_block,
+         int64_t group_samples, uintptr_t x_padded, uintptr_t x_exponent, uintptr_t y, int nthreads) {
         py::gil_scoped_release release;
         return dfp::conv_forward(ptr<const float>(x), ptr<const float>(weight), ptr<const float>(bias), layer,
-                                 ptr<int16_t>(x_padded), ptr<int32_t>(x_exponent), ptr<float>(y), nthreads);
+                                 {row_block, group_samples}, ptr<int16_t>(x_padded), ptr<int32_t>(x_exponent),
+                                 ptr<float>(y), nthreads);
       },
       "a layer's forward from float32 x (channels last) and weight: x quantized and zero-padded, y = conv + bias; "
       "False on NaN/Inf");
@@ -211,18 +227,20 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "conv_grad_weight",
-      [](uintptr_t dy, uintptr_t ey, int64_t ey_count, int64_t kblock, uintptr_t x_padded, int32_t x_exponent,
-         const dfp::ConvLayer& layer, uintptr_t dw, int nthreads) {
+      [](uintptr_t dy, uintptr_t ey, int64_t ey_count, int64_t kblock, uintptr_t x_padded, uintptr_t x_exponent,
+         bool x_per_sample, const dfp::ConvLayer& layer, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
         return dfp::conv_grad_weight(ptr<const int16_t>(dy), ptr<const int32_t>(ey), ey_count, kblock,
-                                     ptr<const int16_t>(x_padded), x_exponent, layer, ptr<float>(dw), nthreads);
+                                     ptr<const int16_t>(x_padded), {ptr<const int32_t>(x_exponent), x_per_sample},
+                                     layer, ptr<float>(dw), nthreads);
       },
       "a layer's dW from int16 dy and the padded int16 input, written at the layer's weight strides; False on "
       "NaN/Inf");
 
   m.def(
       "conv_backward",
-      [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, int32_t x_exponent, const dfp::ConvLayer& layer,
+      [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, uintptr_t x_exponent, bool x_per_sample,
+         const dfp::ConvLayer& layer,
          int64_t dy_block, int input_groups, int64_t row_block, int dy_block_rounding, int input_rounding,
          uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
@@ -234,7 +252,8 @@ PYBIND11_MODULE(_C, m) {
                                              seed,
                                              weight_block};
         return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),
-                                  x_exponent, layer, rounding, ptr<float>(dx), ptr<float>(dw), nthreads);
+                                  {ptr<const int32_t>(x_exponent), x_per_sample}, layer, rounding, ptr<float>(dx),
+                                  ptr<float>(dw), nthreads);
       },
       "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "
       "dx (stride 1; 0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");

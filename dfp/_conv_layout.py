@@ -153,6 +153,50 @@ def quantize_padded(
     return zero_pad(q.mantissa, padding, channels), q.exponent
 
 
+def quantize_input(
+    t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int, row_block: int, group_samples: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A layer's float32 input ``t`` (N, C, H, W) for its two products, each zero-padded
+    as ``quantize_padded`` pads it (to ``channels`` >= C), rounded to nearest:
+    - the forward's, one exponent per image row and block of ``row_block`` channels
+      (dividing ``channels``), exponents (N, Hp, channels / row_block), rows of padding
+      those of a group of zeros;
+    - grad_weight's, one per group of ``group_samples`` consecutive samples and channel,
+      exponents (N, channels): the group's for each of its samples.
+    Returns (forward mantissa, its exponents, grad_weight's mantissa, its exponents). One
+    read of t per group of samples where the backend fuses it (a channels-last ``t``);
+    NaN/Inf in ``t`` gives zero mantissas with every exponent ``NONFINITE``."""
+    n, c, h, w = t.shape
+    (ph, pw) = padding
+    padded = (n, h + 2 * ph, w + 2 * pw, channels)
+    groups, blocks = -(-n // group_samples), channels // row_block
+    fused = getattr(backends.active(t.device), "quantize_input", None)
+    pixels = t.permute(0, 2, 3, 1)  # (N, H, W, C)
+    try:
+        if fused is not None and pixels.is_contiguous() and t.numel() > 0:
+            return fused(pixels, headroom, padding, channels, row_block, group_samples)
+        x = torch.nn.functional.pad(pixels.contiguous(), (0, channels - c))  # (N, H, W, channels)
+        if not torch.isfinite(x).all():
+            raise NonFiniteError("the input holds NaN or Inf")
+        a = x.abs()
+        row_max = a.view(n, h, w, blocks, row_block).amax(dim=(2, 4)) if w else a.new_zeros((n, h, blocks))
+        e_rows = reference.group_exponents(row_max, headroom)
+        per_pixel = e_rows.view(n, h, 1, blocks, 1).expand(n, h, w, blocks, row_block).reshape(x.shape)
+        q_rows = reference.round_to_exponents(x, per_pixel, headroom, ROUNDINGS.index("nearest"), 0)
+        samples = torch.nn.functional.pad(a.amax(dim=(1, 2)) if h * w else a.new_zeros((n, channels)),
+                                          (0, 0, 0, groups * group_samples - n))  # fmt: skip
+        e_channels = reference.group_exponents(samples.view(groups, group_samples, channels).amax(1), headroom)
+        e_channels = e_channels.repeat_interleave(group_samples, dim=0)[:n]
+        q_channels = reference.round_to_exponents(x, e_channels.view(n, 1, 1, channels), headroom,
+                                                  ROUNDINGS.index("nearest"), 0)  # fmt: skip
+    except NonFiniteError:
+        zeros = t.new_zeros(padded, dtype=torch.int16)
+        return (zeros, t.new_full((n, padded[1], blocks), NONFINITE, dtype=torch.int32),
+                zeros.clone(), t.new_full((n, channels), NONFINITE, dtype=torch.int32))  # fmt: skip
+    e_rows = window_rows(e_rows, (-ph, h + ph), zeros_exponent(headroom))
+    return zero_pad(q_rows, padding), e_rows, zero_pad(q_channels, padding), e_channels
+
+
 def _quantize_padded_fused(
     t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int
 ) -> tuple[torch.Tensor, torch.Tensor] | None:

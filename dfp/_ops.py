@@ -10,6 +10,8 @@ tensors (the layers, ``dfp.quantize``) run the bodies too."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from . import backends
@@ -253,8 +255,11 @@ def conv_grad_weight_gemm_impl(
 
     dy: contiguous int16 (N, OH, OW, Cout) with exponents ey: 0-d (per tensor), or
     (ceil(P / kblock), Cout), one per block of ``kblock`` consecutive output pixels (of the
-    P = N*OH*OW in (n, oh, ow) order; kblock even) and channel; x as in ``conv_gemm``.
-    The reduction runs over the P output pixels, its K-blocks being dy's blocks.
+    P = N*OH*OW in (n, oh, ow) order; kblock even) and channel; x (N, Hp, Wp, C) as in
+    ``conv_gemm``, with exponents ex: 0-d, or (N, C), one per sample and channel, a K-block
+    taking those of the sample of its first pixel (the samples of a K-block must share
+    theirs: ``input_group_samples``). The reduction runs over the P output pixels, its
+    K-blocks being dy's blocks.
     """
     _check_image(x, kernel, stride, dilation, groups)
     cout, k = dy.shape[-1], kernel[0] * kernel[1] * x.shape[3] // groups
@@ -268,19 +273,45 @@ def conv_grad_weight_gemm_impl(
         return dy.new_zeros((cout, k), dtype=torch.float32)
     pixels = dy.numel() // cout
     ey, kblock = _pixel_block_exponents(ey, kblock, pixels, cout)
+    check_input_exponents(ex, x, kblock, pixels // max(x.shape[0], 1))
     fused = getattr(backends.active(dy.device), "conv_grad_weight_gemm", None)
     if fused is not None:
         return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock)
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
     dy2 = dy.reshape(-1, cout)
-    cout_g = cout // groups
-    eb = ex.reshape(1, 1).expand(ey.shape[0], k).contiguous()
+    cout_g, cg, blocks = cout // groups, x.shape[3] // groups, ey.shape[0]
+    if ex.dim():  # K-block b takes the exponents of the sample of its first pixel; column (tap, ci) ci's
+        e = ex[torch.arange(blocks, device=ex.device) * kblock // (pixels // x.shape[0])]
+        eb = [e[:, g * cg : (g + 1) * cg].repeat(1, kernel[0] * kernel[1]) for g in range(groups)]
+    else:
+        eb = [ex.reshape(1, 1).expand(blocks, k).contiguous()] * groups
     grads = [
         gemm_impl(dy2[:, g * cout_g : (g + 1) * cout_g].t(), ey[:, g * cout_g : (g + 1) * cout_g].t().contiguous(),
-                  hy, cols[g], eb, hx, kblock, None)
+                  hy, cols[g], eb[g], hx, kblock, None)
         for g in range(groups)
     ]  # fmt: skip
     return grads[0] if groups == 1 else torch.cat(grads)
+
+
+def input_group_samples(kblock: int, pixels: int) -> int:
+    """Samples per group of grad_weight's input exponents: the fewest whole samples of
+    ``pixels`` output pixels each that are whole K-blocks of ``kblock`` pixels."""
+    return kblock // math.gcd(kblock, max(pixels, 1))
+
+
+def check_input_exponents(ex: torch.Tensor, x: torch.Tensor, kblock: int, pixels: int) -> None:
+    """x's exponents in grad_weight: 0-d, or (N, C) shared by the samples of each K-block
+    of ``kblock`` of the ``pixels`` output pixels per sample."""
+    if ex.dim() == 0 and ex.dtype == torch.int32:
+        return
+    shape = (x.shape[0], x.shape[3])
+    if ex.dtype != torch.int32 or tuple(ex.shape) != shape:
+        raise ValueError(f"ex must be a 0-d int32 exponent or int32 (N, C) = {shape}, one per sample and channel, "
+                         f"got {ex.dtype} of shape {tuple(ex.shape)}")  # fmt: skip
+    samples = input_group_samples(kblock, pixels)
+    if samples > 1 and not torch.equal(ex, ex[::samples].repeat_interleave(samples, dim=0)[: shape[0]]):
+        raise ValueError(f"the output pixels of a sample are no whole K-blocks of {kblock} (a sample has {pixels}): "
+                         f"ex must be the same for each group of {samples} consecutive samples")  # fmt: skip
 
 
 def _pixel_block_exponents(ey: torch.Tensor, kblock: int, pixels: int, cout: int) -> tuple[torch.Tensor, int]:

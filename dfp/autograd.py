@@ -106,6 +106,12 @@ def _grad_input_block(cout_g: int, headroom: int, rows: bool = False) -> int:
     return max(b for b in range(1, most + 1) if cout_g % b == 0) if rows else most
 
 
+@functools.lru_cache(maxsize=256)
+def _input_group_samples(grad_weight_block: int, pixels: int) -> int:
+    """Samples per group of grad_weight's input exponents (``_ops.input_group_samples``)."""
+    return _ops.input_group_samples(grad_weight_block, pixels)
+
+
 def _grad_input_in_one_call(stride: list[int], cout_g: int, block: int) -> bool:
     """Whether the backend's one-call grad_input takes a layer: one phase (stride 1), and
     weight blocks (``block`` > 0) that need no zero output channels to fill the last."""
@@ -129,11 +135,16 @@ def conv2d_impl(
     grad_weight_rounding: int,
     grad_weight_block: int,
     grad_input_exponent: int,
+    input_rows: bool,
     channels_last: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = conv2d(x, weight) + bias, float32 (N, Cout, OH, OW) in channels-last memory
-    format when ``channels_last``; plus the quantized input zero-padded to
-    (N, H + 2*ph, W + 2*pw, C') int16 and its int32 exponent (0-d). C' = C, or C + 1
+    format when ``channels_last``; plus the quantized input that grad_weight reads,
+    zero-padded to (N, H + 2*ph, W + 2*pw, C') int16, and its int32 exponents: 0-d, or
+    with ``input_rows`` (N, C'), one per group of ``_input_group_samples`` samples and
+    channel, written for each sample (the forward then multiplies x quantized per image row
+    and block of ``_grad_input_block(C'/groups)`` channels, ``layout.quantize_input``).
+    C' = C, or C + 1
     where C is odd and groups is 1: with an even count the K-pairs (ci, ci + 1) of the
     patches lie inside taps and are read in place, not gathered element by element
     (3 -> 16 channels, 32x32: about 2x faster); the zero channel adds nothing to a sum
@@ -153,39 +164,46 @@ def conv2d_impl(
     cout, _, kh, kw = weight.shape
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
+    channels = _padded_channels(c, groups)
+    input_groups = (
+        (_grad_input_block(channels // groups, headroom, rows=True), _input_group_samples(grad_weight_block, oh * ow))
+        if input_rows
+        else (0, 0)
+    )
     layer = getattr(backends.active(x.device), "conv2d", None)
     float32 = x.dtype == torch.float32 and (
         bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (cout,))
     )
     if forward_dfp and layer is not None and float32 and _fits_one_call(x.shape, weight, groups, oh, ow):
-        fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel,
-                      _padded_channels(c, groups))  # fmt: skip
+        fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels,
+                      input_groups)  # fmt: skip
         if fused is not None:  # else x is not channels-last, or NaN/Inf: the steps below
             y, x_padded, x_exponent = fused
             return _to_nchw(y, channels_last), x_padded, x_exponent
-    x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), _padded_channels(c, groups))
+    if input_rows:
+        x_rows, e_rows, x_padded, x_exponent = layout.quantize_input(x, headroom, tuple(padding), channels,
+                                                                     *input_groups)  # fmt: skip
+    else:
+        x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), channels)
+        x_rows, e_rows = x_padded, x_exponent
     if not forward_dfp:
         with torch.autocast(x.device.type, enabled=False):
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, x_exponent
     wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
-    if layout.is_nonfinite(x_exponent, wq.exponent):
+    if layout.is_nonfinite(e_rows, wq.exponent):
         return _nan((n, cout, oh, ow), x, channels_last), x_padded, x_exponent
-    cout_g = cout // groups
-    extra = x_padded.shape[3] - c
+    cout_g, cg = cout // groups, channels // groups
+    extra = channels - c
     w_taps = torch.nn.functional.pad(wq.mantissa, (0, extra)) if extra else wq.mantissa  # (Cout, KH, KW, C'/G)
-    w_cols = w_taps.reshape(groups, cout_g, kh * kw * x_padded.shape[3] // groups).transpose(1, 2)  # (G, K, Cout/G)
-    per_channel = wq.exponent.dim() > 0
-    ew = (
-        wq.exponent.reshape(groups, 1, cout_g)
-        if per_channel
-        else wq.exponent.reshape(1, 1, 1).expand(groups, 1, cout_g)
-    )
-    ew = ew.contiguous()
+    w_cols = w_taps.reshape(groups, cout_g, kh * kw * cg).transpose(1, 2)  # (G, K, Cout/G)
     k = w_cols.shape[1]
-    y = _ops.conv_gemm_impl(
-        x_padded, x_exponent, headroom, w_cols, ew, headroom, max(k, 1), [kh, kw], stride, dilation, bias
-    )
+    # K-blocks: x's row blocks (a kernel row of taps where a group's channels are one), or all of K
+    row_block = input_groups[0]
+    kblock = (kw * cg if row_block == cg else row_block) if row_block else max(k, 1)
+    ew = wq.exponent.reshape(groups, 1, cout_g) if wq.exponent.dim() > 0 else wq.exponent.reshape(1, 1, 1)
+    ew = ew.expand(groups, -(-k // kblock), cout_g).contiguous()
+    y = _ops.conv_gemm_impl(x_rows, e_rows, headroom, w_cols, ew, headroom, kblock, [kh, kw], stride, dilation, bias)
     return _to_nchw(y, channels_last), x_padded, x_exponent
 
 
@@ -220,8 +238,10 @@ def _(x, weight, bias, stride, padding, dilation, groups, *config):
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     y = _empty((n, cout, oh, ow), x, channels_last)
-    x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], _padded_channels(c, groups)), dtype=torch.int16)
-    return y, x_padded, x.new_empty((), dtype=torch.int32)
+    channels = _padded_channels(c, groups)
+    x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
+    input_rows = config[-2]
+    return y, x_padded, x.new_empty((n, channels) if input_rows else (), dtype=torch.int32)
 
 
 def quantize_channels_last_impl(
@@ -376,10 +396,13 @@ def conv2d_grad_weight_impl(
     """dW (Cout, C/groups, KH, KW) float32 = dY^T im2col(X): ``grad_q`` int16
     (N, OH, OW, Cout) with a 0-d exponent (``grad_block`` 0) or one per block of
     ``grad_block`` output pixels and channel (``quantize_grad_output``); ``input_q`` the
-    zero-padded int16 input (N, Hp, Wp, C') from ``dfp::conv2d``, with a 0-d exponent;
-    the reduction runs over N*OH*OW. The columns of a padding channel (C' > C) are
-    dropped."""
+    zero-padded int16 input (N, Hp, Wp, C') from ``dfp::conv2d``, with its exponents (0-d,
+    or per group of samples and channel); the reduction runs over N*OH*OW. The columns of
+    a padding channel (C' > C) are dropped."""
     cout, cin_g, kh, kw = weight_shape
+    if input_exponent.dim() and grad_q.dim() == 4:  # the samples of a K-block must share them: said here, too
+        _ops.check_input_exponents(input_exponent, input_q, grad_block or grad_q.numel() // max(cout, 1),
+                                   grad_q.shape[1] * grad_q.shape[2])  # fmt: skip
     layer = getattr(backends.active(grad_q.device), "conv2d_grad_weight", None)
     if layer is not None and _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride,
                                                dilation, groups, grad_block):  # fmt: skip
@@ -398,7 +421,8 @@ def conv2d_grad_weight_impl(
 
 def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, block):
     """``_fits_one_call`` for grad_weight's operands: int16 and int32, contiguous, of
-    consistent shapes (dy's exponents per tensor or per block of ``block`` pixels)."""
+    consistent shapes (dy's exponents per tensor or per block of ``block`` pixels; x's per
+    tensor or, with dy's blocks, per group of samples and channel)."""
     n, hp, wp, channels = input_q.shape
     cout, cin_g, kh, kw = weight_shape
     oh, ow = (output_size(*a) for a in zip((hp, wp), (kh, kw), stride, (0, 0), dilation))
@@ -406,13 +430,17 @@ def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_sha
     blocks = -(-pixels // block) if block > 0 else 0
     # tuples, not torch.Size: its == with a tuple goes through symbolic-shape code (~3 us)
     per_block = tuple(grad_exponent.shape) == (blocks, cout) and (blocks == 1 or block % 2 == 0)
+    input_groups = input_exponent.dim() == 0 or (
+        block > 0 and grad_exponent.dim() > 0 and tuple(input_exponent.shape) == (n, channels)
+    )
     return (
         min(n, oh, ow, cout, cin_g, kh, kw) > 0
         and input_q.dtype == grad_q.dtype == torch.int16
         and input_exponent.dtype == grad_exponent.dtype == torch.int32
         and all(t.is_contiguous() for t in (grad_q, grad_exponent, input_q))
         and tuple(grad_q.shape) == (n, oh, ow, cout)
-        and input_exponent.dim() == 0
+        and input_exponent.is_contiguous()
+        and input_groups
         and (grad_exponent.dim() == 0 or per_block)
         and cout % groups == 0
         and channels in (cin_g * groups, cin_g * groups + 1)
@@ -461,7 +489,7 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
     layer = getattr(backends.active(grad_y.device), "conv2d_backward", None)
     need_input, need_weight = ctx.needs_input_grad[:2]
     stride, padding, dilation, groups = ctx.conv
-    headroom, weight_channel, input_dfp, weight_dfp, rounding, weight_rounding, dy_block, input_groups = ctx.config
+    headroom, weight_channel, input_dfp, weight_dfp, rounding, weight_rounding, dy_block, input_groups, _ = ctx.config
     n, _, h, w = ctx.input_shape
     cout, _, kh, kw = weight.shape
     rows = GRAD_INPUT_EXPONENTS[input_groups] == "row"
@@ -521,7 +549,7 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
             grad_x, grad_w = _products(ctx, grad_y, calls, None)
         if need_bias:
             grad_b = grad_y.sum(dim=(0, 2, 3))
-    return grad_x, grad_w, grad_b, *([None] * 14)
+    return grad_x, grad_w, grad_b, *([None] * 15)
 
 
 def _products(ctx, grad_y, calls: _BackwardCalls, seed):
@@ -539,6 +567,7 @@ def _products(ctx, grad_y, calls: _BackwardCalls, seed):
         weight_rounding,
         weight_block,
         input_groups,
+        _input_rows,
     ) = ctx.config
     input_last, weight_last = ctx.channels_last
     grad_x = grad_w = None
@@ -550,7 +579,8 @@ def _products(ctx, grad_y, calls: _BackwardCalls, seed):
     if fused_weight or fused_input:
         block, input_exponent = weight_block if fused_weight else 0, input_groups + 1 if fused_input else 0
         rows = GRAD_INPUT_EXPONENTS[input_groups] == "row"
-        row_block = _grad_input_block(grad_y.shape[1] // groups, headroom, rows=True) if rows else 0
+        # int(): traced with dynamic shapes, a channel count is a SymInt, which the cache cannot hash
+        row_block = _grad_input_block(int(grad_y.shape[1]) // groups, headroom, rows=True) if rows else 0
         grad_wq, grad_we, grad_q, grad_e = calls.quantize_both(
             grad_y, headroom, block, input_exponent, weight_rounding, rounding, seed, row_block
         )

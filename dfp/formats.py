@@ -19,6 +19,7 @@ Product = Literal["dfp", "fp32", "bf16", "fp16"]
 WeightExponent = Literal["tensor", "channel"]
 GradInputExponent = Literal["tensor", "sample", "row"]
 GRAD_INPUT_EXPONENTS = ("tensor", "sample", "row")  # the codes of the ops' grad_input_exponent
+InputExponent = Literal["tensor", "row"]
 
 _FLOAT_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
@@ -51,6 +52,13 @@ class Format:
             int32 chain length: 32 at headroom 2), the K-blocks of that product's reduction
             over (tap, output channel); a weight with exponents per channel then has them
             per the same blocks.
+        input_exponent: "tensor" (Das et al.) or "row": the layer's input gets one exponent
+            per image row and block of channels in the forward (the largest divisor of C/groups
+            up to the chain length; the K-blocks of the forward's reduction over (tap,
+            channel)), and is quantized again for grad_weight with one per channel and group
+            of samples whose output pixels are whole blocks of ``grad_weight_block`` (one
+            sample where its pixels are a multiple of the block; a linear layer's: 32
+            samples), which needs ``grad_weight_block``.
         grad_weight_rounding: rounding of output gradients in the grad_weight product, whose
             sums run over every pixel of the batch: rounding to nearest there leaves
             errors that add up coherently (the same small values round the same way), while
@@ -72,6 +80,7 @@ class Format:
     weight_exponent: WeightExponent = "tensor"
     grad_weight_block: int | None = None
     grad_input_exponent: GradInputExponent = "tensor"
+    input_exponent: InputExponent = "tensor"
     grad_rounding: Rounding = "nearest"
     grad_weight_rounding: Rounding | None = None
     forward: Product = "dfp"
@@ -102,6 +111,13 @@ class Format:
             raise ValueError(
                 f"Format.grad_input_exponent must be one of {GRAD_INPUT_EXPONENTS}, got {self.grad_input_exponent!r}"
             )
+        if self.input_exponent not in ("tensor", "row"):
+            raise ValueError(f"Format.input_exponent must be 'tensor' or 'row', got {self.input_exponent!r}")
+        if self.input_exponent == "row" and block is None:
+            raise ValueError(
+                "Format.input_exponent='row' needs grad_weight_block: grad_weight's input exponents follow "
+                "groups of samples whose output pixels are whole blocks of it"
+            )
         if type(self.headroom) is not int or not 0 <= self.headroom <= MAX_HEADROOM:  # a bool is no headroom
             raise ValueError(f"Format.headroom must be an int in 0..{MAX_HEADROOM}, got {self.headroom!r}")
         products = {"forward": self.forward, "grad_input": self.grad_input, "grad_weight": self.grad_weight}
@@ -121,16 +137,19 @@ class Format:
 # grad_weight (one int32 chain at headroom 2) and one per image row and block of output
 # channels in grad_input: per tensor, grad_weight was up to 21 dB less accurate than bf16
 # on ResNet-20's layers and grad_input as little as 7.7 dB more; per sample, a
-# heavy-tailed gradient's grad_input stayed 9.8 dB above bf16, per image row 16.8 (AMD
-# Zen 4; docs/fidelity.md).
-GRAD_EXPONENTS = {"grad_weight_block": 32, "grad_input_exponent": "row"}
+# heavy-tailed gradient's grad_input stayed 9.8 dB above bf16, per image row 16.8. Its
+# inputs get one per image row and channel block in the forward and per sample and
+# channel in grad_weight: per tensor, heavy-tailed and outlier-channel inputs left the
+# forward and grad_weight 5.6-7 dB above bf16, now every product is 15.7 dB above
+# (AMD Zen 4; docs/fidelity.md).
+DEFAULT_EXPONENTS = {"grad_weight_block": 32, "grad_input_exponent": "row", "input_exponent": "row"}
 
 FORMATS: dict[str, Format] = {
     # dithered rounding in grad_weight: rounded to nearest, the small gradients of a
     # 32x32 layer's pixels round alike and their errors add up over the batch (a CIFAR-10
     # layer's grad_weight only 0.7 dB above bf16; dithered: 16 dB; docs/fidelity.md)
-    "dfp16": Format("dfp16", is_dfp=True, grad_weight_rounding="dithered", **GRAD_EXPONENTS),
-    "dfp16-sr": Format("dfp16-sr", is_dfp=True, grad_rounding="stochastic", **GRAD_EXPONENTS),
+    "dfp16": Format("dfp16", is_dfp=True, grad_weight_rounding="dithered", **DEFAULT_EXPONENTS),
+    "dfp16-sr": Format("dfp16-sr", is_dfp=True, grad_rounding="stochastic", **DEFAULT_EXPONENTS),
     "dfp16-tensor": Format("dfp16-tensor", is_dfp=True),
     **{
         name: Format(name, is_dfp=False, dtype=dtype, forward=name, grad_input=name, grad_weight=name)
@@ -143,9 +162,11 @@ def resolve(fmt: str | DFPSpec | Format) -> Format:
     """The Format named by ``fmt``.
 
     ``fmt`` is a Format (returned as is), a name from ``FORMATS`` ("dfp16": headroom 2,
-    output gradients with an exponent per 32 pixels and channel in grad_weight, rounded
-    there with dithering, and per image row and block of channels in grad_input, rounded
-    to nearest; "dfp16-sr": the same with stochastic rounding of gradients;
+    inputs with an exponent per image row and block of channels in the forward and per
+    sample and channel in grad_weight, output gradients per 32 pixels and channel in
+    grad_weight, rounded there with dithering, and per image row and block of channels in
+    grad_input, rounded to nearest; "dfp16-sr": the same with stochastic rounding of
+    gradients;
     "dfp16-tensor": one exponent per tensor everywhere, as in Das et al. 2018; "fp32",
     "bf16", "fp16"), or a DFPSpec: its headroom, its rounding for the gradients (the
     forward rounds to nearest), and ``axis=None`` for one weight exponent per tensor or

@@ -160,11 +160,11 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
 
 
 def _op_switches(f: Format) -> tuple:
-    """``dfp::conv2d``'s arguments from headroom to grad_input_exponent."""
+    """``dfp::conv2d``'s arguments from headroom to input_rows."""
     return (
         f.headroom, f.weight_exponent == "channel", f.forward == "dfp", f.grad_input == "dfp",
         f.grad_weight == "dfp", ROUNDINGS.index(f.grad_rounding), ROUNDINGS.index(f.rounding_in_grad_weight),
-        f.grad_weight_block or 0, GRAD_INPUT_EXPONENTS.index(f.grad_input_exponent),
+        f.grad_weight_block or 0, GRAD_INPUT_EXPONENTS.index(f.grad_input_exponent), f.input_exponent == "row",
     )  # fmt: skip
 
 

@@ -13,6 +13,7 @@ from torch.library import opcheck
 import dfp
 from dfp import DFPSpec
 from dfp import functional as DF
+from dfp._ops import input_group_samples
 from dfp.formats import resolve
 
 
@@ -23,31 +24,43 @@ def _gaussian(shape, seed, scale=1.0) -> torch.Tensor:
 
 # dfp::conv2d arguments after (x, weight, bias): stride, padding, dilation, groups,
 # headroom, weight_channel, forward_dfp, grad_input_dfp, grad_weight_dfp,
-# grad_stochastic, grad_weight_stochastic, grad_weight_block, grad_input_per_sample, channels_last
+# grad_rounding, grad_weight_rounding, grad_weight_block, grad_input_exponent, input_rows, channels_last
 CONV_CONFIGS = {
     "groups-bias": (
         (2, 4, 6, 6),
         (6, 2, 3, 3),
         True,
-        ([1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 0, False, False),
+        ([1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 0, False, False, False),
     ),
     "channel-sr-channels-last": (
         (2, 4, 6, 5),
         (6, 4, 3, 3),
         False,
-        ([2, 1], [1, 1], [1, 2], 1, 3, True, True, True, True, True, True, 4, True, True),
+        ([2, 1], [1, 1], [1, 2], 1, 3, True, True, True, True, True, True, 4, True, False, True),
     ),
     "fp32-products": (
         (2, 4, 5, 5),
         (4, 4, 3, 3),
         True,
-        ([1, 1], [1, 1], [1, 1], 1, 2, False, False, False, True, False, True, 2, True, False),
+        ([1, 1], [1, 1], [1, 1], 1, 2, False, False, False, True, False, True, 2, True, False, False),
     ),
     "linear-batch-0": (
         (0, 8, 1, 1),
         (3, 8, 1, 1),
         True,
-        ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, False, True, 32, True, False),
+        ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, False, True, 32, True, True, False),
+    ),
+    "input-rows-groups-channels-last": (
+        (3, 6, 6, 5),
+        (4, 3, 3, 3),
+        True,
+        ([1, 2], [1, 1], [1, 1], 2, 2, False, True, True, True, 2, 2, 4, 2, True, True),
+    ),
+    "input-rows-linear": (
+        (5, 40, 1, 1),
+        (3, 40, 1, 1),
+        False,
+        ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, 0, 2, 2, 1, True, False),
     ),
 }
 
@@ -111,12 +124,18 @@ def test_opcheck_backward_ops():
             args = (q, e, w, [2, 4, 6, 6], [1, 2], [1, 0], [1, 1], 2, 2, weight_channel, channels_last)
             opcheck(torch.ops.dfp.conv2d_grad_input.default, args)
     _, x_padded, x_e = torch.ops.dfp.conv2d(
-        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 0, False, False
+        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 0, False, False, False
     )
+    _, x_rows, x_row_e = torch.ops.dfp.conv2d(
+        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 4, False, True, False
+    )
+    assert tuple(x_row_e.shape) == (2, 4)  # per sample and channel
     for channels_last in (False, True):
         args = (grad_q, grad_e, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 0, channels_last)
         opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
         args = (grad_bq, grad_be, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 4, channels_last)
+        opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
+        args = (grad_bq, grad_be, x_rows, x_row_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 4, channels_last)
         opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
 
 
@@ -178,30 +197,49 @@ def _dequantized_row_blocks(t: torch.Tensor, block: int) -> torch.Tensor:
     )
 
 
+def _dequantized_sample_channels(t: torch.Tensor, samples: int) -> torch.Tensor:
+    """t (N, C, H, W) quantized with an exponent per group of ``samples`` samples and channel."""
+    n, c, h, w = t.shape
+    groups = -(-n // samples)
+    padded = torch.nn.functional.pad(t, (0, 0, 0, 0, 0, 0, 0, groups * samples - n))
+    rows = padded.view(groups, samples, c, h * w).transpose(1, 2).reshape(groups * c, -1)
+    q = _dequantized(rows, DFPSpec(axis=0)).view(groups, c, samples, h, w).transpose(1, 2)
+    return q.reshape(-1, c, h, w)[:n]
+
+
 @pytest.mark.parametrize("name", ["dfp16", "dfp16-tensor", "sample"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_product_multiplies_the_operands_quantized_as_documented(stride, name):
-    """Forward: x per tensor, weight per output channel; grad_input: dY per tensor
+    """Forward: x per tensor ("dfp16-tensor") or per image row and block of channels (the
+    6 of 5 and a zero one), weight per output channel; grad_input: dY per tensor
     ("dfp16-tensor"), per sample ("sample") or per image row and block of 20 channels
     (the largest divisor of 40 up to the chain length 32: "dfp16"), weight per block of
-    32 (rows: 20) output channels along the reduction; grad_weight: x per tensor, dY per
-    tensor ("dfp16-tensor") or per block of 32 output pixels and channel. The result
-    equals fp64 on the dequantized operands up to fp32 accumulation, and the channels',
-    samples' and rows' scales (2^0 .. 2^-13, 2^-9, 2^0 .. 2^-10) make any other grouping
-    miss by orders of magnitude more."""
+    32 (rows: 20) output channels along the reduction; grad_weight: x per tensor or per
+    channel and sample (stride 1: 64 output pixels, whole blocks of 32) or pair of samples
+    (stride 2: 16), dY per tensor ("dfp16-tensor") or per block of 32 output pixels and
+    channel. The result equals fp64 on the dequantized operands up to fp32 accumulation,
+    and the channels', samples' and rows' scales (weights 2^0 .. 2^-13; dY 2^-9 and
+    2^0 .. 2^-14; x 2^-9, 2^0 .. 2^-12 and 2^0 .. 2^-14) make any other grouping miss by
+    orders of magnitude more."""
     # nearest rounding everywhere: this is about which values share an exponent
     fmt = resolve("dfp16" if name == "sample" else name)
     fmt = dataclasses.replace(fmt, weight_exponent="channel", grad_weight_rounding="nearest")
     fmt = dataclasses.replace(fmt, grad_input_exponent="sample") if name == "sample" else fmt
-    rows = fmt.grad_input_exponent == "row"
+    rows, input_rows = fmt.grad_input_exponent == "row", fmt.input_exponent == "row"
     cout = 40  # two blocks along Cout in grad_input: 32 + 8 (rows: 20 + 20)
-    x = _gaussian((2, 5, 6, 6), 0).requires_grad_()
+    samples, rows_scale = torch.tensor([1.0, 2.0**-9]).view(2, 1, 1, 1), torch.exp2(-2.0 * torch.arange(8)).view(8, 1)
+    # x's small sample is dY's large one: both add as much to grad_weight
+    x = _gaussian((2, 5, 8, 8), 0) * samples.flip(0) * rows_scale * torch.exp2(-3.0 * torch.arange(5)).view(5, 1, 1)
+    x.requires_grad_()
     w = (_gaussian((cout, 5, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
-    grad = _gaussian((2, cout, 6, 6), 2) * torch.tensor([1.0, 2.0**-9]).view(2, 1, 1, 1)
-    grad = (grad * torch.exp2(-2.0 * torch.arange(6)).view(1, 1, 6, 1))[:, :, ::stride, ::stride]
+    grad = (_gaussian((2, cout, 8, 8), 2) * samples * rows_scale)[:, :, ::stride, ::stride]
     DF.conv2d(x, w, stride=stride, padding=1, fmt=fmt).backward(grad)
 
     xd, dyd = _dequantized(x.detach(), DFPSpec()), _dequantized(grad, DFPSpec())
+    x_forward = _dequantized_row_blocks(x.detach(), 5) if input_rows else xd
+    x_weight = (
+        _dequantized_sample_channels(x.detach(), input_group_samples(32, (8 // stride) ** 2)) if input_rows else xd
+    )
     dyd_weight = _dequantized_pixel_blocks(grad, fmt.grad_weight_block) if fmt.grad_weight_block else dyd
     dyd_input = {"tensor": dyd, "sample": _dequantized(grad, DFPSpec(axis=0)), "row": _dequantized_row_blocks(grad, 20)}
     dyd_input = dyd_input[fmt.grad_input_exponent]
@@ -210,15 +248,16 @@ def test_each_product_multiplies_the_operands_quantized_as_documented(stride, na
     w_backward = _dequantized(w.detach().reshape(cout, -1), DFPSpec(axis=0, block=w_block)).view(w.shape)
     y = DF.conv2d(x.detach(), w.detach(), stride=stride, padding=1, fmt=fmt)
     checks = [
-        (y, torch.nn.functional.conv2d(xd, w_forward, stride=stride, padding=1)),
+        (y, torch.nn.functional.conv2d(x_forward, w_forward, stride=stride, padding=1)),
         (x.grad, torch.nn.grad.conv2d_input(x.shape, w_backward, dyd_input, stride=stride, padding=1)),
-        (w.grad, torch.nn.grad.conv2d_weight(xd, w.shape, dyd_weight, stride=stride, padding=1)),
+        (w.grad, torch.nn.grad.conv2d_weight(x_weight, w.shape, dyd_weight, stride=stride, padding=1)),
     ]
     for got, want in checks:
         assert (got.double() - want).norm() <= 1e-6 * want.norm()
 
 
-def test_backward_keeps_int16_mantissas_not_float_copies():
+@pytest.mark.parametrize("fmt, exponent", [("dfp16", (2, 4)), ("dfp16-tensor", ())])
+def test_backward_keeps_int16_mantissas_not_float_copies(fmt, exponent):
     x = _gaussian((2, 3, 8, 8), 0).requires_grad_()
     w = _gaussian((4, 3, 3, 3), 1).requires_grad_()
     saved = []
@@ -228,10 +267,11 @@ def test_backward_keeps_int16_mantissas_not_float_copies():
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        DF.conv2d(x, w, padding=1)
-    # the padded int16 input (3 channels and a zero one) and its exponent, and the (master) weight itself
+        DF.conv2d(x, w, padding=1, fmt=fmt)
+    # the padded int16 input (3 channels and a zero one) and its exponents (per sample and
+    # channel, or one), and the (master) weight itself
     assert sorted(saved, key=str) == sorted(
-        [(torch.int16, (2, 10, 10, 4)), (torch.int32, ()), (torch.float32, (4, 3, 3, 3))], key=str
+        [(torch.int16, (2, 10, 10, 4)), (torch.int32, exponent), (torch.float32, (4, 3, 3, 3))], key=str
     )
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):

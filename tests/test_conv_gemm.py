@@ -11,7 +11,7 @@ import torch
 from helpers import int16_operand, on_reference
 from torch.library import opcheck
 
-import dfp  # noqa: F401  (registers the ops)
+import dfp
 from dfp import DFPSpec, _ops
 from dfp import _conv_layout as layout
 from dfp._patches import output_size
@@ -89,6 +89,34 @@ def test_conv_grad_weight_gemm_with_pixel_blocks_equals_gemm_on_im2col(backend, 
     args = (dy, ey, 2, x, ex, 2, kernel, stride, dilation, groups, kblock)
     got = torch.ops.dfp.conv_grad_weight_gemm(*args)
     assert torch.equal(got, on_reference(torch.ops.dfp.conv_grad_weight_gemm, *args))
+
+
+@pytest.mark.parametrize("kblock", [2, 32])
+@pytest.mark.parametrize("name", ["3x3", "3x3-even-width", "odd-channels-strided", "groups-dilated", "1x1"])
+def test_conv_grad_weight_gemm_with_input_exponents_per_sample_and_channel(backend, name, kblock):
+    """x with an exponent per sample and channel, 60 binades apart, beside dY's pixel
+    blocks: a K-block takes the exponents of the sample of its first pixel, on every
+    compiled layout as on the reference; where blocks straddle samples they must share
+    theirs (else a clear error)."""
+    x, _, w, _, _, kernel, stride, dilation, _ = _operands(CASES[name])
+    groups = CASES[name][4]
+    oh, ow = (output_size(x.shape[1 + a], kernel[a], stride[a], 0, dilation[a]) for a in range(2))
+    dy = int16_operand((x.shape[0], oh, ow, groups * w.shape[2]), 2, 7)
+    g = torch.Generator().manual_seed(9)
+    ey = torch.randint(
+        -40, 0, (-(-(dy.numel() // dy.shape[-1]) // kblock), dy.shape[-1]), generator=g, dtype=torch.int32
+    )
+    samples = _ops.input_group_samples(kblock, oh * ow)
+    ex = torch.randint(-60, 0, (x.shape[0], x.shape[3]), generator=g, dtype=torch.int32)
+    shared = ex[::samples].repeat_interleave(samples, dim=0)[: x.shape[0]]
+    args = (dy, ey, 2, x, shared, 2, kernel, stride, dilation, groups, kblock)
+    got = torch.ops.dfp.conv_grad_weight_gemm(*args)
+    assert torch.equal(got, on_reference(torch.ops.dfp.conv_grad_weight_gemm, *args))
+    if samples > 1 and x.shape[0] > 1:
+        with pytest.raises(ValueError, match="must be the same for each group of"):
+            torch.ops.dfp.conv_grad_weight_gemm(dy, ey, 2, x, ex, 2, kernel, stride, dilation, groups, kblock)
+    with pytest.raises(ValueError, match=r"ex must be a 0-d int32 exponent or int32 \(N, C\)"):
+        torch.ops.dfp.conv_grad_weight_gemm(dy, ey, 2, x, ex[:, :1], 2, kernel, stride, dilation, groups, kblock)
 
 
 def test_conv_grad_weight_gemm_with_all_max_pixel_blocks_is_exact(backend):
@@ -176,6 +204,43 @@ def test_input_quantized_into_the_padded_image_as_quantized_then_padded(backend,
     q = on_reference(layout.quantize_channels_last, x, DFPSpec(2))
     assert torch.equal(got, layout.zero_pad(q.mantissa, (1, 2), out_channels))
     assert torch.equal(exponent, q.exponent)
+
+
+@pytest.mark.parametrize("channels, groups", [(16, 1), (3, 1), (6, 2), (64, 1)])
+@pytest.mark.parametrize("samples", [1, 2, 4])
+def test_input_quantized_per_row_for_the_forward_and_per_sample_and_channel_for_grad_weight(
+    backend, channels, groups, samples
+):
+    """The compiled backend's one read per group of samples gives the generic steps' bits
+    (the reference's rounding on the reference backend): rows of padding and a row of
+    zeros the zero group's exponent, a huge element its row block's and its channel's
+    range, 3 samples in groups of 2 or 4 (the last one short); rounded to nearest, each
+    row block's bits are those of quantizing it alone. NaN makes every exponent
+    NONFINITE."""
+    g = torch.Generator().manual_seed(4)
+    t = torch.randn((3, channels, 5, 6), generator=g) * torch.exp2(
+        torch.randint(-30, 30, (3, 1, 5, 1), generator=g).float()
+    )
+    t[0, :, 2] = 0.0
+    t[2, channels - 1, 3, 4] = 1e30
+    t = t.contiguous(memory_format=torch.channels_last)
+    out_channels = channels + channels % 2 if groups == 1 else channels
+    row_block = dfp.autograd._grad_input_block(out_channels // groups, 2, rows=True)
+    args = (t, 2, (1, 2), out_channels, row_block, samples)
+    got, want = layout.quantize_input(*args), on_reference(layout.quantize_input, *args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    q_rows, e_rows, q_channels, e_channels = got
+    assert q_rows.shape == q_channels.shape == (3, 7, 10, out_channels)
+    assert e_rows.shape == (3, 7, out_channels // row_block) and e_channels.shape == (3, out_channels)
+    assert (e_rows[:, 0] == -149 - 13 + 1).all() and (e_rows[0, 3] == -149 - 13 + 1).all()
+    assert torch.equal(e_channels, e_channels[::samples].repeat_interleave(samples, dim=0)[:3])
+    real = min(row_block, channels)  # 3 channels: a block of 4 with the zero one
+    alone = t[1, :real, 4].t().contiguous()  # sample 1's image row 4 (padded row 5), first block
+    q, e = _ops.quantize_impl(alone, 2, None, None, 0, 0)
+    assert torch.equal(q_rows[1, 5, 2:8, :real], q) and int(e) == e_rows[1, 5, 0]
+    t[1, 0, 0, 0] = float("nan")
+    for q, e in zip(*[iter(layout.quantize_input(*args))] * 2):
+        assert (e == layout.NONFINITE).all() and not q.any()
 
 
 @pytest.mark.parametrize(

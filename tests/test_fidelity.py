@@ -1,7 +1,7 @@
 """Floors on the fidelity report (benchmarks/fidelity.py): SQNR against fp64 of every
 product of a layer, the default DFP16 format against bf16 and Das et al.'s per-tensor
 scheme. The inputs are fixed by seeds and the DFP16 bits do not depend on the CPU path,
-so the floors sit a few dB under what was measured (2026-12-02, AMD Zen 4), which
+so the floors sit a few dB under what was measured (2026-12-03, AMD Zen 4), which
 bf16's own rounding (oneDNN's order of sums) cannot move."""
 
 from __future__ import annotations
@@ -37,38 +37,36 @@ def test_digits_step_every_conv_and_linear_layer_is_captured(digits_rows):
 
 
 def test_default_weight_gradient_beats_bf16_by_12_db_on_every_layer(digits_rows):
-    """Measured: at least 16.2 dB above bf16 (per tensor: down to 4.3 dB below it)."""
+    """Measured: at least 18.3 dB above bf16 (per tensor: down to 4.3 dB below it)."""
     for _, layer, product, s in digits_rows:
         if product == "grad_weight":
             assert s["dfp16"] >= s["bf16"] + 12, (layer, s)
 
 
 def test_default_beats_bf16_on_every_product_of_the_step(digits_rows):
-    """Measured: every product at least 16.2 dB above bf16, 18.7 dB at the median."""
+    """Measured: every product at least 18.3 dB above bf16, 21.0 dB at the median."""
     margins = [s["dfp16"] - s["bf16"] for *_, s in digits_rows]
-    assert min(margins) >= 12
-    assert median(margins) >= 16
+    assert min(margins) >= 15
+    assert median(margins) >= 19
 
 
-def test_default_is_never_below_bf16_on_synthetic_data(synthetic_rows):
-    """Outlier channels and heavy-tailed (Student-t) operands are the closest calls
-    (measured 5.6 dB above bf16 at the least); Gaussian and ReLU data 18.4 dB and more."""
+def test_default_beats_bf16_by_12_db_on_every_synthetic_row(synthetic_rows):
+    """Heavy-tailed (Student-t) operands are the closest call (measured 15.7 dB above
+    bf16 at the least; with one exponent per tensor for the input, outlier channels were
+    5.6 dB above); Gaussian and ReLU data 21.5 dB and more."""
     for _, layer, product, s in synthetic_rows:
-        assert s["dfp16"] >= s["bf16"], (layer, product, s)
+        assert s["dfp16"] >= s["bf16"] + 12, (layer, product, s)
         if layer.split(" ", 1)[1] in ("gaussian", "relu"):
-            assert s["dfp16"] >= s["bf16"] + 15, (layer, product, s)
+            assert s["dfp16"] >= s["bf16"] + 18, (layer, product, s)
 
 
-def test_finer_gradient_exponents_never_lose_to_one_per_tensor(digits_rows, synthetic_rows):
-    """grad_input: never more than 0.5 dB below. grad_weight rounds dithered: its errors
-    have up to twice the variance of rounding to nearest (3 dB), which finer exponents
-    make up for everywhere but on layers whose gradients lose little per tensor (the
-    classifier, measured 1.6 dB below)."""
+def test_finer_exponents_never_lose_to_one_per_tensor(digits_rows, synthetic_rows):
+    """The forward and grad_input: never more than 0.5 dB below Das et al.'s scheme.
+    grad_weight rounds dithered: its errors have up to twice the variance of rounding to
+    nearest (3 dB), which finer exponents make up for everywhere but on layers whose
+    gradients lose little per tensor (the classifier, measured 1.6 dB below)."""
     for _, layer, product, s in digits_rows + synthetic_rows:
-        if product == "forward":  # computed alike: the same bits
-            assert s["dfp16"] == s["dfp16-tensor"], (layer, product, s)
-        else:
-            assert s["dfp16"] >= s["dfp16-tensor"] - (3 if product == "grad_weight" else 0.5), (layer, product, s)
+        assert s["dfp16"] >= s["dfp16-tensor"] - (3 if product == "grad_weight" else 0.5), (layer, product, s)
 
 
 def test_dithered_weight_gradient_keeps_the_small_gradients_that_nearest_rounds_away():

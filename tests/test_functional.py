@@ -22,6 +22,9 @@ DFP16 = resolve("dfp16")
 CHANNEL = dataclasses.replace(DFP16, name="dfp16-channel", weight_exponent="channel")
 # grad_input's dY per sample (the default's: per image row and block of channels)
 SAMPLE = dataclasses.replace(DFP16, name="dfp16-sample", grad_input_exponent="sample")
+# the input per tensor in the forward and grad_weight (the default's: per image row and
+# channel block, and per sample and channel)
+TENSOR_INPUT = dataclasses.replace(DFP16, name="dfp16-tensor-input", input_exponent="tensor")
 
 
 def _integers(shape, seed, high=8) -> torch.Tensor:
@@ -208,7 +211,7 @@ def test_sqnr_against_fp64_on_gaussian_data(kind, fmt):
     assert _sqnr(got[3], want[3]) > 120  # the bias gradient stays fp32
 
 
-@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr"), SAMPLE], ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL, resolve("dfp16-sr"), SAMPLE, TENSOR_INPUT], ids=lambda f: f.name)
 @pytest.mark.parametrize("kind", ["linear", "conv2d"])
 def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
     if kind == "linear":
@@ -243,7 +246,7 @@ ONE_CALL_CASES = {
 
 
 @pytest.mark.parametrize(
-    "fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr"), SAMPLE], ids=lambda f: f.name
+    "fmt", [DFP16, CHANNEL, resolve("dfp16-tensor"), resolve("dfp16-sr"), SAMPLE, TENSOR_INPUT], ids=lambda f: f.name
 )
 @pytest.mark.parametrize("case", ONE_CALL_CASES)
 def test_channels_last_layers_bit_exact_against_the_integer_reference(backend, case, fmt):
@@ -391,6 +394,7 @@ def test_resolve_names_specs_and_formats():
     assert set(FORMATS) == {"dfp16", "dfp16-sr", "dfp16-tensor", "fp32", "bf16", "fp16"}
     assert resolve("dfp16").is_dfp and resolve("dfp16").headroom == 2
     assert resolve("dfp16").grad_weight_block == 32 and resolve("dfp16-tensor").grad_weight_block is None
+    assert resolve("dfp16").input_exponent == "row" and resolve("dfp16-tensor").input_exponent == "tensor"
     assert resolve("dfp16-sr").grad_rounding == "stochastic" and resolve("dfp16-sr").grad_weight_block == 32
     assert resolve("bf16").dtype == torch.bfloat16 and not resolve("bf16").is_dfp
     assert resolve(CHANNEL) is CHANNEL
@@ -426,6 +430,8 @@ def test_resolve_rejects_unknown_formats(fmt, match):
         ({"is_dfp": True, "grad_input_exponent": "pixel"}, "grad_input_exponent"),
         ({"is_dfp": True, "grad_input_exponent": True}, "grad_input_exponent"),
         ({"is_dfp": True, "grad_weight_block": True}, "grad_weight_block"),
+        ({"is_dfp": True, "input_exponent": "pixel"}, "input_exponent"),
+        ({"is_dfp": True, "input_exponent": "row"}, "input_exponent='row' needs grad_weight_block"),
     ],
 )
 def test_inconsistent_formats_are_rejected(fields, match):

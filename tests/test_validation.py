@@ -109,8 +109,8 @@ def test_matmul_refuses_inputs_that_require_grad_and_points_to_linear():
         dfp.matmul(y.t(), x.t())
     with torch.no_grad():
         assert torch.equal(dfp.matmul(x, y), dfp.matmul(x.detach(), y))
-    # the suggested layer computes the same product, with gradients
-    out = dfp.functional.linear(x, y.t())
+    # the suggested layer computes the same product (per tensor, as matmul), with gradients
+    out = dfp.functional.linear(x, y.t(), fmt="dfp16-tensor")
     assert torch.equal(out.detach(), dfp.matmul(x.detach(), y))
     out.sum().backward()
     assert x.grad is not None

@@ -17,6 +17,7 @@ struct Workspace {
   Packed b;
   std::vector<int16_t> image;  // channel major, for TransposedPatches
   std::vector<float> result;   // dW^T of one group
+  std::vector<int32_t> patch_exponents;  // patch_column_exponents'
 };
 Workspace& workspace() {
   thread_local Workspace w;
@@ -34,16 +35,39 @@ std::vector<int32_t> group_exponents(const int32_t* ey, int64_t blocks, int64_t 
   return e;
 }
 
+// The image's exponents of group g's columns (kh, kw, ci) of the patch matrix in each of
+// grad_weight's K-blocks, (KB, K), where they are per sample and channel: those of the
+// sample of the block's first pixel. Transposed, (K, KB), where `transposed`.
+// Into e (a workspace's: megabytes where images are large).
+void patch_column_exponents(InputExponents ex, const ConvShape& s, int64_t g, const KLayout& kl, bool transposed,
+                            std::vector<int32_t>& e) {
+  const int64_t k = s.k(), taps = s.kh * s.kw, per_sample = std::max<int64_t>(s.oh() * s.ow(), 1);
+  const auto group = [&](int64_t b) {
+    return ex.values + (b * kl.kblock / per_sample) * s.channels + g * s.cg;
+  };
+  e.resize(kl.nblocks * k);
+  if (!transposed) {
+    for (int64_t b = 0; b < kl.nblocks; ++b)
+      for (int64_t t = 0; t < taps; ++t) std::copy_n(group(b), s.cg, e.data() + b * k + t * s.cg);
+    return;
+  }
+  // row ci of the first tap, then its copies for the other taps
+  for (int64_t b = 0; b < kl.nblocks; ++b)
+    for (int64_t ci = 0; ci < s.cg; ++ci) e[ci * kl.nblocks + b] = group(b)[ci];
+  for (int64_t t = 1; t < taps; ++t) std::copy_n(e.data(), s.cg * kl.nblocks, e.data() + t * s.cg * kl.nblocks);
+}
+
 // dW = (patches^T dY)^T: the patches read in place from a channel-major copy of the
 // image and dY packed once, instead of gathering pixel pairs of patches for every block
 // (two fifths of a 16-channel layer's dW). The same products in the same chains, and
 // 2^ex 2^ey is the same scale: the same bits as dY^T patches.
 void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, const KLayout& kl, int hy,
-                            const int16_t* x, const ConvShape& shape, int64_t groups, int32_t ex, int hx, float* dw,
-                            int nthreads) {
+                            const int16_t* x, const ConvShape& shape, int64_t groups, InputExponents ex, int hx,
+                            float* dw, int nthreads) {
   const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
   const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
-  const std::vector<int32_t> ea(kl.nblocks, ex);  // one row: the image has one exponent
+  const bool one = !ex.per_sample;  // one exponent for the image: one row of them
+  const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   Workspace& ws = workspace();
   ws.image.resize(shape.n * plane * shape.channels);
   to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
@@ -60,8 +84,9 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const std::vector<int32_t> own =
         groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
     const int32_t* eb = groups > 1 ? own.data() : ey;
-    gemm_packed(uk, patches, ws.b, kl, ea.data(), eb, hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
-                GemmOptions{rows_per_thread, 0, true});
+    if (!one) patch_column_exponents(ex, shape, g, kl, true, ws.patch_exponents);
+    gemm_packed(uk, patches, ws.b, kl, one ? uniform.data() : ws.patch_exponents.data(), eb, hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
+                GemmOptions{rows_per_thread, 0, one});
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)
       for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[j * cout_g + o];
@@ -177,17 +202,18 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
 }
 
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
-                            const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, float* dw,
+                            const int16_t* x, const ConvGeometry& geometry, InputExponents ex, int hx, float* dw,
                             int nthreads) {
   const ConvShape shape = group_shape(geometry);
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
   const MicroKernel& uk = micro_kernel(active_isa(), k);
   const KLayout kl(pixels, std::max<int64_t>(kblock, 1));
-  const std::vector<int32_t> eb(kl.nblocks, ex);  // one column: the image has one exponent
+  const bool one = !ex.per_sample;  // one exponent for the image: one column of them
+  const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   // Few rows and a long reduction: split the columns into about four tasks per thread
   // (each task reads all of dY, so not into single panels), handed out dynamically.
   const int64_t panels = (k + uk.nr - 1) / uk.nr, per_task = (panels + 4 * nthreads - 1) / (4 * nthreads);
-  const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), false, true};
+  const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), false, one};
   // Every task gathers its own block of patches; a pointwise convolution's patches are
   // the image's rows, packed once instead.
   const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
@@ -205,11 +231,13 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     std::vector<int32_t> ea(cout_g * kl.nblocks);
     for (int64_t b = 0; b < kl.nblocks; ++b)
       for (int64_t o = 0; o < cout_g; ++o) ea[o * kl.nblocks + b] = ey[b * cout + g * cout_g + o];
+    if (!one) patch_column_exponents(ex, shape, g, kl, false, ws.patch_exponents);
+    const int32_t* eb = one ? uniform.data() : ws.patch_exponents.data();
     const PatchColumns patches(image, shape, uk.nr);
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
-    gemm_packed(uk, ws.a, b, kl, ea.data(), eb.data(), hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
-                pointwise ? GemmOptions{0, 0, false, true} : gathered);
+    gemm_packed(uk, ws.a, b, kl, ea.data(), eb, hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
+                pointwise ? GemmOptions{0, 0, false, one} : gathered);
   }
 }
 

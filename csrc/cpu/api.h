@@ -48,12 +48,20 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
                      const float* bias, float* y, int nthreads);
 
+// The exponents of grad_weight's image: one, or (per_sample) one per sample and
+// channel, (n, channels) row-major. A K-block of grad_weight takes those of the sample of
+// its first pixel: the samples of a block share theirs (quantize_input groups them so).
+struct InputExponents {
+  const int32_t* values;
+  bool per_sample = false;
+};
+
 // dw (cout, K) = per group g: dy_g^T (cout / groups, pixels) x patches_g (pixels, K);
 // dy (pixels, cout) contiguous with exponents ey (KB, cout), one per block of kblock
 // pixels (KB = ceil(pixels / kblock); kblock even unless KB = 1) and channel; the
-// image's exponent ex.
+// image's exponents ex.
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
-                            const int16_t* x, const ConvGeometry& geometry, int32_t ex, int hx, float* dw,
+                            const int16_t* x, const ConvGeometry& geometry, InputExponents ex, int hx, float* dw,
                             int nthreads);
 
 }  // namespace dfp

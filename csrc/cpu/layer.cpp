@@ -29,10 +29,16 @@ bool quantize_gathered(const std::vector<float>& gathered, const QuantizeShape& 
   return true;
 }
 
+// Whether grad_weight's image came from finite values: no exponent marks NaN/Inf.
+bool finite_input(InputExponents ex, const ConvLayer& l) {
+  const int64_t count = ex.per_sample ? l.n * l.channels : 1;
+  return std::find(ex.values, ex.values + count, kNonFiniteExponent) == ex.values + count;
+}
+
 }  // namespace
 
-bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& l, int16_t* x_padded,
-                  int32_t* x_exponent, float* y, int nthreads) {
+bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& l,
+                  InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, int nthreads) {
   // B of each group: (K, cout / groups), K over (kh, kw, ci) of the padded channels
   // (zeros in an added one, which neither moves a maximum nor adds to a sum).
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp, cout_g = l.cout / l.groups;
@@ -48,9 +54,30 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
   if (!l.weight_per_channel) std::fill(ew.begin(), ew.end(), ew[0]);
   const PaddedImage image{l.n, l.h, l.w, l.c, l.ph, l.pw, l.channels};
-  if (!quantize_padded(x, image, l.headroom, x_padded, x_exponent, nthreads)) return false;
-  conv_gemm_int16(x_padded, l.padded(), {x_exponent, 1}, l.headroom, w.get(), cout_g * k, 1, k, cout_g, ew.data(),
-                  std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads);
+  if (!grouping.row_block) {
+    if (!quantize_padded(x, image, l.headroom, x_padded, x_exponent, nthreads)) return false;
+    conv_gemm_int16(x_padded, l.padded(), {x_exponent, 1}, l.headroom, w.get(), cout_g * k, 1, k, cout_g,
+                    ew.data(), std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads);
+    return true;
+  }
+  // Per image row and channel block: K-blocks of those blocks (a kernel row of taps where
+  // a group's channels are one block), the weight's exponents repeated along them.
+  const ConvGeometry padded = l.padded();
+  const int64_t image_size = padded.n * padded.hp * padded.wp * l.channels;
+  const int64_t row_exponents = padded.n * padded.hp * (l.channels / grouping.row_block);
+  thread_local std::vector<int16_t> x_rows;  // kept: a fresh image of megabytes would be paged in every call
+  x_rows.resize(image_size);
+  std::vector<int32_t> e_rows(row_exponents);
+  const InputQuantization out{x_rows.data(), e_rows.data(), grouping.row_block, x_padded, x_exponent,
+                              grouping.group_samples};
+  if (!quantize_input(x, image, l.headroom, out, nthreads)) return false;
+  const int64_t kblock = grouping.row_block == cgp ? l.kw * cgp : grouping.row_block, blocks = (k + kblock - 1) / kblock;
+  std::vector<int32_t> ew_blocks(l.groups * blocks * cout_g);  // (groups, KB, cout / groups)
+  for (int64_t g = 0; g < l.groups; ++g)
+    for (int64_t b = 0; b < blocks; ++b)
+      std::copy_n(ew.data() + g * cout_g, cout_g, ew_blocks.data() + (g * blocks + b) * cout_g);
+  conv_gemm_int16(x_rows.data(), padded, {e_rows.data(), row_exponents, grouping.row_block}, l.headroom, w.get(),
+                  cout_g * k, 1, k, cout_g, ew_blocks.data(), kblock, l.headroom, bias, y, nthreads);
   return true;
 }
 
@@ -103,9 +130,8 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
 }
 
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
-                      const int16_t* x_padded, int32_t x_exponent, const ConvLayer& l, float* dw, int nthreads) {
-  if (x_exponent == kNonFiniteExponent || std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count)
-    return false;
+                      const int16_t* x_padded, InputExponents ex, const ConvLayer& l, float* dw, int nthreads) {
+  if (!finite_input(ex, l) || std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count) return false;
   const ConvGeometry g = l.padded();
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp;
@@ -114,7 +140,7 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   const std::vector<int32_t> columns(one ? l.cout : 0, ey[0]);
   std::vector<float> rows(l.cout * k);  // (cout, K), K over (kh, kw, ci) of the padded channels
   conv_grad_weight_int16(dy, l.cout, one ? columns.data() : ey, one ? l.n * oh * ow : kblock, l.headroom, x_padded,
-                         g, x_exponent, l.headroom, rows.data(), nthreads);
+                         g, ex, l.headroom, rows.data(), nthreads);
   const int64_t* s = l.weight_strides;
   for (int64_t o = 0; o < l.cout; ++o)
     for (int64_t i = 0; i < l.kh; ++i)
@@ -124,11 +150,11 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   return true;
 }
 
-bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,
+bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, InputExponents x_exponent,
                    const ConvLayer& l, const GradientRounding& r, float* dx, float* dw, int nthreads) {
   const ConvGeometry g = l.padded();
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
-  if (dw && x_exponent == kNonFiniteExponent) return false;
+  if (dw && !finite_input(x_exponent, l)) return false;
   const int64_t pixels = l.n * oh * ow, size = pixels * l.cout;
   const int64_t blocks = dw ? (pixels + r.dy_block - 1) / r.dy_block : 0;
   const bool rows = r.input_groups == InputGroups::row;

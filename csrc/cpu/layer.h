@@ -25,12 +25,20 @@ struct ConvLayer {
   }
 };
 
-// x quantized per tensor into the zero-padded x_padded (n, h + 2 ph, w + 2 pw, channels)
-// with its exponent, and y (n, oh, ow, cout) = conv(x, W) + bias (bias null or (cout,)).
-// The bits of quantizing and multiplying step by step. False, with y unwritten, where x
-// or the weight holds NaN or Inf.
-bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& layer, int16_t* x_padded,
-                  int32_t* x_exponent, float* y, int nthreads);
+// How the forward groups its input: per tensor (row_block 0), or per image row and
+// block of row_block channels, with grad_weight's copy per group of group_samples
+// samples and channel (quantize_input).
+struct InputGrouping {
+  int64_t row_block = 0, group_samples = 0;
+};
+
+// x quantized into the zero-padded x_padded (n, h + 2 ph, w + 2 pw, channels) that
+// grad_weight reads, with its exponents (one, or (n, channels): see quantize_input),
+// and y (n, oh, ow, cout) = conv(x, W) + bias (bias null or (cout,)), with x per tensor
+// or per image row and channel block. The bits of quantizing and multiplying step by
+// step. False, with y unwritten, where x or the weight holds NaN or Inf.
+bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& layer,
+                  InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, int nthreads);
 
 // dx (n, h, w, c) of a convolution of stride 1 from dy (n, oh, ow, cout) int16 with its
 // exponents ey (one, one per image, or one per image row and block of channels, see
@@ -46,11 +54,11 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
 // dW = dy^T patches(x) of the layer into dw (cout, c / groups, kh, kw) at the layer's
 // weight strides (the padding channel's columns dropped): dy (n, oh, ow, cout) int16 with
 // exponents ey, one (ey_count 1) or one per block of `kblock` output pixels and channel
-// (ceil(pixels / kblock) * cout of them), x_padded and x_exponent as conv_forward makes
-// them (the layer's padding 0, its h and w the padded image's). False, with dw
+// (ceil(pixels / kblock) * cout of them), x_padded and its exponents ex as conv_forward
+// makes them (the layer's padding 0, its h and w the padded image's). False, with dw
 // unwritten, where a NaN or Inf reached an exponent.
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
-                      const int16_t* x_padded, int32_t x_exponent, const ConvLayer& layer, float* dw, int nthreads);
+                      const int16_t* x_padded, InputExponents ex, const ConvLayer& layer, float* dw, int nthreads);
 
 // The backward from the float32 output gradient dy (n, oh, ow, cout), channels last:
 // dy quantized for both products in one pass pair (quantize_gradient: per block of
@@ -68,7 +76,7 @@ struct GradientRounding {
   uint64_t seed;              // stochastic rounding's
   int64_t weight_block;       // conv_grad_input's block (weight_per_channel)
 };
-bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, int32_t x_exponent,
+bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, InputExponents x_exponent,
                    const ConvLayer& layer, const GradientRounding& rounding, float* dx, float* dw, int nthreads);
 
 }  // namespace dfp

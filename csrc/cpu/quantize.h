@@ -39,6 +39,25 @@ struct PaddedImage {
 bool quantize_padded(const float* x, const PaddedImage& image, int headroom, int16_t* out, int32_t* exponent,
                      int nthreads);
 
+// The layer's input x for the two products that read it, zero-padded as quantize_padded
+// pads it, rounded to nearest from one read of x per group of samples (the second read
+// from cache): the forward's, with one exponent per image row and block of `row_block`
+// channels, rows of padding the exponent of zeros (e_rows (images, padded rows,
+// out_channels / row_block)); and grad_weight's, with one per group of `group_samples`
+// consecutive samples and channel, written for each sample of the group (e_channels
+// (images, out_channels)). Returns false when x holds NaN or Inf (the outputs then
+// undefined).
+struct InputQuantization {
+  int16_t* q_rows;
+  int32_t* e_rows;
+  int64_t row_block;
+  int16_t* q_channels;
+  int32_t* e_channels;
+  int64_t group_samples;
+};
+bool quantize_input(const float* x, const PaddedImage& image, int headroom, const InputQuantization& out,
+                    int nthreads);
+
 // An output gradient x (rows, cols) for both backward products in two passes over x
 // (not four): where q_blocks is given, per block of `block` rows and column into
 // q_blocks, e_blocks (ceil(rows / block), cols) (grad_weight); where q_groups is given,

@@ -131,6 +131,27 @@ def quantize_padded(x, headroom, padding, channels):
     return out, exponent
 
 
+def quantize_input(x, headroom, padding, channels, row_block, group_samples):
+    """Contiguous float32 x (N, H, W, C) -> the forward's padded mantissas (N, Hp, Wp,
+    channels) with exponents per image row and block of ``row_block`` channels
+    (N, Hp, channels / row_block), and grad_weight's with exponents per group of
+    ``group_samples`` samples and channel, written for each sample (N, channels); one read
+    of x per group of samples."""
+    n, h, w, c = x.shape
+    (ph, pw) = padding
+    shape = (n, h + 2 * ph, w + 2 * pw, channels)
+    q_rows, q_channels = torch.empty(shape, dtype=torch.int16), torch.empty(shape, dtype=torch.int16)
+    e_rows = torch.empty((n, shape[1], channels // row_block), dtype=torch.int32)
+    e_channels = torch.empty((n, channels), dtype=torch.int32)
+    ok = _core().quantize_input(
+        x.data_ptr(), n, h, w, c, ph, pw, channels, headroom, q_rows.data_ptr(), e_rows.data_ptr(), row_block,
+        q_channels.data_ptr(), e_channels.data_ptr(), group_samples, torch.get_num_threads(),
+    )  # fmt: skip
+    if not ok:
+        raise _nonfinite("the tensor to quantize")
+    return q_rows, e_rows, q_channels, e_channels
+
+
 def window(x, rows, columns, channels):
     """Rows [r0, r1), columns [c0, c1) of the int16 image x (N, H, W, C) with ``channels``
     channels, zeros past its edges: one pass, each element written once."""
@@ -203,12 +224,15 @@ def _layer(sizes: tuple[int, ...], weight_strides: tuple[int, ...], headroom: in
     return _core().ConvLayer(sizes, weight_strides, headroom, weight_channel)
 
 
-def conv2d(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels):
+def conv2d(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels, input_groups):
     """A layer's forward in one call (csrc/cpu/layer.cpp): float32 x (N, C, H, W)
     channels-last, weight (Cout, C/groups, KH, KW) -> (y (N, OH, OW, Cout), the padded
-    int16 input (N, Hp, Wp, channels), its 0-d exponent), as ``dfp::conv2d`` makes them
-    step by step. None where x is not channels-last or NaN/Inf is met (the caller's
-    general path then gives its results). Shapes as ``dfp::conv2d`` checks them."""
+    int16 input (N, Hp, Wp, channels) for grad_weight, its exponents), as ``dfp::conv2d``
+    makes them step by step; input_groups: (row_block, group_samples), (0, 0) for one
+    exponent (0-d), else x per image row and channel block in the forward and per
+    group of samples and channel for grad_weight. None where x is not channels-last or
+    NaN/Inf is met (the caller's general path then gives its results). Shapes as
+    ``dfp::conv2d`` checks them."""
     if not x.permute(0, 2, 3, 1).is_contiguous() or (bias is not None and not bias.is_contiguous()):
         return None
     n, c, h, w = x.shape
@@ -216,12 +240,13 @@ def conv2d(x, weight, bias, stride, padding, dilation, groups, headroom, weight_
     oh, ow = (output_size(*args) for args in zip((h, w), (kh, kw), stride, padding, dilation))
     y = torch.empty((n, oh, ow, cout), dtype=torch.float32)
     x_padded = torch.empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
-    exponent = torch.empty((), dtype=torch.int32)
+    row_block, group_samples = input_groups
+    exponent = torch.empty((n, channels) if row_block else (), dtype=torch.int32)
     sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, channels)
     ok = _core().conv_forward(
         x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        _layer(sizes, weight.stride(), headroom, weight_channel), x_padded.data_ptr(), exponent.data_ptr(),
-        y.data_ptr(), torch.get_num_threads(),
+        _layer(sizes, weight.stride(), headroom, weight_channel), row_block, group_samples, x_padded.data_ptr(),
+        exponent.data_ptr(), y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return (y, x_padded, exponent) if ok else None
 
@@ -248,15 +273,15 @@ def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, he
 def conv2d_grad_weight(dy, ey, x_padded, ex, weight_shape, stride, dilation, groups, headroom, kblock, channels_last):
     """dW (Cout, C/groups, KH, KW) in one call (csrc/cpu/layer.cpp), channels-last where
     asked: int16 dy (N, OH, OW, Cout) with exponents ey, 0-d or one per block of
-    ``kblock`` output pixels and channel; the padded int16 input and its 0-d exponent
-    from ``dfp::conv2d``. None where NaN/Inf is met."""
+    ``kblock`` output pixels and channel; the padded int16 input and its exponents from
+    ``dfp::conv2d``, 0-d or (N, C). None where NaN/Inf is met."""
     n, hp, wp, channels = x_padded.shape
     cout, cin_g, kh, kw = weight_shape
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     dw = torch.empty(weight_shape, dtype=torch.float32, memory_format=memory_format)
     sizes = (n, hp, wp, cin_g * groups, cout, groups, kh, kw, *stride, 0, 0, *dilation, channels)
     ok = _core().conv_grad_weight(
-        dy.data_ptr(), ey.data_ptr(), ey.numel(), kblock, x_padded.data_ptr(), int(ex),
+        dy.data_ptr(), ey.data_ptr(), ey.numel(), kblock, x_padded.data_ptr(), ex.data_ptr(), ex.dim() > 0,
         _layer(sizes, dw.stride(), headroom, False), dw.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dw if ok else None
@@ -272,7 +297,7 @@ def conv2d_backward(
     channel block for row groups or 0); rounding: (grad_input's dy groups as a code of
     ``dfp.formats.GRAD_INPUT_EXPONENTS``, dy blocks' rounding code, grad_input's, seed); need: (dx,
     dW); dW channels-last where ``weight_last``. None where the weight's strides are not
-    dW's, or NaN/Inf is met."""
+    dW's, or NaN/Inf is met. ex: x_padded's exponents, 0-d or (N, C)."""
     (padding, dilation, groups), (need_input, need_weight) = geometry, need
     n, c, h, w = input_shape
     cout, _, kh, kw = weight.shape
@@ -285,8 +310,8 @@ def conv2d_backward(
     sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, x_padded.shape[3] if need_weight else c)
     input_groups, blocks_rounding, groups_rounding, seed = rounding
     ok = _core().conv_backward(
-        pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0, int(ex) if need_weight else 0,
-        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], input_groups, blocks[2], blocks_rounding,
+        pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0,
+        ex.data_ptr() if need_weight else 0, need_weight and ex.dim() > 0, _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], input_groups, blocks[2], blocks_rounding,
         groups_rounding, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
         dw.data_ptr() if need_weight else 0, torch.get_num_threads(),
     )  # fmt: skip
@@ -294,12 +319,13 @@ def conv2d_backward(
 
 
 def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock):
-    """dy's exponents ey (KB, Cout): one per block of ``kblock`` output pixels and channel."""
-    dy, x, ey = dy.contiguous(), x.contiguous(), ey.contiguous()
+    """dy's exponents ey (KB, Cout): one per block of ``kblock`` output pixels and channel;
+    x's ex 0-d or (N, C), one per sample and channel."""
+    dy, x, ey, ex = dy.contiguous(), x.contiguous(), ey.contiguous(), ex.contiguous()
     cout = dy.shape[-1]
     dw = torch.empty((cout, kernel[0] * kernel[1] * x.shape[-1] // groups), dtype=torch.float32)
     _core().conv_grad_weight_int16(
         dy.data_ptr(), cout, ey.data_ptr(), kblock, hy, x.data_ptr(), _geometry(x, groups, kernel, stride, dilation),
-        int(ex), hx, dw.data_ptr(), torch.get_num_threads(),
+        ex.data_ptr(), ex.dim() > 0, hx, dw.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dw
