@@ -19,8 +19,9 @@ without torch.library's dispatch (``dfp._ops.plain_eager``).
 Every product runs in int16 x int16 -> int32 chains (``dfp::conv_gemm``,
 ``dfp::conv_grad_weight_gemm``; the compiled backend gathers patches per
 cache block, never an im2col matrix) unless the format switches it to fp32 (then torch
-computes it from the float tensors). Exponents are per tensor for activations and
-gradients. The weight has one per tensor, or with ``weight_channel`` one per output
+computes it from the float tensors). Exponents of the input and the output gradient are
+per tensor or finer (``conv2d_impl``, ``quantize_grad_output``; docs/design.md). The
+weight has one per tensor, or with ``weight_channel`` one per output
 channel in the forward and, in grad_input, whose reduction runs over output channels,
 one per block of min(chain_length, Cout/G) output channels (and input element), which
 the GEMM gets for free. A NaN/Inf in an operand makes the
@@ -400,9 +401,9 @@ def conv2d_grad_weight_impl(
     or per group of samples and channel); the reduction runs over N*OH*OW. The columns of
     a padding channel (C' > C) are dropped."""
     cout, cin_g, kh, kw = weight_shape
-    if input_exponent.dim() and grad_q.dim() == 4:  # the samples of a K-block must share them: said here, too
-        _ops.check_input_exponents(input_exponent, input_q, grad_block or grad_q.numel() // max(cout, 1),
-                                   grad_q.shape[1] * grad_q.shape[2])  # fmt: skip
+    if input_exponent.dim():  # the samples of a K-block must share them (the compiled call reads the first's)
+        pixels = grad_q.shape[1] * grad_q.shape[2]
+        _ops.check_input_exponents(input_exponent, input_q, grad_block or grad_q.shape[0] * pixels, pixels)
     layer = getattr(backends.active(grad_q.device), "conv2d_grad_weight", None)
     if layer is not None and _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride,
                                                dilation, groups, grad_block):  # fmt: skip
@@ -422,7 +423,7 @@ def conv2d_grad_weight_impl(
 def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_shape, stride, dilation, groups, block):
     """``_fits_one_call`` for grad_weight's operands: int16 and int32, contiguous, of
     consistent shapes (dy's exponents per tensor or per block of ``block`` pixels; x's per
-    tensor or, with dy's blocks, per group of samples and channel)."""
+    tensor or per sample and channel)."""
     n, hp, wp, channels = input_q.shape
     cout, cin_g, kh, kw = weight_shape
     oh, ow = (output_size(*a) for a in zip((hp, wp), (kh, kw), stride, (0, 0), dilation))
@@ -430,9 +431,7 @@ def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_sha
     blocks = -(-pixels // block) if block > 0 else 0
     # tuples, not torch.Size: its == with a tuple goes through symbolic-shape code (~3 us)
     per_block = tuple(grad_exponent.shape) == (blocks, cout) and (blocks == 1 or block % 2 == 0)
-    input_groups = input_exponent.dim() == 0 or (
-        block > 0 and grad_exponent.dim() > 0 and tuple(input_exponent.shape) == (n, channels)
-    )
+    input_exponents_fit = input_exponent.dim() == 0 or tuple(input_exponent.shape) == (n, channels)
     return (
         min(n, oh, ow, cout, cin_g, kh, kw) > 0
         and input_q.dtype == grad_q.dtype == torch.int16
@@ -440,7 +439,7 @@ def _fits_grad_weight(grad_q, grad_exponent, input_q, input_exponent, weight_sha
         and all(t.is_contiguous() for t in (grad_q, grad_exponent, input_q))
         and tuple(grad_q.shape) == (n, oh, ow, cout)
         and input_exponent.is_contiguous()
-        and input_groups
+        and input_exponents_fit
         and (grad_exponent.dim() == 0 or per_block)
         and cout % groups == 0
         and channels in (cin_g * groups, cin_g * groups + 1)

@@ -40,7 +40,7 @@ class Format:
             "channel" (one per output channel in the forward product; in the
             grad_input product, whose reduction runs over output channels, one per
             block of ``chain_length`` output channels and input element, which the
-            GEMM gets for free). Activations and gradients have one per tensor.
+            GEMM gets for free). Activations and gradients: see the fields below.
         grad_weight_block: where given (a positive even int), output gradients get one
             exponent per block of this many output pixels and per channel in the
             grad_weight product, whose reduction runs over pixels: each block is a K-block

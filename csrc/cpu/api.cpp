@@ -17,7 +17,6 @@ struct Workspace {
   Packed b;
   std::vector<int16_t> image;  // channel major, for TransposedPatches
   std::vector<float> result;   // dW^T of one group
-  std::vector<int32_t> patch_exponents;  // patch_column_exponents'
 };
 Workspace& workspace() {
   thread_local Workspace w;
@@ -35,26 +34,37 @@ std::vector<int32_t> group_exponents(const int32_t* ey, int64_t blocks, int64_t 
   return e;
 }
 
-// The image's exponents of group g's columns (kh, kw, ci) of the patch matrix in each of
-// grad_weight's K-blocks, (KB, K), where they are per sample and channel: those of the
-// sample of the block's first pixel. Transposed, (K, KB), where `transposed`.
-// Into e (a workspace's: megabytes where images are large).
-void patch_column_exponents(InputExponents ex, const ConvShape& s, int64_t g, const KLayout& kl, bool transposed,
-                            std::vector<int32_t>& e) {
-  const int64_t k = s.k(), taps = s.kh * s.kw, per_sample = std::max<int64_t>(s.oh() * s.ow(), 1);
-  const auto group = [&](int64_t b) {
-    return ex.values + (b * kl.kblock / per_sample) * s.channels + g * s.cg;
-  };
-  e.resize(kl.nblocks * k);
-  if (!transposed) {
-    for (int64_t b = 0; b < kl.nblocks; ++b)
-      for (int64_t t = 0; t < taps; ++t) std::copy_n(group(b), s.cg, e.data() + b * k + t * s.cg);
-    return;
-  }
-  // row ci of the first tap, then its copies for the other taps
-  for (int64_t b = 0; b < kl.nblocks; ++b)
-    for (int64_t ci = 0; ci < s.cg; ++ci) e[ci * kl.nblocks + b] = group(b)[ci];
-  for (int64_t t = 1; t < taps; ++t) std::copy_n(e.data(), s.cg * kl.nblocks, e.data() + t * s.cg * kl.nblocks);
+// The sample of the first pixel of each of grad_weight's K-blocks, whose input exponents
+// the block takes (those of its samples are the same: InputExponents).
+std::vector<int32_t> block_samples(const ConvShape& s, const KLayout& kl) {
+  const int64_t per_sample = std::max<int64_t>(s.oh() * s.ow(), 1);
+  std::vector<int32_t> sample(kl.nblocks);
+  for (int64_t b = 0; b < kl.nblocks; ++b) sample[b] = int32_t(b * kl.kblock / per_sample);
+  return sample;
+}
+
+// The image's exponents of group g's columns (kh, kw, ci) of the patch matrix, per
+// sample: (n, K). The GEMM takes them per coarser blocks than its K-blocks
+// (GemmOptions::b_block_of: the K-blocks' samples), not one per K-block (a 32x32 batch of
+// 128 has 4096).
+std::vector<int32_t> patch_column_exponents(InputExponents ex, const ConvShape& s, int64_t g) {
+  const int64_t k = s.k(), taps = s.kh * s.kw;
+  std::vector<int32_t> e(s.n * k);
+  for (int64_t n = 0; n < s.n; ++n)
+    for (int64_t t = 0; t < taps; ++t)
+      std::copy_n(ex.values + n * s.channels + g * s.cg, s.cg, e.data() + n * k + t * s.cg);
+  return e;
+}
+
+// The same as rows (kh, kw, ci) of the transposed patch matrix: (K, n), A's per sample
+// (GemmOptions::a_block_of).
+std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, int64_t g) {
+  const int64_t taps = s.kh * s.kw;
+  std::vector<int32_t> e(s.k() * s.n);
+  for (int64_t ci = 0; ci < s.cg; ++ci)
+    for (int64_t n = 0; n < s.n; ++n) e[ci * s.n + n] = ex.values[n * s.channels + g * s.cg + ci];
+  for (int64_t t = 1; t < taps; ++t) std::copy_n(e.data(), s.cg * s.n, e.data() + t * s.cg * s.n);
+  return e;
 }
 
 // dW = (patches^T dY)^T: the patches read in place from a channel-major copy of the
@@ -68,6 +78,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
   const bool one = !ex.per_sample;  // one exponent for the image: one row of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
+  const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
   Workspace& ws = workspace();
   ws.image.resize(shape.n * plane * shape.channels);
   to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
@@ -84,9 +95,11 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const std::vector<int32_t> own =
         groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
     const int32_t* eb = groups > 1 ? own.data() : ey;
-    if (!one) patch_column_exponents(ex, shape, g, kl, true, ws.patch_exponents);
-    gemm_packed(uk, patches, ws.b, kl, one ? uniform.data() : ws.patch_exponents.data(), eb, hx, hy, {ws.result.data(), nullptr, cout_g}, nthreads,
-                GemmOptions{rows_per_thread, 0, one});
+    GemmOptions options{rows_per_thread, 0, one};
+    const std::vector<int32_t> per_sample = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g);
+    if (!one) options.a_block_of = samples.data(), options.a_blocks = shape.n;
+    gemm_packed(uk, patches, ws.b, kl, one ? uniform.data() : per_sample.data(), eb, hx, hy,
+                {ws.result.data(), nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)
       for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[j * cout_g + o];
@@ -224,6 +237,9 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, nthreads);
     return;
   }
+  const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
+  GemmOptions options = pointwise ? GemmOptions{0, 0, false, one} : gathered;
+  if (!one) options.b_block_of = samples.data(), options.b_blocks = shape.n;  // the image's exponents per sample
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
     pack_transposed(dy + g * cout_g, pixels, cout, cout_g, kl.kpairs(), uk.mr, ws.a, nthreads);
@@ -231,13 +247,12 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     std::vector<int32_t> ea(cout_g * kl.nblocks);
     for (int64_t b = 0; b < kl.nblocks; ++b)
       for (int64_t o = 0; o < cout_g; ++o) ea[o * kl.nblocks + b] = ey[b * cout + g * cout_g + o];
-    if (!one) patch_column_exponents(ex, shape, g, kl, false, ws.patch_exponents);
-    const int32_t* eb = one ? uniform.data() : ws.patch_exponents.data();
+    const std::vector<int32_t> per_sample = one ? std::vector<int32_t>() : patch_column_exponents(ex, shape, g);
+    const int32_t* eb = one ? uniform.data() : per_sample.data();
     const PatchColumns patches(image, shape, uk.nr);
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
-    gemm_packed(uk, ws.a, b, kl, ea.data(), eb, hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads,
-                pointwise ? GemmOptions{0, 0, false, one} : gathered);
+    gemm_packed(uk, ws.a, b, kl, ea.data(), eb, hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads, options);
   }
 }
 

@@ -11,12 +11,15 @@
 namespace dfp {
 namespace {
 
-// Chains of at most `pairs` K-pairs, restarting at every K-block.
-std::vector<Chain> make_chains(const KLayout& kl, int pairs) {
+// Chains of at most `pairs` K-pairs, restarting at every K-block; the scales of K-block b
+// in A's column a_block_of[b] and B's row b_block_of[b] where given.
+std::vector<Chain> make_chains(const KLayout& kl, int pairs, const GemmOptions& options) {
   std::vector<Chain> chains;
   for (int64_t b = 0; b < kl.nblocks; ++b)
     for (int64_t p = 0; p < kl.pairs_per_block; p += pairs)
-      chains.push_back({int32_t(std::min<int64_t>(pairs, kl.pairs_per_block - p)), int32_t(b)});
+      chains.push_back({int32_t(std::min<int64_t>(pairs, kl.pairs_per_block - p)),
+                        options.a_block_of ? options.a_block_of[b] : int32_t(b),
+                        options.b_block_of ? options.b_block_of[b] : int32_t(b)});
   return chains;
 }
 
@@ -48,7 +51,6 @@ std::vector<KSlice> k_slices(const std::vector<Chain>& chains, int kc) {
 struct Scales {
   std::vector<int32_t> reference;  // r, applied in the epilogue
   std::vector<float> chain;        // empty when K is not blocked
-  int64_t stride = 0;              // A's: of a row of blocks
 };
 
 // out[j] = 2^(e[j] - r[j]) (exponents <= 0), rounded as ldexp(1.0f, k) rounds: 0 below
@@ -70,22 +72,16 @@ void chain_scales(const int32_t* __restrict e, const int32_t* __restrict r, int6
 }
 
 // A's: e is [row][block] for `rows` rows of exponents, chain scales [row][block] (and
-// rows of zeros up to padded_rows), rows `stride` apart: where a row is a multiple of
-// 4 KiB long (grad_weight's 4096 blocks of pixels), one cache line more, or a tile's rows,
-// read together at every chain, would all fall in one set of the L1 cache (grad_weight of
-// a 16-channel layer with exponents per sample and channel: 1.6x the time).
+// rows of zeros up to padded_rows).
 Scales make_row_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t padded_rows) {
   Scales s;
   s.reference.resize(rows);
   for (int64_t i = 0; i < rows; ++i) s.reference[i] = *std::max_element(e + i * blocks, e + (i + 1) * blocks);
-  s.stride = blocks % 1024 == 0 && rows > 1 ? blocks + 16 : blocks;
   if (blocks == 1) return s;
-  s.chain.assign(s.stride * std::max(rows, padded_rows), 0.0f);
-  std::vector<int32_t> r(blocks);
-  for (int64_t i = 0; i < rows; ++i) {
-    std::fill(r.begin(), r.end(), s.reference[i]);
-    chain_scales(e + i * blocks, r.data(), blocks, s.chain.data() + i * s.stride);
-  }
+  s.chain.assign(blocks * std::max(rows, padded_rows), 0.0f);
+  std::vector<int32_t> r(rows * blocks);  // each row's reference in each of its blocks: one call for all rows
+  for (int64_t i = 0; i < rows; ++i) std::fill_n(r.data() + i * blocks, blocks, s.reference[i]);
+  chain_scales(e, r.data(), rows * blocks, s.chain.data());
   return s;
 }
 
@@ -114,24 +110,24 @@ void for_exponent_rows(int64_t i0, int count, int64_t group, Visit visit) {
   }
 }
 
-// The chain scales of the tile at row i (mr rows, of M) for the micro-kernel, from A's
-// (Scales: blocks per row, rows s.stride apart): each row its own (group 1, the table
+// The chain scales of the tile at row i (mr rows, of M) for the micro-kernel, from
+// chain ([exponent row][block], blocks per row): each row its own (group 1, the table
 // padded to whole tiles), one row for all (a tile inside one group: stride 0), or the
-// rows copied into `tile` (mr rows s.stride apart; a tile across groups). One pointer and
-// a stride, as the micro-kernel's registers allow (a pointer per row made it spill).
+// rows copied into `tile` (mr * blocks; a tile across groups). One pointer and a stride,
+// as the micro-kernel's registers allow (a pointer per row made it spill).
 struct TileScales {
   const float* scales;
   int64_t stride;
 };
-TileScales row_chain_scales(const Scales& s, int64_t blocks, int64_t group, int64_t i, int mr, int64_t M,
-                            float* tile) {
+TileScales row_chain_scales(const std::vector<float>& chain, int64_t blocks, int64_t group, int64_t i, int mr,
+                            int64_t M, float* tile) {
   const int64_t first = i / group, last = std::min(i + mr, M) - 1;
-  if (group == 1) return {s.chain.data() + i * s.stride, s.stride};
-  if (last < (first + 1) * group) return {s.chain.data() + first * s.stride, 0};
+  if (group == 1) return {chain.data() + i * blocks, blocks};
+  if (last < (first + 1) * group) return {chain.data() + first * blocks, 0};
   for_exponent_rows(i, mr, group, [&](int r, int64_t row) {  // rows past M (never stored) read M - 1's
-    std::copy_n(s.chain.data() + std::min(row, (M - 1) / group) * s.stride, blocks, tile + r * s.stride);
+    std::copy_n(chain.data() + std::min(row, (M - 1) / group) * blocks, blocks, tile + r * blocks);
   });
-  return {tile, s.stride};
+  return {tile, blocks};
 }
 
 // C = fp32(acc * 2^(ra[m / group] + rb[n])) (+ bias), rows sharing their exponents in
@@ -230,39 +226,39 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
                  const int32_t* eb, int headroom_a, int headroom_b, GemmOutput out, int nthreads,
                  GemmOptions options) {
   const int64_t M = a.rows(), N = b.cols(), KB = kl.nblocks;
+  const int64_t KA = options.a_block_of ? options.a_blocks : KB;   // columns of A's exponents
+  const int64_t KBB = options.b_block_of ? options.b_blocks : KB;  // rows of B's
   const int64_t n_padded = (N + uk.nr - 1) / uk.nr * uk.nr;
   // A's scales are [exponent row][block], rows of A sharing an exponent row in groups;
   // B's are [block][n] (row stride 1).
   const int64_t group = std::max<int64_t>(options.uniform_a ? M : options.a_rows_per_exponent, 1);
   const int64_t exponent_rows = (M + group - 1) / group;
   // a row of exponents per row of A: the micro-kernel reads whole tiles' in place
-  const Scales sa = make_row_scales(ea, exponent_rows, KB, group == 1 ? (M + uk.mr - 1) / uk.mr * uk.mr : 0);
+  const Scales sa = make_row_scales(ea, exponent_rows, KA, group == 1 ? (M + uk.mr - 1) / uk.mr * uk.mr : 0);
   // B's chain scales as [block][column], padded to whole panels so the micro-kernel may
   // load nr at once; where the columns share their exponents, one panel's width per block
   // (the micro-kernel then reads the same nr scales for every panel).
   const int64_t b_scale_width = options.uniform_b ? uk.nr : n_padded;
   Scales sb;
   if (options.uniform_b) {
-    const Scales column = make_row_scales(eb, std::min<int64_t>(N, 1), KB, 0);  // one column, as a row
+    const Scales column = make_row_scales(eb, std::min<int64_t>(N, 1), KBB, 0);  // one column, as a row
     sb.reference.assign(N, column.reference.empty() ? 0 : column.reference[0]);
-    sb.chain.resize(column.chain.size() * b_scale_width);  // one row: no padding
+    sb.chain.resize(column.chain.size() * b_scale_width);
     for (size_t blk = 0; blk < column.chain.size(); ++blk)
       std::fill_n(sb.chain.data() + blk * b_scale_width, b_scale_width, column.chain[blk]);
   } else {
-    sb = make_column_scales(eb, N, KB, b_scale_width);
+    sb = make_column_scales(eb, N, KBB, b_scale_width);
   }
   // A side whose chain scales are all 1 (one exponent along K: a convolution's image) is
   // not multiplied at all. Only real rows and columns count (the padding is 0).
   const auto all_one = [](const float* v, int64_t n) {
     return std::all_of(v, v + n, [](float x) { return x == 1.0f; });
   };
-  bool row_scales = false;
-  for (int64_t row = 0; row < exponent_rows && KB > 1 && !row_scales; ++row)
-    row_scales = !all_one(sa.chain.data() + row * sa.stride, KB);
+  const bool row_scales = KA > 1 && !all_one(sa.chain.data(), exponent_rows * KA);
   bool col_scales = false;
-  for (int64_t blk = 0; blk < KB && KB > 1 && !col_scales; ++blk)
+  for (int64_t blk = 0; blk < KBB && KBB > 1 && !col_scales; ++blk)
     col_scales = !all_one(sb.chain.data() + blk * b_scale_width, options.uniform_b ? 1 : N);
-  const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2);
+  const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2, options);
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
   // Rows with exponents of their own in the epilogue: where A's differ, or are offset per row.
@@ -297,9 +293,10 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     thread_local std::vector<TileScales> tiles;
     thread_local std::vector<float> tile_scales;
     tiles.resize(mpanels);
-    if (row_scales) tile_scales.resize(mpanels * uk.mr * sa.stride);
+    if (row_scales) tile_scales.resize(mpanels * uk.mr * KA);
     for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
-      tiles[ip] = row_chain_scales(sa, KB, group, i0 + ip * uk.mr, uk.mr, M, tile_scales.data() + ip * uk.mr * sa.stride);
+      tiles[ip] = row_chain_scales(sa.chain, KA, group, i0 + ip * uk.mr, uk.mr, M,
+                                   tile_scales.data() + ip * uk.mr * KA);
     // and the rows' epilogue scales where the micro-kernel writes C (one division per block
     // of rows, not per tile)
     thread_local std::vector<float> out_row_scales;

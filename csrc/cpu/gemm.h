@@ -16,10 +16,12 @@
 
 namespace dfp {
 
-// A run of consecutive K-pairs whose int32 sum cannot overflow, inside one K-block.
+// A run of consecutive K-pairs whose int32 sum cannot overflow, inside one K-block;
+// a_block, b_block: the column of A's and the row of B's chain scales it takes (its
+// K-block, unless a side's exponents are per coarser blocks: GemmOptions::a_block_of).
 struct Chain {
   int32_t kpairs;
-  int32_t block;
+  int32_t a_block, b_block;
 };
 
 // The K-pair at p, which need not be 4-byte aligned (patches read in place).
@@ -40,9 +42,9 @@ struct MicroKernelArgs {
   const Chain* chains;
   int64_t nchains;
   // Chain scales, each side null when K is not blocked or all of its scales are 1.
-  const float* row_scale;  // [r * row_scale_stride + block]
+  const float* row_scale;  // [r * row_scale_stride + a_block]
   int64_t row_scale_stride;
-  const float* col_scale;  // [block * col_scale_stride + c]
+  const float* col_scale;  // [b_block * col_scale_stride + c]
   int64_t col_scale_stride;
   float* acc;  // fp32 tile, mr x nr, row stride ldacc
   int64_t ldacc;
@@ -192,7 +194,10 @@ struct GemmOutput {
 // row_offsets: where given, values[m / rows] is added to every exponent of row m of A,
 // as if ea[m, b] + values[m / rows]: constant along K, they change no chain scale, only
 // the row's scale in the epilogue (a convolution's image with an exponent per sample:
-// one value per image, `rows` its output pixels).
+// one value per image, `rows` its output pixels). a_block_of: where given, A's exponents
+// are per coarser blocks than K's, ea (rows, a_blocks), K-block b taking A's column
+// a_block_of[b] (grad_weight's input, per sample: a K-block of pixels lies in one);
+// b_block_of likewise for B, eb (b_blocks, N).
 struct RowOffsets {
   const int32_t* values = nullptr;  // count of them
   int64_t rows = 1, count = 0;
@@ -203,10 +208,14 @@ struct GemmOptions {
   bool uniform_b = false;
   RowOffsets row_offsets = {};
   int64_t a_rows_per_exponent = 1;
+  const int32_t* a_block_of = nullptr;
+  int64_t a_blocks = 0;
+  const int32_t* b_block_of = nullptr;
+  int64_t b_blocks = 0;
 };
 
-// C = A B; ea (ceil(M / options.a_rows_per_exponent), KB), eb (KB, N) are the
-// exponents; uk the micro-kernel whose mr and nr A and B were laid out for
+// C = A B; ea (ceil(M / options.a_rows_per_exponent), KB or options.a_blocks), eb
+// (KB or options.b_blocks, N) are the exponents; uk the micro-kernel whose mr and nr A and B were laid out for
 // (micro_kernel(isa, N)).
 void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea,
                  const int32_t* eb, int headroom_a, int headroom_b, GemmOutput out, int nthreads,

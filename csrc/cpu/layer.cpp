@@ -71,7 +71,8 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   const InputQuantization out{x_rows.data(), e_rows.data(), grouping.row_block, x_padded, x_exponent,
                               grouping.group_samples};
   if (!quantize_input(x, image, l.headroom, out, nthreads)) return false;
-  const int64_t kblock = grouping.row_block == cgp ? l.kw * cgp : grouping.row_block, blocks = (k + kblock - 1) / kblock;
+  const int64_t kblock = grouping.row_block == cgp ? l.kw * cgp : grouping.row_block;
+  const int64_t blocks = (k + kblock - 1) / kblock;
   std::vector<int32_t> ew_blocks(l.groups * blocks * cout_g);  // (groups, KB, cout / groups)
   for (int64_t g = 0; g < l.groups; ++g)
     for (int64_t b = 0; b < blocks; ++b)

@@ -58,16 +58,17 @@ struct TileKernel {
         }
       }
       if constexpr (kScales != ChainScales::none) {
-        const int32_t blk = p.chains[c].block;
+        const dfp::Chain& chain = p.chains[c];
         typename V::F cs[NV];
         if constexpr (kCols) {
           DFP_UNROLL
-          for (int v = 0; v < NV; ++v) cs[v] = V::loadf(p.col_scale + blk * p.col_scale_stride + v * V::lanes);
+          for (int v = 0; v < NV; ++v)
+            cs[v] = V::loadf(p.col_scale + chain.b_block * p.col_scale_stride + v * V::lanes);
         }
         DFP_UNROLL
         for (int r = 0; r < MR; ++r) {
           typename V::F rs{};
-          if constexpr (kRows) rs = V::setf(p.row_scale[r * p.row_scale_stride + blk]);
+          if constexpr (kRows) rs = V::setf(p.row_scale[r * p.row_scale_stride + chain.a_block]);
           // The contract rounds the sum only, so one fused multiply-add: the product is
           // exact anyway, an integer-valued fp32 times a power of two >= 2^-149 (or 0),
           // which is a multiple of 2^-149 with at most 24 significant bits. A side of

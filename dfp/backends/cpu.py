@@ -311,7 +311,8 @@ def conv2d_backward(
     input_groups, blocks_rounding, groups_rounding, seed = rounding
     ok = _core().conv_backward(
         pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0,
-        ex.data_ptr() if need_weight else 0, need_weight and ex.dim() > 0, _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], input_groups, blocks[2], blocks_rounding,
+        ex.data_ptr() if need_weight else 0, need_weight and ex.dim() > 0,
+        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], input_groups, blocks[2], blocks_rounding,
         groups_rounding, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
         dw.data_ptr() if need_weight else 0, torch.get_num_threads(),
     )  # fmt: skip
