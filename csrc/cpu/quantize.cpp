@@ -15,12 +15,6 @@ namespace {
 // Runs shorter than this waste the SIMD lanes; such layouts are handled a row at a time.
 constexpr int64_t kShortRun = 16;
 
-// dst[i] = max(dst[i], src[i]): maxima as the bits of absolute values (restrict: one
-// vector instruction per 16, where aliasing kept the loop scalar).
-void max_into(uint32_t* __restrict dst, const uint32_t* __restrict src, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = std::max(dst[i], src[i]);
-}
-
 std::vector<uint32_t> group_absmax(const float* x, const QuantizeShape& sh, int nthreads) {
   const QuantizeKernels& k = quantize_kernels(active_isa());
   const int64_t O = sh.outer, N = sh.n, I = sh.inner;

@@ -12,20 +12,22 @@
 namespace dfp {
 namespace {
 
-// A padded row of zeros in both outputs, or the borders of a row of the image.
-void zero_row(int16_t* row, int64_t len) { std::fill_n(row, len, int16_t(0)); }
+// Rows of fewer channels than a vector's lanes (a first layer's 1 or 3) are read and
+// written as whole runs of pixels, not a masked vector per pixel.
+constexpr int64_t kNarrow = 16;
 
-// One image row of x (cols pixels of `channels`) quantized with a scale per channel into
-// the padded row `dst` (out_channels per pixel, its left border already skipped).
-void quantize_row(const QuantizeKernels& k, const float* x, int64_t cols, int64_t channels, int64_t out_channels,
-                  const float* first, const float* second, const RoundingArgs& args, int16_t* dst,
-                  std::vector<int16_t>& scratch) {
+// One image row of x (cols pixels of `channels`, run = cols * channels floats) into the
+// padded row dst (out_channels per pixel, past its left border): `write` quantizes a run
+// of channels-last floats into contiguous int16.
+template <typename Write>
+void write_row(const float* x, int64_t cols, int64_t channels, int64_t out_channels, int16_t* dst,
+               std::vector<int16_t>& scratch, Write write) {
   if (out_channels == channels) {
-    k.run_rows(x, dst, cols, channels, first, second, args);
+    write(x, dst);
     return;
   }
   scratch.resize(cols * channels);
-  k.run_rows(x, scratch.data(), cols, channels, first, second, args);
+  write(x, scratch.data());
   copy_pixels(scratch.data(), cols, channels, dst, out_channels);
 }
 
@@ -37,20 +39,38 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   const int64_t hp = im.rows + 2 * im.pad_rows, wp = im.cols + 2 * im.pad_cols, c = im.channels;
   const int64_t oc = im.out_channels, row_len = wp * oc, border = im.pad_cols * oc, run = im.cols * c;
   const int64_t blocks = oc / out.row_block, s = out.group_samples, ngroups = (im.images + s - 1) / s;
+  const bool narrow = c < kNarrow;
   const int32_t zeros = group_exponent(0, headroom);
   std::atomic<bool> finite{true};
-  // Pass 1 per group of samples: every image row's maximum per channel, which give the
-  // rows' exponents (per block) and the group's (per channel).
-  std::vector<uint32_t> row_max(im.images * im.rows * c, 0);
+  // Pass 1 per group of samples: each image row's maximum per block of channels (its
+  // exponents) and the group's per channel (its exponents, written at once).
+  std::vector<uint32_t> block_max(im.images * im.rows * blocks, 0);
   for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
+    thread_local std::vector<uint32_t> channel_max, row_channels, pixels;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * s * im.rows, r1 = std::min(im.images, (g + 1) * s) * im.rows;
-      std::vector<uint32_t> channel_max(oc, 0);  // the added channels stay zeros
+      channel_max.assign(oc, 0);  // the added channels stay zeros
+      pixels.assign(narrow ? run : 0, 0);
       for (int64_t r = r0; r < r1; ++r) {
-        uint32_t* m = row_max.data() + r * c;
-        k.absmax_rows(x + r * run, im.cols, c, m);
-        for (int64_t j = 0; j < c; ++j) channel_max[j] = std::max(channel_max[j], m[j]);
+        const float* row = x + r * run;
+        uint32_t* m = block_max.data() + r * blocks;
+        if (blocks == 1) {
+          m[0] = k.absmax(row, run);
+          if (narrow)
+            k.absmax_into(row, pixels.data(), run);  // folded into channels after the group
+          else
+            k.absmax_rows(row, im.cols, c, channel_max.data());
+          continue;
+        }
+        row_channels.assign(c, 0);
+        const uint32_t* rc = row_channels.data();
+        k.absmax_rows(row, im.cols, c, row_channels.data());
+        for (int64_t b = 0; b * out.row_block < c; ++b)
+          m[b] = *std::max_element(rc + b * out.row_block, rc + std::min(c, (b + 1) * out.row_block));
+        max_into(channel_max.data(), rc, c);
       }
+      for (int64_t p = 0; p < int64_t(pixels.size()); p += c)  // narrow rows: the pixels' maxima per channel
+        max_into(channel_max.data(), pixels.data() + p, c);
       if (std::any_of(channel_max.begin(), channel_max.end(), [](uint32_t b) { return b >= kNonFiniteBits; }))
         finite.store(false, std::memory_order_relaxed);
       int32_t* e = out.e_channels + g * s * oc;
@@ -62,13 +82,19 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   // Pass 2 per group: each row's exponents and both outputs, x read again from cache.
   const RoundingArgs nearest{float(max_mantissa(headroom)), Rounding::nearest, 0, 0, 0};
   for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
+    // scales per channel, and for narrow rows per element of a row (a channel's repeated)
     thread_local std::vector<float> row_first, row_second, channel_first, channel_second;
     thread_local std::vector<int16_t> scratch;
-    row_first.resize(c), row_second.resize(c), channel_first.resize(c), channel_second.resize(c);
+    row_first.resize(c), row_second.resize(c);
+    channel_first.resize(narrow ? run : c), channel_second.resize(channel_first.size());
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t j = 0; j < c; ++j) {
         const Scale scale = inverse_scale(out.e_channels[g * s * oc + j]);
         channel_first[j] = scale.first, channel_second[j] = scale.second;
+      }
+      for (int64_t p = c; p < int64_t(channel_first.size()); p += c) {  // narrow rows: repeated per pixel
+        std::copy_n(channel_first.begin(), c, channel_first.begin() + p);
+        std::copy_n(channel_second.begin(), c, channel_second.begin() + p);
       }
       for (int64_t n = g * s; n < std::min(im.images, (g + 1) * s); ++n)
         for (int64_t hr = 0; hr < hp; ++hr) {
@@ -76,29 +102,37 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           int32_t* e = out.e_rows + (n * hp + hr) * blocks;
           if (h < 0 || h >= im.rows) {
             std::fill_n(e, blocks, zeros);
-            zero_row(out.q_rows + offset, row_len);
-            zero_row(out.q_channels + offset, row_len);
+            std::fill_n(out.q_rows + offset, row_len, int16_t(0));
+            std::fill_n(out.q_channels + offset, row_len, int16_t(0));
             continue;
           }
           const int64_t r = n * im.rows + h;
-          const uint32_t* m = row_max.data() + r * c;
           for (int64_t b = 0; b < blocks; ++b) {
-            const int64_t j0 = b * out.row_block, j1 = std::min(c, j0 + out.row_block);
-            e[b] = group_exponent(j0 < j1 ? *std::max_element(m + j0, m + j1) : 0, headroom);
+            e[b] = group_exponent(block_max[r * blocks + b], headroom);
             const Scale scale = inverse_scale(e[b]);
-            std::fill(row_first.begin() + std::min(j0, c), row_first.begin() + j1, scale.first);
-            std::fill(row_second.begin() + std::min(j0, c), row_second.begin() + j1, scale.second);
+            const int64_t j0 = std::min(c, b * out.row_block), j1 = std::min(c, j0 + out.row_block);
+            std::fill(row_first.begin() + j0, row_first.begin() + j1, scale.first);
+            std::fill(row_second.begin() + j0, row_second.begin() + j1, scale.second);
           }
           for (int16_t* q : {out.q_rows + offset, out.q_channels + offset}) {
-            zero_row(q, border);
-            zero_row(q + row_len - border, border);
+            std::fill_n(q, border, int16_t(0));
+            std::fill_n(q + row_len - border, border, int16_t(0));
           }
           RoundingArgs args = nearest;
           args.index0 = uint64_t(r * run);
-          quantize_row(k, x + r * run, im.cols, c, oc, row_first.data(), row_second.data(), args,
-                       out.q_rows + offset + border, scratch);
-          quantize_row(k, x + r * run, im.cols, c, oc, channel_first.data(), channel_second.data(), args,
-                       out.q_channels + offset + border, scratch);
+          const float* row = x + r * run;
+          write_row(row, im.cols, c, oc, out.q_rows + offset + border, scratch, [&](const float* from, int16_t* to) {
+            if (blocks == 1)
+              k.run(from, to, run, {row_first[0], row_second[0]}, args);
+            else
+              k.run_rows(from, to, im.cols, c, row_first.data(), row_second.data(), args);
+          });
+          write_row(row, im.cols, c, oc, out.q_channels + offset + border, scratch, [&](const float* from, int16_t* to) {
+            if (narrow)
+              k.run_scaled(from, to, run, channel_first.data(), channel_second.data(), args);
+            else
+              k.run_rows(from, to, im.cols, c, channel_first.data(), channel_second.data(), args);
+          });
         }
     }
   });

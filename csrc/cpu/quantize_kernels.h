@@ -37,6 +37,12 @@ struct QuantizeKernels {
                    const RoundingArgs& r);
 };
 
+// dst[i] = max(dst[i], src[i]): maxima as the bits of absolute values (restrict: one
+// vector instruction per 16, where aliasing kept the loop scalar).
+static inline void max_into(uint32_t* __restrict dst, const uint32_t* __restrict src, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = dst[i] < src[i] ? src[i] : dst[i];
+}
+
 // The block loops, written once over a kernel set's own absmax and run (inlined).
 template <uint32_t (*Absmax)(const float*, int64_t)>
 void absmax_blocks_of(const float* x, int64_t n, int64_t block, uint32_t* out) {
