@@ -107,6 +107,15 @@ def _grad_input_block(cout_g: int, headroom: int, rows: bool = False) -> int:
     return max(b for b in range(1, most + 1) if cout_g % b == 0) if rows else most
 
 
+def _input_rows_fill_chains(kw: int, cg: int, headroom: int) -> bool:
+    """Whether the input gets exponents per image row (``Format.input_exponent = "row"``):
+    where the forward's K-blocks, a kernel row of a group's channels at the most, hold an
+    int32 chain. Narrower inputs (a first layer's 1-4 channels, depthwise and 1x1 layers
+    of under 32 channels) keep one exponent per tensor: their chains would be cut to the
+    K-blocks, 3 K-pairs for 1 channel and 3x3 (a digits layer's forward 2.2x its time)."""
+    return kw * cg >= chain_length(headroom, headroom)
+
+
 @functools.lru_cache(maxsize=256)
 def _input_group_samples(grad_weight_block: int, pixels: int) -> int:
     """Samples per group of grad_weight's input exponents (``_ops.input_group_samples``)."""
@@ -142,10 +151,10 @@ def conv2d_impl(
     """y = conv2d(x, weight) + bias, float32 (N, Cout, OH, OW) in channels-last memory
     format when ``channels_last``; plus the quantized input that grad_weight reads,
     zero-padded to (N, H + 2*ph, W + 2*pw, C') int16, and its int32 exponents: 0-d, or
-    with ``input_rows`` (N, C'), one per group of ``_input_group_samples`` samples and
-    channel, written for each sample (the forward then multiplies x quantized per image row
-    and block of ``_grad_input_block(C'/groups)`` channels, ``layout.quantize_input``).
-    C' = C, or C + 1
+    with ``input_rows`` where ``_input_rows_fill_chains`` (N, C'), one per group of
+    ``_input_group_samples`` samples and channel, written for each sample (the forward
+    then multiplies x quantized per image row and block of ``_grad_input_block(C'/groups)``
+    channels, ``layout.quantize_input``). C' = C, or C + 1
     where C is odd and groups is 1: with an even count the K-pairs (ci, ci + 1) of the
     patches lie inside taps and are read in place, not gathered element by element
     (3 -> 16 channels, 32x32: about 2x faster); the zero channel adds nothing to a sum
@@ -166,6 +175,7 @@ def conv2d_impl(
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     channels = _padded_channels(c, groups)
+    input_rows = input_rows and _input_rows_fill_chains(kw, channels // groups, headroom)
     input_groups = (
         (_grad_input_block(channels // groups, headroom, rows=True), _input_group_samples(grad_weight_block, oh * ow))
         if input_rows
@@ -241,7 +251,7 @@ def _(x, weight, bias, stride, padding, dilation, groups, *config):
     y = _empty((n, cout, oh, ow), x, channels_last)
     channels = _padded_channels(c, groups)
     x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
-    input_rows = config[-2]
+    input_rows = config[-2] and _input_rows_fill_chains(kw, channels // groups, config[0])
     return y, x_padded, x.new_empty((n, channels) if input_rows else (), dtype=torch.int32)
 
 

@@ -51,8 +51,8 @@ CONV_CONFIGS = {
         ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, False, True, 32, True, True, False),
     ),
     "input-rows-groups-channels-last": (
-        (3, 6, 6, 5),
-        (4, 3, 3, 3),
+        (3, 24, 6, 5),
+        (4, 12, 3, 3),
         True,
         ([1, 2], [1, 1], [1, 1], 2, 2, False, True, True, True, 2, 2, 4, 2, True, True),
     ),
@@ -126,16 +126,14 @@ def test_opcheck_backward_ops():
     _, x_padded, x_e = torch.ops.dfp.conv2d(
         x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 0, False, False, False
     )
-    _, x_rows, x_row_e = torch.ops.dfp.conv2d(
-        x, w, None, [1, 2], [1, 0], [1, 1], 2, 2, False, True, True, True, False, False, 4, False, True, False
-    )
-    assert tuple(x_row_e.shape) == (2, 4)  # per sample and channel
+    # per sample and channel (12 output pixels per sample: whole blocks of 4)
+    x_sample_e = torch.tensor([[-3, -5, -7, -2], [-9, -1, -4, -6]], dtype=torch.int32)
     for channels_last in (False, True):
         args = (grad_q, grad_e, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 0, channels_last)
         opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
         args = (grad_bq, grad_be, x_padded, x_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 4, channels_last)
         opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
-        args = (grad_bq, grad_be, x_rows, x_row_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 4, channels_last)
+        args = (grad_bq, grad_be, x_padded, x_sample_e, [6, 2, 3, 3], [1, 2], [1, 1], 2, 2, 4, channels_last)
         opcheck(torch.ops.dfp.conv2d_grad_weight.default, args)
 
 
@@ -210,8 +208,8 @@ def _dequantized_sample_channels(t: torch.Tensor, samples: int) -> torch.Tensor:
 @pytest.mark.parametrize("name", ["dfp16", "dfp16-tensor", "sample"])
 @pytest.mark.parametrize("stride", [1, 2])
 def test_each_product_multiplies_the_operands_quantized_as_documented(stride, name):
-    """Forward: x per tensor ("dfp16-tensor") or per image row and block of channels (the
-    6 of 5 and a zero one), weight per output channel; grad_input: dY per tensor
+    """Forward: x per tensor ("dfp16-tensor") or per image row and block of channels (all
+    12: a kernel row of them, 36, holds an int32 chain), weight per output channel; grad_input: dY per tensor
     ("dfp16-tensor"), per sample ("sample") or per image row and block of 20 channels
     (the largest divisor of 40 up to the chain length 32: "dfp16"), weight per block of
     32 (rows: 20) output channels along the reduction; grad_weight: x per tensor or per
@@ -219,7 +217,7 @@ def test_each_product_multiplies_the_operands_quantized_as_documented(stride, na
     (stride 2: 16), dY per tensor ("dfp16-tensor") or per block of 32 output pixels and
     channel. The result equals fp64 on the dequantized operands up to fp32 accumulation,
     and the channels', samples' and rows' scales (weights 2^0 .. 2^-13; dY 2^-9 and
-    2^0 .. 2^-14; x 2^-9, 2^0 .. 2^-12 and 2^0 .. 2^-14) make any other grouping miss by
+    2^0 .. 2^-14; x 2^-9, 2^0 .. 2^-22 and 2^0 .. 2^-14) make any other grouping miss by
     orders of magnitude more."""
     # nearest rounding everywhere: this is about which values share an exponent
     fmt = resolve("dfp16" if name == "sample" else name)
@@ -229,14 +227,14 @@ def test_each_product_multiplies_the_operands_quantized_as_documented(stride, na
     cout = 40  # two blocks along Cout in grad_input: 32 + 8 (rows: 20 + 20)
     samples, rows_scale = torch.tensor([1.0, 2.0**-9]).view(2, 1, 1, 1), torch.exp2(-2.0 * torch.arange(8)).view(8, 1)
     # x's small sample is dY's large one: both add as much to grad_weight
-    x = _gaussian((2, 5, 8, 8), 0) * samples.flip(0) * rows_scale * torch.exp2(-3.0 * torch.arange(5)).view(5, 1, 1)
+    x = _gaussian((2, 12, 8, 8), 0) * samples.flip(0) * rows_scale * torch.exp2(-2.0 * torch.arange(12)).view(12, 1, 1)
     x.requires_grad_()
-    w = (_gaussian((cout, 5, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
+    w = (_gaussian((cout, 12, 3, 3), 1) * torch.exp2(-torch.arange(cout) % 14.0).view(-1, 1, 1, 1)).requires_grad_()
     grad = (_gaussian((2, cout, 8, 8), 2) * samples * rows_scale)[:, :, ::stride, ::stride]
     DF.conv2d(x, w, stride=stride, padding=1, fmt=fmt).backward(grad)
 
     xd, dyd = _dequantized(x.detach(), DFPSpec()), _dequantized(grad, DFPSpec())
-    x_forward = _dequantized_row_blocks(x.detach(), 5) if input_rows else xd
+    x_forward = _dequantized_row_blocks(x.detach(), 12) if input_rows else xd
     x_weight = (
         _dequantized_sample_channels(x.detach(), input_group_samples(32, (8 // stride) ** 2)) if input_rows else xd
     )
@@ -256,10 +254,12 @@ def test_each_product_multiplies_the_operands_quantized_as_documented(stride, na
         assert (got.double() - want).norm() <= 1e-6 * want.norm()
 
 
-@pytest.mark.parametrize("fmt, exponent", [("dfp16", (2, 4)), ("dfp16-tensor", ())])
-def test_backward_keeps_int16_mantissas_not_float_copies(fmt, exponent):
-    x = _gaussian((2, 3, 8, 8), 0).requires_grad_()
-    w = _gaussian((4, 3, 3, 3), 1).requires_grad_()
+# the default's input per sample and channel where a kernel row of it holds an int32
+# chain (16 channels), one exponent for a narrower one (3 channels, padded to 4)
+@pytest.mark.parametrize("fmt, channels, exponent", [("dfp16", 16, (2, 16)), ("dfp16", 3, ()), ("dfp16-tensor", 3, ())])
+def test_backward_keeps_int16_mantissas_not_float_copies(fmt, channels, exponent):
+    x = _gaussian((2, channels, 8, 8), 0).requires_grad_()
+    w = _gaussian((4, channels, 3, 3), 1).requires_grad_()
     saved = []
 
     def pack(t):
@@ -268,15 +268,15 @@ def test_backward_keeps_int16_mantissas_not_float_copies(fmt, exponent):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         DF.conv2d(x, w, padding=1, fmt=fmt)
-    # the padded int16 input (3 channels and a zero one) and its exponents (per sample and
-    # channel, or one), and the (master) weight itself
+    # the padded int16 input (3 channels get a zero one) and its exponents, and the (master) weight itself
+    padded = channels + channels % 2
     assert sorted(saved, key=str) == sorted(
-        [(torch.int16, (2, 10, 10, 4)), (torch.int32, exponent), (torch.float32, (4, 3, 3, 3))], key=str
+        [(torch.int16, (2, 10, 10, padded)), (torch.int32, exponent), (torch.float32, (4, channels, 3, 3))], key=str
     )
     saved.clear()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         DF.conv2d(x, w.detach(), padding=1)  # no weight gradient: nothing of x is kept
-    assert saved == [(torch.float32, (4, 3, 3, 3))]
+    assert saved == [(torch.float32, (4, channels, 3, 3))]
 
 
 def test_stochastic_rounding_is_seeded_by_torch_and_touches_only_gradients():

@@ -220,7 +220,9 @@ def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
         def fn(*a):
             return DF.linear(*a, fmt=fmt)
     else:
-        x, w, b = _gaussian((2, 6, 7, 7), 0), _gaussian((8, 3, 3, 3), 1), _gaussian((8,), 2)
+        # 12 channels per group: a kernel row of them holds an int32 chain, so the default
+        # gives the input exponents per image row (docs/design.md)
+        x, w, b = _gaussian((2, 24, 7, 7), 0), _gaussian((8, 12, 3, 3), 1), _gaussian((8,), 2)
 
         def fn(*a):
             return DF.conv2d(*a, padding=1, stride=(1, 2), groups=2, fmt=fmt)
@@ -242,6 +244,9 @@ ONE_CALL_CASES = {
     "weight-blocks-padded": ((2, 4, 4, 4), (40, 4, 1, 1), {}),
     "stride-2": ((2, 6, 7, 7), (8, 6, 3, 3), {"padding": 1, "stride": 2}),
     "unpadded-5x5": ((2, 4, 7, 6), (6, 4, 5, 5), {}),
+    # wide enough for the default's input exponents per image row
+    "stride-2-input-rows": ((2, 12, 7, 7), (8, 12, 3, 3), {"padding": 1, "stride": 2}),
+    "groups-input-rows": ((2, 24, 5, 5), (16, 12, 3, 3), {"padding": 1, "groups": 2}),
 }
 
 
