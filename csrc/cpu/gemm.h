@@ -215,8 +215,8 @@ struct GemmOptions {
 };
 
 // C = A B; ea (ceil(M / options.a_rows_per_exponent), KB or options.a_blocks), eb
-// (KB or options.b_blocks, N) are the exponents; uk the micro-kernel whose mr and nr A and B were laid out for
-// (micro_kernel(isa, N)).
+// (KB or options.b_blocks, N) are the exponents; uk the micro-kernel whose mr and nr A
+// and B were laid out for (micro_kernel(isa, N)).
 void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, const KLayout& kl, const int32_t* ea,
                  const int32_t* eb, int headroom_a, int headroom_b, GemmOutput out, int nthreads,
                  GemmOptions options = {});
