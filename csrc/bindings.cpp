@@ -240,9 +240,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_backward",
       [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, uintptr_t x_exponent, bool x_per_sample,
-         const dfp::ConvLayer& layer,
-         int64_t dy_block, int input_groups, int64_t row_block, int dy_block_rounding, int input_rounding,
-         uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
+         const dfp::ConvLayer& layer, int64_t dy_block, int input_groups, int64_t row_block, int dy_block_rounding,
+         int input_rounding, uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
         const dfp::GradientRounding rounding{dy_block,
                                              dfp::InputGroups(input_groups),

@@ -116,12 +116,6 @@ def _input_rows_fill_chains(kw: int, cg: int, headroom: int) -> bool:
     return kw * cg >= chain_length(headroom, headroom)
 
 
-@functools.lru_cache(maxsize=256)
-def _input_group_samples(grad_weight_block: int, pixels: int) -> int:
-    """Samples per group of grad_weight's input exponents (``_ops.input_group_samples``)."""
-    return _ops.input_group_samples(grad_weight_block, pixels)
-
-
 def _grad_input_in_one_call(stride: list[int], cout_g: int, block: int) -> bool:
     """Whether the backend's one-call grad_input takes a layer: one phase (stride 1), and
     weight blocks (``block`` > 0) that need no zero output channels to fill the last."""
@@ -152,7 +146,7 @@ def conv2d_impl(
     format when ``channels_last``; plus the quantized input that grad_weight reads,
     zero-padded to (N, H + 2*ph, W + 2*pw, C') int16, and its int32 exponents: 0-d, or
     with ``input_rows`` where ``_input_rows_fill_chains`` (N, C'), one per group of
-    ``_input_group_samples`` samples and channel, written for each sample (the forward
+    ``_ops.input_group_samples`` samples and channel, written for each sample (the forward
     then multiplies x quantized per image row and block of ``_grad_input_block(C'/groups)``
     channels, ``layout.quantize_input``). C' = C, or C + 1
     where C is odd and groups is 1: with an even count the K-pairs (ci, ci + 1) of the
@@ -177,7 +171,10 @@ def conv2d_impl(
     channels = _padded_channels(c, groups)
     input_rows = input_rows and _input_rows_fill_chains(kw, channels // groups, headroom)
     input_groups = (
-        (_grad_input_block(channels // groups, headroom, rows=True), _input_group_samples(grad_weight_block, oh * ow))
+        (
+            _grad_input_block(channels // groups, headroom, rows=True),
+            _ops.input_group_samples(grad_weight_block, oh * ow),
+        )
         if input_rows
         else (0, 0)
     )
