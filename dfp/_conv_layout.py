@@ -154,8 +154,14 @@ def quantize_padded(
 
 
 def quantize_input(
-    t: torch.Tensor, headroom: int, padding: tuple[int, int], channels: int, row_block: int, group_samples: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    t: torch.Tensor,
+    headroom: int,
+    padding: tuple[int, int],
+    channels: int,
+    row_block: int,
+    group_samples: int,
+    for_weight: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """A layer's float32 input ``t`` (N, C, H, W) for its two products, each zero-padded
     as ``quantize_padded`` pads it (to ``channels`` >= C), rounded to nearest:
     - the forward's, one exponent per image row and block of ``row_block`` channels
@@ -163,7 +169,8 @@ def quantize_input(
       those of a group of zeros;
     - grad_weight's, one per group of ``group_samples`` consecutive samples and channel,
       exponents (N, channels): the group's for each of its samples.
-    Returns (forward mantissa, its exponents, grad_weight's mantissa, its exponents). One
+    Returns (forward mantissa, its exponents, grad_weight's mantissa, its exponents), the
+    last two None where not ``for_weight`` (no weight gradient is asked). One
     read of t per group of samples where the backend fuses it (a channels-last ``t``);
     NaN/Inf in ``t`` gives zero mantissas with every exponent ``NONFINITE``."""
     n, c, h, w = t.shape
@@ -174,7 +181,7 @@ def quantize_input(
     pixels = t.permute(0, 2, 3, 1)  # (N, H, W, C)
     try:
         if fused is not None and pixels.is_contiguous() and t.numel() > 0:
-            return fused(pixels, headroom, padding, channels, row_block, group_samples)
+            return fused(pixels, headroom, padding, channels, row_block, group_samples, for_weight)
         x = torch.nn.functional.pad(pixels.contiguous(), (0, channels - c))  # (N, H, W, channels)
         if not torch.isfinite(x).all():
             raise NonFiniteError("the input holds NaN or Inf")
@@ -183,6 +190,9 @@ def quantize_input(
         e_rows = reference.group_exponents(row_max, headroom)
         per_pixel = e_rows.view(n, h, 1, blocks, 1).expand(n, h, w, blocks, row_block).reshape(x.shape)
         q_rows = reference.round_to_exponents(x, per_pixel, headroom, ROUNDINGS.index("nearest"), 0)
+        e_rows = window_rows(e_rows, (-ph, h + ph), zeros_exponent(headroom))
+        if not for_weight:
+            return zero_pad(q_rows, padding), e_rows, None, None
         samples = torch.nn.functional.pad(a.amax(dim=(1, 2)) if h * w else a.new_zeros((n, channels)),
                                           (0, 0, 0, groups * group_samples - n))  # fmt: skip
         e_channels = reference.group_exponents(samples.view(groups, group_samples, channels).amax(1), headroom)
@@ -191,9 +201,10 @@ def quantize_input(
                                                   ROUNDINGS.index("nearest"), 0)  # fmt: skip
     except NonFiniteError:
         zeros = t.new_zeros(padded, dtype=torch.int16)
-        return (zeros, t.new_full((n, padded[1], blocks), NONFINITE, dtype=torch.int32),
-                zeros.clone(), t.new_full((n, channels), NONFINITE, dtype=torch.int32))  # fmt: skip
-    e_rows = window_rows(e_rows, (-ph, h + ph), zeros_exponent(headroom))
+        e_rows = t.new_full((n, padded[1], blocks), NONFINITE, dtype=torch.int32)
+        if not for_weight:
+            return zeros, e_rows, None, None
+        return zeros, e_rows, zeros.clone(), t.new_full((n, channels), NONFINITE, dtype=torch.int32)
     return zero_pad(q_rows, padding), e_rows, zero_pad(q_channels, padding), e_channels
 
 

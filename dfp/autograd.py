@@ -141,6 +141,7 @@ def conv2d_impl(
     grad_input_exponent: int,
     input_rows: bool,
     channels_last: bool,
+    need_weight_grad: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """y = conv2d(x, weight) + bias, float32 (N, Cout, OH, OW) in channels-last memory
     format when ``channels_last``; plus the quantized input that grad_weight reads,
@@ -163,6 +164,9 @@ def conv2d_impl(
     gradient one exponent per block of that many output pixels and channel in grad_weight
     (0: one per tensor); ``grad_input_exponent`` (a code of ``dfp.formats.GRAD_INPUT_EXPONENTS``)
     groups it in grad_input: per tensor, sample, or image row and channel block.
+    ``need_weight_grad`` False (no weight gradient can be asked: no grad mode, a frozen
+    weight) returns empty tensors in place of the quantized input, which then is not made
+    for grad_weight where the forward does not read the same copy.
     """
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
@@ -184,16 +188,18 @@ def conv2d_impl(
     )
     if forward_dfp and layer is not None and float32 and _fits_one_call(x.shape, weight, groups, oh, ow):
         fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels,
-                      input_groups)  # fmt: skip
+                      input_groups, need_weight_grad)  # fmt: skip
         if fused is not None:  # else x is not channels-last, or NaN/Inf: the steps below
             y, x_padded, x_exponent = fused
-            return _to_nchw(y, channels_last), x_padded, x_exponent
-    if input_rows:
+            return _to_nchw(y, channels_last), *_kept_input(x, x_padded, x_exponent, need_weight_grad)
+    x_padded = x_exponent = None  # made only for a product that reads them
+    if input_rows and (forward_dfp or need_weight_grad):
         x_rows, e_rows, x_padded, x_exponent = layout.quantize_input(x, headroom, tuple(padding), channels,
-                                                                     *input_groups)  # fmt: skip
-    else:
+                                                                     *input_groups, need_weight_grad)  # fmt: skip
+    elif forward_dfp or need_weight_grad:
         x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), channels)
         x_rows, e_rows = x_padded, x_exponent
+    x_padded, x_exponent = _kept_input(x, x_padded, x_exponent, need_weight_grad)
     if not forward_dfp:
         with torch.autocast(x.device.type, enabled=False):
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
@@ -213,6 +219,14 @@ def conv2d_impl(
     ew = ew.expand(groups, -(-k // kblock), cout_g).contiguous()
     y = _ops.conv_gemm_impl(x_rows, e_rows, headroom, w_cols, ew, headroom, kblock, [kh, kw], stride, dilation, bias)
     return _to_nchw(y, channels_last), x_padded, x_exponent
+
+
+def _kept_input(x: torch.Tensor, x_padded, x_exponent, need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The quantized input and its exponents as ``dfp::conv2d`` returns them: empty
+    tensors where no weight gradient can be asked."""
+    if need_weight_grad:
+        return x_padded, x_exponent
+    return x.new_empty(0, dtype=torch.int16), x.new_empty(0, dtype=torch.int32)
 
 
 def _fits_one_call(input_shape, weight: torch.Tensor, groups: int, oh: int, ow: int) -> bool:
@@ -239,16 +253,19 @@ conv2d = torch.library.custom_op("dfp::conv2d", mutates_args=())(conv2d_impl)
 
 
 @conv2d.register_fake
-def _(x, weight, bias, stride, padding, dilation, groups, *config):
-    channels_last = config[-1]
+def _(x, weight, bias, stride, padding, dilation, groups, headroom, *switches):
+    input_rows, channels_last = switches[8:10]  # (weight_channel, ..., grad_input_exponent) do not shape it
+    need_weight_grad = switches[10] if len(switches) > 10 else True
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
     y = _empty((n, cout, oh, ow), x, channels_last)
+    if not need_weight_grad:
+        return y, *_kept_input(x, None, None, False)
     channels = _padded_channels(c, groups)
     x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
-    input_rows = config[-2] and _input_rows_fill_chains(kw, channels // groups, config[0])
+    input_rows = input_rows and _input_rows_fill_chains(kw, channels // groups, headroom)
     return y, x_padded, x.new_empty((n, channels) if input_rows else (), dtype=torch.int32)
 
 
@@ -464,9 +481,10 @@ def _(grad_q, grad_exponent, input_q, input_exponent, weight_shape, *config):
 
 def _setup_context(ctx, inputs, output) -> None:
     x, weight, _bias, stride, padding, dilation, groups, headroom, weight_channel = inputs[:9]
-    _forward_dfp, _grad_input_dfp, grad_weight_dfp, *_, channels_last = inputs[9:]
+    grad_weight_dfp, channels_last = inputs[11], inputs[17]
     _, x_padded, x_exponent = output
     need_weight_grad = ctx.needs_input_grad[1]
+    ctx.input_kept = inputs[18:] != (False,)  # need_weight_grad, where passed
     # Keep the int16 input for a DFP16 grad_weight, the float input only for an fp32 one;
     # the weight is the master weight, alive anyway, so it costs nothing to keep.
     keep_q = need_weight_grad and grad_weight_dfp
@@ -474,7 +492,7 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(x if keep_x else None, weight, x_padded if keep_q else None, x_exponent if keep_q else None)
     ctx.input_shape = list(x.shape)
     ctx.conv = (list(stride), list(padding), list(dilation), groups)
-    ctx.config = (headroom, weight_channel, *inputs[10:-1])  # the backward's switches, as conv2d_impl takes them
+    ctx.config = (headroom, weight_channel, *inputs[10:17])  # the backward's switches, as conv2d_impl takes them
     ctx.channels_last = (channels_last, layout.is_channels_last(weight))
 
 
@@ -541,6 +559,10 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
     _, weight, x_padded, x_exponent = ctx.saved_tensors
     need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
     _, grad_input_dfp, grad_weight_dfp, rounding, weight_rounding, *_ = ctx.config[1:]
+    if need_weight and grad_weight_dfp and not ctx.input_kept:
+        raise ValueError(
+            "dfp::conv2d ran with need_weight_grad=False, so it cannot give the weight's gradient; pass True"
+        )
     grad_x = grad_w = grad_b = None
     # autocast off (its context manager costs more than a small layer's grad_input)
     device = grad_y.device.type
@@ -555,7 +577,7 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
             grad_x, grad_w = _products(ctx, grad_y, calls, None)
         if need_bias:
             grad_b = grad_y.sum(dim=(0, 2, 3))
-    return grad_x, grad_w, grad_b, *([None] * 15)
+    return grad_x, grad_w, grad_b, *([None] * 16)
 
 
 def _products(ctx, grad_y, calls: _BackwardCalls, seed):

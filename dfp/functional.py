@@ -153,9 +153,11 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
     _check_device(weight, "weight")
     tensors = (x.float(), weight.float(), None if bias is None else bias.float())
     geometry = (list(stride), list(padding), list(dilation), groups)
+    need_weight_grad = torch.is_grad_enabled() and weight.requires_grad  # else grad_weight's input is not made
     if _ops.plain_eager(x, weight):
-        return _autograd.EagerConv2d.apply(*tensors, *geometry, *_cached_op_switches(f), channels_last)
-    y, _, _ = torch.ops.dfp.conv2d(*tensors, *geometry, *_op_switches(f), channels_last)
+        switches = _cached_op_switches(f)
+        return _autograd.EagerConv2d.apply(*tensors, *geometry, *switches, channels_last, need_weight_grad)
+    y, _, _ = torch.ops.dfp.conv2d(*tensors, *geometry, *_op_switches(f), channels_last, need_weight_grad)
     return y
 
 

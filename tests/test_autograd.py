@@ -25,6 +25,7 @@ def _gaussian(shape, seed, scale=1.0) -> torch.Tensor:
 # dfp::conv2d arguments after (x, weight, bias): stride, padding, dilation, groups,
 # headroom, weight_channel, forward_dfp, grad_input_dfp, grad_weight_dfp,
 # grad_rounding, grad_weight_rounding, grad_weight_block, grad_input_exponent, input_rows, channels_last
+# (need_weight_grad, last, left at its default True)
 CONV_CONFIGS = {
     "groups-bias": (
         (2, 4, 6, 6),
@@ -74,6 +75,27 @@ def test_opcheck_conv2d(config):
     w = _gaussian(w_shape, 1).requires_grad_()
     b = _gaussian(w_shape[:1], 2).requires_grad_() if has_bias else None
     opcheck(torch.ops.dfp.conv2d.default, (x, w, b, *rest))
+
+
+@pytest.mark.parametrize("config", CONV_CONFIGS)
+def test_without_a_weight_gradient_the_forward_is_the_same_and_keeps_no_input(config):
+    """need_weight_grad=False (no grad mode, a frozen weight): the same output bits, empty
+    tensors for grad_weight's quantized input, which is then not made; the op passes
+    opcheck that way too, and refuses it where the weight does require a gradient."""
+    x_shape, w_shape, has_bias, rest = CONV_CONFIGS[config]
+    x = _gaussian(x_shape, 0)
+    x = x.to(memory_format=torch.channels_last) if rest[-1] else x
+    w, b = _gaussian(w_shape, 1), _gaussian(w_shape[:1], 2) if has_bias else None
+    y, x_padded, x_exponent = torch.ops.dfp.conv2d(x, w, b, *rest, True)
+    for call in (torch.ops.dfp.conv2d, dfp.autograd.conv2d_impl):
+        y_alone, *kept = call(x, w, b, *rest, False)
+        assert torch.equal(y_alone, y) and [t.shape for t in kept] == [(0,), (0,)]
+        assert [t.dtype for t in kept] == [x_padded.dtype, x_exponent.dtype]
+    opcheck(torch.ops.dfp.conv2d.default, (x.requires_grad_(), w, b, *rest, False))
+    if rest[8]:  # grad_weight in DFP16 reads what was not made
+        y = torch.ops.dfp.conv2d(x, w.requires_grad_(), b, *rest, False)[0]
+        with pytest.raises(ValueError, match="need_weight_grad=False"):
+            y.sum().backward()
 
 
 @pytest.mark.parametrize("config", CONV_CONFIGS)
@@ -277,6 +299,27 @@ def test_backward_keeps_int16_mantissas_not_float_copies(fmt, channels, exponent
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         DF.conv2d(x, w.detach(), padding=1)  # no weight gradient: nothing of x is kept
     assert saved == [(torch.float32, (4, channels, 3, 3))]
+
+
+@pytest.mark.parametrize("fmt", ["dfp16", "dfp16-tensor"])
+def test_a_frozen_weight_or_no_grad_mode_changes_no_bit(fmt, monkeypatch):
+    """Without a weight gradient the layer skips grad_weight's copy of its input (the
+    op's need_weight_grad): its output, and grad_input of a frozen weight, keep their bits."""
+    x = _gaussian((4, 16, 8, 8), 0).to(memory_format=torch.channels_last).requires_grad_()
+    w = _gaussian((8, 16, 3, 3), 1).requires_grad_()
+    dy = _gaussian((4, 8, 8, 8), 2)
+    y = DF.conv2d(x, w, padding=1, fmt=fmt)
+    y.backward(dy)
+    asked = []
+    impl = dfp.autograd.conv2d_impl
+    monkeypatch.setattr(dfp.autograd, "conv2d_impl", lambda *args: asked.append(args[-1]) or impl(*args))
+    with torch.no_grad():
+        assert torch.equal(DF.conv2d(x, w, padding=1, fmt=fmt), y.detach())
+    x_frozen = x.detach().requires_grad_()
+    y_frozen = DF.conv2d(x_frozen, w.detach(), padding=1, fmt=fmt)
+    y_frozen.backward(dy)
+    assert torch.equal(y_frozen, y) and torch.equal(x_frozen.grad, x.grad)
+    assert asked == [False, False]
 
 
 def test_stochastic_rounding_is_seeded_by_torch_and_touches_only_gradients():

@@ -215,8 +215,9 @@ def test_input_quantized_per_row_for_the_forward_and_per_sample_and_channel_for_
     (the reference's rounding on the reference backend): rows of padding and a row of
     zeros the zero group's exponent, a huge element its row block's and its channel's
     range, 3 samples in groups of 2 or 4 (the last one short); rounded to nearest, each
-    row block's bits are those of quantizing it alone. NaN makes every exponent
-    NONFINITE."""
+    row block's bits are those of quantizing it alone. Without grad_weight's copy (no
+    weight gradient asked) the forward's is the same. NaN makes every exponent NONFINITE,
+    with or without it."""
     g = torch.Generator().manual_seed(4)
     t = torch.randn((3, channels, 5, 6), generator=g) * torch.exp2(
         torch.randint(-30, 30, (3, 1, 5, 1), generator=g).float()
@@ -238,9 +239,14 @@ def test_input_quantized_per_row_for_the_forward_and_per_sample_and_channel_for_
     alone = t[1, :real, 4].t().contiguous()  # sample 1's image row 4 (padded row 5), first block
     q, e = _ops.quantize_impl(alone, 2, None, None, 0, 0)
     assert torch.equal(q_rows[1, 5, 2:8, :real], q) and int(e) == e_rows[1, 5, 0]
+    forward_only = layout.quantize_input(*args, for_weight=False)
+    assert torch.equal(forward_only[0], q_rows) and torch.equal(forward_only[1], e_rows)
+    assert forward_only[2:] == (None, None)
     t[1, 0, 0, 0] = float("nan")
-    for q, e in zip(*[iter(layout.quantize_input(*args))] * 2):
-        assert (e == layout.NONFINITE).all() and not q.any()
+    for for_weight in (True, False):
+        quantized = layout.quantize_input(*args, for_weight=for_weight)
+        for q, e in zip(*[iter(quantized[: 4 if for_weight else 2])] * 2):
+            assert (e == layout.NONFINITE).all() and not q.any()
 
 
 @pytest.mark.parametrize(

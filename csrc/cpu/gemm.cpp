@@ -100,13 +100,15 @@ Scales make_column_scales(const int32_t* e, int64_t n, int64_t blocks, int64_t w
 }
 
 // Rows [i0, i0 + count) of A in groups of `group` rows, each group one row of exponents:
-// calls visit(r, exponent row) for each, with one division, not one per row.
+// calls visit(first, end, exponent row) for each run of rows [first, end) in one group,
+// with one division, not one per row.
 template <typename Visit>
-void for_exponent_rows(int64_t i0, int count, int64_t group, Visit visit) {
+void for_exponent_runs(int64_t i0, int64_t count, int64_t group, Visit visit) {
   int64_t row = i0 / group, row_end = (row + 1) * group;
-  for (int r = 0; r < count; ++r) {
-    if (i0 + r >= row_end) ++row, row_end += group;
-    visit(r, row);
+  for (int64_t r = 0; r < count; ++row, row_end += group) {
+    const int64_t end = std::min(count, row_end - i0);
+    visit(r, end, row);
+    r = end;
   }
 }
 
@@ -119,13 +121,15 @@ struct TileScales {
   const float* scales;
   int64_t stride;
 };
-TileScales row_chain_scales(const std::vector<float>& chain, int64_t blocks, int64_t group, int64_t i, int mr,
-                            int64_t M, float* tile) {
+TileScales row_chain_scales(const float* chain, int64_t blocks, int64_t group, int64_t i, int mr, int64_t M,
+                            float* __restrict tile) {
   const int64_t first = i / group, last = std::min(i + mr, M) - 1;
-  if (group == 1) return {chain.data() + i * blocks, blocks};
-  if (last < (first + 1) * group) return {chain.data() + first * blocks, 0};
-  for_exponent_rows(i, mr, group, [&](int r, int64_t row) {  // rows past M (never stored) read M - 1's
-    std::copy_n(chain.data() + std::min(row, (M - 1) / group) * blocks, blocks, tile + r * blocks);
+  if (group == 1) return {chain + i * blocks, blocks};
+  if (last < (first + 1) * group) return {chain + first * blocks, 0};
+  for_exponent_runs(i, mr, group, [&](int64_t r0, int64_t r1, int64_t row) {  // rows past M (never stored) read M - 1's
+    const float* __restrict src = chain + std::min(row, (M - 1) / group) * blocks;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t b = 0; b < blocks; ++b) tile[r * blocks + b] = src[b];
   });
   return {tile, blocks};
 }
@@ -159,17 +163,21 @@ class Epilogue {
     return ra_[i / group_] + (offsets_.values ? offsets_.values[i / offsets_.rows] : 0);
   }
   float row_scale(int64_t i) const { return pow2f_any(row_exponent(i)); }
-  // row_scale(i0 + r) for r < count (rows of A, all < M), with one division per kind of
-  // group, not one per row.
-  void row_scales(int64_t i0, int64_t count, float* out) const {
-    int64_t row = i0 / group_, row_end = (row + 1) * group_;
-    const int64_t per_image = offsets_.values ? offsets_.rows : INT64_MAX;
-    int64_t image = i0 / per_image, image_end = (image + 1) * per_image;
-    for (int64_t r = 0; r < count; ++r) {
-      if (i0 + r >= row_end) ++row, row_end += group_;
-      if (i0 + r >= image_end) ++image, image_end += per_image;
-      out[r] = pow2f_any(ra_[row] + (offsets_.values ? offsets_.values[image] : 0));
-    }
+  // row_scale(i0 + r) for r < count (rows of A, all < M), one per run of rows that share
+  // their exponent row and image, with one division per kind of group, not one per row.
+  void row_scales(int64_t i0, int64_t count, float* __restrict out) const {
+    const int32_t* ra = ra_.data();
+    const int32_t* image_offsets = offsets_.values;
+    const int64_t per_image = image_offsets ? offsets_.rows : INT64_MAX;
+    int64_t image = i0 / per_image, image_end = image_offsets ? (image + 1) * per_image - i0 : count;
+    for_exponent_runs(i0, count, group_, [&](int64_t r0, int64_t r1, int64_t row) {
+      for (int64_t r = r0; r < r1;) {
+        if (r == image_end) ++image, image_end += per_image;
+        const int64_t end = std::min(r1, image_end);
+        std::fill(out + r, out + end, pow2f_any(ra[row] + (image_offsets ? image_offsets[image] : 0)));
+        r = end;
+      }
+    });
   }
   const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
   const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
@@ -295,7 +303,7 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     tiles.resize(mpanels);
     if (row_scales) tile_scales.resize(mpanels * uk.mr * KA);
     for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
-      tiles[ip] = row_chain_scales(sa.chain, KA, group, i0 + ip * uk.mr, uk.mr, M,
+      tiles[ip] = row_chain_scales(sa.chain.data(), KA, group, i0 + ip * uk.mr, uk.mr, M,
                                    tile_scales.data() + ip * uk.mr * KA);
     // and the rows' epilogue scales where the micro-kernel writes C (one division per block
     // of rows, not per tile)

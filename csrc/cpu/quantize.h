@@ -46,7 +46,8 @@ bool quantize_padded(const float* x, const PaddedImage& image, int headroom, int
 // out_channels / row_block)); and grad_weight's, with one per group of `group_samples`
 // consecutive samples and channel, written for each sample of the group (e_channels
 // (images, out_channels)). Returns false when x holds NaN or Inf (the outputs then
-// undefined).
+// undefined). q_channels null: grad_weight's copy is not made (no weight gradient is
+// asked), e_channels unused.
 struct InputQuantization {
   int16_t* q_rows;
   int32_t* e_rows;

@@ -39,7 +39,7 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   const int64_t hp = im.rows + 2 * im.pad_rows, wp = im.cols + 2 * im.pad_cols, c = im.channels;
   const int64_t oc = im.out_channels, row_len = wp * oc, border = im.pad_cols * oc, run = im.cols * c;
   const int64_t blocks = oc / out.row_block, s = out.group_samples, ngroups = (im.images + s - 1) / s;
-  const bool narrow = c < kNarrow;
+  const bool narrow = c < kNarrow, copy_for_weight = out.q_channels != nullptr;
   const int32_t zeros = group_exponent(0, headroom);
   std::atomic<bool> finite{true};
   // Pass 1 per group of samples: each image row's maximum per block of channels (its
@@ -50,12 +50,13 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * s * im.rows, r1 = std::min(im.images, (g + 1) * s) * im.rows;
       channel_max.assign(oc, 0);  // the added channels stay zeros
-      pixels.assign(narrow ? run : 0, 0);
+      pixels.assign(narrow && copy_for_weight ? run : 0, 0);
       for (int64_t r = r0; r < r1; ++r) {
         const float* row = x + r * run;
         uint32_t* m = block_max.data() + r * blocks;
         if (blocks == 1) {
           m[0] = k.absmax(row, run);
+          if (!copy_for_weight) continue;
           if (narrow)
             k.absmax_into(row, pixels.data(), run);  // folded into channels after the group
           else
@@ -67,12 +68,14 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
         k.absmax_rows(row, im.cols, c, row_channels.data());
         for (int64_t b = 0; b * out.row_block < c; ++b)
           m[b] = *std::max_element(rc + b * out.row_block, rc + std::min(c, (b + 1) * out.row_block));
-        max_into(channel_max.data(), rc, c);
+        if (copy_for_weight) max_into(channel_max.data(), rc, c);
       }
       for (int64_t p = 0; p < int64_t(pixels.size()); p += c)  // narrow rows: the pixels' maxima per channel
         max_into(channel_max.data(), pixels.data() + p, c);
-      if (std::any_of(channel_max.begin(), channel_max.end(), [](uint32_t b) { return b >= kNonFiniteBits; }))
+      if (std::any_of(block_max.begin() + r0 * blocks, block_max.begin() + r1 * blocks,
+                      [](uint32_t b) { return b >= kNonFiniteBits; }))
         finite.store(false, std::memory_order_relaxed);
+      if (!copy_for_weight) continue;
       int32_t* e = out.e_channels + g * s * oc;
       group_exponents(channel_max.data(), oc, headroom, e);
       for (int64_t n = g * s + 1; n < std::min(im.images, (g + 1) * s); ++n) std::copy_n(e, oc, e + (n - g * s) * oc);
@@ -88,11 +91,11 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     row_first.resize(c), row_second.resize(c);
     channel_first.resize(narrow ? run : c), channel_second.resize(channel_first.size());
     for (int64_t g = g0; g < g1; ++g) {
-      for (int64_t j = 0; j < c; ++j) {
+      for (int64_t j = 0; j < c && copy_for_weight; ++j) {
         const Scale scale = inverse_scale(out.e_channels[g * s * oc + j]);
         channel_first[j] = scale.first, channel_second[j] = scale.second;
       }
-      for (int64_t p = c; p < int64_t(channel_first.size()); p += c) {  // narrow rows: repeated per pixel
+      for (int64_t p = c; p < int64_t(channel_first.size()) && copy_for_weight; p += c) {  // narrow rows: repeated per pixel
         std::copy_n(channel_first.begin(), c, channel_first.begin() + p);
         std::copy_n(channel_second.begin(), c, channel_second.begin() + p);
       }
@@ -103,7 +106,7 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           if (h < 0 || h >= im.rows) {
             std::fill_n(e, blocks, zeros);
             std::fill_n(out.q_rows + offset, row_len, int16_t(0));
-            std::fill_n(out.q_channels + offset, row_len, int16_t(0));
+            if (copy_for_weight) std::fill_n(out.q_channels + offset, row_len, int16_t(0));
             continue;
           }
           const int64_t r = n * im.rows + h;
@@ -114,7 +117,8 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             std::fill(row_first.begin() + j0, row_first.begin() + j1, scale.first);
             std::fill(row_second.begin() + j0, row_second.begin() + j1, scale.second);
           }
-          for (int16_t* q : {out.q_rows + offset, out.q_channels + offset}) {
+          for (int16_t* q : {out.q_rows + offset, copy_for_weight ? out.q_channels + offset : nullptr}) {
+            if (!q) continue;
             std::fill_n(q, border, int16_t(0));
             std::fill_n(q + row_len - border, border, int16_t(0));
           }
@@ -127,6 +131,7 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             else
               k.run_rows(from, to, im.cols, c, row_first.data(), row_second.data(), args);
           });
+          if (!copy_for_weight) continue;
           write_row(row, im.cols, c, oc, out.q_channels + offset + border, scratch, [&](const float* from, int16_t* to) {
             if (narrow)
               k.run_scaled(from, to, run, channel_first.data(), channel_second.data(), args);

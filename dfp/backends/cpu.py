@@ -69,6 +69,12 @@ def set_cpu_isa(name: str) -> None:
     _core().set_isa(name)
 
 
+def _address(t: torch.Tensor | None) -> int:
+    """t's data pointer; 0 (null: the core writes or reads nothing there) for None or an
+    empty tensor."""
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
 def _nonfinite(name: str) -> NonFiniteError:
     return NonFiniteError(
         f"{name} contains NaN or Inf, which DFP16 cannot represent; find where it came from "
@@ -131,21 +137,22 @@ def quantize_padded(x, headroom, padding, channels):
     return out, exponent
 
 
-def quantize_input(x, headroom, padding, channels, row_block, group_samples):
+def quantize_input(x, headroom, padding, channels, row_block, group_samples, for_weight=True):
     """Contiguous float32 x (N, H, W, C) -> the forward's padded mantissas (N, Hp, Wp,
     channels) with exponents per image row and block of ``row_block`` channels
     (N, Hp, channels / row_block), and grad_weight's with exponents per group of
-    ``group_samples`` samples and channel, written for each sample (N, channels); one read
-    of x per group of samples."""
+    ``group_samples`` samples and channel, written for each sample (N, channels), or
+    None, None where not ``for_weight``; one read of x per group of samples."""
     n, h, w, c = x.shape
     (ph, pw) = padding
     shape = (n, h + 2 * ph, w + 2 * pw, channels)
-    q_rows, q_channels = torch.empty(shape, dtype=torch.int16), torch.empty(shape, dtype=torch.int16)
+    q_rows = torch.empty(shape, dtype=torch.int16)
     e_rows = torch.empty((n, shape[1], channels // row_block), dtype=torch.int32)
-    e_channels = torch.empty((n, channels), dtype=torch.int32)
+    q_channels = torch.empty(shape, dtype=torch.int16) if for_weight else None
+    e_channels = torch.empty((n, channels), dtype=torch.int32) if for_weight else None
     ok = _core().quantize_input(
         x.data_ptr(), n, h, w, c, ph, pw, channels, headroom, q_rows.data_ptr(), e_rows.data_ptr(), row_block,
-        q_channels.data_ptr(), e_channels.data_ptr(), group_samples, torch.get_num_threads(),
+        _address(q_channels), _address(e_channels), group_samples, torch.get_num_threads(),
     )  # fmt: skip
     if not ok:
         raise _nonfinite("the tensor to quantize")
@@ -224,29 +231,33 @@ def _layer(sizes: tuple[int, ...], weight_strides: tuple[int, ...], headroom: in
     return _core().ConvLayer(sizes, weight_strides, headroom, weight_channel)
 
 
-def conv2d(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels, input_groups):
+def conv2d(
+    x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels, input_groups, for_weight
+):
     """A layer's forward in one call (csrc/cpu/layer.cpp): float32 x (N, C, H, W)
     channels-last, weight (Cout, C/groups, KH, KW) -> (y (N, OH, OW, Cout), the padded
     int16 input (N, Hp, Wp, channels) for grad_weight, its exponents), as ``dfp::conv2d``
     makes them step by step; input_groups: (row_block, group_samples), (0, 0) for one
     exponent (0-d), else x per image row and channel block in the forward and per
-    group of samples and channel for grad_weight. None where x is not channels-last or
-    NaN/Inf is met (the caller's general path then gives its results). Shapes as
-    ``dfp::conv2d`` checks them."""
+    group of samples and channel for grad_weight, whose copy is made only ``for_weight``
+    (else empty tensors). None where x is not channels-last or NaN/Inf is met (the
+    caller's general path then gives its results). Shapes as ``dfp::conv2d`` checks them."""
     if not x.permute(0, 2, 3, 1).is_contiguous() or (bias is not None and not bias.is_contiguous()):
         return None
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
     oh, ow = (output_size(*args) for args in zip((h, w), (kh, kw), stride, padding, dilation))
     y = torch.empty((n, oh, ow, cout), dtype=torch.float32)
-    x_padded = torch.empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
     row_block, group_samples = input_groups
-    exponent = torch.empty((n, channels) if row_block else (), dtype=torch.int32)
+    if row_block and not for_weight:  # the forward reads a copy of its own
+        x_padded, exponent = torch.empty(0, dtype=torch.int16), torch.empty(0, dtype=torch.int32)
+    else:
+        x_padded = torch.empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
+        exponent = torch.empty((n, channels) if row_block else (), dtype=torch.int32)
     sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, channels)
     ok = _core().conv_forward(
-        x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
-        _layer(sizes, weight.stride(), headroom, weight_channel), row_block, group_samples, x_padded.data_ptr(),
-        exponent.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+        x.data_ptr(), weight.data_ptr(), _address(bias), _layer(sizes, weight.stride(), headroom, weight_channel),
+        row_block, group_samples, _address(x_padded), _address(exponent), y.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return (y, x_padded, exponent) if ok else None
 
