@@ -249,6 +249,27 @@ def test_input_quantized_per_row_for_the_forward_and_per_sample_and_channel_for_
             assert (e == layout.NONFINITE).all() and not q.any()
 
 
+@pytest.mark.parametrize("channels", [64, 40, 33])
+def test_input_of_a_linear_layer_quantized_per_sample_block(backend, channels):
+    """A linear layer's input (N, C, 1, 1), one pixel per sample: its row blocks are runs
+    of channels (the compiled backend's own path), grad_weight's groups 32 samples (the
+    last one short); the generic steps' bits, with and without grad_weight's copy."""
+    g = torch.Generator().manual_seed(5)
+    t = torch.randn((70, channels, 1, 1), generator=g) * torch.exp2(
+        torch.randint(-40, 40, (70, channels, 1, 1), generator=g).float()
+    )
+    t[3] = 0.0
+    t = t.contiguous(memory_format=torch.channels_last)
+    out_channels = channels + channels % 2
+    row_block = dfp.autograd._grad_input_block(out_channels, 2, rows=True)
+    args = (t, 2, (0, 0), out_channels, row_block, 32)
+    for for_weight in (True, False):
+        got = layout.quantize_input(*args, for_weight=for_weight)
+        want = on_reference(layout.quantize_input, *args, for_weight=for_weight)
+        assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert got[1].shape == (70, 1, out_channels // row_block) and out_channels // row_block > 1
+
+
 @pytest.mark.parametrize(
     "rows,columns,channels",
     [

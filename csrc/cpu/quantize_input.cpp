@@ -63,6 +63,11 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             k.absmax_rows(row, im.cols, c, channel_max.data());
           continue;
         }
+        if (im.cols == 1) {  // one pixel (a linear layer's sample): its blocks are runs
+          k.absmax_blocks(row, c, out.row_block, m);
+          if (copy_for_weight) k.absmax_into(row, channel_max.data(), c);
+          continue;
+        }
         row_channels.assign(c, 0);
         const uint32_t* rc = row_channels.data();
         k.absmax_rows(row, im.cols, c, row_channels.data());
@@ -86,8 +91,9 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   const RoundingArgs nearest{float(max_mantissa(headroom)), Rounding::nearest, 0, 0, 0};
   for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
     // scales per channel, and for narrow rows per element of a row (a channel's repeated)
-    thread_local std::vector<float> row_first, row_second, channel_first, channel_second;
+    thread_local std::vector<float> block_first, block_second, row_first, row_second, channel_first, channel_second;
     thread_local std::vector<int16_t> scratch;
+    block_first.resize(blocks), block_second.resize(blocks);
     row_first.resize(c), row_second.resize(c);
     channel_first.resize(narrow ? run : c), channel_second.resize(channel_first.size());
     for (int64_t g = g0; g < g1; ++g) {
@@ -110,9 +116,13 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             continue;
           }
           const int64_t r = n * im.rows + h;
+          // scales per block, spread over the channels where a row has several pixels
+          const bool per_channel = blocks > 1 && im.cols > 1;
           for (int64_t b = 0; b < blocks; ++b) {
             e[b] = group_exponent(block_max[r * blocks + b], headroom);
             const Scale scale = inverse_scale(e[b]);
+            block_first[b] = scale.first, block_second[b] = scale.second;
+            if (!per_channel) continue;
             const int64_t j0 = std::min(c, b * out.row_block), j1 = std::min(c, j0 + out.row_block);
             std::fill(row_first.begin() + j0, row_first.begin() + j1, scale.first);
             std::fill(row_second.begin() + j0, row_second.begin() + j1, scale.second);
@@ -127,7 +137,9 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           const float* row = x + r * run;
           write_row(row, im.cols, c, oc, out.q_rows + offset + border, scratch, [&](const float* from, int16_t* to) {
             if (blocks == 1)
-              k.run(from, to, run, {row_first[0], row_second[0]}, args);
+              k.run(from, to, run, {block_first[0], block_second[0]}, args);
+            else if (!per_channel)
+              k.run_blocks(from, to, run, out.row_block, block_first.data(), block_second.data(), args);
             else
               k.run_rows(from, to, im.cols, c, row_first.data(), row_second.data(), args);
           });
