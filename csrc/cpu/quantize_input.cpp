@@ -95,13 +95,13 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     thread_local std::vector<int16_t> scratch;
     block_first.resize(blocks), block_second.resize(blocks);
     row_first.resize(c), row_second.resize(c);
-    channel_first.resize(narrow ? run : c), channel_second.resize(channel_first.size());
+    channel_first.resize(!copy_for_weight ? 0 : narrow ? run : c), channel_second.resize(channel_first.size());
     for (int64_t g = g0; g < g1; ++g) {
       for (int64_t j = 0; j < c && copy_for_weight; ++j) {
         const Scale scale = inverse_scale(out.e_channels[g * s * oc + j]);
         channel_first[j] = scale.first, channel_second[j] = scale.second;
       }
-      for (int64_t p = c; p < int64_t(channel_first.size()) && copy_for_weight; p += c) {  // narrow rows: repeated per pixel
+      for (int64_t p = c; p < int64_t(channel_first.size()); p += c) {  // narrow rows: repeated per pixel
         std::copy_n(channel_first.begin(), c, channel_first.begin() + p);
         std::copy_n(channel_second.begin(), c, channel_second.begin() + p);
       }
