@@ -29,6 +29,22 @@ bool quantize_gathered(const std::vector<float>& gathered, const QuantizeShape& 
   return true;
 }
 
+// The backward's int16 copies of dY, kept by the calling thread from call to call, as
+// the forward keeps its image: fresh ones of megabytes were paged in (and zeroed by the
+// kernel) on every call, by both threads at once in the parallel passes, which then
+// waited on each other's page faults.
+struct BackwardBuffers {
+  std::vector<int16_t> dy_blocks, dy_groups, dy_window;
+};
+BackwardBuffers& backward_buffers() {
+  thread_local BackwardBuffers b;
+  return b;
+}
+int16_t* at_least(std::vector<int16_t>& buffer, int64_t n) {
+  if (int64_t(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Whether grad_weight's image came from finite values: no exponent marks NaN/Inf. A
 // loop without an early exit and an int accumulator, which the compiler vectorizes (a
 // bool's or std::find's stayed scalar: a third of a linear layer's backward in C++,
@@ -116,8 +132,8 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
   const Window window{l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
   const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
   const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
-  std::unique_ptr<int16_t[]> padded(whole ? nullptr : new int16_t[l.n * rows_w * cols_w * l.cout]);
-  if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded.get(), nthreads);
+  int16_t* padded = whole ? nullptr : at_least(backward_buffers().dy_window, l.n * rows_w * cols_w * l.cout);
+  if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded, nthreads);
   // exponents per row: the window's rows, those past dy's edges a group of zeros'
   std::vector<int32_t> row_exponents;
   if (ey.channel_block) {
@@ -130,7 +146,7 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
     ey.values = row_exponents.data(), ey.count = int64_t(row_exponents.size());
   }
   const ConvGeometry flipped{l.n, rows_w, cols_w, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
-  conv_gemm_int16(whole ? dy : padded.get(), flipped, ey, l.headroom, w.get(), k * cg, cg, 1, cg, ew.data(), kblock,
+  conv_gemm_int16(whole ? dy : padded, flipped, ey, l.headroom, w.get(), k * cg, cg, 1, cg, ew.data(), kblock,
                   l.headroom, nullptr, dx, nthreads);
   return true;
 }
@@ -166,18 +182,20 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const bool rows = r.input_groups == InputGroups::row;
   const int64_t group_rows = rows ? ow : r.input_groups == InputGroups::sample ? oh * ow : pixels;
   const int64_t groups = pixels / group_rows * (rows ? l.cout / r.row_block : 1);
-  std::unique_ptr<int16_t[]> q_blocks(dw ? new int16_t[size] : nullptr), q_groups(dx ? new int16_t[size] : nullptr);
+  BackwardBuffers& buffers = backward_buffers();
+  int16_t* q_blocks = dw ? at_least(buffers.dy_blocks, size) : nullptr;
+  int16_t* q_groups = dx ? at_least(buffers.dy_groups, size) : nullptr;
   std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
-  const GradientQuantization out{q_blocks.get(),  e_blocks.data(), r.dy_block,       r.dy_block_rounding,
-                                 q_groups.get(),  e_groups.data(), group_rows,       r.input_rounding,
+  const GradientQuantization out{q_blocks, e_blocks.data(), r.dy_block,         r.dy_block_rounding,
+                                 q_groups, e_groups.data(), group_rows,         r.input_rounding,
                                  rows ? r.row_block : 0};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
-  if (dx && !conv_grad_input(q_groups.get(), ey, weight, r.weight_block, l, dx, nthreads)) return false;
+  if (dx && !conv_grad_input(q_groups, ey, weight, r.weight_block, l, dx, nthreads)) return false;
   if (!dw) return true;
   ConvLayer unpadded = l;  // grad_weight's: the padded image as is, dw's strides (those of the weight)
   unpadded.h = g.hp, unpadded.w = g.wp, unpadded.ph = unpadded.pw = 0;
-  return conv_grad_weight(q_blocks.get(), e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
+  return conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
                           unpadded, dw, nthreads);
 }
 
