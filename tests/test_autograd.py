@@ -81,7 +81,7 @@ def test_opcheck_conv2d(config):
 def test_without_a_weight_gradient_the_forward_is_the_same_and_keeps_no_input(config):
     """need_weight_grad=False (no grad mode, a frozen weight): the same output bits, empty
     tensors for grad_weight's quantized input, which is then not made; the op passes
-    opcheck that way too, and refuses it where the weight does require a gradient."""
+    opcheck that way too, and its backward refuses a weight gradient it kept nothing for."""
     x_shape, w_shape, has_bias, rest = CONV_CONFIGS[config]
     x = _gaussian(x_shape, 0)
     x = x.to(memory_format=torch.channels_last) if rest[-1] else x
