@@ -58,7 +58,9 @@ class Format:
             channel)), and is quantized again for grad_weight with one per channel and group
             of samples whose output pixels are whole blocks of ``grad_weight_block`` (one
             sample where its pixels are a multiple of the block; a linear layer's: 32
-            samples), which needs ``grad_weight_block``.
+            samples), which needs ``grad_weight_block``. Only where a kernel row of a
+            group's channels fills an int32 chain (KW*C/groups >= 32 at headroom 2);
+            narrower inputs (a first layer's 1-4 channels) keep one per tensor.
         grad_weight_rounding: rounding of output gradients in the grad_weight product, whose
             sums run over every pixel of the batch: rounding to nearest there leaves
             errors that add up coherently (the same small values round the same way), while

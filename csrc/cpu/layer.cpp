@@ -45,15 +45,18 @@ int16_t* at_least(std::vector<int16_t>& buffer, int64_t n) {
   return buffer.data();
 }
 
-// Whether grad_weight's image came from finite values: no exponent marks NaN/Inf. A
-// loop without an early exit and an int accumulator, which the compiler vectorizes (a
-// bool's or std::find's stayed scalar: a third of a linear layer's backward in C++,
-// which scans its 32 k exponents twice).
-bool finite_input(InputExponents ex, const ConvLayer& l) {
-  const int64_t count = ex.per_sample ? l.n * l.channels : 1;
+// Whether any of `count` exponents marks NaN/Inf. A loop without an early exit and an
+// int accumulator, which the compiler vectorizes (std::find's and a bool's stayed scalar:
+// a third of a linear layer's C++ backward, which checks its 32 k input exponents twice).
+bool any_nonfinite(const int32_t* e, int64_t count) {
   int32_t marked = 0;
-  for (int64_t i = 0; i < count; ++i) marked |= int32_t(ex.values[i] == kNonFiniteExponent);
-  return marked == 0;
+  for (int64_t i = 0; i < count; ++i) marked |= int32_t(e[i] == kNonFiniteExponent);
+  return marked != 0;
+}
+
+// Whether grad_weight's image came from finite values.
+bool finite_input(InputExponents ex, const ConvLayer& l) {
+  return !any_nonfinite(ex.values, ex.per_sample ? l.n * l.channels : 1);
 }
 
 }  // namespace
@@ -105,7 +108,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
 
 bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
                      const ConvLayer& l, float* dx, int nthreads) {
-  if (std::find(ey.values, ey.values + ey.count, kNonFiniteExponent) != ey.values + ey.count) return false;
+  if (any_nonfinite(ey.values, ey.count)) return false;
   // B of each group: (K, c / groups), K over (tap, output channel) with the taps flipped,
   // so that its per-block exponents come out as (groups, taps * blocks, c / groups).
   const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw, k = taps * cout_g;
@@ -153,7 +156,7 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
 
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
                       const int16_t* x_padded, InputExponents ex, const ConvLayer& l, float* dw, int nthreads) {
-  if (!finite_input(ex, l) || std::find(ey, ey + ey_count, kNonFiniteExponent) != ey + ey_count) return false;
+  if (!finite_input(ex, l) || any_nonfinite(ey, ey_count)) return false;
   const ConvGeometry g = l.padded();
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp;
