@@ -53,14 +53,20 @@ def _to_nchw(y: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """(N, H, W, C) -> (N, C, H, W) in the requested memory format, with the strides a
     fresh tensor of that format has (also in size-1 dimensions, which ``contiguous``
     leaves as they are: DDP's gradient buckets compare strides)."""
-    _, h, w, c = y.shape
-    strides = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
-    y = y.permute(0, 3, 1, 2)
-    if y.stride() == strides:
-        return y
-    if all(size == 1 or a == b for size, a, b in zip(y.shape, y.stride(), strides, strict=True)):
-        return y.as_strided(y.shape, strides)  # the same memory order: only size-1 strides differ (a linear layer's)
-    return torch.empty_strided(y.shape, strides, dtype=y.dtype, device=y.device).copy_(y)
+    shape, strides, same_order = _nchw_layout(tuple(y.shape), y.stride(), channels_last)
+    if same_order:  # a view (only size-1 strides differ where it is not y itself: a linear layer's)
+        return y.as_strided(shape, strides)
+    return torch.empty_strided(shape, strides, dtype=y.dtype, device=y.device).copy_(y.permute(0, 3, 1, 2))
+
+
+@functools.lru_cache(maxsize=1024)
+def _nchw_layout(shape, strides, channels_last: bool) -> tuple[tuple[int, ...], tuple[int, ...], bool]:
+    """``_to_nchw``'s (shape, strides, whether y's memory order is already theirs)."""
+    n, h, w, c = shape
+    permuted = (strides[0], strides[3], strides[1], strides[2])
+    wanted = (h * w * c, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1)
+    same_order = all(size == 1 or a == b for size, a, b in zip((n, c, h, w), permuted, wanted, strict=True))
+    return (n, c, h, w), wanted, same_order
 
 
 def _memory_format(channels_last: bool) -> torch.memory_format:
@@ -119,7 +125,7 @@ def _input_rows_fill_chains(kw: int, cg: int, headroom: int) -> bool:
 def _grad_input_in_one_call(stride: list[int], cout_g: int, block: int) -> bool:
     """Whether the backend's one-call grad_input takes a layer: one phase (stride 1), and
     weight blocks (``block`` > 0) that need no zero output channels to fill the last."""
-    return stride == [1, 1] and (block == 0 or cout_g % block == 0)
+    return tuple(stride) == (1, 1) and (block == 0 or cout_g % block == 0)
 
 
 def conv2d_impl(
@@ -168,30 +174,17 @@ def conv2d_impl(
     weight) returns empty tensors in place of the quantized input, which then is not made
     for grad_weight where the forward does not read the same copy.
     """
+    if forward_dfp:
+        fused = _forward_in_one_call(backends.active(x.device), x, weight, bias, stride, padding, dilation, groups,
+                                     headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad)  # fmt: skip
+        if fused is not None:  # else NaN/Inf: the steps below
+            return _one_call_output(fused, x, channels_last, need_weight_grad)
     n, c, h, w = x.shape
     cout, _, kh, kw = weight.shape
     oh = output_size(h, kh, stride[0], padding[0], dilation[0])
     ow = output_size(w, kw, stride[1], padding[1], dilation[1])
-    channels = _padded_channels(c, groups)
-    input_rows = input_rows and _input_rows_fill_chains(kw, channels // groups, headroom)
-    input_groups = (
-        (
-            _grad_input_block(channels // groups, headroom, rows=True),
-            _ops.input_group_samples(grad_weight_block, oh * ow),
-        )
-        if input_rows
-        else (0, 0)
-    )
-    layer = getattr(backends.active(x.device), "conv2d", None)
-    float32 = x.dtype == torch.float32 and (
-        bias is None or (bias.dtype == torch.float32 and tuple(bias.shape) == (cout,))
-    )
-    if forward_dfp and layer is not None and float32 and _fits_one_call(x.shape, weight, groups, oh, ow):
-        fused = layer(x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels,
-                      input_groups, need_weight_grad)  # fmt: skip
-        if fused is not None:  # else x is not channels-last, or NaN/Inf: the steps below
-            y, x_padded, x_exponent = fused
-            return _to_nchw(y, channels_last), *_kept_input(x, x_padded, x_exponent, need_weight_grad)
+    channels, input_groups = _input_layout(c, groups, kw, headroom, input_rows, grad_weight_block, oh * ow)
+    input_rows = input_groups != (0, 0)
     x_padded = x_exponent = None  # made only for a product that reads them
     if input_rows and (forward_dfp or need_weight_grad):
         x_rows, e_rows, x_padded, x_exponent = layout.quantize_input(x, headroom, tuple(padding), channels,
@@ -221,6 +214,66 @@ def conv2d_impl(
     return _to_nchw(y, channels_last), x_padded, x_exponent
 
 
+@functools.lru_cache(maxsize=1024)
+def _input_layout(
+    c: int, groups: int, kw: int, headroom: int, input_rows: bool, grad_weight_block: int, pixels: int
+) -> tuple[int, tuple[int, int]]:
+    """The quantized input's channels C' and exponent groups (row_block, group_samples),
+    (0, 0) for one exponent, as ``conv2d_impl`` says; ``pixels``: output pixels per sample."""
+    channels = _padded_channels(c, groups)
+    if not (input_rows and _input_rows_fill_chains(kw, channels // groups, headroom)):
+        return channels, (0, 0)
+    row_block = _grad_input_block(channels // groups, headroom, rows=True)
+    return channels, (row_block, _ops.input_group_samples(grad_weight_block, pixels))
+
+
+def _forward_in_one_call(backend, x, weight, bias, stride, padding, dilation, groups, *switches):
+    """The layer's forward in one call of ``backend`` where it has one (``forward_plan``)
+    and takes the layer (float32, channels-last x, consistent shapes): (y (N, OH, OW,
+    Cout), x_padded, exponent), or None where it does not, or NaN/Inf is met.
+    switches: (headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad)."""
+    plan = _forward_plan(backend, tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), weight.stride(),
+                         weight.dtype, _bias_fits(bias, weight), tuple(stride), tuple(padding), tuple(dilation), groups, *switches)  # fmt: skip
+    return plan and plan(x, weight, bias)
+
+
+def _bias_fits(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
+    """Whether the one-call paths can read ``bias`` as raw memory: None, or float32 (Cout,) contiguous."""
+    return bias is None or (
+        bias.dtype == torch.float32 and tuple(bias.shape) == (weight.shape[0],) and bias.is_contiguous()
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _forward_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strides, weight_dtype, bias_fits, stride,
+                  padding, dilation, groups, headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad):  # fmt: skip
+    """``_forward_in_one_call``'s plan from the backend for tensors of these shapes,
+    strides and dtypes (made once: a small layer's step spent more time working out the
+    core's arguments than computing), or None."""
+    planner = getattr(backend, "forward_plan", None)
+    (_, c, h, w), (_, _, kh, kw) = x_shape, weight_shape
+    oh, ow = (output_size(*args) for args in zip((h, w), (kh, kw), stride, padding, dilation))
+    channels_last = torch.empty_strided(x_shape, x_strides, device="meta").permute(0, 2, 3, 1).is_contiguous()
+    if not (
+        planner is not None
+        and x_dtype == weight_dtype == torch.float32
+        and bias_fits
+        and channels_last
+        and _fits_one_call(x_shape, weight_shape, groups, oh, ow)
+    ):
+        return None
+    channels, input_groups = _input_layout(c, groups, kw, headroom, input_rows, grad_weight_block, oh * ow)
+    geometry = (stride, padding, dilation, groups)
+    return planner(x_shape, weight_shape, weight_strides, geometry, headroom, weight_channel, channels, input_groups,
+                   need_weight_grad)  # fmt: skip
+
+
+def _one_call_output(fused, x: torch.Tensor, channels_last: bool, need_weight_grad: bool):
+    """``dfp::conv2d``'s outputs from the one-call forward's."""
+    y, x_padded, x_exponent = fused
+    return _to_nchw(y, channels_last), *_kept_input(x, x_padded, x_exponent, need_weight_grad)
+
+
 def _kept_input(x: torch.Tensor, x_padded, x_exponent, need_weight_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The quantized input and its exponents as ``dfp::conv2d`` returns them: empty
     tensors where no weight gradient can be asked."""
@@ -229,15 +282,14 @@ def _kept_input(x: torch.Tensor, x_padded, x_exponent, need_weight_grad: bool) -
     return x.new_empty(0, dtype=torch.int16), x.new_empty(0, dtype=torch.int32)
 
 
-def _fits_one_call(input_shape, weight: torch.Tensor, groups: int, oh: int, ow: int) -> bool:
-    """Whether a layer of this input shape and weight is non-empty and consistent, so that
-    the backend's one-call path may read its tensors as raw memory; anything else takes
-    the steps, which say what is wrong."""
-    cout, cin_g = weight.shape[:2]
+def _fits_one_call(input_shape, weight_shape, groups: int, oh: int, ow: int) -> bool:
+    """Whether a layer of this input shape and weight shape is non-empty and consistent,
+    so that the backend's one-call path may read its tensors as raw memory; anything else
+    takes the steps, which say what is wrong."""
+    cout, cin_g = weight_shape[:2]
     return (
-        weight.dtype == torch.float32
-        and weight.dim() == len(input_shape) == 4
-        and weight.numel() > 0
+        len(weight_shape) == len(input_shape) == 4
+        and math.prod(weight_shape) > 0
         and math.prod(input_shape) > 0
         and cin_g * groups == input_shape[1]
         and cout % groups == 0
@@ -320,7 +372,8 @@ def conv2d_grad_input_impl(
     if (
         layer is not None
         and _grad_input_in_one_call(stride, cout // groups, block)
-        and _fits_one_call(input_shape, weight, groups, oh, ow)
+        and weight.dtype == torch.float32
+        and _fits_one_call(input_shape, weight.shape, groups, oh, ow)
         and grad_q.dtype == torch.int16
         and grad_q.is_contiguous()
         and tuple(grad_q.shape) == (n, oh, ow, cout)
@@ -507,40 +560,16 @@ class _BackwardCalls(NamedTuple):
 
 
 def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
-    """(grad_x, grad_w), each None where not asked, from one call of the backend, where
-    it has one and takes the layer: every asked gradient in DFP16, stride 1, grad_weight's
-    dY in pixel blocks. The bits of the steps in ``_backward``. None otherwise."""
-    layer = getattr(backends.active(grad_y.device), "conv2d_backward", None)
-    need_input, need_weight = ctx.needs_input_grad[:2]
-    stride, padding, dilation, groups = ctx.conv
-    headroom, weight_channel, input_dfp, weight_dfp, rounding, weight_rounding, dy_block, input_groups, _ = ctx.config
-    n, _, h, w = ctx.input_shape
-    cout, _, kh, kw = weight.shape
-    rows = GRAD_INPUT_EXPONENTS[input_groups] == "row"
-    weight_block = _grad_input_block(cout // groups, headroom, rows) if weight_channel else 0
-    row_block = _grad_input_block(cout // groups, headroom, rows=True) if rows else 0
-    oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
-    if (
-        layer is None
-        or stride != [1, 1]
-        or not (need_input or need_weight)
-        or (need_input and not (input_dfp and _grad_input_in_one_call(stride, cout // groups, weight_block)))
-        or (need_weight and not (weight_dfp and dy_block > 0))
-        or grad_y.dtype != torch.float32
-        or tuple(grad_y.shape) != (n, cout, oh, ow)
-        or not _fits_one_call(ctx.input_shape, weight, groups, oh, ow)
-    ):
+    """(grad_x, grad_w), each None where not asked, from one call of the backend where
+    the eager forward planned one (``_eager_plan``): the bits of the steps in
+    ``_backward``. None otherwise."""
+    plan = ctx.plan
+    if plan.backward is None or grad_y.dtype != torch.float32 or tuple(grad_y.shape) != plan.grad_y_shape:
         return None
-    input_last, weight_last = ctx.channels_last
-    grads = layer(
-        grad_y, weight, x_padded, x_exponent, ctx.input_shape, (padding, dilation, groups), headroom, weight_channel,
-        (weight_block, dy_block, row_block), (input_groups, weight_rounding, rounding, int(seed)),
-        (need_input, need_weight),
-        weight_last,
-    )  # fmt: skip
-    if grads is None:
+    grads = plan.backward(grad_y, weight, x_padded, x_exponent, int(seed))
+    if grads is None:  # NaN/Inf
         return None
-    return None if grads[0] is None else _to_nchw(grads[0], input_last), grads[1]
+    return None if grads[0] is None else _to_nchw(grads[0], ctx.channels_last[0]), grads[1]
 
 
 _TRACEABLE = _BackwardCalls(quantize_channels_last, quantize_grad_output, conv2d_grad_input, conv2d_grad_weight, None)
@@ -641,14 +670,71 @@ class EagerConv2d(torch.autograd.Function):
     """``dfp::conv2d`` and its autograd formula on the ops' bodies: the same arguments,
     bits and gradients, returning y only. Eager code uses it because torch.library's
     dispatch and argument handling cost about 0.3 ms per layer step (measured on a small
-    layer: 1.25 -> 0.92 ms); traced code keeps the registered ops."""
+    layer: 1.25 -> 0.92 ms); traced code keeps the registered ops. What the shapes decide
+    is planned once per layer shape and format (``_eager_plan``)."""
 
     @staticmethod
     def forward(ctx, *inputs):
-        output = conv2d_impl(*inputs)
+        x, weight, bias = inputs[:3]
+        geometry = (tuple(inputs[3]), tuple(inputs[4]), tuple(inputs[5]), *inputs[6:])
+        ctx.plan = plan = _eager_plan(backends.active(x.device), tuple(x.shape), x.stride(), x.dtype,
+                                      tuple(weight.shape), weight.stride(), weight.dtype, _bias_fits(bias, weight), geometry,
+                                      ctx.needs_input_grad[:2])  # fmt: skip
+        fused = plan.forward and plan.forward(x, weight, bias)
+        if fused is None:  # no one-call forward, or NaN/Inf: the steps
+            output = conv2d_impl(*inputs)
+        else:
+            output = _one_call_output(fused, x, inputs[17], inputs[18] if len(inputs) > 18 else True)
         _setup_context(ctx, inputs, output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_y):
         return _backward(ctx, grad_y, _EAGER)
+
+
+class _EagerPlan(NamedTuple):
+    """An eager layer's one-call forward and backward from its backend (each None where
+    the backend has none or does not take the layer: the steps then), and the output
+    gradient's shape the backward expects."""
+
+    forward: Callable | None  # (x, weight, bias) -> (y (N, OH, OW, Cout), x_padded, exponent) or None
+    backward: Callable | None  # (dy, weight, x_padded, ex, seed) -> (dx (N, H, W, C) or None, dW or None) or None
+    grad_y_shape: tuple[int, ...]
+
+
+@functools.lru_cache(maxsize=1024)
+def _eager_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strides, weight_dtype, bias_fits, config,
+                needs) -> _EagerPlan:  # fmt: skip
+    """``EagerConv2d``'s plan for tensors of these shapes, strides and dtypes; config:
+    ``dfp::conv2d``'s arguments from stride on (pairs as tuples); needs: whether x and the
+    weight need gradients. The backward in one call: every asked gradient in DFP16,
+    stride 1, grad_weight's dY in pixel blocks, dW's strides the weight's."""
+    stride, padding, dilation, groups, headroom, weight_channel, forward_dfp, input_dfp, weight_dfp = config[:9]
+    rounding, weight_rounding, dy_block, input_groups, input_rows, _channels_last = config[9:15]
+    need_weight_grad = config[15] if len(config) > 15 else True
+    (n, c, h, w), (cout, _, kh, kw) = x_shape, weight_shape
+    oh, ow = (output_size(*a) for a in zip((h, w), (kh, kw), stride, padding, dilation))
+    forward = forward_dfp and _forward_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strides,
+                                            weight_dtype, bias_fits, stride, padding, dilation, groups, headroom,
+                                            weight_channel, dy_block, input_rows, need_weight_grad)  # fmt: skip
+    need_input, need_weight = needs
+    rows = GRAD_INPUT_EXPONENTS[input_groups] == "row"
+    weight_block = _grad_input_block(cout // groups, headroom, rows) if weight_channel else 0
+    row_block = _grad_input_block(cout // groups, headroom, rows=True) if rows else 0
+    planner = getattr(backend, "backward_plan", None)
+    backward = None
+    if (
+        planner is not None
+        and stride == (1, 1)
+        and (need_input or need_weight)
+        and not (need_input and not (input_dfp and _grad_input_in_one_call(stride, cout // groups, weight_block)))
+        and not (need_weight and not (weight_dfp and dy_block > 0))
+        and weight_dtype == torch.float32
+        and _fits_one_call(x_shape, weight_shape, groups, oh, ow)
+    ):
+        channels = _input_layout(c, groups, kw, headroom, input_rows, dy_block, oh * ow)[0] if need_weight else c
+        backward = planner(x_shape, weight_shape, weight_strides, (padding, dilation, groups), channels, headroom,
+                           weight_channel, (weight_block, dy_block, row_block), (input_groups, weight_rounding, rounding),
+                           needs, layout.is_channels_last(torch.empty_strided(weight_shape, weight_strides, device="meta")))  # fmt: skip
+    return _EagerPlan(forward or None, backward, (n, cout, oh, ow))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import NamedTuple
 
 import torch
 
@@ -231,35 +232,51 @@ def _layer(sizes: tuple[int, ...], weight_strides: tuple[int, ...], headroom: in
     return _core().ConvLayer(sizes, weight_strides, headroom, weight_channel)
 
 
-def conv2d(
-    x, weight, bias, stride, padding, dilation, groups, headroom, weight_channel, channels, input_groups, for_weight
-):
-    """A layer's forward in one call (csrc/cpu/layer.cpp): float32 x (N, C, H, W)
-    channels-last, weight (Cout, C/groups, KH, KW) -> (y (N, OH, OW, Cout), the padded
-    int16 input (N, Hp, Wp, channels) for grad_weight, its exponents), as ``dfp::conv2d``
-    makes them step by step; input_groups: (row_block, group_samples), (0, 0) for one
-    exponent (0-d), else x per image row and channel block in the forward and per
-    group of samples and channel for grad_weight, whose copy is made only ``for_weight``
-    (else empty tensors). None where x is not channels-last or NaN/Inf is met (the
-    caller's general path then gives its results). Shapes as ``dfp::conv2d`` checks them."""
-    if not x.permute(0, 2, 3, 1).is_contiguous() or (bias is not None and not bias.is_contiguous()):
-        return None
-    n, c, h, w = x.shape
-    cout, _, kh, kw = weight.shape
+class LayerForward(NamedTuple):
+    """A layer's forward in one call (csrc/cpu/layer.cpp) for one shape, the core's
+    arguments made once (``forward_plan``): a call makes only the tensors the core writes.
+    Called with float32 x (N, C, H, W) channels-last and weight (Cout, C/groups, KH, KW)
+    (and bias or None), it gives (y (N, OH, OW, Cout), the padded int16 input (N, Hp, Wp,
+    C') for grad_weight, its exponents), as ``dfp::conv2d`` makes them step by step: one
+    exponent (0-d) where ``input_groups`` is (0, 0), else x per image row and channel
+    block in the forward and per group of samples and channel for grad_weight, whose copy
+    is made only where asked (else empty tensors). None where NaN/Inf is met (the
+    caller's steps then give the results)."""
+
+    layer: object  # the core's ConvLayer
+    input_groups: tuple[int, int]  # (row_block, group_samples)
+    y_shape: tuple[int, ...]  # (N, OH, OW, Cout)
+    kept_shape: tuple[int, ...] | None  # the padded int16 input's, None where it is not made
+    exponent_shape: tuple[int, ...]
+
+    def __call__(self, x, weight, bias):
+        y = torch.empty(self.y_shape, dtype=torch.float32)
+        if self.kept_shape is None:  # the forward reads a copy of its own
+            x_padded, exponent = torch.empty(0, dtype=torch.int16), torch.empty(0, dtype=torch.int32)
+        else:
+            x_padded = torch.empty(self.kept_shape, dtype=torch.int16)
+            exponent = torch.empty(self.exponent_shape, dtype=torch.int32)
+        ok = _core().conv_forward(
+            x.data_ptr(), weight.data_ptr(), _address(bias), self.layer, *self.input_groups, _address(x_padded),
+            _address(exponent), y.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        return (y, x_padded, exponent) if ok else None
+
+
+@functools.lru_cache(maxsize=1024)
+def forward_plan(
+    x_shape, weight_shape, weight_strides, geometry, headroom, weight_channel, channels, input_groups, for_weight
+) -> LayerForward:
+    """``LayerForward`` for a layer of these shapes (tuples), consistent as
+    ``dfp::conv2d`` checks them; geometry: (stride, padding, dilation, groups), the first
+    three pairs; input_groups: (row_block, group_samples); C' = channels."""
+    (stride, padding, dilation, groups), (n, c, h, w), (cout, _, kh, kw) = geometry, x_shape, weight_shape
     oh, ow = (output_size(*args) for args in zip((h, w), (kh, kw), stride, padding, dilation))
-    y = torch.empty((n, oh, ow, cout), dtype=torch.float32)
-    row_block, group_samples = input_groups
-    if row_block and not for_weight:  # the forward reads a copy of its own
-        x_padded, exponent = torch.empty(0, dtype=torch.int16), torch.empty(0, dtype=torch.int32)
-    else:
-        x_padded = torch.empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
-        exponent = torch.empty((n, channels) if row_block else (), dtype=torch.int32)
     sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, channels)
-    ok = _core().conv_forward(
-        x.data_ptr(), weight.data_ptr(), _address(bias), _layer(sizes, weight.stride(), headroom, weight_channel),
-        row_block, group_samples, _address(x_padded), _address(exponent), y.data_ptr(), torch.get_num_threads(),
-    )  # fmt: skip
-    return (y, x_padded, exponent) if ok else None
+    row_block = input_groups[0]
+    kept = None if row_block and not for_weight else (n, h + 2 * padding[0], w + 2 * padding[1], channels)
+    layer = _layer(sizes, weight_strides, headroom, weight_channel)
+    return LayerForward(layer, input_groups, (n, oh, ow, cout), kept, (n, channels) if row_block else ())
 
 
 def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, headroom, weight_channel, block):
@@ -298,36 +315,67 @@ def conv2d_grad_weight(dy, ey, x_padded, ex, weight_shape, stride, dilation, gro
     return dw if ok else None
 
 
-def conv2d_backward(
-    dy, weight, x_padded, ex, input_shape, geometry, headroom, weight_channel, blocks, rounding, need, weight_last
-):
-    """A stride-1 layer's backward in one call (csrc/cpu/layer.cpp): float32 dy
-    (N, Cout, OH, OW) quantized for both products, then dx (N, H, W, C) and dW in the
-    weight's layout, as the three calls make them. geometry: (padding, dilation, groups);
-    blocks: (grad_input's weight block or 0, grad_weight's dy block, grad_input's dy
-    channel block for row groups or 0); rounding: (grad_input's dy groups as a code of
-    ``dfp.formats.GRAD_INPUT_EXPONENTS``, dy blocks' rounding code, grad_input's, seed); need: (dx,
-    dW); dW channels-last where ``weight_last``. None where the weight's strides are not
-    dW's, or NaN/Inf is met. ex: x_padded's exponents, 0-d or (N, C)."""
+class LayerBackward(NamedTuple):
+    """A stride-1 layer's backward in one call (csrc/cpu/layer.cpp) for one shape, its
+    arguments made once (``backward_plan``): float32 dy (N, Cout, OH, OW) quantized for
+    both products, then dx (N, H, W, C) and dW in the weight's layout, as the three
+    calls make them. blocks: (grad_input's weight block or 0, grad_weight's dy block,
+    grad_input's dy channel block for row groups or 0); rounding: (grad_input's dy
+    groups as a code of ``dfp.formats.GRAD_INPUT_EXPONENTS``, dy blocks' rounding code,
+    grad_input's)."""
+
+    layer: object  # the core's ConvLayer
+    blocks: tuple[int, int, int]
+    rounding: tuple[int, int, int]  # (grad_input's dy groups, dy blocks' rounding, grad_input's)
+    dx_shape: tuple[int, ...] | None  # None where not asked
+    dw: tuple[tuple[int, ...], torch.memory_format] | None
+
+    def __call__(self, dy, weight, x_padded, ex, seed: int):
+        """(dx or None, dW or None), where not asked; None where NaN/Inf is met. ex:
+        x_padded's exponents, 0-d or (N, C)."""
+        dw = None if self.dw is None else torch.empty(self.dw[0], dtype=torch.float32, memory_format=self.dw[1])
+        dx = None if self.dx_shape is None else torch.empty(self.dx_shape, dtype=torch.float32)
+        pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
+        (weight_block, dy_block, row_block), (input_groups, blocks_rounding, groups_rounding) = (
+            self.blocks,
+            self.rounding,
+        )
+        ok = _core().conv_backward(
+            pixels.data_ptr(), weight.data_ptr(), _address(x_padded if dw is not None else None),
+            _address(ex if dw is not None else None), dw is not None and ex.dim() > 0, self.layer, dy_block,
+            input_groups, row_block, blocks_rounding, groups_rounding, seed & (2**64 - 1), weight_block,
+            _address(dx), _address(dw), torch.get_num_threads(),
+        )  # fmt: skip
+        return (dx, dw) if ok else None
+
+
+@functools.lru_cache(maxsize=1024)
+def backward_plan(
+    input_shape,
+    weight_shape,
+    weight_strides,
+    geometry,
+    channels,
+    headroom,
+    weight_channel,
+    blocks,
+    rounding,
+    need,
+    weight_last,
+) -> LayerBackward | None:
+    """``LayerBackward`` for a layer of these shapes (tuples); geometry: (padding,
+    dilation, groups); channels: x_padded's (C' where dW is asked); need: (dx, dW), dW
+    channels-last where ``weight_last``. None where dW's strides would not be the weight's."""
     (padding, dilation, groups), (need_input, need_weight) = geometry, need
     n, c, h, w = input_shape
-    cout, _, kh, kw = weight.shape
+    cout, _, kh, kw = weight_shape
     memory_format = torch.channels_last if weight_last else torch.contiguous_format
-    dw = torch.empty(weight.shape, dtype=torch.float32, memory_format=memory_format) if need_weight else None
-    if need_weight and dw.stride() != weight.stride():
+    if need_weight and torch.empty(weight_shape, device="meta", memory_format=memory_format).stride() != weight_strides:
         return None
-    pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
-    dx = torch.empty((n, h, w, c), dtype=torch.float32) if need_input else None
-    sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, x_padded.shape[3] if need_weight else c)
-    input_groups, blocks_rounding, groups_rounding, seed = rounding
-    ok = _core().conv_backward(
-        pixels.data_ptr(), weight.data_ptr(), x_padded.data_ptr() if need_weight else 0,
-        ex.data_ptr() if need_weight else 0, need_weight and ex.dim() > 0,
-        _layer(sizes, weight.stride(), headroom, weight_channel), blocks[1], input_groups, blocks[2], blocks_rounding,
-        groups_rounding, seed & (2**64 - 1), blocks[0], dx.data_ptr() if need_input else 0,
-        dw.data_ptr() if need_weight else 0, torch.get_num_threads(),
-    )  # fmt: skip
-    return (dx, dw) if ok else None
+    sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, channels)
+    layer = _layer(sizes, weight_strides, headroom, weight_channel)
+    dx_shape = (n, h, w, c) if need_input else None
+    return LayerBackward(layer, blocks, rounding, dx_shape, (weight_shape, memory_format) if need_weight else None)
 
 
 def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock):
