@@ -557,6 +557,7 @@ class _BackwardCalls(NamedTuple):
     grad_input: Callable
     grad_weight: Callable
     whole: Callable | None  # all of it at once where it can (``_whole_backward``), else None
+    no_seed: Callable  # the seed where nothing draws: a tensor where traced (tracing keeps it), else 0
 
 
 def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
@@ -572,13 +573,21 @@ def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
     return None if grads[0] is None else _to_nchw(grads[0], ctx.channels_last[0]), grads[1]
 
 
-_TRACEABLE = _BackwardCalls(quantize_channels_last, quantize_grad_output, conv2d_grad_input, conv2d_grad_weight, None)
+_TRACEABLE = _BackwardCalls(
+    quantize_channels_last,
+    quantize_grad_output,
+    conv2d_grad_input,
+    conv2d_grad_weight,
+    None,
+    lambda: torch.zeros((), dtype=torch.int64),
+)
 _EAGER = _BackwardCalls(
     quantize_channels_last_impl,
     quantize_grad_output_impl,
     conv2d_grad_input_impl,
     conv2d_grad_weight_impl,
     _whole_backward,
+    lambda: 0,
 )
 
 
@@ -599,7 +608,7 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
         if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
             draws = _STOCHASTIC in (rounding, weight_rounding)
-            seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else torch.zeros((), dtype=torch.int64)
+            seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else calls.no_seed()
             whole = calls.whole and calls.whole(ctx, grad_y, weight, x_padded, x_exponent, seed)
             grad_x, grad_w = whole or _products(ctx, grad_y, calls, seed)
         else:  # every asked product in fp32
@@ -667,30 +676,30 @@ conv2d.register_autograd(_backward_traceable, setup_context=_setup_context)
 
 
 class EagerConv2d(torch.autograd.Function):
-    """``dfp::conv2d`` and its autograd formula on the ops' bodies: the same arguments,
-    bits and gradients, returning y only. Eager code uses it because torch.library's
-    dispatch and argument handling cost about 0.3 ms per layer step (measured on a small
-    layer: 1.25 -> 0.92 ms); traced code keeps the registered ops. What the shapes decide
-    is planned once per layer shape and format (``_eager_plan``)."""
+    """``dfp::conv2d`` and its autograd formula on the ops' bodies: the same bits and
+    gradients, returning y only; its arguments are x, weight, bias and ``dfp::conv2d``'s
+    others as one tuple (stride, padding and dilation as tuples), which is also the key of
+    the plan made once per layer shape and format (``_eager_plan``). Eager code uses it
+    because torch.library's dispatch and argument handling cost about 0.3 ms per layer
+    step (measured on a small layer: 1.25 -> 0.92 ms); traced code keeps the registered ops."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        x, weight, bias = inputs[:3]
-        geometry = (tuple(inputs[3]), tuple(inputs[4]), tuple(inputs[5]), *inputs[6:])
+    def forward(ctx, x, weight, bias, config):
         ctx.plan = plan = _eager_plan(backends.active(x.device), tuple(x.shape), x.stride(), x.dtype,
-                                      tuple(weight.shape), weight.stride(), weight.dtype, _bias_fits(bias, weight), geometry,
-                                      ctx.needs_input_grad[:2])  # fmt: skip
+                                      tuple(weight.shape), weight.stride(), weight.dtype, _bias_fits(bias, weight),
+                                      config, ctx.needs_input_grad[:2])  # fmt: skip
+        inputs = (x, weight, bias, *config)
         fused = plan.forward and plan.forward(x, weight, bias)
         if fused is None:  # no one-call forward, or NaN/Inf: the steps
             output = conv2d_impl(*inputs)
         else:
-            output = _one_call_output(fused, x, inputs[17], inputs[18] if len(inputs) > 18 else True)
+            output = _one_call_output(fused, x, config[14], config[15] if len(config) > 15 else True)
         _setup_context(ctx, inputs, output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_y):
-        return _backward(ctx, grad_y, _EAGER)
+        return *_backward(ctx, grad_y, _EAGER)[:3], None
 
 
 class _EagerPlan(NamedTuple):

@@ -152,11 +152,11 @@ def _dfp_conv2d(x, weight, bias, stride, padding, dilation, groups, f: Format, c
     _check_device(x, "x")
     _check_device(weight, "weight")
     tensors = (x.float(), weight.float(), None if bias is None else bias.float())
-    geometry = (list(stride), list(padding), list(dilation), groups)
     need_weight_grad = torch.is_grad_enabled() and weight.requires_grad  # else grad_weight's input is not made
     if _ops.plain_eager(x, weight):
-        switches = _cached_op_switches(f)
-        return _autograd.EagerConv2d.apply(*tensors, *geometry, *switches, channels_last, need_weight_grad)
+        config = (tuple(stride), tuple(padding), tuple(dilation), groups, *_cached_op_switches(f))
+        return _autograd.EagerConv2d.apply(*tensors, (*config, channels_last, need_weight_grad))
+    geometry = (list(stride), list(padding), list(dilation), groups)
     y, _, _ = torch.ops.dfp.conv2d(*tensors, *geometry, *_op_switches(f), channels_last, need_weight_grad)
     return y
 
@@ -208,7 +208,7 @@ def _check_bias(bias: torch.Tensor | None, channels: int, op: str) -> None:
     if bias is None:
         return
     _check_tensor(bias, "bias")
-    if bias.shape != (channels,):
+    if tuple(bias.shape) != (channels,):  # a tuple: torch.Size == tuple runs symbolic-shape code
         raise ValueError(f"{op}: bias must have shape ({channels},), got {tuple(bias.shape)}")
 
 

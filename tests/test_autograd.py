@@ -111,7 +111,8 @@ def test_eager_function_gives_the_registered_ops_bits(config):
         w = _gaussian(w_shape, 1).requires_grad_()
         b = _gaussian(w_shape[:1], 2).requires_grad_() if has_bias else None
         torch.manual_seed(5)
-        y = dfp.autograd.EagerConv2d.apply(x, w, b, *rest) if eager else torch.ops.dfp.conv2d(x, w, b, *rest)[0]
+        config = tuple(tuple(a) if isinstance(a, list) else a for a in rest)  # pairs as tuples
+        y = dfp.autograd.EagerConv2d.apply(x, w, b, config) if eager else torch.ops.dfp.conv2d(x, w, b, *rest)[0]
         y.backward(_gaussian(y.shape, 3))
         runs.append([y.detach(), x.grad, w.grad, None if b is None else b.grad])
     for op_result, eager_result in zip(*runs, strict=True):
@@ -312,7 +313,7 @@ def test_a_frozen_weight_or_no_grad_mode_changes_no_bit(fmt, monkeypatch):
     y.backward(dy)
     asked = []
     apply = dfp.autograd.EagerConv2d.apply
-    monkeypatch.setattr(dfp.autograd.EagerConv2d, "apply", lambda *args: asked.append(args[-1]) or apply(*args))
+    monkeypatch.setattr(dfp.autograd.EagerConv2d, "apply", lambda *args: asked.append(args[-1][-1]) or apply(*args))
     with torch.no_grad():
         assert torch.equal(DF.conv2d(x, w, padding=1, fmt=fmt), y.detach())
     x_frozen = x.detach().requires_grad_()
