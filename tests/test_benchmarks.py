@@ -69,3 +69,15 @@ def test_step_macs_count_every_product():
     # products per layer, less the first layer's grad_input.
     assert 3 * 40e6 < step.step_macs("resnet20", 1) < 3 * 42e6
     assert step.step_macs("resnet20", 4) == 4 * step.step_macs("resnet20", 1)
+
+
+def test_main_job_steps_run_in_turns(capsys):
+    from benchmarks import main_job
+
+    main_job.main(["--formats", "fp32,dfp16", "--epochs", "1", "--batch", "64"])
+    rows = [
+        line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp32") or line.startswith("| dfp16")
+    ]
+    assert rows[0].endswith("| 1.00x |") and len(rows) == 2
+    with pytest.raises(SystemExit):
+        main_job.main(["--formats", "dfp16,fp32"])
