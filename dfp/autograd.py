@@ -122,7 +122,7 @@ def _input_rows_fill_chains(kw: int, cg: int, headroom: int) -> bool:
     return kw * cg >= chain_length(headroom, headroom)
 
 
-def _grad_input_in_one_call(stride: list[int], cout_g: int, block: int) -> bool:
+def _grad_input_in_one_call(stride, cout_g: int, block: int) -> bool:
     """Whether the backend's one-call grad_input takes a layer: one phase (stride 1), and
     weight blocks (``block`` > 0) that need no zero output channels to fill the last."""
     return tuple(stride) == (1, 1) and (block == 0 or cout_g % block == 0)
@@ -175,8 +175,9 @@ def conv2d_impl(
     for grad_weight where the forward does not read the same copy.
     """
     if forward_dfp:
+        switches = (headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad)
         fused = _forward_in_one_call(backends.active(x.device), x, weight, bias, stride, padding, dilation, groups,
-                                     headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad)  # fmt: skip
+                                     *switches)  # fmt: skip
         if fused is not None:  # else NaN/Inf: the steps below
             return _one_call_output(fused, x, channels_last, need_weight_grad)
     n, c, h, w = x.shape
@@ -233,7 +234,8 @@ def _forward_in_one_call(backend, x, weight, bias, stride, padding, dilation, gr
     Cout), x_padded, exponent), or None where it does not, or NaN/Inf is met.
     switches: (headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad)."""
     plan = _forward_plan(backend, tuple(x.shape), x.stride(), x.dtype, tuple(weight.shape), weight.stride(),
-                         weight.dtype, _bias_fits(bias, weight), tuple(stride), tuple(padding), tuple(dilation), groups, *switches)  # fmt: skip
+                         weight.dtype, _bias_fits(bias, weight), tuple(stride), tuple(padding), tuple(dilation),
+                         groups, *switches)  # fmt: skip
     return plan and plan(x, weight, bias)
 
 
@@ -246,7 +248,8 @@ def _bias_fits(bias: torch.Tensor | None, weight: torch.Tensor) -> bool:
 
 @functools.lru_cache(maxsize=1024)
 def _forward_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strides, weight_dtype, bias_fits, stride,
-                  padding, dilation, groups, headroom, weight_channel, grad_weight_block, input_rows, need_weight_grad):  # fmt: skip
+                  padding, dilation, groups, headroom, weight_channel, grad_weight_block, input_rows,
+                  need_weight_grad):  # fmt: skip
     """``_forward_in_one_call``'s plan from the backend for tensors of these shapes,
     strides and dtypes (made once: a small layer's step spent more time working out the
     core's arguments than computing), or None."""
@@ -737,13 +740,14 @@ def _eager_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strid
         planner is not None
         and stride == (1, 1)
         and (need_input or need_weight)
-        and not (need_input and not (input_dfp and _grad_input_in_one_call(stride, cout // groups, weight_block)))
-        and not (need_weight and not (weight_dfp and dy_block > 0))
+        and (not need_input or (input_dfp and _grad_input_in_one_call(stride, cout // groups, weight_block)))
+        and (not need_weight or (weight_dfp and dy_block > 0))
         and weight_dtype == torch.float32
         and _fits_one_call(x_shape, weight_shape, groups, oh, ow)
     ):
         channels = _input_layout(c, groups, kw, headroom, input_rows, dy_block, oh * ow)[0] if need_weight else c
+        weight_last = layout.is_channels_last(torch.empty_strided(weight_shape, weight_strides, device="meta"))
         backward = planner(x_shape, weight_shape, weight_strides, (padding, dilation, groups), channels, headroom,
-                           weight_channel, (weight_block, dy_block, row_block), (input_groups, weight_rounding, rounding),
-                           needs, layout.is_channels_last(torch.empty_strided(weight_shape, weight_strides, device="meta")))  # fmt: skip
+                           weight_channel, (weight_block, dy_block, row_block),
+                           (input_groups, weight_rounding, rounding), needs, weight_last)  # fmt: skip
     return _EagerPlan(forward or None, backward, (n, cout, oh, ow))

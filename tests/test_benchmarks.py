@@ -75,9 +75,7 @@ def test_main_job_steps_run_in_turns(capsys):
     from benchmarks import main_job
 
     main_job.main(["--formats", "fp32,dfp16", "--epochs", "1", "--batch", "64"])
-    rows = [
-        line for line in capsys.readouterr().out.splitlines() if line.startswith("| fp32") or line.startswith("| dfp16")
-    ]
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| fp32", "| dfp16"))]
     assert rows[0].endswith("| 1.00x |") and len(rows) == 2
     with pytest.raises(SystemExit):
         main_job.main(["--formats", "dfp16,fp32"])
