@@ -386,3 +386,25 @@ def test_double_backward_is_a_clear_error(weight_grad):
     w = _gaussian((4, 3, 3, 3), 1).requires_grad_(weight_grad)
     with pytest.raises(RuntimeError, match="do not support double backward"):
         torch.autograd.grad(DF.conv2d(x, w).square().sum(), x, create_graph=True)
+
+
+@pytest.mark.parametrize("kind", ["conv2d", "linear"])
+def test_eager_layers_take_the_compiled_one_call_paths(kind, monkeypatch):
+    """A stride-1 channels-last layer (and a linear one) in the default format runs its
+    forward and its whole backward in one call each of the compiled backend, planned once
+    per shape; the steps (``conv2d_impl``, ``_products``) are not reached. A plan that
+    silently fell back would keep every bit and lose the speed."""
+    monkeypatch.setenv("DFP_BACKEND", "cpu")
+    if kind == "conv2d":
+        x = _gaussian((2, 16, 6, 6), 0).to(memory_format=torch.channels_last).requires_grad_()
+        w = _gaussian((32, 16, 3, 3), 1).to(memory_format=torch.channels_last).requires_grad_()
+        y = DF.conv2d(x, w, padding=1)
+    else:
+        x, w = _gaussian((8, 64), 0).requires_grad_(), _gaussian((10, 64), 1).requires_grad_()
+        y = DF.linear(x, w)
+    grad = _gaussian(y.shape, 2)
+    for step in ("conv2d_impl", "_products"):
+        monkeypatch.setattr(dfp.autograd, step, lambda *args, name=step: pytest.fail(f"{name} ran"))
+    again = DF.conv2d(x, w, padding=1) if kind == "conv2d" else DF.linear(x, w)
+    again.backward(grad)
+    assert torch.equal(again, y) and x.grad is not None and w.grad is not None
