@@ -261,12 +261,13 @@ def test_quantize_bit_exact(case, rounding):
 
 
 @needs_gpu
+@pytest.mark.parametrize("axis, block", [(None, None), (1, 4), (0, 2)], ids=["tensor", "blocks, last axis", "blocks"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf")])
-def test_quantize_refuses_non_finite(value):
+def test_quantize_refuses_non_finite(value, axis, block):
     x = torch.randn(5, 7, device="cuda")
     x[3, 2] = value
     with pytest.raises(NonFiniteError, match="NaN/Inf"):
-        torch.ops.dfp.quantize(x, 2, None, None, False, 0)
+        torch.ops.dfp.quantize(x, 2, axis, block, False, 0)
 
 
 @needs_gpu

@@ -260,6 +260,37 @@ static int quantize(char** argv) {
   return 0;
 }
 
+// blocks O N I block headroom rounding seed x.bin mantissa.bin exponent.bin: mode 2 in one
+// pass, as dfp_quantize_blocks's threads (I > 1) or warps (I = 1, 32 lanes) compute it,
+// one after another; exit 3 where a group is non-finite.
+static int blocks(char** argv) {
+  const int o = atoi(argv[2]), n = atoi(argv[3]), inner = atoi(argv[4]), block = atoi(argv[5]);
+  const int headroom = atoi(argv[6]), rounding = atoi(argv[7]);
+  const u64 seed = strtoull(argv[8], nullptr, 10);
+  const int count = o * n * inner, groups = o * ((n + block - 1) / block) * inner;
+  const int lanes = inner == 1 ? 32 : 1;
+  std::vector<float> x = load<float>(argv[9], count);
+  std::vector<short> q(count);
+  std::vector<int> exponent(groups);
+  for (int g = 0; g < groups; ++g) {
+    int first, length;
+    block_group_span(g, n, inner, block, &first, &length);
+    u32 amax = 0u;
+    for (int lane = 0; lane < lanes; ++lane) {
+      const u32 part = group_amax_part(x.data(), first, inner, length, lane, lanes);
+      amax = part > amax ? part : amax;
+    }
+    if (amax >= kNonFiniteBits) return 3;
+    exponent[g] = group_exponent(amax, headroom);
+    for (int lane = 0; lane < lanes; ++lane)
+      quantize_group_part(x.data(), first, inner, length, lane, lanes, exponent[g], headroom, rounding, u32(seed),
+                          u32(seed >> 32), q.data());
+  }
+  save(argv[10], q);
+  save(argv[11], exponent);
+  return 0;
+}
+
 // gemm path M N K KB kblock chain tiles a.bin b.bin ra.bin rb.bin sa.bin sb.bin tiles.bin bias.bin out.bin
 // path "mma": balanced int8 limbs summed per k tile, pieces combined modulo 2^32 (gemm_mma.cu);
 // path "int16": int32 sums per chain (gemm_int16.cu).
@@ -315,8 +346,9 @@ static int gemm(char** argv) {
 
 int main(int argc, char** argv) {
   if (argc > 1 && strcmp(argv[1], "quantize") == 0 && argc == 13) return quantize(argv);
+  if (argc > 1 && strcmp(argv[1], "blocks") == 0 && argc == 12) return blocks(argv);
   if (argc > 1 && strcmp(argv[1], "gemm") == 0 && argc == 19) return gemm(argv);
-  fprintf(stderr, "usage: quantize ... | gemm ...\n");
+  fprintf(stderr, "usage: quantize ... | blocks ... | gemm ...\n");
   return 2;
 }
 """
@@ -351,6 +383,7 @@ QUANTIZE_CASES = {
     "channel": ((7, 5, 9), 1, 0),
     "block": ((3, 70, 4), 2, 32),
     "block, last short": ((2, 37, 1), 2, 8),
+    "block of 70, last axis": ((3, 150, 1), 2, 70),  # a warp's lanes wrap its run
 }
 
 
@@ -373,6 +406,31 @@ def test_header_quantizes_like_the_reference(host_program, case, rounding, headr
     got_e = torch.from_numpy(np.fromfile(work / "e.bin", dtype=np.int32))
     assert torch.equal(got_q, want_q)
     assert torch.equal(got_e, want_e.reshape(-1))
+
+
+@pytest.mark.parametrize("headroom", [0, 2])
+@pytest.mark.parametrize("rounding", [0, 1, 2], ids=["nearest", "stochastic", "dithered"])
+@pytest.mark.parametrize("case", ["block", "block, last short", "block of 70, last axis"])
+def test_header_quantizes_blocks_in_one_pass_like_the_reference(host_program, case, rounding, headroom):
+    """dfp_quantize_blocks's arithmetic (maximum, exponent, mantissas of each group in one
+    pass, a thread's or a warp's lanes over it): the reference's bits; a group holding NaN
+    or Inf is refused."""
+    exe, work = host_program
+    shape, _, block = QUANTIZE_CASES[case]
+    x = wide_range(shape, seed=4)
+    x.view(-1)[:3] = torch.tensor([0.0, 2.0**-149, -(2.0**100)])
+    x[0, :block] = 0.0  # a group of zeros
+    seed = -(2**62) + 777
+    x.numpy().tofile(work / "xb.bin")
+    args = (*shape, block, headroom, rounding, seed & (2**64 - 1), work / "xb.bin", work / "qb.bin", work / "eb.bin")
+    _run(exe, "blocks", *args)
+    want_q, want_e = reference.quantize3d(x, 2, block, headroom, rounding, seed)
+    assert torch.equal(torch.from_numpy(np.fromfile(work / "qb.bin", dtype=np.int16)).view(shape), want_q)
+    assert torch.equal(torch.from_numpy(np.fromfile(work / "eb.bin", dtype=np.int32)), want_e.reshape(-1))
+    x.view(-1)[-1] = float("nan")
+    x.numpy().tofile(work / "xb.bin")
+    done = subprocess.run([str(exe), "blocks", *map(str, args)], capture_output=True, check=False)
+    assert done.returncode == 3
 
 
 GEMM_CASES = {

@@ -174,6 +174,37 @@ DFP_HD int group_of(int idx, int mode, int n_count, int inner, int block) {
   return ((t / n_count) * n_blocks + n / block) * inner + i;
 }
 
+// Group g of mode 2 (the run n in [nb B, min(N, nb B + B)) at fixed (o, i)): the flat
+// index of its first element (the others follow every `inner`), and its length.
+DFP_HD void block_group_span(int g, int n_count, int inner, int block, int* first, int* length) {
+  const int n_blocks = (n_count + block - 1) / block;
+  const int i = g % inner, nb = g / inner % n_blocks, o = g / inner / n_blocks;
+  *first = (o * n_count + nb * block) * inner + i;
+  *length = (nb + 1) * block < n_count ? block : n_count - nb * block;
+}
+
+// One lane's part of a group, its elements n = lane, lane + lanes, ... < length (a thread
+// owns a whole group with lane 0 of 1; a warp shares one with lanes 32): their largest
+// |x| bits, and their mantissas with the group's exponent e.
+DFP_HD u32 group_amax_part(const float* x, int first, int inner, int length, int lane, int lanes) {
+  u32 amax = 0u;
+  for (int n = lane; n < length; n += lanes) {
+    const u32 bits = abs_bits(x[first + n * inner]);
+    amax = bits > amax ? bits : amax;
+  }
+  return amax;
+}
+
+DFP_HD void quantize_group_part(const float* x, int first, int inner, int length, int lane, int lanes, i32 e,
+                                int headroom, int rounding, u32 k0, u32 k1, i16* out) {
+  const Scale s = inverse_scale(e);
+  const float limit = float(max_mantissa(headroom));
+  for (int n = lane; n < length; n += lanes) {
+    const int idx = first + n * inner;
+    out[idx] = quantize_one(x[idx], s, limit, rounding, u64(idx), k0, k1);
+  }
+}
+
 DFP_HD float int_to_float_rn(i32 x) {
 #ifdef __CUDA_ARCH__
   return __int2float_rn(x);

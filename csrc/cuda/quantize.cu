@@ -2,7 +2,8 @@
 //
 // The input is the contiguous float32 tensor viewed as (O, N, I) (docs/design.md); a group
 // is the whole tensor (mode 0), one index n of N (mode 1) or a run of B consecutive n at
-// fixed (o, i) (mode 2, NB = ceil(N / B) runs). Three launches:
+// fixed (o, i) (mode 2, NB = ceil(N / B) runs). Blocks need no maximum over the tensor:
+// one launch, dfp_quantize_blocks. The other modes take three:
 //   1. dfp_amax_{tensor,channel,block}: the largest |x| bit pattern of every group into
 //      `amax` (int32, zeroed by the caller). |x| bits are ordered like |x| and a NaN or
 //      Inf has bits >= 0x7f800000, so one integer max finds both the scale and any
@@ -86,6 +87,38 @@ extern "C" __global__ void dfp_amax_block(const float* __restrict__ x, int rows,
     i32 v = 0;
     for (int n = nb * block; n < stop; ++n) v = max(v, i32(abs_bits(x[(o * n_count + n) * inner + i])));
     amax[g] = v;
+  }
+}
+
+// Mode 2 in one launch: each group's maximum, exponent and mantissas (x read again from
+// cache); `nonfinite[0] = 1` and exponent 0 where a group held NaN/Inf (the caller reads
+// the flag once and raises). I > 1: one thread per group (o, nb, i), i fastest, so that
+// neighbouring threads read neighbouring addresses. I = 1 (blocks along the last axis):
+// one warp per group, its lanes over the run, for the same reason.
+extern "C" __global__ void dfp_quantize_blocks(const float* __restrict__ x, int rows, int n_count, int inner,
+                                               int block, int headroom, int rounding, int seed_low, int seed_high,
+                                               short* __restrict__ out, int* __restrict__ exponent,
+                                               int* __restrict__ nonfinite) {
+  const int groups = rows * ((n_count + block - 1) / block) * inner;
+  const bool warp_groups = inner == 1;
+  const int lanes = warp_groups ? 32 : 1, lane = warp_groups ? threadIdx.x & 31 : 0;
+  const int step = gridDim.x * blockDim.x / lanes;  // blockDim.x is a multiple of 32
+  for (int g = (blockIdx.x * blockDim.x + threadIdx.x) / lanes; g < groups; g += step) {
+    int first, length;
+    block_group_span(g, n_count, inner, block, &first, &length);
+    i32 amax = i32(group_amax_part(x, first, inner, length, lane, lanes));
+    if (warp_groups) amax = warp_max(amax);
+    if (u32(amax) >= kNonFiniteBits) {
+      if (lane == 0) {
+        exponent[g] = 0;
+        nonfinite[0] = 1;
+      }
+      continue;
+    }
+    const i32 e = group_exponent(u32(amax), headroom);
+    if (lane == 0) exponent[g] = e;
+    quantize_group_part(x, first, inner, length, lane, lanes, e, headroom, rounding, u32(seed_low), u32(seed_high),
+                        out);
   }
 }
 

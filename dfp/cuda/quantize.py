@@ -79,6 +79,25 @@ def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, manti
     )  # fmt: skip
 
 
+def _quantize_blocks(x, block, headroom, rounding, seed, mantissa) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mode 2 in one launch (``dfp_quantize_blocks``): every group's maximum, exponent and
+    mantissas; the exponents and the non-finite flag, as ``_exponents`` gives them."""
+    o, n, i = x.shape
+    groups = o * -(-n // block) * i
+    exponent = torch.empty(groups, dtype=torch.int32, device=x.device)
+    nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
+    seed &= 2**64 - 1
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    threads = groups * (32 if i == 1 else 1)  # a warp per group where blocks run along the last axis
+    kernel(_FILE, "dfp_quantize_blocks", x.device)(
+        (blocks_for(threads, _THREADS, 8 * sms), 1, 1),
+        (_THREADS, 1, 1),
+        [x, o, n, i, block, headroom, rounding, _as_int32(seed & _U32), _as_int32(seed >> 32), mantissa, exponent,
+         nonfinite],
+    )  # fmt: skip
+    return exponent, nonfinite
+
+
 def quantize3d(
     x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,9 +117,12 @@ def quantize3d(
     if count == 0:
         return mantissa, torch.full(exponent_shape, zeros_exponent(headroom), dtype=torch.int32, device=x.device)
 
-    amax = _group_amax(x, mode, block)
-    exponent, nonfinite = _exponents(amax, headroom)
-    _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa)
+    if mode == 2:  # blocks need no maximum over the tensor: one launch
+        exponent, nonfinite = _quantize_blocks(x, block, headroom, rounding, seed, mantissa)
+    else:
+        amax = _group_amax(x, mode, block)
+        exponent, nonfinite = _exponents(amax, headroom)
+        _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa)
     if int(nonfinite.item()):
         raise NonFiniteError(
             "cannot quantize a CUDA tensor that contains NaN/Inf: DFP16 represents finite numbers only; "
