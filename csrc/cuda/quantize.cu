@@ -4,7 +4,7 @@
 // is the whole tensor (mode 0), one index n of N (mode 1) or a run of B consecutive n at
 // fixed (o, i) (mode 2, NB = ceil(N / B) runs). Blocks need no maximum over the tensor:
 // one launch, dfp_quantize_blocks. The other modes take three:
-//   1. dfp_amax_{tensor,channel,block}: the largest |x| bit pattern of every group into
+//   1. dfp_amax_{tensor,channel}: the largest |x| bit pattern of every group into
 //      `amax` (int32, zeroed by the caller). |x| bits are ordered like |x| and a NaN or
 //      Inf has bits >= 0x7f800000, so one integer max finds both the scale and any
 //      non-finite value; all |x| bits fit in a non-negative int32.
@@ -69,24 +69,6 @@ extern "C" __global__ void dfp_amax_channel(const float* __restrict__ x, int row
     if ((threadIdx.x & 31) == 0 && n0 >= 0) atomicMax(&amax[n0], v);
   } else if (valid) {
     atomicMax(&amax[n], v);
-  }
-}
-
-// Mode 2. One thread per group (o, nb, i), i fastest, so neighbouring threads read
-// neighbouring addresses when I > 1; no atomics.
-extern "C" __global__ void dfp_amax_block(const float* __restrict__ x, int rows, int n_count, int inner, int block,
-                                          int* __restrict__ amax) {
-  const int n_blocks = (n_count + block - 1) / block;
-  const int groups = rows * n_blocks * inner;
-  for (int g = blockIdx.x * blockDim.x + threadIdx.x; g < groups; g += gridDim.x * blockDim.x) {
-    const int i = g % inner;
-    const int t = g / inner;
-    const int nb = t % n_blocks;
-    const int o = t / n_blocks;
-    const int stop = min(n_count, (nb + 1) * block);
-    i32 v = 0;
-    for (int n = nb * block; n < stop; ++n) v = max(v, i32(abs_bits(x[(o * n_count + n) * inner + i])));
-    amax[g] = v;
   }
 }
 

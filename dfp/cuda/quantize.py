@@ -28,8 +28,9 @@ def _check_size(count: int) -> None:
         )
 
 
-def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
-    """int32 bit patterns of max |x| per group: (1,), (N,) or (O * ceil(N/B) * I,)."""
+def _group_amax(x: torch.Tensor, mode: int) -> torch.Tensor:
+    """int32 bit patterns of max |x| per group: (1,) per tensor (mode 0) or (N,) per
+    channel (mode 1); blocks take ``_quantize_blocks``."""
     o, n, i = x.shape
     count = x.numel()
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
@@ -37,19 +38,14 @@ def _group_amax(x: torch.Tensor, mode: int, block: int) -> torch.Tensor:
         amax = torch.zeros(1, dtype=torch.int32, device=x.device)
         launch = kernel(_FILE, "dfp_amax_tensor", x.device)
         launch((blocks_for(count, _THREADS, 8 * sms), 1, 1), (_THREADS, 1, 1), [x, count, amax])
-    elif mode == 1:
-        amax = torch.zeros(n, dtype=torch.int32, device=x.device)
-        column_blocks = -(-n * i // _THREADS)  # blocks of _THREADS columns of the (O, N*I) view
-        # split the rows over enough blocks to fill the GPU, each block reading whole columns
-        row_blocks = min(o, 65535, max(1, (8 * sms) // column_blocks))
-        rows_per_block = -(-o // row_blocks)
-        launch = kernel(_FILE, "dfp_amax_channel", x.device)
-        launch((column_blocks, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, amax])
-    else:
-        groups = o * -(-n // block) * i
-        amax = torch.empty(groups, dtype=torch.int32, device=x.device)
-        launch = kernel(_FILE, "dfp_amax_block", x.device)
-        launch((blocks_for(groups, _THREADS, 8 * sms), 1, 1), (_THREADS, 1, 1), [x, o, n, i, block, amax])
+        return amax
+    amax = torch.zeros(n, dtype=torch.int32, device=x.device)
+    column_blocks = -(-n * i // _THREADS)  # blocks of _THREADS columns of the (O, N*I) view
+    # split the rows over enough blocks to fill the GPU, each block reading whole columns
+    row_blocks = min(o, 65535, max(1, (8 * sms) // column_blocks))
+    rows_per_block = -(-o // row_blocks)
+    launch = kernel(_FILE, "dfp_amax_channel", x.device)
+    launch((column_blocks, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, amax])
     return amax
 
 
@@ -120,7 +116,7 @@ def quantize3d(
     if mode == 2:  # blocks need no maximum over the tensor: one launch
         exponent, nonfinite = _quantize_blocks(x, block, headroom, rounding, seed, mantissa)
     else:
-        amax = _group_amax(x, mode, block)
+        amax = _group_amax(x, mode)
         exponent, nonfinite = _exponents(amax, headroom)
         _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa)
     if int(nonfinite.item()):
