@@ -6,6 +6,7 @@ core says so when it is called.
 
 from . import cuda, formats, functional, nn, ops
 from ._errors import BackendUnavailableError, NonFiniteError
+from .backends._buffers import empty_cache
 from .backends.cpu import cpu_isa
 from .format import DFPSpec, DFPTensor, quantize
 from .nn import convert, revert
@@ -19,6 +20,7 @@ __all__ = [
     "convert",
     "cpu_isa",
     "cuda",
+    "empty_cache",
     "formats",
     "functional",
     "matmul",

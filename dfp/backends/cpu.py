@@ -13,6 +13,7 @@ import torch
 from .._errors import BackendUnavailableError, NonFiniteError
 from .._gemm_layout import matmul_grouping
 from .._patches import output_size
+from . import _buffers
 
 _BUILD_HINT = (
     "Build it from the repository root with `pip install -e .` (needs a C++17 compiler; "
@@ -85,7 +86,7 @@ def _nonfinite(name: str) -> NonFiniteError:
 
 def quantize3d(x, mode, block, headroom, rounding, seed):
     o, n, i = x.shape
-    mantissa = torch.empty((o, n, i), dtype=torch.int16)
+    mantissa = _buffers.empty((o, n, i), torch.int16)
     groups = (1, n, o * -(-n // block) * i if block else 0)[mode]
     exponent = torch.empty(groups, dtype=torch.int32)
     ok = _core().quantize3d(
@@ -106,7 +107,7 @@ def quantize_gradient(x, headroom, block, group_rows, rounding, seed, group_cols
     rows, cols = x.shape
 
     def outputs(exponent_shape):
-        return torch.empty((rows, cols), dtype=torch.int16), torch.empty(exponent_shape, dtype=torch.int32)
+        return _buffers.empty((rows, cols), torch.int16), torch.empty(exponent_shape, dtype=torch.int32)
 
     blocks = outputs((-(-rows // block), cols)) if block else None
     row_groups = -(-rows // group_rows) if group_rows else 0
@@ -127,7 +128,7 @@ def quantize_padded(x, headroom, padding, channels):
     to (N, H + 2*ph, W + 2*pw, channels), and the 0-d exponent; one pass, no copy."""
     n, h, w, c = x.shape
     (ph, pw) = padding
-    out = torch.empty((n, h + 2 * ph, w + 2 * pw, channels), dtype=torch.int16)
+    out = _buffers.empty((n, h + 2 * ph, w + 2 * pw, channels), torch.int16)
     exponent = torch.empty((), dtype=torch.int32)
     ok = _core().quantize_padded(
         x.data_ptr(), n, h, w, c, ph, pw, channels, headroom, out.data_ptr(), exponent.data_ptr(),
@@ -147,9 +148,9 @@ def quantize_input(x, headroom, padding, channels, row_block, group_samples, for
     n, h, w, c = x.shape
     (ph, pw) = padding
     shape = (n, h + 2 * ph, w + 2 * pw, channels)
-    q_rows = torch.empty(shape, dtype=torch.int16)
+    q_rows = _buffers.empty(shape, torch.int16)
     e_rows = torch.empty((n, shape[1], channels // row_block), dtype=torch.int32)
-    q_channels = torch.empty(shape, dtype=torch.int16) if for_weight else None
+    q_channels = _buffers.empty(shape, torch.int16) if for_weight else None
     e_channels = torch.empty((n, channels), dtype=torch.int32) if for_weight else None
     ok = _core().quantize_input(
         x.data_ptr(), n, h, w, c, ph, pw, channels, headroom, q_rows.data_ptr(), e_rows.data_ptr(), row_block,
@@ -166,7 +167,7 @@ def window(x, rows, columns, channels):
     x = x.contiguous()
     n, h, w, c = x.shape
     (r0, r1), (c0, c1) = rows, columns
-    out = torch.empty((n, r1 - r0, c1 - c0, channels), dtype=torch.int16)
+    out = _buffers.empty((n, r1 - r0, c1 - c0, channels), torch.int16)
     _core().copy_window(
         x.data_ptr(), n, h, w, c, r0, r1, c0, c1, channels, out.data_ptr(), torch.get_num_threads()
     )  # fmt: skip
@@ -214,7 +215,7 @@ def conv_gemm(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias):
     groups, _, nout = w.shape
     n, hp, wp, _ = x.shape
     oh, ow = (output_size(size, k, s, 0, d) for size, k, s, d in zip((hp, wp), kernel, stride, dilation))
-    y = torch.empty((n, oh, ow, groups * nout), dtype=torch.float32)
+    y = _buffers.empty((n, oh, ow, groups * nout), torch.float32)
     x, ew, ex = x.contiguous(), ew.contiguous(), ex.contiguous()
     bias = None if bias is None else bias.contiguous()
     channel_block = x.shape[3] // ex.shape[2] if ex.dim() == 3 else 0
@@ -250,11 +251,11 @@ class LayerForward(NamedTuple):
     exponent_shape: tuple[int, ...]
 
     def __call__(self, x, weight, bias):
-        y = torch.empty(self.y_shape, dtype=torch.float32)
+        y = _buffers.empty(self.y_shape, torch.float32)  # the core writes every element of each
         if self.kept_shape is None:  # the forward reads a copy of its own
             x_padded, exponent = torch.empty(0, dtype=torch.int16), torch.empty(0, dtype=torch.int32)
         else:
-            x_padded = torch.empty(self.kept_shape, dtype=torch.int16)
+            x_padded = _buffers.empty(self.kept_shape, torch.int16)
             exponent = torch.empty(self.exponent_shape, dtype=torch.int32)
         ok = _core().conv_forward(
             x.data_ptr(), weight.data_ptr(), _address(bias), self.layer, *self.input_groups, _address(x_padded),
@@ -287,7 +288,7 @@ def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, he
     where NaN/Inf is met."""
     n, c, h, w = input_shape
     cout, _, kh, kw = weight.shape
-    dx = torch.empty((n, h, w, c), dtype=torch.float32)
+    dx = _buffers.empty((n, h, w, c), torch.float32)
     sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, c)
     ey = ey.contiguous()
     channel_block = cout // ey.shape[2] if ey.dim() == 3 else 0
@@ -334,7 +335,7 @@ class LayerBackward(NamedTuple):
         """(dx or None, dW or None), where not asked; None where NaN/Inf is met. ex:
         x_padded's exponents, 0-d or (N, C)."""
         dw = None if self.dw is None else torch.empty(self.dw[0], dtype=torch.float32, memory_format=self.dw[1])
-        dx = None if self.dx_shape is None else torch.empty(self.dx_shape, dtype=torch.float32)
+        dx = None if self.dx_shape is None else _buffers.empty(self.dx_shape, torch.float32)
         pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
         (weight_block, dy_block, row_block), (input_groups, blocks_rounding, groups_rounding) = (
             self.blocks,
