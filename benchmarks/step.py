@@ -5,8 +5,11 @@ bench_step.py; plus a torch.profiler breakdown of each format's step into parts.
 Each format is set up as the comparison harness sets it up (``dfp.harness.formats.prepare``:
 fp32 torch layers; bf16 = ``torch.autocast(bfloat16)`` around the forward; dfp16 =
 ``dfp.convert(model, "dfp16")``), channels_last, SGD with momentum, on one fixed random
-CIFAR-shaped batch. The formats are timed in turns in one process, so that their ratios
-come from the same rounds.
+CIFAR-shaped batch. The formats are timed in turns, so that their ratios come from the
+same rounds, each in a process of its own (``StepWorkers``): in one process the formats
+share the memory allocator, and what one keeps or frees moves the page faults of the
+others (with dfp's reused buffers, fp32 steps ran 10-15 % slower next to dfp16 steps than
+alone).
 
 The breakdown attributes each profiled op's self time to the part of the outermost
 region it runs in (a convolution, a batch norm, the optimizer, ...). Inside a dfp layer
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
 import os
 import sys
 import time
@@ -33,7 +37,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from . import peaks as peak_probes
-from .timing import interleaved_times, speedup
+from .timing import speedup
 
 MODELS = {"resnet20": "ResNet-20", "resnet18": "ResNet-18-CIFAR"}
 FORMATS = ("fp32", "bf16", "dfp16-tensor", "dfp16")
@@ -96,6 +100,65 @@ class Step:
             loss = nn.functional.cross_entropy(training.model(self.x), self.y)
         loss.backward()
         training.optimizer.step()
+
+
+def _step_worker(connection, model_name: str, fmt: str, batch: int) -> None:
+    """A worker process's loop: build the step, then on ("step", threads) time one step
+    and send its seconds back, until "stop"."""
+    step = Step(model_name, fmt, batch)
+    step()
+    connection.send("ready")
+    while (message := connection.recv()) != "stop":
+        torch.set_num_threads(message[1])
+        start = time.perf_counter()
+        step()
+        connection.send(time.perf_counter() - start)
+
+
+class StepWorkers:
+    """One process per format, each holding its own model and memory allocator, timed in
+    turns (the others wait for their turn, idle), as ``interleaved_times`` does in one
+    process. A context manager: the processes end with it."""
+
+    def __init__(self, model_name: str, formats: tuple[str, ...], batch: int) -> None:
+        context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads run
+        self.workers = {}
+        for fmt in formats:
+            ours, theirs = context.Pipe()
+            process = context.Process(target=_step_worker, args=(theirs, model_name, fmt, batch), daemon=True)
+            process.start()
+            self.workers[fmt] = (process, ours)
+        for fmt, (_, connection) in self.workers.items():
+            try:
+                connection.recv()
+            except EOFError as err:  # its traceback went to stderr
+                self.__exit__()
+                raise RuntimeError(f"the {fmt} step worker process died while starting (see its error above)") from err
+
+    def times(self, threads: int, repeats: int) -> dict[str, list[float]]:
+        """``repeats`` step times (s) per format, the formats in turns (rotated each round)."""
+        names = list(self.workers)
+        for name in names:  # a warm-up step at this thread count
+            self._step(name, threads)
+        samples: dict[str, list[float]] = {name: [] for name in names}
+        for r in range(repeats):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                samples[name].append(self._step(name, threads))
+        return samples
+
+    def _step(self, name: str, threads: int) -> float:
+        connection = self.workers[name][1]
+        connection.send(("step", threads))
+        return connection.recv()
+
+    def __enter__(self) -> StepWorkers:  # noqa: PYI034 (typing.Self needs Python 3.11)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process, connection in self.workers.values():
+            with contextlib.suppress(OSError):
+                connection.send("stop")
+            process.join(timeout=30)
 
 
 @functools.cache
@@ -299,7 +362,8 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
         f"{cfg.batch} CIFAR-shaped images, channels_last, each format set up as the harness does "
         "(fp32: torch layers; bf16: torch.autocast(bfloat16) around the forward; dfp16, dfp16-tensor: "
         "dfp.convert). The formats "
-        f"run in turns in one process; ms = median of {cfg.repeats} rounds; speed-ups are paired medians of the "
+        f"run in turns, each in a process of its own (one allocator shared by all would move each one's page "
+        f"faults); ms = median of {cfg.repeats} rounds; speed-ups are paired medians of the "
         "same rounds: bf16 / fp32 and dfp16 / fp32 against torch fp32 (oneDNN convolutions), dfp16 / bf16 "
         "against torch bf16 autocast (oneDNN bf16 convolutions), dfp16 / tensor against dfp16-tensor (Das et "
         "al.'s exponent per tensor: the cost of finer gradient exponents). % of peak: the step's conv and linear "
@@ -312,11 +376,13 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     rows, medians, parts = [], {}, {}
     cpu_before = _cpu_times()
     for model_name, title in MODELS.items():
-        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in FORMATS}
+        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in FORMATS}  # for the profiled breakdowns
         macs = step_macs(model_name, cfg.batch)
+        with StepWorkers(model_name, FORMATS, cfg.batch) as workers:
+            timed = {threads: workers.times(threads, cfg.repeats) for threads in args.threads}
         for threads in args.threads:
             torch.set_num_threads(threads)
-            times = interleaved_times(steps, cfg.repeats, min_sample_s=0.0)
+            times = timed[threads]
             cells = []
             for fmt in FORMATS:
                 t = medians[(model_name, fmt, threads)] = median(times[fmt])
