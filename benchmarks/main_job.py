@@ -5,7 +5,9 @@ speed-up column moves by up to a third from run to run on a shared machine. This
 the same steps (the harness's ``prepare`` and ``_train_step``, small_cnn on the embedded
 digits, its batches, SGD with momentum and weight decay) with the formats in turns in
 one process, and prints each format's median step and its paired median speed-up over
-fp32, the figure the main job's target is judged by.
+fp32, the figure the main job's target is judged by. The formats share the allocator here
+(``benchmarks.step.StepWorkers`` separates them for ResNets, where it moved fp32's steps);
+with the main job's kilobyte tensors no such shift was seen (docs/step.md).
 """
 
 from __future__ import annotations
