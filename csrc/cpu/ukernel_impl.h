@@ -24,8 +24,12 @@ template <typename V, int MR, int NV>
 struct TileKernel {
   static_assert(MR <= dfp::kMaxMr);
 
-  template <ChainScales kScales, bool kOffsets>
-  static void run_chains(const dfp::MicroKernelArgs& p) {
+  // kStrided: the rows lie in groups of four at one common byte stride (checked by
+  // `stride_of`), addressed from one base register per group: twelve row pointers, the
+  // offsets, B and the loop's counters outgrow the general registers, and the spilled
+  // pointers were reloaded on every K-pair.
+  template <ChainScales kScales, bool kOffsets, bool kStrided>
+  static void run_chains(const dfp::MicroKernelArgs& p, int64_t stride) {
     constexpr bool kRows = kScales == ChainScales::rows || kScales == ChainScales::both;
     constexpr bool kCols = kScales == ChainScales::cols || kScales == ChainScales::both;
     constexpr int NR = NV * V::lanes;
@@ -50,11 +54,23 @@ struct TileKernel {
         typename V::I bv[NV];
         DFP_UNROLL
         for (int v = 0; v < NV; ++v) bv[v] = V::loadi(b + v * V::lanes);
-        DFP_UNROLL
-        for (int r = 0; r < MR; ++r) {
-          const typename V::I av = V::broadcast(a[r] + at);
+        if constexpr (kStrided) {
+          const char* group[MR / 4];
           DFP_UNROLL
-          for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
+          for (int g = 0; g < MR / 4; ++g) group[g] = a[4 * g] + at;
+          DFP_UNROLL
+          for (int r = 0; r < MR; ++r) {
+            const typename V::I av = V::broadcast(group[r / 4] + (r % 4) * stride);
+            DFP_UNROLL
+            for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
+          }
+        } else {
+          DFP_UNROLL
+          for (int r = 0; r < MR; ++r) {
+            const typename V::I av = V::broadcast(a[r] + at);
+            DFP_UNROLL
+            for (int v = 0; v < NV; ++v) acc[r][v] = V::dot_pairs(acc[r][v], av, bv[v]);
+          }
         }
       }
       if constexpr (kScales != ChainScales::none) {
@@ -108,19 +124,35 @@ struct TileKernel {
       for (int v = 0; v < NV; ++v) V::storef(p.acc + r * p.ldacc + v * V::lanes, f[r][v]);
   }
 
-  template <bool kOffsets>
-  static void run_with(const dfp::MicroKernelArgs& p) {
-    if (p.row_scale && p.col_scale)
-      run_chains<ChainScales::both, kOffsets>(p);
-    else if (p.row_scale)
-      run_chains<ChainScales::rows, kOffsets>(p);
-    else if (p.col_scale)
-      run_chains<ChainScales::cols, kOffsets>(p);
-    else
-      run_chains<ChainScales::none, kOffsets>(p);
+  // The byte stride of rows in groups of four (0 where they are not so spaced: a tile's
+  // group may span two image rows of a convolution's patches).
+  static int64_t stride_of(const dfp::MicroKernelArgs& p) {
+    const char* const* a = reinterpret_cast<const char* const*>(p.a_rows);
+    const int64_t stride = a[1] - a[0];
+    for (int r = 0; r < MR; ++r)
+      if (a[r] - a[r / 4 * 4] != (r % 4) * stride) return 0;
+    return stride;
   }
 
-  static void run(const dfp::MicroKernelArgs& p) { p.a_offsets ? run_with<true>(p) : run_with<false>(p); }
+  template <bool kOffsets, bool kStrided>
+  static void run_with(const dfp::MicroKernelArgs& p, int64_t stride) {
+    if (p.row_scale && p.col_scale)
+      run_chains<ChainScales::both, kOffsets, kStrided>(p, stride);
+    else if (p.row_scale)
+      run_chains<ChainScales::rows, kOffsets, kStrided>(p, stride);
+    else if (p.col_scale)
+      run_chains<ChainScales::cols, kOffsets, kStrided>(p, stride);
+    else
+      run_chains<ChainScales::none, kOffsets, kStrided>(p, stride);
+  }
+
+  static void run(const dfp::MicroKernelArgs& p) {
+    if constexpr (MR % 4 == 0 && MR > 4) {
+      if (const int64_t stride = stride_of(p))
+        return p.a_offsets ? run_with<true, true>(p, stride) : run_with<false, true>(p, stride);
+    }
+    p.a_offsets ? run_with<true, false>(p, 0) : run_with<false, false>(p, 0);
+  }
 };
 
 }  // namespace
