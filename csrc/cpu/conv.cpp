@@ -105,6 +105,26 @@ int64_t planes_of(const int16_t* __restrict src, int64_t p0, int64_t p1, int16_t
   return p1;
 }
 
+// x's columns inside a window: [left, right) of the window's.
+struct WindowColumns {
+  WindowColumns(const Window& win, int64_t w)
+      : left(std::clamp<int64_t>(-win.c0, 0, win.c1 - win.c0)),
+        right(std::clamp<int64_t>(w - win.c0, left, win.c1 - win.c0)) {}
+  int64_t left, right;
+};
+
+// The zeros of a window's row (image row r of x, h rows high): all of it past x's top or
+// bottom, else its columns past x's sides. True where x has pixels in the row.
+bool zero_border_of_row(int64_t r, int64_t h, const WindowColumns& span, int64_t cols, int64_t oc, int16_t* dst) {
+  if (r < 0 || r >= h || span.left == span.right) {
+    std::fill_n(dst, cols * oc, int16_t(0));
+    return false;
+  }
+  std::fill_n(dst, span.left * oc, int16_t(0));
+  std::fill_n(dst + span.right * oc, (cols - span.right) * oc, int16_t(0));
+  return true;
+}
+
 }  // namespace
 
 PatchIndex::PatchIndex(const ConvShape& s) : taps_(s.kh * s.kw) {
@@ -250,24 +270,27 @@ ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, 
 void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const Window& win, int16_t* out,
                  int nthreads) {
   const int64_t rows = win.r1 - win.r0, cols = win.c1 - win.c0, oc = win.out_channels, row_len = cols * oc;
-  // x's columns inside the window: [left, right) of the window's
-  const int64_t left = std::clamp<int64_t>(-win.c0, 0, cols), right = std::clamp<int64_t>(w - win.c0, left, cols);
+  const WindowColumns span(win, w);
   for_row_chunks(n * rows, row_len, nthreads, [&](int64_t first, int64_t last) {
     for (int64_t row = first; row < last; ++row) {
       const int64_t image = row / rows, r = win.r0 + row % rows;
       int16_t* dst = out + row * row_len;
-      if (r < 0 || r >= h || left == right) {
-        std::fill_n(dst, row_len, int16_t(0));
-        continue;
-      }
-      std::fill_n(dst, left * oc, int16_t(0));
-      std::fill_n(dst + right * oc, (cols - right) * oc, int16_t(0));
-      const int16_t* src = x + ((image * h + r) * w + win.c0 + left) * c;
+      if (!zero_border_of_row(r, h, span, cols, oc, dst)) continue;
+      const int16_t* src = x + ((image * h + r) * w + win.c0 + span.left) * c;
       if (oc == c)
-        std::copy_n(src, (right - left) * c, dst + left * oc);
+        std::copy_n(src, (span.right - span.left) * c, dst + span.left * oc);
       else
-        copy_pixels(src, right - left, c, dst + left * oc, oc);
+        copy_pixels(src, span.right - span.left, c, dst + span.left * oc, oc);
     }
+  });
+}
+
+void zero_window_border(int64_t n, int64_t h, int64_t w, const Window& win, int16_t* out, int nthreads) {
+  const int64_t rows = win.r1 - win.r0, cols = win.c1 - win.c0, oc = win.out_channels, row_len = cols * oc;
+  const WindowColumns span(win, w);
+  for_row_chunks(n * rows, row_len, nthreads, [&](int64_t first, int64_t last) {
+    for (int64_t row = first; row < last; ++row)
+      zero_border_of_row(win.r0 + row % rows, h, span, cols, oc, out + row * row_len);
   });
 }
 

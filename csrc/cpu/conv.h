@@ -96,6 +96,9 @@ struct Window {
 };
 void copy_window(const int16_t* x, int64_t n, int64_t h, int64_t w, int64_t c, const Window& window, int16_t* out,
                  int nthreads);
+// Only the zeros of copy_window's out: where the window reaches past x's edges (a window
+// that pads x, whose channel count is x's). x's pixels are left to be written in place.
+void zero_window_border(int64_t n, int64_t h, int64_t w, const Window& window, int16_t* out, int nthreads);
 
 // (n, pixels, channels) -> (n, channels, pixels).
 void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t channels, int16_t* out, int nthreads);

@@ -106,8 +106,17 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   return true;
 }
 
-bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
-                     const ConvLayer& l, float* dx, int nthreads) {
+namespace {
+
+// grad_input's zero-padded dy (the stride-1 phase of dfp._grad_input): dy's rows and
+// columns from r0 and c0 on, padded by the kernel's reach past the layer's padding.
+Window grad_input_window(const ConvLayer& l) {
+  return {l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
+}
+
+// dx from the window of dy (grad_input_window) in int16, with dy's exponents.
+bool grad_input_of_window(const int16_t* window_dy, ImageExponents ey, const float* weight, int64_t block,
+                          const ConvLayer& l, float* dx, int nthreads) {
   if (any_nonfinite(ey.values, ey.count)) return false;
   // B of each group: (K, c / groups), K over (tap, output channel) with the taps flipped,
   // so that its per-block exponents come out as (groups, taps * blocks, c / groups).
@@ -130,13 +139,9 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
   std::vector<int32_t> ew(l.groups * ((k + kblock - 1) / kblock) * cg);
   if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
   if (!blocks) std::fill(ew.begin(), ew.end(), ew[0]);
-  // dy zero-padded by the kernel's reach past the padding, as one phase of dfp._grad_input
-  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
-  const Window window{l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
+  const int64_t oh = l.shape().oh();
+  const Window window = grad_input_window(l);
   const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
-  const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
-  int16_t* padded = whole ? nullptr : at_least(backward_buffers().dy_window, l.n * rows_w * cols_w * l.cout);
-  if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded, nthreads);
   // exponents per row: the window's rows, those past dy's edges a group of zeros'
   std::vector<int32_t> row_exponents;
   if (ey.channel_block) {
@@ -149,9 +154,31 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
     ey.values = row_exponents.data(), ey.count = int64_t(row_exponents.size());
   }
   const ConvGeometry flipped{l.n, rows_w, cols_w, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
-  conv_gemm_int16(whole ? dy : padded, flipped, ey, l.headroom, w.get(), k * cg, cg, 1, cg, ew.data(), kblock,
-                  l.headroom, nullptr, dx, nthreads);
+  conv_gemm_int16(window_dy, flipped, ey, l.headroom, w.get(), k * cg, cg, 1, cg, ew.data(), kblock, l.headroom,
+                  nullptr, dx, nthreads);
   return true;
+}
+
+// Where grad_input's window only pads dy (the usual padding, at most the kernel's reach),
+// dy's rows can be quantized straight into it: their places in the window.
+BorderedRows padded_rows_of(const ConvLayer& l) {
+  const Window window = grad_input_window(l);
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
+  if (window.r0 > 0 || window.c0 > 0 || window.r1 < oh || window.c1 < ow) return {};
+  return {oh, ow, -window.r0, -window.c0, window.r1 - window.r0, window.c1 - window.c0};
+}
+
+}  // namespace
+
+bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
+                     const ConvLayer& l, float* dx, int nthreads) {
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
+  const Window window = grad_input_window(l);
+  const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
+  const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
+  int16_t* padded = whole ? nullptr : at_least(backward_buffers().dy_window, l.n * rows_w * cols_w * l.cout);
+  if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded, nthreads);
+  return grad_input_of_window(whole ? dy : padded, ey, weight, block, l, dx, nthreads);
 }
 
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
@@ -187,14 +214,26 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const int64_t groups = pixels / group_rows * (rows ? l.cout / r.row_block : 1);
   BackwardBuffers& buffers = backward_buffers();
   int16_t* q_blocks = dw ? at_least(buffers.dy_blocks, size) : nullptr;
-  int16_t* q_groups = dx ? at_least(buffers.dy_groups, size) : nullptr;
+  // grad_input's dy quantized into its zero-padded window where that only pads (the
+  // window's copy of a 16-channel 32x32 layer's dy moved 8 MB per step), else as is
+  const BorderedRows bordered = dx ? padded_rows_of(l) : BorderedRows{};
+  const Window window = grad_input_window(l);
+  int16_t* q_groups = nullptr;
+  if (bordered.given()) {
+    q_groups = at_least(buffers.dy_window, l.n * bordered.out_height * bordered.out_width * l.cout);
+    zero_window_border(l.n, oh, ow, window, q_groups, nthreads);
+  } else if (dx) {
+    q_groups = at_least(buffers.dy_groups, size);
+  }
   std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
   const GradientQuantization out{q_blocks, e_blocks.data(), r.dy_block,         r.dy_block_rounding,
                                  q_groups, e_groups.data(), group_rows,         r.input_rounding,
-                                 rows ? r.row_block : 0};
+                                 rows ? r.row_block : 0,    bordered};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
-  if (dx && !conv_grad_input(q_groups, ey, weight, r.weight_block, l, dx, nthreads)) return false;
+  if (dx && !(bordered.given() ? grad_input_of_window(q_groups, ey, weight, r.weight_block, l, dx, nthreads)
+                               : conv_grad_input(q_groups, ey, weight, r.weight_block, l, dx, nthreads)))
+    return false;
   if (!dw) return true;
   ConvLayer unpadded = l;  // grad_weight's: the padded image as is, dw's strides (those of the weight)
   unpadded.h = g.hp, unpadded.w = g.wp, unpadded.ph = unpadded.pw = 0;

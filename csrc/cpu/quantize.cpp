@@ -231,8 +231,12 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
                    second.data() + b * cols, args);
       }
       args = rounding(out.groups_rounding);
-      for (int64_t r = r0; ngroups && r < r1;) {  // runs of rows inside one group
-        const int64_t g = r / out.group_rows, end = std::min(r1, (g + 1) * out.group_rows);
+      const BorderedRows& bordered = out.groups_bordered;
+      for (int64_t r = r0; ngroups && r < r1;) {  // runs of rows inside one group (and image row)
+        const int64_t g = r / out.group_rows;
+        int64_t end = std::min(r1, (g + 1) * out.group_rows);
+        if (bordered.given()) end = std::min(end, (r / bordered.width + 1) * bordered.width);
+        int16_t* q = out.q_groups + (bordered.given() ? bordered.pixel(r) : r) * cols;
         args.index0 = uint64_t(r * cols);
         if (col_groups > 1) {  // the group's scales, one per column
           for (int64_t j = 0; j < col_groups; ++j) {
@@ -240,10 +244,9 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
             std::fill_n(column_first.data() + j * group_cols, group_cols, scale.first);
             std::fill_n(column_second.data() + j * group_cols, group_cols, scale.second);
           }
-          k.run_rows(x + r * cols, out.q_groups + r * cols, end - r, cols, column_first.data(),
-                     column_second.data(), args);
+          k.run_rows(x + r * cols, q, end - r, cols, column_first.data(), column_second.data(), args);
         } else
-          k.run(x + r * cols, out.q_groups + r * cols, (end - r) * cols, group_scale[g], args);
+          k.run(x + r * cols, q, (end - r) * cols, group_scale[g], args);
         r = end;
       }
     }

@@ -69,6 +69,18 @@ bool quantize_input(const float* x, const PaddedImage& image, int headroom, cons
 // random bits. Each output rounds its own way, stochastic rounding from one seed.
 // A third pass finds the groups' maxima where blocks straddle groups. Returns false,
 // writing nothing else, when x holds NaN or Inf.
+// q_groups as zero-bordered images (grad_input's padded dy): x's row r, pixel (n, h, w)
+// of images height x width, goes to pixel (n, h + top, w + left) of images out_height x
+// out_width. The border is left as it is (the caller zeroes it).
+struct BorderedRows {
+  int64_t height = 0, width = 0, top = 0, left = 0, out_height = 0, out_width = 0;
+  bool given() const { return out_width > 0; }
+  int64_t pixel(int64_t r) const {
+    const int64_t n = r / (height * width), h = r / width % height, w = r % width;
+    return (n * out_height + h + top) * out_width + w + left;
+  }
+};
+
 struct GradientQuantization {
   int16_t* q_blocks = nullptr;
   int32_t* e_blocks = nullptr;
@@ -79,6 +91,7 @@ struct GradientQuantization {
   int64_t group_rows = 0;
   Rounding groups_rounding = Rounding::nearest;
   int64_t group_cols = 0;  // divides cols
+  BorderedRows groups_bordered;  // where given, q_groups' layout
 };
 bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads);
