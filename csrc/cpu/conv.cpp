@@ -246,11 +246,13 @@ TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64
     : x_(x), s_(s), offsets_(std::max(kpairs, s.pixels() / 2), 0) {
   // A pair's second pixel is the first's neighbour in the image row (fits): along a row
   // of output pixels the pairs' origins step by two columns.
-  int64_t q = 0;
+  // (The output's size is a division: made once, not per pixel pair.)
+  const int64_t oh = s.oh(), ow = s.ow(), step = int64_t(sizeof(int16_t)) * 2 * s.sw;
+  int64_t* q = offsets_.data();
   for (int64_t image = 0; image < s.n; ++image)
-    for (int64_t row = 0; row < s.oh(); ++row) {
-      const int64_t origin = (image * s.channels * s.hp + row * s.sh) * s.wp;  // elements, channel major
-      for (int64_t col = 0; col < s.ow(); col += 2) offsets_[q++] = int64_t(sizeof(int16_t)) * (origin + col * s.sw);
+    for (int64_t row = 0; row < oh; ++row) {
+      const int64_t origin = int64_t(sizeof(int16_t)) * (image * s.channels * s.hp + row * s.sh) * s.wp;  // channel major
+      for (int64_t pair = 0; pair < ow / 2; ++pair) *q++ = origin + pair * step;
     }
 }
 
