@@ -6,6 +6,7 @@
 #include "conv.h"
 #include "gemm.h"
 #include "quantize.h"
+#include "scratch.h"
 
 namespace dfp {
 namespace {
@@ -80,9 +81,8 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
   Workspace& ws = workspace();
-  ws.image.resize(shape.n * plane * shape.channels);
-  to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
-  ws.result.resize(k * cout_g);
+  to_channel_major(x, shape.n, plane, shape.channels, at_least(ws.image, shape.n * plane * shape.channels), nthreads);
+  at_least(ws.result, k * cout_g);
   // Every block of rows reads all of packed dY, as long as the image: one block per
   // thread where that fits the cache block, not the default four per thread (16 channels,
   // 32x32, 2 threads: 8.1 -> 7.5 ms, paired medians).

@@ -85,7 +85,8 @@ class TransposedPatches : public ASource {
  private:
   const int16_t* x_;
   ConvShape s_;
-  std::vector<int64_t> offsets_;  // of every pixel pair, in bytes: the same for every block of rows
+  int64_t* offsets_;  // of every pixel pair, in bytes: the same for every block of rows (the
+                      // constructing thread's buffer: one TransposedPatches per thread at a time)
 };
 
 // Rows [r0, r1) and columns [c0, c1) of the image x (n, h, w, c) with out_channels >= c

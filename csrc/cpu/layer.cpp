@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "quantize.h"
+#include "scratch.h"
 
 namespace dfp {
 namespace {
@@ -39,10 +40,6 @@ struct BackwardBuffers {
 BackwardBuffers& backward_buffers() {
   thread_local BackwardBuffers b;
   return b;
-}
-int16_t* at_least(std::vector<int16_t>& buffer, int64_t n) {
-  if (int64_t(buffer.size()) < n) buffer.resize(n);
-  return buffer.data();
 }
 
 // Whether any of `count` exponents marks NaN/Inf. A loop without an early exit and an
@@ -90,7 +87,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   const int64_t image_size = padded.n * padded.hp * padded.wp * l.channels;
   const int64_t row_exponents = padded.n * padded.hp * (l.channels / grouping.row_block);
   thread_local std::vector<int16_t> x_rows;  // kept: a fresh image of megabytes would be paged in every call
-  x_rows.resize(image_size);
+  at_least(x_rows, image_size);
   std::vector<int32_t> e_rows(row_exponents);
   const InputQuantization out{x_rows.data(), e_rows.data(), grouping.row_block, x_padded, x_exponent,
                               grouping.group_samples};

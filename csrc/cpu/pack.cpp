@@ -6,6 +6,7 @@
 #include "gemm.h"
 #include "numerics.h"
 #include "quantize_kernels.h"
+#include "scratch.h"
 #include "threads.h"
 
 namespace dfp {
@@ -17,8 +18,7 @@ namespace {
 template <typename MakeRow>
 void pack_a(int64_t m, const KLayout& kl, int mr, RowsA& out, int nthreads, MakeRow make_row) {
   const int64_t padded = (m + mr - 1) / mr * mr, kp = kl.kpairs();
-  out.owned.resize(padded * kp);
-  out.nrows = m, out.kpairs = kp, out.data = out.owned.data(), out.stride = kp, out.full_rows = padded;
+  out.nrows = m, out.kpairs = kp, out.data = at_least(out.owned, padded * kp), out.stride = kp, out.full_rows = padded;
   const int64_t rows_per_task = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(2 * kp, 1));
   parallel_for((padded + rows_per_task - 1) / rows_per_task, nthreads, [&](int64_t t) {
     for (int64_t i = t * rows_per_task; i < std::min(padded, (t + 1) * rows_per_task); ++i) {
@@ -76,7 +76,7 @@ KLayout::KLayout(int64_t k_, int64_t kblock_)
 
 void Packed::allocate(int64_t rows_, int64_t width_, int64_t kpairs_, int64_t padded_rows) {
   rows = rows_, width = width_, kpairs = kpairs_;
-  data.resize(padded_rows * kpairs);  // the packers write every element, padding included
+  at_least(data, padded_rows * kpairs);  // the packers write every element, padding included
 }
 
 void pack_a_int16(const int16_t* a, int64_t sm, int64_t sk, int64_t m, const KLayout& kl, int mr, RowsA& out,
