@@ -59,16 +59,6 @@ struct InputQuantization {
 bool quantize_input(const float* x, const PaddedImage& image, int headroom, const InputQuantization& out,
                     int nthreads);
 
-// An output gradient x (rows, cols) for both backward products in two passes over x
-// (not four): where q_blocks is given, per block of `block` rows and column into
-// q_blocks, e_blocks (ceil(rows / block), cols) (grad_weight); where q_groups is given,
-// per group of `group_rows` consecutive rows (an image row's pixels, a sample's; rows:
-// per tensor) and `group_cols` columns (0: all) into q_groups, e_groups
-// (ceil(rows / group_rows), cols / group_cols) (grad_input). The bits of quantizing x
-// each way on its own (quantize3d): the same rounding of element i from the same
-// random bits. Each output rounds its own way, stochastic rounding from one seed.
-// A third pass finds the groups' maxima where blocks straddle groups. Returns false,
-// writing nothing else, when x holds NaN or Inf.
 // q_groups as zero-bordered images (grad_input's padded dy): x's row r, pixel (n, h, w)
 // of images height x width, goes to pixel (n, h + top, w + left) of images out_height x
 // out_width. The border is left as it is (the caller zeroes it).
@@ -81,6 +71,16 @@ struct BorderedRows {
   }
 };
 
+// An output gradient x (rows, cols) for both backward products in two passes over x
+// (not four): where q_blocks is given, per block of `block` rows and column into
+// q_blocks, e_blocks (ceil(rows / block), cols) (grad_weight); where q_groups is given,
+// per group of `group_rows` consecutive rows (an image row's pixels, a sample's; rows:
+// per tensor) and `group_cols` columns (0: all) into q_groups, e_groups
+// (ceil(rows / group_rows), cols / group_cols) (grad_input). The bits of quantizing x
+// each way on its own (quantize3d): the same rounding of element i from the same
+// random bits. Each output rounds its own way, stochastic rounding from one seed.
+// A third pass finds the groups' maxima where blocks straddle groups. Returns false,
+// writing nothing else, when x holds NaN or Inf.
 struct GradientQuantization {
   int16_t* q_blocks = nullptr;
   int32_t* e_blocks = nullptr;
