@@ -258,7 +258,8 @@ TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64
   int64_t* q = offsets_;
   for (int64_t image = 0; image < s.n; ++image)
     for (int64_t row = 0; row < oh; ++row) {
-      const int64_t origin = int64_t(sizeof(int16_t)) * (image * s.channels * s.hp + row * s.sh) * s.wp;  // channel major
+      // bytes, channel major
+      const int64_t origin = int64_t(sizeof(int16_t)) * (image * s.channels * s.hp + row * s.sh) * s.wp;
       for (int64_t pair = 0; pair < ow / 2; ++pair) *q++ = origin + pair * step;
     }
 }
