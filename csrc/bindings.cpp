@@ -180,7 +180,7 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         dfp::conv_grad_weight_int16(ptr<const int16_t>(dy), cout, ptr<const int32_t>(ey), kblock, hy,
                                     ptr<const int16_t>(x), geometry, {ptr<const int32_t>(ex), ex_per_sample}, hx,
-                                    ptr<float>(dw), nthreads);
+                                    ptr<float>(dw), 0, nthreads);
       },
       "dw = dy^T patches(x) per group (dy's exponents per block of pixels and channel), patches read in place "
       "or gathered per cache block");
@@ -232,7 +232,7 @@ PYBIND11_MODULE(_C, m) {
         py::gil_scoped_release release;
         return dfp::conv_grad_weight(ptr<const int16_t>(dy), ptr<const int32_t>(ey), ey_count, kblock,
                                      ptr<const int16_t>(x_padded), {ptr<const int32_t>(x_exponent), x_per_sample},
-                                     layer, ptr<float>(dw), nthreads);
+                                     layer, ptr<float>(dw), 0, nthreads);
       },
       "a layer's dW from int16 dy and the padded int16 input, written at the layer's weight strides; False on "
       "NaN/Inf");

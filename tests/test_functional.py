@@ -247,6 +247,10 @@ ONE_CALL_CASES = {
     # wide enough for the default's input exponents per image row
     "stride-2-input-rows": ((2, 12, 7, 7), (8, 12, 3, 3), {"padding": 1, "stride": 2}),
     "groups-input-rows": ((2, 24, 5, 5), (16, 12, 3, 3), {"padding": 1, "groups": 2}),
+    # 16 and 32 output channels at an even width: grad_weight's dY quantized into the
+    # GEMM's K-pair panels, its last pixel block short (108 and 60 pixels, blocks of 32)
+    "16-channels-dy-panels": ((3, 16, 6, 6), (16, 16, 3, 3), {"padding": 1}),
+    "32-channels-dy-panels": ((2, 8, 5, 6), (32, 8, 3, 3), {"padding": 1}),
 }
 
 

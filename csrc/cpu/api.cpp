@@ -28,6 +28,16 @@ ConvShape group_shape(const ConvGeometry& g) {
   return {g.n, g.hp, g.wp, g.channels, g.channels / g.groups, g.kh, g.kw, g.sh, g.sw, g.dh, g.dw};
 }
 
+bool is_pointwise(const ConvShape& s) { return s.kh == 1 && s.kw == 1 && s.sh == 1 && s.sw == 1; }
+
+// Whether grad_weight reads the patches transposed from a channel-major image (and packs
+// dY whole) rather than gathering them per block. Gathering costs the most per product
+// where dY has few channels; at 64 both ways ran equally fast (within 6%, paired A/B),
+// at 16 and 32 the transposed one 1.13-1.29x faster.
+bool grad_weight_reads_transposed(const ConvShape& s, int64_t cout_g) {
+  return !is_pointwise(s) && cout_g <= 32 && TransposedPatches::fits(s);
+}
+
 // dY's exponents (KB, cout) of one group: columns [g * cout_g, (g + 1) * cout_g).
 std::vector<int32_t> group_exponents(const int32_t* ey, int64_t blocks, int64_t cout, int64_t g, int64_t cout_g) {
   std::vector<int32_t> e(blocks * cout_g);
@@ -74,7 +84,7 @@ std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, 
 // 2^ex 2^ey is the same scale: the same bits as dY^T patches.
 void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, const KLayout& kl, int hy,
                             const int16_t* x, const ConvShape& shape, int64_t groups, InputExponents ex, int hx,
-                            float* dw, int nthreads) {
+                            float* dw, int64_t dy_panel_width, int nthreads) {
   const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
   const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
   const bool one = !ex.per_sample;  // one exponent for the image: one row of them
@@ -90,7 +100,9 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const int64_t rows_per_thread = std::min<int64_t>(per_thread, uk.mc);
   for (int64_t g = 0; g < groups; ++g) {
     const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape, kl.kpairs());
-    pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
+    const PanelsB given(reinterpret_cast<const int32_t*>(dy), cout, dy_panel_width, kl.kpairs());
+    if (!dy_panel_width) pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
+    const BSource& b = dy_panel_width ? static_cast<const BSource&>(given) : ws.b;
     // one group's exponents: all of dY's where there is one group, else a copy of its columns
     const std::vector<int32_t> own =
         groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
@@ -98,7 +110,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     GemmOptions options{rows_per_thread, 0, one};
     const std::vector<int32_t> per_sample = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g);
     if (!one) options.a_block_of = samples.data(), options.a_blocks = shape.n;
-    gemm_packed(uk, patches, ws.b, kl, one ? uniform.data() : per_sample.data(), eb, hx, hy,
+    gemm_packed(uk, patches, b, kl, one ? uniform.data() : per_sample.data(), eb, hx, hy,
                 {ws.result.data(), nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)
@@ -194,7 +206,7 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
   for (int64_t image = 0; !per_row && image < ex.count && ex.count > 1; ++image)
     image_offsets.push_back(ex.values[image] - ex.values[0]);
   // A pointwise convolution's patches are the image's rows: read them in place.
-  const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
+  const bool pointwise = is_pointwise(shape);
   // Every task gathers its own block of patches, so all columns go in one task when
   // they fit (the fp32 tile then spans them all).
   GemmOptions options{0, pointwise ? 0 : std::min<int64_t>((nout + uk.nr - 1) / uk.nr * uk.nr, 512), !per_row};
@@ -216,11 +228,15 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
 
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
                             const int16_t* x, const ConvGeometry& geometry, InputExponents ex, int hx, float* dw,
-                            int nthreads) {
+                            int64_t dy_panel_width, int nthreads) {
   const ConvShape shape = group_shape(geometry);
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
   const MicroKernel& uk = micro_kernel(active_isa(), k);
   const KLayout kl(pixels, std::max<int64_t>(kblock, 1));
+  if (grad_weight_reads_transposed(shape, cout_g)) {
+    grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, dy_panel_width, nthreads);
+    return;
+  }
   const bool one = !ex.per_sample;  // one exponent for the image: one column of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   // Few rows and a long reduction: split the columns into about four tasks per thread
@@ -229,14 +245,8 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), false, one};
   // Every task gathers its own block of patches; a pointwise convolution's patches are
   // the image's rows, packed once instead.
-  const bool pointwise = shape.kh == 1 && shape.kw == 1 && shape.sh == 1 && shape.sw == 1;
+  const bool pointwise = is_pointwise(shape);
   Workspace& ws = workspace();
-  // Gathering costs the most per product where dY has few channels; at 64 both ways ran
-  // equally fast (within 6%, paired A/B), at 16 and 32 the transposed one 1.13-1.29x faster.
-  if (!pointwise && cout_g <= 32 && TransposedPatches::fits(shape)) {
-    grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, nthreads);
-    return;
-  }
   const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
   GemmOptions options = pointwise ? GemmOptions{0, 0, false, one} : gathered;
   if (!one) options.b_block_of = samples.data(), options.b_blocks = shape.n;  // the image's exponents per sample
@@ -254,6 +264,12 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
     gemm_packed(uk, ws.a, b, kl, ea.data(), eb, hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads, options);
   }
+}
+
+int64_t grad_weight_panel_width(const ConvGeometry& geometry, int64_t cout) {
+  const int nr = micro_kernel(active_isa(), cout).nr;
+  const bool whole = geometry.groups == 1 && cout % nr == 0;
+  return whole && grad_weight_reads_transposed(group_shape(geometry), cout) ? nr : 0;
 }
 
 }  // namespace dfp

@@ -59,9 +59,15 @@ struct InputExponents {
 // dw (cout, K) = per group g: dy_g^T (cout / groups, pixels) x patches_g (pixels, K);
 // dy (pixels, cout) contiguous with exponents ey (KB, cout), one per block of kblock
 // pixels (KB = ceil(pixels / kblock); kblock even unless KB = 1) and channel; the
-// image's exponents ex.
+// image's exponents ex. dy_panel_width > 0: dy already in the K-pair panels the
+// product reads (quantize_gradient's PairPanels of that width, the K-pairs of
+// KLayout(pixels, kblock)), which grad_weight_panel_width gave.
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
                             const int16_t* x, const ConvGeometry& geometry, InputExponents ex, int hx, float* dw,
-                            int nthreads);
+                            int64_t dy_panel_width, int nthreads);
+
+// The panel width in which conv_grad_weight_int16 reads dy (cout channels) where that
+// product packs dy whole (one group, its columns whole panels), else 0.
+int64_t grad_weight_panel_width(const ConvGeometry& geometry, int64_t cout);
 
 }  // namespace dfp

@@ -146,6 +146,19 @@ struct Packed : BSource {
   }
 };
 
+// B laid out as Packed's data by its producer (quantize_gradient's PairPanels), read
+// where it lies.
+struct PanelsB : BSource {
+  const int32_t* data;
+  int64_t columns, width, kpairs;
+  PanelsB(const int32_t* data_, int64_t columns_, int64_t width_, int64_t kpairs_)
+      : data(data_), columns(columns_), width(width_), kpairs(kpairs_) {}
+  int64_t cols() const override { return columns; }
+  BBlock block(int64_t j0, int64_t, int64_t kp0, int64_t, std::vector<int32_t>&) const override {
+    return {data + (j0 / width * kpairs + kp0) * width, width * kpairs};
+  }
+};
+
 // A as rows of K-pairs. Whole panels of mr rows are read where they lie (the caller's
 // int16 matrix when its rows are already K-pairs, else `owned`); the last, partial
 // panel comes from `tail`, padded with zero rows.

@@ -57,10 +57,12 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
 // weight strides (the padding channel's columns dropped): dy (n, oh, ow, cout) int16 with
 // exponents ey, one (ey_count 1) or one per block of `kblock` output pixels and channel
 // (ceil(pixels / kblock) * cout of them), x_padded and its exponents ex as conv_forward
-// makes them (the layer's padding 0, its h and w the padded image's). False, with dw
+// makes them (the layer's padding 0, its h and w the padded image's); dy_panel_width > 0:
+// dy in that product's K-pair panels (conv_grad_weight_int16). False, with dw
 // unwritten, where a NaN or Inf reached an exponent.
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
-                      const int16_t* x_padded, InputExponents ex, const ConvLayer& layer, float* dw, int nthreads);
+                      const int16_t* x_padded, InputExponents ex, const ConvLayer& layer, float* dw,
+                      int64_t dy_panel_width, int nthreads);
 
 // The backward from the float32 output gradient dy (n, oh, ow, cout), channels last:
 // dy quantized for both products in one pass pair (quantize_gradient: per block of

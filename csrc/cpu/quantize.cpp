@@ -2,11 +2,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <stdexcept>
 #include <vector>
 
 #include "isa.h"
 #include "numerics.h"
 #include "quantize_kernels.h"
+#include "scratch.h"
 #include "threads.h"
 
 namespace dfp {
@@ -68,6 +70,44 @@ std::vector<uint32_t> group_absmax(const float* x, const QuantizeShape& sh, int 
     }
   }
   return amax;
+}
+
+// int16 elements quantized at a time before they are interleaved into PairPanels (8 KB).
+constexpr int64_t kPanelBuffer = 4096;
+
+// Rows [r0, r1) of `cols` int16 (r0 even) into their K-pairs of the panels of width W,
+// a missing odd row as zeros. W a constant: with a run-time width the interleaving of
+// each 16-column row pair stayed a call with scalar prologue and epilogue, which cost as
+// much as packing dY afterwards.
+template <int W>
+void rows_into_panels(const int16_t* rows, int64_t r0, int64_t r1, int64_t cols, int64_t kpairs, int16_t* out) {
+  static const int16_t zeros[W] = {};
+  int32_t* pairs = reinterpret_cast<int32_t*>(out);
+  for (int64_t r = r0; r < r1; r += 2) {
+    const int16_t* even = rows + (r - r0) * cols;
+    const int16_t* odd = r + 1 < r1 ? even + cols : nullptr;
+    for (int64_t c = 0; c < cols; c += W)
+      interleave(pairs + (c / W * kpairs + r / 2) * W, even + c, odd ? odd + c : zeros, W);
+  }
+}
+
+void rows_into_panels(const int16_t* rows, int64_t r0, int64_t r1, int64_t cols, const PairPanels& panels,
+                      int16_t* out) {
+  switch (panels.width) {  // the micro-kernels' nr
+    case 8: return rows_into_panels<8>(rows, r0, r1, cols, panels.kpairs, out);
+    case 16: return rows_into_panels<16>(rows, r0, r1, cols, panels.kpairs, out);
+    case 32: return rows_into_panels<32>(rows, r0, r1, cols, panels.kpairs, out);
+    default: throw std::invalid_argument("rows_into_panels: a panel width of 8, 16 or 32");
+  }
+}
+
+// The panels' K-pairs past `rows` rows: zeros (the last K-block's padding).
+void zero_pairs_past(int64_t rows, int64_t cols, const PairPanels& panels, int16_t* out) {
+  int32_t* pairs = reinterpret_cast<int32_t*>(out);
+  const int64_t used = (rows + 1) / 2;
+  for (int64_t c = 0; c < cols; c += panels.width)
+    std::fill(pairs + (c / panels.width * panels.kpairs + used) * panels.width,
+              pairs + (c / panels.width + 1) * panels.kpairs * panels.width, 0);
 }
 
 }  // namespace
@@ -219,13 +259,25 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   const auto rounding = [&](Rounding how) {
     return RoundingArgs{float(max_mantissa(headroom)), how, 0, uint32_t(seed), uint32_t(seed >> 32)};
   };
+  const PairPanels& panels = out.blocks_panels;
+  if (panels.given()) zero_pairs_past(rows, cols, panels, out.q_blocks);
   for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> column_first, column_second;
+    thread_local std::vector<int16_t> block_rows;  // a block's rows before they go into panels
     column_first.resize(col_groups > 1 ? cols : 0), column_second.resize(column_first.size());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
       RoundingArgs args = rounding(out.blocks_rounding);
-      if (out.q_blocks) {
+      if (out.q_blocks && panels.given()) {  // through an L1-sized buffer, an even number of rows at a time
+        const int64_t step = std::max<int64_t>(2, kPanelBuffer / std::max<int64_t>(cols, 1) / 2 * 2);
+        int16_t* q = at_least(block_rows, std::min(step, r1 - r0) * cols);
+        for (int64_t r = r0; r < r1; r += step) {
+          args.index0 = uint64_t(r * cols);
+          const int64_t end = std::min(r1, r + step);
+          k.run_rows(x + r * cols, q, end - r, cols, first.data() + b * cols, second.data() + b * cols, args);
+          rows_into_panels(q, r, end, cols, panels, out.q_blocks);
+        }
+      } else if (out.q_blocks) {
         args.index0 = uint64_t(r0 * cols);
         k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, first.data() + b * cols,
                    second.data() + b * cols, args);

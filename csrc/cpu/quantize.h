@@ -81,6 +81,15 @@ struct BorderedRows {
 // random bits. Each output rounds its own way, stochastic rounding from one seed.
 // A third pass finds the groups' maxima where blocks straddle groups. Returns false,
 // writing nothing else, when x holds NaN or Inf.
+//
+// Where blocks_panels is given, q_blocks is laid out as the GEMM reads B (Packed,
+// csrc/cpu/gemm.h): panels of `width` columns (width divides cols), each [K-pair][width]
+// of row pairs (2q, 2q + 1), `kpairs` K-pairs (the K-layout's, pairs past the rows
+// zero), which needs `block` even or one block: grad_weight then packs nothing.
+struct PairPanels {
+  int64_t width = 0, kpairs = 0;
+  bool given() const { return width > 0; }
+};
 struct GradientQuantization {
   int16_t* q_blocks = nullptr;
   int32_t* e_blocks = nullptr;
@@ -92,6 +101,7 @@ struct GradientQuantization {
   Rounding groups_rounding = Rounding::nearest;
   int64_t group_cols = 0;  // divides cols
   BorderedRows groups_bordered;  // where given, q_groups' layout
+  PairPanels blocks_panels;      // where given, q_blocks' layout
 };
 bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads);
