@@ -87,7 +87,10 @@ inline void store16(int16_t* q, __m256 a, __m256 b) {
 inline bool lanes_share_high_bits(uint64_t index) { return uint32_t(index) <= 0xFFFFFFF8u; }
 
 template <typename ScaleAt>
-void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const RoundingArgs& r) {
+void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const RoundingArgs& args) {
+  // A local copy: from the caller's memory the compiler reloaded the rounding arguments
+  // after every store (int16 stores may alias them, with -fno-strict-aliasing).
+  const RoundingArgs r = args;
   const bool indexed = r.rounding == Rounding::stochastic;
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
@@ -143,7 +146,8 @@ void absmax_rows(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
 // of 16, and the rare tiles whose flat indices cross a multiple of 2^32 (stochastic
 // rounding hashes the high half once per vector), go a row at a time.
 void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
-              const RoundingArgs& r) {
+              const RoundingArgs& args) {
+  const RoundingArgs r = args;  // a local copy: see run_impl
   const uint64_t last = r.index0 + uint64_t(rows * cols);
   if (cols % 16 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
     return run_rows_of<run_scaled>(x, q, rows, cols, first, second, r);

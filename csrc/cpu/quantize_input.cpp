@@ -41,11 +41,13 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   const int64_t blocks = oc / out.row_block, s = out.group_samples, ngroups = (im.images + s - 1) / s;
   const bool narrow = c < kNarrow, copy_for_weight = out.q_channels != nullptr;
   const int32_t zeros = group_exponent(0, headroom);
-  std::atomic<bool> finite{true};
-  // Pass 1 per group of samples: each image row's maximum per block of channels (its
-  // exponents) and the group's per channel (its exponents, written at once).
+  // Both passes over a task's groups of samples, one after the other, so that the second
+  // reads x from cache (pass 1 over all groups first read x from memory twice: 8 MB more
+  // per 16-channel 32x32 forward at batch 128).
+  // Pass 1: each image row's maximum per block of channels (its exponents) and the
+  // group's per channel (its exponents, written at once); false where NaN/Inf is met.
   std::vector<uint32_t> block_max(im.images * im.rows * blocks, 0);
-  for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
+  const auto maxima = [&](int64_t g0, int64_t g1) {
     thread_local std::vector<uint32_t> channel_max, row_channels, pixels;
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * s * im.rows, r1 = std::min(im.images, (g + 1) * s) * im.rows;
@@ -79,17 +81,17 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
         max_into(channel_max.data(), pixels.data() + p, c);
       if (std::any_of(block_max.begin() + r0 * blocks, block_max.begin() + r1 * blocks,
                       [](uint32_t b) { return b >= kNonFiniteBits; }))
-        finite.store(false, std::memory_order_relaxed);
+        return false;
       if (!copy_for_weight) continue;
       int32_t* e = out.e_channels + g * s * oc;
       group_exponents(channel_max.data(), oc, headroom, e);
       for (int64_t n = g * s + 1; n < std::min(im.images, (g + 1) * s); ++n) std::copy_n(e, oc, e + (n - g * s) * oc);
     }
-  });
-  if (!finite) return false;
-  // Pass 2 per group: each row's exponents and both outputs, x read again from cache.
+    return true;
+  };
+  // Pass 2: each row's exponents and both outputs.
   const RoundingArgs nearest{float(max_mantissa(headroom)), Rounding::nearest, 0, 0, 0};
-  for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
+  const auto write = [&](int64_t g0, int64_t g1) {
     // scales per channel, and for narrow rows per element of a row (a channel's repeated)
     thread_local std::vector<float> block_first, block_second, row_first, row_second, channel_first, channel_second;
     thread_local std::vector<int16_t> scratch;
@@ -152,8 +154,15 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           });
         }
     }
+  };
+  std::atomic<bool> finite{true};
+  for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
+    if (maxima(g0, g1))
+      write(g0, g1);
+    else
+      finite.store(false, std::memory_order_relaxed);
   });
-  return true;
+  return finite;
 }
 
 }  // namespace dfp
