@@ -199,14 +199,14 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   // them in the same task (a serial loop over every block and column took a fifth of the
   // quantization of a 16-channel gradient). Where row groups split the blocks evenly (an
   // image row of 16 pixels, blocks of 32), the maxima of the groups' rows first, folded
-  // into the blocks', so that the groups need no pass of their own.
+  // into the blocks', so that the groups need no pass of their own. False where NaN/Inf
+  // is met.
   std::vector<uint32_t> amax(nblocks * cols, 0);
   const bool split = ngroups && out.group_rows < block && block % out.group_rows == 0;
   const int64_t fine = split ? out.group_rows : block, fine_blocks = (rows + fine - 1) / fine;
   std::vector<uint32_t> fine_amax(split ? fine_blocks * cols : 0);
   std::vector<float> first(out.q_blocks ? nblocks * cols : 0), second(first.size());
-  std::atomic<bool> finite{true};
-  for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+  const auto maxima = [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block;
       if (!split) {
@@ -221,21 +221,21 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     }
     const int64_t g0 = b0 * cols, g1 = b1 * cols;
     if (std::any_of(amax.begin() + g0, amax.begin() + g1, [](uint32_t bits) { return bits >= kNonFiniteBits; }))
-      finite.store(false, std::memory_order_relaxed);
-    if (first.empty()) return;
+      return false;
+    if (first.empty()) return true;
     group_exponents(amax.data() + g0, g1 - g0, headroom, out.e_blocks + g0);
     for (int64_t g = g0; g < g1; ++g) {
       const Scale s = inverse_scale(out.e_blocks[g]);
       first[g] = s.first, second[g] = s.second;
     }
-  });
-  if (!finite) return false;
-  // A group's maximum is its blocks' where no block straddles two row groups; else a pass
-  // of its own.
+    return true;
+  };
+  // The groups' maxima: their blocks' where no block straddles two row groups (entries
+  // [e0, e1) of `maxima`, rows_per_entry rows each); else a pass of their own.
   const int64_t group_cols = out.group_cols ? out.group_cols : cols, col_groups = cols / group_cols;
   std::vector<uint32_t> group_amax(ngroups * col_groups, 0);
-  const auto fold = [&](const std::vector<uint32_t>& maxima, int64_t rows_per_entry) {
-    for (int64_t b = 0; b < int64_t(maxima.size()) / cols; ++b) {
+  const auto fold = [&](const std::vector<uint32_t>& maxima, int64_t rows_per_entry, int64_t e0, int64_t e1) {
+    for (int64_t b = e0; b < e1; ++b) {
       uint32_t* m = group_amax.data() + b * rows_per_entry / out.group_rows * col_groups;
       for (int64_t j = 0; j < col_groups; ++j) {
         const uint32_t* v = maxima.data() + b * cols + j * group_cols;
@@ -243,25 +243,20 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
       }
     }
   };
-  if (ngroups && out.group_rows % block == 0)
-    fold(amax, block);
-  else if (split)
-    fold(fine_amax, fine);
-  else if (ngroups)
-    fold(group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads), out.group_rows);
   std::vector<Scale> group_scale(ngroups * col_groups);
-  for (int64_t g = 0; g < ngroups * col_groups; ++g) {
-    out.e_groups[g] = group_exponent(group_amax[g], headroom);
-    group_scale[g] = inverse_scale(out.e_groups[g]);
-  }
-  // Pass 2, a block of rows at a time: read from memory once, then from cache for the
-  // second output.
+  const auto group_exponents_of = [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0 * col_groups; g < g1 * col_groups; ++g) {
+      out.e_groups[g] = group_exponent(group_amax[g], headroom);
+      group_scale[g] = inverse_scale(out.e_groups[g]);
+    }
+  };
+  // Pass 2, a block of rows at a time: x read again from cache for the second output.
   const auto rounding = [&](Rounding how) {
     return RoundingArgs{float(max_mantissa(headroom)), how, 0, uint32_t(seed), uint32_t(seed >> 32)};
   };
   const PairPanels& panels = out.blocks_panels;
   if (panels.given()) zero_pairs_past(rows, cols, panels, out.q_blocks);
-  for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+  const auto write = [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> column_first, column_second;
     thread_local std::vector<int16_t> block_rows;  // a block's rows before they go into panels
     column_first.resize(col_groups > 1 ? cols : 0), column_second.resize(column_first.size());
@@ -302,7 +297,37 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
         r = end;
       }
     }
+  };
+  std::atomic<bool> finite{true};
+  // Where every group lies in one block (none, an image row of a block's length or a
+  // fraction of it: the default's), a task takes its blocks through both passes, so that
+  // the second reads x from cache (8 MB less read from memory per 16-channel 32x32
+  // gradient at batch 128).
+  if (!ngroups || split || out.group_rows == block) {
+    for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+      if (!maxima(b0, b1)) {
+        finite.store(false, std::memory_order_relaxed);
+        return;
+      }
+      if (split)
+        fold(fine_amax, fine, b0 * block / fine, std::min(fine_blocks, b1 * block / fine));
+      else if (ngroups)
+        fold(amax, block, b0, b1);
+      if (ngroups) group_exponents_of(b0 * block / out.group_rows, std::min(ngroups, b1 * block / out.group_rows));
+      write(b0, b1);
+    });
+    return finite;
+  }
+  for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+    if (!maxima(b0, b1)) finite.store(false, std::memory_order_relaxed);
   });
+  if (!finite) return false;
+  if (out.group_rows % block == 0)
+    fold(amax, block, 0, nblocks);
+  else
+    fold(group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads), out.group_rows, 0, ngroups);
+  group_exponents_of(0, ngroups);
+  for_row_chunks(nblocks, block * cols, nthreads, write);
   return true;
 }
 
