@@ -251,6 +251,7 @@ ONE_CALL_CASES = {
     # GEMM's K-pair panels, its last pixel block short (108 and 60 pixels, blocks of 32)
     "16-channels-dy-panels": ((3, 16, 6, 6), (16, 16, 3, 3), {"padding": 1}),
     "32-channels-dy-panels": ((2, 8, 5, 6), (32, 8, 3, 3), {"padding": 1}),
+    "16-channels-dy-panels-one-block": ((1, 16, 2, 4), (16, 16, 3, 3), {"padding": 1}),  # 8 pixels
 }
 
 

@@ -220,10 +220,10 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   BackwardBuffers& buffers = backward_buffers();
   // grad_weight's dy straight into the K-pair panels that product reads, where it packs
   // dy whole (4 MB packed per 16-channel 32x32 backward at batch 128)
+  // (the K-layout of conv_grad_weight's: blocks of dy_block pixels, even)
   const ConvLayer weight_layer = grad_weight_layer(l);
-  const int64_t kblock = blocks == 1 ? pixels : r.dy_block;
-  const int64_t panel_width = dw && kblock % 2 == 0 ? grad_weight_panel_width(weight_layer.padded(), l.cout) : 0;
-  const PairPanels panels{panel_width, panel_width ? KLayout(pixels, kblock).kpairs() : 0};
+  const int64_t panel_width = dw && r.dy_block % 2 == 0 ? grad_weight_panel_width(weight_layer.padded(), l.cout) : 0;
+  const PairPanels panels{panel_width, panel_width ? KLayout(pixels, r.dy_block).kpairs() : 0};
   int16_t* q_blocks = dw ? at_least(buffers.dy_blocks, std::max(size, 2 * panels.kpairs * l.cout)) : nullptr;
   // grad_input's dy quantized into its zero-padded window where that only pads (the
   // window's copy of a 16-channel 32x32 layer's dy moved 8.6 MB per call), else as is

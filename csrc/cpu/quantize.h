@@ -79,8 +79,9 @@ struct BorderedRows {
 // (ceil(rows / group_rows), cols / group_cols) (grad_input). The bits of quantizing x
 // each way on its own (quantize3d): the same rounding of element i from the same
 // random bits. Each output rounds its own way, stochastic rounding from one seed.
-// A third pass finds the groups' maxima where blocks straddle groups. Returns false,
-// writing nothing else, when x holds NaN or Inf.
+// A third pass finds the groups' maxima where blocks straddle groups. Returns false
+// when x holds NaN or Inf (the outputs then undefined: the blocks of other tasks may be
+// written).
 //
 // Where blocks_panels is given, q_blocks is laid out as the GEMM reads B (Packed,
 // csrc/cpu/gemm.h): panels of `width` columns (width divides cols), each [K-pair][width]
