@@ -403,8 +403,9 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
 
 
 def _cpu_times() -> tuple[float, float, float] | None:
-    """(wall s, busy CPU s of the whole machine, CPU s of this process) from /proc/stat
-    (Linux; None elsewhere). Busy counts steal time: a hypervisor's other guests."""
+    """(wall s, busy CPU s of the whole machine, CPU s of this process and of its joined
+    children, the step workers) from /proc/stat (Linux; None elsewhere). Busy counts
+    steal time: a hypervisor's other guests."""
     try:
         with open("/proc/stat") as f:
             ticks = [int(v) for v in f.readline().split()[1:9]]
@@ -412,7 +413,7 @@ def _cpu_times() -> tuple[float, float, float] | None:
         return None
     own = os.times()
     busy = (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")  # less idle and iowait
-    return time.monotonic(), busy, own.user + own.system
+    return time.monotonic(), busy, own.user + own.system + own.children_user + own.children_system
 
 
 def load_lines(before, after) -> list[str]:

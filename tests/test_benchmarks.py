@@ -71,6 +71,17 @@ def test_step_macs_count_every_product():
     assert step.step_macs("resnet20", 4) == 4 * step.step_macs("resnet20", 1)
 
 
+def test_step_load_line_counts_the_step_workers_as_ours():
+    # The step workers are child processes: their CPU time must not read as other tenants'.
+    burn = "import time\nwhile time.process_time() < 0.5: pass"
+    before = step._cpu_times()
+    if before is None:
+        pytest.skip("no /proc/stat here")
+    subprocess.run([sys.executable, "-c", burn], check=True)
+    after = step._cpu_times()
+    assert after[2] - before[2] >= 0.5
+
+
 def test_main_job_steps_run_in_turns(capsys):
     from benchmarks import main_job
 
