@@ -314,13 +314,19 @@ def test_weight_gradient_alone_can_round_stochastically(kind):
     assert abs(_sqnr(runs[0][2], want[2]) - _sqnr(nearest[2], want[2])) < 6
 
 
+# conv2d-32: grad_weight reads the patches transposed, 288 rows in two blocks per thread;
+# conv2d-stride2: it gathers them, 144 columns in 5 panels of 32, in tasks of 3 and 2.
 @pytest.mark.parametrize("fmt", [resolve("dfp16-sr"), DFP16], ids=lambda f: f.name)
-@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+@pytest.mark.parametrize("kind", ["linear", "conv2d", "conv2d-32", "conv2d-stride2"])
 def test_results_do_not_depend_on_the_thread_count(kind, fmt):
     if kind == "linear":
         shapes, fn = ((256, 200), (64, 200), (256, 64)), lambda *a: DF.linear(*a, fmt=fmt)
-    else:
+    elif kind == "conv2d":
         shapes, fn = ((4, 16, 16, 16), (32, 16, 3, 3), (4, 32, 16, 16)), _conv_fn(fmt, padding=1)
+    elif kind == "conv2d-32":
+        shapes, fn = ((4, 32, 16, 16), (32, 32, 3, 3), (4, 32, 16, 16)), _conv_fn(fmt, padding=1)
+    else:
+        shapes, fn = ((8, 16, 32, 32), (32, 16, 3, 3), (8, 32, 16, 16)), _conv_fn(fmt, padding=1, stride=2)
     x, w, grad = (_gaussian(shape, seed) for seed, shape in enumerate(shapes))
     results = []
     for threads in (1, 2):

@@ -78,6 +78,22 @@ std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, 
   return e;
 }
 
+// Panels per task for `panels` column panels on `nthreads` threads, at most `most` a
+// task: the size whose tasks, handed out in turn, end soonest, and of those the largest
+// (every task reads all of dY again). About four tasks per thread left 5 panels in 5
+// tasks on 2 threads, one thread doing 3.
+int64_t balanced_task_size(int64_t panels, int64_t most, int nthreads) {
+  int64_t best = 1, best_end = panels + 1;
+  for (int64_t size = 1; size <= std::min(panels, most); ++size) {
+    std::vector<int64_t> load(std::max(nthreads, 1), 0);
+    for (int64_t left = panels; left > 0; left -= size)
+      *std::min_element(load.begin(), load.end()) += std::min(size, left);
+    const int64_t end = *std::max_element(load.begin(), load.end());
+    if (end <= best_end) best = size, best_end = end;
+  }
+  return best;
+}
+
 // dW = (patches^T dY)^T: the patches read in place from a channel-major copy of the
 // image and dY packed once, instead of gathering pixel pairs of patches for every block
 // (two fifths of a 16-channel layer's dW). The same products in the same chains, and
@@ -93,11 +109,13 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   Workspace& ws = workspace();
   to_channel_major(x, shape.n, plane, shape.channels, at_least(ws.image, shape.n * plane * shape.channels), nthreads);
   at_least(ws.result, k * cout_g);
-  // Every block of rows reads all of packed dY, as long as the image: one block per
-  // thread where that fits the cache block, not the default four per thread (16 channels,
-  // 32x32, 2 threads: 8.1 -> 7.5 ms, paired medians).
-  const int64_t per_thread = ((k + nthreads - 1) / nthreads + uk.mr - 1) / uk.mr * uk.mr;
-  const int64_t rows_per_thread = std::min<int64_t>(per_thread, uk.mc);
+  // Every block of rows reads all of packed dY, as long as the image: as few blocks per
+  // thread as fit the cache block, not the default four (16 channels, 32x32, 2 threads:
+  // 8.1 -> 7.5 ms, paired medians), and as many for every thread (32 channels: 288 rows
+  // in blocks of 96 left one thread a block to itself while the other waited).
+  const int64_t per_thread = (k + nthreads - 1) / nthreads;
+  const int64_t blocks_per_thread = (per_thread + uk.mc - 1) / uk.mc;
+  const int64_t block_rows = ((per_thread + blocks_per_thread - 1) / blocks_per_thread + uk.mr - 1) / uk.mr * uk.mr;
   for (int64_t g = 0; g < groups; ++g) {
     const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape, kl.kpairs());
     const PanelsB given(reinterpret_cast<const int32_t*>(dy), cout, dy_panel_width, kl.kpairs());
@@ -107,7 +125,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const std::vector<int32_t> own =
         groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
     const int32_t* eb = groups > 1 ? own.data() : ey;
-    GemmOptions options{rows_per_thread, 0, one};
+    GemmOptions options{block_rows, 0, one};
     const std::vector<int32_t> per_sample = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g);
     if (!one) options.a_block_of = samples.data(), options.a_blocks = shape.n;
     gemm_packed(uk, patches, b, kl, one ? uniform.data() : per_sample.data(), eb, hx, hy,
@@ -239,10 +257,10 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
   }
   const bool one = !ex.per_sample;  // one exponent for the image: one column of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
-  // Few rows and a long reduction: split the columns into about four tasks per thread
-  // (each task reads all of dY, so not into single panels), handed out dynamically.
-  const int64_t panels = (k + uk.nr - 1) / uk.nr, per_task = (panels + 4 * nthreads - 1) / (4 * nthreads);
-  const GemmOptions gathered{0, std::min<int64_t>(per_task * uk.nr, uk.nc / uk.nr * uk.nr), false, one};
+  // Few rows and a long reduction: the columns split into tasks (each reads all of dY).
+  const int64_t panels = (k + uk.nr - 1) / uk.nr;
+  const int64_t per_task = balanced_task_size(panels, std::max<int64_t>(uk.nc / uk.nr, 1), nthreads);
+  const GemmOptions gathered{0, per_task * uk.nr, false, one};
   // Every task gathers its own block of patches; a pointwise convolution's patches are
   // the image's rows, packed once instead.
   const bool pointwise = is_pointwise(shape);
