@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from . import _conv_layout as layout
 from . import _ops
+from .backends import _buffers
 from .format import DFPTensor, zeros_exponent
 
 
@@ -66,8 +67,9 @@ def grad_input(
     cols = _phases(w, kw, stride[1], padding[1], dilation[1])
     if len(rows) == len(cols) == 1 and rows[0].taps and cols[0].taps:  # stride 1: dx is the one phase
         return _phase(dy, dy_exponent, wq, rows[0], cols[0])
-    every_phase_has_taps = all(p.taps for p in rows + cols)
-    dx = (torch.empty if every_phase_has_taps else torch.zeros)((n, h, w, c), dtype=torch.float32, device=dy.device)
+    dx = _empty((n, h, w, c), dy.device)
+    if not all(p.taps for p in rows + cols):  # a phase no tap reaches (a 1x1 kernel at stride 2): zeros
+        dx.zero_()
     for row in rows:
         for col in cols:
             if row.taps and col.taps:
@@ -100,6 +102,15 @@ def _phase(dy, dy_exponent, wq: DFPTensor, row: _Phase, col: _Phase) -> torch.Te
         layout.window(dy, row.window, col.window), dy_exponent, h, w, ew.contiguous(), h, kblock,
         [len(row.taps), len(col.taps)], [1, 1], [row.dilation, col.dilation], None,
     )  # fmt: skip
+
+
+def _empty(shape, device: torch.device) -> torch.Tensor:
+    """An uninitialised float32 tensor; on the CPU one of the compiled layers' reused
+    buffers: a fresh 8 MB dx came as new pages, and the kernel's zeroing of them on the
+    first write made a stride-2 layer's phase copies 20x as slow in a training step."""
+    if device.type == "cpu":
+        return _buffers.empty(shape, torch.float32)
+    return torch.empty(shape, dtype=torch.float32, device=device)
 
 
 def _slice(taps: range) -> slice:
