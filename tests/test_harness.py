@@ -795,6 +795,7 @@ def test_net2net_deepening_runs_in_the_harness(tmp_path):
         (["--strategies", "pruned-scratch"], "add prunetrain to --strategies"),
         (["--strategies", "net2net", "--epochs", "2", "--grow-epochs", "2"], "before the last (--epochs 2)"),
         (["--penalty-ratio", "1"], "a ratio in (0, 1)"),
+        (["--penalty-epochs", "3", "--epochs", "3"], "would act in every epoch of --epochs 3"),
         (["--start-width", "0"], "a fraction in (0, 1]"),
         (["--start-depth", "1.5"], "a fraction in (0, 1]"),
         (["--strategies", "net2net", "--start-depth", "0.5"], "model 'small_cnn' has none of"),
@@ -973,3 +974,30 @@ def test_an_empty_test_split_is_refused_before_training():
     )
     with pytest.raises(ValueError, match="no-test: the test split is empty"):
         train.train_run(config, dataset, ONE_PROCESS, target_accuracy=None)
+
+
+def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
+    """--penalty-epochs N: the group lasso acts in the first N epochs, then neither adds to
+    the loss nor shrinks groups; the run's config and the report carry N."""
+    model = models.build("small_cnn", 1, 10, 8)
+    settings = strategies.StrategySettings(proximal=True, penalty_epochs=2, prune_every=5)
+    run = strategies.StructuredRun(strategies.PRUNETRAIN, settings, 4, 0, {}, None)
+    lasso = run.make_regulariser(model, ONE_PROCESS)
+    loss = torch.tensor(2.0)
+    lasso(loss)
+    run.after_epoch(1, model, None, None)
+    assert lasso.active
+    run.after_epoch(2, model, None, None)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    lasso.after_step(1e6)  # would zero every group while active
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    plain = strategies.GroupLasso(model, 0.2, ONE_PROCESS)
+    plain(loss)
+    plain.active = False
+    assert plain(loss) is loss  # no penalty in the loss either
+    argv = ["--formats", "fp32", "--strategies", "prunetrain", "--epochs", "3", "--warmup-epochs", "0"]
+    argv += ["--penalty-epochs", "1", "--limit-train-batches", "3"]
+    assert _main_job(tmp_path, *argv) == 0
+    (record,) = ResultStore(tmp_path).load()
+    assert record["config"]["strategy_settings"]["penalty_epochs"] == 1
+    assert "group lasso in the first 1 epochs only" in (tmp_path / "report.md").read_text()

@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
         "channels reach zero within a short schedule; PruneTrain's paper and code use the penalty",
     )
     structural.add_argument(
+        "--penalty-epochs",
+        type=positive_int,
+        default=None,
+        help="prunetrain: the group lasso acts in the first N epochs only (after that epoch's pruning the "
+        "network trains without it); neither PruneTrain's paper nor its code stops it (default: every epoch)",
+    )
+    structural.add_argument(
         "--start-width",
         type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         default=strategies.StrategySettings.start_width,
@@ -337,6 +344,11 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
             f"--start-depth {args.start_depth}: deepening inserts residual blocks, which model {model!r} "
             f"has none of; choose one of {', '.join(models.RESNETS)} or leave --start-depth at 1"
         )
+    if args.penalty_epochs is not None and args.penalty_epochs >= args.epochs:
+        parser.error(
+            f"--penalty-epochs {args.penalty_epochs}: the group lasso would act in every epoch of --epochs "
+            f"{args.epochs}; choose fewer epochs or leave the option out"
+        )
     if strategies.PRUNED_SCRATCH in args.strategies and strategies.PRUNETRAIN not in args.strategies:
         parser.error(
             "--strategies: pruned-scratch trains the final architecture of the prunetrain run with the same "
@@ -347,6 +359,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         threshold=args.prune_threshold,
         grow_batch=args.grow_batch,
         proximal=args.proximal_lasso,
+        penalty_epochs=args.penalty_epochs,
         prune_every=args.prune_every,
         start_width=args.start_width,
         start_depth=args.start_depth,

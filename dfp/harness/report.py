@@ -109,6 +109,7 @@ class Row:
     surgery_seconds: float | None = None  # median
     batch_sizes: tuple[int, ...] = ()  # the batch grown after pruning to, of the first seed
     proximal: bool = False  # the group lasso applied as a proximal step
+    penalty_epochs: int | None = None  # the group lasso in the first N epochs only
 
     @property
     def label(self) -> str:
@@ -223,6 +224,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 surgery_seconds=_median([r["epochs"][-1].get("surgery_seconds") for r in completed]),
                 batch_sizes=tuple(s["batch_size"] for s in results[0].get("surgeries", []) if "batch_size" in s),
                 proximal=(config.get("strategy_settings") or {}).get("proximal", False),
+                penalty_epochs=(config.get("strategy_settings") or {}).get("penalty_epochs"),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -292,6 +294,8 @@ def _notes(row: Row) -> str:
         notes.append(f"batch grown after pruning: {grown} (as PruneTrain's paper describes; not in its code)")
     if row.proximal:
         notes.append("group lasso as a proximal step (PruneTrain adds it to the loss)")
+    if row.penalty_epochs is not None:
+        notes.append(f"group lasso in the first {row.penalty_epochs} epochs only (PruneTrain keeps it)")
     return "; ".join(notes)
 
 

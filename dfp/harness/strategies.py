@@ -15,7 +15,9 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        ``proximal`` the group lasso is a proximal step after each update
                        (group soft-thresholding by learning rate x lambda, which zeroes groups
                        exactly; SWALP's weights leave the DFP16 grid until its next step)
-                       instead of a penalty in the loss: in neither
+                       instead of a penalty in the loss: in neither; with ``penalty_epochs`` the
+                       group lasso acts in the first that many epochs only, and the pruned
+                       network trains without it for the rest: in neither
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
@@ -68,6 +70,7 @@ class StrategySettings:
     grow_epochs: tuple[int, ...] = (1,)
     grow_batch: bool = False
     proximal: bool = False
+    penalty_epochs: int | None = None  # None: the group lasso acts in every epoch
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """The settings that ``strategy`` uses, as stored in a run's config (an option at
@@ -77,6 +80,8 @@ class StrategySettings:
             prune["grow_batch"] = True
         if self.proximal:
             prune["proximal"] = True
+        if self.penalty_epochs is not None:
+            prune["penalty_epochs"] = self.penalty_epochs
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
         if self.start_depth < 1:
             grow["start_depth"] = self.start_depth
@@ -98,7 +103,8 @@ class GroupLasso:
     """PruneTrain's penalty ``lambda * R(W)`` added to the loss; lambda is set at the first
     call from that step's cross-entropy (the mean over ranks, so that every rank uses the
     same one) and then kept. ``proximal``: the loss stays as it is, and ``after_step``
-    shrinks the groups by the penalty's proximal step instead."""
+    shrinks the groups by the penalty's proximal step instead. Once ``active`` is False
+    (``StrategySettings.penalty_epochs``) it does neither."""
 
     def __init__(
         self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context, proximal: bool = False
@@ -108,9 +114,10 @@ class GroupLasso:
         self.ctx = ctx
         self.proximal = proximal
         self.coefficient: float | None = None
+        self.active = True
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
-        if self.proximal and self.coefficient is not None:
+        if not self.active or (self.proximal and self.coefficient is not None):
             return loss
         penalty = structure.group_lasso(self.model, structure.channel_spaces(self.model))
         if self.coefficient is None:
@@ -122,7 +129,7 @@ class GroupLasso:
     def after_step(self, lr: float) -> None:
         """After an optimizer step at learning rate ``lr``: the proximal step, if that is
         how the penalty applies (every rank shrinks the same weights alike)."""
-        if self.proximal and self.coefficient is not None:
+        if self.active and self.proximal and self.coefficient is not None:
             structure.shrink_groups(self.model, structure.channel_spaces(self.model), lr * self.coefficient)
 
 
@@ -211,6 +218,9 @@ class StructuredRun:
     def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, average: Any) -> bool:
         """The surgery due at the end of ``epoch`` (1-based), applied to ``model`` (not a
         DDP wrapper), ``optimizer`` and SWALP's ``average``; True if the shape changed."""
+        penalty_epochs = self.settings.penalty_epochs
+        if self.regulariser is not None and penalty_epochs is not None and epoch >= penalty_epochs:
+            self.regulariser.active = False
         spaces = structure.channel_spaces(model)
         if self.strategy in (NET2NET, GROW_THEN_PRUNE) and epoch in self.settings.grow_epochs:
             return self._grow(epoch, model, spaces, optimizer, average)
