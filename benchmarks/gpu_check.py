@@ -10,8 +10,10 @@ GEMM at 4096 and 8192 (square): cuBLAS fp16 ``mm`` (tensor cores), cuBLAS fp32 `
 on its three paths (``mma``: int8 tensor cores with int16 limbs split on chip; ``int16``:
 CUDA cores; ``limbs``: torch._int_mm per chain), each also checked bit for bit against
 the ``int16`` path. Conv layers (forward + backward): fp32, fp16 (channels_last,
-cudnn.benchmark) and dfp16. Times are medians of CUDA-event timings; ratios are against
-the baselines measured in the same run. Without a CUDA device it exits with status 2.
+cudnn.benchmark) and dfp16. A ResNet-20 training step (batch 128) in fp32, fp16 and
+dfp16, set up as the harness trains them. Times are medians of CUDA-event timings;
+ratios are against the baselines measured in the same run. Without a CUDA device it
+exits with status 2.
 """
 
 from __future__ import annotations
@@ -229,12 +231,12 @@ def _quantize_kernel_rows(x: torch.Tensor, budget_s: float, copy_gbs: float) -> 
 
     flat = x.view(1, -1, 1)
     amax = quantize._group_amax(flat, 0)
-    exponent, _ = quantize._exponents(amax, 2)
+    exponent, nonfinite = quantize._exponents(amax, 2)
     mantissa = torch.empty(flat.shape, dtype=torch.int16, device=x.device)
     kernels = (
         ("kernel: max |x| (per tensor)", 4, lambda: quantize._group_amax(flat, 0)),
         ("kernel: rounding (per tensor, nearest)", 6,
-         lambda: quantize._quantize_elements(flat, 0, 0, exponent, 2, False, 0, mantissa)),
+         lambda: quantize._quantize_elements(flat, 0, 0, exponent, 2, False, 0, mantissa, nonfinite)),
     )  # fmt: skip
     rows = []
     for label, bytes_per_element, launch in kernels:
@@ -288,6 +290,27 @@ def conv_table(layers, budget_s: float) -> list[str]:
     return ["## Conv layers", "", *table(headers, rows), "", *notes]
 
 
+STEP_FORMATS = ("fp32", "fp16", "dfp16")
+
+
+def step_table(budget_s: float) -> list[str]:
+    """Whole training steps of ResNet-20 (CIFAR-10 shapes, batch 128, channels_last, SGD)
+    in fp32, fp16 (autocast + GradScaler, cudnn.benchmark) and dfp16, set up as the
+    harness trains them."""
+    from .step import Step
+
+    times, notes = {}, []
+    for fmt in STEP_FORMATS:
+        try:
+            times[fmt] = median_ms(Step("resnet20", fmt, 128, device="cuda"), budget_s, 30)
+        except FAILURES as err:
+            notes.append(f"{fmt}: {type(err).__name__}: {err}")
+    rows = [[fmt, f"{times[fmt]:.2f}" if fmt in times else "failed", _ratio(times, fmt, "fp32")]
+            for fmt in STEP_FORMATS]  # fmt: skip
+    headers = ["ResNet-20 training step, batch 128", "ms", "speed vs fp32"]
+    return ["## Training step", "", *table(headers, rows), "", *notes]
+
+
 def header() -> str:
     props = torch.cuda.get_device_properties(0)
     return (
@@ -328,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     emit(gemm_table((4096,) if args.quick else (4096, 8192), budget) + [""])
     emit(quantize_table(budget) + [""])
     emit(conv_table(CONV_LAYERS[1:3] if args.quick else CONV_LAYERS, budget) + [""])
+    emit(step_table(budget) + [""])
     emit([f"Total: {time.perf_counter() - started:.0f} s."])
     if args.output:
         with open(args.output, "w") as f:

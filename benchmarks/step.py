@@ -78,7 +78,7 @@ LABELS = {"dfp: quantize": QUANTIZE, "dfp: grad_input": GRAD_INPUT, "dfp: grad_w
 class Step:
     """One training step of ``model_name`` in ``fmt`` on a fixed random batch, callable."""
 
-    def __init__(self, model_name: str, fmt: str, batch: int, seed: int = 0) -> None:
+    def __init__(self, model_name: str, fmt: str, batch: int, seed: int = 0, device: str = "cpu") -> None:
         from dfp.harness import formats
         from dfp.models import build
 
@@ -87,19 +87,24 @@ class Step:
         # A small rate: the same random batch again and again must not drive any format
         # to non-finite values, which a DFP16 layer refuses.
         self.training = formats.prepare(
-            fmt, model, torch.device("cpu"), fp32_layers=set(), lr=1e-3, momentum=0.9, weight_decay=5e-4, seed=seed
+            fmt, model, torch.device(device), fp32_layers=set(), lr=1e-3, momentum=0.9, weight_decay=5e-4, seed=seed
         )
         gen = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(batch, *IMAGE, generator=gen).contiguous(memory_format=torch.channels_last)
-        self.y = torch.randint(0, CLASSES, (batch,), generator=gen)
+        x = torch.randn(batch, *IMAGE, generator=gen).contiguous(memory_format=torch.channels_last)
+        self.x, self.y = x.to(device), torch.randint(0, CLASSES, (batch,), generator=gen).to(device)
 
     def __call__(self) -> None:
         training = self.training
         training.optimizer.zero_grad(set_to_none=True)
         with training.autocast():
             loss = nn.functional.cross_entropy(training.model(self.x), self.y)
-        loss.backward()
-        training.optimizer.step()
+        if training.scaler is None:
+            loss.backward()
+            training.optimizer.step()
+        else:  # fp16: loss scaling, as the harness trains it
+            training.scaler.scale(loss).backward()
+            training.scaler.step(training.optimizer)
+            training.scaler.update()
 
 
 def _step_worker(connection, model_name: str, fmt: str, batch: int) -> None:

@@ -53,8 +53,11 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
     permuted = t.permute(perm)
     source = permuted if permuted.is_contiguous() else t
     rounding = ROUNDINGS.index(spec.rounding)
+    backend = backends.active(source.device)
+    # quantize3d_marked, where the backend has it, marks NaN/Inf as the except clause does, without a host sync
+    quantize3d = getattr(backend, "quantize3d_marked", backend.quantize3d)
     try:
-        mantissa, exponent = _ops.quantize_impl(source, spec.headroom, spec.axis, spec.block, rounding, seed)
+        mantissa, exponent = _ops.quantize_with(quantize3d, source, spec.headroom, spec.axis, spec.block, rounding, seed)
     except NonFiniteError:
         mantissa = source.new_zeros(source.shape, dtype=torch.int16)
         exponent = source.new_full(exponent_shape(source.shape, spec), NONFINITE, dtype=torch.int32)
@@ -230,6 +233,23 @@ def is_nonfinite(*exponents: torch.Tensor) -> bool:
     holding NaN or Inf."""
     # NONFINITE is the largest int32, so a maximum finds it: one call, not (e == x).any()'s three
     return any(e.numel() > 0 and int(e.max()) == NONFINITE for e in exponents)
+
+
+def nonfinite(*exponents: torch.Tensor) -> bool | torch.Tensor:
+    """``is_nonfinite`` where reading the answer is free (the CPU); on a GPU, where it would
+    stall the host until every launch so far has run, the answer as a 0-d bool tensor on
+    the device, for ``nan_where`` to apply after the product is launched."""
+    device = next((e.device for e in exponents), None)
+    if device is None or device.type != "cuda":
+        return is_nonfinite(*exponents)
+    maxima = [e.max() for e in exponents if e.numel() > 0]
+    return torch.stack(maxima).max() == NONFINITE if maxima else False
+
+
+def nan_where(result: torch.Tensor, flag: bool | torch.Tensor) -> torch.Tensor:
+    """``result``, or NaN everywhere where the device flag from ``nonfinite`` is set (a
+    product of mantissas marked NaN/Inf is no number); ``result`` itself for False."""
+    return result.masked_fill(flag, float("nan")) if isinstance(flag, torch.Tensor) else result
 
 
 def zero_pad(x: torch.Tensor, padding: tuple[int, int], channels: int | None = None) -> torch.Tensor:

@@ -31,10 +31,14 @@ def quantize_impl(
     x: torch.Tensor, headroom: int, axis: int | None, block: int | None, rounding: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rounding``: a code of ``dfp.format.ROUNDINGS``; ``seed``: stochastic rounding's."""
+    return quantize_with(backends.active(x.device).quantize3d, x, headroom, axis, block, rounding, seed)
+
+
+def quantize_with(quantize3d, x, headroom, axis, block, rounding, seed) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_impl`` by a backend's ``quantize3d`` or a function of its signature."""
     spec = DFPSpec(headroom, axis, block)
     (o, n, i), mode, blk = canonical_view(x.shape, spec)
-    x3 = x.contiguous().view(o, n, i)
-    mantissa, exponent = backends.active(x.device).quantize3d(x3, mode, blk, headroom, rounding, seed)
+    mantissa, exponent = quantize3d(x.contiguous().view(o, n, i), mode, blk, headroom, rounding, seed)
     return mantissa.view(x.shape), exponent.reshape(exponent_shape(x.shape, spec))
 
 
@@ -180,10 +184,8 @@ def conv_gemm_impl(
     cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
     if ex.dim() == 3:
         taps_per_block = kblock // (x.shape[3] // ex.shape[2])
-        ea = [
-            _patch_row_exponents(ex, g, groups, kernel, stride, dilation, cols.shape[1], taps_per_block)
-            for g in range(groups)
-        ]
+        patch_rows = getattr(backends.active(x.device), "patch_row_exponents", _patch_row_exponents)
+        ea = [patch_rows(ex, g, groups, kernel, stride, dilation, cols.shape[1], taps_per_block) for g in range(groups)]
     else:
         ea = [_row_exponents(ex, cols.shape[1]).expand(cols.shape[1], ew.shape[1]).contiguous()] * groups
     outputs = [

@@ -199,7 +199,8 @@ def conv2d_impl(
             y = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation, groups)
         return y.contiguous(memory_format=_memory_format(channels_last)), x_padded, x_exponent
     wq = layout.quantize_channels_last(weight, DFPSpec(headroom, axis=0 if weight_channel else None))
-    if layout.is_nonfinite(e_rows, wq.exponent):
+    nonfinite = layout.nonfinite(e_rows, wq.exponent)
+    if nonfinite is True:
         return _nan((n, cout, oh, ow), x, channels_last), x_padded, x_exponent
     cout_g, cg = cout // groups, channels // groups
     extra = channels - c
@@ -212,7 +213,7 @@ def conv2d_impl(
     ew = wq.exponent.reshape(groups, 1, cout_g) if wq.exponent.dim() > 0 else wq.exponent.reshape(1, 1, 1)
     ew = ew.expand(groups, -(-k // kblock), cout_g).contiguous()
     y = _ops.conv_gemm_impl(x_rows, e_rows, headroom, w_cols, ew, headroom, kblock, [kh, kw], stride, dilation, bias)
-    return _to_nchw(y, channels_last), x_padded, x_exponent
+    return _to_nchw(layout.nan_where(y, nonfinite), channels_last), x_padded, x_exponent
 
 
 @functools.lru_cache(maxsize=1024)
@@ -388,10 +389,11 @@ def conv2d_grad_input_impl(
         if grad is not None:  # else NaN/Inf: the steps below
             return _to_nchw(grad, channels_last)
     wq = _grad_input_weights(weight, groups, headroom, weight_channel, rows)
-    if layout.is_nonfinite(grad_exponent, wq.exponent):
+    nonfinite = layout.nonfinite(grad_exponent, wq.exponent)
+    if nonfinite is True:
         return _nan(input_shape, grad_q, channels_last)
     grad = grad_input(grad_q, grad_exponent, wq, input_shape, stride, padding, dilation)
-    return _to_nchw(grad, channels_last)
+    return _to_nchw(layout.nan_where(grad, nonfinite), channels_last)
 
 
 def _check_row_exponents(grad_exponent: torch.Tensor, n: int, oh: int, cout: int, groups: int, headroom: int) -> None:
@@ -491,12 +493,14 @@ def conv2d_grad_weight_impl(
                      grad_block, channels_last)  # fmt: skip
         if grad is not None:  # else NaN/Inf: the steps below
             return grad
-    if layout.is_nonfinite(grad_exponent, input_exponent):
+    nonfinite = layout.nonfinite(grad_exponent, input_exponent)
+    if nonfinite is True:
         return _nan(weight_shape, grad_q, channels_last)
     grad = _ops.conv_grad_weight_gemm_impl(
         grad_q, grad_exponent, headroom, input_q, input_exponent, headroom, [kh, kw], stride, dilation, groups,
         grad_block,
     )  # fmt: skip
+    grad = layout.nan_where(grad, nonfinite)
     return _to_nchw(grad.view(cout, kh, kw, input_q.shape[3] // groups)[..., :cin_g], channels_last)
 
 

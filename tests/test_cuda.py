@@ -15,7 +15,8 @@ from helpers import int16_operand, on_reference, wide_range
 
 import dfp
 import dfp.cuda
-from dfp import DFPSpec, DFPTensor, backends
+from dfp import DFPSpec, DFPTensor, backends, reference
+from dfp import _conv_layout as layout
 from dfp._errors import BackendUnavailableError, NonFiniteError
 from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
@@ -68,6 +69,17 @@ def test_cuda_tensors_go_to_the_cuda_backend_and_import_initialises_nothing():
             backends.active(torch.device("cuda"))
     else:
         assert backends.active(torch.device("cuda")).__name__ == "dfp.cuda.ops"
+
+
+def test_the_cuda_backend_has_every_fused_op_the_layers_use_on_it():
+    """The layers find a backend's fused ops by name (getattr, None: the generic path): a
+    name missing from dfp.cuda.ops silently takes the slow path, with host syncs."""
+    import dfp.cuda.ops as cuda_ops
+
+    names = ("quantize3d", "gemm", "quantize3d_marked", "quantize_input", "quantize_gradient", "window",
+             "patch_row_exponents")  # fmt: skip
+    for name in names:
+        assert callable(getattr(cuda_ops, name, None)), name
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
@@ -181,7 +193,7 @@ def test_forced_gemm_path_is_checked(monkeypatch):
 
 def test_k_tiles_never_straddle_a_chain():
     tiles = cuda_gemm.k_tiles(200, 48, 32)
-    assert tiles[:4] == ((0, 32, 1, 0), (32, 16, 1, 0), (48, 32, 1, 1), (80, 16, 1, 1))
+    assert tiles[:4] == ((0, 32, 1, 0), (32, 16, 2, 0), (48, 32, 3, 1), (80, 16, 4, 1))  # chain ends count chains
     covered = [k for t0, length, _, _ in tiles for k in range(t0, t0 + length)]
     assert covered == list(range(200))
     long = cuda_gemm.k_tiles(300, 300, 128)
@@ -194,6 +206,35 @@ def test_k_tiles_never_straddle_a_chain():
     ]
     with pytest.raises(ValueError, match="multiple of 32"):
         cuda_gemm.k_tiles(100, 100, 8)
+
+
+@pytest.mark.parametrize(
+    ("k", "kblock", "chain", "outputs", "sums_bytes", "parts"),
+    [
+        (131072, 64, 32, 16 * 144, 2**28, 1),
+        (3000, 700, 128, 20 * 24, 2**28, 1),  # 4 tiles per chain, K-block tails
+        (4096, 4096, 32, 16 * 40, 16 * 40 * 4 * 20, 7),  # 128 chains, at most 20 per part
+    ],
+)
+def test_split_k_plan_covers_every_chain_once_in_order(k, kblock, chain, outputs, sums_bytes, parts):
+    tiles = cuda_gemm.k_tiles(k, kblock, chain)
+    starts = [0] + [i + 1 for i, tile in enumerate(tiles) if tile[2]]  # first tile of each chain, then the end
+    plan = cuda_gemm.split_k_plan(k, kblock, chain, 1, 132, outputs, sums_bytes)
+    assert plan is not None and len(plan) == parts
+    covered, next_chain = [], 0
+    for c0, count, splits in plan:
+        assert c0 == next_chain and count * outputs * 4 <= sums_bytes
+        assert splits[0] == starts[c0] and splits[-1] == starts[c0 + count] and len(splits) > 2
+        assert set(splits) <= set(starts) and list(splits) == sorted(set(splits))  # whole chains, in order
+        covered += range(splits[0], splits[-1])
+        next_chain = c0 + count
+    assert covered == list(range(len(tiles))) and next_chain == len(starts) - 1
+
+
+def test_split_k_only_where_the_outputs_leave_the_gpu_idle():
+    assert cuda_gemm.split_k_plan(8192, 8192, 32, 66, 132, 66 * 16384, 2**28) is not None
+    assert cuda_gemm.split_k_plan(8192, 8192, 32, 67, 132, 67 * 16384, 2**28) is None  # fills half the GPU
+    assert cuda_gemm.split_k_plan(64, 64, 32, 1, 132, 16, 2**28) is None  # 2 chains: too few to split
 
 
 def test_gpu_check_without_cuda_says_so():
@@ -375,6 +416,34 @@ def test_gemm_single_tile_names_wrong_positions(monkeypatch, pattern):
         assert not wrong, f"{path} path: {count} of 128 wrong at (m,n) {wrong}\ngot\n{got}\nwant\n{want}"
 
 
+SPLIT_K_CASES = {  # (M, K, N, ha, hb, kblock, values), bytes of chain sums per part (None: the default)
+    "weight gradient 16 x 144, K-blocks of 64": ((16, 8192, 144, 2, 2, 64, "random"), None),
+    "chains of 128 and K-block tails": ((20, 3000, 24, 3, 3, 700, "random"), None),
+    "extremes, one K-block": ((64, 4096, 72, 2, 2, 4096, "extremes"), None),
+    "in parts (fp32 sums carried over)": ((16, 4096, 40, 2, 2, 256, "random"), 16 * 40 * 4 * 20),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("case", SPLIT_K_CASES)
+def test_split_k_gemm_bit_exact(monkeypatch, case):
+    """A GEMM with too few outputs to fill the GPU splits K (chain sums stored, then added in
+    order of k): the reference's bits, in one part or several."""
+    shape, sums_bytes = SPLIT_K_CASES[case]
+    if sums_bytes is not None:
+        monkeypatch.setattr(cuda_gemm, "CHAIN_SUMS_BYTES", sums_bytes)
+    a, ea, ha, b, eb, hb, kblock, bias = _gemm_operands(*shape)
+    (m, k), n = a.shape, b.shape[1]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plan = cuda_gemm.split_k_plan(k, kblock, reference.chain_length(ha, hb), -(-m // 128) * -(-n // 128), sms, m * n,
+                                  cuda_gemm.CHAIN_SUMS_BYTES)  # fmt: skip
+    assert plan is not None and (len(plan) > 1) == (sums_bytes is not None)
+    want = on_reference(torch.ops.dfp.gemm, a, ea, ha, b, eb, hb, kblock, bias)
+    monkeypatch.setenv("DFP_CUDA_GEMM", "mma")
+    got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), ha, b.cuda(), eb.cuda(), hb, kblock, bias.cuda())
+    assert torch.equal(got.cpu(), want)
+
+
 @needs_gpu
 def test_gemm_takes_expanded_exponents(monkeypatch):
     """A stride-0 exponent (one per image, expanded as dfp._ops does for convolutions) gives
@@ -511,6 +580,139 @@ def test_conv_layer_bit_exact_against_cpu():
     assert torch.equal(conv_gpu.weight.grad.cpu(), conv.weight.grad)
     # the bias gradient is torch's own reduction on each device
     assert torch.equal(conv_gpu.bias.grad, grad.cuda().sum(dim=(0, 2, 3)))
+
+
+@needs_gpu
+@pytest.mark.parametrize("fmt", ["dfp16", "dfp16-sr"])
+@pytest.mark.parametrize("stride", [1, 2])
+def test_wide_conv_layer_bit_exact_against_cpu(fmt, stride):
+    """16 -> 32 channels: the default format's exponents per image row and channel block
+    (dfp.cuda.layout's quantize_input, quantize_gradient and window on the GPU)."""
+    torch.manual_seed(0)
+    conv = dfp.nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False, fmt=fmt)
+    conv_gpu = dfp.nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False, fmt=fmt).cuda()
+    conv_gpu.load_state_dict(conv.state_dict())
+    x = (torch.randn(3, 16, 10, 9) * torch.exp2(torch.randint(-8, 8, (3, 1, 10, 1)).float())).to(
+        memory_format=torch.channels_last).requires_grad_()  # fmt: skip
+    x_gpu = x.detach().cuda().requires_grad_()
+    y, y_gpu = conv(x), conv_gpu(x_gpu)
+    assert torch.equal(y_gpu.detach().cpu(), y.detach())
+    grad = torch.randn_like(y)
+    torch.manual_seed(3)
+    y.backward(grad)
+    torch.manual_seed(3)
+    y_gpu.backward(grad.cuda())
+    assert torch.equal(x_gpu.grad.cpu(), x.grad)
+    assert torch.equal(conv_gpu.weight.grad.cpu(), conv.weight.grad)
+
+
+@needs_gpu
+@pytest.mark.parametrize("where", ["x", "weight", "output gradient"])
+def test_wide_layer_marks_nonfinite_without_a_host_sync(where):
+    """NaN/Inf in a layer's operand gives NaN where fp32 would (as on the CPU), and the
+    training ops never wait for the GPU to find out: no host sync in forward or backward."""
+    torch.manual_seed(0)
+    conv = dfp.nn.Conv2d(16, 32, 3, padding=1, bias=False, fmt="dfp16").cuda()
+    x = torch.randn(2, 16, 8, 8, device="cuda").contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 32, 8, 8, device="cuda")
+    conv(x.clone().requires_grad_()).backward(grad)  # kernels compiled, tables made
+    conv.weight.grad = None
+    if where == "x":
+        x[0, 3, 1, 1] = float("nan")
+    elif where == "weight":
+        with torch.no_grad():
+            conv.weight[0, 0, 1, 1] = float("inf")
+    else:
+        grad[1, 5, 2, 2] = float("inf")
+    x.requires_grad_()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        y = conv(x)
+        y.backward(grad)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert y.isnan().all() == (where != "output gradient") and y.isfinite().all() == (where == "output gradient")
+    assert x.grad.isnan().all() == (where != "x") and x.grad.isfinite().all() == (where == "x")
+    assert conv.weight.grad.isnan().all() == (where != "weight")
+    assert conv.weight.grad.isfinite().all() == (where == "weight")
+
+
+LAYOUT_INPUTS = {  # (N, C, H, W), padding, channels, row_block, group_samples, for_weight
+    "16 channels, a sample per group": ((4, 16, 8, 8), (1, 1), 16, 16, 1, True),
+    "32 channels in blocks of 16, groups of 3 samples (one short)": ((5, 32, 6, 7), (1, 2), 32, 16, 3, True),
+    "no weight copy, no padding": ((2, 64, 4, 5), (0, 0), 64, 32, 1, False),
+    "a padding channel": ((3, 15, 5, 4), (1, 1), 16, 16, 2, True),
+}
+
+
+def _layout_outputs(fn, *args):
+    """Each tensor of fn(*args) on the CPU (None where fn gives none)."""
+    return tuple(None if t is None else t.cpu() for t in fn(*args))
+
+
+@needs_gpu
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "NaN"])
+@pytest.mark.parametrize("case", LAYOUT_INPUTS)
+def test_quantize_input_bit_exact(case, nonfinite):
+    shape, padding, channels, row_block, group_samples, for_weight = LAYOUT_INPUTS[case]
+    t = wide_range((shape[0], shape[2], shape[3], shape[1])).permute(0, 3, 1, 2)  # channels-last
+    if nonfinite:
+        t[1, 2, 3, 1] = float("nan")
+    args = (padding, channels, row_block, group_samples, for_weight)
+    want = on_reference(_layout_outputs, layout.quantize_input, t, 2, *args)
+    got = _layout_outputs(layout.quantize_input, t.cuda(), 2, *args)
+    assert len(got) == len(want) and all(
+        (g is None and w is None) or torch.equal(g, w) for g, w in zip(got, want, strict=True)
+    )
+
+
+LAYOUT_GRADIENTS = {  # (N, C, H, W), block, grad_input groups, channel_block, roundings
+    "row groups, dithered blocks": ((4, 16, 8, 8), 64, "row", 16, (2, 0)),
+    "sample groups, stochastic": ((3, 32, 5, 6), 64, "sample", 0, (1, 1)),
+    "per tensor, blocks straddle samples": ((2, 64, 4, 5), 32, "tensor", 0, (2, 2)),
+    "row groups of 32 channels, no blocks": ((3, 64, 4, 5), 0, "row", 32, (0, 1)),
+    "blocks only": ((2, 16, 3, 3), 64, None, 0, (2, 0)),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "Inf"])
+@pytest.mark.parametrize("case", LAYOUT_GRADIENTS)
+def test_quantize_gradient_bit_exact(case, nonfinite):
+    shape, block, groups, channel_block, rounding = LAYOUT_GRADIENTS[case]
+    t = wide_range((shape[0], shape[2], shape[3], shape[1])).permute(0, 3, 1, 2)
+    if nonfinite:
+        t[0, 1, 2, 2] = float("inf")
+    args = (2, block, groups, rounding, 1234567890123, channel_block)
+    want = on_reference(_layout_outputs, layout.quantize_gradient, t, *args)
+    got = _layout_outputs(layout.quantize_gradient, t.cuda(), *args)
+    assert all((g is None and w is None) or torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@needs_gpu
+@pytest.mark.parametrize(
+    ("ex_shape", "groups", "kernel", "stride", "dilation", "taps_per_block", "ow"),
+    [((2, 10, 1), 1, (3, 3), (1, 1), (1, 1), 3, 8), ((3, 9, 4), 2, (3, 3), (2, 2), (1, 1), 1, 3),
+     ((2, 12, 2), 1, (3, 1), (1, 1), (2, 1), 1, 9), ((2, 11, 2), 2, (5, 3), (2, 1), (1, 1), 3, 9)],
+)  # fmt: skip
+def test_patch_row_exponents_match_the_generic_path(ex_shape, groups, kernel, stride, dilation, taps_per_block, ow):
+    from dfp import _ops
+
+    ex = torch.randint(-50, 0, ex_shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    oh = output_size(ex_shape[1], kernel[0], stride[0], 0, dilation[0])
+    rows = ex_shape[0] * oh * ow
+    for g in range(groups):
+        want = _ops._patch_row_exponents(ex, g, groups, kernel, stride, dilation, rows, taps_per_block)
+        got = cuda_gemm.patch_row_exponents(ex.cuda(), g, groups, kernel, stride, dilation, rows, taps_per_block)
+        assert torch.equal(got.cpu(), want)
+
+
+@needs_gpu
+def test_window_bit_exact():
+    x = int16_operand((2, 5, 6, 3), 2)
+    for rows, columns, channels in [((-1, 6), (-2, 7), 4), ((1, 4), (0, 6), 3), ((-2, 8), (-1, 7), 3)]:
+        want = on_reference(layout.window, x, rows, columns, channels)
+        assert torch.equal(layout.window(x.cuda(), rows, columns, channels).cpu(), want)
 
 
 @needs_gpu

@@ -25,6 +25,7 @@ import torch
 from helpers import int16_operand, wide_range
 
 from dfp import reference
+from dfp.format import exact_pow2
 from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import loader
 from dfp.cuda.sources import cuda_files, source_dir
@@ -344,11 +345,26 @@ static int gemm(char** argv) {
   return 0;
 }
 
+// scales lines blocks line_stride block_stride e.bin r.bin s.bin: dfp_gemm_scales's lines,
+// one after another; s written (lines, blocks) row-major.
+static int scales(char** argv) {
+  const int lines = atoi(argv[2]), blocks = atoi(argv[3]), line_stride = atoi(argv[4]), block_stride = atoi(argv[5]);
+  std::vector<int> e = load<int>(argv[6], size_t(lines - 1) * line_stride + size_t(blocks - 1) * block_stride + 1);
+  std::vector<int> r(lines);
+  std::vector<float> s(size_t(lines) * blocks);
+  for (int line = 0; line < lines; ++line)
+    line_scales(e.data() + size_t(line) * line_stride, blocks, block_stride, &r[line], &s[size_t(line) * blocks], 1);
+  save(argv[7], r);
+  save(argv[8], s);
+  return 0;
+}
+
 int main(int argc, char** argv) {
   if (argc > 1 && strcmp(argv[1], "quantize") == 0 && argc == 13) return quantize(argv);
   if (argc > 1 && strcmp(argv[1], "blocks") == 0 && argc == 12) return blocks(argv);
   if (argc > 1 && strcmp(argv[1], "gemm") == 0 && argc == 19) return gemm(argv);
-  fprintf(stderr, "usage: quantize ... | blocks ... | gemm ...\n");
+  if (argc > 1 && strcmp(argv[1], "scales") == 0 && argc == 9) return scales(argv);
+  fprintf(stderr, "usage: quantize ... | blocks ... | gemm ... | scales ...\n");
   return 2;
 }
 """
@@ -433,6 +449,29 @@ def test_header_quantizes_blocks_in_one_pass_like_the_reference(host_program, ca
     assert done.returncode == 3
 
 
+@pytest.mark.parametrize("transposed", [False, True], ids=["rows of ea", "columns of eb"])
+def test_header_gemm_scales_match_exact_powers_of_two(host_program, transposed):
+    """dfp_gemm_scales's lines: the maximum of each, and 2^(e - max) as fp32 from fp64's exact
+    power of two: normal, subnormal down to 2^-149, zero below (2^-150 rounds to the even 0)."""
+    exe, work = host_program
+    g = torch.Generator().manual_seed(5)
+    e = torch.randint(-400, 10, (41, 7), generator=g, dtype=torch.int32)
+    e[:, 0] = 10  # each line's maximum ...
+    e[:6, 1:4] = torch.tensor([10 - 126, 10 - 127, 10 - 149]).repeat(6, 1)  # ... and the edges of fp32's range
+    e[6:12, 1:4] = torch.tensor([10 - 150, 10 - 151, 10]).repeat(6, 1)
+    lines, blocks = e.shape
+    stored = e.t().contiguous() if transposed else e  # eb's layout: a line is a column
+    strides = (1, lines) if transposed else (blocks, 1)
+    stored.numpy().tofile(work / "se.bin")
+    _run(exe, "scales", lines, blocks, *strides, work / "se.bin", work / "sr.bin", work / "ss.bin")
+    got_r = torch.from_numpy(np.fromfile(work / "sr.bin", dtype=np.int32))
+    got_s = torch.from_numpy(np.fromfile(work / "ss.bin", dtype=np.float32)).view(lines, blocks)
+    r = e.amax(dim=1)
+    assert torch.equal(got_r, r)
+    assert torch.equal(got_s, exact_pow2(e - r[:, None]).float())
+    assert (got_s[6:12, 1:3] == 0).all() and (got_s[:6, 3] == 2.0**-149).all()
+
+
 GEMM_CASES = {
     "tensor, chains of 32": (37, 100, 19, 2, 2, None, "random"),
     "kblock 48 (tiles cut by blocks)": (9, 150, 11, 2, 2, 48, "random"),
@@ -469,7 +508,8 @@ def test_header_gemm_arithmetic_matches_the_reference(host_program, case, path):
     ea = torch.randint(-30, 5, (m, kb), generator=g, dtype=torch.int32)
     eb = torch.randint(-30, 5, (kb, n), generator=g, dtype=torch.int32)
     bias = torch.randn(n, generator=g)
-    ra, rb, sa, sb = cuda_gemm._scales(ea, eb)
+    ra, rb = ea.amax(dim=1), eb.amax(dim=0)  # what dfp_gemm_scales makes (test above)
+    sa, sb = exact_pow2(ea - ra[:, None]).float(), exact_pow2(eb - rb[None, :]).float()
     chain = reference.chain_length(ha, hb)
     # the kernel's k tiles; for chains shorter than a tile (which the kernel leaves to the
     # int16 path) one tile per chain, to check the split and recombination there too

@@ -395,6 +395,18 @@ def test_nonfinite_operands_give_nan_never_an_error(where, value, layout):
     assert dependent.isnan().all() and independent.isfinite().all()
 
 
+def test_nan_where_follows_the_flag_of_nonfinite():
+    from dfp import _conv_layout as layout
+
+    result = torch.ones(2, 3)
+    marked = torch.tensor([3, layout.NONFINITE], dtype=torch.int32)
+    assert layout.nonfinite(torch.tensor([3, 4], dtype=torch.int32)) is False  # on the CPU: a bool, read at once
+    assert layout.nonfinite(marked) is True
+    assert layout.nan_where(result, False) is result
+    assert layout.nan_where(result, torch.tensor(True)).isnan().all()  # the device flag of a GPU
+    assert torch.equal(layout.nan_where(result, torch.tensor(False)), result)
+
+
 @pytest.mark.parametrize("fmt", ["dfp16", "dfp16-sr", CHANNEL], ids=lambda f: getattr(f, "name", f))
 def test_nonfinite_output_gradient_gives_nan_gradients(fmt):
     x = _gaussian((3, 4), 0).requires_grad_()

@@ -231,6 +231,24 @@ DFP_HD float scale_result(float acc, int e) {
 #endif
 }
 
+// 2^k for an integer k <= 0 as float32, as fp64's exact 2^k rounds to it (dfp.format.exact_pow2
+// then .float()): normal, subnormal from 2^-127 down to 2^-149, and 0 below (2^-150, halfway
+// to the smallest subnormal, rounds to the even 0).
+DFP_HD float exact_scale(i64 k) {
+  if (k >= -126) return pow2f(int(k));
+  return k >= -149 ? bits_float(1u << int(k + 149)) : 0.0f;
+}
+
+// One line of a GEMM's exponents (a row of ea or a column of eb): its `blocks` K-block
+// exponents e[b * step] give the epilogue shift r = their maximum and the block scales
+// s[b * s_step] = 2^(e - r) (exact_scale), as dfp/cuda/gemm.py's launches pass them.
+DFP_HD void line_scales(const int* e, int blocks, i64 step, int* r, float* s, i64 s_step) {
+  int top = e[0];
+  for (int b = 1; b < blocks; ++b) top = e[b * step] > top ? e[b * step] : top;
+  *r = top;
+  for (int b = 0; b < blocks; ++b) s[b * s_step] = exact_scale(i64(e[b * step]) - top);
+}
+
 // The balanced int8 limbs of an int16 x with |x| <= 32639 (every headroom >= 1):
 // x = 256 h + l, l = the low byte of x read as signed (in [-128, 127]), h = (x + 128) >> 8
 // (in [-128, 127]). Unlike the offset split of dfp/cuda/limbs.py it needs no correction.

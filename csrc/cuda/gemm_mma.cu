@@ -28,6 +28,14 @@
 // Tile: 128 x 128 outputs per block of 8 warps (2 x 4), 64 x 32 per warp (4 x 4 mma
 // tiles), k tiles of 32, two shared-memory stages filled through registers (the split
 // happens between the global load and the shared store).
+//
+// Split K: a GEMM with fewer 128 x 128 output tiles than the GPU has multiprocessors (a
+// convolution's weight gradient: Cout x KH*KW*Cin outputs, a reduction over every pixel of
+// the batch) would run on a few of them. The contract's fp32 sum runs over the chains in
+// order of k, so the reduction cannot be cut into partial fp32 sums; instead the
+// DFP_MMA_CHAIN_SUMS variant cuts it across the grid's z and stores each chain's exact
+// int32 sum, and dfp_gemm_add_chains adds them to the fp32 accumulator in order: the same
+// steps, so the same bits.
 #include "dfp_cuda.h"
 
 using namespace dfp;
@@ -121,6 +129,9 @@ __device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], cons
 //   DFP_MMA_VEC8: K, lda, ldb and every tile's first k are multiples of 8 and both operands
 //     16-byte aligned (8 mantissas per 16-byte load).
 //   DFP_MMA_K_BLOCKS: more than one K-block, with fp32 scales sa (M, KB) and sb (KB, N).
+//   DFP_MMA_CHAIN_SUMS: block z runs tiles [split_tiles[z], split_tiles[z + 1]) and stores
+//     the int32 sum of each chain c it ends (a tile's chain-end field is then c + 1) in
+//     plane c - chain_base of chain_sums (planes of M x N, row-major); out is not written.
 #ifndef DFP_MMA_CHAIN_PER_TILE
 #define DFP_MMA_CHAIN_PER_TILE 0
 #endif
@@ -130,17 +141,27 @@ __device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], cons
 #ifndef DFP_MMA_K_BLOCKS
 #define DFP_MMA_K_BLOCKS 0
 #endif
+#ifndef DFP_MMA_CHAIN_SUMS
+#define DFP_MMA_CHAIN_SUMS 0
+#endif
 constexpr bool kChainPerTile = DFP_MMA_CHAIN_PER_TILE != 0;
 constexpr bool kVec8 = DFP_MMA_VEC8 != 0;
 constexpr bool kKBlocks = DFP_MMA_K_BLOCKS != 0;
+constexpr bool kChainSums = DFP_MMA_CHAIN_SUMS != 0;
 
 // 170-255 registers per thread, by variant: one block of 8 warps per SM.
 extern "C" __global__ void __launch_bounds__(kThreads)
     dfp_gemm_mma(const short* __restrict__ a, int lda, const short* __restrict__ bt, int ldb, int m_count,
                  int n_count, const int* __restrict__ tiles, int tile_count, const float* __restrict__ sa,
                  const float* __restrict__ sb, int kb, const int* __restrict__ ra, const int* __restrict__ rb,
-                 const float* __restrict__ bias, int has_bias, float* __restrict__ out) {
+                 const float* __restrict__ bias, int has_bias, float* __restrict__ out,
+                 const int* __restrict__ split_tiles, int chain_base, i32* __restrict__ chain_sums) {
   __shared__ __align__(16) Stage stages[2];
+  if (kChainSums) {  // this block's share of the k tiles
+    const int first = split_tiles[blockIdx.z];
+    tiles += 4 * first;
+    tile_count = split_tiles[blockIdx.z + 1] - first;
+  }
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t4 = lane & 3;
@@ -231,6 +252,23 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     }
   };
 
+  // The chain sums of one chain end, stored for dfp_gemm_add_chains (DFP_MMA_CHAIN_SUMS).
+  auto store_chain_sums = [&](const u32(&sums)[kMmaM][kMmaN][4], int chain) {
+    i32* plane = chain_sums + i64(chain - chain_base) * m_count * n_count;
+#pragma unroll
+    for (int mi = 0; mi < kMmaM; ++mi) {
+#pragma unroll
+      for (int ni = 0; ni < kMmaN; ++ni) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          const int m = m0 + warp_m + mi * 16 + g + 8 * (r >> 1);
+          const int n = n0 + warp_n + ni * 8 + 2 * t4 + (r & 1);
+          if (m < m_count && n < n_count) plane[i64(m) * n_count + n] = i32(sums[mi][ni][r]);
+        }
+      }
+    }
+  };
+
   int4 tile_now = tile_next;
   if (tile_count > 0) {
     load_tile(tile_now);
@@ -279,7 +317,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     }
     const int blk = kKBlocks ? tile.w : 0;
     if (kChainPerTile) {
-      add_chain_sums(piece, blk);
+      if (kChainSums) {
+        store_chain_sums(piece, tile.z - 1);
+      } else {
+        add_chain_sums(piece, blk);
+      }
     } else {
 #pragma unroll
       for (int mi = 0; mi < kMmaM; ++mi) {
@@ -290,7 +332,11 @@ extern "C" __global__ void __launch_bounds__(kThreads)
         }
       }
       if (tile.z != 0) {  // this tile ends a chain: uniform over the block
-        add_chain_sums(running, blk);
+        if (kChainSums) {
+          store_chain_sums(running, tile.z - 1);
+        } else {
+          add_chain_sums(running, blk);
+        }
 #pragma unroll
         for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
@@ -305,20 +351,78 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     if (t + 1 < tile_count) store_tile(stages[(t + 1) & 1]);
     __syncthreads();
   }
-
+  if (!kChainSums) {  // else dfp_gemm_add_chains finishes the sums
 #pragma unroll
-  for (int mi = 0; mi < kMmaM; ++mi) {
+    for (int mi = 0; mi < kMmaM; ++mi) {
 #pragma unroll
-    for (int ni = 0; ni < kMmaN; ++ni) {
+      for (int ni = 0; ni < kMmaN; ++ni) {
 #pragma unroll
-      for (int r = 0; r < 4; ++r) {
-        const int m = m0 + warp_m + mi * 16 + g + 8 * (r >> 1);
-        const int n = n0 + warp_n + ni * 8 + 2 * t4 + (r & 1);
-        if (m < m_count && n < n_count) {
-          const float v = scale_result(acc[mi][ni][r], ra[m] + rb[n]);
-          out[i64(m) * n_count + n] = has_bias ? add_rn(v, bias[n]) : v;
+        for (int r = 0; r < 4; ++r) {
+          const int m = m0 + warp_m + mi * 16 + g + 8 * (r >> 1);
+          const int n = n0 + warp_n + ni * 8 + 2 * t4 + (r & 1);
+          if (m < m_count && n < n_count) {
+            const float v = scale_result(acc[mi][ni][r], ra[m] + rb[n]);
+            out[i64(m) * n_count + n] = has_bias ? add_rn(v, bias[n]) : v;
+          }
         }
       }
     }
   }
+}
+
+// The second half of a split-K GEMM (DFP_MMA_CHAIN_SUMS): chain sums [0, chain_count) of
+// chain_sums (planes of M x N), chain c of K-block chain_blocks[c], added to each output
+// element's fp32 accumulator in order, as dfp_gemm_mma adds them over a whole K. The
+// accumulator starts at 0 where `first`, else comes from acc (the previous part of K);
+// where `last` the epilogue writes out, else acc keeps the sum for the next part.
+//
+// The sum is serial per element, so the loads are not: a block owns 32 consecutive
+// elements, and its 8 warps turn chunks of 64 chains into their products float32(S) * s
+// (coalesced loads, 8 in flight per thread) in shared memory, one chunk ahead of warp 0,
+// whose lanes add them up. (One thread per element, the loads in its own loop, kept
+// about 70 warps busy for a 16 x 144 weight gradient: 0.4 ms on an H200.)
+constexpr int kAddElements = 32, kAddChunk = 64, kAddWarps = 8;
+
+extern "C" __global__ void __launch_bounds__(kAddWarps * 32)
+    dfp_gemm_add_chains(const i32* __restrict__ chain_sums, int chain_count, const int* __restrict__ chain_blocks,
+                        int m_count, int n_count, const float* __restrict__ sa, const float* __restrict__ sb, int kb,
+                        const int* __restrict__ ra, const int* __restrict__ rb, const float* __restrict__ bias,
+                        int has_bias, int first, int last, float* __restrict__ acc, float* __restrict__ out) {
+  __shared__ float products[2][kAddChunk][kAddElements];
+  const i64 plane = i64(m_count) * n_count;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const i64 idx = i64(blockIdx.x) * kAddElements + lane;  // this lane's element
+  const bool valid = idx < plane;
+  const int m = valid ? int(idx / n_count) : 0, n = valid ? int(idx % n_count) : 0;
+  auto fill = [&](int buffer, int c0) {
+#pragma unroll
+    for (int i = 0; i < kAddChunk / kAddWarps; ++i) {
+      const int row = warp + kAddWarps * i, c = c0 + row;
+      float product = 0.0f;
+      if (valid && c < chain_count) {
+        const int blk = chain_blocks[c];
+        product = mul_rn(int_to_float_rn(chain_sums[c * plane + idx]), mul_rn(sa[m * kb + blk], sb[blk * n_count + n]));
+      }
+      products[buffer][row][lane] = product;
+    }
+  };
+  float sum = first || !valid ? 0.0f : acc[idx];
+  const int chunks = (chain_count + kAddChunk - 1) / kAddChunk;
+  if (chunks > 0) fill(0, 0);
+  __syncthreads();
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    if (chunk + 1 < chunks) fill((chunk + 1) & 1, (chunk + 1) * kAddChunk);
+    if (warp == 0) {
+      const int count = min(kAddChunk, chain_count - chunk * kAddChunk);
+      for (int row = 0; row < count; ++row) sum = add_rn(sum, products[chunk & 1][row][lane]);
+    }
+    __syncthreads();
+  }
+  if (warp != 0 || !valid) return;
+  if (!last) {
+    acc[idx] = sum;
+    return;
+  }
+  const float v = scale_result(sum, ra[m] + rb[n]);
+  out[idx] = has_bias ? add_rn(v, bias[n]) : v;
 }

@@ -10,7 +10,8 @@
 //      non-finite value; all |x| bits fit in a non-negative int32.
 //   2. dfp_exponents: the group exponents, and `nonfinite[0] = 1` if a group held NaN/Inf
 //      (the caller reads it once, after the launches, and raises).
-//   3. dfp_quantize: every element, with the random bits of its row-major flat index.
+//   3. dfp_quantize: every element, with the random bits of its row-major flat index (all
+//      0 where the flag is set).
 // Sizes are int: the caller keeps tensors below 2^30 elements and grids below 2^30
 // threads, so no index or grid stride overflows.
 #include "dfp_cuda.h"
@@ -138,9 +139,15 @@ __device__ __forceinline__ void quantize_tensor_vec4(const float* __restrict__ x
 }
 
 // count < 2^31 elements (the caller checks). vec4: mode 0, count % 4 == 0, x 16-byte aligned.
+// Where nonfinite[0] is set (by dfp_exponents, launched before), every mantissa is 0.
 extern "C" __global__ void dfp_quantize(const float* __restrict__ x, int count, int mode, int n_count, int inner,
                                         int block, const int* __restrict__ exponent, int headroom, int rounding,
-                                        int seed_low, int seed_high, int vec4, short* __restrict__ out) {
+                                        int seed_low, int seed_high, int vec4, const int* __restrict__ nonfinite,
+                                        short* __restrict__ out) {
+  if (nonfinite[0]) {
+    for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) out[idx] = 0;
+    return;
+  }
   const float limit = float(max_mantissa(headroom));
   const u32 k0 = u32(seed_low), k1 = u32(seed_high);
   if (mode == 0) {
@@ -167,5 +174,52 @@ extern "C" __global__ void dfp_dequantize(const short* __restrict__ mantissa, in
   for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
     const i32 e = exponent[group_of(idx, mode, n_count, inner, block)];
     out[idx] = __double2float_rn(double(mantissa[idx]) * pow2d(e));
+  }
+}
+
+// The conv layers' quantizations (dfp/cuda/layout.py) in one pass over the output: the
+// source x is an image (images, height, width, cols) of float32 (a pixel matrix is an
+// image of width 1), the output one of int16 (images, out_height, out_width, out_cols)
+// with x at rows [top, top + height) and columns [left, left + width), zeros elsewhere and
+// in the channels from cols on. Pixel r = (n * height + h) * width + w of x and channel c
+// take exponent[(r / tile_rows) * group_columns + c / tile_cols], and the random bits of
+// their index r * cols + c in the pixel matrix (the generic path's rule). Where
+// nonfinite[0] is set (by the launches that made the exponents, before this one), every
+// mantissa is 0: the marking of a source with NaN/Inf, without a host sync.
+extern "C" __global__ void dfp_quantize_grouped(const float* __restrict__ x, int images, int height, int width,
+                                                int cols, int top, int left, int out_height, int out_width,
+                                                int out_cols, int tile_rows, int tile_cols, int group_columns,
+                                                const int* __restrict__ exponent, int headroom, int rounding,
+                                                int seed_low, int seed_high, const int* __restrict__ nonfinite,
+                                                short* __restrict__ out) {
+  const int count = images * out_height * out_width * out_cols;
+  const float limit = float(max_mantissa(headroom));
+  const bool marked = nonfinite[0] != 0;
+  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
+    const int c = idx % out_cols, pixel = idx / out_cols;
+    const int w = pixel % out_width - left, h = pixel / out_width % out_height - top;
+    if (marked || c >= cols || h < 0 || h >= height || w < 0 || w >= width) {
+      out[idx] = 0;
+      continue;
+    }
+    const int r = (pixel / (out_width * out_height) * height + h) * width + w;
+    const i32 e = exponent[(r / tile_rows) * group_columns + c / tile_cols];
+    const int at = r * cols + c;
+    out[idx] = quantize_one(x[at], inverse_scale(e), limit, rounding, u64(at), u32(seed_low), u32(seed_high));
+  }
+}
+
+// Rows [r0, r0 + out_height) and columns [c0, c0 + out_width) of the int16 image x
+// (images, height, width, cols), with out_cols >= cols channels: zeros past its edges.
+extern "C" __global__ void dfp_window(const short* __restrict__ x, int images, int height, int width, int cols,
+                                      int r0, int c0, int out_height, int out_width, int out_cols,
+                                      short* __restrict__ out) {
+  const int count = images * out_height * out_width * out_cols;
+  for (int idx = blockIdx.x * blockDim.x + threadIdx.x; idx < count; idx += gridDim.x * blockDim.x) {
+    const int c = idx % out_cols, pixel = idx / out_cols;
+    const int w = pixel % out_width + c0, h = pixel / out_width % out_height + r0;
+    const int n = pixel / (out_width * out_height);
+    const bool inside = c < cols && h >= 0 && h < height && w >= 0 && w < width;
+    out[idx] = inside ? x[((n * height + h) * width + w) * cols + c] : short(0);
   }
 }

@@ -8,6 +8,10 @@ paths (``DFP_CUDA_GEMM`` forces one):
   not apply.
 - ``limbs``: ``torch._int_mm`` (cuBLASLt's int8 GEMM) on stacked limbs, one call per
   chain (``dfp.cuda.limbs``); slow, the formulation the CPU tests check bit for bit.
+
+A tensor-core GEMM with too few output tiles to fill the GPU (a convolution's weight
+gradient: few outputs, a reduction over every pixel of the batch) splits K across the
+grid: each chain's exact int32 sum is stored, then added in order of k (``split_k_plan``).
 """
 
 from __future__ import annotations
@@ -17,16 +21,23 @@ import os
 
 import torch
 
-from ..format import exact_pow2
 from ..reference import chain_length
 from . import limbs
-from .loader import check_int32, kernel
+from .loader import blocks_for, check_int32, kernel
 
 PATHS = ("mma", "int16", "limbs")
 TILE_K = 32  # k per tile of the tensor-core kernel: one m16n8k32 step
 _MMA_BLOCK = 128  # rows and columns of C per block of the tensor-core kernel
 _INT16_BLOCK = 64
-MMA_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_VEC8", "DFP_MMA_K_BLOCKS")  # 0/1 each (gemm_mma.cu)
+MMA_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_VEC8", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS")  # 0/1 each
+# Split K: each split runs at least this many chains (fewer would store more than they compute),
+# the grid gets about this many blocks per multiprocessor, and the int32 chain sums held at
+# once take at most this many bytes (a longer K runs in parts, the fp32 sums carried over).
+SPLIT_MIN_CHAINS = 8
+SPLIT_BLOCKS_PER_SM = 4
+CHAIN_SUMS_BYTES = 256 * 2**20
+_ADD_CHAINS_ELEMENTS = 32  # output elements per block of dfp_gemm_add_chains
+_SCALE_THREADS = 256
 
 
 def mma_applies(capability: tuple[int, int], ha: int, hb: int) -> bool:
@@ -55,20 +66,66 @@ def choose_path(capability: tuple[int, int], ha: int, hb: int) -> str:
 
 @functools.lru_cache(maxsize=64)
 def k_tiles(k: int, kblock: int, chain: int) -> tuple[tuple[int, int, int, int], ...]:
-    """``(first k, length, ends a chain, K-block index)`` of every k tile of the tensor-core
+    """``(first k, length, chain end, K-block index)`` of every k tile of the tensor-core
     kernel: chains (docs/design.md) cut into tiles of at most TILE_K, so no tile straddles
-    two chains; ``chain`` must be a multiple of TILE_K."""
+    two chains; ``chain`` must be a multiple of TILE_K. The chain end is 0, or for the
+    last tile of chain c (in order of k), c + 1."""
     if chain % TILE_K:
         raise ValueError(f"k tiles need chains of a multiple of {TILE_K} products, got {chain}")
-    tiles = []
+    tiles, chains = [], 0
     for blk, block_start in enumerate(range(0, k, kblock)):
         block_stop = min(block_start + kblock, k)
         for c0 in range(block_start, block_stop, chain):
             c1 = min(c0 + chain, block_stop)
+            chains += 1
             for t0 in range(c0, c1, TILE_K):
                 length = min(TILE_K, c1 - t0)
-                tiles.append((t0, length, int(t0 + length == c1), blk))
+                tiles.append((t0, length, chains if t0 + length == c1 else 0, blk))
     return tuple(tiles)
+
+
+@functools.lru_cache(maxsize=64)
+def split_k_plan(
+    k: int, kblock: int, chain: int, output_tiles: int, sms: int, outputs: int, sums_bytes: int
+) -> tuple[tuple[int, int, tuple[int, ...]], ...] | None:
+    """How a tensor-core GEMM with ``output_tiles`` blocks of outputs (``outputs`` = M*N
+    elements) splits K on a GPU of ``sms`` multiprocessors, or None where it runs whole
+    (its blocks fill at least half the GPU, or K is too short to split). Else its parts,
+    each ``(first chain, chains, splits)``, whose int32 chain sums take at most
+    ``sums_bytes`` where one chain per part allows: ``splits`` lists the first k tile of
+    each split and the part's end (tile indices of ``k_tiles``; every split whole chains)."""
+    if 2 * output_tiles > sms:
+        return None
+    tiles = k_tiles(k, kblock, chain)
+    starts = [0] + [i + 1 for i, tile in enumerate(tiles) if tile[2]]  # first tile of chain c; then the end
+    chains = len(starts) - 1
+    part_count = -(-chains // max(1, sums_bytes // (4 * outputs)))
+    per_part = -(-chains // part_count)
+    per_split = max(SPLIT_MIN_CHAINS, -(-per_part // -(-SPLIT_BLOCKS_PER_SM * sms // output_tiles)))
+    if chains < 2 * per_split:
+        return None
+    parts = []
+    for c0 in range(0, chains, per_part):
+        c1 = min(c0 + per_part, chains)
+        parts.append((c0, c1 - c0, (*(starts[c] for c in range(c0, c1, per_split)), starts[c1])))
+    return tuple(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _split_tensors(k, kblock, chain, output_tiles, sms, outputs, sums_bytes, device: torch.device):
+    """The parts of ``split_k_plan`` with their splits as int32 tensors on ``device``, and the
+    K-block of every chain (int32, in order). Kept, like ``_tile_table``'s: callers
+    ``record_stream`` them."""
+    plan = split_k_plan(k, kblock, chain, output_tiles, sms, outputs, sums_bytes)
+    blocks = [tile[3] for tile in k_tiles(k, kblock, chain) if tile[2]]
+    chain_blocks = torch.tensor(blocks, dtype=torch.int32).to(device)
+    parts = [(c0, count, torch.tensor(splits, dtype=torch.int32).to(device)) for c0, count, splits in plan]
+    return parts, chain_blocks
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @functools.lru_cache(maxsize=64)
@@ -84,12 +141,36 @@ def _tile_table(k: int, kblock: int, chain: int, device: torch.device) -> tuple[
 
 def _scales(ea: torch.Tensor, eb: torch.Tensor):
     """Epilogue shifts ra (M,), rb (N,) and fp32 block scales sa (M, KB), sb (KB, N) (exact
-    powers of two, subnormal or 0 where they underflow), as the reference computes them."""
-    ra = ea.amax(dim=1, keepdim=True)
-    rb = eb.amax(dim=0, keepdim=True)
-    sa = exact_pow2(ea - ra).float().contiguous()
-    sb = exact_pow2(eb - rb).float().contiguous()
-    return ra.reshape(-1).int().contiguous(), rb.reshape(-1).int().contiguous(), sa, sb
+    powers of two, subnormal or 0 where they underflow), as the reference computes them:
+    one launch of ``dfp_gemm_scales`` per operand."""
+    (m, kb), n = ea.shape, eb.shape[1]
+    check_int32(ea_rows=ea.stride(0), ea_blocks=ea.stride(1), eb_blocks=eb.stride(0), eb_columns=eb.stride(1))
+    ra = torch.empty(m, dtype=torch.int32, device=ea.device)
+    rb = torch.empty(n, dtype=torch.int32, device=ea.device)
+    sa = torch.empty((m, kb), dtype=torch.float32, device=ea.device)
+    sb = torch.empty((kb, n), dtype=torch.float32, device=ea.device)
+    launch = kernel("gemm_scales.cu", "dfp_gemm_scales", ea.device)
+    for e, lines, r, s, line_strides in ((ea, m, ra, sa, (kb, 1)), (eb, n, rb, sb, (1, n))):
+        strides = (e.stride(0), e.stride(1)) if e is ea else (e.stride(1), e.stride(0))
+        launch((blocks_for(lines, _SCALE_THREADS), 1, 1), (_SCALE_THREADS, 1, 1),
+               [e, lines, kb, *strides, r, s, *line_strides])  # fmt: skip
+    return ra, rb, sa, sb
+
+
+def patch_row_exponents(ex, g, groups, kernel_size, stride, dilation, rows, taps_per_block) -> torch.Tensor:
+    """``dfp._ops._patch_row_exponents`` in one launch (``dfp_patch_row_exponents``)."""
+    n, hp, blocks = ex.shape
+    oh = (hp - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    per_group, row_blocks = blocks // groups, kernel_size[1] // taps_per_block
+    out = torch.empty((rows, kernel_size[0] * row_blocks * per_group), dtype=torch.int32, device=ex.device)
+    check_int32(count=out.numel(), exponents=ex.numel())
+    if out.numel():
+        kernel("gemm_scales.cu", "dfp_patch_row_exponents", ex.device)(
+            (blocks_for(out.numel(), _SCALE_THREADS), 1, 1), (_SCALE_THREADS, 1, 1),
+            [ex.contiguous(), hp, blocks, g, per_group, oh, rows // max(n * oh, 1), kernel_size[0], row_blocks,
+             stride[0], dilation[0], rows, out],
+        )  # fmt: skip
+    return out
 
 
 def _k_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -113,12 +194,30 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
         and bt.data_ptr() % 16 == 0
     )
     check_int32(lda=a.stride(0), ldb=bt.stride(0))
-    grid = (-(-m // _MMA_BLOCK), -(-n // _MMA_BLOCK), 1)
-    variant = dict(zip(MMA_VARIANTS, (int(chain == TILE_K), int(vec8), int(kb > 1)), strict=True))
-    kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **variant)(
-        grid, (256, 1, 1),
-        [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out],
-    )  # fmt: skip
+    grid = (-(-m // _MMA_BLOCK), -(-n // _MMA_BLOCK))
+    device = a.device.index if a.device.index is not None else torch.cuda.current_device()
+    split = (k, kblock, chain, grid[0] * grid[1], _multiprocessors(device), m * n, CHAIN_SUMS_BYTES)
+    plan = split_k_plan(*split)
+    flags = (int(chain == TILE_K), int(vec8), int(kb > 1))
+    operands = [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out]
+    if plan is None:
+        mma = kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, (*flags, 0), strict=True)))
+        mma((*grid, 1), (256, 1, 1), [*operands, table, 0, out])  # no splits: the last three are not read
+        return
+    mma = kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, (*flags, 1), strict=True)))
+    add_chains = kernel("gemm_mma.cu", "dfp_gemm_add_chains", a.device)
+    parts, chain_blocks = _split_tensors(*split, a.device)
+    chain_blocks.record_stream(torch.cuda.current_stream(a.device))
+    acc = torch.empty((m, n), dtype=torch.float32, device=a.device) if len(parts) > 1 else out
+    for i, (c0, count, splits) in enumerate(parts):
+        splits.record_stream(torch.cuda.current_stream(a.device))
+        sums = torch.empty((count, m, n), dtype=torch.int32, device=a.device)
+        mma((*grid, splits.numel() - 1), (256, 1, 1), [*operands, splits, c0, sums])
+        add_chains(
+            (-(-m * n // _ADD_CHAINS_ELEMENTS), 1, 1), (256, 1, 1),
+            [sums, count, chain_blocks[c0:], m, n, sa, sb, kb, ra, rb, bias, has_bias, int(i == 0),
+             int(i == len(parts) - 1), acc, out],
+        )  # fmt: skip
 
 
 def _gemm_int16(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):

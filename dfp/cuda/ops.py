@@ -1,15 +1,21 @@
 """The CUDA backend of dfp's registered ops (``dfp/_ops.py``): ``quantize3d`` and
-``gemm`` with the signatures of ``dfp/backends/cpu.py``; ``dfp.backends.active`` picks
-it for CUDA tensors, and the ops' generic paths (matmul, the convolutions' im2col) run
-on top. Kernels are compiled when an op first runs on a GPU."""
+``gemm``, and for the training layers ``quantize3d_marked`` (NaN/Inf marked, no host
+sync), ``quantize_input``, ``quantize_gradient``, ``window`` and ``patch_row_exponents``,
+with the signatures of ``dfp/backends/cpu.py``; ``dfp.backends.active`` picks it for CUDA
+tensors, and the ops' generic paths (matmul, the convolutions' im2col) run on top.
+Kernels are compiled when an op first runs on a GPU."""
 
 from __future__ import annotations
 
 from . import loader
-from .gemm import gemm
-from .quantize import quantize3d
+from .gemm import gemm, patch_row_exponents
+from .layout import quantize_gradient, quantize_input, window
+from .quantize import quantize3d, quantize3d_marked
 
-__all__ = ["ensure_available", "gemm", "quantize3d"]
+__all__ = [
+    "ensure_available", "gemm", "patch_row_exponents", "quantize3d", "quantize3d_marked", "quantize_gradient",
+    "quantize_input", "window",
+]  # fmt: skip
 
 
 def ensure_available() -> None:

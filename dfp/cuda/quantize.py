@@ -49,19 +49,24 @@ def _group_amax(x: torch.Tensor, mode: int) -> torch.Tensor:
     return amax
 
 
-def _exponents(amax: torch.Tensor, headroom: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group exponents, and a flag (int32, on the device) set where a group held NaN/Inf."""
+def _exponents(
+    amax: torch.Tensor, headroom: int, nonfinite: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The group exponents, and a flag (int32, on the device; ``nonfinite`` where given)
+    set where a group held NaN/Inf."""
     groups = amax.numel()
     exponent = torch.empty(groups, dtype=torch.int32, device=amax.device)
-    nonfinite = torch.zeros(1, dtype=torch.int32, device=amax.device)
+    if nonfinite is None:
+        nonfinite = torch.zeros(1, dtype=torch.int32, device=amax.device)
     kernel(_FILE, "dfp_exponents", amax.device)(
         (blocks_for(groups, _THREADS), 1, 1), (_THREADS, 1, 1), [amax, groups, headroom, exponent, nonfinite]
     )
     return exponent, nonfinite
 
 
-def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa) -> None:
-    """mantissa = every element of x rounded with its group's exponent (the third launch)."""
+def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa, nonfinite) -> None:
+    """mantissa = every element of x rounded with its group's exponent (the third launch);
+    all zeros where the flag ``nonfinite`` is set."""
     _, n, i = x.shape
     count = x.numel()
     vec4 = int(mode == 0 and count % 4 == 0 and x.data_ptr() % 16 == 0)
@@ -71,7 +76,7 @@ def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, manti
         (blocks_for(count // 4 if vec4 else count, _THREADS, 16 * sms), 1, 1),
         (_THREADS, 1, 1),
         [x, count, mode, n, i, max(block, 1), exponent, headroom, rounding,
-         _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, mantissa],
+         _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, nonfinite, mantissa],
     )  # fmt: skip
 
 
@@ -94,12 +99,8 @@ def _quantize_blocks(x, block, headroom, rounding, seed, mantissa) -> tuple[torc
     return exponent, nonfinite
 
 
-def quantize3d(
-    x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The backend contract (``dfp/backends/__init__.py``) on a CUDA tensor: contiguous
-    float32 ``x`` (O, N, I) -> int16 mantissas (O, N, I) and int32 exponents (1,), (N,) or
-    (O, ceil(N/block), I). Raises dfp.NonFiniteError on NaN/Inf (after one device sync)."""
+def _quantize3d(x, mode, block, headroom, rounding, seed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``quantize3d``'s mantissas and exponents, and its NaN/Inf flag (int32 (1,), on the device)."""
     if x.dtype != torch.float32 or not x.is_contiguous():
         raise TypeError(
             f"dfp.cuda quantizes contiguous float32 tensors, got {x.dtype} (contiguous: {x.is_contiguous()})"
@@ -111,21 +112,53 @@ def quantize3d(
     mantissa = torch.empty((o, n, i), dtype=torch.int16, device=x.device)
     exponent_shape = (1,) if mode == 0 else (n,) if mode == 1 else (o, -(-n // block), i)
     if count == 0:
-        return mantissa, torch.full(exponent_shape, zeros_exponent(headroom), dtype=torch.int32, device=x.device)
-
+        exponent = torch.full(exponent_shape, zeros_exponent(headroom), dtype=torch.int32, device=x.device)
+        return mantissa, exponent, torch.zeros(1, dtype=torch.int32, device=x.device)
     if mode == 2:  # blocks need no maximum over the tensor: one launch
         exponent, nonfinite = _quantize_blocks(x, block, headroom, rounding, seed, mantissa)
     else:
         amax = _group_amax(x, mode)
         exponent, nonfinite = _exponents(amax, headroom)
-        _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa)
+        _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, mantissa, nonfinite)
+    return mantissa, exponent.view(exponent_shape), nonfinite
+
+
+def quantize3d(
+    x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The backend contract (``dfp/backends/__init__.py``) on a CUDA tensor: contiguous
+    float32 ``x`` (O, N, I) -> int16 mantissas (O, N, I) and int32 exponents (1,), (N,) or
+    (O, ceil(N/block), I). Raises dfp.NonFiniteError on NaN/Inf (after one device sync)."""
+    mantissa, exponent, nonfinite = _quantize3d(x, mode, block, headroom, rounding, seed)
     if int(nonfinite.item()):
         raise NonFiniteError(
             "cannot quantize a CUDA tensor that contains NaN/Inf: DFP16 represents finite numbers only; "
             "find where it came from (torch.autograd.detect_anomaly helps in training) or clean it with "
             "torch.nan_to_num"
         )
-    return mantissa, exponent.view(exponent_shape)
+    return mantissa, exponent
+
+
+def quantize3d_marked(
+    x: torch.Tensor, mode: int, block: int, headroom: int, rounding: int, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize3d`` for the training layers, without a host sync: NaN/Inf in x gives zero
+    mantissas and every exponent ``NONFINITE`` (``dfp._conv_layout``), as the layers'
+    generic path makes them from quantize3d's error."""
+    mantissa, exponent, nonfinite = _quantize3d(x, mode, block, headroom, rounding, seed)
+    # dfp_quantize zeroed the mantissas already where the flag is set; dfp_quantize_blocks cannot (one launch)
+    mark_nonfinite(nonfinite, [mantissa] if mode == 2 else [], [exponent])
+    return mantissa, exponent
+
+
+def mark_nonfinite(nonfinite: torch.Tensor, mantissas: list, exponents: list) -> tuple[torch.Tensor, ...]:
+    """The tensors, in place: where the flag ``nonfinite`` (int32 (1,), on the device) is set,
+    mantissas zero and exponents ``NONFINITE``. Mantissas and exponents, in that order.
+    (Two launches per tensor at most: the flag is read on the device, never by the host.)"""
+    from .._conv_layout import NONFINITE
+
+    bad = nonfinite.bool()
+    return (*(m.masked_fill_(bad, 0) for m in mantissas), *(e.masked_fill_(bad, NONFINITE) for e in exponents))
 
 
 def dequantize(t: DFPTensor) -> torch.Tensor:
