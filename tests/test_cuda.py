@@ -20,6 +20,7 @@ from dfp import _conv_layout as layout
 from dfp._errors import BackendUnavailableError, NonFiniteError
 from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
+from dfp.cuda import layout as cuda_layout
 from dfp.cuda import loader
 from dfp.format import ROUNDINGS
 
@@ -703,7 +704,7 @@ def test_patch_row_exponents_match_the_generic_path(ex_shape, groups, kernel, st
     rows = ex_shape[0] * oh * ow
     for g in range(groups):
         want = _ops._patch_row_exponents(ex, g, groups, kernel, stride, dilation, rows, taps_per_block)
-        got = cuda_gemm.patch_row_exponents(ex.cuda(), g, groups, kernel, stride, dilation, rows, taps_per_block)
+        got = cuda_layout.patch_row_exponents(ex.cuda(), g, groups, kernel, stride, dilation, rows, taps_per_block)
         assert torch.equal(got.cpu(), want)
 
 

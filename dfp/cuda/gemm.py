@@ -37,7 +37,7 @@ SPLIT_MIN_CHAINS = 8
 SPLIT_BLOCKS_PER_SM = 4
 CHAIN_SUMS_BYTES = 256 * 2**20
 _ADD_CHAINS_ELEMENTS = 32  # output elements per block of dfp_gemm_add_chains
-_SCALE_THREADS = 256
+_THREADS = 256  # per block of the small kernels
 
 
 def mma_applies(capability: tuple[int, int], ha: int, hb: int) -> bool:
@@ -149,28 +149,15 @@ def _scales(ea: torch.Tensor, eb: torch.Tensor):
     rb = torch.empty(n, dtype=torch.int32, device=ea.device)
     sa = torch.empty((m, kb), dtype=torch.float32, device=ea.device)
     sb = torch.empty((kb, n), dtype=torch.float32, device=ea.device)
-    launch = kernel("gemm_scales.cu", "dfp_gemm_scales", ea.device)
-    for e, lines, r, s, line_strides in ((ea, m, ra, sa, (kb, 1)), (eb, n, rb, sb, (1, n))):
-        strides = (e.stride(0), e.stride(1)) if e is ea else (e.stride(1), e.stride(0))
-        launch((blocks_for(lines, _SCALE_THREADS), 1, 1), (_SCALE_THREADS, 1, 1),
-               [e, lines, kb, *strides, r, s, *line_strides])  # fmt: skip
+    launch = kernel("exponents.cu", "dfp_gemm_scales", ea.device)
+    # a line: a row of ea, a column of eb; (line stride, block stride) of the exponents and of the scales
+    for e, lines, r, s, strides, s_strides in (
+        (ea, m, ra, sa, (ea.stride(0), ea.stride(1)), (kb, 1)),
+        (eb, n, rb, sb, (eb.stride(1), eb.stride(0)), (1, n)),
+    ):
+        grid = (blocks_for(lines, _THREADS), 1, 1)
+        launch(grid, (_THREADS, 1, 1), [e, lines, kb, *strides, r, s, *s_strides])
     return ra, rb, sa, sb
-
-
-def patch_row_exponents(ex, g, groups, kernel_size, stride, dilation, rows, taps_per_block) -> torch.Tensor:
-    """``dfp._ops._patch_row_exponents`` in one launch (``dfp_patch_row_exponents``)."""
-    n, hp, blocks = ex.shape
-    oh = (hp - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
-    per_group, row_blocks = blocks // groups, kernel_size[1] // taps_per_block
-    out = torch.empty((rows, kernel_size[0] * row_blocks * per_group), dtype=torch.int32, device=ex.device)
-    check_int32(count=out.numel(), exponents=ex.numel())
-    if out.numel():
-        kernel("gemm_scales.cu", "dfp_patch_row_exponents", ex.device)(
-            (blocks_for(out.numel(), _SCALE_THREADS), 1, 1), (_SCALE_THREADS, 1, 1),
-            [ex.contiguous(), hp, blocks, g, per_group, oh, rows // max(n * oh, 1), kernel_size[0], row_blocks,
-             stride[0], dilation[0], rows, out],
-        )  # fmt: skip
-    return out
 
 
 def _k_contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,6 @@
 """The conv layers' quantizations and windows on CUDA tensors: the fused ops of the backend
-contract (``dfp/backends/cpu.py``: ``quantize_input``, ``quantize_gradient``, ``window``),
+contract (``dfp/backends/cpu.py``: ``quantize_input``, ``quantize_gradient``, ``window``;
+and ``patch_row_exponents``, the generic forward's exponent matrix),
 so that a layer's quantization takes a few launches and no host sync where the generic
 path of ``dfp._conv_layout`` takes dozens of torch ops and several syncs; the same bits.
 NaN/Inf is marked as the generic path marks it (zero mantissas, every exponent
@@ -135,5 +136,22 @@ def window(x, rows, columns, channels):
         kernel(_FILE, "dfp_window", x.device)(
             (blocks_for(out.numel(), _THREADS), 1, 1), (_THREADS, 1, 1),
             [x, n, h, w, c, r0, c0, r1 - r0, c1 - c0, channels, out],
+        )  # fmt: skip
+    return out
+
+
+def patch_row_exponents(ex, g, groups, kernel_size, stride, dilation, rows, taps_per_block) -> torch.Tensor:
+    """``dfp._ops._patch_row_exponents`` (the forward's exponent of each patch and K-block,
+    from the input's per image row and channel block) in one launch."""
+    n, hp, blocks = ex.shape
+    oh = (hp - dilation[0] * (kernel_size[0] - 1) - 1) // stride[0] + 1
+    per_group, row_blocks = blocks // groups, kernel_size[1] // taps_per_block
+    out = torch.empty((rows, kernel_size[0] * row_blocks * per_group), dtype=torch.int32, device=ex.device)
+    quantize._check_size(max(out.numel(), ex.numel()))
+    if out.numel():
+        kernel("exponents.cu", "dfp_patch_row_exponents", ex.device)(
+            (blocks_for(out.numel(), _THREADS), 1, 1), (_THREADS, 1, 1),
+            [ex.contiguous(), hp, blocks, g, per_group, oh, rows // max(n * oh, 1), kernel_size[0], row_blocks,
+             stride[0], dilation[0], rows, out],
         )  # fmt: skip
     return out

@@ -8,8 +8,8 @@ Kernels are compiled when an op first runs on a GPU."""
 from __future__ import annotations
 
 from . import loader
-from .gemm import gemm, patch_row_exponents
-from .layout import quantize_gradient, quantize_input, window
+from .gemm import gemm
+from .layout import patch_row_exponents, quantize_gradient, quantize_input, window
 from .quantize import quantize3d, quantize3d_marked
 
 __all__ = [

@@ -1,4 +1,5 @@
-// The exponents of the GEMMs' rows and K-blocks, made on the device in one launch each.
+// Exponent bookkeeping of the GEMMs and the convolutions' patches, on the device in one
+// launch each (dfp/cuda/gemm.py, dfp/cuda/layout.py).
 //
 // dfp_gemm_scales: the GEMM's epilogue shifts and fp32 block scales from its int32 exponents, one thread per
 // line (a row of ea (M, KB) or a column of eb (KB, N)), in one launch per operand: the
