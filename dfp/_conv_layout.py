@@ -57,7 +57,9 @@ def _quantize_channels_last_unfused(t: torch.Tensor, spec: DFPSpec, seed: int = 
     # quantize3d_marked, where the backend has it, marks NaN/Inf as the except clause does, without a host sync
     quantize3d = getattr(backend, "quantize3d_marked", backend.quantize3d)
     try:
-        mantissa, exponent = _ops.quantize_with(quantize3d, source, spec.headroom, spec.axis, spec.block, rounding, seed)
+        mantissa, exponent = _ops.quantize_with(
+            quantize3d, source, spec.headroom, spec.axis, spec.block, rounding, seed
+        )
     except NonFiniteError:
         mantissa = source.new_zeros(source.shape, dtype=torch.int16)
         exponent = source.new_full(exponent_shape(source.shape, spec), NONFINITE, dtype=torch.int32)

@@ -25,10 +25,10 @@ import torch
 from helpers import int16_operand, wide_range
 
 from dfp import reference
-from dfp.format import exact_pow2
 from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import loader
 from dfp.cuda.sources import cuda_files, source_dir
+from dfp.format import exact_pow2
 
 ARCHS = ("sm_75", "sm_80", "sm_86", "sm_89", "sm_90")
 PASCAL = "sm_61"

@@ -1,0 +1,194 @@
+"""dfp.cuda's host code on any machine: the conv layers' fused CUDA ops (dfp/cuda/layout.py,
+quantize3d_marked) with their kernels stood in for by the reference's arithmetic on the
+CPU, against the generic path they replace. What this checks is the Python side (the
+launch arguments, shapes, padding, the order that lets a kernel read the final NaN flag,
+the marking); the kernels themselves are checked bit for bit on a GPU (tests/test_cuda.py)."""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import pytest
+import torch
+from helpers import int16_operand, on_reference, wide_range
+
+import dfp.cuda.ops as cuda_ops
+from dfp import DFPSpec, _ops, backends, reference
+from dfp import _conv_layout as layout
+from dfp._errors import NonFiniteError
+from dfp.cuda import layout as cuda_layout
+from dfp.cuda import quantize as cuda_quantize
+
+NONFINITE_BITS = 0x7F800000
+
+
+def _seed(low: int, high: int) -> int:
+    return ((high & 0xFFFFFFFF) << 32) | (low & 0xFFFFFFFF)
+
+
+def _abs_bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32) & 0x7FFFFFFF
+
+
+def _exponents(amax, groups, headroom, exponent, nonfinite):
+    bits = amax.to(torch.int64) & 0xFFFFFFFF
+    bad = bits >= NONFINITE_BITS
+    finite = torch.where(bad, 0, bits).to(torch.int32).view(torch.float32)
+    exponent.copy_(torch.where(bad, 0, reference.group_exponents(finite, headroom)))
+    if bad.any():
+        nonfinite.fill_(1)
+
+
+def _quantize_grouped(x, n, h, w, c, top, left, oh, ow, oc, tile_rows, tile_cols, group_columns, exponent, headroom,
+                      rounding, seed_low, seed_high, nonfinite, out):  # fmt: skip
+    image = torch.zeros(n, oh, ow, oc, dtype=torch.int16)
+    if not nonfinite[0]:
+        r, col = torch.arange(n * h * w)[:, None], torch.arange(c)[None, :]
+        e = exponent.reshape(-1)[(r // tile_rows) * group_columns + col // tile_cols]
+        q = reference.round_to_exponents(x.reshape(-1, c), e, headroom, rounding, _seed(seed_low, seed_high))
+        image[:, top : top + h, left : left + w, :c] = q.view(n, h, w, c)
+    out.copy_(image.view(out.shape))
+
+
+def _window(x, n, h, w, c, r0, c0, oh, ow, oc, out):
+    image = torch.zeros(n, oh, ow, oc, dtype=torch.int16)
+    rows, columns = slice(max(0, -r0), max(0, min(oh, h - r0))), slice(max(0, -c0), max(0, min(ow, w - c0)))
+    image[:, rows, columns, :c] = x[:, rows.start + r0 : rows.stop + r0, columns.start + c0 : columns.stop + c0]
+    out.copy_(image)
+
+
+def _amax_tensor(x, count, amax):
+    amax[0] = _abs_bits(x).max()
+
+
+def _amax_channel(x, o, n, i, rows_per_block, amax):
+    amax.copy_(_abs_bits(x).view(o, n, i).amax(dim=(0, 2)))
+
+
+def _quantize(x, count, mode, n, i, block, exponent, headroom, rounding, seed_low, seed_high, vec4, nonfinite, out):
+    if nonfinite[0]:
+        out.zero_()
+        return
+    x3 = x.reshape(-1, n, i)
+    e = exponent.reshape((1, 1, 1) if mode == 0 else (1, n, 1))
+    q = reference.round_to_exponents(
+        x3.contiguous(), e.expand(x3.shape), headroom, rounding, _seed(seed_low, seed_high)
+    )
+    out.copy_(q.view(out.shape))
+
+
+def _quantize_blocks(x, o, n, i, block, headroom, rounding, seed_low, seed_high, mantissa, exponent, nonfinite):
+    try:
+        q, e = reference.quantize3d(x.contiguous(), 2, block, headroom, rounding, _seed(seed_low, seed_high))
+    except NonFiniteError:
+        nonfinite.fill_(1)
+        return
+    mantissa.copy_(q.view(mantissa.shape))
+    exponent.copy_(e.reshape(-1))
+
+
+def _patch_row_exponents(ex, hp, blocks, g, per_group, oh, ow, kh, row_blocks, sh, dh, rows, out):
+    column = torch.arange(out.shape[1])
+    b, tap = column % per_group, column // per_group // row_blocks
+    pixel_row = torch.arange(rows)[:, None] // ow
+    out.copy_(ex.reshape(-1)[((pixel_row // oh) * hp + (pixel_row % oh) * sh + tap * dh) * blocks + g * per_group + b])
+
+
+KERNELS = {
+    "dfp_exponents": _exponents, "dfp_quantize_grouped": _quantize_grouped, "dfp_window": _window,
+    "dfp_amax_tensor": _amax_tensor, "dfp_amax_channel": _amax_channel, "dfp_quantize": _quantize,
+    "dfp_quantize_blocks": _quantize_blocks, "dfp_patch_row_exponents": _patch_row_exponents,
+}  # fmt: skip
+
+
+@contextlib.contextmanager
+def cuda_on_cpu():
+    """Inside: CPU tensors go to dfp.cuda.ops, whose kernels run as KERNELS says."""
+
+    def kernel(file, name, device, **defines):
+        return lambda grid, block, args: KERNELS[name](*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        for module in (cuda_layout, cuda_quantize):
+            patch.setattr(module, "kernel", kernel)
+        patch.setattr(
+            torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=4)
+        )
+        patch.setattr(backends, "active", lambda device=None: cuda_ops)
+        yield
+
+
+def _same(fn, *args) -> bool:
+    """Whether fn(*args) gives the same tensors (None where None) through dfp.cuda.ops's host
+    code as through the generic path on the reference backend."""
+    want = on_reference(fn, *args)
+    with cuda_on_cpu():
+        got = fn(*args)
+    want, got = (want, got) if isinstance(want, tuple) else ((want,), (got,))
+    return all((g is None and w is None) or torch.equal(g, w) for g, w in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "NaN"])
+@pytest.mark.parametrize(
+    ("shape", "padding", "channels", "row_block", "group_samples", "for_weight"),
+    [((4, 16, 8, 8), (1, 1), 16, 16, 1, True), ((5, 32, 6, 7), (1, 2), 32, 16, 3, True),
+     ((2, 64, 4, 5), (0, 0), 64, 32, 1, False), ((3, 15, 5, 4), (1, 1), 16, 16, 2, True)],
+)  # fmt: skip
+def test_quantize_input(shape, padding, channels, row_block, group_samples, for_weight, nonfinite):
+    n, c, h, w = shape
+    t = wide_range((n, h, w, c)).permute(0, 3, 1, 2)  # channels-last
+    if nonfinite:
+        t[1, 2, 3, 1] = float("nan")
+    assert _same(layout.quantize_input, t, 2, padding, channels, row_block, group_samples, for_weight)
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "Inf"])
+@pytest.mark.parametrize(
+    ("shape", "block", "groups", "channel_block", "rounding"),
+    [((4, 16, 8, 8), 64, "row", 16, (2, 0)), ((3, 32, 5, 6), 64, "sample", 0, (1, 1)),
+     ((2, 64, 4, 5), 32, "tensor", 0, (2, 2)), ((3, 64, 4, 5), 0, "row", 32, (0, 1)), ((2, 16, 3, 3), 64, None, 0, (2, 0))],
+)  # fmt: skip
+def test_quantize_gradient(shape, block, groups, channel_block, rounding, nonfinite):
+    n, c, h, w = shape
+    t = wide_range((n, h, w, c)).permute(0, 3, 1, 2)
+    if nonfinite:
+        t[0, 1, 2, 2] = float("inf")
+    assert _same(layout.quantize_gradient, t, 2, block, groups, rounding, 1234567890123, channel_block)
+
+
+@pytest.mark.parametrize("nonfinite", [False, True], ids=["finite", "NaN"])
+@pytest.mark.parametrize(("axis", "block"), [(None, None), (0, None), (1, 8)], ids=["tensor", "channel", "block"])
+def test_weights_are_marked_without_raising(axis, block, nonfinite):
+    """quantize3d_marked: the weights' quantization (per tensor, per output channel, per
+    block of output channels) marks NaN/Inf as the generic path's caught error does."""
+    w = wide_range((2, 16, 3, 3, 5))  # (groups, Cout/groups, Cin/groups, KH, KW), as grad_input groups it
+    if nonfinite:
+        w[1, 3, 0, 2, 4] = float("nan")
+    assert _same(_quantized_weight, w, DFPSpec(2, axis, block))
+
+
+def _quantized_weight(w: torch.Tensor, spec: DFPSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    q = layout.quantize_channels_last(w, spec)
+    return q.mantissa, q.exponent
+
+
+def test_window():
+    x = int16_operand((2, 5, 6, 3), 2)
+    for rows, columns, channels in [((-1, 6), (-2, 7), 4), ((1, 4), (0, 6), 3), ((-2, 8), (-1, 7), 3)]:
+        assert _same(layout.window, x, rows, columns, channels)
+
+
+@pytest.mark.parametrize(
+    ("ex_shape", "groups", "kernel", "stride", "dilation", "taps_per_block", "ow"),
+    [((2, 10, 1), 1, (3, 3), (1, 1), (1, 1), 3, 8), ((3, 9, 4), 2, (3, 3), (2, 2), (1, 1), 1, 3),
+     ((2, 12, 2), 1, (3, 1), (1, 1), (2, 1), 1, 9), ((2, 11, 2), 2, (5, 3), (2, 1), (1, 1), 3, 9)],
+)  # fmt: skip
+def test_patch_row_exponents(ex_shape, groups, kernel, stride, dilation, taps_per_block, ow):
+    ex = torch.randint(-50, 0, ex_shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    rows = ex_shape[0] * ((ex_shape[1] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1) * ow
+    for g in range(groups):
+        want = _ops._patch_row_exponents(ex, g, groups, kernel, stride, dilation, rows, taps_per_block)
+        with cuda_on_cpu():
+            got = cuda_ops.patch_row_exponents(ex, g, groups, kernel, stride, dilation, rows, taps_per_block)
+        assert torch.equal(got, want)
