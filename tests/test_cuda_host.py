@@ -1,6 +1,7 @@
 """dfp.cuda's host code on any machine: the conv layers' fused CUDA ops (dfp/cuda/layout.py,
-quantize3d_marked) with their kernels stood in for by the reference's arithmetic on the
-CPU, against the generic path they replace. What this checks is the Python side (the
+quantize3d_marked) and the tensor-core GEMM's launches (split K's included) with their
+kernels stood in for by the reference's arithmetic on the CPU, against the generic path
+and the reference GEMM. What this checks is the Python side (the
 launch arguments, shapes, padding, the order that lets a kernel read the final NaN flag,
 the marking); the kernels themselves are checked bit for bit on a GPU (tests/test_cuda.py)."""
 
@@ -17,8 +18,10 @@ import dfp.cuda.ops as cuda_ops
 from dfp import DFPSpec, _ops, backends, reference
 from dfp import _conv_layout as layout
 from dfp._errors import NonFiniteError
+from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import layout as cuda_layout
 from dfp.cuda import quantize as cuda_quantize
+from dfp.format import exact_pow2
 
 NONFINITE_BITS = 0x7F800000
 
@@ -95,10 +98,54 @@ def _patch_row_exponents(ex, hp, blocks, g, per_group, oh, ow, kh, row_blocks, s
     out.copy_(ex.reshape(-1)[((pixel_row // oh) * hp + (pixel_row % oh) * sh + tap * dh) * blocks + g * per_group + b])
 
 
+def _gemm_scales(e, lines, blocks, line_stride, block_stride, r, s, s_line_stride, s_block_stride):
+    lines_of_e = e.as_strided((lines, blocks), (line_stride, block_stride))
+    r.copy_(lines_of_e.amax(dim=1))
+    s.as_strided((lines, blocks), (s_line_stride, s_block_stride)).copy_(exact_pow2(lines_of_e - r[:, None]).float())
+
+
+def _epilogue(acc, ra, rb, bias, has_bias):
+    v = (acc.double() * exact_pow2(ra[:, None] + rb[None, :])).float()
+    return v + bias if has_bias else v
+
+
+def _add_chain(acc, chain_sum, sa, sb, blk):
+    """acc + float32(S) * (sa * sb), each step in fp32 (torch's float32 ops round to nearest)."""
+    return acc + chain_sum.float() * (sa[:, blk : blk + 1] * sb[blk : blk + 1, :])
+
+
+def _gemm_mma(a, lda, bt, ldb, m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out, splits, chain_base,
+              chain_sums, *, defines):  # fmt: skip
+    tiles = table.view(-1, 4)[:tile_count].tolist()
+    sums_only = defines["DFP_MMA_CHAIN_SUMS"]
+    ranges = zip(splits[:-1].tolist(), splits[1:].tolist()) if sums_only else [(0, tile_count)]
+    acc = torch.zeros(m, n)
+    for first, stop in ranges:
+        running = torch.zeros(m, n, dtype=torch.int64)
+        for k0, length, end, blk in tiles[first:stop]:
+            running += a[:m, k0 : k0 + length].long() @ bt[:n, k0 : k0 + length].long().t()
+            if end:
+                if sums_only:
+                    chain_sums[end - 1 - chain_base] = running.int()
+                else:
+                    acc = _add_chain(acc, running.int(), sa, sb, blk)
+                running.zero_()
+    if not sums_only:
+        out.copy_(_epilogue(acc, ra, rb, bias, has_bias))
+
+
+def _gemm_add_chains(sums, count, chain_blocks, m, n, sa, sb, kb, ra, rb, bias, has_bias, first, last, acc, out):
+    total = torch.zeros(m, n) if first else acc.clone()
+    for c in range(count):
+        total = _add_chain(total, sums[c], sa, sb, int(chain_blocks[c]))
+    (out if last else acc).copy_(_epilogue(total, ra, rb, bias, has_bias) if last else total)
+
+
 KERNELS = {
     "dfp_exponents": _exponents, "dfp_quantize_grouped": _quantize_grouped, "dfp_window": _window,
     "dfp_amax_tensor": _amax_tensor, "dfp_amax_channel": _amax_channel, "dfp_quantize": _quantize,
     "dfp_quantize_blocks": _quantize_blocks, "dfp_patch_row_exponents": _patch_row_exponents,
+    "dfp_gemm_scales": _gemm_scales, "dfp_gemm_add_chains": _gemm_add_chains,
 }  # fmt: skip
 
 
@@ -107,11 +154,18 @@ def cuda_on_cpu():
     """Inside: CPU tensors go to dfp.cuda.ops, whose kernels run as KERNELS says."""
 
     def kernel(file, name, device, **defines):
+        if name == "dfp_gemm_mma":
+            return lambda grid, block, args: _gemm_mma(*args, defines=defines)
         return lambda grid, block, args: KERNELS[name](*args)
 
     with pytest.MonkeyPatch.context() as patch:
-        for module in (cuda_layout, cuda_quantize):
+        for module in (cuda_layout, cuda_quantize, cuda_gemm):
             patch.setattr(module, "kernel", kernel)
+        patch.setattr(cuda_gemm, "_multiprocessors", lambda device: 132)
+        patch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+        patch.setattr(torch.cuda, "current_device", lambda: 0)
+        patch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+        patch.setattr(torch.Tensor, "record_stream", lambda self, stream: None)
         patch.setattr(
             torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(multi_processor_count=4)
         )
@@ -192,3 +246,27 @@ def test_patch_row_exponents(ex_shape, groups, kernel, stride, dilation, taps_pe
         with cuda_on_cpu():
             got = cuda_ops.patch_row_exponents(ex, g, groups, kernel, stride, dilation, rows, taps_per_block)
         assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize(
+    ("shape", "sums_bytes"),
+    [((16, 8192, 144, 2, 2, 64), None),  # a weight gradient: split K, one part
+     ((20, 3000, 24, 3, 3, 700), None),  # chains of 128, K-block tails
+     ((16, 4096, 40, 2, 2, 256), 16 * 40 * 4 * 20),  # in parts, the fp32 sums carried over
+     ((300, 96, 40, 2, 2, 32), None)],  # outputs enough to run whole
+    ids=["split", "chains of 128", "parts", "whole"],
+)  # fmt: skip
+def test_tensor_core_gemm(shape, sums_bytes, monkeypatch):
+    """The tensor-core GEMM's launches, split K's plan, parts and chain offsets included."""
+    m, k, n, ha, hb, kblock = shape
+    if sums_bytes is not None:
+        monkeypatch.setattr(cuda_gemm, "CHAIN_SUMS_BYTES", sums_bytes)
+    a, b = int16_operand((m, k), ha, 1), int16_operand((k, n), hb, 2)
+    g = torch.Generator().manual_seed(3)
+    ea = torch.randint(-40, 10, (m, -(-k // kblock)), generator=g, dtype=torch.int32)
+    eb = torch.randint(-40, 10, (-(-k // kblock), n), generator=g, dtype=torch.int32)
+    plan = cuda_gemm.split_k_plan(k, kblock, reference.chain_length(ha, hb), -(-m // 128) * -(-n // 128), 132, m * n,
+                                  cuda_gemm.CHAIN_SUMS_BYTES)  # fmt: skip
+    assert (plan is None) == (m == 300) and (plan is not None and len(plan) > 1) == (sums_bytes is not None)
+    monkeypatch.setenv("DFP_CUDA_GEMM", "mma")
+    assert _same(_ops.gemm_impl, a, ea, ha, b, eb, hb, kblock, torch.randn(n, generator=g))
