@@ -9,7 +9,8 @@
 //      Inf has bits >= 0x7f800000, so one integer max finds both the scale and any
 //      non-finite value; all |x| bits fit in a non-negative int32.
 //   2. dfp_exponents: the group exponents, and `nonfinite[0] = 1` if a group held NaN/Inf
-//      (the caller reads it once, after the launches, and raises).
+//      (dfp.quantize reads it once, after the launches, and raises; the training layers
+//      leave it on the device: dfp/cuda/quantize.py, quantize3d_marked).
 //   3. dfp_quantize: every element, with the random bits of its row-major flat index (all
 //      0 where the flag is set).
 // Sizes are int: the caller keeps tensors below 2^30 elements and grids below 2^30
