@@ -335,7 +335,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
     growing = {strategies.NET2NET, strategies.GROW_THEN_PRUNE} & set(args.strategies)
     if growing and max(grow_epochs) >= args.epochs:
         parser.error(
-            f"--grow-epochs {','.join(map(str, grow_epochs))}: {sorted(growing)[0]} widens at the end of an epoch "
+            f"--grow-epochs {','.join(map(str, grow_epochs))}: {min(growing)} widens at the end of an epoch "
             f"before the last (--epochs {args.epochs}); choose earlier epochs or give more --epochs"
         )
     model = args.model or DEFAULT_MODEL[args.data]

@@ -32,9 +32,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .formats import FORMATS
-from .strategies import NONE, STRATEGIES
 from .results import DuplicateRunWarning, ResultStore, config_key, run_label, time_to_target
 from .schedule import scaled_lr
+from .strategies import NONE, STRATEGIES
 
 REPORT_FILE, PARETO_FILE, CURVES_FILE = "report.md", "pareto.png", "curves.png"
 # Runs that differ only in these share a table (a run of no structural strategy stores
@@ -397,13 +397,17 @@ def _structure_lines(rows: Sequence[Row], config: dict[str, Any], structured: Se
         settings.update(record["config"].get("strategy_settings") or {})
     lines = [
         "",
-        f"Structural strategies ({', '.join(f'{k} {v}' for k, v in sorted(settings.items()))}; "
-        "see dfp.harness.strategies). Training FLOPs: convolutions and linear layers, 3 forward passes per "
-        "image trained, summed over the epochs as the network changed (medians over the seeds). Surgery time "
-        "(removing or copying channels, wrapping DDP again) counts in the training time above.",
+        (
+            f"Structural strategies ({', '.join(f'{k} {v}' for k, v in sorted(settings.items()))}; "
+            "see dfp.harness.strategies). Training FLOPs: convolutions and linear layers, 3 forward passes per "
+            "image trained, summed over the epochs as the network changed (medians over the seeds). Surgery time "
+            "(removing or copying channels, wrapping DDP again) counts in the training time above."
+        ),
         "",
-        "| format + strategy | batch | training FLOPs | vs. no strategy | parameters at the end | widths at the end "
-        "| surgery time (s) |",
+        (
+            "| format + strategy | batch | training FLOPs | vs. no strategy | parameters at the end "
+            "| widths at the end | surgery time (s) |"
+        ),
         "|---|---|---|---|---|---|---|",
     ]
     plain = {(row.format, row.batch_size, row.swa_start): row for row in rows if row.strategy == NONE}

@@ -48,7 +48,7 @@ class StudyConfig:
     limit_train_batches: int | None
     target_accuracy: float | None
     strategies: tuple[str, ...] = (NONE,)
-    strategy_settings: StrategySettings = StrategySettings()
+    strategy_settings: StrategySettings = StrategySettings()  # noqa: RUF009 (frozen: one shared instance is safe)
 
     def runs(self, world_size: int) -> list[RunConfig]:
         """The runs of the study, in the order they are trained."""

@@ -32,7 +32,7 @@ from .prune import THRESHOLD, channel_magnitudes, dense_channels, narrowing, pru
 from .runtime import rewrap
 from .spaces import ChannelSpace, Reader, Writer, channel_spaces
 from .surgery import Gather, Surgery
-from .widen import wider_mapping, widening
+from .widen import widening, wider_mapping
 
 __all__ = [
     "PENALTY_RATIO",
@@ -60,7 +60,7 @@ __all__ = [
     "rewrap",
     "shrink_groups",
     "undo_norm",
-    "wider_mapping",
     "widening",
+    "wider_mapping",
     "widths",
 ]
