@@ -92,3 +92,14 @@ def run_ranks(script, args: list[str], world_size: int, timeout: float, prefix: 
         if p.returncode != 0:
             pytest.fail(f"rank {r} exited with {p.returncode}:\n{logs[r]}")
     return logs
+
+
+# Convolutions whose input has exponents per image row and channel block, ex (N, Hp, blocks):
+# (ex shape, groups, kernel, stride, dilation, taps per K-block, output width), for the
+# patch-row exponents of the generic forward and of dfp.cuda (tests/test_cuda*.py).
+PATCH_ROW_CASES = [
+    ((2, 10, 1), 1, (3, 3), (1, 1), (1, 1), 3, 8),
+    ((3, 9, 4), 2, (3, 3), (2, 2), (1, 1), 1, 3),
+    ((2, 12, 2), 1, (3, 1), (1, 1), (2, 1), 1, 9),
+    ((2, 11, 2), 2, (5, 3), (2, 1), (1, 1), 3, 9),
+]

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 import torch
-from helpers import int16_operand, on_reference, wide_range
+from helpers import PATCH_ROW_CASES, int16_operand, on_reference, wide_range
 
 import dfp
 import dfp.cuda
@@ -594,9 +594,16 @@ def test_wide_conv_layer_bit_exact_against_cpu(fmt, stride):
     conv_gpu = dfp.nn.Conv2d(16, 32, 3, stride=stride, padding=1, bias=False, fmt=fmt).cuda()
     conv_gpu.load_state_dict(conv.state_dict())
     x = (torch.randn(3, 16, 10, 9) * torch.exp2(torch.randint(-8, 8, (3, 1, 10, 1)).float())).to(
-        memory_format=torch.channels_last).requires_grad_()  # fmt: skip
+        memory_format=torch.channels_last)  # fmt: skip
+    _assert_same_training_bits(conv, conv_gpu, x)
+
+
+def _assert_same_training_bits(layer, layer_gpu, x):
+    """The layer's output and both gradients on the GPU: the CPU's bits (stochastic
+    rounding's seeds drawn alike)."""
+    x = x.requires_grad_()
     x_gpu = x.detach().cuda().requires_grad_()
-    y, y_gpu = conv(x), conv_gpu(x_gpu)
+    y, y_gpu = layer(x), layer_gpu(x_gpu)
     assert torch.equal(y_gpu.detach().cpu(), y.detach())
     grad = torch.randn_like(y)
     torch.manual_seed(3)
@@ -604,7 +611,7 @@ def test_wide_conv_layer_bit_exact_against_cpu(fmt, stride):
     torch.manual_seed(3)
     y_gpu.backward(grad.cuda())
     assert torch.equal(x_gpu.grad.cpu(), x.grad)
-    assert torch.equal(conv_gpu.weight.grad.cpu(), conv.weight.grad)
+    assert torch.equal(layer_gpu.weight.grad.cpu(), layer.weight.grad)
 
 
 @needs_gpu
@@ -692,10 +699,8 @@ def test_quantize_gradient_bit_exact(case, nonfinite):
 
 @needs_gpu
 @pytest.mark.parametrize(
-    ("ex_shape", "groups", "kernel", "stride", "dilation", "taps_per_block", "ow"),
-    [((2, 10, 1), 1, (3, 3), (1, 1), (1, 1), 3, 8), ((3, 9, 4), 2, (3, 3), (2, 2), (1, 1), 1, 3),
-     ((2, 12, 2), 1, (3, 1), (1, 1), (2, 1), 1, 9), ((2, 11, 2), 2, (5, 3), (2, 1), (1, 1), 3, 9)],
-)  # fmt: skip
+    ("ex_shape", "groups", "kernel", "stride", "dilation", "taps_per_block", "ow"), PATCH_ROW_CASES
+)
 def test_patch_row_exponents_match_the_generic_path(ex_shape, groups, kernel, stride, dilation, taps_per_block, ow):
     from dfp import _ops
 
@@ -722,17 +727,7 @@ def test_linear_layer_bit_exact_against_cpu():
     linear = dfp.nn.Linear(40, 24, bias=False, fmt="dfp16-sr")
     linear_gpu = dfp.nn.Linear(40, 24, bias=False, fmt="dfp16-sr").cuda()
     linear_gpu.load_state_dict(linear.state_dict())
-    x = torch.randn(3, 7, 40, requires_grad=True)
-    x_gpu = x.detach().cuda().requires_grad_()
-    y, y_gpu = linear(x), linear_gpu(x_gpu)
-    assert torch.equal(y_gpu.detach().cpu(), y.detach())
-    grad = torch.randn_like(y)
-    torch.manual_seed(3)
-    y.backward(grad)
-    torch.manual_seed(3)
-    y_gpu.backward(grad.cuda())
-    assert torch.equal(x_gpu.grad.cpu(), x.grad)
-    assert torch.equal(linear_gpu.weight.grad.cpu(), linear.weight.grad)
+    _assert_same_training_bits(linear, linear_gpu, torch.randn(3, 7, 40))
 
 
 @needs_gpu

@@ -12,7 +12,7 @@ import types
 
 import pytest
 import torch
-from helpers import int16_operand, on_reference, wide_range
+from helpers import PATCH_ROW_CASES, int16_operand, on_reference, wide_range
 
 import dfp.cuda.ops as cuda_ops
 from dfp import DFPSpec, _ops, backends, reference
@@ -234,10 +234,8 @@ def test_window():
 
 
 @pytest.mark.parametrize(
-    ("ex_shape", "groups", "kernel", "stride", "dilation", "taps_per_block", "ow"),
-    [((2, 10, 1), 1, (3, 3), (1, 1), (1, 1), 3, 8), ((3, 9, 4), 2, (3, 3), (2, 2), (1, 1), 1, 3),
-     ((2, 12, 2), 1, (3, 1), (1, 1), (2, 1), 1, 9), ((2, 11, 2), 2, (5, 3), (2, 1), (1, 1), 3, 9)],
-)  # fmt: skip
+    ("ex_shape", "groups", "kernel", "stride", "dilation", "taps_per_block", "ow"), PATCH_ROW_CASES
+)
 def test_patch_row_exponents(ex_shape, groups, kernel, stride, dilation, taps_per_block, ow):
     ex = torch.randint(-50, 0, ex_shape, dtype=torch.int32, generator=torch.Generator().manual_seed(0))
     rows = ex_shape[0] * ((ex_shape[1] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1) * ow
