@@ -82,11 +82,12 @@ def quantize_input(x, headroom, padding, channels, row_block, group_samples, for
     q_rows = _grouped(x, padded, padding, (w, row_block, blocks), e_rows, headroom, _NEAREST, 0, nonfinite)
     e_rows = window_rows(e_rows, (-ph, h + ph), zeros_exponent(headroom))
     if not for_weight:
-        return q_rows, *quantize.mark_nonfinite(nonfinite, [], [e_rows]), None, None
+        quantize.mark_nonfinite(nonfinite, [], [e_rows])
+        return q_rows, e_rows, None, None
     q_channels = _grouped(x, padded, padding, (group_samples * h * w, 1, channels), e_groups, headroom, _NEAREST, 0,
                           nonfinite)  # fmt: skip
     e_channels = e_groups.repeat_interleave(group_samples, dim=0)[:n]
-    e_rows, e_channels = quantize.mark_nonfinite(nonfinite, [], [e_rows, e_channels])
+    quantize.mark_nonfinite(nonfinite, [], [e_rows, e_channels])
     return q_rows, e_rows, q_channels, e_channels
 
 

@@ -151,14 +151,16 @@ def quantize3d_marked(
     return mantissa, exponent
 
 
-def mark_nonfinite(nonfinite: torch.Tensor, mantissas: list, exponents: list) -> tuple[torch.Tensor, ...]:
-    """The tensors, in place: where the flag ``nonfinite`` (int32 (1,), on the device) is set,
-    mantissas zero and exponents ``NONFINITE``. Mantissas and exponents, in that order.
-    (Two launches per tensor at most: the flag is read on the device, never by the host.)"""
+def mark_nonfinite(nonfinite: torch.Tensor, mantissas: list, exponents: list) -> None:
+    """In place, where the flag ``nonfinite`` (int32 (1,), on the device) is set: mantissas
+    zero and exponents ``NONFINITE``. The flag is read on the device, never by the host."""
     from .._conv_layout import NONFINITE
 
     bad = nonfinite.bool()
-    return (*(m.masked_fill_(bad, 0) for m in mantissas), *(e.masked_fill_(bad, NONFINITE) for e in exponents))
+    for m in mantissas:
+        m.masked_fill_(bad, 0)
+    for e in exponents:
+        e.masked_fill_(bad, NONFINITE)
 
 
 def dequantize(t: DFPTensor) -> torch.Tensor:
