@@ -185,6 +185,10 @@ PYBIND11_MODULE(_C, m) {
       "dw = dy^T patches(x) per group (dy's exponents per block of pixels and channel), patches read in place "
       "or gathered per cache block");
 
+  m.def("grad_weight_reads_channel_major", &dfp::grad_weight_reads_channel_major,
+        "whether conv_grad_weight reads the padded image (geometry, cout output channels) as channel planes, "
+        "which the forward then writes so");
+
   py::class_<dfp::ConvLayer>(m, "ConvLayer")
       .def(py::init([](std::vector<int64_t> sizes, std::vector<int64_t> weight_strides, int headroom,
                        bool weight_per_channel) {
@@ -205,11 +209,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_forward",
       [](uintptr_t x, uintptr_t weight, uintptr_t bias, const dfp::ConvLayer& layer, int64_t row_block,
-         int64_t group_samples, uintptr_t x_padded, uintptr_t x_exponent, uintptr_t y, int nthreads) {
+         int64_t group_samples, bool channel_major, uintptr_t x_padded, uintptr_t x_exponent, uintptr_t y,
+         int nthreads) {
         py::gil_scoped_release release;
         return dfp::conv_forward(ptr<const float>(x), ptr<const float>(weight), ptr<const float>(bias), layer,
-                                 {row_block, group_samples}, ptr<int16_t>(x_padded), ptr<int32_t>(x_exponent),
-                                 ptr<float>(y), nthreads);
+                                 {row_block, group_samples, channel_major}, ptr<int16_t>(x_padded),
+                                 ptr<int32_t>(x_exponent), ptr<float>(y), nthreads);
       },
       "a layer's forward from float32 x (channels last) and weight: x quantized and zero-padded, y = conv + bias; "
       "False on NaN/Inf");
@@ -228,11 +233,12 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_grad_weight",
       [](uintptr_t dy, uintptr_t ey, int64_t ey_count, int64_t kblock, uintptr_t x_padded, uintptr_t x_exponent,
-         bool x_per_sample, const dfp::ConvLayer& layer, uintptr_t dw, int nthreads) {
+         bool x_per_sample, bool x_channel_major, const dfp::ConvLayer& layer, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
         return dfp::conv_grad_weight(ptr<const int16_t>(dy), ptr<const int32_t>(ey), ey_count, kblock,
-                                     ptr<const int16_t>(x_padded), {ptr<const int32_t>(x_exponent), x_per_sample},
-                                     layer, ptr<float>(dw), 0, nthreads);
+                                     ptr<const int16_t>(x_padded),
+                                     {ptr<const int32_t>(x_exponent), x_per_sample, x_channel_major}, layer,
+                                     ptr<float>(dw), 0, nthreads);
       },
       "a layer's dW from int16 dy and the padded int16 input, written at the layer's weight strides; False on "
       "NaN/Inf");
@@ -240,7 +246,8 @@ PYBIND11_MODULE(_C, m) {
   m.def(
       "conv_backward",
       [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, uintptr_t x_exponent, bool x_per_sample,
-         const dfp::ConvLayer& layer, int64_t dy_block, int input_groups, int64_t row_block, int dy_block_rounding,
+         bool x_channel_major, const dfp::ConvLayer& layer, int64_t dy_block, int input_groups, int64_t row_block,
+         int dy_block_rounding,
          int input_rounding, uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
         py::gil_scoped_release release;
         const dfp::GradientRounding rounding{dy_block,
@@ -251,7 +258,8 @@ PYBIND11_MODULE(_C, m) {
                                              seed,
                                              weight_block};
         return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),
-                                  {ptr<const int32_t>(x_exponent), x_per_sample}, layer, rounding, ptr<float>(dx),
+                                  {ptr<const int32_t>(x_exponent), x_per_sample, x_channel_major}, layer, rounding,
+                                  ptr<float>(dx),
                                   ptr<float>(dw), nthreads);
       },
       "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "

@@ -190,6 +190,8 @@ def conv2d_impl(
     if input_rows and (forward_dfp or need_weight_grad):
         x_rows, e_rows, x_padded, x_exponent = layout.quantize_input(x, headroom, tuple(padding), channels,
                                                                      *input_groups, need_weight_grad)  # fmt: skip
+        if need_weight_grad and _kept_as_planes(x.device, x_padded.shape, weight.shape, stride, dilation, groups):
+            x_padded = x_padded.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # as the one call keeps it
     elif forward_dfp or need_weight_grad:
         x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), channels)
         x_rows, e_rows = x_padded, x_exponent
@@ -301,6 +303,18 @@ def _fits_one_call(input_shape, weight_shape, groups: int, oh: int, ow: int) -> 
     )
 
 
+def _kept_as_planes(device, kept_shape, weight_shape, stride, dilation, groups) -> bool:
+    """Whether the backend keeps grad_weight's padded input with exponents per sample as
+    channel planes (``dfp.backends.cpu.kept_input_channel_major``): its strides, the same
+    whichever way the forward ran."""
+    rule = getattr(backends.active(device), "kept_input_channel_major", None)
+    if rule is None:
+        return False
+    # the batch does not decide it (traced with dynamic shapes, a batch size is symbolic)
+    kept = (1, *(int(size) for size in kept_shape[1:]))
+    return rule(kept, tuple(int(size) for size in weight_shape), tuple(stride), tuple(dilation), groups)
+
+
 def _padded_channels(channels: int, groups: int) -> int:
     return channels + channels % 2 if groups == 1 else channels
 
@@ -320,8 +334,12 @@ def _(x, weight, bias, stride, padding, dilation, groups, headroom, *switches):
     if not need_weight_grad:
         return y, *_kept_input(x, None, None, False)
     channels = _padded_channels(c, groups)
-    x_padded = x.new_empty((n, h + 2 * padding[0], w + 2 * padding[1], channels), dtype=torch.int16)
+    hp, wp = h + 2 * padding[0], w + 2 * padding[1]
     input_rows = input_rows and _input_rows_fill_chains(kw, channels // groups, headroom)
+    if input_rows and _kept_as_planes(x.device, (n, hp, wp, channels), weight.shape, stride, dilation, groups):
+        x_padded = x.new_empty((n, channels, hp, wp), dtype=torch.int16).permute(0, 2, 3, 1)
+    else:
+        x_padded = x.new_empty((n, hp, wp, channels), dtype=torch.int16)
     return y, x_padded, x.new_empty((n, channels) if input_rows else (), dtype=torch.int32)
 
 

@@ -63,6 +63,12 @@ CONV_CONFIGS = {
         False,
         ([1, 1], [0, 0], [1, 1], 1, 2, True, True, True, True, 0, 2, 2, 1, True, False),
     ),
+    "input-rows-channel-planes": (  # grad_weight's input kept as channel planes on the CPU backend
+        (2, 16, 6, 6),
+        (16, 16, 3, 3),
+        False,
+        ([1, 1], [1, 1], [1, 1], 1, 2, False, True, True, True, 0, 2, 4, 2, True, True),
+    ),
 }
 
 
@@ -386,6 +392,26 @@ def test_double_backward_is_a_clear_error(weight_grad):
     w = _gaussian((4, 3, 3, 3), 1).requires_grad_(weight_grad)
     with pytest.raises(RuntimeError, match="do not support double backward"):
         torch.autograd.grad(DF.conv2d(x, w).square().sum(), x, create_graph=True)
+
+
+def test_narrow_stride_1_layers_keep_their_input_as_channel_planes(monkeypatch):
+    """grad_weight reads the image of a layer of 16 or 32 output channels and stride 1 as
+    channel planes, so the compiled backend keeps grad_weight's input so (a permuted view
+    of (N, C, Hp, Wp)), from its one-call forward and from the steps (an NCHW input) alike;
+    other layers, and the numba backend, keep it contiguous. The values are the same."""
+    x = _gaussian((2, 16, 6, 6), 0)
+    for cout, stride, planes in ((16, 1, True), (32, 1, True), (64, 1, False), (16, 2, False)):
+        w = _gaussian((cout, 16, 3, 3), 1)
+        # the default format's exponents: per image row in the forward, per sample in grad_weight
+        rest = ([stride] * 2, [1, 1], [1, 1], 1, 2, False, True, True, True, 0, 2, 4, 2, True)
+        kept = {}
+        for backend, channels_last in (("cpu", True), ("cpu", False), ("numba", True)):
+            monkeypatch.setenv("DFP_BACKEND", backend)
+            xi = x.to(memory_format=torch.channels_last) if channels_last else x
+            _, kept[backend, channels_last], _ = torch.ops.dfp.conv2d(xi, w, None, *rest, channels_last)
+        for (backend, _), t in kept.items():
+            assert (t.stride(3) != 1) == (planes and backend == "cpu"), (cout, stride, backend)
+            assert torch.equal(t, kept["numba", True])
 
 
 @pytest.mark.parametrize("kind", ["conv2d", "linear"])

@@ -1,6 +1,7 @@
 #include "api.h"
 
 #include <algorithm>
+#include <stdexcept>
 #include <vector>
 
 #include "conv.h"
@@ -95,7 +96,8 @@ int64_t balanced_task_size(int64_t panels, int64_t most, int nthreads) {
 }
 
 // dW = (patches^T dY)^T: the patches read in place from a channel-major copy of the
-// image and dY packed once, instead of gathering pixel pairs of patches for every block
+// image (made here, unless the image comes so: ex.channel_major) and dY packed once,
+// instead of gathering pixel pairs of patches for every block
 // (two fifths of a 16-channel layer's dW). The same products in the same chains, and
 // 2^ex 2^ey is the same scale: the same bits as dY^T patches.
 void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, const KLayout& kl, int hy,
@@ -107,7 +109,11 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
   Workspace& ws = workspace();
-  to_channel_major(x, shape.n, plane, shape.channels, at_least(ws.image, shape.n * plane * shape.channels), nthreads);
+  const int16_t* image = x;
+  if (!ex.channel_major) {
+    image = at_least(ws.image, shape.n * plane * shape.channels);
+    to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
+  }
   at_least(ws.result, k * cout_g);
   // Every block of rows reads all of packed dY, as long as the image: as few blocks per
   // thread as fit the cache block, not the default four (16 channels, 32x32, 2 threads:
@@ -117,7 +123,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const int64_t blocks_per_thread = (per_thread + uk.mc - 1) / uk.mc;
   const int64_t block_rows = ((per_thread + blocks_per_thread - 1) / blocks_per_thread + uk.mr - 1) / uk.mr * uk.mr;
   for (int64_t g = 0; g < groups; ++g) {
-    const TransposedPatches patches(ws.image.data() + g * shape.cg * plane, shape, kl.kpairs());
+    const TransposedPatches patches(image + g * shape.cg * plane, shape, kl.kpairs());
     const PanelsB given(reinterpret_cast<const int32_t*>(dy), cout, dy_panel_width, kl.kpairs());
     if (!dy_panel_width) pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
     const BSource& b = dy_panel_width ? static_cast<const BSource&>(given) : ws.b;
@@ -255,6 +261,9 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, dy_panel_width, nthreads);
     return;
   }
+  if (ex.channel_major)
+    throw std::invalid_argument("conv_grad_weight_int16: an image of channel planes where grad_weight gathers "
+                                "patches from channels last (grad_weight_reads_channel_major is false)");
   const bool one = !ex.per_sample;  // one exponent for the image: one column of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   // Few rows and a long reduction: the columns split into tasks (each reads all of dY).
@@ -282,6 +291,10 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;
     gemm_packed(uk, ws.a, b, kl, ea.data(), eb, hy, hx, {dw + g * cout_g * k, nullptr, k}, nthreads, options);
   }
+}
+
+bool grad_weight_reads_channel_major(const ConvGeometry& geometry, int64_t cout) {
+  return grad_weight_reads_transposed(group_shape(geometry), cout / geometry.groups);
 }
 
 int64_t grad_weight_panel_width(const ConvGeometry& geometry, int64_t cout) {

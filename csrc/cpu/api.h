@@ -51,9 +51,12 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
 // The exponents of grad_weight's image: one, or (per_sample) one per sample and
 // channel, (n, channels) row-major. A K-block of grad_weight takes those of the sample of
 // its first pixel: the samples of a block share theirs (quantize_input groups them so).
+// channel_major: the image itself lies as channel planes (n, channels, hp, wp), as
+// quantize_input writes it where grad_weight_reads_channel_major (else channels last).
 struct InputExponents {
   const int32_t* values;
   bool per_sample = false;
+  bool channel_major = false;
 };
 
 // dw (cout, K) = per group g: dy_g^T (cout / groups, pixels) x patches_g (pixels, K);
@@ -69,5 +72,9 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
 // The panel width in which conv_grad_weight_int16 reads dy (cout channels) where that
 // product packs dy whole (one group, its columns whole panels), else 0.
 int64_t grad_weight_panel_width(const ConvGeometry& geometry, int64_t cout);
+
+// Whether conv_grad_weight_int16 reads the image as channel planes (a 16- or 32-channel
+// layer of stride 1): given so (InputExponents::channel_major), it transposes nothing.
+bool grad_weight_reads_channel_major(const ConvGeometry& geometry, int64_t cout);
 
 }  // namespace dfp

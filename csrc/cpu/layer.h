@@ -27,9 +27,10 @@ struct ConvLayer {
 
 // How the forward groups its input: per tensor (row_block 0), or per image row and
 // block of row_block channels, with grad_weight's copy per group of group_samples
-// samples and channel (quantize_input).
+// samples and channel (quantize_input), as channel planes where channel_major.
 struct InputGrouping {
   int64_t row_block = 0, group_samples = 0;
+  bool channel_major = false;
 };
 
 // x quantized into the zero-padded x_padded (n, h + 2 ph, w + 2 pw, channels) that

@@ -47,7 +47,9 @@ bool quantize_padded(const float* x, const PaddedImage& image, int headroom, int
 // consecutive samples and channel, written for each sample of the group (e_channels
 // (images, out_channels)). Returns false when x holds NaN or Inf (the outputs then
 // undefined). q_channels null: grad_weight's copy is not made (no weight gradient is
-// asked), e_channels unused.
+// asked), e_channels unused. channel_major: grad_weight's copy as channel planes
+// (images, out_channels, padded rows, padded columns), as grad_weight reads a 16- or
+// 32-channel image (grad_weight_reads_channel_major), which then transposes nothing.
 struct InputQuantization {
   int16_t* q_rows;
   int32_t* e_rows;
@@ -55,6 +57,7 @@ struct InputQuantization {
   int16_t* q_channels;
   int32_t* e_channels;
   int64_t group_samples;
+  bool channel_major = false;
 };
 bool quantize_input(const float* x, const PaddedImage& image, int headroom, const InputQuantization& out,
                     int nthreads);

@@ -5,8 +5,10 @@
 
 #include "isa.h"
 #include "numerics.h"
+#include "planes.h"
 #include "quantize.h"
 #include "quantize_kernels.h"
+#include "scratch.h"
 #include "threads.h"
 
 namespace dfp {
@@ -89,12 +91,16 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     }
     return true;
   };
+  // Row hr of channel j's plane of image n in grad_weight's copy, where it is channel major.
+  const auto plane_row = [&](int64_t n, int64_t j, int64_t hr) {
+    return out.q_channels + ((n * oc + j) * hp + hr) * wp;
+  };
   // Pass 2: each row's exponents and both outputs.
   const RoundingArgs nearest{float(max_mantissa(headroom)), Rounding::nearest, 0, 0, 0};
   const auto write = [&](int64_t g0, int64_t g1) {
     // scales per channel, and for narrow rows per element of a row (a channel's repeated)
     thread_local std::vector<float> block_first, block_second, row_first, row_second, channel_first, channel_second;
-    thread_local std::vector<int16_t> scratch;
+    thread_local std::vector<int16_t> scratch, plane_rows;
     block_first.resize(blocks), block_second.resize(blocks);
     row_first.resize(c), row_second.resize(c);
     channel_first.resize(!copy_for_weight ? 0 : narrow ? run : c), channel_second.resize(channel_first.size());
@@ -114,7 +120,10 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           if (h < 0 || h >= im.rows) {
             std::fill_n(e, blocks, zeros);
             std::fill_n(out.q_rows + offset, row_len, int16_t(0));
-            if (copy_for_weight) std::fill_n(out.q_channels + offset, row_len, int16_t(0));
+            if (copy_for_weight && out.channel_major)
+              for (int64_t j = 0; j < oc; ++j) std::fill_n(plane_row(n, j, hr), wp, int16_t(0));
+            else if (copy_for_weight)
+              std::fill_n(out.q_channels + offset, row_len, int16_t(0));
             continue;
           }
           const int64_t r = n * im.rows + h;
@@ -129,7 +138,11 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             std::fill(row_first.begin() + j0, row_first.begin() + j1, scale.first);
             std::fill(row_second.begin() + j0, row_second.begin() + j1, scale.second);
           }
-          for (int16_t* q : {out.q_rows + offset, copy_for_weight ? out.q_channels + offset : nullptr}) {
+          // grad_weight's row; as channel planes, through a buffer in L1 (channels last), then
+          // into its row of each plane
+          int16_t* weight_row =
+              !copy_for_weight ? nullptr : out.channel_major ? at_least(plane_rows, row_len) : out.q_channels + offset;
+          for (int16_t* q : {out.q_rows + offset, weight_row}) {
             if (!q) continue;
             std::fill_n(q, border, int16_t(0));
             std::fill_n(q + row_len - border, border, int16_t(0));
@@ -146,12 +159,13 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
               k.run_rows(from, to, im.cols, c, row_first.data(), row_second.data(), args);
           });
           if (!copy_for_weight) continue;
-          write_row(row, im.cols, c, oc, out.q_channels + offset + border, scratch, [&](const float* from, int16_t* to) {
+          write_row(row, im.cols, c, oc, weight_row + border, scratch, [&](const float* from, int16_t* q) {
             if (narrow)
-              k.run_scaled(from, to, run, channel_first.data(), channel_second.data(), args);
+              k.run_scaled(from, q, run, channel_first.data(), channel_second.data(), args);
             else
-              k.run_rows(from, to, im.cols, c, channel_first.data(), channel_second.data(), args);
+              k.run_rows(from, q, im.cols, c, channel_first.data(), channel_second.data(), args);
           });
+          if (out.channel_major) pixels_to_planes(weight_row, wp, oc, plane_row(n, 0, hr), hp * wp);
         }
     }
   };

@@ -249,19 +249,47 @@ class LayerForward(NamedTuple):
     y_shape: tuple[int, ...]  # (N, OH, OW, Cout)
     kept_shape: tuple[int, ...] | None  # the padded int16 input's, None where it is not made
     exponent_shape: tuple[int, ...]
+    channel_planes: bool  # the padded input kept as channel planes (``kept_input_channel_major``)
 
     def __call__(self, x, weight, bias):
         y = _buffers.empty(self.y_shape, torch.float32)  # the core writes every element of each
         if self.kept_shape is None:  # the forward reads a copy of its own
             x_padded, exponent = torch.empty(0, dtype=torch.int16), torch.empty(0, dtype=torch.int32)
         else:
-            x_padded = _buffers.empty(self.kept_shape, torch.int16)
+            x_padded = _kept_buffer(self.kept_shape, self.channel_planes)
             exponent = torch.empty(self.exponent_shape, dtype=torch.int32)
         ok = _core().conv_forward(
-            x.data_ptr(), weight.data_ptr(), _address(bias), self.layer, *self.input_groups, _address(x_padded),
-            _address(exponent), y.data_ptr(), torch.get_num_threads(),
+            x.data_ptr(), weight.data_ptr(), _address(bias), self.layer, *self.input_groups, self.channel_planes,
+            _address(x_padded), _address(exponent), y.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return (y, x_padded, exponent) if ok else None
+
+
+def _kept_buffer(shape: tuple[int, ...], channel_planes: bool) -> torch.Tensor:
+    """A reused int16 buffer (N, Hp, Wp, C), laid out as channel planes (a permuted view of
+    (N, C, Hp, Wp)) where asked."""
+    if not channel_planes:
+        return _buffers.empty(shape, torch.int16)
+    n, hp, wp, c = shape
+    return _buffers.empty((n, c, hp, wp), torch.int16).permute(0, 2, 3, 1)
+
+
+@functools.lru_cache(maxsize=1024)
+def kept_input_channel_major(kept_shape, weight_shape, stride, dilation, groups) -> bool:
+    """Whether a layer keeps grad_weight's padded input (N, Hp, Wp, C') with exponents per
+    sample as channel planes, a permuted view of (N, C', Hp, Wp): where grad_weight reads
+    the image so (16 and 32 output channels, stride 1), the forward writes it so, and the
+    backward transposes nothing (a ResNet-20 step spent 2 % of its time transposing)."""
+    n, hp, wp, channels = kept_shape
+    cout, _, kh, kw = weight_shape
+    geometry = _core().ConvGeometry(n, hp, wp, channels, groups, kh, kw, *stride, *dilation)
+    return bool(_core().grad_weight_reads_channel_major(geometry, cout))
+
+
+def _channel_planes(x_padded: torch.Tensor) -> bool:
+    """Whether the padded int16 input (N, Hp, Wp, C) lies as channel planes (``_kept_buffer``);
+    else it is contiguous."""
+    return x_padded.dim() == 4 and x_padded.shape[3] > 1 and x_padded.stride(3) != 1
 
 
 @functools.lru_cache(maxsize=1024)
@@ -276,8 +304,11 @@ def forward_plan(
     sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, channels)
     row_block = input_groups[0]
     kept = None if row_block and not for_weight else (n, h + 2 * padding[0], w + 2 * padding[1], channels)
+    planes = (
+        bool(row_block) and kept is not None and kept_input_channel_major(kept, weight_shape, stride, dilation, groups)
+    )
     layer = _layer(sizes, weight_strides, headroom, weight_channel)
-    return LayerForward(layer, input_groups, (n, oh, ow, cout), kept, (n, channels) if row_block else ())
+    return LayerForward(layer, input_groups, (n, oh, ow, cout), kept, (n, channels) if row_block else (), planes)
 
 
 def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, headroom, weight_channel, block):
@@ -311,7 +342,7 @@ def conv2d_grad_weight(dy, ey, x_padded, ex, weight_shape, stride, dilation, gro
     sizes = (n, hp, wp, cin_g * groups, cout, groups, kh, kw, *stride, 0, 0, *dilation, channels)
     ok = _core().conv_grad_weight(
         dy.data_ptr(), ey.data_ptr(), ey.numel(), kblock, x_padded.data_ptr(), ex.data_ptr(), ex.dim() > 0,
-        _layer(sizes, dw.stride(), headroom, False), dw.data_ptr(), torch.get_num_threads(),
+        _channel_planes(x_padded), _layer(sizes, dw.stride(), headroom, False), dw.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return dw if ok else None
 
@@ -343,7 +374,8 @@ class LayerBackward(NamedTuple):
         )
         ok = _core().conv_backward(
             pixels.data_ptr(), weight.data_ptr(), _address(x_padded if dw is not None else None),
-            _address(ex if dw is not None else None), dw is not None and ex.dim() > 0, self.layer, dy_block,
+            _address(ex if dw is not None else None), dw is not None and ex.dim() > 0,
+            dw is not None and _channel_planes(x_padded), self.layer, dy_block,
             input_groups, row_block, blocks_rounding, groups_rounding, seed & (2**64 - 1), weight_block,
             _address(dx), _address(dw), torch.get_num_threads(),
         )  # fmt: skip
