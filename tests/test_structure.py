@@ -213,6 +213,34 @@ def test_pruning_a_resnet_join_keeps_the_outputs_and_the_spaces_agree(fmt):
     assert nothing == {}
 
 
+def test_pruning_to_a_multiple_keeps_back_the_strongest_zero_channels():
+    """prune_multiple: each width rounded up to a multiple (or the whole width), the zero
+    channels kept back the strongest ones; the outputs stay the same."""
+    model = _resnet(None)
+    spaces = {space.name: space for space in structure.channel_spaces(model)}
+    for channel in (0, 7, 30, 31, 12):  # 27 dense channels of 32 -> 32; 29 of 32 -> 32
+        _zero_channel(model, spaces["stages.1"], channel)
+    for channel in range(40):  # 24 dense channels of 64 -> 24
+        _zero_channel(model, spaces["stages.2.1.conv1"], channel)
+    for channel in range(9):  # 7 of 16 -> 8: the strongest zero channel, 5, comes back
+        _zero_channel(model, spaces["stages.0.0.conv1"], channel)
+    with torch.no_grad():
+        model.get_submodule(spaces["stages.0.0.conv1"].writers[0].layer).weight[5].fill_(1e-5)
+    x = _x((4, 3, 8, 8))
+    before = _outputs(model, x)
+    surgery, widths = structure.pruning(model, list(spaces.values()), multiple=8)
+    assert widths == {"stages.2.1.conv1": 24, "stages.0.0.conv1": 8}
+    assert structure.pruning(model, list(spaces.values()))[1]["stages.0.0.conv1"] == 7
+    structure.apply(model, surgery)
+    space = {space.name: space for space in structure.channel_spaces(model)}["stages.0.0.conv1"]
+    assert structure.channel_magnitudes(model, space).min().item() == pytest.approx(1e-5)  # channel 5, not a zero
+    after = _outputs(model, x)
+    for mode in ("eval", "train"):
+        assert _relative(after[mode], before[mode]) <= 1e-6, mode
+    with pytest.raises(ValueError, match="multiple"):
+        structure.pruning(model, list(spaces.values()), multiple=0)
+
+
 def test_a_space_keeps_its_strongest_channel_and_bad_indices_are_named():
     model = _chain()
     space_a = model.spaces()[0]

@@ -195,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
         "network trains without it); neither PruneTrain's paper nor its code stops it (default: every epoch)",
     )
     structural.add_argument(
+        "--prune-multiple",
+        type=positive_int,
+        default=strategies.StrategySettings.prune_multiple,
+        help="prunetrain: keep every width a multiple of N after pruning (the strongest zero channels kept "
+        "back): odd widths run far from a CPU's or a tensor core's peak; not in PruneTrain (default: %(default)s)",
+    )
+    structural.add_argument(
         "--start-width",
         type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         default=strategies.StrategySettings.start_width,
@@ -360,6 +367,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         grow_batch=args.grow_batch,
         proximal=args.proximal_lasso,
         penalty_epochs=args.penalty_epochs,
+        prune_multiple=args.prune_multiple,
         prune_every=args.prune_every,
         start_width=args.start_width,
         start_depth=args.start_depth,

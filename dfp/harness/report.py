@@ -110,6 +110,7 @@ class Row:
     batch_sizes: tuple[int, ...] = ()  # the batch grown after pruning to, of the first seed
     proximal: bool = False  # the group lasso applied as a proximal step
     penalty_epochs: int | None = None  # the group lasso in the first N epochs only
+    prune_multiple: int = 1  # widths kept multiples of this
 
     @property
     def label(self) -> str:
@@ -225,6 +226,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 batch_sizes=tuple(s["batch_size"] for s in results[0].get("surgeries", []) if "batch_size" in s),
                 proximal=(config.get("strategy_settings") or {}).get("proximal", False),
                 penalty_epochs=(config.get("strategy_settings") or {}).get("penalty_epochs"),
+                prune_multiple=(config.get("strategy_settings") or {}).get("prune_multiple", 1),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -296,6 +298,8 @@ def _notes(row: Row) -> str:
         notes.append("group lasso as a proximal step (PruneTrain adds it to the loss)")
     if row.penalty_epochs is not None:
         notes.append(f"group lasso in the first {row.penalty_epochs} epochs only (PruneTrain keeps it)")
+    if row.prune_multiple > 1:
+        notes.append(f"widths kept multiples of {row.prune_multiple} (PruneTrain removes every zero channel)")
     return "; ".join(notes)
 
 

@@ -17,7 +17,9 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        exactly; SWALP's weights leave the DFP16 grid until its next step)
                        instead of a penalty in the loss: in neither; with ``penalty_epochs`` the
                        group lasso acts in the first that many epochs only, and the pruned
-                       network trains without it for the rest: in neither
+                       network trains without it for the rest: in neither; with
+                       ``prune_multiple`` each width stays a multiple of it (the strongest zero
+                       channels kept back): in neither
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
@@ -71,6 +73,7 @@ class StrategySettings:
     grow_batch: bool = False
     proximal: bool = False
     penalty_epochs: int | None = None  # None: the group lasso acts in every epoch
+    prune_multiple: int = 1  # widths after pruning kept multiples of this
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """The settings that ``strategy`` uses, as stored in a run's config (an option at
@@ -82,6 +85,8 @@ class StrategySettings:
             prune["proximal"] = True
         if self.penalty_epochs is not None:
             prune["penalty_epochs"] = self.penalty_epochs
+        if self.prune_multiple > 1:
+            prune["prune_multiple"] = self.prune_multiple
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
         if self.start_depth < 1:
             grow["start_depth"] = self.start_depth
@@ -230,7 +235,7 @@ class StructuredRun:
             and epoch % self.settings.prune_every == 0
             and last_growth < epoch < self.epochs
         ):
-            surgery, widths = structure.pruning(model, spaces, self.settings.threshold)
+            surgery, widths = structure.pruning(model, spaces, self.settings.threshold, self.settings.prune_multiple)
             if widths:
                 structure.apply(model, surgery, optimizer, average)
                 self.surgeries.append({"epoch": epoch, "kind": "prune", "widths": widths})
