@@ -121,6 +121,14 @@ PYBIND11_MODULE(_C, m) {
       "channel block, and per group of samples and channel; False on NaN/Inf");
 
   m.def(
+      "to_channel_major",
+      [](uintptr_t x, int64_t n, int64_t pixels, int64_t channels, uintptr_t out, int nthreads) {
+        py::gil_scoped_release release;
+        dfp::to_channel_major(ptr<const int16_t>(x), n, pixels, channels, ptr<int16_t>(out), nthreads);
+      },
+      "a contiguous int16 (N, pixels, C) image into channel planes (N, C, pixels)");
+
+  m.def(
       "copy_window",
       [](uintptr_t x, int64_t n, int64_t h, int64_t w, int64_t c, int64_t r0, int64_t r1, int64_t c0, int64_t c1,
          int64_t out_channels, uintptr_t out, int nthreads) {
@@ -247,8 +255,8 @@ PYBIND11_MODULE(_C, m) {
       "conv_backward",
       [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, uintptr_t x_exponent, bool x_per_sample,
          bool x_channel_major, const dfp::ConvLayer& layer, int64_t dy_block, int input_groups, int64_t row_block,
-         int dy_block_rounding,
-         int input_rounding, uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw, int nthreads) {
+         int dy_block_rounding, int input_rounding, uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw,
+         int nthreads) {
         py::gil_scoped_release release;
         const dfp::GradientRounding rounding{dy_block,
                                              dfp::InputGroups(input_groups),
@@ -259,8 +267,7 @@ PYBIND11_MODULE(_C, m) {
                                              weight_block};
         return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),
                                   {ptr<const int32_t>(x_exponent), x_per_sample, x_channel_major}, layer, rounding,
-                                  ptr<float>(dx),
-                                  ptr<float>(dw), nthreads);
+                                  ptr<float>(dx), ptr<float>(dw), nthreads);
       },
       "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "
       "dx (stride 1; 0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");

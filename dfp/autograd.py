@@ -190,8 +190,9 @@ def conv2d_impl(
     if input_rows and (forward_dfp or need_weight_grad):
         x_rows, e_rows, x_padded, x_exponent = layout.quantize_input(x, headroom, tuple(padding), channels,
                                                                      *input_groups, need_weight_grad)  # fmt: skip
-        if need_weight_grad and _kept_as_planes(x.device, x_padded.shape, weight.shape, stride, dilation, groups):
-            x_padded = x_padded.permute(0, 3, 1, 2).contiguous().permute(0, 2, 3, 1)  # as the one call keeps it
+        relayout = getattr(backends.active(x.device), "kept_input", None)
+        if need_weight_grad and relayout is not None:  # as the one-call forward keeps it
+            x_padded = relayout(x_padded, tuple(weight.shape), tuple(stride), tuple(dilation), groups)
     elif forward_dfp or need_weight_grad:
         x_padded, x_exponent = layout.quantize_padded(x, headroom, tuple(padding), channels)
         x_rows, e_rows = x_padded, x_exponent

@@ -97,7 +97,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   thread_local std::vector<int16_t> x_rows;  // kept: a fresh image of megabytes would be paged in every call
   at_least(x_rows, image_size);
   std::vector<int32_t> e_rows(row_exponents);
-  const InputQuantization out{x_rows.data(),          e_rows.data(), grouping.row_block, x_padded, x_exponent,
+  const InputQuantization out{x_rows.data(), e_rows.data(), grouping.row_block, x_padded, x_exponent,
                               grouping.group_samples, grouping.channel_major};
   if (!quantize_input(x, image, l.headroom, out, nthreads)) return false;
   const int64_t kblock = grouping.row_block == cgp ? l.kw * cgp : grouping.row_block;

@@ -286,6 +286,20 @@ def kept_input_channel_major(kept_shape, weight_shape, stride, dilation, groups)
     return bool(_core().grad_weight_reads_channel_major(geometry, cout))
 
 
+def kept_input(x_padded, weight_shape, stride, dilation, groups) -> torch.Tensor:
+    """grad_weight's padded input (N, Hp, Wp, C') with exponents per sample, laid out as
+    the one-call forward keeps it (``kept_input_channel_major``): a transposed copy where
+    that is channel planes (the steps' forward, e.g. of an NCHW input), else ``x_padded``."""
+    if not kept_input_channel_major(tuple(x_padded.shape), weight_shape, stride, dilation, groups):
+        return x_padded
+    n, hp, wp, c = x_padded.shape
+    planes = torch.empty((n, c, hp, wp), dtype=torch.int16)
+    _core().to_channel_major(
+        x_padded.contiguous().data_ptr(), n, hp * wp, c, planes.data_ptr(), torch.get_num_threads()
+    )  # fmt: skip
+    return planes.permute(0, 2, 3, 1)
+
+
 def _channel_planes(x_padded: torch.Tensor) -> bool:
     """Whether the padded int16 input (N, Hp, Wp, C) lies as channel planes (``_kept_buffer``);
     else it is contiguous."""

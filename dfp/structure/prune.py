@@ -42,14 +42,30 @@ def channel_magnitudes(model: nn.Module, space: ChannelSpace) -> torch.Tensor:
     return largest
 
 
-def dense_channels(model: nn.Module, space: ChannelSpace, threshold: float = THRESHOLD) -> torch.Tensor:
+def dense_channels(
+    model: nn.Module, space: ChannelSpace, threshold: float = THRESHOLD, multiple: int = 1
+) -> torch.Tensor:
     """The indices (ascending) of the channels of ``space`` kept by the union rule; at
-    least one, the strongest, even when all are below ``threshold``."""
+    least one, the strongest, even when all are below ``threshold``. ``multiple`` > 1:
+    the strongest of the other channels kept too, until their number is a multiple of it
+    or every channel (an odd width such as 15 or 7 channels runs further from a CPU's or
+    a tensor core's peak than the next multiple of 8; not in PruneTrain; keeping a zero
+    channel changes no output)."""
     if not threshold >= 0:
         raise ValueError(f"threshold must be >= 0, got {threshold!r}")
+    if not (isinstance(multiple, int) and multiple >= 1):
+        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
     magnitudes = channel_magnitudes(model, space)
     kept = torch.nonzero(magnitudes >= threshold).flatten()
-    return kept if kept.numel() else magnitudes.argmax().reshape(1)
+    if not kept.numel():
+        kept = magnitudes.argmax().reshape(1)
+    wanted = min(-(-kept.numel() // multiple) * multiple, magnitudes.numel())
+    if wanted > kept.numel():
+        others = magnitudes.clone()
+        others[kept] = -1.0  # already kept
+        extra = others.argsort(descending=True, stable=True)[: wanted - kept.numel()]
+        kept = torch.cat([kept, extra]).sort().values
+    return kept
 
 
 def removal(model: nn.Module, space: ChannelSpace, keep: torch.Tensor) -> Surgery:
@@ -64,33 +80,16 @@ def removal(model: nn.Module, space: ChannelSpace, keep: torch.Tensor) -> Surger
 def pruning(
     model: nn.Module, spaces: list[ChannelSpace], threshold: float = THRESHOLD, multiple: int = 1
 ) -> tuple[Surgery, dict[str, int]]:
-    """The surgery removing every channel that the union rule finds zero in ``spaces``,
-    and the new width of each space whose width changes (empty: nothing to remove).
-    ``multiple`` > 1 keeps each width a multiple of it (or the space's whole width), the
-    strongest of the zero channels kept back: an odd width such as 15 or 7 channels runs
-    further from a CPU's or a tensor core's peak than the next multiple of 8 (not in
-    PruneTrain; keeping a zero channel changes no output)."""
-    if not (isinstance(multiple, int) and multiple >= 1):
-        raise ValueError(f"multiple must be an int >= 1, got {multiple!r}")
+    """The surgery removing every channel that the union rule finds zero in ``spaces``
+    (widths kept multiples of ``multiple``: ``dense_channels``), and the new width of each
+    space whose width changes (empty: nothing to remove)."""
     surgery, widths = Surgery(), {}
     for space in spaces:
-        keep = dense_channels(model, space, threshold)
-        if multiple > 1:
-            keep = _rounded_up(keep, channel_magnitudes(model, space), multiple)
+        keep = dense_channels(model, space, threshold, multiple)
         if keep.numel() < space.width(model):
             surgery = surgery.merged(removal(model, space, keep))
             widths[space.name] = keep.numel()
     return surgery, widths
-
-
-def _rounded_up(keep: torch.Tensor, magnitudes: torch.Tensor, multiple: int) -> torch.Tensor:
-    """``keep`` with the strongest of the other channels added until their number is a
-    multiple of ``multiple`` or every channel (ascending indices)."""
-    wanted = min(-(-keep.numel() // multiple) * multiple, magnitudes.numel())
-    others = magnitudes.clone()
-    others[keep] = -1.0  # already kept
-    extra = others.argsort(descending=True, stable=True)[: wanted - keep.numel()]
-    return torch.cat([keep, extra]).sort().values
 
 
 def narrowing(model: nn.Module, spaces: list[ChannelSpace], new_widths: dict[str, int]) -> Surgery:
