@@ -7,9 +7,9 @@ takes about 25 s plus the tests' 30 s (docs/gpu-check-h200.md).
 
 GEMM at 4096 and 8192 (square): cuBLAS fp16 ``mm`` (tensor cores), cuBLAS fp32 ``mm``
 (TF32 off: CUDA cores), ``torch._int_mm`` (int8 tensor cores), and the exact DFP16 GEMM
-on its three paths (``mma``: int8 tensor cores with int16 limbs split on chip; ``int16``:
-CUDA cores; ``limbs``: torch._int_mm per chain), each also checked bit for bit against
-the ``int16`` path. Conv layers (forward + backward): fp32, fp16 (channels_last,
+on its three paths (``mma``: int8 tensor cores on int16 limbs, with the default feed and
+the registers feed; ``int16``: CUDA cores; ``limbs``: torch._int_mm per chain), each
+also checked bit for bit against the ``int16`` path. Conv layers (forward + backward): fp32, fp16 (channels_last,
 cudnn.benchmark) and dfp16. A ResNet-20 training step (batch 128) in fp32, fp16 and
 dfp16, set up as the harness trains them. Times are medians of CUDA-event timings;
 ratios are against the baselines measured in the same run. Without a CUDA device it
@@ -103,19 +103,24 @@ def _int16_operands(size: int, headroom: int = 2):
     return a, ea, headroom, b, eb, headroom, size, None
 
 
-def _dfp_gemm(path: str, operands) -> Callable[[], torch.Tensor]:
+def _dfp_gemm(path: str, operands, feed: str | None = None) -> Callable[[], torch.Tensor]:
+    """The DFP16 GEMM on ``path`` (DFP_CUDA_GEMM), the tensor cores' operands fed as ``feed``
+    says (DFP_CUDA_MMA_FEED; None: the default)."""
     from dfp.cuda import gemm
 
+    settings = {"DFP_CUDA_GEMM": path, "DFP_CUDA_MMA_FEED": feed}
+
     def call():
-        before = os.environ.get("DFP_CUDA_GEMM")
-        os.environ["DFP_CUDA_GEMM"] = path
+        before = {name: os.environ.get(name) for name in settings}
+        os.environ.update({name: value for name, value in settings.items() if value is not None})
         try:
             return gemm.gemm(*operands)
         finally:
-            if before is None:
-                del os.environ["DFP_CUDA_GEMM"]
-            else:
-                os.environ["DFP_CUDA_GEMM"] = before
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
     return call
 
@@ -136,6 +141,7 @@ def _gemm_rows(size: int, budget_s: float) -> tuple[list[list[str]], list[str]]:
         "cuBLAS fp32 mm (no TF32)": lambda: x32 @ x32,
         "torch._int_mm int8": lambda: torch._int_mm(i8, i8),
         "dfp16 mma (tensor cores)": _dfp_gemm("mma", operands),
+        "dfp16 mma, registers feed": _dfp_gemm("mma", operands, "registers"),
         "dfp16 int16 (CUDA cores)": _dfp_gemm("int16", operands),
         "dfp16 limbs (torch._int_mm)": _dfp_gemm("limbs", operands),
     }
@@ -179,9 +185,13 @@ def _exactness(operands) -> dict[str, str]:
     except FAILURES:
         return {}
     result = {}
-    for path, name in (("mma", "dfp16 mma (tensor cores)"), ("limbs", "dfp16 limbs (torch._int_mm)")):
+    for path, feed, name in (
+        ("mma", None, "dfp16 mma (tensor cores)"),
+        ("mma", "registers", "dfp16 mma, registers feed"),
+        ("limbs", None, "dfp16 limbs (torch._int_mm)"),
+    ):
         try:
-            result[name] = "yes" if torch.equal(_dfp_gemm(path, operands)(), want) else "**NO**"
+            result[name] = "yes" if torch.equal(_dfp_gemm(path, operands, feed)(), want) else "**NO**"
         except FAILURES:
             result[name] = "failed"
     return result
@@ -291,23 +301,45 @@ def conv_table(layers, budget_s: float) -> list[str]:
 
 
 STEP_FORMATS = ("fp32", "fp16", "dfp16")
+STEP_GRAPHED = ("fp32", "dfp16")  # fp16's GradScaler syncs with the host: no capture
+
+
+def _graph_replay(step: Callable[[], None]) -> Callable[[], None]:
+    """``step`` captured once in a CUDA graph (after warm-up steps on a side stream, as torch's
+    whole-network capture does), as its replay."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    return graph.replay
 
 
 def step_table(budget_s: float) -> list[str]:
     """Whole training steps of ResNet-20 (CIFAR-10 shapes, batch 128, channels_last, SGD)
     in fp32, fp16 (autocast + GradScaler, cudnn.benchmark) and dfp16, set up as the
-    harness trains them."""
+    harness trains them; fp32 and dfp16 also captured in a CUDA graph and replayed (the
+    launches without the host's Python: fp16's GradScaler syncs with the host, which a
+    capture refuses)."""
     from .step import Step
 
-    times, notes = {}, []
+    times, replays, notes = {}, {}, []
     for fmt in STEP_FORMATS:
         try:
-            times[fmt] = median_ms(Step("resnet20", fmt, 128, device="cuda"), budget_s, 30)
+            step = Step("resnet20", fmt, 128, device="cuda")
+            times[fmt] = median_ms(step, budget_s, 30)
+            if fmt in STEP_GRAPHED:
+                replays[fmt] = median_ms(_graph_replay(step), budget_s, 30)
         except FAILURES as err:
             notes.append(f"{fmt}: {type(err).__name__}: {err}")
-    rows = [[fmt, f"{times[fmt]:.2f}" if fmt in times else "failed", _ratio(times, fmt, "fp32")]
+    rows = [[fmt, f"{times[fmt]:.2f}" if fmt in times else "failed", _ratio(times, fmt, "fp32"),
+             f"{replays[fmt]:.2f}" if fmt in replays else "-", _ratio(replays, fmt, "fp32")]
             for fmt in STEP_FORMATS]  # fmt: skip
-    headers = ["ResNet-20 training step, batch 128", "ms", "speed vs fp32"]
+    headers = ["ResNet-20 training step, batch 128", "ms", "speed vs fp32", "CUDA graph replay ms", "speed vs fp32"]
     return ["## Training step", "", *table(headers, rows), "", *notes]
 
 

@@ -192,6 +192,17 @@ def test_forced_gemm_path_is_checked(monkeypatch):
         cuda_gemm.choose_path((9, 0), 2, 2)
 
 
+def test_tensor_core_feed_pipelined_from_ampere_where_k_is_not_split_and_checked(monkeypatch):
+    monkeypatch.delenv("DFP_CUDA_MMA_FEED", raising=False)
+    assert [cuda_gemm.mma_feed(c, False) for c in ((7, 5), (8, 0), (9, 0))] == ["registers", "pipelined", "pipelined"]
+    assert cuda_gemm.mma_feed((9, 0), True) == "registers"
+    monkeypatch.setenv("DFP_CUDA_MMA_FEED", "pipelined")
+    assert cuda_gemm.mma_feed((9, 0), True) == "pipelined"
+    monkeypatch.setenv("DFP_CUDA_MMA_FEED", "tma")
+    with pytest.raises(ValueError, match="choose one of pipelined, registers"):
+        cuda_gemm.mma_feed((9, 0), False)
+
+
 def test_k_tiles_never_straddle_a_chain():
     tiles = cuda_gemm.k_tiles(200, 48, 32)
     assert tiles[:4] == ((0, 32, 1, 0), (32, 16, 2, 0), (48, 32, 3, 1), (80, 16, 4, 1))  # chain ends count chains
@@ -312,6 +323,113 @@ def test_quantize_refuses_non_finite(value, axis, block):
         torch.ops.dfp.quantize(x, 2, axis, block, False, 0)
 
 
+def _on_gpu(x: torch.Tensor, aligned: bool = True) -> torch.Tensor:
+    """x on the GPU, contiguous; not aligned: 4 bytes into its storage, so that the kernels
+    cannot read it in 16-byte float4 loads."""
+    if aligned:
+        return x.cuda()
+    base = torch.empty(x.numel() + 1, device="cuda")
+    view = base[1:].view(x.shape)
+    assert view.is_contiguous() and view.data_ptr() % 16 != 0
+    return view.copy_(x)
+
+
+LAST_AXIS_BLOCKS = {  # (rows, row length), block, aligned: blocks along the last axis
+    "block 4": ((9, 64), 4, True),
+    "block 32": ((7, 256), 32, True),
+    "block 32, ragged tail": ((5, 100), 32, True),  # the last group of a row 4 long
+    "block 64, ragged tail": ((6, 200), 64, True),
+    "block 128": ((3, 512), 128, True),
+    "block 256, ragged tail": ((4, 600), 256, True),  # 16 lanes, 4 quads each; a tail of 88
+    "block 1024, ragged tail": ((3, 2600), 1024, True),  # quads beyond a lane's registers read again
+    "block 12 (3 quads, 4 lanes, one idle)": ((5, 60), 12, True),
+    "block 48 (12 quads, 4 lanes)": ((3, 200), 48, True),
+    "block 384 (32 lanes, 3 quads each)": ((2, 1536), 384, True),
+    "block 32, row length not a multiple of 4": ((5, 99), 32, True),  # the scalar kernel
+    "block 32, unaligned": ((6, 128), 32, False),  # the scalar kernel
+    "block 30": ((4, 120), 30, True),  # the scalar kernel
+    "block 32, many sweeps of the grid": ((1100, 4096), 32, True),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("case", LAST_AXIS_BLOCKS)
+def test_quantize_blocks_along_the_last_axis_bit_exact(case, rounding):
+    """dfp_quantize_blocks_vec4 (whole float4s: lanes per group, the maximum by shuffles, the
+    values kept in registers) and the scalar kernel where it cannot run: the reference's
+    bits, with a group of zeros, a ragged last group per row, and tiny and huge values."""
+    shape, block, aligned = LAST_AXIS_BLOCKS[case]
+    if shape[0] * shape[1] > 10**6 and rounding != "nearest":
+        pytest.skip("the large case runs once, with nearest rounding")
+    x = wide_range(shape, seed=5)
+    x[0, :block] = 0.0  # a group of zeros
+    x[-1, :3] = torch.tensor([2.0**-149, -(2.0**100), 2.0**-140])  # subnormal, huge (its group's scale)
+    seed = -(2**63) + 4242
+    args = (2, 1, block, ROUNDINGS.index(rounding), seed)
+    got_m, got_e = torch.ops.dfp.quantize(_on_gpu(x, aligned), *args)
+    want_m, want_e = on_reference(torch.ops.dfp.quantize, x, *args)
+    assert torch.equal(got_e.cpu(), want_e)
+    assert torch.equal(got_m.cpu(), want_m)
+
+
+@needs_gpu
+@pytest.mark.parametrize("block", [4, 32, 64, 128, 256])
+@pytest.mark.parametrize("aligned", [True, False], ids=["float4", "scalar"])
+def test_quantize_blocks_along_the_last_axis_flag_nonfinite_groups(block, aligned):
+    """NaN in one group and Inf in another: the flag set, exponent 0 in those two groups, and
+    every other group as the reference quantizes it (their mantissas are left unwritten:
+    dfp.quantize raises, quantize3d_marked zeros them)."""
+    from dfp.cuda import quantize as cuda_quantize
+
+    x = wide_range((3, 2 * block + 8), seed=6)
+    x[0, block + 1] = float("nan")
+    x[2, 2] = float("inf")
+    mantissa, exponent, nonfinite = cuda_quantize._quantize3d(_on_gpu(x, aligned).view(3, -1, 1), 2, block, 2, 0, 0)
+    assert int(nonfinite.item()) == 1
+    bad = torch.zeros(exponent.shape, dtype=torch.bool)
+    bad[0, 1, 0] = bad[2, 0, 0] = True
+    clean = x.clone().view(3, -1, 1)
+    clean[0, block + 1] = clean[2, 2] = 0.0
+    want_m, want_e = reference.quantize3d(clean, 2, block, 2, 0, 0)
+    assert torch.equal(exponent.cpu()[bad], torch.zeros(2, dtype=torch.int32))
+    assert torch.equal(exponent.cpu()[~bad], want_e[~bad])
+    groups_ok = ~bad.repeat_interleave(block, dim=1)[:, : x.shape[1]]
+    assert torch.equal(mantissa.cpu()[groups_ok], want_m[groups_ok])
+    with pytest.raises(NonFiniteError, match="NaN/Inf"):
+        torch.ops.dfp.quantize(_on_gpu(x, aligned), 2, 1, block, 0, 0)
+
+
+PER_TENSOR_AND_CHANNEL = {  # shape, axis, aligned, the flat index of the largest |x|
+    "tensor, the max in the 4-load loop": ((1024, 2048 + 4), None, True, 12345),
+    "tensor, the max in the tail": ((1024, 2048 + 4), None, True, -1),
+    "tensor, count % 4 != 0": ((1023, 2049), None, True, -1),
+    "tensor, unaligned": ((512, 1028), None, False, -2),
+    "channel, inner % 4 == 0": ((6, 7, 44), 1, True, -1),
+    "channel rows, long rows": ((300, 4096), 0, True, 77),
+    "channel, inner % 4 != 0": ((6, 7, 45), 1, True, -1),
+    "channel, unaligned": ((6, 7, 44), 1, False, -1),
+}
+
+
+@needs_gpu
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+@pytest.mark.parametrize("case", PER_TENSOR_AND_CHANNEL)
+def test_quantize_per_tensor_and_channel_bit_exact(case, rounding):
+    """The float4 paths of dfp_amax_tensor, dfp_amax_channel and dfp_quantize (and the scalar
+    ones where the count, the inner size or the alignment rule them out): the largest |x|
+    placed where a missed load would lose it."""
+    shape, axis, aligned, at = PER_TENSOR_AND_CHANNEL[case]
+    x = wide_range(shape, seed=7)
+    x.view(-1)[at] = 2.0**30
+    seed = -(2**62) + 99
+    args = (2, axis, None, ROUNDINGS.index(rounding), seed)
+    got_m, got_e = torch.ops.dfp.quantize(_on_gpu(x, aligned), *args)
+    want_m, want_e = on_reference(torch.ops.dfp.quantize, x, *args)
+    assert torch.equal(got_e.cpu(), want_e)
+    assert torch.equal(got_m.cpu(), want_m)
+
+
 @needs_gpu
 @pytest.mark.parametrize("case", QUANTIZE_CASES)
 def test_dequantize_bit_exact(case):
@@ -363,8 +481,17 @@ def test_gemm_cases_build_on_any_machine(case):
 
 
 def _paths_for(ha: int, hb: int) -> list[str]:
+    """Every GEMM path that can run these headrooms here, the tensor-core one with each
+    operand feed ("mma/pipelined", "mma/registers"); ``_use`` selects one."""
     capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else (0, 0)
-    return [p for p in cuda_gemm.PATHS if p != "mma" or cuda_gemm.mma_applies(capability, ha, hb)]
+    paths = [p for p in cuda_gemm.PATHS if p != "mma" or cuda_gemm.mma_applies(capability, ha, hb)]
+    return [f"mma/{feed}" for feed in cuda_gemm.FEEDS] * ("mma" in paths) + [p for p in paths if p != "mma"]
+
+
+def _use(monkeypatch, path: str) -> None:
+    monkeypatch.setenv("DFP_CUDA_GEMM", path.split("/")[0])
+    if "/" in path:
+        monkeypatch.setenv("DFP_CUDA_MMA_FEED", path.split("/")[1])
 
 
 @needs_gpu
@@ -375,7 +502,7 @@ def test_gemm_bit_exact_on_every_path(monkeypatch, case, transposed):
     want = on_reference(torch.ops.dfp.gemm, a, ea, ha, b, eb, hb, kblock, bias)
     b_gpu = b.t().contiguous().cuda().t() if transposed else b.cuda()
     for path in _paths_for(ha, hb):
-        monkeypatch.setenv("DFP_CUDA_GEMM", path)
+        _use(monkeypatch, path)
         got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), ha, b_gpu, eb.cuda(), hb, kblock, bias.cuda())
         assert torch.equal(got.cpu(), want), path
 
@@ -410,7 +537,7 @@ def test_gemm_single_tile_names_wrong_positions(monkeypatch, pattern):
     ea, eb = torch.zeros(16, 1, dtype=torch.int32), torch.zeros(1, 8, dtype=torch.int32)
     want = on_reference(torch.ops.dfp.gemm, a, ea, 2, b, eb, 2, 32, None)
     for path in _paths_for(2, 2):
-        monkeypatch.setenv("DFP_CUDA_GEMM", path)
+        _use(monkeypatch, path)
         got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), 2, b.cuda(), eb.cuda(), 2, 32, None).cpu()
         wrong = _wrong_positions(got, want)
         count = (got != want).sum().item()
@@ -440,9 +567,10 @@ def test_split_k_gemm_bit_exact(monkeypatch, case):
                                   cuda_gemm.CHAIN_SUMS_BYTES)  # fmt: skip
     assert plan is not None and (len(plan) > 1) == (sums_bytes is not None)
     want = on_reference(torch.ops.dfp.gemm, a, ea, ha, b, eb, hb, kblock, bias)
-    monkeypatch.setenv("DFP_CUDA_GEMM", "mma")
-    got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), ha, b.cuda(), eb.cuda(), hb, kblock, bias.cuda())
-    assert torch.equal(got.cpu(), want)
+    for feed in cuda_gemm.FEEDS:
+        _use(monkeypatch, f"mma/{feed}")
+        got = torch.ops.dfp.gemm(a.cuda(), ea.cuda(), ha, b.cuda(), eb.cuda(), hb, kblock, bias.cuda())
+        assert torch.equal(got.cpu(), want), feed
 
 
 @needs_gpu
@@ -454,7 +582,7 @@ def test_gemm_takes_expanded_exponents(monkeypatch):
     assert ea.stride() == (0, 0)  # made on the device: .cuda() would copy it contiguous
     want = on_reference(torch.ops.dfp.gemm, a, ea.cpu(), ha, b, eb, hb, kblock, bias)
     for path in _paths_for(ha, hb):
-        monkeypatch.setenv("DFP_CUDA_GEMM", path)
+        _use(monkeypatch, path)
         got = torch.ops.dfp.gemm(a.cuda(), ea, ha, b.cuda(), eb.cuda(), hb, kblock, bias.cuda())
         assert torch.equal(got.cpu(), want), path
 
@@ -516,7 +644,7 @@ def test_conv_gemms_bit_exact_against_cpu(monkeypatch, name):
     for op, args in ((torch.ops.dfp.conv_gemm, forward), (torch.ops.dfp.conv_grad_weight_gemm, weight)):
         want = on_reference(op, *args)
         for path in _paths_for(2, 2):
-            monkeypatch.setenv("DFP_CUDA_GEMM", path)
+            _use(monkeypatch, path)
             got = op(*_to_cuda(args))
             assert got.is_cuda and torch.equal(got.cpu(), want), f"{op} on the {path} path"
 

@@ -81,11 +81,21 @@ def test_compiles_without_warnings(compiled, name, arch):
     _check(compiled[(name, arch)])
 
 
-def _mma_variants() -> list[tuple[str, ...]]:
-    """The -D options of every compile-time variant of gemm_mma.cu (dfp.cuda.gemm picks one per launch)."""
+def _variants(names: tuple[str, ...], *tunings: dict[str, int]) -> list[tuple[str, ...]]:
+    """The -D options of every compile-time variant: each name 0 or 1, with each tuning."""
     return [
-        tuple(f"-D{name}={on}" for name, on in zip(cuda_gemm.MMA_VARIANTS, flags, strict=True))
-        for flags in itertools.product((0, 1), repeat=len(cuda_gemm.MMA_VARIANTS))
+        tuple(f"-D{name}={on}" for name, on in zip(names, flags, strict=True))
+        + tuple(f"-D{k}={v}" for k, v in tuning.items())
+        for flags in itertools.product((0, 1), repeat=len(names))
+        for tuning in tunings or ({},)
+    ]
+
+
+def _mma_variants() -> list[tuple[str, tuple[str, ...]]]:
+    """(file, -D options) of every compile-time variant of the tensor-core kernels (dfp.cuda.gemm picks one per launch)."""
+    return [("gemm_mma.cu", d) for d in _variants(cuda_gemm.MMA_VARIANTS)] + [
+        ("gemm_mma_pipelined.cu", d)
+        for d in _variants(cuda_gemm.PIPELINED_VARIANTS, {"DFP_MMA_MIN_BLOCKS": 1}, {"DFP_MMA_MIN_BLOCKS": 2})
     ]
 
 
@@ -93,7 +103,7 @@ def _mma_variants() -> list[tuple[str, ...]]:
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
 def test_every_mma_variant_compiles_without_warnings(tmp_path, arch):
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(pool.map(lambda d: _compile(source_dir() / "gemm_mma.cu", arch, tmp_path, d), _mma_variants()))
+        results = list(pool.map(lambda v: _compile(source_dir() / v[0], arch, tmp_path, v[1]), _mma_variants()))
     for result in results:
         _check(result)
 
@@ -143,7 +153,7 @@ def test_nvrtc_is_found_where_the_cuda_12_and_13_wheels_put_it(tmp_path, monkeyp
 NVRTC_JOBS = (  # (file, arch, -D options)
     [(f, arch, ()) for f in cuda_files() for arch in ARCHS]
     + [(source_dir() / name, PASCAL, ()) for name in ("quantize.cu", "gemm_int16.cu")]
-    + [(source_dir() / "gemm_mma.cu", arch, defines) for arch in ("sm_75", "sm_90") for defines in _mma_variants()]
+    + [(source_dir() / name, arch, defines) for arch in ("sm_75", "sm_90") for name, defines in _mma_variants()]
 )
 
 
@@ -212,6 +222,7 @@ HOST_PROGRAM = r"""
 #define __host__
 #define __device__
 #define __forceinline__ inline
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -292,11 +303,30 @@ static int blocks(char** argv) {
   return 0;
 }
 
+// The limb planes (high, low) of dfp_split_limbs for an operand of `rows` rows, strides (ld_row, ld_k).
+static void limb_planes(const std::vector<short>& x, int rows, i64 ld_row, i64 ld_k, const std::vector<int>& tiles,
+                        std::vector<signed char>& high, std::vector<signed char>& low) {
+  const int tile_count = int(tiles.size() / 4);
+  high.assign(size_t(rows) * tile_count * 32, 0);
+  low.assign(high.size(), 0);
+  for (int row = 0; row < rows; ++row)
+    for (int t = 0; t < tile_count; ++t)
+      for (int first = 0; first < 32; first += 8) {
+        u32 h[2], l[2];
+        split_limbs_piece(x.data(), row * ld_row, ld_k, tiles[4 * t], tiles[4 * t + 1], first, h, l);
+        const size_t at = (size_t(row) * tile_count + t) * 32 + first;
+        memcpy(&high[at], h, 8);
+        memcpy(&low[at], l, 8);
+      }
+}
+
 // gemm path M N K KB kblock chain tiles a.bin b.bin ra.bin rb.bin sa.bin sb.bin tiles.bin bias.bin out.bin
 // path "mma": balanced int8 limbs summed per k tile, pieces combined modulo 2^32 (gemm_mma.cu);
+// path "planes": the same from the limb planes of dfp_split_limbs (gemm_mma_pipelined.cu);
 // path "int16": int32 sums per chain (gemm_int16.cu).
 static int gemm(char** argv) {
-  const bool mma = strcmp(argv[2], "mma") == 0;
+  const bool planes = strcmp(argv[2], "planes") == 0;
+  const bool mma = planes || strcmp(argv[2], "mma") == 0;
   const int m = atoi(argv[3]), n = atoi(argv[4]), k = atoi(argv[5]), kb = atoi(argv[6]);
   const int kblock = atoi(argv[7]), chain = atoi(argv[8]), tile_count = atoi(argv[9]);
   std::vector<short> a = load<short>(argv[10], size_t(m) * k), b = load<short>(argv[11], size_t(k) * n);
@@ -304,6 +334,8 @@ static int gemm(char** argv) {
   std::vector<float> sa = load<float>(argv[14], size_t(m) * kb), sb = load<float>(argv[15], size_t(kb) * n);
   std::vector<int> tiles = load<int>(argv[16], size_t(tile_count) * 4);
   std::vector<float> bias = load<float>(argv[17], n), out(size_t(m) * n);
+  std::vector<signed char> a_high, a_low, b_high, b_low;  // B's planes are those of B transposed
+  if (planes) limb_planes(a, m, k, 1, tiles, a_high, a_low), limb_planes(b, n, 1, n, tiles, b_high, b_low);
   for (int row = 0; row < m; ++row) {
     for (int col = 0; col < n; ++col) {
       auto add_chain_sum = [&](float acc, i32 chain_sum, int blk) {  // as both kernels do
@@ -315,7 +347,15 @@ static int gemm(char** argv) {
         u32 running = 0;
         for (int t = 0; t < tile_count; ++t) {
           i32 hh = 0, mid = 0, ll = 0;
-          for (int kk = tiles[4 * t]; kk < tiles[4 * t] + tiles[4 * t + 1]; ++kk) {
+          if (planes) {  // all 32 limbs of the tile: the padding is zeros
+            for (int kk = 0; kk < 32; ++kk) {
+              const size_t x = (size_t(row) * tile_count + t) * 32 + kk, y = (size_t(col) * tile_count + t) * 32 + kk;
+              hh += a_high[x] * b_high[y];
+              mid += a_high[x] * b_low[y] + a_low[x] * b_high[y];
+              ll += a_low[x] * b_low[y];
+            }
+          }
+          for (int kk = tiles[4 * t]; !planes && kk < tiles[4 * t] + tiles[4 * t + 1]; ++kk) {
             const i32 x = a[size_t(row) * k + kk], y = b[size_t(kk) * n + col];
             hh += limb_high(x) * limb_high(y);
             mid += limb_high(x) * limb_low(y) + limb_low(x) * limb_high(y);
@@ -346,14 +386,20 @@ static int gemm(char** argv) {
 }
 
 // scales lines blocks line_stride block_stride e.bin r.bin s.bin: dfp_gemm_scales's lines,
-// one after another; s written (lines, blocks) row-major.
+// one after another, each as a warp's 32 lanes share it; s written (lines, blocks) row-major.
 static int scales(char** argv) {
   const int lines = atoi(argv[2]), blocks = atoi(argv[3]), line_stride = atoi(argv[4]), block_stride = atoi(argv[5]);
   std::vector<int> e = load<int>(argv[6], size_t(lines - 1) * line_stride + size_t(blocks - 1) * block_stride + 1);
   std::vector<int> r(lines);
   std::vector<float> s(size_t(lines) * blocks);
-  for (int line = 0; line < lines; ++line)
-    line_scales(e.data() + size_t(line) * line_stride, blocks, block_stride, &r[line], &s[size_t(line) * blocks], 1);
+  for (int line = 0; line < lines; ++line) {
+    const int* e_line = e.data() + size_t(line) * line_stride;
+    int top = line_max_part(e_line, blocks, block_stride, 0, 32);
+    for (int lane = 1; lane < 32; ++lane) top = std::max(top, line_max_part(e_line, blocks, block_stride, lane, 32));
+    r[line] = top;
+    for (int lane = 0; lane < 32; ++lane)
+      line_scales_part(e_line, blocks, block_stride, top, &s[size_t(line) * blocks], 1, lane, 32);
+  }
   save(argv[7], r);
   save(argv[8], s);
   return 0;
@@ -455,8 +501,9 @@ def test_header_gemm_scales_match_exact_powers_of_two(host_program, transposed):
     power of two: normal, subnormal down to 2^-149, zero below (2^-150 rounds to the even 0)."""
     exe, work = host_program
     g = torch.Generator().manual_seed(5)
-    e = torch.randint(-400, 10, (41, 7), generator=g, dtype=torch.int32)
-    e[:, 0] = 10  # each line's maximum ...
+    e = torch.randint(-400, 10, (41, 70), generator=g, dtype=torch.int32)  # more blocks than a warp's lanes
+    e[torch.arange(41), torch.arange(41) * 17 % 70] = 10  # each line's maximum, anywhere ...
+    e[:12, 0] = 10
     e[:6, 1:4] = torch.tensor([10 - 126, 10 - 127, 10 - 149]).repeat(6, 1)  # ... and the edges of fp32's range
     e[6:12, 1:4] = torch.tensor([10 - 150, 10 - 151, 10]).repeat(6, 1)
     lines, blocks = e.shape
@@ -490,13 +537,13 @@ def _extremes(shape, headroom, g):
 
 
 @pytest.mark.parametrize("case", GEMM_CASES)
-@pytest.mark.parametrize("path", ["mma", "int16"])
+@pytest.mark.parametrize("path", ["mma", "planes", "int16"])
 def test_header_gemm_arithmetic_matches_the_reference(host_program, case, path):
     """The kernels' integer and fp32 steps, with the k tiles and scales the Python side
     passes them, on the CPU: bit-identical to dfp.reference.gemm."""
     exe, work = host_program
     m, k, n, ha, hb, kblock, values = GEMM_CASES[case]
-    if path == "mma" and min(ha, hb) == 0:
+    if path != "int16" and min(ha, hb) == 0:
         pytest.skip("headroom 0 mantissas reach beyond the balanced int8 split; the int16 path runs them")
     g = torch.Generator().manual_seed(4)
     if values == "extremes":
@@ -514,6 +561,8 @@ def test_header_gemm_arithmetic_matches_the_reference(host_program, case, path):
     # the kernel's k tiles; for chains shorter than a tile (which the kernel leaves to the
     # int16 path) one tile per chain, to check the split and recombination there too
     tiles = cuda_gemm.k_tiles(k, kblock, chain) if chain % cuda_gemm.TILE_K == 0 else _chain_tiles(k, kblock, chain)
+    if path == "planes" and chain % cuda_gemm.TILE_K:
+        pytest.skip("the limb planes hold k tiles of the table, which needs chains of a multiple of a tile")
     files = {"a": a, "b": b, "ra": ra, "rb": rb, "sa": sa, "sb": sb, "bias": bias}
     for name, t in files.items():
         t.contiguous().numpy().tofile(work / f"{name}.bin")

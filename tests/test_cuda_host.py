@@ -61,15 +61,18 @@ def _window(x, n, h, w, c, r0, c0, oh, ow, oc, out):
     out.copy_(image)
 
 
-def _amax_tensor(x, count, amax):
+def _amax_tensor(x, count, vec4, amax):
+    assert not vec4 or count % 4 == 0
     amax[0] = _abs_bits(x).max()
 
 
-def _amax_channel(x, o, n, i, rows_per_block, amax):
+def _amax_channel(x, o, n, i, rows_per_block, vec4, amax):
+    assert not vec4 or i % 4 == 0
     amax.copy_(_abs_bits(x).view(o, n, i).amax(dim=(0, 2)))
 
 
 def _quantize(x, count, mode, n, i, block, exponent, headroom, rounding, seed_low, seed_high, vec4, nonfinite, out):
+    assert not vec4 or (count % 4 == 0 and (mode == 0 or i % 4 == 0))
     if nonfinite[0]:
         out.zero_()
         return
@@ -89,6 +92,12 @@ def _quantize_blocks(x, o, n, i, block, headroom, rounding, seed_low, seed_high,
         return
     mantissa.copy_(q.view(mantissa.shape))
     exponent.copy_(e.reshape(-1))
+
+
+def _quantize_blocks_vec4(x, o, n, block, lanes, headroom, rounding, seed_low, seed_high, mantissa, exponent,
+                          nonfinite):  # fmt: skip
+    assert n % 4 == 0 and block % 4 == 0 and lanes in (1, 2, 4, 8, 16, 32)
+    _quantize_blocks(x, o, n, 1, block, headroom, rounding, seed_low, seed_high, mantissa, exponent, nonfinite)
 
 
 def _patch_row_exponents(ex, hp, blocks, g, per_group, oh, ow, kh, row_blocks, sh, dh, rows, out):
@@ -114,16 +123,39 @@ def _add_chain(acc, chain_sum, sa, sb, blk):
     return acc + chain_sum.float() * (sa[:, blk : blk + 1] * sb[blk : blk + 1, :])
 
 
-def _gemm_mma(a, lda, bt, ldb, m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out, splits, chain_base,
-              chain_sums, *, defines):  # fmt: skip
+def _gemm_mma(a, lda, bt, ldb, m, n, table, tile_count, *rest, defines):
+    tiles = table.view(-1, 4)[:tile_count].tolist()
+    slices = [(a[:m, k0 : k0 + length], bt[:n, k0 : k0 + length]) for k0, length, _, _ in tiles]
+    _chain_sums_to_out(slices, m, n, table, tile_count, *rest, defines=defines)
+
+
+def _split_limbs(x, rows, ld_row, ld_k, table, tile_count, high, low):
+    assert (ld_row, ld_k) == x.stride()
+    for t, (k0, length, _, _) in enumerate(table.view(-1, 4)[:tile_count].tolist()):
+        v = x[:, k0 : k0 + length].int()
+        h = (v + 128) >> 8  # the balanced split: v = 256 h + l, both in [-128, 127]
+        high[:, 32 * t : 32 * t + 32] = torch.nn.functional.pad(h, (0, 32 - length))
+        low[:, 32 * t : 32 * t + 32] = torch.nn.functional.pad(v - 256 * h, (0, 32 - length))
+
+
+def _gemm_mma_pipelined(a_high, a_low, b_high, b_low, m, n, table, tile_count, *rest, defines):
+    a = (256 * a_high.int() + a_low.int()).view(m, tile_count, 32)
+    bt = (256 * b_high.int() + b_low.int()).view(n, tile_count, 32)
+    slices = [(a[:, t], bt[:, t]) for t in range(tile_count)]  # whole tiles: the planes pad them with zeros
+    _chain_sums_to_out(slices, m, n, table, tile_count, *rest, defines=defines)
+
+
+def _chain_sums_to_out(slices, m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out, splits, chain_base,
+                       chain_sums, *, defines):  # fmt: skip
+    """The tensor-core kernels' chains, with (A, Bt) of every k tile given."""
     tiles = table.view(-1, 4)[:tile_count].tolist()
     sums_only = defines["DFP_MMA_CHAIN_SUMS"]
     ranges = zip(splits[:-1].tolist(), splits[1:].tolist()) if sums_only else [(0, tile_count)]
     acc = torch.zeros(m, n)
     for first, stop in ranges:
         running = torch.zeros(m, n, dtype=torch.int64)
-        for k0, length, end, blk in tiles[first:stop]:
-            running += a[:m, k0 : k0 + length].long() @ bt[:n, k0 : k0 + length].long().t()
+        for (_, _, end, blk), (a_tile, bt_tile) in zip(tiles[first:stop], slices[first:stop], strict=True):
+            running += a_tile.long() @ bt_tile.long().t()
             if end:
                 if sums_only:
                     chain_sums[end - 1 - chain_base] = running.int()
@@ -144,8 +176,9 @@ def _gemm_add_chains(sums, count, chain_blocks, m, n, sa, sb, kb, ra, rb, bias, 
 KERNELS = {
     "dfp_exponents": _exponents, "dfp_quantize_grouped": _quantize_grouped, "dfp_window": _window,
     "dfp_amax_tensor": _amax_tensor, "dfp_amax_channel": _amax_channel, "dfp_quantize": _quantize,
-    "dfp_quantize_blocks": _quantize_blocks, "dfp_patch_row_exponents": _patch_row_exponents,
-    "dfp_gemm_scales": _gemm_scales, "dfp_gemm_add_chains": _gemm_add_chains,
+    "dfp_quantize_blocks": _quantize_blocks, "dfp_quantize_blocks_vec4": _quantize_blocks_vec4,
+    "dfp_patch_row_exponents": _patch_row_exponents,
+    "dfp_gemm_scales": _gemm_scales, "dfp_gemm_add_chains": _gemm_add_chains, "dfp_split_limbs": _split_limbs,
 }  # fmt: skip
 
 
@@ -154,8 +187,9 @@ def cuda_on_cpu():
     """Inside: CPU tensors go to dfp.cuda.ops, whose kernels run as KERNELS says."""
 
     def kernel(file, name, device, **defines):
-        if name == "dfp_gemm_mma":
-            return lambda grid, block, args: _gemm_mma(*args, defines=defines)
+        if name in ("dfp_gemm_mma", "dfp_gemm_mma_pipelined"):
+            run = _gemm_mma if name == "dfp_gemm_mma" else _gemm_mma_pipelined
+            return lambda grid, block, args: run(*args, defines=defines)
         return lambda grid, block, args: KERNELS[name](*args)
 
     with pytest.MonkeyPatch.context() as patch:
@@ -254,8 +288,10 @@ def test_patch_row_exponents(ex_shape, groups, kernel, stride, dilation, taps_pe
      ((300, 96, 40, 2, 2, 32), None)],  # outputs enough to run whole
     ids=["split", "chains of 128", "parts", "whole"],
 )  # fmt: skip
-def test_tensor_core_gemm(shape, sums_bytes, monkeypatch):
-    """The tensor-core GEMM's launches, split K's plan, parts and chain offsets included."""
+@pytest.mark.parametrize("feed", ["pipelined", "registers"])
+def test_tensor_core_gemm(shape, sums_bytes, feed, monkeypatch):
+    """The tensor-core GEMM's launches (both feeds: the pipelined one's limb planes too),
+    split K's plan, parts and chain offsets included."""
     m, k, n, ha, hb, kblock = shape
     if sums_bytes is not None:
         monkeypatch.setattr(cuda_gemm, "CHAIN_SUMS_BYTES", sums_bytes)
@@ -267,4 +303,63 @@ def test_tensor_core_gemm(shape, sums_bytes, monkeypatch):
                                   cuda_gemm.CHAIN_SUMS_BYTES)  # fmt: skip
     assert (plan is None) == (m == 300) and (plan is not None and len(plan) > 1) == (sums_bytes is not None)
     monkeypatch.setenv("DFP_CUDA_GEMM", "mma")
+    monkeypatch.setenv("DFP_CUDA_MMA_FEED", feed)
     assert _same(_ops.gemm_impl, a, ea, ha, b, eb, hb, kblock, torch.randn(n, generator=g))
+
+
+@pytest.mark.parametrize(
+    ("shape", "block", "aligned", "want"),
+    [((5, 128), 32, True, ("dfp_quantize_blocks_vec4", 4)), ((3, 100), 4, True, ("dfp_quantize_blocks_vec4", 1)),
+     ((4, 60), 12, True, ("dfp_quantize_blocks_vec4", 4)), ((3, 128), 64, True, ("dfp_quantize_blocks_vec4", 4)),
+     ((2, 600), 256, True, ("dfp_quantize_blocks_vec4", 16)), ((2, 2600), 1024, True, ("dfp_quantize_blocks_vec4", 32)),
+     ((5, 99), 32, True, ("dfp_quantize_blocks",)), ((5, 128), 32, False, ("dfp_quantize_blocks",)),
+     ((4, 120), 30, True, ("dfp_quantize_blocks",))],
+)  # fmt: skip
+def test_blocks_along_the_last_axis_take_the_float4_kernel_where_they_can(shape, block, aligned, want):
+    """Blocks along the last axis in whole, aligned float4s (row length and block multiples of
+    4, x 16-byte aligned) go to dfp_quantize_blocks_vec4, with 4 quads per lane and at least 4
+    lanes per group of 4 quads or more; the others to dfp_quantize_blocks."""
+    x = wide_range(shape)
+    if not aligned:
+        x = torch.empty(x.numel() + 1)[1:].view(shape).copy_(x)
+        assert x.data_ptr() % 16 != 0
+    launched = []
+
+    def recorded(file, name, device, **defines):
+        run = KERNELS[name]
+        return lambda grid, threads, args: (launched.append((name, args)), run(*args))
+
+    with cuda_on_cpu(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_quantize, "kernel", recorded)
+        got = cuda_quantize.quantize3d(x.view(*shape, 1), 2, block, 2, 1, 77)
+    want_m, want_e = reference.quantize3d(x.view(*shape, 1), 2, block, 2, 1, 77)
+    assert torch.equal(got[0], want_m) and torch.equal(got[1], want_e)
+    ((name, args),) = launched
+    assert (name, *args[4:5]) == want if name == "dfp_quantize_blocks_vec4" else (name,) == want
+
+
+@pytest.mark.parametrize("aligned", [True, False], ids=["aligned", "offset view"])
+@pytest.mark.parametrize(("shape", "axis"), [((64, 33), None), ((63, 33), None), ((6, 7, 44), 1), ((6, 7, 45), 1)])
+def test_per_tensor_and_channel_launches_read_float4_where_they_can(shape, axis, aligned):
+    """dfp_amax_tensor, dfp_amax_channel and dfp_quantize take vec4 = 1 exactly where the
+    count (per tensor) or the inner size (per channel) is a multiple of 4 and x is aligned."""
+    x = wide_range(shape)
+    if not aligned:
+        x = torch.empty(x.numel() + 1)[1:].view(shape).copy_(x)
+    vec4 = {}
+
+    def recorded(file, name, device, **defines):
+        run = KERNELS[name]
+        at = {"dfp_amax_tensor": 2, "dfp_amax_channel": 5, "dfp_quantize": 11}.get(name)
+        return lambda grid, threads, args: (at is None or vec4.setdefault(name, args[at]), run(*args))
+
+    args = (2, axis, None, 0, 5)
+    want = on_reference(torch.ops.dfp.quantize, x, *args)
+    with cuda_on_cpu(), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(cuda_quantize, "kernel", recorded)
+        got = torch.ops.dfp.quantize(x, *args)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    inner = shape[-1] if axis is not None else x.numel()
+    expected = int(aligned and inner % 4 == 0)
+    amax = "dfp_amax_tensor" if axis is None else "dfp_amax_channel"
+    assert vec4 == {amax: expected, "dfp_quantize": expected}

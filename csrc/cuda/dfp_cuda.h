@@ -239,14 +239,18 @@ DFP_HD float exact_scale(i64 k) {
   return k >= -149 ? bits_float(1u << int(k + 149)) : 0.0f;
 }
 
-// One line of a GEMM's exponents (a row of ea or a column of eb): its `blocks` K-block
-// exponents e[b * step] give the epilogue shift r = their maximum and the block scales
-// s[b * s_step] = 2^(e - r) (exact_scale), as dfp/cuda/gemm.py's launches pass them.
-DFP_HD void line_scales(const int* e, int blocks, i64 step, int* r, float* s, i64 s_step) {
+// One line of a GEMM's exponents (a row of ea or a column of eb), shared by `lanes` lanes
+// (lane takes blocks b = lane, lane + lanes, ...): its K-block exponents e[b * step] give
+// the epilogue shift r = their maximum (the largest of the lanes' line_max_part) and the
+// block scales s[b * s_step] = 2^(e - r) (exact_scale), as dfp/cuda/gemm.py passes them.
+DFP_HD int line_max_part(const int* e, int blocks, i64 step, int lane, int lanes) {
   int top = e[0];
-  for (int b = 1; b < blocks; ++b) top = e[b * step] > top ? e[b * step] : top;
-  *r = top;
-  for (int b = 0; b < blocks; ++b) s[b * s_step] = exact_scale(i64(e[b * step]) - top);
+  for (int b = lane; b < blocks; b += lanes) top = e[b * step] > top ? e[b * step] : top;
+  return top;
+}
+
+DFP_HD void line_scales_part(const int* e, int blocks, i64 step, int top, float* s, i64 s_step, int lane, int lanes) {
+  for (int b = lane; b < blocks; b += lanes) s[b * s_step] = exact_scale(i64(e[b * step]) - top);
 }
 
 // The balanced int8 limbs of an int16 x with |x| <= 32639 (every headroom >= 1):
@@ -254,6 +258,20 @@ DFP_HD void line_scales(const int* e, int blocks, i64 step, int* r, float* s, i6
 // (in [-128, 127]). Unlike the offset split of dfp/cuda/limbs.py it needs no correction.
 DFP_HD i32 limb_high(i32 x) { return (x + 128) >> 8; }
 DFP_HD i32 limb_low(i32 x) { return i32(i8(x & 0xff)); }
+
+// Eight limbs of each plane of dfp_split_limbs (gemm_mma_pipelined.cu): the balanced
+// limbs of x[row_offset + (tile_first + kk) ld_k] for kk = first .. first + 7, zero from
+// the tile's length on; four int8 per word, in order of k.
+DFP_HD void split_limbs_piece(const i16* x, i64 row_offset, i64 ld_k, int tile_first, int tile_length, int first,
+                              u32 (&high)[2], u32 (&low)[2]) {
+  high[0] = high[1] = low[0] = low[1] = 0u;
+  for (int e = 0; e < 8; ++e) {
+    const int kk = first + e;
+    const i32 v = kk < tile_length ? i32(x[row_offset + (tile_first + kk) * ld_k]) : 0;
+    high[e / 4] |= (u32(limb_high(v)) & 0xffu) << (8 * (e % 4));
+    low[e / 4] |= (u32(limb_low(v)) & 0xffu) << (8 * (e % 4));
+  }
+}
 
 // One chain piece's int16 sum from its three int8 sums, modulo 2^32: hh = sum h h',
 // mid = sum h l' + sum l h', ll = sum l l'. The true chain sum fits int32 (the contract),

@@ -36,7 +36,7 @@
 // DFP_MMA_CHAIN_SUMS variant cuts it across the grid's z and stores each chain's exact
 // int32 sum, and dfp_gemm_add_chains adds them to the fp32 accumulator in order: the same
 // steps, so the same bits.
-#include "dfp_cuda.h"
+#include "mma_int8.h"
 
 using namespace dfp;
 
@@ -93,61 +93,15 @@ __device__ __forceinline__ void split_chunk(const Chunk& x, uint2& high, uint2& 
   high.y = __byte_perm(r2, r3, 0x7531);
 }
 
-// d += a b for a 16 x 32 int8 A (row), 32 x 8 int8 B (col), int32 D, in mma.sync's
-// m16n8k32 fragment layout (a: rows g / g+8 x k 4t.. / 16+4t..; b: k 4t.. / 16+4t..).
-__device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], const u32 (&b)[2]) {
-#if __CUDA_ARCH__ >= 800
-  asm volatile(
-      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#else
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-               : "+r"(d[0]), "+r"(d[1])
-               : "r"(a[0]), "r"(b[0]));
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-               : "+r"(d[0]), "+r"(d[1])
-               : "r"(a[2]), "r"(b[1]));
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-               : "+r"(d[2]), "+r"(d[3])
-               : "r"(a[1]), "r"(b[0]));
-  asm volatile("mma.sync.aligned.m8n8k16.row.col.s32.s8.s8.s32 {%0, %1}, {%2}, {%3}, {%0, %1};\n"
-               : "+r"(d[2]), "+r"(d[3])
-               : "r"(a[3]), "r"(b[1]));
-#endif
-}
-
 }  // namespace
 
-// Three launch-uniform choices are compile-time variants (the loader passes them as -D
-// options and keeps one compiled kernel per combination). As run-time flags they were
-// if-converted into the inner loop, where every path paid for the others' instructions:
-// ncu counted 17 issued instructions per mma on an H200.
-//   DFP_MMA_CHAIN_PER_TILE: every tile is a whole chain (chains of 32), so no partial sum
-//     is carried from tile to tile.
+// Compile-time variants: those of mma_int8.h, and
 //   DFP_MMA_VEC8: K, lda, ldb and every tile's first k are multiples of 8 and both operands
 //     16-byte aligned (8 mantissas per 16-byte load).
-//   DFP_MMA_K_BLOCKS: more than one K-block, with fp32 scales sa (M, KB) and sb (KB, N).
-//   DFP_MMA_CHAIN_SUMS: block z runs tiles [split_tiles[z], split_tiles[z + 1]) and stores
-//     the int32 sum of each chain c it ends (a tile's chain-end field is then c + 1) in
-//     plane c - chain_base of chain_sums (planes of M x N, row-major); out is not written.
-#ifndef DFP_MMA_CHAIN_PER_TILE
-#define DFP_MMA_CHAIN_PER_TILE 0
-#endif
 #ifndef DFP_MMA_VEC8
 #define DFP_MMA_VEC8 0
 #endif
-#ifndef DFP_MMA_K_BLOCKS
-#define DFP_MMA_K_BLOCKS 0
-#endif
-#ifndef DFP_MMA_CHAIN_SUMS
-#define DFP_MMA_CHAIN_SUMS 0
-#endif
-constexpr bool kChainPerTile = DFP_MMA_CHAIN_PER_TILE != 0;
 constexpr bool kVec8 = DFP_MMA_VEC8 != 0;
-constexpr bool kKBlocks = DFP_MMA_K_BLOCKS != 0;
-constexpr bool kChainSums = DFP_MMA_CHAIN_SUMS != 0;
 
 // 170-255 registers per thread, by variant: one block of 8 warps per SM.
 extern "C" __global__ void __launch_bounds__(kThreads)
@@ -307,10 +261,10 @@ extern "C" __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int ni = 0; ni < kMmaN; ++ni) {
         i32 hh[4] = {0, 0, 0, 0}, mid[4] = {0, 0, 0, 0}, ll[4] = {0, 0, 0, 0};
-        mma_16x8x32(hh, ah[mi], bh[ni]);
-        mma_16x8x32(mid, ah[mi], bl[ni]);
-        mma_16x8x32(mid, al[mi], bh[ni]);
-        mma_16x8x32(ll, al[mi], bl[ni]);
+        mma_16x8x32(hh, ah[mi], bh[ni][0], bh[ni][1]);
+        mma_16x8x32(mid, ah[mi], bl[ni][0], bl[ni][1]);
+        mma_16x8x32(mid, al[mi], bh[ni][0], bh[ni][1]);
+        mma_16x8x32(ll, al[mi], bl[ni][0], bl[ni][1]);
 #pragma unroll
         for (int r = 0; r < 4; ++r) piece[mi][ni][r] = combine_limbs(hh[r], mid[r], ll[r]);
       }
@@ -352,21 +306,7 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   if (!kChainSums) {  // else dfp_gemm_add_chains finishes the sums
-#pragma unroll
-    for (int mi = 0; mi < kMmaM; ++mi) {
-#pragma unroll
-      for (int ni = 0; ni < kMmaN; ++ni) {
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int m = m0 + warp_m + mi * 16 + g + 8 * (r >> 1);
-          const int n = n0 + warp_n + ni * 8 + 2 * t4 + (r & 1);
-          if (m < m_count && n < n_count) {
-            const float v = scale_result(acc[mi][ni][r], ra[m] + rb[n]);
-            out[i64(m) * n_count + n] = has_bias ? add_rn(v, bias[n]) : v;
-          }
-        }
-      }
-    }
+    store_results(acc, m0 + warp_m, n0 + warp_n, m_count, n_count, ra, rb, bias, has_bias, out);
   }
 }
 

@@ -1,8 +1,11 @@
 """The DFP16 GEMM of CUDA tensors, bit-identical to ``dfp.reference.gemm``, on one of three
 paths (``DFP_CUDA_GEMM`` forces one):
 
-- ``mma``: int8 tensor cores, int16 limbs split on chip (``csrc/cuda/gemm_mma.cu``);
-  sm_75 and newer, chains of at least 32 products, headroom >= 1 on both operands.
+- ``mma``: int8 tensor cores on int16 limbs; sm_75 and newer, chains of at least 32
+  products, headroom >= 1 on both operands. From sm_80 the operands are split into limb
+  planes in one pass and fed through a cp.async pipeline (``csrc/cuda/gemm_mma_pipelined.cu``);
+  on sm_75, or with ``DFP_CUDA_MMA_FEED=registers``, split on chip between the global load
+  and the shared store (``csrc/cuda/gemm_mma.cu``).
 - ``int16``: CUDA cores, int16 x int16 -> int32 (``csrc/cuda/gemm_int16.cu``); every GPU
   from Pascal on, every chain length and K-block layout. The default where ``mma`` does
   not apply.
@@ -30,6 +33,10 @@ TILE_K = 32  # k per tile of the tensor-core kernel: one m16n8k32 step
 _MMA_BLOCK = 128  # rows and columns of C per block of the tensor-core kernel
 _INT16_BLOCK = 64
 MMA_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_VEC8", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS")  # 0/1 each
+PIPELINED_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS")  # 0/1 each
+FEEDS = ("pipelined", "registers")  # how the tensor-core kernel gets its operands (DFP_CUDA_MMA_FEED)
+# The pipelined kernel's tuning (compile-time, see its source): blocks per SM.
+PIPELINED_TUNING = {"DFP_MMA_MIN_BLOCKS": 2}
 # Split K: each split runs at least this many chains (fewer would store more than they compute),
 # the grid gets about this many blocks per multiprocessor, and the int32 chain sums held at
 # once take at most this many bytes (a longer K runs in parts, the fp32 sums carried over).
@@ -155,9 +162,38 @@ def _scales(ea: torch.Tensor, eb: torch.Tensor):
         (ea, m, ra, sa, (ea.stride(0), ea.stride(1)), (kb, 1)),
         (eb, n, rb, sb, (eb.stride(1), eb.stride(0)), (1, n)),
     ):
-        grid = (blocks_for(lines, _THREADS), 1, 1)
+        grid = (blocks_for(32 * lines, _THREADS), 1, 1)  # a warp per line
         launch(grid, (_THREADS, 1, 1), [e, lines, kb, *strides, r, s, *s_strides])
     return ra, rb, sa, sb
+
+
+def mma_feed(capability: tuple[int, int], splits_k: bool) -> str:
+    """``DFP_CUDA_MMA_FEED`` if set, else ``pipelined`` from sm_80 (cp.async) for a GEMM that
+    runs whole, ``registers`` otherwise: a GEMM that splits K has few outputs, so the limb
+    planes' extra pass over its operands is not paid back (a 16 x 131072 x 144 weight
+    gradient: 0.91x the registers feed on an H200; 4096^3: 1.31x, 8192^3: 1.64x)."""
+    forced = os.environ.get("DFP_CUDA_MMA_FEED")
+    if forced:
+        if forced not in FEEDS:
+            raise ValueError(
+                f"DFP_CUDA_MMA_FEED={forced!r} is not a feed of the tensor-core GEMM; choose one of {', '.join(FEEDS)}"
+            )
+        return forced
+    return "pipelined" if capability >= (8, 0) and not splits_k else "registers"
+
+
+def _limb_planes(x: torch.Tensor, table: torch.Tensor, tile_count: int) -> torch.Tensor:
+    """The int8 limb planes (2, rows, tile_count * TILE_K) of the int16 operand x (rows, K),
+    any strides: high, then low, tile t of ``table`` at columns [TILE_K t, TILE_K (t + 1))."""
+    rows = x.shape[0]
+    planes = torch.empty((2, rows, tile_count * TILE_K), dtype=torch.int8, device=x.device)
+    check_int32(limbs=planes[0].numel(), x_rows=x.stride(0), x_k=x.stride(1))
+    pieces = rows * tile_count * (TILE_K // 8)  # one thread per 8 limbs of each plane
+    kernel("gemm_mma_pipelined.cu", "dfp_split_limbs", x.device)(
+        (blocks_for(pieces, _THREADS), 1, 1), (_THREADS, 1, 1),
+        [x, rows, x.stride(0), x.stride(1), table, tile_count, planes[0], planes[1]],
+    )  # fmt: skip
+    return planes
 
 
 def _k_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -167,31 +203,42 @@ def _k_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     (m, k), n = a.shape, b.shape[1]
-    a = _k_contiguous(a)
-    bt = _k_contiguous(b.t())
     table, tiles_aligned = _tile_table(k, kblock, chain, a.device)
     table.record_stream(torch.cuda.current_stream(a.device))  # not reused before this launch is done
     tile_count = table.numel() // 4
-    vec8 = (
-        k % 8 == 0
-        and tiles_aligned
-        and a.stride(0) % 8 == 0
-        and bt.stride(0) % 8 == 0
-        and a.data_ptr() % 16 == 0
-        and bt.data_ptr() % 16 == 0
-    )
-    check_int32(lda=a.stride(0), ldb=bt.stride(0))
     grid = (-(-m // _MMA_BLOCK), -(-n // _MMA_BLOCK))
     device = a.device.index if a.device.index is not None else torch.cuda.current_device()
     split = (k, kblock, chain, grid[0] * grid[1], _multiprocessors(device), m * n, CHAIN_SUMS_BYTES)
     plan = split_k_plan(*split)
-    flags = (int(chain == TILE_K), int(vec8), int(kb > 1))
-    operands = [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, sa, sb, kb, ra, rb, bias, has_bias, out]
+    scales = [sa, sb, kb, ra, rb, bias, has_bias, out]
+    if mma_feed(torch.cuda.get_device_capability(a.device), plan is not None) == "pipelined":
+        a_planes, b_planes = _limb_planes(a, table, tile_count), _limb_planes(b.t(), table, tile_count)
+        operands = [*a_planes, *b_planes, m, n, table, tile_count, *scales]
+
+        def mma_kernel(sums: int):
+            flags = dict(zip(PIPELINED_VARIANTS, (int(chain == TILE_K), int(kb > 1), sums), strict=True))
+            return kernel("gemm_mma_pipelined.cu", "dfp_gemm_mma_pipelined", a.device, **flags, **PIPELINED_TUNING)
+    else:
+        a, bt = _k_contiguous(a), _k_contiguous(b.t())
+        vec8 = (
+            k % 8 == 0
+            and tiles_aligned
+            and a.stride(0) % 8 == 0
+            and bt.stride(0) % 8 == 0
+            and a.data_ptr() % 16 == 0
+            and bt.data_ptr() % 16 == 0
+        )
+        check_int32(lda=a.stride(0), ldb=bt.stride(0))
+        operands = [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, *scales]
+
+        def mma_kernel(sums: int):
+            flags = (int(chain == TILE_K), int(vec8), int(kb > 1), sums)
+            return kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, flags, strict=True)))
+
     if plan is None:
-        mma = kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, (*flags, 0), strict=True)))
-        mma((*grid, 1), (256, 1, 1), [*operands, table, 0, out])  # no splits: the last three are not read
+        mma_kernel(0)((*grid, 1), (256, 1, 1), [*operands, table, 0, out])  # no splits: the last three are not read
         return
-    mma = kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, (*flags, 1), strict=True)))
+    mma = mma_kernel(1)
     add_chains = kernel("gemm_mma.cu", "dfp_gemm_add_chains", a.device)
     parts, chain_blocks = _split_tensors(*split, a.device)
     chain_blocks.record_stream(torch.cuda.current_stream(a.device))

@@ -11,7 +11,9 @@ from ..format import DFPTensor, canonical_view, zeros_exponent
 from .loader import blocks_for, check_int32, kernel
 
 _FILE = "quantize.cu"
-_THREADS = 256
+_THREADS = 256  # the kernels' __launch_bounds__ (quantize.cu, DFP_FOUR_PER_SM)
+_RESIDENT = 4  # blocks per SM of the grid-stride kernels marked DFP_FOUR_PER_SM: all resident at once
+_QUADS_PER_LANE = 4  # quantize.cu's kQuadsPerLane
 MAX_ELEMENTS = 2**30 - 1  # the kernels index with C ints and grid-stride loops (see quantize.cu)
 _U32 = 0xFFFFFFFF
 
@@ -36,17 +38,25 @@ def _group_amax(x: torch.Tensor, mode: int) -> torch.Tensor:
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
     if mode == 0:
         amax = torch.zeros(1, dtype=torch.int32, device=x.device)
+        vec4 = int(_in_quads(x, count))
         launch = kernel(_FILE, "dfp_amax_tensor", x.device)
-        launch((blocks_for(count, _THREADS, 8 * sms), 1, 1), (_THREADS, 1, 1), [x, count, amax])
+        launch((blocks_for(count, _THREADS, _RESIDENT * sms), 1, 1), (_THREADS, 1, 1), [x, count, vec4, amax])
         return amax
     amax = torch.zeros(n, dtype=torch.int32, device=x.device)
-    column_blocks = -(-n * i // _THREADS)  # blocks of _THREADS columns of the (O, N*I) view
+    vec4 = int(_in_quads(x, i))  # a thread's 4 columns in one channel
+    column_blocks = -(-n * i // (_THREADS * (4 if vec4 else 1)))  # blocks of _THREADS threads over the (O, N*I) view
     # split the rows over enough blocks to fill the GPU, each block reading whole columns
     row_blocks = min(o, 65535, max(1, (8 * sms) // column_blocks))
     rows_per_block = -(-o // row_blocks)
     launch = kernel(_FILE, "dfp_amax_channel", x.device)
-    launch((column_blocks, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, amax])
+    launch((column_blocks, -(-o // rows_per_block), 1), (_THREADS, 1, 1), [x, o, n, i, rows_per_block, vec4, amax])
     return amax
+
+
+def _in_quads(x: torch.Tensor, run: int) -> bool:
+    """Whether the kernels may read x in 16-byte float4 loads along runs of ``run``
+    elements: run % 4 == 0 and x 16-byte aligned (an offset view may not be)."""
+    return run % 4 == 0 and x.data_ptr() % 16 == 0
 
 
 def _exponents(
@@ -69,11 +79,12 @@ def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, manti
     all zeros where the flag ``nonfinite`` is set."""
     _, n, i = x.shape
     count = x.numel()
-    vec4 = int(mode == 0 and count % 4 == 0 and x.data_ptr() % 16 == 0)
+    vec4 = int(_in_quads(x, count if mode == 0 else i))  # a quad in one channel (mode 1)
     seed &= 2**64 - 1
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    grid = blocks_for(-(-count // 16), _THREADS, _RESIDENT * sms) if vec4 else blocks_for(count, _THREADS, 16 * sms)
     kernel(_FILE, "dfp_quantize", x.device)(
-        (blocks_for(count // 4 if vec4 else count, _THREADS, 16 * sms), 1, 1),
+        (grid, 1, 1),
         (_THREADS, 1, 1),
         [x, count, mode, n, i, max(block, 1), exponent, headroom, rounding,
          _as_int32(seed & _U32), _as_int32(seed >> 32), vec4, nonfinite, mantissa],
@@ -81,22 +92,41 @@ def _quantize_elements(x, mode, block, exponent, headroom, rounding, seed, manti
 
 
 def _quantize_blocks(x, block, headroom, rounding, seed, mantissa) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mode 2 in one launch (``dfp_quantize_blocks``): every group's maximum, exponent and
+    """Mode 2 in one launch (``dfp_quantize_blocks``, or ``dfp_quantize_blocks_vec4`` for
+    blocks along the last axis in whole float4s): every group's maximum, exponent and
     mantissas; the exponents and the non-finite flag, as ``_exponents`` gives them."""
     o, n, i = x.shape
     groups = o * -(-n // block) * i
     exponent = torch.empty(groups, dtype=torch.int32, device=x.device)
     nonfinite = torch.zeros(1, dtype=torch.int32, device=x.device)
     seed &= 2**64 - 1
+    seeds = [_as_int32(seed & _U32), _as_int32(seed >> 32)]
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    if i == 1 and block % 4 == 0 and _in_quads(x, n):  # every group in whole quads
+        lanes = _lanes_per_group(block)
+        kernel(_FILE, "dfp_quantize_blocks_vec4", x.device)(
+            (blocks_for(groups * lanes, _THREADS, _RESIDENT * sms), 1, 1),
+            (_THREADS, 1, 1),
+            [x, o, n, block, lanes, headroom, rounding, *seeds, mantissa, exponent, nonfinite],
+        )
+        return exponent, nonfinite
     threads = groups * (32 if i == 1 else 1)  # a warp per group where blocks run along the last axis
     kernel(_FILE, "dfp_quantize_blocks", x.device)(
         (blocks_for(threads, _THREADS, 8 * sms), 1, 1),
         (_THREADS, 1, 1),
-        [x, o, n, i, block, headroom, rounding, _as_int32(seed & _U32), _as_int32(seed >> 32), mantissa, exponent,
-         nonfinite],
-    )  # fmt: skip
+        [x, o, n, i, block, headroom, rounding, *seeds, mantissa, exponent, nonfinite],
+    )
     return exponent, nonfinite
+
+
+def _lanes_per_group(block: int) -> int:
+    """dfp_quantize_blocks_vec4's lanes per group of ``block`` elements: a power of two, up
+    to a warp, holding _QUADS_PER_LANE quads each, and at least 4 (a group's run of a load
+    64 bytes) where the group has 4 quads (H200 timings in quantize.cu)."""
+    lanes = 1
+    while lanes < 32 and (lanes * _QUADS_PER_LANE * 4 < block or (lanes < 4 and lanes * 4 < block)):
+        lanes *= 2
+    return lanes
 
 
 def _quantize3d(x, mode, block, headroom, rounding, seed) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
