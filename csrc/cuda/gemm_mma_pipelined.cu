@@ -11,8 +11,8 @@
 // 2. dfp_gemm_mma_pipelined copies 16-byte chunks of the planes into kStages shared-memory
 //    stages with cp.async (global -> shared without registers, kStages - 1 tiles in
 //    flight while the tensor cores work on the oldest), and loads the mma fragments with
-//    ldmatrix: no split, no register staging and no byte shuffles in the inner loop,
-//    where gemm_mma.cu spent about a third of its issued instructions.
+//    ldmatrix: no split, no register staging and no byte shuffles in the inner loop, and
+//    the copies of later tiles stay in flight through a whole tile's tensor-core work.
 //
 // Layout of a stage: per plane, 128 rows of two 16-byte chunks (k 0..15, 16..31); rows
 // with bit 2 set swap their two chunks, so each 8-address phase of ldmatrix hits 32
