@@ -433,6 +433,29 @@ def _rows(text: str) -> dict[tuple[str, str], str]:
     return {tuple(cell.strip() for cell in line.split("|")[1:3]): line for line in text.splitlines() if "| " in line}
 
 
+def test_runs_of_one_strategy_with_other_settings_are_other_rows_and_points(tmp_path):
+    """Two prunetrain runs of fp32 whose settings differ (one predates --prune-multiple) are
+    two rows named by what differs, not two seeds of one row; the shared settings head the
+    strategies' table."""
+    shared = {"penalty_ratio": 0.85, "prune_every": 3}
+    records = [
+        _record("fp32", 32, 0, 4.0, 0.97),
+        _record("fp32", 32, 0, 5.0, 0.95, strategy="prunetrain", strategy_settings=shared),
+        _record("fp32", 32, 0, 3.0, 0.94, strategy="prunetrain", strategy_settings={**shared, "prune_multiple": 8}),
+        _record("dfp16", 32, 0, 3.0, 0.96, strategy="prunetrain", strategy_settings={**shared, "prune_multiple": 8}),
+    ]
+    text = report.markdown(records, target_accuracy=None)
+    rows = _rows(text[: text.index("Structural strategies")])  # the first table's
+    assert "| 1 | 5.0 |" in rows[("fp32 + prunetrain (prune_multiple default)", "32")]
+    assert "| 1 | 3.0 |" in rows[("fp32 + prunetrain (prune_multiple 8)", "32")]
+    assert "| 1.33x |" in rows[("fp32 + prunetrain (prune_multiple 8)", "32")]  # 4.0 / 3.0
+    assert ("dfp16 + prunetrain", "32") in rows  # one set of settings for dfp16: no suffix
+    assert "Structural strategies (penalty_ratio 0.85, prune_every 3;" in text
+    figure = report.plot_pareto(records, tmp_path / "p.png")
+    labels = figure.axes[0].get_legend_handles_labels()[1]
+    assert "fp32 + prunetrain (prune_multiple 8)" in labels and "fp32 + prunetrain (prune_multiple default)" in labels
+
+
 def _diverged(record: dict) -> dict:
     record["result"]["diverged"] = True
     return record

@@ -23,6 +23,7 @@ whether a speed-up is larger than the noise.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import statistics
 import warnings
@@ -103,6 +104,7 @@ class Row:
     speedup: float | None
     speedup_range: tuple[float, float] | None  # lowest and highest per-seed speed-up
     strategy: str = NONE
+    variant: str = ""  # the settings that set this row apart from its strategy's others (variant_names)
     train_flops: float | None = None  # median over the seeds; None for runs from before it was recorded
     parameters: int | None = None  # at the end, of the first seed
     widths: dict[str, int] | None = None  # of each channel space at the end, of the first seed
@@ -115,9 +117,11 @@ class Row:
     @property
     def label(self) -> str:
         """The format, with the first averaged epoch for swalp ("swalp (avg from 8)") and
-        the structural strategy if any ("dfp16 + prunetrain")."""
+        the structural strategy if any ("dfp16 + prunetrain"), and the settings that tell it
+        from the same strategy's other rows ("dfp16 + prunetrain (prune_multiple 8)")."""
         label = self.format if self.swa_start is None else f"{self.format} (avg from {self.swa_start})"
-        return label if self.strategy == NONE else f"{label} + {self.strategy}"
+        label = label if self.strategy == NONE else f"{label} + {self.strategy}"
+        return f"{label} ({self.variant})" if self.variant else label
 
 
 def unique_runs(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -177,20 +181,62 @@ def strategy_of(config: dict[str, Any]) -> str:
     return config.get("strategy", NONE)
 
 
+def _settings_of(config: dict[str, Any]) -> str:
+    return config_key(config.get("strategy_settings") or {})
+
+
+def _settings_by_kind(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str], dict[str, dict[str, Any]]]:
+    """The distinct strategy settings of each (format, strategy), by their key."""
+    by_kind: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for record in records:
+        config = record["config"]
+        by_kind.setdefault((config["format"], strategy_of(config)), {})[_settings_of(config)] = (
+            config.get("strategy_settings") or {}
+        )
+    return by_kind
+
+
+def _differing(variants: dict[str, dict[str, Any]]) -> list[str]:
+    """The settings whose values (or absence) differ between these runs of one strategy."""
+    keys = sorted({k for settings in variants.values() for k in settings})
+    return [k for k in keys if len({json.dumps(v.get(k)) for v in variants.values()}) > 1]
+
+
+def variant_names(records: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], str]:
+    """For every (format, strategy, settings) among ``records``: "" where that format ran
+    that strategy with one set of settings, else the settings that tell its runs apart
+    ("prune_multiple 8"; "default" for a setting a run left unset), so that runs of other
+    settings are other rows and points, never seeds of one."""
+    names = {}
+    for (fmt, strategy), variants in _settings_by_kind(records).items():
+        differing = _differing(variants)
+        for key, settings in variants.items():
+            names[fmt, strategy, key] = ", ".join(f"{k} {settings.get(k, 'default')}" for k in differing)
+    return names
+
+
+def _kind(record: dict[str, Any], variants: dict[tuple[str, str, str], str]) -> tuple[str, str, str]:
+    """(format, strategy, variant name) of a run: one row and one series of points."""
+    config = record["config"]
+    fmt, strategy = config["format"], strategy_of(config)
+    return fmt, strategy, variants[fmt, strategy, _settings_of(config)]
+
+
 def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) -> list[Row]:
     """The rows of one group, ordered by batch size, then format (in FORMATS order), then
     SWA start, then strategy (in STRATEGIES order)."""
-    cells: dict[tuple[str, int, int | None, str], list[dict[str, Any]]] = {}
+    variants = variant_names(group)
+    cells: dict[tuple[str, int, int | None, str, str], list[dict[str, Any]]] = {}
     for record in group:
+        fmt, strategy, variant = _kind(record, variants)
         config = record["config"]
-        cell = (config["format"], config["batch_size"], config["swa_start"], strategy_of(config))
-        cells.setdefault(cell, []).append(record)
+        cells.setdefault((fmt, config["batch_size"], config["swa_start"], strategy, variant), []).append(record)
     seed_seconds = {
         cell: {r["config"]["seed"]: r["result"]["train_seconds"] for r in runs if not r["result"]["diverged"]}
         for cell, runs in cells.items()
     }
     rows = []
-    for (fmt, batch_size, swa_start, strategy), runs in cells.items():
+    for (fmt, batch_size, swa_start, strategy, variant), runs in cells.items():
         config, results = runs[0]["config"], [r["result"] for r in runs]
         completed = [r for r in results if not r["diverged"]]
         accuracies = [r["final_accuracy"] for r in results]
@@ -219,6 +265,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 speedup=None,
                 speedup_range=None,
                 strategy=strategy,
+                variant=variant,
                 train_flops=_median([r.get("train_flops") for r in completed]),
                 parameters=results[0].get("parameters"),
                 widths=results[0].get("widths"),
@@ -248,6 +295,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
             row.format,
             row.swa_start or 0,
             _strategy_order(row.strategy),
+            row.variant,
         ),
     )
 
@@ -255,8 +303,8 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
 def _per_seed_range(row: Row, seed_seconds: dict[tuple, dict[int, float]]) -> tuple[float, float] | None:
     """The lowest and highest per-seed speed-up of ``row`` (fp32's time of a seed at the
     same batch size over the row's) over the seeds timed in both; None for fewer than two."""
-    fp32 = seed_seconds[("fp32", row.batch_size, None, NONE)]
-    seconds = seed_seconds[(row.format, row.batch_size, row.swa_start, row.strategy)]
+    fp32 = seed_seconds[("fp32", row.batch_size, None, NONE, "")]
+    seconds = seed_seconds[(row.format, row.batch_size, row.swa_start, row.strategy, row.variant)]
     ratios = [fp32[seed] / t for seed, t in seconds.items() if seed in fp32 and t]
     return (min(ratios), max(ratios)) if len(ratios) > 1 else None
 
@@ -396,9 +444,12 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
 def _structure_lines(rows: Sequence[Row], config: dict[str, Any], structured: Sequence[dict[str, Any]]) -> list[str]:
     """The table of what the structural strategies cost: training FLOPs against the same
     format without a strategy, parameters and widths at the end, surgery time."""
+    # the settings of every strategy, but those that tell a strategy's rows apart (Row.variant)
+    named = {k for variants in _settings_by_kind(structured).values() for k in _differing(variants)}
     settings = {}
     for record in structured:
         settings.update(record["config"].get("strategy_settings") or {})
+    settings = {k: v for k, v in settings.items() if k not in named}
     lines = [
         "",
         (
@@ -511,25 +562,25 @@ def plot_pareto(records: Sequence[dict[str, Any]], path: str | Path) -> Figure:
     for axes, group in zip(figure.subplots(len(groups), 1, squeeze=False)[:, 0], groups):
         batch_sizes = sorted({r["config"]["batch_size"] for r in group})
         structured = any(strategy_of(r["config"]) != NONE for r in group)
+        variants = variant_names(group)
         kinds = sorted(
-            {(r["config"]["format"], strategy_of(r["config"])) for r in group},
-            key=lambda kind: (_format_order(kind[0]), _strategy_order(kind[1])),
+            {_kind(r, variants) for r in group},
+            key=lambda kind: (_format_order(kind[0]), _strategy_order(kind[1]), kind[2]),
         )
-        for fmt, strategy in kinds:
-            mine = [
-                r
-                for r in group
-                if (r["config"]["format"], strategy_of(r["config"])) == (fmt, strategy) and not r["result"]["diverged"]
-            ]
+        for index, (fmt, strategy, variant) in enumerate(kinds):
+            mine = [r for r in group if _kind(r, variants) == (fmt, strategy, variant) and not r["result"]["diverged"]]
             if not mine:
                 continue
+            # a strategy's other settings: the same marker, hollow after the first
+            hollow = index > 0 and kinds[index - 1][:2] == (fmt, strategy)
             axes.scatter(
                 [_point(r)[0] for r in mine],
                 [_point(r)[1] for r in mine],
                 marker=STRATEGY_MARKERS.get(strategy, "P") if structured else MARKERS.get(fmt, "P"),
-                color=COLORS.get(fmt),
+                color="none" if hollow else COLORS.get(fmt),
+                edgecolors=COLORS.get(fmt),
                 s=70,
-                label=f"{fmt} + {strategy}" if structured else fmt,
+                label=(f"{fmt} + {strategy}" if structured else fmt) + (f" ({variant})" if variant else ""),
                 zorder=3,
             )
             for record in mine:
