@@ -193,22 +193,7 @@ extern "C" __global__ void __launch_bounds__(kThreads, DFP_MMA_MIN_BLOCKS)
     // The K-block scales of this thread's rows and columns, where a chain ends here.
     float row_scale[kMmaM][2], column_scale[kMmaN][2];
     if (kKBlocks && !kChainSums && ends) {
-#pragma unroll
-      for (int mi = 0; mi < kMmaM; ++mi) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          const int m = min(m0 + warp_m + mi * 16 + g + 8 * h, m_count - 1);
-          row_scale[mi][h] = sa[m * kb + tile.w];
-        }
-      }
-#pragma unroll
-      for (int ni = 0; ni < kMmaN; ++ni) {
-#pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const int n = min(n0 + warp_n + ni * 8 + 2 * t4 + c, n_count - 1);
-          column_scale[ni][c] = sb[tile.w * n_count + n];
-        }
-      }
+      load_block_scales(sa, sb, kb, tile.w, m0 + warp_m, n0 + warp_n, m_count, n_count, row_scale, column_scale);
     }
 
     // The K-block scale of element (mi, ni, r) of this thread, where a chain ends here.

@@ -33,6 +33,26 @@ __device__ __forceinline__ void mma_16x8x32(i32 (&d)[4], const u32 (&a)[4], u32 
 #endif
 }
 
+// This thread's K-block `blk` scales of one warp's tiles of 16 x 8 mma outputs, the first
+// at (row0, col0): of its rows from sa (M, KB), of its columns from sb (KB, N) (clamped
+// inside M x N: a row or column past the edge is never written).
+template <int kTilesM, int kTilesN>
+__device__ __forceinline__ void load_block_scales(const float* __restrict__ sa, const float* __restrict__ sb,
+                                                  int kb, int blk, int row0, int col0, int m_count, int n_count,
+                                                  float (&row_scale)[kTilesM][2], float (&column_scale)[kTilesN][2]) {
+  const int g = (threadIdx.x & 31) >> 2, t4 = threadIdx.x & 3;
+#pragma unroll
+  for (int mi = 0; mi < kTilesM; ++mi) {
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_scale[mi][h] = sa[min(row0 + mi * 16 + g + 8 * h, m_count - 1) * kb + blk];
+  }
+#pragma unroll
+  for (int ni = 0; ni < kTilesN; ++ni) {
+#pragma unroll
+    for (int c = 0; c < 2; ++c) column_scale[ni][c] = sb[blk * n_count + min(col0 + ni * 8 + 2 * t4 + c, n_count - 1)];
+  }
+}
+
 // The epilogue of one warp's tiles of 16 x 8 mma outputs, the first at (row0, col0):
 // out = scale_result(acc, ra + rb) (+ bias), inside M x N.
 template <int kTilesM, int kTilesN>
