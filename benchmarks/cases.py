@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+import benchmarks
 import dfp
 from dfp.format import mirrored
 
@@ -114,7 +115,13 @@ def numpy_blas() -> str:
         f"{p.internal_api} {p.version} (kernel {getattr(p, 'architecture', None) or 'unknown'})" for p in pools
     )
     forced = [f"{v}={os.environ[v]}" for v in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if v in os.environ]
-    return f"numpy {numpy.__version__} with {info}" + (
+    spin = (
+        f"threads spin 2^{os.environ['OPENBLAS_THREAD_TIMEOUT']} cycles after a call"
+        if benchmarks.OPENBLAS_SPIN_SET_IN_TIME
+        else "numpy loaded before benchmarks set OPENBLAS_THREAD_TIMEOUT: its threads spin ~0.1 s after each call, "
+        "into the next contender's time"
+    )
+    return f"numpy {numpy.__version__} with {info}, {spin}" + (
         f"; {', '.join(forced)} set: that forces the kernel" if forced else ""
     )
 

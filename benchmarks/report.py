@@ -25,7 +25,7 @@ from statistics import median
 import torch
 
 from . import peaks as peak_probes
-from .peaks import bf16_peak, fp32_peak, fraction
+from .peaks import bf16_path, bf16_peak, fp32_peak, fraction
 from .timing import interleaved_times, machine, speedup, today
 
 FULL = {"sizes": (256, 512, 1024, 2048), "repeats": 7, "min_sample_s": 0.05, "max_call_s": 2.0, "quant_shape": None}
@@ -116,10 +116,11 @@ def gemm_table(args, cfg, cases) -> list[str]:
             rows.append(row)
             print(f"  gemm {shape} t{threads} done", file=sys.stderr)
     int16, fp32, bf16 = (f"{p:.1f}" if p else "-" for p in (args.int16_peak_gmacs, fp32_peak(peaks), bf16_peak(peaks)))
+    bf16_name = bf16_path(peaks)[0] or "vdpbf16ps"
     note = (
         f"GEMM, GOP/s (2*M*N*K / median time), DFPSpec(headroom={args.headroom}) per tensor. % of peak: of threads x "
         f"one core's register peak of the contender's instructions (dfp: {int16} GMAC/s, the int16 path it runs; "
-        f"torch and numpy fp32: the best fp32 FMA, {fp32}; torch bf16: vdpbf16ps, {bf16}, '-' without native "
+        f"torch and numpy fp32: the best fp32 FMA, {fp32}; torch bf16: {bf16_name}, {bf16}, '-' without native "
         "bf16). Ratios are paired medians of the same "
         "rounds against the baseline each column names: torch fp32 = torch.mm (MKL in x86 wheels, vendor-gated on "
         f"AMD), numpy fp32 = {cases.numpy_blas()}, torch bf16 = torch.mm on bf16 (oneDNN)."

@@ -343,11 +343,11 @@ def format_peaks(peaks: dict[str, float], isa: str | None) -> dict[str, tuple[st
     """Which register peak each format's step is measured against: (probe, GMAC/s)."""
     fp32 = peak_probes.fp32_peak(peaks)
     fp32_name = max((n for n in peak_probes.FP32 if n in peaks), key=peaks.get, default=None)
-    bf16 = peak_probes.bf16_peak(peaks)
+    bf16_name, bf16 = peak_probes.bf16_path(peaks)
     int16_name, int16 = peak_probes.int16_peak(peaks, isa)
     return {
         "fp32": (fp32_name, fp32) if fp32 else None,
-        "bf16": (peak_probes.BF16, bf16) if bf16 else None,
+        "bf16": (bf16_name, bf16) if bf16 else None,
         "dfp16-tensor": (int16_name, int16) if int16 else None,
         "dfp16": (int16_name, int16) if int16 else None,
     }

@@ -3,6 +3,7 @@ runs (in its quick form) on every table."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dfp
-from benchmarks import cases, step
+from benchmarks import cases, peaks, step
 
 
 @pytest.mark.parametrize("group", cases.QUANT_GROUPS)
@@ -41,6 +42,48 @@ def test_report_runs_every_table_quickly(tmp_path):
     text = out.read_text()
     assert "GEMM, GOP/s" in text and "Quantize" in text and "| Linear" in text
     assert "Training steps" in text and "| ResNet-20 | 1 |" in text and "Breakdown of a ResNet-18-CIFAR step" in text
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    return set(next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "").split())
+
+
+def test_peaks_probe_every_path_the_core_has():
+    measured = peaks.measure(quick=True)
+    if not measured:
+        pytest.skip("no compiled dfp core: no register probes")
+    assert all(value > 0 for value in measured.values()), measured
+    flags = _cpu_flags()
+    expected = {"fp32 vfmadd231ps zmm", "int16 vpdpwssd zmm"} if "avx512_vnni" in flags else set()
+    if "avx512_bf16" in flags:
+        expected.add(peaks.BF16)
+    if {"amx_tile", "amx_int8", "amx_bf16"} <= flags:  # Linux grants the tiles to any process that asks
+        expected |= {"int8 tdpbssd amx", peaks.BF16_AMX}
+    assert expected <= set(measured), (expected, measured)
+
+
+def test_the_bf16_baseline_is_measured_against_amx_where_the_core_has_it():
+    zmm_only = {"fp32 vfmadd231ps zmm": 100.0, peaks.BF16: 50.0, "int16 vpdpwssd zmm": 200.0}
+    with_amx = {**zmm_only, "int8 tdpbssd amx": 3000.0, peaks.BF16_AMX: 1500.0}
+    assert peaks.bf16_path(zmm_only) == (peaks.BF16, 50.0)
+    assert peaks.bf16_path(with_amx) == (peaks.BF16_AMX, 1500.0)
+    assert peaks.bf16_path({"fp32 vfmadd231ps zmm": 100.0}) == (None, None)
+    assert step.format_peaks(with_amx, "avx512_vnni")["bf16"] == (peaks.BF16_AMX, 1500.0)
+    assert "0.13x the bf16 peak (bf16 tdpbf16ps amx)" in peaks.describe(with_amx, "avx512_vnni")
+
+
+@pytest.mark.parametrize("user_value", [None, "20"])
+def test_benchmarks_stop_openblas_spinning_before_numpy_loads(user_value):
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_THREAD_TIMEOUT"}
+    if user_value:
+        env["OPENBLAS_THREAD_TIMEOUT"] = user_value
+    code = "import benchmarks, os, torch; print(benchmarks.OPENBLAS_SPIN_SET_IN_TIME, os.environ['OPENBLAS_THREAD_TIMEOUT'])"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.split() == ["True", user_value or "17"]
 
 
 def test_step_breakdown_parts():

@@ -182,12 +182,21 @@ def nvrtc_compiled():
             "no NVRTC library (set DFP_NVRTC_LIBRARY, or install nvidia-cuda-nvrtc-cu12 or a CUDA build of torch): "
             "nothing to compile"
         )
-    lib = ctypes.CDLL(NVRTC)
+    lib = _open_nvrtc(Path(NVRTC))
     archs = _nvrtc_archs(lib)
     jobs = [job for job in NVRTC_JOBS if job[1] in archs]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:  # ctypes calls release the GIL
         results = list(pool.map(lambda job: _nvrtc_compile(lib, *job), jobs))
     return {(f.name, arch, defines): result for (f, arch, defines), result in zip(jobs, results)}
+
+
+def _open_nvrtc(library: Path) -> ctypes.CDLL:
+    """libnvrtc, its builtins loaded first: the CUDA 13 wheel's libnvrtc has no RUNPATH, so
+    it finds the libnvrtc-builtins beside it only when that is already loaded (torch
+    preloads it; a bare ctypes load does not)."""
+    for builtins in sorted(library.parent.glob("libnvrtc-builtins.so*")):
+        ctypes.CDLL(str(builtins), mode=ctypes.RTLD_GLOBAL)
+    return ctypes.CDLL(str(library))
 
 
 def _nvrtc_archs(lib) -> set[str]:

@@ -18,6 +18,9 @@ double peak_int16_gmacs_avx512bw(int64_t iterations);
 double peak_int16_gmacs_avx512vnni(int64_t iterations);
 // bf16 vdpbf16ps zmm (32 per instruction).
 double peak_bf16_gmacs_avx512bf16(int64_t iterations);
+// AMX tiles: int8 tdpbssd (16 x 16 x 64 per instruction), bf16 tdpbf16ps (16 x 16 x 32).
+double peak_int8_gmacs_amx(int64_t iterations);
+double peak_bf16_gmacs_amx(int64_t iterations);
 
 // (path, GMAC/s of one core) for every probe this CPU supports (cpuid, at run time), each
 // run for ``iterations`` loops of 8 to 16 instructions; empty off x86.

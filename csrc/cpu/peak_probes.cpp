@@ -8,6 +8,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "isa.h"
 #include "peak.h"
@@ -31,6 +35,27 @@ bool cpu_has_avx512_bf16() {
 #endif
 }
 
+#ifdef DFP_AMX_PROBES
+// AMX int8 and bf16 tiles: cpuid (7, 0) EDX bits 22 (bf16), 24 (tiles), 25 (int8); the
+// OS saving tile state (XCR0 bits 17, 18); and, on Linux, this process's permission to
+// use it, which must be asked for (arch_prctl ARCH_REQ_XCOMP_PERM for XTILEDATA) before
+// the first tile instruction; oneDNN asks the same where it runs on AMX.
+bool cpu_has_amx() {
+#if defined(DFP_X86_KERNELS) && (defined(__x86_64__) || defined(__i386__)) && defined(__linux__)
+  unsigned a, b, c, d;
+  constexpr unsigned kBf16 = 1u << 22, kTile = 1u << 24, kInt8 = 1u << 25;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || (d & (kBf16 | kTile | kInt8)) != (kBf16 | kTile | kInt8))
+    return false;
+  unsigned lo, hi;
+  __asm__("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+  constexpr long kRequestPermission = 0x1023, kTileData = 18;
+  return ((lo >> 17) & 3) == 3 && syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
+#else
+  return false;
+#endif
+}
+#endif
+
 }  // namespace
 
 std::vector<std::pair<std::string, double>> peak_probes(int64_t iterations) {
@@ -46,6 +71,12 @@ std::vector<std::pair<std::string, double>> peak_probes(int64_t iterations) {
   }
   if (has_isa(Isa::avx512_vnni)) peaks.emplace_back("int16 vpdpwssd zmm", peak_int16_gmacs_avx512vnni(iterations));
   if (cpu_has_avx512_bf16()) peaks.emplace_back("bf16 vdpbf16ps zmm", peak_bf16_gmacs_avx512bf16(iterations));
+#ifdef DFP_AMX_PROBES  // built where the compiler knows AMX (setup.py)
+  if (cpu_has_amx()) {  // a tile instruction does 16-64 times a zmm one's work
+    peaks.emplace_back("int8 tdpbssd amx", peak_int8_gmacs_amx(iterations / 16));
+    peaks.emplace_back("bf16 tdpbf16ps amx", peak_bf16_gmacs_amx(iterations / 16));
+  }
+#endif
 #else
   (void)iterations;
 #endif
