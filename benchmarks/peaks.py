@@ -16,7 +16,7 @@ import os
 FP32 = ("fp32 vfmadd231ps ymm", "fp32 vfmadd231ps zmm")
 BF16 = "bf16 vdpbf16ps zmm"
 # oneDNN runs bf16 convolutions and matmuls on AMX tiles where the core has them (Intel
-# from Sapphire Rapids), at 16-28x vdpbf16ps's rate: there, the bf16 baseline's peak.
+# from Sapphire Rapids), at about 30x vdpbf16ps's rate: there, the bf16 baseline's peak.
 BF16_AMX = "bf16 tdpbf16ps amx"
 # dfp's CPU path -> the probe of the instructions its micro-kernel runs.
 INT16_OF_ISA = {
