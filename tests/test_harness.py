@@ -999,6 +999,33 @@ def test_an_empty_test_split_is_refused_before_training():
         train.train_run(config, dataset, ONE_PROCESS, target_accuracy=None)
 
 
+def test_stopping_the_penalty_clears_the_momentum_of_the_weights_it_held_at_zero():
+    """Under the proximal step a zeroed group's momentum decays towards subnormal values;
+    once the penalty stops, the updates would write them into the weights (a convolution
+    over subnormal fp32 weights ran 75x slower on an Intel Xeon). The stop clears that
+    momentum and no other."""
+    torch.manual_seed(0)
+    model = models.build("small_cnn", 1, 10, 8)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 1, 8, 8)).square().sum().backward()
+    optimizer.step()
+    weight = next(p for p in model.parameters() if p.dim() == 4)
+    momentum = optimizer.state[weight]["momentum_buffer"]
+    with torch.no_grad():
+        weight[0] = 0.0  # a group the proximal step zeroed
+        momentum[0] = 1e-40  # its momentum, decayed to subnormal values
+    expected = {p: optimizer.state[p]["momentum_buffer"].clone() for p in model.parameters()}
+    expected[weight][0] = 0.0
+    settings = strategies.StrategySettings(proximal=True, penalty_epochs=1, prune_every=5)
+    run = strategies.StructuredRun(strategies.PRUNETRAIN, settings, 4, 0, {}, None)
+    lasso = run.make_regulariser(model, ONE_PROCESS)
+    lasso(torch.tensor(2.0))
+    run.after_epoch(1, model, optimizer, None)
+    assert not lasso.active
+    assert all(torch.equal(optimizer.state[p]["momentum_buffer"], expected[p]) for p in model.parameters())
+    assert torch.count_nonzero(expected[weight]) > 0  # the other groups' momentum was there to keep
+
+
 def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
     """--penalty-epochs N: the group lasso acts in the first N epochs, then neither adds to
     the loss nor shrinks groups; the run's config and the report carry N."""
