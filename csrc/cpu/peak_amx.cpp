@@ -21,7 +21,14 @@ struct TileConfig {
 };
 
 // Four independent accumulators (tiles 4-7) fed by two A tiles (0, 1) and two B tiles
-// (2, 3): a tile product's latency is covered by the other three.
+// (2, 3): a tile product's latency is covered by the other three. (The tile
+// instructions take constant tile numbers, hence a macro.)
+#define DFP_FOUR_TILE_PRODUCTS(product) \
+  product(4, 0, 2);                     \
+  product(5, 0, 3);                     \
+  product(6, 1, 2);                     \
+  product(7, 1, 3)
+
 template <typename Body>
 double tile_peak(int64_t iterations, double macs_per_instruction, Body four_products) {
   TileConfig config;
@@ -29,7 +36,6 @@ double tile_peak(int64_t iterations, double macs_per_instruction, Body four_prod
   config.palette = 1;
   for (int t = 0; t < 8; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
   _tile_loadconfig(&config);
-  // the tile instructions take constant tile numbers
   _tile_zero(0);
   _tile_zero(1);
   _tile_zero(2);
@@ -48,21 +54,11 @@ double tile_peak(int64_t iterations, double macs_per_instruction, Body four_prod
 }  // namespace
 
 double peak_int8_gmacs_amx(int64_t iterations) {
-  return tile_peak(iterations, 16 * 16 * 64, [] {
-    _tile_dpbssd(4, 0, 2);
-    _tile_dpbssd(5, 0, 3);
-    _tile_dpbssd(6, 1, 2);
-    _tile_dpbssd(7, 1, 3);
-  });
+  return tile_peak(iterations, 16 * 16 * 64, [] { DFP_FOUR_TILE_PRODUCTS(_tile_dpbssd); });
 }
 
 double peak_bf16_gmacs_amx(int64_t iterations) {
-  return tile_peak(iterations, 16 * 16 * 32, [] {
-    _tile_dpbf16ps(4, 0, 2);
-    _tile_dpbf16ps(5, 0, 3);
-    _tile_dpbf16ps(6, 1, 2);
-    _tile_dpbf16ps(7, 1, 3);
-  });
+  return tile_peak(iterations, 16 * 16 * 32, [] { DFP_FOUR_TILE_PRODUCTS(_tile_dpbf16ps); });
 }
 
 }  // namespace dfp
