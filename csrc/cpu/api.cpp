@@ -1,6 +1,7 @@
 #include "api.h"
 
 #include <algorithm>
+#include <numeric>
 #include <stdexcept>
 #include <vector>
 
@@ -46,36 +47,46 @@ std::vector<int32_t> group_exponents(const int32_t* ey, int64_t blocks, int64_t 
   return e;
 }
 
-// The sample of the first pixel of each of grad_weight's K-blocks, whose input exponents
-// the block takes (those of its samples are the same: InputExponents).
-std::vector<int32_t> block_samples(const ConvShape& s, const KLayout& kl) {
+// grad_weight's K-blocks by the group of samples whose input exponents they take: the
+// fewest whole samples that are whole K-blocks share them (InputExponents;
+// dfp._ops.input_group_samples), so the exponent tables below hold a row per group, not
+// per sample (a linear layer's groups are 32 samples: its 128 x 256 table of them, made
+// into chain scales in every backward, had cost more than its products).
+struct SampleGroups {
+  int64_t size, count;            // samples per group, groups
+  std::vector<int32_t> of_block;  // each K-block's group (that of its first pixel)
+};
+SampleGroups sample_groups(const ConvShape& s, const KLayout& kl) {
   const int64_t per_sample = std::max<int64_t>(s.oh() * s.ow(), 1);
-  std::vector<int32_t> sample(kl.nblocks);
-  for (int64_t b = 0; b < kl.nblocks; ++b) sample[b] = int32_t(b * kl.kblock / per_sample);
-  return sample;
+  const int64_t size = kl.kblock / std::gcd(kl.kblock, per_sample);
+  SampleGroups groups{size, (s.n + size - 1) / size, std::vector<int32_t>(kl.nblocks)};
+  for (int64_t b = 0; b < kl.nblocks; ++b) groups.of_block[b] = int32_t(b * kl.kblock / per_sample / size);
+  return groups;
 }
 
 // The image's exponents of group g's columns (kh, kw, ci) of the patch matrix, per
-// sample: (n, K). The GEMM takes them per coarser blocks than its K-blocks
-// (GemmOptions::b_block_of: the K-blocks' samples), not one per K-block (a 32x32 batch of
-// 128 has 4096).
-std::vector<int32_t> patch_column_exponents(InputExponents ex, const ConvShape& s, int64_t g) {
+// group of samples: (groups, K), each its first sample's. The GEMM takes them per coarser
+// blocks than its K-blocks (GemmOptions::b_block_of: the K-blocks' groups), not one per
+// K-block (a 32x32 batch of 128 has 4096).
+std::vector<int32_t> patch_column_exponents(InputExponents ex, const ConvShape& s, int64_t g,
+                                            const SampleGroups& groups) {
   const int64_t k = s.k(), taps = s.kh * s.kw;
-  std::vector<int32_t> e(s.n * k);
-  for (int64_t n = 0; n < s.n; ++n)
+  std::vector<int32_t> e(groups.count * k);
+  for (int64_t i = 0; i < groups.count; ++i)
     for (int64_t t = 0; t < taps; ++t)
-      std::copy_n(ex.values + n * s.channels + g * s.cg, s.cg, e.data() + n * k + t * s.cg);
+      std::copy_n(ex.values + i * groups.size * s.channels + g * s.cg, s.cg, e.data() + i * k + t * s.cg);
   return e;
 }
 
-// The same as rows (kh, kw, ci) of the transposed patch matrix: (K, n), A's per sample
-// (GemmOptions::a_block_of).
-std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, int64_t g) {
-  const int64_t taps = s.kh * s.kw;
-  std::vector<int32_t> e(s.k() * s.n);
+// The same as rows (kh, kw, ci) of the transposed patch matrix: (K, groups), A's per
+// group of samples (GemmOptions::a_block_of).
+std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, int64_t g,
+                                         const SampleGroups& groups) {
+  const int64_t taps = s.kh * s.kw, count = groups.count;
+  std::vector<int32_t> e(s.k() * count);
   for (int64_t ci = 0; ci < s.cg; ++ci)
-    for (int64_t n = 0; n < s.n; ++n) e[ci * s.n + n] = ex.values[n * s.channels + g * s.cg + ci];
-  for (int64_t t = 1; t < taps; ++t) std::copy_n(e.data(), s.cg * s.n, e.data() + t * s.cg * s.n);
+    for (int64_t i = 0; i < count; ++i) e[ci * count + i] = ex.values[i * groups.size * s.channels + g * s.cg + ci];
+  for (int64_t t = 1; t < taps; ++t) std::copy_n(e.data(), s.cg * count, e.data() + t * s.cg * count);
   return e;
 }
 
@@ -107,7 +118,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
   const bool one = !ex.per_sample;  // one exponent for the image: one row of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
-  const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
+  const SampleGroups grouping = one ? SampleGroups{} : sample_groups(shape, kl);
   Workspace& ws = workspace();
   const int16_t* image = x;
   if (!ex.channel_major) {
@@ -132,9 +143,9 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
         groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
     const int32_t* eb = groups > 1 ? own.data() : ey;
     GemmOptions options{block_rows, 0, one};
-    const std::vector<int32_t> per_sample = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g);
-    if (!one) options.a_block_of = samples.data(), options.a_blocks = shape.n;
-    gemm_packed(uk, patches, b, kl, one ? uniform.data() : per_sample.data(), eb, hx, hy,
+    const std::vector<int32_t> per_group = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g, grouping);
+    if (!one) options.a_block_of = grouping.of_block.data(), options.a_blocks = grouping.count;
+    gemm_packed(uk, patches, b, kl, one ? uniform.data() : per_group.data(), eb, hx, hy,
                 {ws.result.data(), nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
     for (int64_t j = 0; j < k; ++j)
@@ -274,9 +285,9 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
   // the image's rows, packed once instead.
   const bool pointwise = is_pointwise(shape);
   Workspace& ws = workspace();
-  const std::vector<int32_t> samples = one ? std::vector<int32_t>() : block_samples(shape, kl);
+  const SampleGroups grouping = one ? SampleGroups{} : sample_groups(shape, kl);
   GemmOptions options = pointwise ? GemmOptions{0, 0, false, one} : gathered;
-  if (!one) options.b_block_of = samples.data(), options.b_blocks = shape.n;  // the image's exponents per sample
+  if (!one) options.b_block_of = grouping.of_block.data(), options.b_blocks = grouping.count;  // per group of samples
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
     pack_transposed(dy + g * cout_g, pixels, cout, cout_g, kl.kpairs(), uk.mr, ws.a, nthreads);
@@ -284,8 +295,9 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
     std::vector<int32_t> ea(cout_g * kl.nblocks);
     for (int64_t b = 0; b < kl.nblocks; ++b)
       for (int64_t o = 0; o < cout_g; ++o) ea[o * kl.nblocks + b] = ey[b * cout + g * cout_g + o];
-    const std::vector<int32_t> per_sample = one ? std::vector<int32_t>() : patch_column_exponents(ex, shape, g);
-    const int32_t* eb = one ? uniform.data() : per_sample.data();
+    const std::vector<int32_t> per_group =
+        one ? std::vector<int32_t>() : patch_column_exponents(ex, shape, g, grouping);
+    const int32_t* eb = one ? uniform.data() : per_group.data();
     const PatchColumns patches(image, shape, uk.nr);
     if (pointwise) pack_b_int16(image, geometry.channels, 1, k, kl, uk.nr, ws.b, nthreads);
     const BSource& b = pointwise ? static_cast<const BSource&>(ws.b) : patches;

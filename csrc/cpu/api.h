@@ -49,8 +49,9 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
                      const float* bias, float* y, int nthreads);
 
 // The exponents of grad_weight's image: one, or (per_sample) one per sample and
-// channel, (n, channels) row-major. A K-block of grad_weight takes those of the sample of
-// its first pixel: the samples of a block share theirs (quantize_input groups them so).
+// channel, (n, channels) row-major. The samples of a K-block of grad_weight share theirs,
+// as do those of the fewest whole samples that are whole K-blocks (quantize_input groups
+// them so): grad_weight reads each such group's first sample's.
 // channel_major: the image itself lies as channel planes (n, channels, hp, wp), as
 // quantize_input writes it where grad_weight_reads_channel_major (else channels last).
 struct InputExponents {
