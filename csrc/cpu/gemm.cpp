@@ -54,21 +54,10 @@ struct Scales {
 };
 
 // out[j] = 2^(e[j] - r[j]) (exponents <= 0), rounded as ldexp(1.0f, k) rounds: 0 below
-// 2^-149. Normal powers from their bits in one loop the compiler vectorizes (a K-block
-// of 32 pixels gives dY an exponent per 32 products); subnormal ones, rare, one at a time.
+// 2^-149. From their bits in one loop the compiler vectorizes (a K-block of 32 pixels
+// gives dY an exponent per 32 products).
 void chain_scales(const int32_t* __restrict e, const int32_t* __restrict r, int64_t n, float* __restrict out) {
-  int32_t rare = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const int32_t k = e[j] - r[j];
-    const uint32_t bits = k >= -126 ? uint32_t(k + 127) << 23 : 0u;
-    std::memcpy(out + j, &bits, sizeof bits);
-    rare |= int32_t(k < -126);
-  }
-  if (rare)
-    for (int64_t j = 0; j < n; ++j) {
-      const int32_t k = e[j] - r[j];
-      if (k < -126) out[j] = k < -149 ? 0.0f : pow2f_any(k);
-    }
+  for (int64_t j = 0; j < n; ++j) out[j] = pow2f_any(e[j] - r[j]);
 }
 
 // A's: e is [row][block] for `rows` rows of exponents, chain scales [row][block] (and

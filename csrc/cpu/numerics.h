@@ -79,8 +79,16 @@ static inline float pow2f(int k) {
   return f;
 }
 
-// 2^k for k in [-149, 127], every power of two fp32 holds (subnormals included).
-static inline float pow2f_any(int k) { return k >= -126 ? pow2f(k) : std::ldexp(1.0f, k); }
+// 2^k for k in [-149, 127], every power of two fp32 holds, from its bits: a subnormal
+// one is the single bit k + 149 (ldexp's calls took 2 % of the main job's dfp16 step:
+// the rows of zeros in grad_input's dY window have subnormal chain scales). 0 below.
+static inline float pow2f_any(int k) {
+  const uint32_t normal = uint32_t(k + 127) << 23, subnormal = 1u << ((k + 149) & 31);
+  const uint32_t bits = k >= -126 ? normal : k >= -149 ? subnormal : 0u;
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
 
 // 2^-e as two fp32 factors, both exact powers of two, so x * first * second is exact.
 // -e lies in [-126, 163] (design.md), so both factors are normal numbers.

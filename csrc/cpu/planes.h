@@ -1,6 +1,7 @@
 // Channels-last int16 pixels into channel planes, as grad_weight reads a 16- or
 // 32-channel image (TransposedPatches: K-pairs of neighbouring pixels).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 
 #if defined(__SSE2__)
@@ -48,9 +49,16 @@ int64_t planes_of(const int16_t* __restrict src, int64_t p0, int64_t p1, int16_t
 inline void pixels_to_planes(const int16_t* src, int64_t count, int64_t channels, int16_t* planes, int64_t plane) {
   int64_t p = 0;
 #if defined(__SSE2__)
-  for (; p + 8 <= count && channels % 8 == 0; p += 8)
-    for (int64_t c = 0; c < channels; c += 8)
-      transpose_8x8(src + p * channels + c, channels, planes + c * plane + p, plane);
+  if (channels % 8 == 0 && count >= 8) {
+    // where count is not a multiple of 8, the last block overlaps the one before (the
+    // same values written twice), so that no pixel goes element by element
+    for (int64_t at = 0; at < count; at += 8) {
+      p = std::min(at, count - 8);
+      for (int64_t c = 0; c < channels; c += 8)
+        transpose_8x8(src + p * channels + c, channels, planes + c * plane + p, plane);
+    }
+    return;
+  }
 #endif
   if (channels == 2) p = planes_of<2>(src, p, count, planes, plane);
   if (channels == 4) p = planes_of<4>(src, p, count, planes, plane);

@@ -145,12 +145,42 @@ void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const
                 const RoundingArgs& r) {
   quantize_avx2.run_scaled(x, q, n, first, second, r);
 }
+
+// Blocks of whole vectors (a linear layer's 32 channels) in one loop: AVX2's set calls
+// a function per block, which cost more than a block of 32.
 void absmax_blocks(const float* x, int64_t n, int64_t block, uint32_t* out) {
-  quantize_avx2.absmax_blocks(x, n, block, out);
+  if (block % 16) return quantize_avx2.absmax_blocks(x, n, block, out);
+  const __m512i abs_mask = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t b = 0, start = 0; start < n; ++b, start += block) {
+    __m512i top = _mm512_setzero_si512();
+    for (int64_t i = start; i < start + block && i < n; i += 16)
+      top = _mm512_max_epu32(top, _mm512_and_si512(_mm512_maskz_loadu_epi32(tail_mask(n - i), x + i), abs_mask));
+    out[b] = _mm512_reduce_max_epu32(top);
+  }
 }
+
+template <Rounding R>
+void run_blocks_as(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
+                   const RoundingArgs& args) {
+  const RoundingArgs r = args;  // a local copy: see run_as
+  for (int64_t b = 0, start = 0; start < n; ++b, start += block) {
+    const __m512 f = _mm512_set1_ps(first[b]), g = _mm512_set1_ps(second[b]);
+    for (int64_t i = start; i < start + block && i < n; i += 16) {
+      const __mmask16 m = tail_mask(n - i);
+      const __m512 xi = _mm512_maskz_loadu_ps(m, x + i);
+      store16(q + i, m, round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
+    }
+  }
+}
+
 void run_blocks(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
                 const RoundingArgs& r) {
-  quantize_avx2.run_blocks(x, q, n, block, first, second, r);
+  if (block % 16 || crosses_high_half(r, n)) return quantize_avx2.run_blocks(x, q, n, block, first, second, r);
+  switch (r.rounding) {
+    case Rounding::nearest: return run_blocks_as<Rounding::nearest>(x, q, n, block, first, second, r);
+    case Rounding::dithered: return run_blocks_as<Rounding::dithered>(x, q, n, block, first, second, r);
+    case Rounding::stochastic: return run_blocks_as<Rounding::stochastic>(x, q, n, block, first, second, r);
+  }
 }
 
 }  // namespace

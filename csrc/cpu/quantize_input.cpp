@@ -43,6 +43,10 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   const int64_t blocks = oc / out.row_block, s = out.group_samples, ngroups = (im.images + s - 1) / s;
   const bool narrow = c < kNarrow, copy_for_weight = out.q_channels != nullptr;
   const int32_t zeros = group_exponent(0, headroom);
+  // Rows of one pixel, neither padded nor planes (a linear layer's samples): a group of
+  // samples is one tile in x and in both copies, one call per pass for it, not one per
+  // sample (and per block of channels).
+  const bool tiles = im.cols == 1 && oc == c && im.pad_rows == 0 && im.pad_cols == 0 && !out.channel_major;
   // Both passes over a task's groups of samples, one after the other, so that the second
   // reads x from cache (pass 1 over all groups first read x from memory twice: 8 MB more
   // per 16-channel 32x32 forward at batch 128).
@@ -54,8 +58,12 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     for (int64_t g = g0; g < g1; ++g) {
       const int64_t r0 = g * s * im.rows, r1 = std::min(im.images, (g + 1) * s) * im.rows;
       channel_max.assign(oc, 0);  // the added channels stay zeros
-      pixels.assign(narrow && copy_for_weight ? run : 0, 0);
-      for (int64_t r = r0; r < r1; ++r) {
+      pixels.assign(narrow && copy_for_weight && !tiles ? run : 0, 0);
+      if (tiles) {
+        k.absmax_blocks(x + r0 * c, (r1 - r0) * c, out.row_block, block_max.data() + r0 * blocks);
+        if (copy_for_weight) k.absmax_rows(x + r0 * c, r1 - r0, c, channel_max.data());
+      }
+      for (int64_t r = tiles ? r1 : r0; r < r1; ++r) {
         const float* row = x + r * run;
         uint32_t* m = block_max.data() + r * blocks;
         if (blocks == 1) {
@@ -91,12 +99,26 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     }
     return true;
   };
-  // Row hr of channel j's plane of image n in grad_weight's copy, where it is channel major.
-  const auto plane_row = [&](int64_t n, int64_t j, int64_t hr) {
-    return out.q_channels + ((n * oc + j) * hp + hr) * wp;
-  };
   // Pass 2: each row's exponents and both outputs.
   const RoundingArgs nearest{float(max_mantissa(headroom)), Rounding::nearest, 0, 0, 0};
+  // The rows r0..r1 of `tiles`, whose group's channel scales are set.
+  const auto write_tile = [&](int64_t r0, int64_t r1, const float* channel_first, const float* channel_second) {
+    thread_local std::vector<float> firsts, seconds;
+    const int64_t count = (r1 - r0) * blocks;
+    int32_t* e = out.e_rows + r0 * blocks;
+    group_exponents(block_max.data() + r0 * blocks, count, headroom, e);
+    // pointers in the loop: each use of a thread_local vector there called __tls_get_addr
+    float *first = at_least(firsts, count), *second = at_least(seconds, count);
+    for (int64_t i = 0; i < count; ++i) {
+      const Scale scale = inverse_scale(e[i]);
+      first[i] = scale.first, second[i] = scale.second;
+    }
+    RoundingArgs args = nearest;
+    args.index0 = uint64_t(r0 * c);
+    k.run_blocks(x + r0 * c, out.q_rows + r0 * c, (r1 - r0) * c, out.row_block, first, second, args);
+    if (copy_for_weight)
+      k.run_rows(x + r0 * c, out.q_channels + r0 * c, r1 - r0, c, channel_first, channel_second, args);
+  };
   const auto write = [&](int64_t g0, int64_t g1) {
     // scales per channel, and for narrow rows per element of a row (a channel's repeated)
     thread_local std::vector<float> block_first, block_second, row_first, row_second, channel_first, channel_second;
@@ -113,17 +135,26 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
         std::copy_n(channel_first.begin(), c, channel_first.begin() + p);
         std::copy_n(channel_second.begin(), c, channel_second.begin() + p);
       }
-      for (int64_t n = g * s; n < std::min(im.images, (g + 1) * s); ++n)
+      if (tiles) {
+        write_tile(g * s * im.rows, std::min(im.images, (g + 1) * s) * im.rows, channel_first.data(),
+                   channel_second.data());
+        continue;
+      }
+      for (int64_t n = g * s; n < std::min(im.images, (g + 1) * s); ++n) {
+        // grad_weight's image; as channel planes, through a buffer in L1 or L2 (channels
+        // last), then into the planes at once (a row at a time, 4x4 images' rows of 6
+        // pixels went element by element)
+        int16_t* weight_image = !copy_for_weight     ? nullptr
+                                : out.channel_major ? at_least(plane_rows, hp * row_len)
+                                                    : out.q_channels + n * hp * row_len;
         for (int64_t hr = 0; hr < hp; ++hr) {
           const int64_t h = hr - im.pad_rows, offset = (n * hp + hr) * row_len;
           int32_t* e = out.e_rows + (n * hp + hr) * blocks;
+          int16_t* weight_row = weight_image ? weight_image + hr * row_len : nullptr;
           if (h < 0 || h >= im.rows) {
             std::fill_n(e, blocks, zeros);
             std::fill_n(out.q_rows + offset, row_len, int16_t(0));
-            if (copy_for_weight && out.channel_major)
-              for (int64_t j = 0; j < oc; ++j) std::fill_n(plane_row(n, j, hr), wp, int16_t(0));
-            else if (copy_for_weight)
-              std::fill_n(out.q_channels + offset, row_len, int16_t(0));
+            if (weight_row) std::fill_n(weight_row, row_len, int16_t(0));
             continue;
           }
           const int64_t r = n * im.rows + h;
@@ -138,10 +169,6 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             std::fill(row_first.begin() + j0, row_first.begin() + j1, scale.first);
             std::fill(row_second.begin() + j0, row_second.begin() + j1, scale.second);
           }
-          // grad_weight's row; as channel planes, through a buffer in L1 (channels last), then
-          // into its row of each plane
-          int16_t* weight_row =
-              !copy_for_weight ? nullptr : out.channel_major ? at_least(plane_rows, row_len) : out.q_channels + offset;
           for (int16_t* q : {out.q_rows + offset, weight_row}) {
             if (!q) continue;
             std::fill_n(q, border, int16_t(0));
@@ -165,8 +192,10 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
             else
               k.run_rows(from, q, im.cols, c, channel_first.data(), channel_second.data(), args);
           });
-          if (out.channel_major) pixels_to_planes(weight_row, wp, oc, plane_row(n, 0, hr), hp * wp);
         }
+        if (weight_image && out.channel_major)
+          pixels_to_planes(weight_image, hp * wp, oc, out.q_channels + n * oc * hp * wp, hp * wp);
+      }
     }
   };
   std::atomic<bool> finite{true};
