@@ -65,8 +65,17 @@ static inline void interleave(int32_t* __restrict dst, const int16_t* __restrict
 // added channels zero. One loop of element moves: a copy and a fill per pixel would be
 // two library calls per pixel for a few channels (3 -> 4 channels, 32x32, one thread:
 // the first layer's quantization 2.1 -> 0.7 ms).
+template <int C>
+void widen_pixels(const int16_t* __restrict from, int64_t pixels, int16_t* __restrict to) {
+  for (int64_t j = 0; j < pixels; ++j)
+    for (int c = 0; c <= C; ++c) to[j * (C + 1) + c] = c < C ? from[j * C + c] : int16_t(0);
+}
+
 static inline void copy_pixels(const int16_t* from, int64_t pixels, int64_t channels, int16_t* to,
                                int64_t out_channels) {
+  // the first layers' one zero channel, with the counts known to the vectorizer
+  if (channels == 1 && out_channels == 2) return widen_pixels<1>(from, pixels, to);
+  if (channels == 3 && out_channels == 4) return widen_pixels<3>(from, pixels, to);
   for (int64_t j = 0; j < pixels; ++j, from += channels, to += out_channels)
     for (int64_t c = 0; c < out_channels; ++c) to[c] = c < channels ? from[c] : int16_t(0);
 }

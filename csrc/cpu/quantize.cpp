@@ -340,25 +340,33 @@ bool quantize_padded(const float* x, const PaddedImage& im, int headroom, int16_
   const int64_t hp = im.rows + 2 * im.pad_rows, wp = im.cols + 2 * im.pad_cols, oc = im.out_channels;
   const int64_t row_len = wp * oc, run = im.cols * im.channels, border = im.pad_cols * oc;
   for_row_chunks(im.images * hp, row_len, nthreads, [&](int64_t r0, int64_t r1) {
-    thread_local std::vector<int16_t> scratch;  // a row's mantissas, when channels are added
-    for (int64_t r = r0; r < r1; ++r) {
+    thread_local std::vector<int16_t> scratch;  // mantissas of rows, when channels are added
+    for (int64_t r = r0, rows = 1; r < r1; r += rows) {
       int16_t* dst = out + r * row_len;
       const int64_t h = r % hp - im.pad_rows;
+      rows = 1;
       if (h < 0 || h >= im.rows) {
         std::fill_n(dst, row_len, int16_t(0));
         continue;
       }
-      std::fill_n(dst, border, int16_t(0));
-      std::fill_n(dst + row_len - border, border, int16_t(0));
       const int64_t src = ((r / hp) * im.rows + h) * run;
       const RoundingArgs args{float(max_mantissa(headroom)), Rounding::nearest, uint64_t(src), 0, 0};
       if (oc == im.channels) {
+        std::fill_n(dst, border, int16_t(0));
+        std::fill_n(dst + row_len - border, border, int16_t(0));
         k.run(x + src, dst + border, run, scale, args);
         continue;
       }
-      scratch.resize(run);
-      k.run(x + src, scratch.data(), run, scale, args);
-      copy_pixels(scratch.data(), im.cols, im.channels, dst + border, oc);
+      // the image's rows up to its last or the chunk's, quantized by one call (a digits
+      // image's rows are 8 floats), then widened into place
+      rows = std::min(r1 - r, im.rows - h);
+      int16_t* q = at_least(scratch, rows * run);
+      k.run(x + src, q, rows * run, scale, args);
+      for (int64_t i = 0; i < rows; ++i, dst += row_len) {
+        std::fill_n(dst, border, int16_t(0));
+        std::fill_n(dst + row_len - border, border, int16_t(0));
+        copy_pixels(q + i * run, im.cols, im.channels, dst + border, oc);
+      }
     }
   });
   return true;
