@@ -63,7 +63,7 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
         k.absmax_blocks(x + r0 * c, (r1 - r0) * c, out.row_block, block_max.data() + r0 * blocks);
         if (copy_for_weight) k.absmax_rows(x + r0 * c, r1 - r0, c, channel_max.data());
       }
-      for (int64_t r = tiles ? r1 : r0; r < r1; ++r) {
+      for (int64_t r = tiles ? r1 : r0; r < r1; ++r) {  // a row at a time, where not tiles
         const float* row = x + r * run;
         uint32_t* m = block_max.data() + r * blocks;
         if (blocks == 1) {
