@@ -98,6 +98,9 @@ setup(
         Pybind11Extension(
             "dfp._C",
             sources,
+            # headers too, so that editing one rebuilds (setuptools skips an extension
+            # whose sources are older than it; ParallelCompile then compiles every file)
+            depends=sorted(str(p) for p in Path("csrc/cpu").glob("*.h")),
             extra_compile_args=COMMON,
             define_macros=[("DFP_X86_KERNELS", "1")] if X86 else [],
             libraries=["dl"] if sys.platform.startswith("linux") else [],  # dlopen, before glibc 2.34
