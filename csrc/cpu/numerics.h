@@ -61,10 +61,6 @@ static inline void interleave(int32_t* __restrict dst, const int16_t* __restrict
   for (int64_t t = 0; t < n; ++t) dst[t] = pair(a[t], b[t]);
 }
 
-// `pixels` pixels of `channels` int16 each into pixels of out_channels >= channels, the
-// added channels zero. One loop of element moves: a copy and a fill per pixel would be
-// two library calls per pixel for a few channels (3 -> 4 channels, 32x32, one thread:
-// the first layer's quantization 2.1 -> 0.7 ms).
 // copy_pixels for C channels and one added (static: an AVX-512 file's instance must not be
 // the one the linker keeps for all files)
 template <int C>
@@ -73,6 +69,10 @@ static void widen_pixels(const int16_t* __restrict from, int64_t pixels, int16_t
     for (int c = 0; c <= C; ++c) to[j * (C + 1) + c] = c < C ? from[j * C + c] : int16_t(0);
 }
 
+// `pixels` pixels of `channels` int16 each into pixels of out_channels >= channels, the
+// added channels zero. One loop of element moves: a copy and a fill per pixel would be
+// two library calls per pixel for a few channels (3 -> 4 channels, 32x32, one thread:
+// the first layer's quantization 2.1 -> 0.7 ms).
 static inline void copy_pixels(const int16_t* from, int64_t pixels, int64_t channels, int16_t* to,
                                int64_t out_channels) {
   // the first layers' one zero channel, with the counts known to the vectorizer
@@ -91,7 +91,7 @@ static inline float pow2f(int k) {
 }
 
 // 2^k for k in [-149, 127], every power of two fp32 holds, from its bits: a subnormal
-// one is the single bit k + 149 (ldexp's calls took 2 % of the main job's dfp16 step:
+// one is the single bit k + 149 (ldexp's calls took 2 % of the main job's dfp16 step on an Intel Xeon:
 // the rows of zeros in grad_input's dY window have subnormal chain scales). 0 below.
 static inline float pow2f_any(int k) {
   const uint32_t normal = uint32_t(k + 127) << 23, subnormal = 1u << ((k + 149) & 31);
