@@ -456,6 +456,23 @@ def test_runs_of_one_strategy_with_other_settings_are_other_rows_and_points(tmp_
     assert "fp32 + prunetrain (prune_multiple 8)" in labels and "fp32 + prunetrain (prune_multiple default)" in labels
 
 
+def test_the_penalty_notes_mark_only_the_rows_that_ran_the_penalty():
+    """The pruned-scratch control shares prunetrain's settings (they name its widths) but
+    trains without the group lasso: its row says so and carries none of the penalty's notes."""
+    settings = {"penalty_ratio": 0.85, "proximal": True, "penalty_epochs": 6, "prune_multiple": 8}
+    records = [
+        _record("fp32", 32, 0, 4.0, 0.97),
+        _record("fp32", 32, 0, 3.0, 0.95, strategy="prunetrain", strategy_settings=settings),
+        _record("fp32", 32, 0, 3.0, 0.96, strategy="pruned-scratch", strategy_settings=settings),
+    ]
+    text = report.markdown(records, target_accuracy=None)
+    rows = _rows(text[: text.index("Structural strategies")])  # the first table's
+    pruned, control = rows[("fp32 + prunetrain", "32")], rows[("fp32 + pruned-scratch", "32")]
+    for note in ("group lasso as a proximal step", "first 6 epochs only", "widths kept multiples of 8"):
+        assert note in pruned and note not in control
+    assert "trained without the penalty" in control and "trained without the penalty" not in pruned
+
+
 def _diverged(record: dict) -> dict:
     record["result"]["diverged"] = True
     return record

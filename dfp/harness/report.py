@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from .formats import FORMATS
 from .results import DuplicateRunWarning, ResultStore, config_key, run_label, time_to_target
 from .schedule import scaled_lr
-from .strategies import NONE, STRATEGIES
+from .strategies import GROW_THEN_PRUNE, NONE, PRUNED_SCRATCH, PRUNETRAIN, STRATEGIES
 
 REPORT_FILE, PARETO_FILE, CURVES_FILE = "report.md", "pareto.png", "curves.png"
 # Runs that differ only in these share a table (a run of no structural strategy stores
@@ -238,6 +238,8 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
     rows = []
     for (fmt, batch_size, swa_start, strategy, variant), runs in cells.items():
         config, results = runs[0]["config"], [r["result"] for r in runs]
+        # the regulariser's settings, only where it ran (the control shares them, not the penalty)
+        penalty = (config.get("strategy_settings") or {}) if strategy in (PRUNETRAIN, GROW_THEN_PRUNE) else {}
         completed = [r for r in results if not r["diverged"]]
         accuracies = [r["final_accuracy"] for r in results]
         times_to_target = [time_to_target(r["epochs"], target_accuracy) for r in results]
@@ -271,9 +273,9 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 widths=results[0].get("widths"),
                 surgery_seconds=_median([r["epochs"][-1].get("surgery_seconds") for r in completed]),
                 batch_sizes=tuple(s["batch_size"] for s in results[0].get("surgeries", []) if "batch_size" in s),
-                proximal=(config.get("strategy_settings") or {}).get("proximal", False),
-                penalty_epochs=(config.get("strategy_settings") or {}).get("penalty_epochs"),
-                prune_multiple=(config.get("strategy_settings") or {}).get("prune_multiple", 1),
+                proximal=penalty.get("proximal", False),
+                penalty_epochs=penalty.get("penalty_epochs"),
+                prune_multiple=penalty.get("prune_multiple", 1),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -348,6 +350,8 @@ def _notes(row: Row) -> str:
         notes.append(f"group lasso in the first {row.penalty_epochs} epochs only (PruneTrain keeps it)")
     if row.prune_multiple > 1:
         notes.append(f"widths kept multiples of {row.prune_multiple} (PruneTrain removes every zero channel)")
+    if row.strategy == PRUNED_SCRATCH:
+        notes.append("the prunetrain run's final widths, initialised afresh and trained without the penalty")
     return "; ".join(notes)
 
 
