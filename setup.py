@@ -20,7 +20,7 @@ X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "i386")
 ISA_FLAGS = {
     "_avx2.cpp": ["-mavx2", "-mfma"],
     "_avx512bw.cpp": ["-mavx512f", "-mavx512bw"],
-    "_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vnni"],
+    "_avx512vnni.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mfma", "-mavx512vnni"],
     "_avx512bf16.cpp": ["-mavx512f", "-mavx512bw", "-mavx512bf16"],
     "_amx.cpp": ["-mamx-tile", "-mamx-int8", "-mamx-bf16"],
 }

@@ -211,7 +211,9 @@ const MicroKernel& micro_kernel(Isa isa, int64_t columns) {
   const bool narrow = columns <= 16;
   switch (isa) {
 #ifdef DFP_X86_KERNELS
-    case Isa::avx512_vnni: return narrow ? gemm_s16s16s32_avx512vnni_12x16 : gemm_s16s16s32_avx512vnni_6x32;
+    case Isa::avx512_vnni:
+      if (columns <= 8) return gemm_s16s16s32_avx512vnni_12x8;
+      return narrow ? gemm_s16s16s32_avx512vnni_12x16 : gemm_s16s16s32_avx512vnni_6x32;
     case Isa::avx512bw: return narrow ? gemm_s16s16s32_avx512bw_12x16 : gemm_s16s16s32_avx512bw_6x32;
     case Isa::avx2: return gemm_s16s16s32_avx2_6x16;
 #endif

@@ -73,10 +73,12 @@ extern const MicroKernel gemm_s16s16s32_avx512bw_6x32;
 extern const MicroKernel gemm_s16s16s32_avx512vnni_6x32;
 extern const MicroKernel gemm_s16s16s32_avx512bw_12x16;
 extern const MicroKernel gemm_s16s16s32_avx512vnni_12x16;
+extern const MicroKernel gemm_s16s16s32_avx512vnni_12x8;
 // The micro-kernel for a product of `columns` columns (N) on isa: on AVX-512, a tile one
 // vector wide (12 x 16) where the 6 x 32 one would compute zeros in half of its columns
-// (16-channel layers: forward, grad_input and grad_weight all have N = 16). The tile
-// changes no bits: chains, their order and the epilogue are the same.
+// (16-channel layers: forward, grad_input and grad_weight all have N = 16), and with
+// VNNI one of 12 x 8 in ymm for N <= 8. The tile changes no bits: chains, their order
+// and the epilogue are the same.
 const MicroKernel& micro_kernel(Isa isa, int64_t columns);
 
 // How K is laid out in the packed panels: each K-block is padded to whole K-pairs so a

@@ -38,9 +38,9 @@ std::vector<Isa> detect() {
   if (__get_cpuid_count(7, 0, &a, &b7, &c7, &d)) {
     const bool avx2 = (b7 >> 5) & 1;
     const bool avx512f = (b7 >> 16) & 1, avx512bw = (b7 >> 30) & 1;
-    const bool vnni = (c7 >> 11) & 1;
+    const bool vnni = (c7 >> 11) & 1, vl = (b7 >> 31) & 1;  // VL: the 12 x 8 tile's ymm vpdpwssd
     if (osxsave && os_saves_zmm() && avx512f && avx512bw) {
-      if (vnni) isas.push_back(Isa::avx512_vnni);
+      if (vnni && vl) isas.push_back(Isa::avx512_vnni);
       isas.push_back(Isa::avx512bw);
     }
     if (osxsave && os_saves_ymm() && avx2 && fma) isas.push_back(Isa::avx2);
