@@ -2,7 +2,9 @@
 // in one instruction. 6 x 32 tile: 12 int32 + 12 fp32 accumulators + 2 B + 1 A = 27 zmm;
 // 12 x 16 (N <= 16): 12 + 12 + 1 B + 1 A. A is broadcast by its own instruction: with
 // vpdpwssd's embedded broadcast ({1to16}) the 12 x 16 loop ran at half the speed on an
-// AMD Zen 4 (a loop in L1: 45-50 against 103-117 GMAC/s).
+// AMD Zen 4 (a loop in L1: 45-50 against 103-117 GMAC/s). 12 x 8 (N <= 8): the same in
+// ymm (AVX-512VL): 12 + 12 + 1 B + 1 A of its 32 registers.
+#include "avx2_vector.h"
 #include "avx512_vector.h"
 #include "gemm.h"
 #include "ukernel_impl.h"
@@ -15,22 +17,8 @@ struct Avx512Vnni : Avx512Vector {
 
 // ymm vectors (AVX-512VL) for products of at most 8 columns (the 8-channel layers a
 // pruned network keeps), which the 12 x 16 tile computed with half of its lanes zeros.
-struct Vnni256 {
-  using I = __m256i;
-  using F = __m256;
-  static constexpr int lanes = 8;
-  static I zeroi() { return _mm256_setzero_si256(); }
-  static F zerof() { return _mm256_setzero_ps(); }
-  static I loadi(const int32_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
-  static I broadcast(const void* p) { return _mm256_set1_epi32(dfp::load_pair(p)); }
+struct Vnni256 : Avx2Vector {
   static I dot_pairs(I acc, I a, I b) { return _mm256_dpwssd_epi32(acc, a, b); }
-  static F loadf(const float* p) { return _mm256_loadu_ps(p); }
-  static void storef(float* p, F v) { _mm256_storeu_ps(p, v); }
-  static F setf(float x) { return _mm256_set1_ps(x); }
-  static F to_float(I v) { return _mm256_cvtepi32_ps(v); }
-  static F addf(F a, F b) { return _mm256_add_ps(a, b); }
-  static F mulf(F a, F b) { return _mm256_mul_ps(a, b); }
-  static F mul_add(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
 };
 
 }  // namespace
