@@ -414,6 +414,30 @@ def test_narrow_stride_1_layers_keep_their_input_as_channel_planes(monkeypatch):
             assert torch.equal(t, kept["numba", True])
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_one_call_forward_a_few_images_at_a_time_gives_the_steps_bits(threads, monkeypatch):
+    """The compiled one-call forward of the default format quantizes and multiplies a few
+    images at a time (those whose int16 rows fit 256 KB: 7 of 16 channels at 34x34), each
+    thread its share of the batch: over 17 images (7 + 7 + 3 on one thread, 7 + 2 and
+    7 + 1 on two) its output, grad_weight's copy and exponents are those of the steps (which
+    an NCHW input takes), and a NaN in the last image gives the steps' NaN output."""
+    monkeypatch.setenv("DFP_BACKEND", "cpu")
+    torch.set_num_threads(threads)
+    x, w = _gaussian((17, 16, 32, 32), 0), _gaussian((16, 16, 3, 3), 1)
+    # the default format's exponents: per image row in the forward, per sample in grad_weight
+    rest = ([1, 1], [1, 1], [1, 1], 1, 2, False, True, True, True, 0, 2, 4, 2, True)
+    for nonfinite in (False, True):
+        if nonfinite:
+            x[-1, 3, 10, 10] = float("nan")
+        one_call, steps = (
+            torch.ops.dfp.conv2d(x.to(memory_format=torch.channels_last), w, None, *rest, True),
+            torch.ops.dfp.conv2d(x, w, None, *rest, False),
+        )
+        assert one_call[0].isnan().any() == nonfinite
+        for got, want in zip(one_call, steps, strict=True):
+            torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "linear"])
 def test_eager_layers_take_the_compiled_one_call_paths(kind, monkeypatch):
     """A stride-1 channels-last layer (and a linear one) in the default format runs its

@@ -1,15 +1,21 @@
 #include "layer.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <memory>
 #include <vector>
 
 #include "quantize.h"
 #include "scratch.h"
+#include "threads.h"
 
 namespace dfp {
 namespace {
+
+// The forward's int16 rows quantized and multiplied at a time: a few images, inside the
+// L2 of every core dfp runs on (512 KB on Zen 3) beside their output.
+constexpr int64_t kForwardChunkBytes = 256 << 10;
 
 // The exponent that marks a tensor quantized from NaN/Inf (dfp._conv_layout.NONFINITE).
 constexpr int32_t kNonFiniteExponent = INT32_MAX;
@@ -92,23 +98,52 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   // Per image row and channel block: K-blocks of those blocks (a kernel row of taps where
   // a group's channels are one block), the weight's exponents repeated along them.
   const ConvGeometry padded = l.padded();
-  const int64_t image_size = padded.n * padded.hp * padded.wp * l.channels;
-  const int64_t row_exponents = padded.n * padded.hp * (l.channels / grouping.row_block);
-  thread_local std::vector<int16_t> x_rows;  // kept: a fresh image of megabytes would be paged in every call
-  at_least(x_rows, image_size);
-  std::vector<int32_t> e_rows(row_exponents);
-  const InputQuantization out{x_rows.data(), e_rows.data(), grouping.row_block, x_padded, x_exponent,
-                              grouping.group_samples, grouping.channel_major};
-  if (!quantize_input(x, image, l.headroom, out, nthreads)) return false;
   const int64_t kblock = grouping.row_block == cgp ? l.kw * cgp : grouping.row_block;
   const int64_t blocks = (k + kblock - 1) / kblock;
   std::vector<int32_t> ew_blocks(l.groups * blocks * cout_g);  // (groups, KB, cout / groups)
   for (int64_t g = 0; g < l.groups; ++g)
     for (int64_t b = 0; b < blocks; ++b)
       std::copy_n(ew.data() + g * cout_g, cout_g, ew_blocks.data() + (g * blocks + b) * cout_g);
-  conv_gemm_int16(x_rows.data(), padded, {e_rows.data(), row_exponents, grouping.row_block}, l.headroom, w.get(),
-                  cout_g * k, 1, k, cout_g, ew_blocks.data(), kblock, l.headroom, bias, y, nthreads);
-  return true;
+  // A few images at a time, quantized and multiplied by one thread: the forward's int16
+  // rows are read back from its cache, not written to memory and read from there (4.7 MB
+  // each way for a 16-channel 32x32 forward at batch 128). No exponent spans images.
+  const int64_t image_size = padded.hp * padded.wp * l.channels, row_blocks = l.channels / grouping.row_block;
+  const int64_t samples = std::max<int64_t>(grouping.group_samples, 1);
+  const int64_t chunk = (std::max<int64_t>(kForwardChunkBytes / (2 * image_size), 1) + samples - 1) / samples * samples;
+  const int64_t pixels = l.shape().oh() * l.shape().ow();
+  // Images [n0, n0 + count) on `threads` threads.
+  const auto images = [&](int64_t n0, int64_t count, int threads) {
+    thread_local std::vector<int16_t> x_rows;  // kept: fresh buffers would be paged in every call
+    thread_local std::vector<int32_t> e_rows;
+    PaddedImage part = image;
+    part.images = count;
+    int16_t* rows = at_least(x_rows, count * image_size);
+    int32_t* e = at_least(e_rows, count * padded.hp * row_blocks);
+    const InputQuantization out{rows,
+                                e,
+                                grouping.row_block,
+                                x_padded ? x_padded + n0 * image_size : nullptr,
+                                x_exponent ? x_exponent + n0 * l.channels : nullptr,
+                                grouping.group_samples,
+                                grouping.channel_major};
+    if (!quantize_input(x + n0 * l.h * l.w * l.c, part, l.headroom, out, threads)) return false;
+    ConvGeometry geometry = padded;
+    geometry.n = count;
+    conv_gemm_int16(rows, geometry, {e, count * padded.hp * row_blocks, grouping.row_block}, l.headroom, w.get(),
+                    cout_g * k, 1, k, cout_g, ew_blocks.data(), kblock, l.headroom, bias, y + n0 * pixels * l.cout,
+                    threads);
+    return true;
+  };
+  // Each thread its share of the groups of samples (a static split: equal shares), a chunk at a time.
+  const int64_t groups = (l.n + samples - 1) / samples, threads = std::min<int64_t>(nthreads, groups);
+  if (threads <= 1 && chunk >= l.n) return images(0, l.n, nthreads);
+  std::atomic<bool> finite{true};
+  parallel_for(threads, int(threads), [&](int64_t t) {
+    const int64_t end = std::min(l.n, (t + 1) * groups / threads * samples);
+    for (int64_t n0 = t * groups / threads * samples; n0 < end && finite.load(std::memory_order_relaxed); n0 += chunk)
+      if (!images(n0, std::min(chunk, end - n0), 1)) finite.store(false, std::memory_order_relaxed);
+  });
+  return finite;
 }
 
 namespace {

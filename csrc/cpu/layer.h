@@ -38,8 +38,8 @@ struct InputGrouping {
 // and y (n, oh, ow, cout) = conv(x, W) + bias (bias null or (cout,)), with x per tensor
 // or per image row and channel block. The bits of quantizing and multiplying step by
 // step. x_padded and x_exponent may be null where x has exponents per image row (no
-// weight gradient asked: the forward reads its own copy). False, with y unwritten,
-// where x or the weight holds NaN or Inf.
+// weight gradient asked: the forward reads its own copy). False, with y and x_padded
+// partly written, where x or the weight holds NaN or Inf.
 bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& layer,
                   InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, int nthreads);
 
