@@ -78,15 +78,16 @@ std::vector<int32_t> patch_column_exponents(InputExponents ex, const ConvShape& 
   return e;
 }
 
-// The same as rows (kh, kw, ci) of the transposed patch matrix: (K, groups), A's per
+// The same as rows (ci, kh, kw) of the transposed patch matrix: (K, groups), A's per
 // group of samples (GemmOptions::a_block_of).
 std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, int64_t g,
                                          const SampleGroups& groups) {
   const int64_t taps = s.kh * s.kw, count = groups.count;
   std::vector<int32_t> e(s.k() * count);
   for (int64_t ci = 0; ci < s.cg; ++ci)
-    for (int64_t i = 0; i < count; ++i) e[ci * count + i] = ex.values[i * groups.size * s.channels + g * s.cg + ci];
-  for (int64_t t = 1; t < taps; ++t) std::copy_n(e.data(), s.cg * count, e.data() + t * s.cg * count);
+    for (int64_t t = 0; t < taps; ++t)
+      for (int64_t i = 0; i < count; ++i)
+        e[(ci * taps + t) * count + i] = ex.values[i * groups.size * s.channels + g * s.cg + ci];
   return e;
 }
 
@@ -148,8 +149,9 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     gemm_packed(uk, patches, b, kl, one ? uniform.data() : per_group.data(), eb, hx, hy,
                 {ws.result.data(), nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
-    for (int64_t j = 0; j < k; ++j)
-      for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[j * cout_g + o];
+    const int64_t taps = shape.kh * shape.kw;
+    for (int64_t j = 0; j < k; ++j)  // dW's K over (kh, kw, ci), the product's rows over (ci, kh, kw)
+      for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[(j % shape.cg * taps + j / shape.cg) * cout_g + o];
   }
 }
 

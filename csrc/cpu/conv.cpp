@@ -245,7 +245,7 @@ ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, 
   // Rows past K repeat the last: whatever they sum is never stored.
   scratch.rows.resize(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t k = std::min(i0 + r, s_.k() - 1), tap = k / s_.cg, ci = k % s_.cg;
+    const int64_t k = std::min(i0 + r, s_.k() - 1), taps = s_.kh * s_.kw, tap = k % taps, ci = k / taps;
     scratch.rows[r] = x_ + (ci * s_.hp + tap / s_.kw * s_.dh) * s_.wp + tap % s_.kw * s_.dw;
   }
   ABlock block{};

@@ -71,9 +71,11 @@ class PatchColumns : public BSource {
 
 // A = the transposed patch matrix (K, pixels) of dW^T = patches^T dY, read in place from
 // the image in channel-major layout (n, channels, hp, wp), x at the group's first
-// channel: row (kh, kw, ci) at K-pair q holds the tap's inputs for output pixels 2q and
+// channel: row (ci, kh, kw) at K-pair q holds the tap's inputs for output pixels 2q and
 // 2q + 1, neighbours in one row of the image where the stride along w is 1 and the
-// output width even (`fits`). kpairs >= pixels / 2: the K-pairs of the layout, whose
+// output width even (`fits`). Rows run over channels outermost, so that a thread's
+// block of rows reads a share of the planes, each plane for all its taps at once (a
+// 32-channel 16x16 dW 4-6 % faster than over taps outermost). kpairs >= pixels / 2: the K-pairs of the layout, whose
 // last K-block may be padded (they read pixel pair 0, against zeros of dY).
 class TransposedPatches : public ASource {
  public:
