@@ -150,8 +150,10 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
                 {ws.result.data(), nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
     const int64_t taps = shape.kh * shape.kw;
-    for (int64_t j = 0; j < k; ++j)  // dW's K over (kh, kw, ci), the product's rows over (ci, kh, kw)
-      for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = ws.result[(j % shape.cg * taps + j / shape.cg) * cout_g + o];
+    for (int64_t j = 0; j < k; ++j) {  // dW's K over (kh, kw, ci), the product's rows over (ci, kh, kw)
+      const float* row = ws.result.data() + (j % shape.cg * taps + j / shape.cg) * cout_g;
+      for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = row[o];
+    }
   }
 }
 

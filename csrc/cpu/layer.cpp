@@ -109,7 +109,8 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   // each way for a 16-channel 32x32 forward at batch 128). No exponent spans images.
   const int64_t image_size = padded.hp * padded.wp * l.channels, row_blocks = l.channels / grouping.row_block;
   const int64_t samples = std::max<int64_t>(grouping.group_samples, 1);
-  const int64_t chunk = (std::max<int64_t>(kForwardChunkBytes / (2 * image_size), 1) + samples - 1) / samples * samples;
+  const int64_t fit = std::max<int64_t>(kForwardChunkBytes / (2 * image_size), 1);
+  const int64_t chunk = (fit + samples - 1) / samples * samples;  // whole groups of samples
   const int64_t pixels = l.shape().oh() * l.shape().ow();
   // Images [n0, n0 + count) on `threads` threads.
   const auto images = [&](int64_t n0, int64_t count, int threads) {
@@ -134,7 +135,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
                     threads);
     return true;
   };
-  // Each thread its share of the groups of samples (a static split: equal shares), a chunk at a time.
+  // Each thread its equal share of the groups of samples, a chunk at a time.
   const int64_t groups = (l.n + samples - 1) / samples, threads = std::min<int64_t>(nthreads, groups);
   if (threads <= 1 && chunk >= l.n) return images(0, l.n, nthreads);
   std::atomic<bool> finite{true};
