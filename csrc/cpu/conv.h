@@ -75,7 +75,7 @@ class PatchColumns : public BSource {
 // 2q + 1, neighbours in one row of the image where the stride along w is 1 and the
 // output width even (`fits`). Rows run over channels outermost, so that a thread's
 // block of rows reads a share of the planes, each plane for all its taps at once (a
-// 32-channel 16x16 dW 4-6 % faster than over taps outermost). kpairs >= pixels / 2:
+// 32-channel 16x16 dW 3-6 % faster than over taps outermost). kpairs >= pixels / 2:
 // the K-pairs of the layout, whose last K-block may be padded (they read pixel pair 0,
 // against zeros of dY).
 class TransposedPatches : public ASource {
