@@ -438,6 +438,37 @@ def test_the_one_call_forward_a_few_images_at_a_time_gives_the_steps_bits(thread
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("channels", [16, 32])
+def test_the_one_call_backward_with_both_products_at_once_gives_numbas_bits(channels, monkeypatch):
+    """On two threads the compiled one-call backward of a 16- or 32-channel layer runs
+    grad_weight on one thread and grad_input a few images at a time on both (those whose
+    window of dY fits 256 KB: 7 of 16 channels at 34x34, so 7 + 7 + 3 of 17 images): dX
+    and dW are the numba backend's bits, on one thread and on two, and a NaN in the last
+    image's output gradient gives NaN gradients."""
+
+    def grads(backend, threads, grad):
+        monkeypatch.setenv("DFP_BACKEND", backend)
+        torch.set_num_threads(threads)
+        x = _gaussian((17, channels, 32, 32), 0).to(memory_format=torch.channels_last).requires_grad_()
+        w = _gaussian((channels, channels, 3, 3), 1).requires_grad_()
+        DF.conv2d(x, w, padding=1, fmt="dfp16").backward(grad)
+        return x.grad, w.grad
+
+    grad = _gaussian((17, channels, 32, 32), 2, 1e-3)
+    for nonfinite in (False, True):
+        if nonfinite:
+            grad[-1, 3, 10, 10] = float("nan")
+        want = grads("numba", 1, grad)
+        assert want[0].isnan().any() == want[1].isnan().any() == nonfinite
+        with monkeypatch.context() as m:
+            if not nonfinite:  # no fallback to the steps (which NaN takes)
+                m.setattr(dfp.autograd, "_products", lambda *args: pytest.fail("the steps ran"))
+            got = [grads("cpu", threads, grad) for threads in (1, 2)]  # all kept: no buffer reused
+        for result in got:
+            for one, expected in zip(result, want, strict=True):
+                torch.testing.assert_close(one, expected, rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("kind", ["conv2d", "linear"])
 def test_eager_layers_take_the_compiled_one_call_paths(kind, monkeypatch):
     """A stride-1 channels-last layer (and a linear one) in the default format runs its

@@ -13,9 +13,10 @@
 namespace dfp {
 namespace {
 
-// The forward's int16 rows quantized and multiplied at a time: a few images, inside the
-// L2 of every core dfp runs on (512 KB on Zen 3) beside their output.
-constexpr int64_t kForwardChunkBytes = 256 << 10;
+// The int16 rows a product takes at a time (the forward's and grad_input's pieces of a
+// few images), inside the L2 of every core dfp runs on (512 KB on Zen 3) beside their
+// output.
+constexpr int64_t kPieceBytes = 256 << 10;
 
 // The exponent that marks a tensor quantized from NaN/Inf (dfp._conv_layout.NONFINITE).
 constexpr int32_t kNonFiniteExponent = INT32_MAX;
@@ -109,7 +110,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   // each way for a 16-channel 32x32 forward at batch 128). No exponent spans images.
   const int64_t image_size = padded.hp * padded.wp * l.channels, row_blocks = l.channels / grouping.row_block;
   const int64_t samples = std::max<int64_t>(grouping.group_samples, 1);
-  const int64_t fit = std::max<int64_t>(kForwardChunkBytes / (2 * image_size), 1);
+  const int64_t fit = std::max<int64_t>(kPieceBytes / (2 * image_size), 1);
   const int64_t chunk = (fit + samples - 1) / samples * samples;  // whole groups of samples
   const int64_t pixels = l.shape().oh() * l.shape().ow();
   // Images [n0, n0 + count) on `threads` threads.
@@ -155,14 +156,39 @@ Window grad_input_window(const ConvLayer& l) {
   return {l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
 }
 
-// dx from the window of dy (grad_input_window) in int16, with dy's exponents.
-bool grad_input_of_window(const int16_t* window_dy, ImageExponents ey, const float* weight, int64_t block,
-                          const ConvLayer& l, float* dx, int nthreads) {
+// dx from the window of dy (grad_input_window) in int16, with dy's exponents: the
+// flipped weight quantized once (prepare), then the product over any run of whole
+// images, which gives the whole batch's bits (no exponent spans images).
+class GradInput {
+ public:
+  explicit GradInput(const ConvLayer& l) : l_(l), window_(grad_input_window(l)) {}
+  // False where a NaN or Inf reached dy's exponents or the weight.
+  bool prepare(ImageExponents ey, const float* weight, int64_t block);
+  // dx of images [n0, n0 + count) from the window of all of them.
+  void images(const int16_t* window_dy, int64_t n0, int64_t count, float* dx, int nthreads) const;
+  // The images of a piece: those whose window of dY fits kPieceBytes.
+  int64_t images_per_piece() const { return std::max<int64_t>(kPieceBytes / (2 * window_size()), 1); }
+
+ private:
+  int64_t window_size() const { return (window_.r1 - window_.r0) * (window_.c1 - window_.c0) * l_.cout; }
+  const ConvLayer& l_;
+  const Window window_;
+  ImageExponents ey_{};
+  std::vector<int32_t> row_exponents_;  // per window row, where dy has them per image row
+  int64_t exponents_per_image_ = 0;      // of ey_, where each image has its own
+  std::unique_ptr<int16_t[]> w_;
+  std::vector<int32_t> ew_;
+  int64_t k_ = 0, kblock_ = 0;
+};
+
+bool GradInput::prepare(ImageExponents ey, const float* weight, int64_t block) {
+  const ConvLayer& l = l_;
   if (any_nonfinite(ey.values, ey.count)) return false;
   // B of each group: (K, c / groups), K over (tap, output channel) with the taps flipped,
   // so that its per-block exponents come out as (groups, taps * blocks, c / groups).
-  const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw, k = taps * cout_g;
-  std::vector<float> rows(l.groups * k * cg);
+  const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw;
+  k_ = taps * cout_g;
+  std::vector<float> rows(l.groups * k_ * cg);
   for (int64_t g = 0; g < l.groups; ++g)
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t o = 0; o < cout_g; ++o)
@@ -171,33 +197,39 @@ bool grad_input_of_window(const int16_t* window_dy, ImageExponents ey, const flo
               weight_at(weight, l, g * cout_g + o, ci, l.kh - 1 - t / l.kw, l.kw - 1 - t % l.kw);
   const bool blocks = l.weight_per_channel;
   const QuantizeShape shape = blocks ? QuantizeShape{l.groups * taps, cout_g, cg, Grouping::block, block}
-                                     : QuantizeShape{1, l.groups * k * cg, 1, Grouping::tensor, 0};
+                                     : QuantizeShape{1, l.groups * k_ * cg, 1, Grouping::tensor, 0};
   // K-blocks: the weight's; or dy's channel blocks, each in one tap, a kernel row of taps
   // where a group's channels are one block (its taps read one row of dy); or all of K.
   const int64_t row_kblock = ey.channel_block == cout_g ? l.kw * cout_g : ey.channel_block;
-  const int64_t kblock = blocks ? block : ey.channel_block ? row_kblock : std::max<int64_t>(k, 1);
-  std::unique_ptr<int16_t[]> w(new int16_t[rows.size()]);
-  std::vector<int32_t> ew(l.groups * ((k + kblock - 1) / kblock) * cg);
-  if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
-  if (!blocks) std::fill(ew.begin(), ew.end(), ew[0]);
-  const int64_t oh = l.shape().oh();
-  const Window window = grad_input_window(l);
-  const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
-  // exponents per row: the window's rows, those past dy's edges a group of zeros'
-  std::vector<int32_t> row_exponents;
-  if (ey.channel_block) {
-    const int64_t blocks_per_row = l.cout / ey.channel_block;
-    row_exponents.assign(l.n * rows_w * blocks_per_row, group_exponent(0, l.headroom));
+  kblock_ = blocks ? block : ey.channel_block ? row_kblock : std::max<int64_t>(k_, 1);
+  w_.reset(new int16_t[rows.size()]);
+  ew_.resize(l.groups * ((k_ + kblock_ - 1) / kblock_) * cg);
+  if (!quantize_gathered(rows, shape, l.headroom, w_.get(), ew_.data())) return false;
+  if (!blocks) std::fill(ew_.begin(), ew_.end(), ew_[0]);
+  ey_ = ey;
+  exponents_per_image_ = ey.count > 1 ? 1 : 0;
+  if (ey.channel_block) {  // exponents per row: the window's, those past dy's edges a group of zeros'
+    const int64_t oh = l.shape().oh(), rows_w = window_.r1 - window_.r0, blocks_per_row = l.cout / ey.channel_block;
+    row_exponents_.assign(l.n * rows_w * blocks_per_row, group_exponent(0, l.headroom));
     for (int64_t n = 0; n < l.n; ++n)
-      for (int64_t r = std::max<int64_t>(window.r0, 0); r < std::min(window.r1, oh); ++r)
+      for (int64_t r = std::max<int64_t>(window_.r0, 0); r < std::min(window_.r1, oh); ++r)
         std::copy_n(ey.values + (n * oh + r) * blocks_per_row, blocks_per_row,
-                    row_exponents.data() + (n * rows_w + r - window.r0) * blocks_per_row);
-    ey.values = row_exponents.data(), ey.count = int64_t(row_exponents.size());
+                    row_exponents_.data() + (n * rows_w + r - window_.r0) * blocks_per_row);
+    ey_.values = row_exponents_.data(), ey_.count = int64_t(row_exponents_.size());
+    exponents_per_image_ = rows_w * blocks_per_row;
   }
-  const ConvGeometry flipped{l.n, rows_w, cols_w, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
-  conv_gemm_int16(window_dy, flipped, ey, l.headroom, w.get(), k * cg, cg, 1, cg, ew.data(), kblock, l.headroom,
-                  nullptr, dx, nthreads);
   return true;
+}
+
+void GradInput::images(const int16_t* window_dy, int64_t n0, int64_t count, float* dx, int nthreads) const {
+  const ConvLayer& l = l_;
+  const int64_t cg = l.c / l.groups;
+  ImageExponents ey = ey_;
+  if (exponents_per_image_) ey.values += n0 * exponents_per_image_, ey.count = count * exponents_per_image_;
+  const ConvGeometry flipped{
+      count, window_.r1 - window_.r0, window_.c1 - window_.c0, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
+  conv_gemm_int16(window_dy + n0 * window_size(), flipped, ey, l.headroom, w_.get(), k_ * cg, cg, 1, cg, ew_.data(),
+                  kblock_, l.headroom, nullptr, dx + n0 * l.h * l.w * l.c, nthreads);
 }
 
 // Where grad_input's window only pads dy (the usual padding, at most the kernel's reach),
@@ -209,17 +241,25 @@ BorderedRows padded_rows_of(const ConvLayer& l) {
   return {oh, ow, -window.r0, -window.c0, window.r1 - window.r0, window.c1 - window.c0};
 }
 
+// grad_input's window of dy: dy itself where that is the window, else a zero-padded copy.
+const int16_t* window_of(const int16_t* dy, const ConvLayer& l, int nthreads) {
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
+  const Window window = grad_input_window(l);
+  const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
+  if (window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow) return dy;
+  int16_t* padded = at_least(backward_buffers().dy_window, l.n * rows_w * cols_w * l.cout);
+  copy_window(dy, l.n, oh, ow, l.cout, window, padded, nthreads);
+  return padded;
+}
+
 }  // namespace
 
 bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
                      const ConvLayer& l, float* dx, int nthreads) {
-  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
-  const Window window = grad_input_window(l);
-  const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
-  const bool whole = window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow;
-  int16_t* padded = whole ? nullptr : at_least(backward_buffers().dy_window, l.n * rows_w * cols_w * l.cout);
-  if (!whole) copy_window(dy, l.n, oh, ow, l.cout, window, padded, nthreads);
-  return grad_input_of_window(whole ? dy : padded, ey, weight, block, l, dx, nthreads);
+  GradInput product(l);
+  if (!product.prepare(ey, weight, block)) return false;
+  product.images(window_of(dy, l, nthreads), 0, l.n, dx, nthreads);
+  return true;
 }
 
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
@@ -277,12 +317,34 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
                                  rows ? r.row_block : 0,    bordered,          panels};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
-  if (dx && !(bordered.given() ? grad_input_of_window(q_groups, ey, weight, r.weight_block, l, dx, nthreads)
-                               : conv_grad_input(q_groups, ey, weight, r.weight_block, l, dx, nthreads)))
-    return false;
-  if (!dw) return true;
-  return conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
-                          weight_layer, dw, panel_width, nthreads);
+  GradInput grad_input(l);
+  if (dx && !grad_input.prepare(ey, weight, r.weight_block)) return false;
+  const int16_t* window = !dx ? nullptr : bordered.given() ? q_groups : window_of(q_groups, l, nthreads);
+  const auto weight_gradient = [&](int threads) {
+    return !dw || conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
+                                   weight_layer, dw, panel_width, threads);
+  };
+  // Both products at once where grad_weight reads the image as channel planes (16 and 32
+  // channels): grad_weight on one thread, grad_input a few images at a time on the
+  // others, and on that one when it is done. Split over threads, every thread of
+  // grad_weight read all of dY, and each product waited for its slowest thread. (At 64
+  // channels grad_weight alone takes 1.4x grad_input's time: the pair would wait on it.)
+  const bool together = dx && dw && nthreads > 1 && grad_weight_reads_channel_major(weight_layer.padded(), l.cout);
+  if (!together) {
+    if (dx) grad_input.images(window, 0, l.n, dx, nthreads);
+    return weight_gradient(nthreads);
+  }
+  const int64_t chunk = grad_input.images_per_piece(), pieces = (l.n + chunk - 1) / chunk;
+  std::atomic<bool> finite{true};
+  parallel_for(1 + pieces, nthreads, [&](int64_t task) {
+    if (task == 0) {
+      if (!weight_gradient(1)) finite.store(false, std::memory_order_relaxed);
+      return;
+    }
+    const int64_t n0 = (task - 1) * chunk;
+    grad_input.images(window, n0, std::min(chunk, l.n - n0), dx, 1);
+  });
+  return finite;
 }
 
 }  // namespace dfp

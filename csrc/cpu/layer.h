@@ -70,8 +70,9 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 // `dy_block` pixels and channel for grad_weight; per tensor, per sample, or per image
 // row and block of `row_block` channels for grad_input; each rounded its own way from
 // `seed`), then dx as conv_grad_input (stride 1; dx null: not asked) and dw as
-// conv_grad_weight, at the layer's weight strides (dw null: not asked). The bits of the
-// three calls. False, with nothing written, where dy, the weight or x held NaN or Inf.
+// conv_grad_weight, at the layer's weight strides (dw null: not asked); on more than one
+// thread, where grad_weight reads channel planes, both at once. The bits of the three
+// calls. False, with nothing written, where dy, the weight or x held NaN or Inf.
 enum class InputGroups { tensor, sample, row };  // dfp.formats.GRAD_INPUT_EXPONENTS
 struct GradientRounding {
   int64_t dy_block;           // > 0 where dw is asked
