@@ -235,7 +235,7 @@ PYBIND11_MODULE(_C, m) {
         return dfp::conv_grad_input(ptr<const int16_t>(dy), {ptr<const int32_t>(ey), ey_count, ey_channel_block},
                                     ptr<const float>(weight), block, layer, ptr<float>(dx), nthreads);
       },
-      "a stride-1 layer's dx from int16 dy and the float32 weight, quantized here for the reduction over output "
+      "a layer's dx from int16 dy and the float32 weight, quantized here for the reduction over output "
       "channels; False on NaN/Inf");
 
   m.def(

@@ -122,10 +122,10 @@ def _input_rows_fill_chains(kw: int, cg: int, headroom: int) -> bool:
     return kw * cg >= chain_length(headroom, headroom)
 
 
-def _grad_input_in_one_call(stride, cout_g: int, block: int) -> bool:
-    """Whether the backend's one-call grad_input takes a layer: one phase (stride 1), and
-    weight blocks (``block`` > 0) that need no zero output channels to fill the last."""
-    return tuple(stride) == (1, 1) and (block == 0 or cout_g % block == 0)
+def _grad_input_in_one_call(cout_g: int, block: int) -> bool:
+    """Whether the backend's one-call grad_input takes a layer: weight blocks (``block``
+    > 0) that need no zero output channels to fill the last."""
+    return block == 0 or cout_g % block == 0
 
 
 def conv2d_impl(
@@ -394,7 +394,7 @@ def conv2d_grad_input_impl(
     _check_row_exponents(grad_exponent, n, oh, cout, groups, headroom)
     if (
         layer is not None
-        and _grad_input_in_one_call(stride, cout // groups, block)
+        and _grad_input_in_one_call(cout // groups, block)
         and weight.dtype == torch.float32
         and _fits_one_call(input_shape, weight.shape, groups, oh, ow)
         and grad_q.dtype == torch.int16
@@ -403,8 +403,8 @@ def conv2d_grad_input_impl(
         and grad_exponent.dtype == torch.int32
         and (grad_exponent.numel() in (1, n) or rows)
     ):
-        grad = layer(grad_q, grad_exponent, weight, input_shape, padding, dilation, groups, headroom, weight_channel,
-                     block)  # fmt: skip
+        grad = layer(grad_q, grad_exponent, weight, input_shape, stride, padding, dilation, groups, headroom,
+                     weight_channel, block)  # fmt: skip
         if grad is not None:  # else NaN/Inf: the steps below
             return _to_nchw(grad, channels_last)
     wq = _grad_input_weights(weight, groups, headroom, weight_channel, rows)
@@ -744,7 +744,7 @@ def _eager_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strid
     """``EagerConv2d``'s plan for tensors of these shapes, strides and dtypes; config:
     ``dfp::conv2d``'s arguments from stride on (pairs as tuples); needs: whether x and the
     weight need gradients. The backward in one call: every asked gradient in DFP16,
-    stride 1, grad_weight's dY in pixel blocks, dW's strides the weight's."""
+    grad_weight's dY in pixel blocks, dW's strides the weight's."""
     stride, padding, dilation, groups, headroom, weight_channel, forward_dfp, input_dfp, weight_dfp = config[:9]
     rounding, weight_rounding, dy_block, input_groups, input_rows, _channels_last = config[9:15]
     need_weight_grad = config[15] if len(config) > 15 else True
@@ -761,16 +761,15 @@ def _eager_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_strid
     backward = None
     if (
         planner is not None
-        and stride == (1, 1)
         and (need_input or need_weight)
-        and (not need_input or (input_dfp and _grad_input_in_one_call(stride, cout // groups, weight_block)))
+        and (not need_input or (input_dfp and _grad_input_in_one_call(cout // groups, weight_block)))
         and (not need_weight or (weight_dfp and dy_block > 0))
         and weight_dtype == torch.float32
         and _fits_one_call(x_shape, weight_shape, groups, oh, ow)
     ):
         channels = _input_layout(c, groups, kw, headroom, input_rows, dy_block, oh * ow)[0] if need_weight else c
         weight_last = layout.is_channels_last(torch.empty_strided(weight_shape, weight_strides, device="meta"))
-        backward = planner(x_shape, weight_shape, weight_strides, (padding, dilation, groups), channels, headroom,
+        backward = planner(x_shape, weight_shape, weight_strides, (stride, padding, dilation, groups), channels, headroom,
                            weight_channel, (weight_block, dy_block, row_block),
                            (input_groups, weight_rounding, rounding), needs, weight_last)  # fmt: skip
     return _EagerPlan(forward or None, backward, (n, cout, oh, ow))

@@ -5,6 +5,7 @@ stochastic rounding seeded from torch's generator, and GradScaler skipping on in
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -469,23 +470,24 @@ def test_the_one_call_backward_with_both_products_at_once_gives_numbas_bits(chan
                 torch.testing.assert_close(one, expected, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("kind", ["conv2d", "linear"])
+@pytest.mark.parametrize("kind", ["conv2d", "conv2d-stride2", "linear"])
 def test_eager_layers_take_the_compiled_one_call_paths(kind, monkeypatch):
-    """A stride-1 channels-last layer (and a linear one) in the default format runs its
-    forward and its whole backward in one call each of the compiled backend, planned once
-    per shape; the steps (``conv2d_impl``, ``_products``) are not reached. A plan that
-    silently fell back would keep every bit and lose the speed."""
+    """A channels-last layer of stride 1 or 2 (and a linear one) in the default format
+    runs its forward and its whole backward in one call each of the compiled backend,
+    planned once per shape; the steps (``conv2d_impl``, ``_products``) are not reached. A
+    plan that silently fell back would keep every bit and lose the speed."""
     monkeypatch.setenv("DFP_BACKEND", "cpu")
-    if kind == "conv2d":
+    if kind == "linear":
+        x, w = _gaussian((8, 64), 0).requires_grad_(), _gaussian((10, 64), 1).requires_grad_()
+        layer = DF.linear
+    else:
         x = _gaussian((2, 16, 6, 6), 0).to(memory_format=torch.channels_last).requires_grad_()
         w = _gaussian((32, 16, 3, 3), 1).to(memory_format=torch.channels_last).requires_grad_()
-        y = DF.conv2d(x, w, padding=1)
-    else:
-        x, w = _gaussian((8, 64), 0).requires_grad_(), _gaussian((10, 64), 1).requires_grad_()
-        y = DF.linear(x, w)
+        layer = functools.partial(DF.conv2d, padding=1, stride=2 if kind == "conv2d-stride2" else 1)
+    y = layer(x, w)
     grad = _gaussian(y.shape, 2)
     for step in ("conv2d_impl", "_products"):
         monkeypatch.setattr(dfp.autograd, step, lambda *args, name=step: pytest.fail(f"{name} ran"))
-    again = DF.conv2d(x, w, padding=1) if kind == "conv2d" else DF.linear(x, w)
+    again = layer(x, w)
     again.backward(grad)
     assert torch.equal(again, y) and x.grad is not None and w.grad is not None

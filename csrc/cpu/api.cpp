@@ -232,7 +232,7 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
 
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
-                     const float* bias, float* y, int nthreads) {
+                     const float* bias, float* y, int nthreads, const OutputGrid& grid) {
   const MicroKernel& uk = micro_kernel(active_isa(), nout);
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
@@ -259,7 +259,7 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
     const PatchRows patches(image, shape, kl);
     if (pointwise) pack_a_int16(image, geometry.channels, 1, shape.pixels(), kl, uk.mr, ws.a, nthreads);
     pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
-    const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout};
+    const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout, grid};
     const ASource& a = pointwise ? static_cast<const ASource&>(ws.a) : patches;
     gemm_packed(uk, a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
   }

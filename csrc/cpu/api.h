@@ -39,14 +39,22 @@ struct ImageExponents {
   int64_t channel_block = 0;
 };
 
+// Where a product's output pixels lie: one after the other (line 0); or as a grid of
+// `lines` lines of `line` pixels per image, pixel_stride, line_stride and image_stride
+// elements apart (a phase of a strided convolution's grad_input: every s-th pixel of
+// every s-th row of dx).
+struct OutputGrid {
+  int64_t line = 0, lines = 0, pixel_stride = 0, line_stride = 0, image_stride = 0;
+};
+
 // y (pixels, groups * nout) = per group g: patches_g (pixels, K) x w_g (K, nout), K over
 // (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex the image's
 // exponents (per image row and channel block, which divides channels / groups: K-blocks
 // of kblock = ex.channel_block, or where that is a group's channels, kw times that);
-// ew (groups, KB, nout) contiguous; bias (groups * nout) or null.
+// ew (groups, KB, nout) contiguous; bias (groups * nout) or null; y's pixels on `grid`.
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
-                     const float* bias, float* y, int nthreads);
+                     const float* bias, float* y, int nthreads, const OutputGrid& grid = {});
 
 // The exponents of grad_weight's image: one, or (per_sample) one per sample and
 // channel, (n, channels) row-major. The samples of a K-block of grad_weight share theirs,

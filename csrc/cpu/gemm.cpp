@@ -174,7 +174,7 @@ class Epilogue {
   void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
     for (int64_t i = 0; i < rows; ++i) {
       const float* src = acc + i * ldacc;
-      float* dst = out_.c + (i0 + i) * out_.ldc + j0;
+      float* dst = out_.row(i0 + i) + j0;
       if (in_fp32_) {
         const float rs = row_scale(i0 + i);
         const float* cs = col_scale_.data() + j0;
@@ -332,9 +332,14 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
+          float* out_rows[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            args.out = out.c + i * out.ldc + j;
+            args.out = out.row(i) + j;
             args.ldc = out.ldc;
+            if (out.grid.line) {
+              for (int r = 0; r < uk.mr; ++r) out_rows[r] = out.row(i + r) + j;
+              args.out_rows = out_rows;
+            }
             args.out_row_scale = row_references ? out_row_scales.data() + ip * uk.mr : uniform_row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);

@@ -11,6 +11,7 @@
 #include <cstring>
 #include <vector>
 
+#include "api.h"
 #include "isa.h"
 #include "quantize.h"
 
@@ -51,8 +52,9 @@ struct MicroKernelArgs {
   bool accumulate;  // add to acc (a later K slice) or overwrite it (the first)
   // Where given (the last K slice of a whole tile), the tile goes to C instead of acc, as
   // the epilogue would write it: acc * (out_row_scale[r] * out_col_scale[c]) + bias[c].
-  float* out = nullptr;  // row r at out + r * ldc
+  float* out = nullptr;  // row r at out + r * ldc, or at out_rows[r] where given
   int64_t ldc = 0;
+  float* const* out_rows = nullptr;
   const float* out_row_scale = nullptr;  // [mr]
   const float* out_col_scale = nullptr;  // [nr]
   const float* bias = nullptr;           // [nr], or null for none
@@ -195,9 +197,16 @@ void pack_b_float(const float* y, int64_t n, const KLayout& kl, const int32_t* e
                   int nr, Packed& out, int nthreads);
 
 struct GemmOutput {
-  float* c;           // (M, N), rows ldc apart
+  float* c;           // (M, N), rows ldc apart, or on `grid`
   const float* bias;  // (N,) or null
   int64_t ldc;
+  OutputGrid grid = {};
+  float* row(int64_t i) const {
+    if (!grid.line) return c + i * ldc;
+    const int64_t line = i / grid.line;
+    return c + line / grid.lines * grid.image_stride + line % grid.lines * grid.line_stride +
+           i % grid.line * grid.pixel_stride;
+  }
 };
 
 // mc, nc: cache blocks in rows of A and columns of B (zero: the micro-kernel's own;

@@ -2,40 +2,17 @@
 
 #include <algorithm>
 #include <atomic>
-#include <climits>
 #include <memory>
 #include <vector>
 
+#include "grad_input.h"
+#include "layer_parts.h"
 #include "quantize.h"
 #include "scratch.h"
 #include "threads.h"
 
 namespace dfp {
 namespace {
-
-// The int16 rows a product takes at a time (the forward's and grad_input's pieces of a
-// few images), inside the L2 of every core dfp runs on (512 KB on Zen 3) beside their
-// output.
-constexpr int64_t kPieceBytes = 256 << 10;
-
-// The exponent that marks a tensor quantized from NaN/Inf (dfp._conv_layout.NONFINITE).
-constexpr int32_t kNonFiniteExponent = INT32_MAX;
-
-// weight[o][ci][i][j] of the layer's (cout, c / groups, kh, kw) float32 weight.
-float weight_at(const float* weight, const ConvLayer& l, int64_t o, int64_t ci, int64_t i, int64_t j) {
-  const int64_t* s = l.weight_strides;
-  return weight[o * s[0] + ci * s[1] + i * s[2] + j * s[3]];
-}
-
-// Quantizes a gathered copy of the weight (rows laid out as the product reads them);
-// the bits do not depend on the order: each element rounds alone against its group's
-// exponent. Weights are small: one thread.
-bool quantize_gathered(const std::vector<float>& gathered, const QuantizeShape& shape, int headroom,
-                       int16_t* mantissa, int32_t* exponent) {
-  if (!compute_exponents(gathered.data(), shape, headroom, exponent, 1)) return false;
-  quantize_with_exponents(gathered.data(), shape, headroom, exponent, Rounding::nearest, 0, mantissa, 1);
-  return true;
-}
 
 // The backward's int16 copies of dY, kept by the calling thread from call to call, as
 // the forward keeps its image: fresh ones of megabytes were paged in (and zeroed by the
@@ -55,15 +32,6 @@ ConvLayer grad_weight_layer(const ConvLayer& l) {
 BackwardBuffers& backward_buffers() {
   thread_local BackwardBuffers b;
   return b;
-}
-
-// Whether any of `count` exponents marks NaN/Inf. A loop without an early exit and an
-// int accumulator, which the compiler vectorizes (std::find's and a bool's stayed scalar:
-// a third of a linear layer's C++ backward, which checks its 32 k input exponents twice).
-bool any_nonfinite(const int32_t* e, int64_t count) {
-  int32_t marked = 0;
-  for (int64_t i = 0; i < count; ++i) marked |= int32_t(e[i] == kNonFiniteExponent);
-  return marked != 0;
 }
 
 // Whether grad_weight's image came from finite values.
@@ -150,106 +118,14 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
 
 namespace {
 
-// grad_input's zero-padded dy (the stride-1 phase of dfp._grad_input): dy's rows and
-// columns from r0 and c0 on, padded by the kernel's reach past the layer's padding.
-Window grad_input_window(const ConvLayer& l) {
-  return {l.ph - l.dh * (l.kh - 1), l.ph + l.h, l.pw - l.dw * (l.kw - 1), l.pw + l.w, l.cout};
-}
-
-// dx from the window of dy (grad_input_window) in int16, with dy's exponents: the
-// flipped weight quantized once (prepare), then the product over any run of whole
-// images, which gives the whole batch's bits (no exponent spans images).
-class GradInput {
- public:
-  explicit GradInput(const ConvLayer& l) : l_(l), window_(grad_input_window(l)) {}
-  // False where a NaN or Inf reached dy's exponents or the weight.
-  bool prepare(ImageExponents ey, const float* weight, int64_t block);
-  // dx of images [n0, n0 + count) from the window of all of them.
-  void images(const int16_t* window_dy, int64_t n0, int64_t count, float* dx, int nthreads) const;
-  // The images of a piece: those whose window of dY fits kPieceBytes.
-  int64_t images_per_piece() const { return std::max<int64_t>(kPieceBytes / (2 * window_size()), 1); }
-
- private:
-  int64_t window_size() const { return (window_.r1 - window_.r0) * (window_.c1 - window_.c0) * l_.cout; }
-  const ConvLayer& l_;
-  const Window window_;
-  ImageExponents ey_{};
-  std::vector<int32_t> row_exponents_;  // per window row, where dy has them per image row
-  int64_t exponents_per_image_ = 0;      // of ey_, where each image has its own
-  std::unique_ptr<int16_t[]> w_;
-  std::vector<int32_t> ew_;
-  int64_t k_ = 0, kblock_ = 0;
-};
-
-bool GradInput::prepare(ImageExponents ey, const float* weight, int64_t block) {
-  const ConvLayer& l = l_;
-  if (any_nonfinite(ey.values, ey.count)) return false;
-  // B of each group: (K, c / groups), K over (tap, output channel) with the taps flipped,
-  // so that its per-block exponents come out as (groups, taps * blocks, c / groups).
-  const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw;
-  k_ = taps * cout_g;
-  std::vector<float> rows(l.groups * k_ * cg);
-  for (int64_t g = 0; g < l.groups; ++g)
-    for (int64_t t = 0; t < taps; ++t)
-      for (int64_t o = 0; o < cout_g; ++o)
-        for (int64_t ci = 0; ci < cg; ++ci)
-          rows[((g * taps + t) * cout_g + o) * cg + ci] =
-              weight_at(weight, l, g * cout_g + o, ci, l.kh - 1 - t / l.kw, l.kw - 1 - t % l.kw);
-  const bool blocks = l.weight_per_channel;
-  const QuantizeShape shape = blocks ? QuantizeShape{l.groups * taps, cout_g, cg, Grouping::block, block}
-                                     : QuantizeShape{1, l.groups * k_ * cg, 1, Grouping::tensor, 0};
-  // K-blocks: the weight's; or dy's channel blocks, each in one tap, a kernel row of taps
-  // where a group's channels are one block (its taps read one row of dy); or all of K.
-  const int64_t row_kblock = ey.channel_block == cout_g ? l.kw * cout_g : ey.channel_block;
-  kblock_ = blocks ? block : ey.channel_block ? row_kblock : std::max<int64_t>(k_, 1);
-  w_.reset(new int16_t[rows.size()]);
-  ew_.resize(l.groups * ((k_ + kblock_ - 1) / kblock_) * cg);
-  if (!quantize_gathered(rows, shape, l.headroom, w_.get(), ew_.data())) return false;
-  if (!blocks) std::fill(ew_.begin(), ew_.end(), ew_[0]);
-  ey_ = ey;
-  exponents_per_image_ = ey.count > 1 ? 1 : 0;
-  if (ey.channel_block) {  // exponents per row: the window's, those past dy's edges a group of zeros'
-    const int64_t oh = l.shape().oh(), rows_w = window_.r1 - window_.r0, blocks_per_row = l.cout / ey.channel_block;
-    row_exponents_.assign(l.n * rows_w * blocks_per_row, group_exponent(0, l.headroom));
-    for (int64_t n = 0; n < l.n; ++n)
-      for (int64_t r = std::max<int64_t>(window_.r0, 0); r < std::min(window_.r1, oh); ++r)
-        std::copy_n(ey.values + (n * oh + r) * blocks_per_row, blocks_per_row,
-                    row_exponents_.data() + (n * rows_w + r - window_.r0) * blocks_per_row);
-    ey_.values = row_exponents_.data(), ey_.count = int64_t(row_exponents_.size());
-    exponents_per_image_ = rows_w * blocks_per_row;
-  }
-  return true;
-}
-
-void GradInput::images(const int16_t* window_dy, int64_t n0, int64_t count, float* dx, int nthreads) const {
-  const ConvLayer& l = l_;
-  const int64_t cg = l.c / l.groups;
-  ImageExponents ey = ey_;
-  if (exponents_per_image_) ey.values += n0 * exponents_per_image_, ey.count = count * exponents_per_image_;
-  const ConvGeometry flipped{
-      count, window_.r1 - window_.r0, window_.c1 - window_.c0, l.cout, l.groups, l.kh, l.kw, 1, 1, l.dh, l.dw};
-  conv_gemm_int16(window_dy + n0 * window_size(), flipped, ey, l.headroom, w_.get(), k_ * cg, cg, 1, cg, ew_.data(),
-                  kblock_, l.headroom, nullptr, dx + n0 * l.h * l.w * l.c, nthreads);
-}
-
 // Where grad_input's window only pads dy (the usual padding, at most the kernel's reach),
 // dy's rows can be quantized straight into it: their places in the window.
 BorderedRows padded_rows_of(const ConvLayer& l) {
-  const Window window = grad_input_window(l);
+  if (l.sh != 1 || l.sw != 1) return {};  // a window per phase
+  const Window window = stride_one_window(l);
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   if (window.r0 > 0 || window.c0 > 0 || window.r1 < oh || window.c1 < ow) return {};
   return {oh, ow, -window.r0, -window.c0, window.r1 - window.r0, window.c1 - window.c0};
-}
-
-// grad_input's window of dy: dy itself where that is the window, else a zero-padded copy.
-const int16_t* window_of(const int16_t* dy, const ConvLayer& l, int nthreads) {
-  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
-  const Window window = grad_input_window(l);
-  const int64_t rows_w = window.r1 - window.r0, cols_w = window.c1 - window.c0;
-  if (window.r0 == 0 && window.c0 == 0 && rows_w == oh && cols_w == ow) return dy;
-  int16_t* padded = at_least(backward_buffers().dy_window, l.n * rows_w * cols_w * l.cout);
-  copy_window(dy, l.n, oh, ow, l.cout, window, padded, nthreads);
-  return padded;
 }
 
 }  // namespace
@@ -258,7 +134,7 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
                      const ConvLayer& l, float* dx, int nthreads) {
   GradInput product(l);
   if (!product.prepare(ey, weight, block)) return false;
-  product.images(window_of(dy, l, nthreads), 0, l.n, dx, nthreads);
+  product.run(dy, dx, nthreads);
   return true;
 }
 
@@ -307,7 +183,7 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   int16_t* q_groups = nullptr;
   if (bordered.given()) {
     q_groups = at_least(buffers.dy_window, l.n * bordered.out_height * bordered.out_width * l.cout);
-    zero_window_border(l.n, oh, ow, grad_input_window(l), q_groups, nthreads);
+    zero_window_border(l.n, oh, ow, stride_one_window(l), q_groups, nthreads);
   } else if (dx) {
     q_groups = at_least(buffers.dy_groups, size);
   }
@@ -319,7 +195,6 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
   GradInput grad_input(l);
   if (dx && !grad_input.prepare(ey, weight, r.weight_block)) return false;
-  const int16_t* window = !dx ? nullptr : bordered.given() ? q_groups : window_of(q_groups, l, nthreads);
   const auto weight_gradient = [&](int threads) {
     return !dw || conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
                                    weight_layer, dw, panel_width, threads);
@@ -329,9 +204,13 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   // others, and on that one when it is done. Split over threads, every thread of
   // grad_weight read all of dY, and each product waited for its slowest thread. (At 64
   // channels grad_weight alone takes 1.4x grad_input's time: the pair would wait on it.)
-  const bool together = dx && dw && nthreads > 1 && grad_weight_reads_channel_major(weight_layer.padded(), l.cout);
+  const bool together =
+      bordered.given() && dw && nthreads > 1 && grad_weight_reads_channel_major(weight_layer.padded(), l.cout);
   if (!together) {
-    if (dx) grad_input.images(window, 0, l.n, dx, nthreads);
+    if (dx && bordered.given())
+      grad_input.images(q_groups, 0, l.n, dx, nthreads);
+    else if (dx)
+      grad_input.run(q_groups, dx, nthreads);
     return weight_gradient(nthreads);
   }
   const int64_t chunk = grad_input.images_per_piece(), pieces = (l.n + chunk - 1) / chunk;
@@ -342,7 +221,7 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
       return;
     }
     const int64_t n0 = (task - 1) * chunk;
-    grad_input.images(window, n0, std::min(chunk, l.n - n0), dx, 1);
+    grad_input.images(q_groups, n0, std::min(chunk, l.n - n0), dx, 1);
   });
   return finite;
 }

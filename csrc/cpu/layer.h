@@ -43,10 +43,11 @@ struct InputGrouping {
 bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& layer,
                   InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, int nthreads);
 
-// dx (n, h, w, c) of a convolution of stride 1 from dy (n, oh, ow, cout) int16 with its
-// exponents ey (one, one per image, or one per image row and block of channels, see
-// ImageExponents): a stride-1 convolution of dy, zero-padded, with the flipped kernel
-// whose channel axes are swapped. The weight is quantized for that reduction over output
+// dx (n, h, w, c) of a convolution from dy (n, oh, ow, cout) int16 with its exponents
+// ey (one, one per image, or one per image row and block of channels, see
+// ImageExponents): per phase of dx (every stride-th pixel from one on: all of dx at
+// stride 1) a stride-1 convolution of dy, zero-padded, with the taps of the flipped
+// kernel that reach it, whose channel axes are swapped (grad_input.h). The weight is quantized for that reduction over output
 // channels: per tensor as in the forward, or (weight_per_channel) per block of `block`
 // output channels and (kh, kw, ci); block divides cout / groups and is dy's channel
 // block where it has one. False, with dx unwritten, where a NaN or Inf reached dy's
@@ -69,7 +70,7 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 // dy quantized for both products in one pass pair (quantize_gradient: per block of
 // `dy_block` pixels and channel for grad_weight; per tensor, per sample, or per image
 // row and block of `row_block` channels for grad_input; each rounded its own way from
-// `seed`), then dx as conv_grad_input (stride 1; dx null: not asked) and dw as
+// `seed`), then dx as conv_grad_input (dx null: not asked) and dw as
 // conv_grad_weight, at the layer's weight strides (dw null: not asked); on more than one
 // thread, where grad_weight reads channel planes, both at once. The bits of the three
 // calls. False, with nothing written, where dy, the weight or x held NaN or Inf.

@@ -109,11 +109,12 @@ struct TileKernel {
       DFP_UNROLL
       for (int r = 0; r < MR; ++r) {
         const typename V::F rs = V::setf(p.out_row_scale[r]);
+        float* out = p.out_rows ? p.out_rows[r] : p.out + r * p.ldc;
         DFP_UNROLL
         for (int v = 0; v < NV; ++v) {
           typename V::F y = V::mulf(f[r][v], V::mulf(rs, cs[v]));
           if (p.bias) y = V::addf(y, V::loadf(p.bias + v * V::lanes));
-          V::storef(p.out + r * p.ldc + v * V::lanes, y);
+          V::storef(out + v * V::lanes, y);
         }
       }
       return;

@@ -325,8 +325,8 @@ def forward_plan(
     return LayerForward(layer, input_groups, (n, oh, ow, cout), kept, (n, channels) if row_block else (), planes)
 
 
-def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, headroom, weight_channel, block):
-    """dx (N, H, W, C) of a stride-1 layer in one call (csrc/cpu/layer.cpp): int16 dy
+def conv2d_grad_input(dy, ey, weight, input_shape, stride, padding, dilation, groups, headroom, weight_channel, block):
+    """dx (N, H, W, C) of a layer in one call (csrc/cpu/grad_input.cpp): int16 dy
     (N, OH, OW, Cout) contiguous with exponents ey, 0-d, (N,) or per image row and
     channel block (N, OH, B); the float32 weight, quantized here per tensor or
     (``weight_channel``) per ``block`` output channels, as ``dfp.autograd`` does. None
@@ -334,7 +334,7 @@ def conv2d_grad_input(dy, ey, weight, input_shape, padding, dilation, groups, he
     n, c, h, w = input_shape
     cout, _, kh, kw = weight.shape
     dx = _buffers.empty((n, h, w, c), torch.float32)
-    sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, c)
+    sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, c)
     ey = ey.contiguous()
     channel_block = cout // ey.shape[2] if ey.dim() == 3 else 0
     ok = _core().conv_grad_input(
@@ -362,7 +362,7 @@ def conv2d_grad_weight(dy, ey, x_padded, ex, weight_shape, stride, dilation, gro
 
 
 class LayerBackward(NamedTuple):
-    """A stride-1 layer's backward in one call (csrc/cpu/layer.cpp) for one shape, its
+    """A layer's backward in one call (csrc/cpu/layer.cpp) for one shape, its
     arguments made once (``backward_plan``): float32 dy (N, Cout, OH, OW) quantized for
     both products, then dx (N, H, W, C) and dW in the weight's layout, as the three
     calls make them. blocks: (grad_input's weight block or 0, grad_weight's dy block,
@@ -410,16 +410,16 @@ def backward_plan(
     need,
     weight_last,
 ) -> LayerBackward | None:
-    """``LayerBackward`` for a layer of these shapes (tuples); geometry: (padding,
+    """``LayerBackward`` for a layer of these shapes (tuples); geometry: (stride, padding,
     dilation, groups); channels: x_padded's (C' where dW is asked); need: (dx, dW), dW
     channels-last where ``weight_last``. None where dW's strides would not be the weight's."""
-    (padding, dilation, groups), (need_input, need_weight) = geometry, need
+    (stride, padding, dilation, groups), (need_input, need_weight) = geometry, need
     n, c, h, w = input_shape
     cout, _, kh, kw = weight_shape
     memory_format = torch.channels_last if weight_last else torch.contiguous_format
     if need_weight and torch.empty(weight_shape, device="meta", memory_format=memory_format).stride() != weight_strides:
         return None
-    sizes = (n, h, w, c, cout, groups, kh, kw, 1, 1, *padding, *dilation, channels)
+    sizes = (n, h, w, c, cout, groups, kh, kw, *stride, *padding, *dilation, channels)
     layer = _layer(sizes, weight_strides, headroom, weight_channel)
     dx_shape = (n, h, w, c) if need_input else None
     return LayerBackward(layer, blocks, rounding, dx_shape, (weight_shape, memory_format) if need_weight else None)
