@@ -396,12 +396,12 @@ def test_double_backward_is_a_clear_error(weight_grad):
 
 
 def test_narrow_stride_1_layers_keep_their_input_as_channel_planes(monkeypatch):
-    """grad_weight reads the image of a layer of 16 or 32 output channels and stride 1 as
+    """grad_weight reads the image of a layer of 16 to 64 output channels and stride 1 as
     channel planes, so the compiled backend keeps grad_weight's input so (a permuted view
     of (N, C, Hp, Wp)), from its one-call forward and from the steps (an NCHW input) alike;
     other layers, and the numba backend, keep it contiguous. The values are the same."""
     x = _gaussian((2, 16, 6, 6), 0)
-    for cout, stride, planes in ((16, 1, True), (32, 1, True), (64, 1, False), (16, 2, False)):
+    for cout, stride, planes in ((16, 1, True), (32, 1, True), (64, 1, True), (128, 1, False), (16, 2, False)):
         w = _gaussian((cout, 16, 3, 3), 1)
         # the default format's exponents: per image row in the forward, per sample in grad_weight
         rest = ([stride] * 2, [1, 1], [1, 1], 1, 2, False, True, True, True, 0, 2, 4, 2, True)
@@ -439,26 +439,26 @@ def test_the_one_call_forward_a_few_images_at_a_time_gives_the_steps_bits(thread
             torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("channels", [16, 32])
-def test_the_one_call_backward_with_both_products_at_once_gives_numbas_bits(channels, monkeypatch):
-    """On two threads the compiled one-call backward of a 16- or 32-channel layer runs
+@pytest.mark.parametrize(("images", "channels", "size"), [(17, 16, 32), (17, 32, 32), (45, 64, 8)])
+def test_the_one_call_backward_with_both_products_at_once_gives_numbas_bits(images, channels, size, monkeypatch):
+    """On two threads the compiled one-call backward of a 16- to 64-channel layer runs
     grad_weight on one thread and grad_input a few images at a time on both (those whose
-    window of dY fits 256 KB: 7 of 16 channels at 34x34, so 7 + 7 + 3 of 17 images): dX
-    and dW are the numba backend's bits, on one thread and on two, and a NaN in the last
-    image's output gradient gives NaN gradients."""
+    window of dY fits 256 KB: 7 of 16 channels at 34x34, so 7 + 7 + 3 of 17 images; 20 + 20
+    + 5 of 64 at 10x10): dX and dW are the numba backend's bits, on one thread and on
+    two, and a NaN in the last image's output gradient gives NaN gradients."""
 
     def grads(backend, threads, grad):
         monkeypatch.setenv("DFP_BACKEND", backend)
         torch.set_num_threads(threads)
-        x = _gaussian((17, channels, 32, 32), 0).to(memory_format=torch.channels_last).requires_grad_()
+        x = _gaussian((images, channels, size, size), 0).to(memory_format=torch.channels_last).requires_grad_()
         w = _gaussian((channels, channels, 3, 3), 1).requires_grad_()
         DF.conv2d(x, w, padding=1, fmt="dfp16").backward(grad)
         return x.grad, w.grad
 
-    grad = _gaussian((17, channels, 32, 32), 2, 1e-3)
+    grad = _gaussian((images, channels, size, size), 2, 1e-3)
     for nonfinite in (False, True):
         if nonfinite:
-            grad[-1, 3, 10, 10] = float("nan")
+            grad[-1, 3, size // 2, size // 3] = float("nan")
         want = grads("numba", 1, grad)
         assert want[0].isnan().any() == want[1].isnan().any() == nonfinite
         with monkeypatch.context() as m:

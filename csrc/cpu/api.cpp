@@ -34,10 +34,12 @@ bool is_pointwise(const ConvShape& s) { return s.kh == 1 && s.kw == 1 && s.sh ==
 
 // Whether grad_weight reads the patches transposed from a channel-major image (and packs
 // dY whole) rather than gathering them per block. Gathering costs the most per product
-// where dY has few channels; at 64 both ways ran equally fast (within 6%, paired A/B),
-// at 16 and 32 the transposed one 1.13-1.29x faster.
+// where dY has few channels: at 16 and 32 the transposed one was 1.13-1.29x faster; at
+// 64 (8x8, batch 128) the backward went 8.2-9.0 -> 7.2-7.5 ms on one thread of an Intel
+// Xeon, 4.8-5.3 -> 4.0-4.5 on two (both products at once: conv_backward); it had run
+// as fast as gathering before dY came quantized into panels.
 bool grad_weight_reads_transposed(const ConvShape& s, int64_t cout_g) {
-  return !is_pointwise(s) && cout_g <= 32 && TransposedPatches::fits(s);
+  return !is_pointwise(s) && cout_g <= 64 && TransposedPatches::fits(s);
 }
 
 // dY's exponents (KB, cout) of one group: columns [g * cout_g, (g + 1) * cout_g).

@@ -82,7 +82,7 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
 // product packs dy whole (one group, its columns whole panels), else 0.
 int64_t grad_weight_panel_width(const ConvGeometry& geometry, int64_t cout);
 
-// Whether conv_grad_weight_int16 reads the image as channel planes (a 16- or 32-channel
+// Whether conv_grad_weight_int16 reads the image as channel planes (a 16- to 64-channel
 // layer of stride 1): given so (InputExponents::channel_major), it transposes nothing.
 bool grad_weight_reads_channel_major(const ConvGeometry& geometry, int64_t cout);
 

@@ -278,7 +278,7 @@ def _kept_buffer(shape: tuple[int, ...], channel_planes: bool) -> torch.Tensor:
 def kept_input_channel_major(kept_shape, weight_shape, stride, dilation, groups) -> bool:
     """Whether a layer keeps grad_weight's padded input (N, Hp, Wp, C') with exponents per
     sample as channel planes, a permuted view of (N, C', Hp, Wp): where grad_weight reads
-    the image so (16 and 32 output channels, stride 1), the forward writes it so, and the
+    the image so (16 to 64 output channels, stride 1), the forward writes it so, and the
     backward transposes nothing (a ResNet-20 step spent 2 % of its time transposing)."""
     n, hp, wp, channels = kept_shape
     cout, _, kh, kw = weight_shape
