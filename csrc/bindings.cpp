@@ -270,5 +270,5 @@ PYBIND11_MODULE(_C, m) {
                                   ptr<float>(dx), ptr<float>(dw), nthreads);
       },
       "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "
-      "dx (stride 1; 0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");
+      "dx (0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");
 }

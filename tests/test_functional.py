@@ -238,8 +238,8 @@ def test_bit_exact_against_the_integer_reference(backend, kind, fmt):
     _assert_equal(got, want)
 
 
-# Channels-last layers, which the compiled backend runs in one call per product
-# (forward, and grad_input at stride 1): (x shape, weight shape, options).
+# Channels-last layers, which the compiled backend runs in one call per product (and
+# the whole backward in one): (x shape, weight shape, options).
 ONE_CALL_CASES = {
     "3x3": ((2, 16, 6, 5), (24, 16, 3, 3), {"padding": 1}),
     "odd-channels-dilated": ((2, 3, 9, 8), (8, 3, 3, 2), {"padding": 2, "dilation": 2}),
@@ -258,6 +258,12 @@ ONE_CALL_CASES = {
     # grad_weight's input as channel planes (an even output width), an image of 30 pixels:
     # not whole blocks of 8
     "16-channels-planes-30-pixels": ((2, 16, 5, 6), (16, 16, 3, 3), {}),
+    # grad_input's phases (csrc/cpu/grad_input.cpp): dilated taps at stride 2, a stride
+    # past the kernel (a phase no tap reaches), groups, strides differing by axis
+    "stride-2-dilated": ((2, 8, 9, 8), (8, 8, 3, 3), {"padding": 2, "stride": 2, "dilation": 2}),
+    "stride-3-kernel-2": ((2, 6, 8, 7), (8, 6, 2, 2), {"stride": 3}),
+    "stride-2-groups": ((2, 8, 7, 6), (16, 4, 3, 3), {"padding": 1, "stride": 2, "groups": 2}),
+    "stride-2-by-1": ((2, 8, 7, 6), (8, 8, 3, 3), {"padding": (1, 0), "stride": (2, 1)}),
 }
 
 

@@ -2,6 +2,8 @@
 
 #include <algorithm>
 #include <numeric>
+#include <stdexcept>
+#include <string>
 
 #include "layer_parts.h"
 #include "quantize.h"
@@ -35,6 +37,7 @@ std::vector<GradInput::Axis> GradInput::axes(int64_t size, int64_t kernel, int64
       if ((dilation * t - r) % stride == 0) first_tap = t;
     const int64_t taps = first_tap < kernel ? (kernel - first_tap + step - 1) / step : 0;
     const int64_t c0 = taps ? (dilation * first_tap - r) / stride : 0;  // exact
+    // (a phase without taps is never multiplied: its window is not used)
     phases.push_back({stride * v0 + r - padding, v1 - v0 + 1, first_tap, step, taps, d,
                       v0 - c0 - std::max<int64_t>(taps - 1, 0) * d, v1 - c0 + 1});
   }
@@ -55,6 +58,9 @@ bool GradInput::prepare(ImageExponents ey, const float* weight, int64_t block) {
           rows[((g * taps + t) * cout_g + o) * cg + ci] =
               weight_at(weight, l, g * cout_g + o, ci, l.kh - 1 - t / l.kw, l.kw - 1 - t % l.kw);
   const bool blocks = l.weight_per_channel;
+  if (blocks && (block <= 0 || cout_g % block))
+    throw std::invalid_argument("conv_grad_input: the weight's block of output channels (" + std::to_string(block) +
+                                ") must divide cout / groups (" + std::to_string(cout_g) + ")");
   const QuantizeShape shape = blocks ? QuantizeShape{l.groups * taps, cout_g, cg, Grouping::block, block}
                                      : QuantizeShape{1, int64_t(rows.size()), 1, Grouping::tensor, 0};
   std::vector<int16_t> w(rows.size());

@@ -199,12 +199,14 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
     return !dw || conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
                                    weight_layer, dw, panel_width, threads);
   };
-  // Both products at once where grad_weight reads the image as channel planes (16 to 64
-  // channels, stride 1): grad_weight on one thread, grad_input a few images at a time on
-  // the others, and on that one when it is done. Split over threads, every thread of
-  // grad_weight read all of dY, and each product waited for its slowest thread.
-  const bool together =
-      bordered.given() && dw && nthreads > 1 && grad_weight_reads_channel_major(weight_layer.padded(), l.cout);
+  // Both products at once on two threads where grad_weight reads the image as channel
+  // planes (at most 64 channels, stride 1, one group): grad_weight on one thread,
+  // grad_input a few images at a time on the other, and on that one when it is done.
+  // Split over both, every thread of grad_weight read all of dY, and each product waited
+  // for its slower thread. (Measured on two threads only: on more, grad_weight's one
+  // thread would be the whole backward's floor.)
+  const bool together = bordered.given() && dw && nthreads == 2 && l.groups == 1 &&
+                        grad_weight_reads_channel_major(weight_layer.padded(), l.cout);
   if (!together) {
     if (dx && bordered.given())
       grad_input.images(q_groups, 0, l.n, dx, nthreads);

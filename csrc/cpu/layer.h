@@ -1,5 +1,5 @@
 // A DFP16 convolution layer's products from its float32 tensors, each in one call (and
-// the whole stride-1 backward in one): the weight quantized straight into the layout the
+// the whole backward in one): the weight quantized straight into the layout the
 // product reads, no Python between the steps (a small layer's glue cost more than its
 // products).
 #pragma once
@@ -47,8 +47,8 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
 // ey (one, one per image, or one per image row and block of channels, see
 // ImageExponents): per phase of dx (every stride-th pixel from one on: all of dx at
 // stride 1) a stride-1 convolution of dy, zero-padded, with the taps of the flipped
-// kernel that reach it, whose channel axes are swapped (grad_input.h). The weight is quantized for that reduction over output
-// channels: per tensor as in the forward, or (weight_per_channel) per block of `block`
+// kernel that reach it, whose channel axes are swapped (grad_input.h). The weight is
+// quantized for that reduction over output channels: per tensor as in the forward, or (weight_per_channel) per block of `block`
 // output channels and (kh, kw, ci); block divides cout / groups and is dy's channel
 // block where it has one. False, with dx unwritten, where a NaN or Inf reached dy's
 // exponents or the weight.
@@ -71,8 +71,8 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 // `dy_block` pixels and channel for grad_weight; per tensor, per sample, or per image
 // row and block of `row_block` channels for grad_input; each rounded its own way from
 // `seed`), then dx as conv_grad_input (dx null: not asked) and dw as
-// conv_grad_weight, at the layer's weight strides (dw null: not asked); on more than one
-// thread, where grad_weight reads channel planes, both at once. The bits of the three
+// conv_grad_weight, at the layer's weight strides (dw null: not asked); on two threads,
+// where grad_weight reads channel planes, both at once. The bits of the three
 // calls. False, with nothing written, where dy, the weight or x held NaN or Inf.
 enum class InputGroups { tensor, sample, row };  // dfp.formats.GRAD_INPUT_EXPONENTS
 struct GradientRounding {
