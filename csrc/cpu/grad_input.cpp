@@ -51,12 +51,14 @@ bool GradInput::prepare(ImageExponents ey, const float* weight, int64_t block) {
   // that per block its exponents come out as (groups, taps, blocks, c / groups).
   const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw;
   std::vector<float> rows(l.groups * taps * cout_g * cg);
+  const Strides s(l);
   for (int64_t g = 0; g < l.groups; ++g)
-    for (int64_t t = 0; t < taps; ++t)
+    for (int64_t t = 0; t < taps; ++t) {
+      const int64_t i = l.kh - 1 - t / l.kw, j = l.kw - 1 - t % l.kw;  // once per tap
       for (int64_t o = 0; o < cout_g; ++o)
         for (int64_t ci = 0; ci < cg; ++ci)
-          rows[((g * taps + t) * cout_g + o) * cg + ci] =
-              weight_at(weight, l, g * cout_g + o, ci, l.kh - 1 - t / l.kw, l.kw - 1 - t % l.kw);
+          rows[((g * taps + t) * cout_g + o) * cg + ci] = weight[s.at(g * cout_g + o, ci, i, j)];
+    }
   const bool blocks = l.weight_per_channel;
   if (blocks && (block <= 0 || cout_g % block))
     throw std::invalid_argument("conv_grad_input: the weight's block of output channels (" + std::to_string(block) +

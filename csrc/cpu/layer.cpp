@@ -47,10 +47,11 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   // (zeros in an added one, which neither moves a maximum nor adds to a sum).
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp, cout_g = l.cout / l.groups;
   std::vector<float> rows(l.cout * k, 0.0f);  // (cout, K)
+  const Strides s(l);
   for (int64_t o = 0; o < l.cout; ++o)
     for (int64_t i = 0; i < l.kh; ++i)
       for (int64_t j = 0; j < l.kw; ++j)
-        for (int64_t ci = 0; ci < cg; ++ci) rows[o * k + (i * l.kw + j) * cgp + ci] = weight_at(weight, l, o, ci, i, j);
+        for (int64_t ci = 0; ci < cg; ++ci) rows[o * k + (i * l.kw + j) * cgp + ci] = weight[s.at(o, ci, i, j)];
   const QuantizeShape shape = l.weight_per_channel ? QuantizeShape{1, l.cout, k, Grouping::channel, 0}
                                                    : QuantizeShape{1, l.cout * k, 1, Grouping::tensor, 0};
   std::unique_ptr<int16_t[]> w(new int16_t[l.cout * k]);
@@ -151,12 +152,11 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   std::vector<float> rows(l.cout * k);  // (cout, K), K over (kh, kw, ci) of the padded channels
   conv_grad_weight_int16(dy, l.cout, one ? columns.data() : ey, one ? l.n * oh * ow : kblock, l.headroom, x_padded,
                          g, ex, l.headroom, rows.data(), dy_panel_width, nthreads);
-  const int64_t* s = l.weight_strides;
+  const Strides s(l);
   for (int64_t o = 0; o < l.cout; ++o)
     for (int64_t i = 0; i < l.kh; ++i)
       for (int64_t j = 0; j < l.kw; ++j)
-        for (int64_t ci = 0; ci < cg; ++ci)
-          dw[o * s[0] + ci * s[1] + i * s[2] + j * s[3]] = rows[o * k + (i * l.kw + j) * cgp + ci];
+        for (int64_t ci = 0; ci < cg; ++ci) dw[s.at(o, ci, i, j)] = rows[o * k + (i * l.kw + j) * cgp + ci];
   return true;
 }
 

@@ -17,11 +17,16 @@ constexpr int64_t kPieceBytes = 256 << 10;
 // The exponent that marks a tensor quantized from NaN/Inf (dfp._conv_layout.NONFINITE).
 constexpr int32_t kNonFiniteExponent = INT32_MAX;
 
-// weight[o][ci][i][j] of the layer's (cout, c / groups, kh, kw) float32 weight.
-inline float weight_at(const float* weight, const ConvLayer& l, int64_t o, int64_t ci, int64_t i, int64_t j) {
-  const int64_t* s = l.weight_strides;
-  return weight[o * s[0] + ci * s[1] + i * s[2] + j * s[3]];
-}
+// Where [o][ci][i][j] of the layer's (cout, c / groups, kh, kw) weight (or dW) lies. The
+// strides are copied: read from the layer inside a loop that stores floats, they were
+// read again for every element (the build has no strict aliasing), and a 64-channel 2x2
+// layer's backward took 8 % longer.
+struct Strides {
+  explicit Strides(const ConvLayer& l)
+      : o(l.weight_strides[0]), ci(l.weight_strides[1]), i(l.weight_strides[2]), j(l.weight_strides[3]) {}
+  int64_t at(int64_t o_, int64_t ci_, int64_t i_, int64_t j_) const { return o_ * o + ci_ * ci + i_ * i + j_ * j; }
+  int64_t o, ci, i, j;
+};
 
 // Quantizes a gathered copy of the weight (rows laid out as the product reads them);
 // the bits do not depend on the order: each element rounds alone against its group's
