@@ -167,13 +167,16 @@ std::vector<int32_t> output_row_exponents(const ImageExponents& ex, const ConvSh
                                           const KLayout& kl) {
   const int64_t per_tap = s.cg / ex.channel_block, image_blocks = channels / ex.channel_block;
   const int64_t oh = s.oh(), taps_per_block = kl.kblock / ex.channel_block;  // 1, or kw (one block per tap)
+  // The sizes in locals, the K-blocks counted: the int32 stores would otherwise have the
+  // compiler (no strict aliasing) read them again and divide for every block.
+  const int64_t hp = s.hp, sh = s.sh, dh = s.dh, kh = s.kh, blocks_per_row = s.kw / taps_per_block;
   std::vector<int32_t> ea(s.n * oh * kl.nblocks);
+  int32_t* out = ea.data();  // (n, oh) rows of kh * blocks_per_row * per_tap = nblocks
   for (int64_t n = 0; n < s.n; ++n)
     for (int64_t o = 0; o < oh; ++o)
-      for (int64_t i = 0; i < s.kh; ++i) {
-        const int32_t* row = ex.values + (n * s.hp + o * s.sh + i * s.dh) * image_blocks + g * per_tap;
-        for (int64_t j = 0; j < s.kw; j += taps_per_block)
-          std::copy_n(row, per_tap, ea.data() + (n * oh + o) * kl.nblocks + (i * s.kw + j) / taps_per_block * per_tap);
+      for (int64_t i = 0; i < kh; ++i) {
+        const int32_t* row = ex.values + (n * hp + o * sh + i * dh) * image_blocks + g * per_tap;
+        for (int64_t b = 0; b < blocks_per_row; ++b, out += per_tap) std::copy_n(row, per_tap, out);
       }
   return ea;
 }
