@@ -129,9 +129,8 @@ void GradInput::multiply(const Phase& p, const int16_t* window, int64_t n0, int6
   } else if (ey_.count > 1) {
     ey.values += n0, ey.count = count;
   }
-  const ConvGeometry geometry{count,         p.rows.window(), p.cols.window(), l.cout,          l.groups,
-                              p.rows.taps,   p.cols.taps,     1,               1,               p.rows.dilation,
-                              p.cols.dilation};
+  const ConvGeometry geometry{count,       p.rows.window(), p.cols.window(), l.cout, l.groups, p.rows.taps,
+                              p.cols.taps, 1,               1,               p.rows.dilation, p.cols.dilation};
   // At stride 1 the phase is all of dx; else every stride-th pixel of every stride-th row.
   const OutputGrid grid = l.sh == 1 && l.sw == 1
                               ? OutputGrid{}
@@ -166,4 +165,5 @@ int64_t GradInput::images_per_piece() const {
   const Phase& p = phases_.front();
   return std::max<int64_t>(kPieceBytes / (2 * p.rows.window() * p.cols.window() * l_.cout), 1);
 }
+
 }  // namespace dfp

@@ -19,8 +19,9 @@ constexpr int32_t kNonFiniteExponent = INT32_MAX;
 
 // Where [o][ci][i][j] of the layer's (cout, c / groups, kh, kw) weight (or dW) lies. The
 // strides are copied: read from the layer inside a loop that stores floats, they were
-// read again for every element (the build has no strict aliasing), and a 64-channel 2x2
-// layer's backward took 8 % longer.
+// read again for every element (the build has no strict aliasing); gathering the weight
+// and scattering dW took 77 and 46 us of a 64-channel 2x2 layer's backward, 17 together
+// after (perf, Intel Xeon).
 struct Strides {
   explicit Strides(const ConvLayer& l)
       : o(l.weight_strides[0]), ci(l.weight_strides[1]), i(l.weight_strides[2]), j(l.weight_strides[3]) {}
