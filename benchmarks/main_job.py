@@ -18,6 +18,8 @@ from time import perf_counter
 
 import torch
 
+from dfp import keep_freed_memory
+
 from .timing import machine, speedup
 
 
@@ -64,6 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     if formats[0] != "fp32" or args.epochs < 1:
         p.error("--formats must start with fp32 (the baseline) and --epochs must be at least 1")
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the harness trains (see dfp.allocator)
     times = step_times(formats, args.epochs, args.batch)
     print(f"{machine()}; {args.threads} thread(s); small_cnn on digits, batch {args.batch}, {len(times['fp32'])} steps")
     print("\n| format | ms per step (median) | speed-up over fp32 (paired median) |\n|---|---|---|")

@@ -162,8 +162,10 @@ def header(dfp) -> str:
         except dfp.BackendUnavailableError:  # no compiled core: say so, run what can run
             backend += ", compiled core unavailable"
     thp = os.environ.get("THP_MEM_ALLOC_ENABLE")
+    malloc = "freed memory kept" if dfp.allocator.freed_memory_kept() else "defaults"
     return (
-        f"**{machine()}** | torch {torch.__version__} | dfp backend {backend} | THP_MEM_ALLOC_ENABLE={thp} | {today()}"
+        f"**{machine()}** | torch {torch.__version__} | dfp backend {backend} | THP_MEM_ALLOC_ENABLE={thp} | "
+        f"malloc {malloc} | {today()}"
     )
 
 
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     import dfp
 
     from . import cases, fidelity, layers, step
+
+    dfp.keep_freed_memory()  # as the harness trains (see dfp.allocator)
 
     cfg = {**(QUICK if args.quick else FULL)}
     if args.max_call_s is not None:

@@ -110,6 +110,9 @@ class Step:
 def _step_worker(connection, model_name: str, fmt: str, batch: int) -> None:
     """A worker process's loop: build the step, then on ("step", threads) time one step
     and send its seconds back, until "stop"."""
+    from dfp import keep_freed_memory
+
+    keep_freed_memory()  # as the harness trains (see dfp.allocator)
     step = Step(model_name, fmt, batch)
     step()
     connection.send("ready")

@@ -6,6 +6,7 @@ core says so when it is called.
 
 from . import cuda, formats, functional, nn, ops
 from ._errors import BackendUnavailableError, NonFiniteError
+from .allocator import keep_freed_memory
 from .backends._buffers import empty_cache
 from .backends.cpu import cpu_isa
 from .format import DFPSpec, DFPTensor, quantize
@@ -23,6 +24,7 @@ __all__ = [
     "empty_cache",
     "formats",
     "functional",
+    "keep_freed_memory",
     "matmul",
     "nn",
     "ops",

@@ -23,7 +23,7 @@ from distributed_worker import HARNESS_RUN
 from PIL import Image
 
 import dfp
-from dfp import data, distributed, models, structure
+from dfp import allocator, data, distributed, models, structure
 from dfp.harness import cli, environment, formats, report, strategies, study, train
 from dfp.harness.results import CorruptLineWarning, DuplicateRunWarning, ResultStore, config_key, time_to_target
 from dfp.harness.schedule import Schedule, scaled_lr
@@ -618,7 +618,7 @@ def test_float_formats_keep_fp32_layers_out_of_autocast():
     )
 
 
-def test_environment_reads_the_cpu_model(tmp_path):
+def test_environment_reads_the_cpu_model(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Test CPU 9000\nflags\t: avx2\n")
     assert environment.cpu_model(cpuinfo) == "Test CPU 9000"
@@ -626,6 +626,9 @@ def test_environment_reads_the_cpu_model(tmp_path):
     assert env["threads"] == 3 and env["torch"] == torch.__version__ and env["dfp_cpu_isa"]
     assert env["dfp_threads_on"] in ("libgomp.so.1", "libiomp5.so", "libomp.so", "dfp's own threads")
     assert not any(socket.gethostname() in str(value) for value in env.values())
+    for kept, said in ((False, "the C library's defaults"), (True, "glibc, freed memory kept")):
+        monkeypatch.setattr(allocator, "_kept", kept)
+        assert environment.collect(torch.device("cpu"), threads=1, world_size=1)["malloc"] == said
 
 
 # ---------------------------------------------------------------- the main job, short
@@ -650,13 +653,16 @@ def _main_job(out: Path, *extra: str) -> int:
     )
 
 
-def test_main_job_smoke_writes_records_and_report(tmp_path, capsys):
+def test_main_job_smoke_writes_records_and_report(tmp_path, capsys, monkeypatch):
+    asked = []  # the harness keeps freed memory for the next step (dfp.allocator), here not for real
+    monkeypatch.setattr(cli, "keep_freed_memory", lambda: asked.append(True))
     # An earlier study of another data set in the same directory keeps its own target.
     earlier = _record("fp32", 32, 0, 2.0, 0.99, data="mnist")
     earlier["result"]["target_accuracy"] = 0.5
     ResultStore(tmp_path).append(earlier)
     assert _main_job(tmp_path, "--formats", "fp32,dfp16,swalp", "--swa-start", "1", "--warmup-epochs", "0") == 0
     out = capsys.readouterr().out
+    assert asked == [True]
     assert "| fp32 | 64 |" in out and "| swalp (avg from 1) | 64 |" in out
     text = (tmp_path / "report.md").read_text()
     assert text.count("time to 97 % (s)") == 1 and text.count("time to 50 % (s)") == 1

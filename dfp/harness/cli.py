@@ -27,6 +27,7 @@ import torch
 
 from .. import backends, data, distributed, models
 from .._errors import BackendUnavailableError
+from ..allocator import keep_freed_memory
 from . import formats, strategies
 from .report import CURVES_FILE, PARETO_FILE, REPORT_FILE, group_markdown, group_records, write_report
 from .results import RESULTS_FILE, ResultStore
@@ -269,6 +270,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh", action="store_true", help="start a new results file; the old one is renamed aside, not deleted"
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bars (none either when not on a terminal)")
+    run.add_argument(
+        "--system-malloc",
+        action="store_true",
+        help="leave glibc's malloc as it is; by default it keeps the memory a step frees for the next one "
+        "(dfp.keep_freed_memory: no page faults in every step)",
+    )
     return parser
 
 
@@ -498,6 +505,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{EXTRAS_HINT} (missing: {', '.join(missing)})")
     study = study_config(args, parser)
     torch.set_num_threads(study.threads)
+    if not args.system_malloc:
+        keep_freed_memory()
     try:
         ctx = distributed.setup(args.device)
     except (RuntimeError, ValueError) as err:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 import dfp
+from dfp import allocator
 from dfp.backends import cpu as cpu_backend
 
 
@@ -70,4 +71,5 @@ def collect(device: torch.device, threads: int, world_size: int) -> dict[str, An
         "device_name": device_name,
         "cpu_model": cpu_model(),
         "world_size": world_size,
+        "malloc": "glibc, freed memory kept" if allocator.freed_memory_kept() else "the C library's defaults",
     }

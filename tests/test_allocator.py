@@ -1,0 +1,57 @@
+"""dfp.keep_freed_memory: with glibc told to keep what a step frees, the steps of a dfp16
+ResNet-20 after the first few take their memory without page faults (each process of
+its own, so that the test session's malloc is not changed)."""
+
+from __future__ import annotations
+
+import ctypes
+import subprocess
+import sys
+
+import pytest
+
+STEPS = r"""
+import resource, sys
+import torch
+import dfp
+from dfp import models
+
+kept = dfp.keep_freed_memory() if sys.argv[1] == "keep" else False
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = dfp.nn.convert(models.resnet20(3, 10)).to(memory_format=torch.channels_last)
+optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+x = torch.randn(32, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+y = torch.randint(0, 10, (32,))
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    optimizer.zero_grad(set_to_none=True)
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    optimizer.step()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(kept, sum(faults[4:]))
+"""
+
+
+def _glibc() -> bool:
+    try:
+        return hasattr(ctypes.CDLL(None), "gnu_get_libc_version")
+    except OSError:
+        return False
+
+
+def _steps(mode: str) -> tuple[bool, int]:
+    done = subprocess.run([sys.executable, "-c", STEPS, mode], check=False, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    kept, faults = done.stdout.split()
+    return kept == "True", int(faults)
+
+
+@pytest.mark.skipif(not _glibc(), reason="mallopt's parameters are glibc's; elsewhere nothing is changed")
+def test_kept_memory_spares_the_steps_their_page_faults():
+    kept, faults_kept = _steps("keep")
+    default_kept, faults_default = _steps("default")
+    assert kept and not default_kept
+    # measured on an Intel Xeon: about 800 against 19 000 over the four steps
+    assert faults_kept * 4 < faults_default, (faults_kept, faults_default)
