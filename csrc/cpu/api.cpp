@@ -235,9 +235,18 @@ bool matmul_float(const float* x, const float* y, int64_t M, int64_t N, int64_t 
   return true;
 }
 
+void pack_conv_weight(const ConvGeometry& geometry, const int16_t* w, int64_t swg, int64_t swk, int64_t swn,
+                      int64_t nout, int64_t kblock, std::vector<Packed>& packed, int nthreads) {
+  const KLayout kl(group_shape(geometry).k(), kblock);
+  packed.resize(geometry.groups);
+  for (int64_t g = 0; g < geometry.groups; ++g)
+    pack_b_int16(w + g * swg, swk, swn, nout, kl, micro_kernel(active_isa(), nout).nr, packed[g], nthreads);
+}
+
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
-                     const float* bias, float* y, int nthreads, const OutputGrid& grid) {
+                     const float* bias, float* y, int nthreads, const OutputGrid& grid,
+                     const std::vector<Packed>* packed_weight) {
   const MicroKernel& uk = micro_kernel(active_isa(), nout);
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
@@ -263,10 +272,11 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
     if (per_row) ea = output_row_exponents(ex, shape, geometry.channels, g, kl);
     const PatchRows patches(image, shape, kl);
     if (pointwise) pack_a_int16(image, geometry.channels, 1, shape.pixels(), kl, uk.mr, ws.a, nthreads);
-    pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
+    if (!packed_weight) pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
     const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout, grid};
     const ASource& a = pointwise ? static_cast<const ASource&>(ws.a) : patches;
-    gemm_packed(uk, a, ws.b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
+    const Packed& b = packed_weight ? (*packed_weight)[g] : ws.b;
+    gemm_packed(uk, a, b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
   }
 }
 

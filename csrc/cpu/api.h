@@ -1,8 +1,11 @@
 // The entry points of the compiled core, on raw buffers (no torch headers).
 #pragma once
 #include <cstdint>
+#include <vector>
 
 namespace dfp {
+
+struct Packed;  // gemm.h
 
 // x: contiguous (O, N, I); see QuantizeShape. rounding: a Rounding code (numerics.h).
 // False (nothing written) on NaN/Inf.
@@ -51,10 +54,18 @@ struct OutputGrid {
 // (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex the image's
 // exponents (per image row and channel block, which divides channels / groups: K-blocks
 // of kblock = ex.channel_block, or where that is a group's channels, kw times that);
-// ew (groups, KB, nout) contiguous; bias (groups * nout) or null; y's pixels on `grid`.
+// ew (groups, KB, nout) contiguous; bias (groups * nout) or null; y's pixels on `grid`;
+// packed_weight: w as pack_conv_weight packed it (else packed in the call).
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
-                     const float* bias, float* y, int nthreads, const OutputGrid& grid = {});
+                     const float* bias, float* y, int nthreads, const OutputGrid& grid = {},
+                     const std::vector<Packed>* packed_weight = nullptr);
+
+// conv_gemm_int16's w (the same strides, nout and kblock) packed into `packed`, one per
+// group of `geometry`, for calls that share it: the forward's pieces of a few images
+// each had packed a 512-channel layer's 4.7 MB weight again, 19 times a forward.
+void pack_conv_weight(const ConvGeometry& geometry, const int16_t* w, int64_t swg, int64_t swk, int64_t swn,
+                      int64_t nout, int64_t kblock, std::vector<Packed>& packed, int nthreads);
 
 // The exponents of grad_weight's image: one, or (per_sample) one per sample and
 // channel, (n, channels) row-major. The samples of a K-block of grad_weight share theirs,

@@ -82,6 +82,11 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   const int64_t fit = std::max<int64_t>(kPieceBytes / (2 * image_size), 1);
   const int64_t chunk = (fit + samples - 1) / samples * samples;  // whole groups of samples
   const int64_t pixels = l.shape().oh() * l.shape().ow();
+  // The weight packed once for all pieces, kept: a fresh buffer would be paged in every
+  // call. A reference, so that the pieces' threads read this thread's.
+  thread_local std::vector<Packed> kept_w;
+  std::vector<Packed>& packed_w = kept_w;
+  pack_conv_weight(padded, w.get(), cout_g * k, 1, k, cout_g, kblock, packed_w, nthreads);
   // Images [n0, n0 + count) on `threads` threads.
   const auto images = [&](int64_t n0, int64_t count, int threads) {
     thread_local std::vector<int16_t> x_rows;  // kept: fresh buffers would be paged in every call
@@ -102,7 +107,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     geometry.n = count;
     conv_gemm_int16(rows, geometry, {e, count * padded.hp * row_blocks, grouping.row_block}, l.headroom, w.get(),
                     cout_g * k, 1, k, cout_g, ew_blocks.data(), kblock, l.headroom, bias, y + n0 * pixels * l.cout,
-                    threads);
+                    threads, {}, &packed_w);
     return true;
   };
   // Each thread its equal share of the groups of samples, a chunk at a time.
