@@ -33,10 +33,11 @@ def keep_freed_memory() -> bool:
     global _kept
     try:
         libc = ctypes.CDLL(None)  # the C library the process runs on
-        mallopt = libc.mallopt
-        libc.gnu_get_libc_version  # noqa: B018 (mallopt's parameters above are glibc's)
-    except (OSError, AttributeError):
+    except (OSError, TypeError):  # TypeError: Windows, which has no such handle
         return False
+    if not hasattr(libc, "gnu_get_libc_version"):  # mallopt's parameters above are glibc's
+        return False
+    mallopt = libc.mallopt
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     # -1 turns trimming off (mallopt(3)); no mmap'd blocks: large ones come from the heap too
     _kept = bool(mallopt(_M_TRIM_THRESHOLD, -1)) and bool(mallopt(_M_MMAP_MAX, 0))
