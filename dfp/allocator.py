@@ -4,10 +4,11 @@ Every step allocates and frees the same tensors. By default glibc hands large fr
 blocks back to the kernel (a block above its mmap threshold is unmapped, the top of the
 heap trimmed), so the next step gets fresh pages, which the kernel maps and zeroes on
 first touch: page faults inside whichever op writes a tensor first (batch norm, ReLU,
-add). Measured on an Intel Xeon (2 cores, torch 2.13.0, batch 128, steps in processes
-of their own, docs/step.md): ResNet-20 steps 1.07-1.10x faster in fp32 and in dfp16,
-ResNet-18-CIFAR steps 1.40x (fp32) and 1.22x (dfp16), and the spread between processes
-of the same format 8 % -> 2 %.
+add). How many depends on how the heap happens to lie, so it varies from process to
+process. Measured on an Intel Xeon (2 cores, torch 2.13.0, batch 128, medians of 2-3
+processes per variant, docs/step.md): ResNet-20 steps 1.07-1.10x faster in fp32 and in
+dfp16, ResNet-18-CIFAR steps 1.40x (fp32) and 1.22x (dfp16, one process each), and the
+spread between processes of the same format 8 % -> 2 %.
 
 This changes the whole process, so the library never does it on import: the harness and
 the benchmarks call it (``--system-malloc`` leaves the defaults), and a training script

@@ -53,5 +53,7 @@ def test_kept_memory_spares_the_steps_their_page_faults():
     kept, faults_kept = _steps("keep")
     default_kept, faults_default = _steps("default")
     assert kept and not default_kept
+    if faults_default < 1000:  # huge pages for the heap: nothing here for the setting to spare
+        pytest.skip(f"this system took only {faults_default} page faults in four steps with malloc's defaults")
     # measured on an Intel Xeon: about 800 against 19 000 over the four steps
     assert faults_kept * 4 < faults_default, (faults_kept, faults_default)
