@@ -10,8 +10,9 @@ GEMM at 4096 and 8192 (square): cuBLAS fp16 ``mm`` (tensor cores), cuBLAS fp32 `
 on its three paths (``mma``: int8 tensor cores on int16 limbs, with the default feed and
 the registers feed; ``int16``: CUDA cores; ``limbs``: torch._int_mm per chain), each
 also checked bit for bit against the ``int16`` path. Conv layers (forward + backward): fp32, fp16 (channels_last,
-cudnn.benchmark) and dfp16. A ResNet-20 training step (batch 128) in fp32, fp16 and
-dfp16, set up as the harness trains them. Times are medians of CUDA-event timings;
+cudnn.benchmark) and dfp16, its patches as an im2col matrix and read in place (implicit
+GEMM, ``DFP_CUDA_CONV``). A ResNet-20 training step (batch 128) in fp32, fp16 and
+dfp16 (both ways), set up as the harness trains them. Times are medians of CUDA-event timings;
 ratios are against the baselines measured in the same run. Without a CUDA device it
 exits with status 2.
 """
@@ -19,6 +20,7 @@ exits with status 2.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -103,26 +105,35 @@ def _int16_operands(size: int, headroom: int = 2):
     return a, ea, headroom, b, eb, headroom, size, None
 
 
+@contextlib.contextmanager
+def _environment(**settings: str | None):
+    """dfp's environment settings for the duration (None: left as it is)."""
+    before = {name: os.environ.get(name) for name in settings}
+    os.environ.update({name: value for name, value in settings.items() if value is not None})
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _with_environment(fn: Callable[[], object], **settings: str | None) -> Callable[[], object]:
+    def call():
+        with _environment(**settings):
+            return fn()
+
+    return call
+
+
 def _dfp_gemm(path: str, operands, feed: str | None = None) -> Callable[[], torch.Tensor]:
     """The DFP16 GEMM on ``path`` (DFP_CUDA_GEMM), the tensor cores' operands fed as ``feed``
     says (DFP_CUDA_MMA_FEED; None: the default)."""
     from dfp.cuda import gemm
 
-    settings = {"DFP_CUDA_GEMM": path, "DFP_CUDA_MMA_FEED": feed}
-
-    def call():
-        before = {name: os.environ.get(name) for name in settings}
-        os.environ.update({name: value for name, value in settings.items() if value is not None})
-        try:
-            return gemm.gemm(*operands)
-        finally:
-            for name, value in before.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
-
-    return call
+    return _with_environment(lambda: gemm.gemm(*operands), DFP_CUDA_GEMM=path, DFP_CUDA_MMA_FEED=feed)
 
 
 # What a contender may raise that the report shows instead of stopping: torch's and
@@ -260,6 +271,7 @@ def _quantize_kernel_rows(x: torch.Tensor, budget_s: float, copy_gbs: float) -> 
 
 def conv_table(layers, budget_s: float) -> list[str]:
     import dfp
+    from dfp.cuda.patches import MODES
 
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False
@@ -276,9 +288,10 @@ def conv_table(layers, budget_s: float) -> list[str]:
                     memory_format=torch.channels_last),
                 x.half().contiguous(memory_format=torch.channels_last),
             ),
-            "dfp16": (dfp.nn.Conv2d(channels, channels, 3, padding=1, bias=False, fmt="dfp16").cuda(),
-                      x.contiguous(memory_format=torch.channels_last)),
         }  # fmt: skip
+        dfp_layer = dfp.nn.Conv2d(channels, channels, 3, padding=1, bias=False, fmt="dfp16").cuda()
+        for mode in sorted(MODES):  # how dfp16 reads its patches (DFP_CUDA_CONV): im2col, implicit
+            layers_by_format[f"dfp16 {mode}"] = (dfp_layer, x.contiguous(memory_format=torch.channels_last))
         times = {}
         for fmt, (layer, inp) in layers_by_format.items():
             inp = inp.detach().requires_grad_()
@@ -287,21 +300,23 @@ def conv_table(layers, budget_s: float) -> list[str]:
                 layer(inp).sum().backward()
 
             try:
-                times[fmt] = median_ms(step, budget_s, 20)
+                times[fmt] = median_ms(_with_environment(step, DFP_CUDA_CONV=fmt.partition("dfp16 ")[2] or None),
+                                       budget_s, 20)  # fmt: skip
             except FAILURES as err:
                 notes.append(f"{fmt} {name}: {type(err).__name__}: {err}")
         cells = [f"{times[f]:.2f} ({ops / times[f] / 1e9:.0f})" if f in times else "failed" for f in layers_by_format]
         rows.append([
             f"{name}: {channels}ch {size}x{size}, batch {batch}", *cells,
-            _ratio(times, "dfp16", "fp32"), _ratio(times, "dfp16", "fp16 channels_last"),
+            _ratio(times, "dfp16 implicit", "fp32"), _ratio(times, "dfp16 implicit", "fp16 channels_last"),
+            _ratio(times, "dfp16 implicit", "dfp16 im2col"),
         ])  # fmt: skip
-    headers = ["conv 3x3 forward+backward", "fp32 ms (TFLOP/s)", "fp16 cl ms (TFLOP/s)", "dfp16 ms (TOP/s)",
-               "dfp16 vs fp32", "dfp16 vs fp16"]  # fmt: skip
+    headers = ["conv 3x3 forward+backward", "fp32 ms (TFLOP/s)", "fp16 cl ms (TFLOP/s)", "dfp16 im2col ms (TOP/s)",
+               "dfp16 implicit ms (TOP/s)", "implicit vs fp32", "implicit vs fp16", "implicit vs im2col"]  # fmt: skip
     return ["## Conv layers", "", *table(headers, rows), "", *notes]
 
 
-STEP_FORMATS = ("fp32", "fp16", "dfp16")
-STEP_GRAPHED = ("fp32", "dfp16")  # fp16's GradScaler syncs with the host: no capture
+STEP_FORMATS = ("fp32", "fp16", "dfp16", "dfp16 implicit")  # dfp16: DFP_CUDA_CONV's default
+STEP_GRAPHED = ("fp32", "dfp16", "dfp16 implicit")  # fp16's GradScaler syncs with the host: no capture
 
 
 def _graph_replay(step: Callable[[], None]) -> Callable[[], None]:
@@ -330,10 +345,12 @@ def step_table(budget_s: float) -> list[str]:
     times, replays, notes = {}, {}, []
     for fmt in STEP_FORMATS:
         try:
-            step = Step("resnet20", fmt, 128, device="cuda")
-            times[fmt] = median_ms(step, budget_s, 30)
-            if fmt in STEP_GRAPHED:
-                replays[fmt] = median_ms(_graph_replay(step), budget_s, 30)
+            format_name, _, mode = fmt.partition(" ")
+            with _environment(DFP_CUDA_CONV=mode or None):
+                step = Step("resnet20", format_name, 128, device="cuda")
+                times[fmt] = median_ms(step, budget_s, 30)
+                if fmt in STEP_GRAPHED:
+                    replays[fmt] = median_ms(_graph_replay(step), budget_s, 30)
         except FAILURES as err:
             notes.append(f"{fmt}: {type(err).__name__}: {err}")
     rows = [[fmt, f"{times[fmt]:.2f}" if fmt in times else "failed", _ratio(times, fmt, "fp32"),

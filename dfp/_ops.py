@@ -181,13 +181,8 @@ def conv_gemm_impl(
     fused = getattr(backends.active(x.device), "conv_gemm", None)
     if fused is not None:
         return fused(x, ex, hx, w, ew, hw, kblock, kernel, stride, dilation, bias)
-    cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
-    if ex.dim() == 3:
-        taps_per_block = kblock // (x.shape[3] // ex.shape[2])
-        patch_rows = getattr(backends.active(x.device), "patch_row_exponents", _patch_row_exponents)
-        ea = [patch_rows(ex, g, groups, kernel, stride, dilation, cols.shape[1], taps_per_block) for g in range(groups)]
-    else:
-        ea = [_row_exponents(ex, cols.shape[1]).expand(cols.shape[1], ew.shape[1]).contiguous()] * groups
+    cols = _patches(x, kernel, stride, dilation, groups)
+    ea = _patch_exponents(x, ex, kblock, kernel, stride, dilation, groups, ew.shape[1])
     outputs = [
         gemm_impl(
             cols[g], ea[g], hx, w[g], ew[g], hw, kblock, None if bias is None else bias[g * nout : (g + 1) * nout]
@@ -196,6 +191,24 @@ def conv_gemm_impl(
     ]
     y = outputs[0] if groups == 1 else torch.cat(outputs, dim=1)
     return y.view(x.shape[0], *_conv_output(x, kernel, stride, dilation), groups * nout)
+
+
+def _patches(x: torch.Tensor, kernel: list[int], stride: list[int], dilation: list[int], groups: int):
+    """Each group's patch matrix of x, indexed by group: the backend's own (``patches``: read
+    in place on CUDA) or ``dfp._patches.im2col``'s."""
+    make = getattr(backends.active(x.device), "patches", im2col)
+    return make(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
+
+
+def _patch_exponents(x, ex, kblock, kernel, stride, dilation, groups, blocks) -> list[torch.Tensor]:
+    """The exponents ea (rows, KB) of each group's patch matrix in ``conv_gemm``, from the
+    image's ex (checked there), ``blocks`` = KB."""
+    rows = x.shape[0] * math.prod(_conv_output(x, kernel, stride, dilation))
+    if ex.dim() == 3:
+        taps_per_block = kblock // (x.shape[3] // ex.shape[2])
+        patch_rows = getattr(backends.active(x.device), "patch_row_exponents", _patch_row_exponents)
+        return [patch_rows(ex, g, groups, kernel, stride, dilation, rows, taps_per_block) for g in range(groups)]
+    return [_row_exponents(ex, rows).expand(rows, blocks).contiguous()] * groups
 
 
 def _check_image_exponents(ex: torch.Tensor, x: torch.Tensor, groups: int, kblock: int, kw: int) -> None:
@@ -279,20 +292,28 @@ def conv_grad_weight_gemm_impl(
     fused = getattr(backends.active(dy.device), "conv_grad_weight_gemm", None)
     if fused is not None:
         return fused(dy, ey, hy, x, ex, hx, kernel, stride, dilation, groups, kblock)
-    cols = im2col(x, tuple(kernel), tuple(stride), tuple(dilation), groups)
+    cols = _patches(x, kernel, stride, dilation, groups)
     dy2 = dy.reshape(-1, cout)
-    cout_g, cg, blocks = cout // groups, x.shape[3] // groups, ey.shape[0]
-    if ex.dim():  # K-block b takes the exponents of the sample of its first pixel; column (tap, ci) ci's
-        e = ex[torch.arange(blocks, device=ex.device) * kblock // (pixels // x.shape[0])]
-        eb = [e[:, g * cg : (g + 1) * cg].repeat(1, kernel[0] * kernel[1]) for g in range(groups)]
-    else:
-        eb = [ex.reshape(1, 1).expand(blocks, k).contiguous()] * groups
+    cout_g = cout // groups
+    eb = _grad_weight_patch_exponents(x, ex, ey.shape[0], kblock, kernel, groups, pixels // x.shape[0])
     grads = [
         gemm_impl(dy2[:, g * cout_g : (g + 1) * cout_g].t(), ey[:, g * cout_g : (g + 1) * cout_g].t().contiguous(),
                   hy, cols[g], eb[g], hx, kblock, None)
         for g in range(groups)
     ]  # fmt: skip
     return grads[0] if groups == 1 else torch.cat(grads)
+
+
+def _grad_weight_patch_exponents(x, ex, blocks, kblock, kernel, groups, sample_pixels) -> list[torch.Tensor]:
+    """The exponents eb (KB, K) of each group's patch matrix in ``conv_grad_weight_gemm``:
+    ``blocks`` = KB K-blocks of ``kblock`` output pixels, ``sample_pixels`` = OH*OW; ex as
+    checked there."""
+    cg, k = x.shape[3] // groups, kernel[0] * kernel[1] * x.shape[3] // groups
+    if not ex.dim():
+        return [ex.reshape(1, 1).expand(blocks, k).contiguous()] * groups
+    # K-block b takes the exponents of the sample of its first pixel; column (tap, ci) ci's
+    e = ex[torch.arange(blocks, device=ex.device) * kblock // sample_pixels]
+    return [e[:, g * cg : (g + 1) * cg].repeat(1, kernel[0] * kernel[1]) for g in range(groups)]
 
 
 def input_group_samples(kblock: int, pixels: int) -> int:

@@ -22,6 +22,7 @@ from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import layout as cuda_layout
 from dfp.cuda import loader
+from dfp.cuda import patches as cuda_patches
 from dfp.format import ROUNDINGS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -78,7 +79,7 @@ def test_the_cuda_backend_has_every_fused_op_the_layers_use_on_it():
     import dfp.cuda.ops as cuda_ops
 
     names = ("quantize3d", "gemm", "quantize3d_marked", "quantize_input", "quantize_gradient", "window",
-             "patch_row_exponents")  # fmt: skip
+             "patch_row_exponents", "patches")  # fmt: skip
     for name in names:
         assert callable(getattr(cuda_ops, name, None)), name
 
@@ -488,6 +489,13 @@ def _paths_for(ha: int, hb: int) -> list[str]:
     return [f"mma/{feed}" for feed in cuda_gemm.FEEDS] * ("mma" in paths) + [p for p in paths if p != "mma"]
 
 
+@pytest.fixture(params=cuda_patches.MODES)
+def conv_mode(request, monkeypatch):
+    """Each way the convolutions read their patches on CUDA (DFP_CUDA_CONV)."""
+    monkeypatch.setenv("DFP_CUDA_CONV", request.param)
+    return request.param
+
+
 def _use(monkeypatch, path: str) -> None:
     monkeypatch.setenv("DFP_CUDA_GEMM", path.split("/")[0])
     if "/" in path:
@@ -639,19 +647,19 @@ def _to_cuda(args: tuple) -> tuple:
 
 @needs_gpu
 @pytest.mark.parametrize("name", CONV_CASES)
-def test_conv_gemms_bit_exact_against_cpu(monkeypatch, name):
+def test_conv_gemms_bit_exact_against_cpu(monkeypatch, name, conv_mode):
     forward, weight = _conv_operands(name)
     for op, args in ((torch.ops.dfp.conv_gemm, forward), (torch.ops.dfp.conv_grad_weight_gemm, weight)):
         want = on_reference(op, *args)
         for path in _paths_for(2, 2):
             _use(monkeypatch, path)
             got = op(*_to_cuda(args))
-            assert got.is_cuda and torch.equal(got.cpu(), want), f"{op} on the {path} path"
+            assert got.is_cuda and torch.equal(got.cpu(), want), f"{op} on the {path} path, {conv_mode}"
 
 
 @needs_gpu
 @pytest.mark.parametrize("name", ["groups, stride, dilation", "K-blocks of 5, depthwise"])
-def test_conv_gemms_opcheck_on_cuda(name):
+def test_conv_gemms_opcheck_on_cuda(name, conv_mode):
     forward, weight = _conv_operands(name)
     torch.library.opcheck(torch.ops.dfp.conv_gemm.default, _to_cuda(forward))
     torch.library.opcheck(torch.ops.dfp.conv_grad_weight_gemm.default, _to_cuda(weight))
@@ -693,7 +701,7 @@ def _train(device: str, steps: int = 3):
 
 
 @needs_gpu
-def test_conv_layer_bit_exact_against_cpu():
+def test_conv_layer_bit_exact_against_cpu(conv_mode):
     torch.manual_seed(0)
     conv = dfp.nn.Conv2d(4, 6, 3, padding=1, fmt="dfp16")
     conv_gpu = dfp.nn.Conv2d(4, 6, 3, padding=1, fmt="dfp16").cuda()
@@ -714,7 +722,7 @@ def test_conv_layer_bit_exact_against_cpu():
 @needs_gpu
 @pytest.mark.parametrize("fmt", ["dfp16", "dfp16-sr"])
 @pytest.mark.parametrize("stride", [1, 2])
-def test_wide_conv_layer_bit_exact_against_cpu(fmt, stride):
+def test_wide_conv_layer_bit_exact_against_cpu(fmt, stride, conv_mode):
     """16 -> 32 channels: the default format's exponents per image row and channel block
     (dfp.cuda.layout's quantize_input, quantize_gradient and window on the GPU)."""
     torch.manual_seed(0)
@@ -744,7 +752,7 @@ def _assert_same_training_bits(layer, layer_gpu, x):
 
 @needs_gpu
 @pytest.mark.parametrize("where", ["x", "weight", "output gradient"])
-def test_wide_layer_marks_nonfinite_without_a_host_sync(where):
+def test_wide_layer_marks_nonfinite_without_a_host_sync(where, conv_mode):
     """NaN/Inf in a layer's operand gives NaN where fp32 would (as on the CPU), and the
     training ops never wait for the GPU to find out: no host sync in forward or backward."""
     torch.manual_seed(0)
@@ -859,7 +867,7 @@ def test_linear_layer_bit_exact_against_cpu():
 
 
 @needs_gpu
-def test_training_parity_with_cpu():
+def test_training_parity_with_cpu(conv_mode):
     cpu_losses, cpu_weights = _train("cpu")
     gpu_losses, gpu_weights = _train("cuda")
     assert gpu_losses == cpu_losses

@@ -91,19 +91,23 @@ def _variants(names: tuple[str, ...], *tunings: dict[str, int]) -> list[tuple[st
     ]
 
 
-def _mma_variants() -> list[tuple[str, tuple[str, ...]]]:
-    """(file, -D options) of every compile-time variant of the tensor-core kernels (dfp.cuda.gemm picks one per launch)."""
-    return [("gemm_mma.cu", d) for d in _variants(cuda_gemm.MMA_VARIANTS)] + [
-        ("gemm_mma_pipelined.cu", d)
-        for d in _variants(cuda_gemm.PIPELINED_VARIANTS, {"DFP_MMA_MIN_BLOCKS": 1}, {"DFP_MMA_MIN_BLOCKS": 2})
-    ]
+def _gemm_variants() -> list[tuple[str, tuple[str, ...]]]:
+    """(file, -D options) of every compile-time variant of the GEMM kernels (dfp.cuda.gemm picks one per launch)."""
+    return (
+        [("gemm_int16.cu", d) for d in _variants(cuda_gemm.INT16_VARIANTS)]
+        + [("gemm_mma.cu", d) for d in _variants(cuda_gemm.MMA_VARIANTS)]
+        + [
+            ("gemm_mma_pipelined.cu", d)
+            for d in _variants(cuda_gemm.PIPELINED_VARIANTS, {"DFP_MMA_MIN_BLOCKS": 1}, {"DFP_MMA_MIN_BLOCKS": 2})
+        ]
+    )
 
 
 @needs_nvcc
 @pytest.mark.parametrize("arch", ["sm_75", "sm_90"])
-def test_every_mma_variant_compiles_without_warnings(tmp_path, arch):
+def test_every_gemm_variant_compiles_without_warnings(tmp_path, arch):
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        results = list(pool.map(lambda v: _compile(source_dir() / v[0], arch, tmp_path, v[1]), _mma_variants()))
+        results = list(pool.map(lambda v: _compile(source_dir() / v[0], arch, tmp_path, v[1]), _gemm_variants()))
     for result in results:
         _check(result)
 
@@ -116,8 +120,8 @@ def test_pascal_compiles_where_nvcc_still_targets_it(tmp_path):
         version = subprocess.run([NVCC, "--version"], capture_output=True, text=True, check=False).stdout
         release = re.search(r"release [\d.]+", version)
         pytest.skip(f"this nvcc ({release.group(0) if release else 'unknown'}) no longer targets {PASCAL}")
-    for name in ("quantize.cu", "gemm_int16.cu"):
-        _check(_compile(source_dir() / name, PASCAL, tmp_path))
+    for name, defines in (("quantize.cu", ()), ("gemm_int16.cu", ()), ("gemm_int16.cu", ("-DDFP_GATHER=1",))):
+        _check(_compile(source_dir() / name, PASCAL, tmp_path, defines))
 
 
 # ---- NVRTC, the compiler that runs them -----------------------------------------------
@@ -153,7 +157,8 @@ def test_nvrtc_is_found_where_the_cuda_12_and_13_wheels_put_it(tmp_path, monkeyp
 NVRTC_JOBS = (  # (file, arch, -D options)
     [(f, arch, ()) for f in cuda_files() for arch in ARCHS]
     + [(source_dir() / name, PASCAL, ()) for name in ("quantize.cu", "gemm_int16.cu")]
-    + [(source_dir() / name, arch, defines) for arch in ("sm_75", "sm_90") for name, defines in _mma_variants()]
+    + [(source_dir() / "gemm_int16.cu", PASCAL, ("-DDFP_GATHER=1",))]
+    + [(source_dir() / name, arch, defines) for arch in ("sm_75", "sm_90") for name, defines in _gemm_variants()]
 )
 
 

@@ -14,10 +14,12 @@ import pytest
 import torch
 from helpers import PATCH_ROW_CASES, int16_operand, on_reference, wide_range
 
+import dfp
 import dfp.cuda.ops as cuda_ops
 from dfp import DFPSpec, _ops, backends, reference
 from dfp import _conv_layout as layout
 from dfp._errors import NonFiniteError
+from dfp._patches import output_size
 from dfp.cuda import gemm as cuda_gemm
 from dfp.cuda import layout as cuda_layout
 from dfp.cuda import quantize as cuda_quantize
@@ -123,10 +125,44 @@ def _add_chain(acc, chain_sum, sa, sb, blk):
     return acc + chain_sum.float() * (sa[:, blk : blk + 1] * sb[blk : blk + 1, :])
 
 
+def _gathered(data, rows, columns) -> torch.Tensor:
+    """The matrix an operand's offset tables describe (DFP_GATHER, DFP_MMA_GATHER)."""
+    return data.view(-1)[rows.long()[:, None] + columns.long()[None, :]]
+
+
+def _assert_runs_of_8(data, rows, columns) -> None:
+    """DFP_MMA_VEC8's promise for gathered operands: every row offset and every 8th column
+    offset a multiple of 8, the 7 after it following, the data 16-byte aligned."""
+    runs = columns.long().view(-1, 8)
+    assert data.data_ptr() % 16 == 0 and bool((rows % 8 == 0).all()) and bool((runs[:, 0] % 8 == 0).all())
+    assert torch.equal(runs - runs[:, :1], torch.arange(8).expand_as(runs))
+
+
 def _gemm_mma(a, lda, bt, ldb, m, n, table, tile_count, *rest, defines):
+    rest, tables = rest[:-4], rest[-4:]  # a_rows, a_ks, b_rows, b_ks: read with DFP_MMA_GATHER only
+    if defines["DFP_MMA_GATHER"]:
+        if defines["DFP_MMA_VEC8"]:
+            _assert_runs_of_8(a, *tables[:2])
+            _assert_runs_of_8(bt, *tables[2:])
+        a, bt = _gathered(a, *tables[:2]), _gathered(bt, *tables[2:])
     tiles = table.view(-1, 4)[:tile_count].tolist()
     slices = [(a[:m, k0 : k0 + length], bt[:n, k0 : k0 + length]) for k0, length, _, _ in tiles]
     _chain_sums_to_out(slices, m, n, table, tile_count, *rest, defines=defines)
+
+
+def _gemm_int16(a, a_row_stride, a_k_stride, b, b_k_stride, b_col_stride, m, n, k, kblock, chain, sa, sb, kb, ra, rb,
+                bias, has_bias, out, a_rows, a_ks, b_ks, b_columns, *, defines):  # fmt: skip
+    """The CUDA-core kernel: chains end at a K-block's end or every ``chain`` products of it."""
+    if defines.get("DFP_GATHER"):
+        a, b = _gathered(a, a_rows, a_ks), _gathered(b, b_ks, b_columns)
+    else:
+        a, b = a.as_strided((m, k), (a_row_stride, a_k_stride)), b.as_strided((k, n), (b_k_stride, b_col_stride))
+    acc = torch.zeros(m, n)
+    for blk, k0 in enumerate(range(0, k, kblock)):
+        for c0 in range(k0, min(k0 + kblock, k), chain):
+            c1 = min(c0 + chain, k0 + kblock, k)
+            acc = _add_chain(acc, (a[:, c0:c1].long() @ b[c0:c1].long()).int(), sa.view(m, kb), sb.view(kb, n), blk)
+    out.copy_(_epilogue(acc, ra, rb, bias, has_bias))
 
 
 def _split_limbs(x, rows, ld_row, ld_k, table, tile_count, high, low):
@@ -187,8 +223,8 @@ def cuda_on_cpu():
     """Inside: CPU tensors go to dfp.cuda.ops, whose kernels run as KERNELS says."""
 
     def kernel(file, name, device, **defines):
-        if name in ("dfp_gemm_mma", "dfp_gemm_mma_pipelined"):
-            run = _gemm_mma if name == "dfp_gemm_mma" else _gemm_mma_pipelined
+        if name in ("dfp_gemm_mma", "dfp_gemm_mma_pipelined", "dfp_gemm_int16"):
+            run = {"dfp_gemm_mma": _gemm_mma, "dfp_gemm_mma_pipelined": _gemm_mma_pipelined}.get(name, _gemm_int16)
             return lambda grid, block, args: run(*args, defines=defines)
         return lambda grid, block, args: KERNELS[name](*args)
 
@@ -363,3 +399,93 @@ def test_per_tensor_and_channel_launches_read_float4_where_they_can(shape, axis,
     expected = int(aligned and inner % 4 == 0)
     amax = "dfp_amax_tensor" if axis is None else "dfp_amax_channel"
     assert vec4 == {amax: expected, "dfp_quantize": expected}
+
+
+# (N, Hp, Wp, C, groups, kernel, stride, dilation, Nout per group, input exponents, kblock)
+CONVS = {
+    "per tensor, groups": (2, 9, 11, 6, 2, (2, 3), (1, 2), (2, 1), 7, "tensor", None),
+    "rows, one block per kernel row": (2, 10, 10, 16, 1, (3, 3), (1, 1), (1, 1), 12, "row", 48),
+    "rows, blocks of 8, strided": (2, 8, 9, 16, 1, (3, 3), (2, 2), (1, 1), 5, "row", 8),
+    "a weight gradient that splits K": (4, 18, 18, 8, 1, (3, 3), (1, 1), (1, 1), 8, "tensor", None),
+}
+
+
+def _conv_operands(case, seed=0):
+    """Arguments of dfp::conv_gemm and dfp::conv_grad_weight_gemm, the default format's
+    exponents where ``case`` says "row": per image row and channel block in the forward,
+    per pair of samples and channel in grad_weight."""
+    n, hp, wp, c, groups, kernel, stride, dilation, nout, exponents, kblock = case
+    k = kernel[0] * kernel[1] * c // groups
+    kblock = kblock or k
+    g = torch.Generator().manual_seed(seed)
+    x = int16_operand((n, hp, wp, c), 2, seed)
+    w = int16_operand((groups, nout, k), 2, seed + 1).transpose(1, 2)
+    ew = torch.randint(-30, -5, (groups, -(-k // kblock), nout), generator=g, dtype=torch.int32)
+    if exponents == "row":
+        ex = torch.randint(-20, -5, (n, hp, c // min(c // groups, kblock)), generator=g, dtype=torch.int32)
+    else:
+        ex = torch.tensor(-13, dtype=torch.int32)
+    bias = torch.randn(groups * nout, generator=g)
+    forward = (x, ex, 2, w, ew, 2, kblock, list(kernel), list(stride), list(dilation), bias)
+    oh, ow = (output_size(size, kernel[a], stride[a], 0, dilation[a]) for a, size in enumerate((hp, wp)))
+    dy = int16_operand((n, oh, ow, groups * nout), 2, seed + 3)
+    pixels, pixel_block = n * oh * ow, 2 * oh * ow
+    ey = torch.randint(-20, -5, (-(-pixels // pixel_block), groups * nout), generator=g, dtype=torch.int32)
+    ex_weight = torch.randint(-20, -5, (n, c), generator=g, dtype=torch.int32).repeat_interleave(2, dim=0)[:n]
+    weight = (dy, ey, 2, x, ex_weight, 2, list(kernel), list(stride), list(dilation), groups, pixel_block)
+    return forward, weight
+
+
+@pytest.mark.parametrize("path", ["mma", "int16"])
+@pytest.mark.parametrize("name", CONVS)
+def test_implicit_convolutions(name, path, monkeypatch):
+    """Both convolution GEMMs with their patches read in place (DFP_CUDA_CONV=implicit): the
+    gathered kernels' launches (offset tables, the 16-byte loads' promise, split K)."""
+    forward, weight = _conv_operands(CONVS[name])
+    monkeypatch.setenv("DFP_CUDA_CONV", "implicit")
+    monkeypatch.setenv("DFP_CUDA_GEMM", path)
+    launched = []
+    with cuda_on_cpu():
+        record = cuda_gemm.kernel
+        monkeypatch.setattr(
+            cuda_gemm, "kernel", lambda *args, **defines: launched.append(defines) or record(*args, **defines)
+        )
+        got = [_ops.conv_gemm_impl(*forward), _ops.conv_grad_weight_gemm_impl(*weight)]
+    want = [on_reference(_ops.conv_gemm_impl, *forward), on_reference(_ops.conv_grad_weight_gemm_impl, *weight)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    gathered = [d for d in launched if d.get("DFP_GATHER") or d.get("DFP_MMA_GATHER")]
+    assert len(gathered) == 2 * forward[3].shape[0]  # every group's forward and weight gradient
+    if path == "mma":
+        assert any(d["DFP_MMA_VEC8"] for d in gathered) == (forward[0].shape[3] % 8 == 0)
+        if name == "a weight gradient that splits K":
+            assert any(d["DFP_MMA_CHAIN_SUMS"] for d in gathered)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_implicit_conv_layer(stride, monkeypatch):
+    """A default-format layer's three products with patches read in place: the forward,
+    grad_input's phases (forward convolutions of dY's windows) and grad_weight."""
+    monkeypatch.setenv("DFP_CUDA_CONV", "implicit")
+    torch.manual_seed(0)
+    conv = dfp.nn.Conv2d(16, 16, 3, stride=stride, padding=1, bias=False, fmt="dfp16")
+    x = torch.randn(2, 16, 9, 9).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(2, 16, 9 // stride + stride - 1, 9 // stride + stride - 1)
+
+    def train_step():
+        inp = x.clone().requires_grad_()
+        y = conv(inp)
+        y.backward(grad)
+        dw, conv.weight.grad = conv.weight.grad, None
+        return y.detach(), inp.grad, dw
+
+    want = on_reference(train_step)
+    launched = []
+    with cuda_on_cpu():
+        record = cuda_gemm.kernel
+        monkeypatch.setattr(
+            cuda_gemm, "kernel", lambda *args, **defines: launched.append(defines) or record(*args, **defines)
+        )
+        got = train_step()
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True))
+    gemms = [d for d in launched if "DFP_MMA_GATHER" in d]
+    assert len(gemms) == 2 + stride**2 and all(d["DFP_MMA_GATHER"] for d in gemms)  # every phase of grad_input

@@ -8,6 +8,9 @@
 // chain is bounded by the same number.
 //
 // Layout: A (M, K) and B (K, N) with any element strides; out (M, N) float32 row-major.
+// With DFP_GATHER=1 both are read through int32 offset tables instead, element (r, k) at
+// r_offsets[r] + k_offsets[k]: a convolution's patches read in place from the padded image
+// (implicit GEMM, dfp/cuda/conv.py); the strides then only say which axis runs contiguous.
 // Exponents come as the epilogue shifts ra (M,), rb (N,) and, with K-blocks (KB > 1), the
 // fp32 block scales sa (M, KB), sb (KB, N) of docs/design.md (exact powers of two).
 // Tile: 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, 32 k per step.
@@ -21,6 +24,17 @@ constexpr int kTile = 64;   // rows and columns of C per block
 constexpr int kStep = 32;   // k per shared-memory step
 constexpr int kPad = 2;     // shorts of padding per shared-memory row (one bank)
 constexpr int kThreads = 256;
+
+#ifndef DFP_GATHER
+#define DFP_GATHER 0
+#endif
+constexpr bool kGather = DFP_GATHER != 0;
+
+// Where element (r, k) of an operand lies: by its strides, or (kGather) its offset tables.
+__device__ __forceinline__ i64 element_at(int r, int k, int r_stride, int k_stride, const int* __restrict__ r_offsets,
+                                          const int* __restrict__ k_offsets) {
+  return kGather ? i64(r_offsets[r]) + k_offsets[k] : i64(r) * r_stride + i64(k) * k_stride;
+}
 
 // acc + float32(S) * (the scale of block `blk` for output (m, n)), without K-blocks acc + S.
 __device__ __forceinline__ float add_chain_sum(float acc, i32 chain_sum, const float* sa, const float* sb, int kb,
@@ -36,7 +50,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                    int b_k_stride, int b_col_stride, int m_count, int n_count, int k_count, int kblock, int chain,
                    const float* __restrict__ sa, const float* __restrict__ sb, int kb, const int* __restrict__ ra,
                    const int* __restrict__ rb, const float* __restrict__ bias, int has_bias,
-                   float* __restrict__ out) {
+                   float* __restrict__ out, const int* __restrict__ a_rows, const int* __restrict__ a_ks,
+                   const int* __restrict__ b_ks, const int* __restrict__ b_columns) {
   // k-major, each k row padded by one 4-byte bank: a warp that stores 32 consecutive k of
   // one row or column (a K-contiguous operand) then hits 32 different banks, where
   // unpadded 128-byte rows would put all 32 stores in one. A thread reads its 4 rows (or
@@ -58,11 +73,15 @@ extern "C" __global__ void __launch_bounds__(kThreads)
       const int kl = a_k_stride == 1 ? e % kStep : e / kTile;
       const int ml = a_k_stride == 1 ? e / kStep : e % kTile;
       const int m = m0 + ml, k = k0 + kl;
-      a_tile[kl][ml] = (m < m_count && k < k_count) ? a[i64(m) * a_row_stride + i64(k) * a_k_stride] : short(0);
+      a_tile[kl][ml] = (m < m_count && k < k_count)
+                           ? a[element_at(m, k, a_row_stride, a_k_stride, a_rows, a_ks)]
+                           : short(0);
       const int kl_b = b_col_stride == 1 ? e / kTile : e % kStep;
       const int nl = b_col_stride == 1 ? e % kTile : e / kStep;
       const int n = n0 + nl, kk = k0 + kl_b;
-      b_tile[kl_b][nl] = (n < n_count && kk < k_count) ? b[i64(kk) * b_k_stride + i64(n) * b_col_stride] : short(0);
+      b_tile[kl_b][nl] = (n < n_count && kk < k_count)
+                             ? b[element_at(n, kk, b_col_stride, b_k_stride, b_columns, b_ks)]
+                             : short(0);
     }
     if (tid < kStep) {
       const int k = k0 + tid;

@@ -23,7 +23,9 @@
 //
 // Operands: A (M, K) int16 with unit k stride and row stride lda; B given transposed,
 // Bt (N, K) with unit k stride and row stride ldb (B's columns are K-contiguous, as
-// the "col" operand of mma wants).
+// the "col" operand of mma wants). With DFP_MMA_GATHER=1 both are read through int32
+// offset tables instead, element (r, k) at row_offsets[r] + k_offsets[k]: a convolution's
+// patches read in place from the padded image (implicit GEMM, dfp/cuda/conv.py).
 //
 // Tile: 128 x 128 outputs per block of 8 warps (2 x 4), 64 x 32 per warp (4 x 4 mma
 // tiles), k tiles of 32, two shared-memory stages filled through registers (the split
@@ -62,20 +64,28 @@ struct Chunk {  // 8 consecutive int16 of one row, as 4 words
   u32 w[4];
 };
 
-__device__ __forceinline__ Chunk load_chunk(const short* __restrict__ row, bool row_valid, bool vec8, int k0, int len,
-                                            int c) {
+#ifndef DFP_MMA_GATHER
+#define DFP_MMA_GATHER 0
+#endif
+constexpr bool kGather = DFP_MMA_GATHER != 0;
+
+// Where k of a row lies from the row's start: k itself, or (kGather) its offset.
+__device__ __forceinline__ int k_at(const int* __restrict__ k_offsets, int k) { return kGather ? k_offsets[k] : k; }
+
+__device__ __forceinline__ Chunk load_chunk(const short* __restrict__ row, const int* __restrict__ k_offsets,
+                                            bool row_valid, bool vec8, int k0, int len, int c) {
   Chunk out = {{0u, 0u, 0u, 0u}};
   if (!row_valid) return out;
-  if (vec8) {
+  if (vec8) {  // the 8 k of the chunk lie side by side, 16-byte aligned
     if (8 * c < len) {
-      const uint4 v = *reinterpret_cast<const uint4*>(row + k0 + 8 * c);
+      const uint4 v = *reinterpret_cast<const uint4*>(row + k_at(k_offsets, k0 + 8 * c));
       out.w[0] = v.x, out.w[1] = v.y, out.w[2] = v.z, out.w[3] = v.w;
     }
   } else {
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int kk = 8 * c + e;
-      const u32 v = kk < len ? u32(u16(row[k0 + kk])) : 0u;
+      const u32 v = kk < len ? u32(u16(row[k_at(k_offsets, k0 + kk)])) : 0u;
       out.w[e / 2] |= v << (16 * (e % 2));
     }
   }
@@ -97,7 +107,8 @@ __device__ __forceinline__ void split_chunk(const Chunk& x, uint2& high, uint2& 
 
 // Compile-time variants: those of mma_int8.h, and
 //   DFP_MMA_VEC8: K, lda, ldb and every tile's first k are multiples of 8 and both operands
-//     16-byte aligned (8 mantissas per 16-byte load).
+//     16-byte aligned (8 mantissas per 16-byte load); with DFP_MMA_GATHER, every row offset
+//     and every 8th k offset a multiple of 8, and each run of 8 k offsets consecutive.
 #ifndef DFP_MMA_VEC8
 #define DFP_MMA_VEC8 0
 #endif
@@ -109,7 +120,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
                  int n_count, const int* __restrict__ tiles, int tile_count, const float* __restrict__ sa,
                  const float* __restrict__ sb, int kb, const int* __restrict__ ra, const int* __restrict__ rb,
                  const float* __restrict__ bias, int has_bias, float* __restrict__ out,
-                 const int* __restrict__ split_tiles, int chain_base, i32* __restrict__ chain_sums) {
+                 const int* __restrict__ split_tiles, int chain_base, i32* __restrict__ chain_sums,
+                 const int* __restrict__ a_rows, const int* __restrict__ a_ks, const int* __restrict__ b_rows,
+                 const int* __restrict__ b_ks) {
   __shared__ __align__(16) Stage stages[2];
   if (kChainSums) {  // this block's share of the k tiles
     const int first = split_tiles[blockIdx.z];
@@ -123,8 +136,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
   const int m0 = blockIdx.x * kBlockM, n0 = blockIdx.y * kBlockN;
 
   // The two 8-mantissa chunks of A and of Bt that this thread moves per k tile.
-  const short* a_rows[2];
-  const short* b_rows[2];
+  const short* a_starts[2];
+  const short* b_starts[2];
   bool a_valid[2], b_valid[2];
   int row_of[2], chunk_of[2];
 #pragma unroll
@@ -133,8 +146,9 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     row_of[r] = q >> 2, chunk_of[r] = q & 3;
     a_valid[r] = m0 + row_of[r] < m_count;
     b_valid[r] = n0 + row_of[r] < n_count;
-    a_rows[r] = a + i64(a_valid[r] ? m0 + row_of[r] : 0) * lda;
-    b_rows[r] = bt + i64(b_valid[r] ? n0 + row_of[r] : 0) * ldb;
+    const int m = a_valid[r] ? m0 + row_of[r] : 0, n = b_valid[r] ? n0 + row_of[r] : 0;
+    a_starts[r] = a + (kGather ? i64(a_rows[m]) : i64(m) * lda);
+    b_starts[r] = bt + (kGather ? i64(b_rows[n]) : i64(n) * ldb);
   }
 
   // The k-tile table is read one tile ahead of its use: a chunk load's address depends on
@@ -145,8 +159,8 @@ extern "C" __global__ void __launch_bounds__(kThreads)
     const int k0 = tile.x, len = tile.y;
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      a_next[r] = load_chunk(a_rows[r], a_valid[r], kVec8, k0, len, chunk_of[r]);
-      b_next[r] = load_chunk(b_rows[r], b_valid[r], kVec8, k0, len, chunk_of[r]);
+      a_next[r] = load_chunk(a_starts[r], a_ks, a_valid[r], kVec8, k0, len, chunk_of[r]);
+      b_next[r] = load_chunk(b_starts[r], b_ks, b_valid[r], kVec8, k0, len, chunk_of[r]);
     }
   };
   auto store_tile = [&](Stage& s) {

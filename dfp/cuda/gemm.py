@@ -12,6 +12,10 @@ paths (``DFP_CUDA_GEMM`` forces one):
 - ``limbs``: ``torch._int_mm`` (cuBLASLt's int8 GEMM) on stacked limbs, one call per
   chain (``dfp.cuda.limbs``); slow, the formulation the CPU tests check bit for bit.
 
+Either operand may be a ``dfp.cuda.patches.Gathered`` matrix (a convolution's patches read
+in place): both kernels then read both operands through offset tables (their
+``DFP_GATHER`` variants), the tensor-core one with the registers feed.
+
 A tensor-core GEMM with too few output tiles to fill the GPU (a convolution's weight
 gradient: few outputs, a reduction over every pixel of the batch) splits K across the
 grid: each chain's exact int32 sum is stored, then added in order of k (``split_k_plan``).
@@ -27,13 +31,15 @@ import torch
 from ..reference import chain_length
 from . import limbs
 from .loader import blocks_for, check_int32, kernel
+from .patches import Gathered
 
 PATHS = ("mma", "int16", "limbs")
 TILE_K = 32  # k per tile of the tensor-core kernel: one m16n8k32 step
 _MMA_BLOCK = 128  # rows and columns of C per block of the tensor-core kernel
 _INT16_BLOCK = 64
-MMA_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_VEC8", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS")  # 0/1 each
-PIPELINED_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS")  # 0/1 each
+MMA_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_VEC8", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS", "DFP_MMA_GATHER")
+PIPELINED_VARIANTS = ("DFP_MMA_CHAIN_PER_TILE", "DFP_MMA_K_BLOCKS", "DFP_MMA_CHAIN_SUMS")  # 0/1 each, as above
+INT16_VARIANTS = ("DFP_GATHER",)
 FEEDS = ("pipelined", "registers")  # how the tensor-core kernel gets its operands (DFP_CUDA_MMA_FEED)
 # The pipelined kernel's tuning (compile-time, see its source): blocks per SM.
 PIPELINED_TUNING = {"DFP_MMA_MIN_BLOCKS": 2}
@@ -201,6 +207,13 @@ def _k_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(1) == 1 else t.contiguous()
 
 
+def _gathered(a, b) -> tuple[Gathered, Gathered] | None:
+    """Both operands as offset tables where either is gathered, else None."""
+    if not isinstance(a, Gathered) and not isinstance(b, Gathered):
+        return None
+    return tuple(t if isinstance(t, Gathered) else Gathered.of(t) for t in (a, b))
+
+
 def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     (m, k), n = a.shape, b.shape[1]
     table, tiles_aligned = _tile_table(k, kblock, chain, a.device)
@@ -211,9 +224,21 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     split = (k, kblock, chain, grid[0] * grid[1], _multiprocessors(device), m * n, CHAIN_SUMS_BYTES)
     plan = split_k_plan(*split)
     scales = [sa, sb, kb, ra, rb, bias, has_bias, out]
-    if mma_feed(torch.cuda.get_device_capability(a.device), plan is not None) == "pipelined":
+    gathered = _gathered(a, b.t())
+    if gathered is not None:  # the registers feed gathers on chip; limb planes would be an im2col
+        ga, gbt = gathered
+        vec8 = tiles_aligned and ga.runs_of_8 and gbt.runs_of_8
+        check_int32(a_data=ga.data.numel(), bt_data=gbt.data.numel())
+        operands = [ga.data, 0, gbt.data, 0, m, n, table, tile_count, *scales]
+        tables = [ga.rows, ga.columns, gbt.rows, gbt.columns]
+
+        def mma_kernel(sums: int):
+            flags = (int(chain == TILE_K), int(vec8), int(kb > 1), sums, 1)
+            return kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, flags, strict=True)))
+    elif mma_feed(torch.cuda.get_device_capability(a.device), plan is not None) == "pipelined":
         a_planes, b_planes = _limb_planes(a, table, tile_count), _limb_planes(b.t(), table, tile_count)
         operands = [*a_planes, *b_planes, m, n, table, tile_count, *scales]
+        tables = []  # this kernel reads its operands from the planes
 
         def mma_kernel(sums: int):
             flags = dict(zip(PIPELINED_VARIANTS, (int(chain == TILE_K), int(kb > 1), sums), strict=True))
@@ -230,13 +255,14 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
         )
         check_int32(lda=a.stride(0), ldb=bt.stride(0))
         operands = [a, a.stride(0), bt, bt.stride(0), m, n, table, tile_count, *scales]
+        tables = [table] * 4  # offset tables: not read without DFP_MMA_GATHER
 
         def mma_kernel(sums: int):
-            flags = (int(chain == TILE_K), int(vec8), int(kb > 1), sums)
+            flags = (int(chain == TILE_K), int(vec8), int(kb > 1), sums, 0)
             return kernel("gemm_mma.cu", "dfp_gemm_mma", a.device, **dict(zip(MMA_VARIANTS, flags, strict=True)))
 
     if plan is None:
-        mma_kernel(0)((*grid, 1), (256, 1, 1), [*operands, table, 0, out])  # no splits: the last three are not read
+        mma_kernel(0)((*grid, 1), (256, 1, 1), [*operands, table, 0, out, *tables])  # no splits: table, 0, out not read
         return
     mma = mma_kernel(1)
     add_chains = kernel("gemm_mma.cu", "dfp_gemm_add_chains", a.device)
@@ -246,7 +272,7 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     for i, (c0, count, splits) in enumerate(parts):
         splits.record_stream(torch.cuda.current_stream(a.device))
         sums = torch.empty((count, m, n), dtype=torch.int32, device=a.device)
-        mma((*grid, splits.numel() - 1), (256, 1, 1), [*operands, splits, c0, sums])
+        mma((*grid, splits.numel() - 1), (256, 1, 1), [*operands, splits, c0, sums, *tables])
         add_chains(
             (-(-m * n // _ADD_CHAINS_ELEMENTS), 1, 1), (256, 1, 1),
             [sums, count, chain_blocks[c0:], m, n, sa, sb, kb, ra, rb, bias, has_bias, int(i == 0),
@@ -256,12 +282,21 @@ def _gemm_mma(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
 
 def _gemm_int16(a, b, ra, rb, sa, sb, kb, kblock, chain, bias, has_bias, out):
     (m, k), n = a.shape, b.shape[1]
-    check_int32(a_rows=a.stride(0), a_k=a.stride(1), b_k=b.stride(0), b_cols=b.stride(1))
+    gathered = _gathered(a, b)
+    if gathered is None:
+        check_int32(a_rows=a.stride(0), a_k=a.stride(1), b_k=b.stride(0), b_cols=b.stride(1))
+        operands = [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1)]
+        tables = [out] * 4  # not read without DFP_GATHER
+    else:  # the strides only choose the axis along which consecutive threads load
+        ga, gb = gathered
+        check_int32(a_data=ga.data.numel(), b_data=gb.data.numel())
+        # 1 where neighbours are side by side: consecutive threads load along that axis
+        operands = [ga.data, int(ga.unit_rows), int(ga.unit_columns), gb.data, int(gb.unit_rows), int(gb.unit_columns)]
+        tables = [ga.rows, ga.columns, gb.rows, gb.columns]
     grid = (-(-m // _INT16_BLOCK), -(-n // _INT16_BLOCK), 1)
-    kernel("gemm_int16.cu", "dfp_gemm_int16", a.device)(
+    kernel("gemm_int16.cu", "dfp_gemm_int16", a.device, DFP_GATHER=int(gathered is not None))(
         grid, (256, 1, 1),
-        [a, a.stride(0), a.stride(1), b, b.stride(0), b.stride(1), m, n, k, kblock, chain,
-         sa, sb, kb, ra, rb, bias, has_bias, out],
+        [*operands, m, n, k, kblock, chain, sa, sb, kb, ra, rb, bias, has_bias, out, *tables],
     )  # fmt: skip
 
 
@@ -276,7 +311,8 @@ def gemm(
     bias: torch.Tensor | None,
 ) -> torch.Tensor:
     """The backends' GEMM contract on CUDA tensors: float32 (M, N) = A B for int16 A (M, K),
-    B (K, N) (any strides), int32 exponents ea (M, KB), eb (KB, N), bias float32 (N,) or None."""
+    B (K, N) (any strides, or ``Gathered``), int32 exponents ea (M, KB), eb (KB, N), bias
+    float32 (N,) or None."""
     (m, k), n = a.shape, b.shape[1]
     check_int32(m=m, n=n, k=k, kblock=kblock)
     path = choose_path(torch.cuda.get_device_capability(a.device), ha, hb)
@@ -287,6 +323,7 @@ def gemm(
         out.zero_()
         return out + bias if bias is not None else out
     if path == "limbs":
+        a, b = (t.materialize() if isinstance(t, Gathered) else t for t in (a, b))
         return limbs.gemm(a, ea, ha, b, eb, hb, kblock, bias)
     if -(-n // _INT16_BLOCK) > 65535:  # the grid's y dimension counts column tiles
         raise ValueError(f"dfp.cuda.gemm takes at most {65535 * _INT16_BLOCK} columns, got N={n}; split B")
