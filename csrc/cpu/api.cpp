@@ -246,7 +246,7 @@ void pack_conv_weight(const ConvGeometry& geometry, const int16_t* w, int64_t sw
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
                      const float* bias, float* y, int nthreads, const OutputGrid& grid,
-                     const std::vector<Packed>* packed_weight) {
+                     const std::vector<Packed>* packed_weight, bool ew_one_row) {
   const MicroKernel& uk = micro_kernel(active_isa(), nout);
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
@@ -266,6 +266,9 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
   if (!image_offsets.empty())
     options.row_offsets = {image_offsets.data(), std::max<int64_t>(shape.oh() * shape.ow(), 1), ex.count};
   if (per_row) options.a_rows_per_exponent = shape.ow();  // an output row's pixels share its exponents
+  const std::vector<int32_t> first_row(ew_one_row ? kl.nblocks : 0, 0);
+  if (ew_one_row) options.b_block_of = first_row.data(), options.b_blocks = 1;
+  const int64_t ew_rows = ew_one_row ? 1 : kl.nblocks;
   Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
@@ -276,7 +279,7 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
     const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout, grid};
     const ASource& a = pointwise ? static_cast<const ASource&>(ws.a) : patches;
     const Packed& b = packed_weight ? (*packed_weight)[g] : ws.b;
-    gemm_packed(uk, a, b, kl, ea.data(), ew + g * kl.nblocks * nout, hx, hw, out, nthreads, options);
+    gemm_packed(uk, a, b, kl, ea.data(), ew + g * ew_rows * nout, hx, hw, out, nthreads, options);
   }
 }
 

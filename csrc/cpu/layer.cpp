@@ -66,14 +66,9 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     return true;
   }
   // Per image row and channel block: K-blocks of those blocks (a kernel row of taps where
-  // a group's channels are one block), the weight's exponents repeated along them.
+  // a group's channels are one block), the weight's exponents the same along them.
   const ConvGeometry padded = l.padded();
   const int64_t kblock = grouping.row_block == cgp ? l.kw * cgp : grouping.row_block;
-  const int64_t blocks = (k + kblock - 1) / kblock;
-  std::vector<int32_t> ew_blocks(l.groups * blocks * cout_g);  // (groups, KB, cout / groups)
-  for (int64_t g = 0; g < l.groups; ++g)
-    for (int64_t b = 0; b < blocks; ++b)
-      std::copy_n(ew.data() + g * cout_g, cout_g, ew_blocks.data() + (g * blocks + b) * cout_g);
   // A few images at a time, quantized and multiplied by one thread: the forward's int16
   // rows are read back from its cache, not written to memory and read from there (4.7 MB
   // each way for a 16-channel 32x32 forward at batch 128). No exponent spans images.
@@ -106,8 +101,8 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     ConvGeometry geometry = padded;
     geometry.n = count;
     conv_gemm_int16(rows, geometry, {e, count * padded.hp * row_blocks, grouping.row_block}, l.headroom, w.get(),
-                    cout_g * k, 1, k, cout_g, ew_blocks.data(), kblock, l.headroom, bias, y + n0 * pixels * l.cout,
-                    threads, {}, &packed_w);
+                    cout_g * k, 1, k, cout_g, ew.data(), kblock, l.headroom, bias, y + n0 * pixels * l.cout, threads,
+                    {}, &packed_w, true);
     return true;
   };
   // Each thread its equal share of the groups of samples, a chunk at a time.
