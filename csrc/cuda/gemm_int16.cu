@@ -10,7 +10,7 @@
 // Layout: A (M, K) and B (K, N) with any element strides; out (M, N) float32 row-major.
 // With DFP_GATHER=1 both are read through int32 offset tables instead, element (r, k) at
 // r_offsets[r] + k_offsets[k]: a convolution's patches read in place from the padded image
-// (implicit GEMM, dfp/cuda/conv.py); the strides then only say which axis runs contiguous.
+// (implicit GEMM, dfp/cuda/patches.py); the strides then only say which axis runs contiguous.
 // Exponents come as the epilogue shifts ra (M,), rb (N,) and, with K-blocks (KB > 1), the
 // fp32 block scales sa (M, KB), sb (KB, N) of docs/design.md (exact powers of two).
 // Tile: 64 x 64 outputs per block of 256 threads, 4 x 4 per thread, 32 k per step.

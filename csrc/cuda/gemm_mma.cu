@@ -25,7 +25,7 @@
 // Bt (N, K) with unit k stride and row stride ldb (B's columns are K-contiguous, as
 // the "col" operand of mma wants). With DFP_MMA_GATHER=1 both are read through int32
 // offset tables instead, element (r, k) at row_offsets[r] + k_offsets[k]: a convolution's
-// patches read in place from the padded image (implicit GEMM, dfp/cuda/conv.py).
+// patches read in place from the padded image (implicit GEMM, dfp/cuda/patches.py).
 //
 // Tile: 128 x 128 outputs per block of 8 warps (2 x 4), 64 x 32 per warp (4 x 4 mma
 // tiles), k tiles of 32, two shared-memory stages filled through registers (the split
