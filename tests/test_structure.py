@@ -347,6 +347,20 @@ def test_widening_copies_momentum_and_divides_it_on_the_reader_side():
     assert torch.equal(reader[:, 3], old["conv2.weight"][:, 3])
 
 
+def test_momentum_keeps_its_parameters_layout_through_surgery():
+    """A channels-last weight's momentum is channels-last after a widening, as the weight
+    itself (the optimizer's update then runs on matching layouts)."""
+    model = _chain().to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _masked_sgd_step(model, optimizer, _x(), torch.tensor([0, 1, 2, 3]))
+    structure.apply(
+        model, structure.widening(model, model.spaces()[0], torch.tensor([0, 1, 2, 3, 4, 5, 2, 2])), optimizer
+    )
+    for name, p in model.named_parameters():
+        buffer = optimizer.state[p]["momentum_buffer"]
+        assert buffer.shape == p.shape and buffer.stride() == p.stride(), name
+
+
 def test_swalp_weights_stay_dfp16_and_its_average_follows():
     model = _chain()
     space_a = model.spaces()[0]

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..format import DFPSpec, quantize
 from ..optim import SWALP, WeightAverage
-from .surgery import Surgery, apply_to_model
+from .surgery import Surgery, apply_to_model, in_layout_of
 
 
 def apply_to_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, surgery: Surgery) -> None:
@@ -30,7 +30,7 @@ def apply_to_optimizer(optimizer: torch.optim.Optimizer, model: nn.Module, surge
         state = optimizer.state[param]
         for key, value in state.items():
             if isinstance(value, torch.Tensor) and value.shape == param.shape:
-                state[key] = surgery.transform(name, value).contiguous()
+                state[key] = in_layout_of(param, surgery.transform(name, value))  # as its parameter
 
 
 def round_swalp_parameters(optimizer: SWALP, model: nn.Module, names: set[str]) -> None:

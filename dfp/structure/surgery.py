@@ -72,6 +72,14 @@ class Surgery:
         return tensor
 
 
+def in_layout_of(tensor: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    """``new`` contiguous in ``tensor``'s memory format: channels-last where a 4-d
+    ``tensor`` is (the layout the model trains in), else row-major."""
+    if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
+        return new.contiguous(memory_format=torch.channels_last)
+    return new.contiguous()
+
+
 def apply_to_model(model: nn.Module, surgery: Surgery) -> None:
     """Reshape ``model``'s parameters and buffers in place (noise included) and update
     the shape attributes of the layers they belong to (``out_channels``,
@@ -88,12 +96,7 @@ def apply_to_model(model: nn.Module, surgery: Surgery) -> None:
     with torch.no_grad():
         for name in surgery.edits:
             tensor = tensors[name]
-            new = surgery.transform(name, tensor.detach(), noise_weight=1.0)
-            if tensor.dim() == 4 and tensor.is_contiguous(memory_format=torch.channels_last):
-                new = new.contiguous(memory_format=torch.channels_last)  # keep the layout the model trains in
-            else:
-                new = new.contiguous()
-            tensor.data = new
+            tensor.data = in_layout_of(tensor, surgery.transform(name, tensor.detach(), noise_weight=1.0))
             if isinstance(tensor, nn.Parameter):
                 tensor.grad = None
             touched.add(name.rpartition(".")[0])
