@@ -9,8 +9,9 @@ im2col matrix.
 
 ``DFP_CUDA_CONV`` chooses: ``implicit``, or ``im2col`` (the same matrix materialised,
 then the plain GEMM). The default stays ``im2col`` until the implicit kernels have run on
-a GPU: they compile without warnings here, and their offset tables are checked against
-im2col on the CPU (tests/test_cuda_patches.py).
+a GPU: they compile without warnings here, their offset tables give the im2col matrix
+(tests/test_cuda_patches.py), and their launches, the kernels stood in for by the
+reference's arithmetic on the CPU, give the reference's bits (tests/test_cuda_host.py).
 """
 
 from __future__ import annotations
