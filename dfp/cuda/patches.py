@@ -82,8 +82,9 @@ class Gathered(NamedTuple):
         extent = 1 + sum((size - 1) * stride for size, stride in zip(t.shape, t.stride())) if t.numel() else 0
         check_int32(operand_extent=extent)
         data = t.as_strided((extent,), (1,), t.storage_offset())
-        rows, columns = (torch.arange(size, dtype=torch.int32, device=t.device) * stride
-                         for size, stride in zip(t.shape, t.stride()))  # fmt: skip
+        rows, columns = (
+            _recorded(_stride_offsets(size, stride, t.device)) for size, stride in zip(t.shape, t.stride())
+        )
         runs = t.stride(1) == 1 and t.shape[1] % 8 == 0 and t.stride(0) % 8 == 0 and data.data_ptr() % 16 == 0
         return Gathered(data, rows, columns, t.stride(0) == 1, t.stride(1) == 1, runs)
 
@@ -98,18 +99,29 @@ def patches(
         return im2col(x, kernel, stride, dilation, groups)
     x = x.contiguous()  # the offsets are those of the packed (N, Hp, Wp, C) layout
     check_int32(image=x.numel())
-    stream = torch.cuda.current_stream(x.device) if x.is_cuda else None
     cg = x.shape[3] // groups
     operands = []
     for g in range(groups):
-        rows, columns = _offsets(tuple(x.shape), tuple(kernel), tuple(stride), tuple(dilation), groups, g, x.device)
-        if stream is not None:  # the cache may drop them (LRU) while a launch still reads them
-            rows.record_stream(stream)
-            columns.record_stream(stream)
+        tables = _offsets(tuple(x.shape), tuple(kernel), tuple(stride), tuple(dilation), groups, g, x.device)
+        rows, columns = (_recorded(t) for t in tables)
         # a row's offset is a multiple of C; its columns run along a tap's C/G channels
         runs = x.shape[3] % 8 == 0 and cg % 8 == 0 and x.data_ptr() % 16 == 0
         operands.append(Gathered(x.reshape(-1), rows, columns, False, cg > 1, runs))
     return operands
+
+
+def _recorded(table: torch.Tensor) -> torch.Tensor:
+    """A cached table, marked as used on the current stream: the cache may drop it (LRU)
+    while a launch still reads it."""
+    if table.is_cuda:
+        table.record_stream(torch.cuda.current_stream(table.device))
+    return table
+
+
+@functools.lru_cache(maxsize=64)
+def _stride_offsets(size: int, stride: int, device: torch.device) -> torch.Tensor:
+    """(size,) int32: i * stride, made on ``device``."""
+    return torch.arange(size, dtype=torch.int32, device=device) * stride
 
 
 @functools.lru_cache(maxsize=64)
@@ -121,9 +133,9 @@ def _offsets(shape, kernel, stride, dilation, groups, g, device) -> tuple[torch.
     oh, ow = output_size(hp, kh, sh, 0, dh), output_size(wp, kw, sw, 0, dw)
     cg = c // groups
 
-    def axis(count: int, step: int) -> torch.Tensor:
-        return torch.arange(count, dtype=torch.int32, device=device) * step
+    def axis(count: int, step: int, at: int) -> torch.Tensor:  # along dimension `at` of three
+        return _stride_offsets(count, step, device).view([count if d == at else 1 for d in range(3)])
 
-    rows = axis(n, hp * wp * c).view(-1, 1, 1) + axis(oh, sh * wp * c).view(1, -1, 1) + axis(ow, sw * c).view(1, 1, -1)
-    columns = axis(kh, dh * wp * c).view(-1, 1, 1) + axis(kw, dw * c).view(1, -1, 1) + axis(cg, 1).view(1, 1, -1)
+    rows = axis(n, hp * wp * c, 0) + axis(oh, sh * wp * c, 1) + axis(ow, sw * c, 2)
+    columns = axis(kh, dh * wp * c, 0) + axis(kw, dw * c, 1) + axis(cg, 1, 2)
     return rows.reshape(-1), (columns + g * cg).reshape(-1)
