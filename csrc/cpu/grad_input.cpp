@@ -101,10 +101,10 @@ GradInput::Phase GradInput::phase(const Axis& rows, const Axis& cols, const std:
   if (!block) {
     // K-blocks: dy's channel blocks, each in one tap, a kernel row of taps where a
     // group's channels are one block (its taps read one row of dy); or all of K. The
-    // weight's one exponent in each.
+    // weight's one exponent in each: one row for all (conv_gemm_int16's ew_one_row).
     const int64_t row_kblock = ey_.channel_block == cout_g ? cols.taps * cout_g : ey_.channel_block;
     p.kblock = ey_.channel_block ? row_kblock : std::max<int64_t>(k, 1);
-    p.ew.assign(l.groups * ((k + p.kblock - 1) / p.kblock) * cg, ew[0]);
+    p.ew.assign(l.groups * cg, ew[0]);
   }
   if (ey_.channel_block) {  // per row of the window; those past dy's edges a group of zeros'
     const int64_t oh = l.shape().oh(), per_row = l.cout / ey_.channel_block;
@@ -137,7 +137,7 @@ void GradInput::multiply(const Phase& p, const int16_t* window, int64_t n0, int6
                               : OutputGrid{p.cols.count, p.rows.count, l.sw * l.c, l.sh * l.w * l.c, l.h * l.w * l.c};
   float* out = dx + n0 * l.h * l.w * l.c + (p.rows.first * l.w + p.cols.first) * l.c;
   conv_gemm_int16(window + n0 * window_size, geometry, ey, l.headroom, p.w.data(), k * cg, cg, 1, cg, p.ew.data(),
-                  p.kblock, l.headroom, nullptr, out, nthreads, grid);
+                  p.kblock, l.headroom, nullptr, out, nthreads, grid, nullptr, !l.weight_per_channel);
 }
 
 void GradInput::run(const int16_t* dy, float* dx, int nthreads) const {

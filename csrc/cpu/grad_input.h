@@ -41,7 +41,8 @@ class GradInput {
   };
   static std::vector<Axis> axes(int64_t size, int64_t kernel, int64_t stride, int64_t padding, int64_t dilation);
   // A phase of dx: its weight (groups, taps, cout / groups, c / groups), the taps flipped,
-  // with exponents ew in K-blocks of kblock, and dy's exponents per row of its window.
+  // with exponents ew in K-blocks of kblock (one row for all where the weight has one
+  // exponent), and dy's exponents per row of its window.
   struct Phase {
     Axis rows, cols;
     std::vector<int16_t> w;
