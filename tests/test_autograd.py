@@ -399,10 +399,16 @@ def test_narrow_stride_1_layers_keep_their_input_as_channel_planes(monkeypatch):
     """grad_weight reads the image of a layer of 16 to 64 output channels and stride 1 as
     channel planes, so the compiled backend keeps grad_weight's input so (a permuted view
     of (N, C, Hp, Wp)), from its one-call forward and from the steps (an NCHW input) alike;
-    other layers, and the numba backend, keep it contiguous. The values are the same."""
-    x = _gaussian((2, 16, 6, 6), 0)
-    for cout, stride, planes in ((16, 1, True), (32, 1, True), (64, 1, True), (128, 1, False), (16, 2, False)):
-        w = _gaussian((cout, 16, 3, 3), 1)
+    other layers, and the numba backend, keep it contiguous. The values are the same, on
+    a small image and on a wide one whose padded pixels are no multiple of 8 (the
+    transposing pass's last 8 pixels overlap the ones before)."""
+    cases = [
+        (_gaussian((2, 16, 6, 6), 0), cout, stride, planes)
+        for cout, stride, planes in ((16, 1, True), (32, 1, True), (64, 1, True), (128, 1, False), (16, 2, False))
+    ]
+    cases.append((_gaussian((2, 32, 4, 36), 2), 16, 1, True))
+    for x, cout, stride, planes in cases:
+        w = _gaussian((cout, x.shape[1], 3, 3), 1)
         # the default format's exponents: per image row in the forward, per sample in grad_weight
         rest = ([stride] * 2, [1, 1], [1, 1], 1, 2, False, True, True, True, 0, 2, 4, 2, True)
         kept = {}
