@@ -46,6 +46,22 @@ def measure(quick: bool = False) -> dict[str, float]:
     return {name: max(run[name] for run in runs) for name in runs[0]}
 
 
+def micro_kernel(headroom: int, quick: bool = False) -> tuple[str, float] | tuple[None, None]:
+    """(name, GMAC/s) of dfp's wide micro-kernel alone on one core, its tile in L1 and its
+    chains as long as ``headroom`` allows (``dfp._C.micro_kernel_gmacs``), best of a few
+    runs: what no GEMM shape can exceed here; (None, None) without the compiled core."""
+    if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
+        return None, None
+    try:
+        from dfp import _C
+    except ImportError:
+        return None, None
+    if not hasattr(_C, "micro_kernel_gmacs"):  # an older build of the core
+        return None, None
+    runs = [_C.micro_kernel_gmacs(headroom) for _ in range(5 if quick else 20)]
+    return max(runs, key=lambda run: run[1])
+
+
 def fp32_peak(peaks: dict[str, float]) -> float | None:
     """The best fp32 FMA peak (ymm or zmm): what an fp32 GEMM can reach at best."""
     return max((peaks[name] for name in FP32 if name in peaks), default=None)

@@ -125,6 +125,13 @@ def gemm_table(args, cfg, cases) -> list[str]:
         "rounds against the baseline each column names: torch fp32 = torch.mm (MKL in x86 wheels, vendor-gated on "
         f"AMD), numpy fp32 = {cases.numpy_blas()}, torch bf16 = torch.mm on bf16 (oneDNN)."
     )
+    kernel, kernel_gmacs = peak_probes.micro_kernel(args.headroom, args.quick)
+    if kernel:
+        note += (
+            f" dfp's micro-kernel alone ({kernel}, its tile in L1, chains of headroom {args.headroom}) runs at "
+            f"{kernel_gmacs:.1f} GMAC/s, {fraction(kernel_gmacs, args.int16_peak_gmacs, 1)} of the int16 peak: "
+            "the bound of every dfp GEMM shape at this headroom."
+        )
     lines = [note, ""]
     lines += table(headers, rows)
     if skipped:

@@ -68,6 +68,17 @@ PYBIND11_MODULE(_C, m) {
       "[(path, GMAC/s)] register-only multiply-add peaks of one core for every path cpuid reports (fp32 FMA "
       "ymm/zmm, int16 vpmaddwd+vpaddd ymm/zmm, vpdpwssd zmm, bf16 vdpbf16ps zmm); empty off x86",
       py::arg("iterations") = 10'000'000);
+  m.def(
+      "micro_kernel_gmacs",
+      [](int headroom, int64_t calls) {
+        if (headroom < 0 || headroom > 13)
+          throw py::value_error("headroom must be in 0..13, got " + std::to_string(headroom));
+        if (calls < 1) throw py::value_error("calls must be at least 1, got " + std::to_string(calls));
+        py::gil_scoped_release release;
+        return dfp::micro_kernel_gmacs(headroom, calls);
+      },
+      "(name, GMAC/s) of the active path's wide micro-kernel alone, its tile in L1, chains as long as headroom "
+      "allows", py::arg("headroom"), py::arg("calls") = 2000);
 
   m.def(
       "quantize3d",

@@ -66,6 +66,29 @@ def test_peaks_probe_every_path_the_core_has():
     assert expected <= set(measured), (expected, measured)
 
 
+def test_the_micro_kernel_probe_times_the_wide_kernel_of_every_path():
+    from dfp.backends import cpu
+
+    try:
+        cpu.ensure_available()
+    except dfp.BackendUnavailableError as err:
+        pytest.skip(str(err))
+    from dfp import _C
+
+    before = cpu.cpu_isa()
+    try:
+        for isa in cpu.supported_isas():
+            cpu.set_cpu_isa(isa)
+            name, gmacs = peaks.micro_kernel(headroom=2, quick=True)
+            assert name == _C.micro_kernel() and gmacs > 0, (isa, name, gmacs)
+    finally:
+        cpu.set_cpu_isa(before)
+    for headroom in (0, 13):  # one K-pair per chain; one chain per call
+        assert _C.micro_kernel_gmacs(headroom, 10)[1] > 0
+    with pytest.raises(ValueError, match="headroom must be in 0..13"):
+        _C.micro_kernel_gmacs(14, 10)
+
+
 def test_the_bf16_baseline_is_measured_against_amx_where_the_core_has_it():
     zmm_only = {"fp32 vfmadd231ps zmm": 100.0, peaks.BF16: 50.0, "int16 vpdpwssd zmm": 200.0}
     with_amx = {**zmm_only, "int8 tdpbssd amx": 3000.0, peaks.BF16_AMX: 1500.0}

@@ -26,4 +26,10 @@ double peak_bf16_gmacs_amx(int64_t iterations);
 // run for ``iterations`` loops of 8 to 16 instructions; empty off x86.
 std::vector<std::pair<std::string, double>> peak_probes(int64_t iterations);
 
+// (name, GMAC/s) of the active path's micro-kernel for wide products, run `calls` times
+// on one tile whose A rows and B panel stay in L1, in chains as long as `headroom` allows
+// (kernel_probe.cpp): the bound of every GEMM on this core, below the register peak by
+// the chains' conversions and the loads of A and B.
+std::pair<std::string, double> micro_kernel_gmacs(int headroom, int64_t calls);
+
 }  // namespace dfp
