@@ -293,9 +293,13 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     thread_local std::vector<float> tile_scales;
     tiles.resize(mpanels);
     if (row_scales) tile_scales.resize(mpanels * uk.mr * KA);
+    // The buffers by pointer in the loops: each use of a thread_local there called
+    // __tls_get_addr.
+    TileScales* const tile_at = tiles.data();
+    float* const tile_scales_at = tile_scales.data();
     for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
-      tiles[ip] = row_chain_scales(sa.chain.data(), KA, group, i0 + ip * uk.mr, uk.mr, M,
-                                   tile_scales.data() + ip * uk.mr * KA);
+      tile_at[ip] = row_chain_scales(sa.chain.data(), KA, group, i0 + ip * uk.mr, uk.mr, M,
+                                     tile_scales_at + ip * uk.mr * KA);
     // and the rows' epilogue scales where the micro-kernel writes C (one division per block
     // of rows, not per tile)
     thread_local std::vector<float> out_row_scales;
@@ -303,9 +307,19 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
       out_row_scales.resize(mpanels * uk.mr);
       epilogue.row_scales(i0, mlen, out_row_scales.data());
     }
+    // and the rows of C where they lie on a grid (two divisions per row, each tile, cost a
+    // tenth of a strided grad_input's set-up)
+    thread_local std::vector<float*> out_grid_rows;
+    if (out.grid.line) {
+      out_grid_rows.resize(mlen);
+      out.rows(i0, mlen, out_grid_rows.data());
+    }
     const int64_t ldacc = npanels * uk.nr;
     acc.resize(mpanels * uk.mr * ldacc);
     if (slices.empty()) std::fill(acc.begin(), acc.end(), 0.0f);  // K = 0
+    float* const acc_at = acc.data();
+    const float* const out_scale_at = out_row_scales.data();
+    float* const* const grid_row_at = out_grid_rows.data();
     for (size_t s = 0; s < slices.size(); ++s) {
       const int64_t kp0 = slices[s].first_kpair;
       const int64_t len = (s + 1 < slices.size() ? slices[s + 1].first_kpair : kl.kpairs()) - kp0;
@@ -325,22 +339,24 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;
-          args.row_scale = row_scales ? tiles[ip].scales : nullptr;
-          args.row_scale_stride = row_scales ? tiles[ip].stride : 0;
+          args.row_scale = row_scales ? tile_at[ip].scales : nullptr;
+          args.row_scale_stride = row_scales ? tile_at[ip].stride : 0;
           args.col_scale = col_scales ? sb.chain.data() + (options.uniform_b ? 0 : j) : nullptr;
           args.col_scale_stride = b_scale_width;
-          args.acc = acc.data() + ip * uk.mr * ldacc + jp * uk.nr;
+          args.acc = acc_at + ip * uk.mr * ldacc + jp * uk.nr;
           args.ldacc = ldacc;
           args.accumulate = s > 0;
           float* out_rows[kMaxMr];
           if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            args.out = out.row(i) + j;
             args.ldc = out.ldc;
             if (out.grid.line) {
-              for (int r = 0; r < uk.mr; ++r) out_rows[r] = out.row(i + r) + j;
+              for (int r = 0; r < uk.mr; ++r) out_rows[r] = grid_row_at[ip * uk.mr + r] + j;
+              args.out = out_rows[0];
               args.out_rows = out_rows;
+            } else {
+              args.out = out.row(i) + j;
             }
-            args.out_row_scale = row_references ? out_row_scales.data() + ip * uk.mr : uniform_row_scale;
+            args.out_row_scale = row_references ? out_scale_at + ip * uk.mr : uniform_row_scale;
             args.out_col_scale = epilogue.col_scale(j);
             args.bias = epilogue.bias(j);
             uk.run(args);
