@@ -312,7 +312,7 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     thread_local std::vector<float*> out_grid_rows;
     if (out.grid.line) {
       out_grid_rows.resize(mlen);
-      out.rows(i0, mlen, out_grid_rows.data());
+      out.grid_rows(i0, mlen, out_grid_rows.data());
     }
     const int64_t ldacc = npanels * uk.nr;
     acc.resize(mpanels * uk.mr * ldacc);

@@ -207,12 +207,9 @@ struct GemmOutput {
     return c + line / grid.lines * grid.image_stride + line % grid.lines * grid.line_stride +
            i % grid.line * grid.pixel_stride;
   }
-  // row(i + r) for r < n: on a grid, walked from row i (two divisions, not two per row).
-  void rows(int64_t i, int64_t n, float** out) const {
-    if (!grid.line) {
-      for (int64_t r = 0; r < n; ++r) out[r] = c + (i + r) * ldc;
-      return;
-    }
+  // row(i + r) for r < n where the rows lie on a grid (grid.line > 0), walked from row i:
+  // two divisions, not two per row.
+  void grid_rows(int64_t i, int64_t n, float** out) const {
     int64_t pixel = i % grid.line, line = i / grid.line, image = line / grid.lines, in_image = line % grid.lines;
     for (int64_t r = 0; r < n; ++r) {
       out[r] = c + image * grid.image_stride + in_image * grid.line_stride + pixel * grid.pixel_stride;
