@@ -26,14 +26,22 @@ INT16_OF_ISA = {
 }
 
 
-def measure(quick: bool = False) -> dict[str, float]:
-    """GMAC/s of one core per path, best of a few probes; {} without the compiled core
-    (or with another dfp backend)."""
+def _compiled_core():
+    """dfp._C where the compiled CPU backend is the one in use, else None."""
     if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
-        return {}
+        return None
     try:
         from dfp import _C
     except ImportError:
+        return None
+    return _C
+
+
+def measure(quick: bool = False) -> dict[str, float]:
+    """GMAC/s of one core per path, best of a few probes; {} without the compiled core
+    (or with another dfp backend)."""
+    _C = _compiled_core()
+    if _C is None:
         return {}
     # The probes run on the calling thread alone, about 10 ms each: many short runs, so
     # that on a shared machine the best of them still finds the core to itself.
@@ -50,13 +58,8 @@ def micro_kernel(headroom: int, quick: bool = False) -> tuple[str, float] | tupl
     """(name, GMAC/s) of dfp's wide micro-kernel alone on one core, its tile in L1 and its
     chains as long as ``headroom`` allows (``dfp._C.micro_kernel_gmacs``), best of a few
     runs: what no GEMM shape can exceed here; (None, None) without the compiled core."""
-    if os.environ.get("DFP_BACKEND", "cpu") != "cpu":
-        return None, None
-    try:
-        from dfp import _C
-    except ImportError:
-        return None, None
-    if not hasattr(_C, "micro_kernel_gmacs"):  # an older build of the core
+    _C = _compiled_core()
+    if _C is None or not hasattr(_C, "micro_kernel_gmacs"):  # none, or an older build
         return None, None
     runs = [_C.micro_kernel_gmacs(headroom) for _ in range(5 if quick else 20)]
     return max(runs, key=lambda run: run[1])

@@ -307,8 +307,8 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
       out_row_scales.resize(mpanels * uk.mr);
       epilogue.row_scales(i0, mlen, out_row_scales.data());
     }
-    // and the rows of C where they lie on a grid (two divisions per row, each tile, cost a
-    // tenth of a strided grad_input's set-up)
+    // and the rows of C where they lie on a grid (two divisions per row of each tile took a
+    // tenth of the set-up's time in a ResNet-20 step)
     thread_local std::vector<float*> out_grid_rows;
     if (out.grid.line) {
       out_grid_rows.resize(mlen);
