@@ -40,7 +40,9 @@ def isa_flags(source: str) -> list[str]:
 # block exponents have trip counts known only at run time, which -O2's vectorizer cost
 # model leaves scalar. -O3 changes no rounding here: -ffp-contract=off stays, and nothing
 # reassociates.
-VECTORIZED = {"conv.cpp", "pack.cpp", "gemm.cpp", "grad_input.cpp", "layer.cpp", "quantize.cpp", "quantize_input.cpp"}
+VECTORIZED = {
+    "batch_norm.cpp", "conv.cpp", "pack.cpp", "gemm.cpp", "grad_input.cpp", "layer.cpp", "quantize.cpp", "quantize_input.cpp"
+}
 
 
 def file_flags(source: str) -> list[str]:

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/api.h"
+#include "cpu/batch_norm.h"
 #include "cpu/conv.h"
 #include "cpu/gemm.h"
 #include "cpu/isa.h"
@@ -282,4 +283,35 @@ PYBIND11_MODULE(_C, m) {
       },
       "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "
       "dx (0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");
+
+  m.def(
+      "batch_norm_statistics",
+      [](uintptr_t x, int64_t rows, int64_t channels, uintptr_t mean, uintptr_t variance, int nthreads) {
+        py::gil_scoped_release release;
+        dfp::batch_norm_statistics(ptr<const float>(x), rows, channels, ptr<double>(mean), ptr<double>(variance),
+                                   nthreads);
+      },
+      "per channel mean and biased variance (float64) of float32 x, rows x channels");
+
+  m.def(
+      "batch_norm_gradient_sums",
+      [](uintptr_t dy, uintptr_t x, uintptr_t mean, int64_t rows, int64_t channels, uintptr_t sum_dy,
+         uintptr_t sum_dy_centered, int nthreads) {
+        py::gil_scoped_release release;
+        dfp::batch_norm_gradient_sums(ptr<const float>(dy), ptr<const float>(x), ptr<const float>(mean), rows,
+                                      channels, ptr<double>(sum_dy), ptr<double>(sum_dy_centered), nthreads);
+      },
+      "per channel sums (float64) of dy and of dy * (x - mean), float32 rows x channels");
+
+  m.def(
+      "batch_norm_affine",
+      [](uintptr_t x, uintptr_t mean, uintptr_t x_scale, uintptr_t dy, uintptr_t dy_scale, uintptr_t shift,
+         int64_t rows, int64_t channels, uintptr_t out, int nthreads) {
+        py::gil_scoped_release release;
+        dfp::batch_norm_affine(ptr<const float>(x), ptr<const float>(mean), ptr<const float>(x_scale),
+                               ptr<const float>(dy), ptr<const float>(dy_scale), ptr<const float>(shift), rows,
+                               channels, ptr<float>(out), nthreads);
+      },
+      "out = (x - mean) * x_scale + dy * dy_scale + shift per channel (dy 0: no such term), float32 rows x "
+      "channels");
 }

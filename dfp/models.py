@@ -1,8 +1,11 @@
-"""The image classifiers of the comparison harness, from plain torch layers.
+"""The image classifiers of the comparison harness, from plain torch layers and
+``dfp.nn.BatchNorm2d`` (torch's batch norm, bit for bit, but where its training kernel
+would stall on several threads: channel counts that are not a multiple of 16, as
+pruning and Net2Net leave them).
 
 ``build(name, in_channels, num_classes, image_size)`` returns a float32 ``nn.Module``
 mapping images ``(N, in_channels, image_size, image_size)`` to logits ``(N, num_classes)``.
-The models know nothing of dfp: the harness converts them with ``dfp.convert``. Every
+The models know nothing of number formats: the harness converts them with ``dfp.convert``. Every
 model calls its first convolution ``conv1`` and its classifier ``fc``, so a format can
 keep them in fp32 by name (``filter_fn=lambda name, m: name not in ("conv1", "fc")``).
 
@@ -20,6 +23,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from .nn.batch_norm import BatchNorm2d
+
 
 class SmallCNN(nn.Module):
     """Three 3x3 conv-BN-ReLU layers (16, 32, 64 channels), a 2x2 max-pool after the
@@ -33,11 +38,11 @@ class SmallCNN(nn.Module):
         super().__init__()
         self.input_shape = (in_channels, image_size, image_size)
         self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
+        self.bn1 = BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 32, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
+        self.bn2 = BatchNorm2d(32)
         self.conv3 = nn.Conv2d(32, 64, 3, padding=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(64)
+        self.bn3 = BatchNorm2d(64)
         self.pool = nn.MaxPool2d(2)
         pooled = image_size // 2 // 2
         self.fc = nn.Linear(64 * pooled * pooled, num_classes)
@@ -66,13 +71,13 @@ class BasicBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.bn1 = BatchNorm2d(out_channels)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.bn2 = BatchNorm2d(out_channels)
         self.shortcut = nn.Sequential()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), nn.BatchNorm2d(out_channels)
+                nn.Conv2d(in_channels, out_channels, 1, stride, bias=False), BatchNorm2d(out_channels)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,7 +100,7 @@ class CifarResNet(nn.Module):
     def __init__(self, widths: Sequence[int], blocks_per_stage: int, in_channels: int, num_classes: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(widths[0])
+        self.bn1 = BatchNorm2d(widths[0])
         stages = []
         channels = widths[0]
         for index, width in enumerate(widths):

@@ -1,5 +1,7 @@
 """dfp layers: ``Conv2d`` and ``Linear`` (subclasses of torch's, same parameters and
-state_dict), and ``convert`` / ``revert`` to swap them into and out of a model.
+state_dict), and ``convert`` / ``revert`` to swap them into and out of a model;
+``BatchNorm2d``, torch's with dfp's kernels where torch's training kernel stalls on
+several threads (any format).
 
 Example::
 
@@ -23,8 +25,9 @@ GradScaler
     do not underflow); a scaler matters only for layers in "fp16".
 """
 
+from .batch_norm import BatchNorm2d
 from .conv import Conv2d
 from .convert import convert, revert
 from .linear import Linear
 
-__all__ = ["Conv2d", "Linear", "convert", "revert"]
+__all__ = ["BatchNorm2d", "Conv2d", "Linear", "convert", "revert"]

@@ -1,0 +1,170 @@
+#include "batch_norm.h"
+
+#include <algorithm>
+#include <vector>
+
+#include "threads.h"
+
+namespace dfp {
+namespace {
+
+// Fixed task and block sizes, whatever the thread count: the sums, and so the bits, do
+// not depend on it. A block (at most 16 KB) is read twice from L1 for its squared
+// deviations, and its float sums run over at most 256 values; a task is enough work to
+// hand to a thread.
+constexpr int64_t kBlockElements = 4096, kMaxBlockRows = 256, kTaskElements = 1 << 16;
+
+// n values on cache lines of their own, zeroed: no other thread's data shares a line.
+template <typename T>
+class OwnLines {
+ public:
+  explicit OwnLines(int64_t n) : lines_((n * int64_t(sizeof(T)) + 63) / 64) {}
+  T* data() { return reinterpret_cast<T*>(lines_.data()); }
+
+ private:
+  struct alignas(64) Line {
+    unsigned char bytes[64];
+  };
+  std::vector<Line> lines_;
+};
+
+struct Tasks {
+  int64_t rows_per_block, blocks_per_task, rows_per_task, count;
+  Tasks(int64_t rows, int64_t channels) {
+    rows_per_block = std::clamp<int64_t>(kBlockElements / channels, 1, kMaxBlockRows);
+    blocks_per_task = std::max<int64_t>(1, kTaskElements / (rows_per_block * channels));
+    rows_per_task = rows_per_block * blocks_per_task;
+    count = (rows + rows_per_task - 1) / rows_per_task;
+  }
+};
+
+// The loops over a block's rows, on arguments by value and unaliased pointers: read
+// through the lambdas' references (-fno-strict-aliasing) the channel count could change
+// with every store, and no loop was vectorized.
+void add_rows(const float* __restrict x, int64_t rows, int64_t channels, float* __restrict sums) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < channels; ++c) sums[c] += x[r * channels + c];
+}
+
+void add_squared_deviations(const float* __restrict x, int64_t rows, int64_t channels,
+                            const float* __restrict mean, float* __restrict sums) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < channels; ++c) {
+      const float d = x[r * channels + c] - mean[c];
+      sums[c] += d * d;
+    }
+}
+
+void add_gradient_rows(const float* __restrict dy, const float* __restrict x, int64_t rows, int64_t channels,
+                       const float* __restrict mean, float* __restrict sums_dy, float* __restrict sums_centered) {
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < channels; ++c) {
+      const float g = dy[r * channels + c];
+      sums_dy[c] += g;
+      sums_centered[c] += g * (x[r * channels + c] - mean[c]);
+    }
+}
+
+void affine_rows(const float* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
+                 const float* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
+                 int64_t rows, int64_t channels, float* __restrict out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * channels;
+    float* o = out + r * channels;
+    if (dy) {
+      const float* g = dy + r * channels;
+      for (int64_t c = 0; c < channels; ++c) o[c] = (xr[c] - mean[c]) * x_scale[c] + g[c] * dy_scale[c] + shift[c];
+    } else {
+      for (int64_t c = 0; c < channels; ++c) o[c] = (xr[c] - mean[c]) * x_scale[c] + shift[c];
+    }
+  }
+}
+
+}  // namespace
+
+void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, double* mean, double* variance,
+                           int nthreads) {
+  const Tasks tasks(rows, channels);
+  // each task's count, mean and sum of squared deviations, combined in order below
+  std::vector<double> task_mean(tasks.count * channels), task_m2(tasks.count * channels);
+  parallel_for(tasks.count, nthreads, [&](int64_t t) {
+    const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
+    OwnLines<float> sums(channels), squares(channels), block_mean(channels);
+    OwnLines<double> m(channels), m2(channels);
+    float *s = sums.data(), *q = squares.data(), *bm = block_mean.data();
+    double n = 0;
+    for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
+      const int64_t b1 = std::min(r1, b0 + tasks.rows_per_block);
+      std::fill_n(s, channels, 0.0f);
+      std::fill_n(q, channels, 0.0f);
+      add_rows(x + b0 * channels, b1 - b0, channels, s);
+      const float count = float(b1 - b0);
+      for (int64_t c = 0; c < channels; ++c) bm[c] = s[c] / count;
+      add_squared_deviations(x + b0 * channels, b1 - b0, channels, bm, q);
+      // Chan et al.: the block's mean and squared deviations joined to the task's
+      const double nb = double(count), total = n + nb;
+      for (int64_t c = 0; c < channels; ++c) {
+        const double delta = double(bm[c]) - m.data()[c];
+        m.data()[c] += delta * nb / total;
+        m2.data()[c] += double(q[c]) + delta * delta * n * nb / total;
+      }
+      n = total;
+    }
+    std::copy_n(m.data(), channels, task_mean.data() + t * channels);
+    std::copy_n(m2.data(), channels, task_m2.data() + t * channels);
+  });
+  std::fill_n(mean, channels, 0.0);
+  std::vector<double> m2(channels, 0.0);
+  for (int64_t t = 0; t < tasks.count; ++t) {
+    const double n = double(t * tasks.rows_per_task);
+    const double nb = double(std::min(rows, (t + 1) * tasks.rows_per_task)) - n, total = n + nb;
+    for (int64_t c = 0; c < channels; ++c) {
+      const double delta = task_mean[t * channels + c] - mean[c];
+      mean[c] += delta * nb / total;
+      m2[c] += task_m2[t * channels + c] + delta * delta * n * nb / total;
+    }
+  }
+  for (int64_t c = 0; c < channels; ++c) variance[c] = rows > 0 ? m2[c] / double(rows) : 0.0;
+}
+
+void batch_norm_gradient_sums(const float* dy, const float* x, const float* mean, int64_t rows, int64_t channels,
+                              double* sum_dy, double* sum_dy_centered, int nthreads) {
+  const Tasks tasks(rows, channels);
+  std::vector<double> task_dy(tasks.count * channels), task_centered(tasks.count * channels);
+  parallel_for(tasks.count, nthreads, [&](int64_t t) {
+    const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
+    OwnLines<float> block_dy(channels), block_centered(channels);
+    OwnLines<double> sums_dy(channels), sums_centered(channels);
+    float *s = block_dy.data(), *p = block_centered.data();
+    for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
+      const int64_t b1 = std::min(r1, b0 + tasks.rows_per_block);
+      std::fill_n(s, channels, 0.0f);
+      std::fill_n(p, channels, 0.0f);
+      add_gradient_rows(dy + b0 * channels, x + b0 * channels, b1 - b0, channels, mean, s, p);
+      for (int64_t c = 0; c < channels; ++c) {
+        sums_dy.data()[c] += s[c];
+        sums_centered.data()[c] += p[c];
+      }
+    }
+    std::copy_n(sums_dy.data(), channels, task_dy.data() + t * channels);
+    std::copy_n(sums_centered.data(), channels, task_centered.data() + t * channels);
+  });
+  std::fill_n(sum_dy, channels, 0.0);
+  std::fill_n(sum_dy_centered, channels, 0.0);
+  for (int64_t t = 0; t < tasks.count; ++t)
+    for (int64_t c = 0; c < channels; ++c) {
+      sum_dy[c] += task_dy[t * channels + c];
+      sum_dy_centered[c] += task_centered[t * channels + c];
+    }
+}
+
+void batch_norm_affine(const float* x, const float* mean, const float* x_scale, const float* dy,
+                       const float* dy_scale, const float* shift, int64_t rows, int64_t channels, float* out,
+                       int nthreads) {
+  for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
+    affine_rows(x + r0 * channels, mean, x_scale, dy ? dy + r0 * channels : nullptr, dy_scale, shift, r1 - r0,
+                channels, out + r0 * channels);
+  });
+}
+
+}  // namespace dfp

@@ -1,0 +1,113 @@
+"""``BatchNorm2d``: torch's, with dfp's kernels where torch's CPU training kernel stalls.
+
+torch's channels-last batch norm (forward statistics and backward) keeps each thread's
+per-channel sums side by side in one buffer and updates them on every pixel. Where a
+pixel's channels do not fill whole cache lines (a channel count that is not a multiple
+of 16: the 8, 24 or 56 channels of pruned and half-width networks), two threads write the
+same line all the time. On an Intel Xeon, 2 threads, batch 128 (docs/harness.md): the
+backward of 8 channels at 32x32 took 10.3 ms against 1.3 ms on one thread, and dfp's
+kernel (each task summing blocks of pixels into memory of its own) 0.7 ms.
+
+So in training, on a CPU float32 channels-last input with more than one thread and such
+a channel count, this layer runs dfp's kernels; everywhere else it is torch's layer,
+bit for bit. Parameters, buffers, state_dict and the running statistics' update are
+torch's.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .._errors import BackendUnavailableError
+from ..backends import cpu
+
+_LINE_FLOATS = 16  # float32 values in a 64-byte cache line
+
+
+class _TrainingBatchNorm(torch.autograd.Function):
+    """y = (x - mean) * invstd * weight + bias over the batch's statistics; returns y
+    and the batch's mean and biased variance (float64, for the running statistics)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        mean, variance = cpu.batch_norm_statistics(x)
+        invstd = (variance + eps).rsqrt()
+        mean32 = mean.float()
+        scale = invstd if weight is None else invstd * weight.double()
+        shift = torch.zeros_like(mean32) if bias is None else bias.float()
+        y = cpu.batch_norm_affine(x, mean32, scale.float(), shift)
+        ctx.save_for_backward(x, weight, mean32, invstd)
+        ctx.mark_non_differentiable(mean, variance)
+        return y, mean, variance
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, _mean, _variance):
+        x, weight, mean32, invstd = ctx.saved_tensors
+        dy = dy.contiguous(memory_format=torch.channels_last)
+        sum_dy, sum_dy_centered = cpu.batch_norm_gradient_sums(dy, x, mean32)
+        rows = x.numel() // x.shape[1]
+        gain = invstd if weight is None else invstd * weight.double()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            # dx = (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))) * gain
+            x_scale = -invstd.square() * (sum_dy_centered / rows) * gain
+            dx = cpu.batch_norm_affine(
+                x, mean32, x_scale.float(), (-sum_dy / rows * gain).float(), dy, gain.float()
+            )  # fmt: skip
+        dweight = (sum_dy_centered * invstd).float() if ctx.needs_input_grad[1] else None
+        dbias = sum_dy.float() if ctx.needs_input_grad[2] else None
+        return dx, dweight, dbias, None
+
+
+class BatchNorm2d(nn.BatchNorm2d):
+    """``torch.nn.BatchNorm2d`` (same arguments, parameters and state_dict) that trains on
+    dfp's kernels where torch's would have two threads writing one cache line (see the
+    module's docstring)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self._on_dfp_kernels(input):
+            return super().forward(input)
+        factor = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # a cumulative moving average, as torch's
+                factor = 1.0 / float(self.num_batches_tracked)
+        y, mean, variance = _TrainingBatchNorm.apply(input, self.weight, self.bias, self.eps)
+        if self.training and self.running_mean is not None and self.running_var is not None:
+            rows = input.numel() // input.shape[1]
+            with torch.no_grad():
+                self.running_mean.mul_(1 - factor).add_(mean, alpha=factor)
+                self.running_var.mul_(1 - factor).add_(variance * (rows / (rows - 1)), alpha=factor)
+        return y
+
+    def _on_dfp_kernels(self, x: torch.Tensor) -> bool:
+        batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
+        return (
+            batch_statistics
+            and self.num_features % _LINE_FLOATS != 0
+            and torch.get_num_threads() > 1
+            and x.device.type == "cpu"
+            and x.dtype == torch.float32
+            and x.dim() == 4
+            and x.shape[1] == self.num_features
+            and x.numel() // max(x.shape[1], 1) > 1  # torch's layer says what is wrong with one value
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and all(p is None or p.dtype == torch.float32 for p in (self.weight, self.bias))
+            and not _compiling()
+            and _core_available()
+        )
+
+
+def _compiling() -> bool:
+    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    return bool(is_compiling and is_compiling())
+
+
+def _core_available() -> bool:
+    try:
+        cpu.ensure_available()
+    except BackendUnavailableError:  # no compiled core, or a bad DFP_CPU_ISA: torch's layer runs
+        return False
+    return True

@@ -1,0 +1,144 @@
+"""dfp.nn.BatchNorm2d: torch's layer, on dfp's kernels where torch's would have two
+threads write one cache line (training, channels last, channels not a multiple of 16)."""
+
+import pytest
+import torch
+
+import dfp
+import dfp.models
+from dfp.backends import cpu
+
+
+def channels_last(*shape, scale=3.0, shift=5.0):
+    return (torch.randn(*shape) * scale + shift).contiguous(memory_format=torch.channels_last)
+
+
+def pair(channels, affine=True, track=True, momentum=0.1):
+    """A dfp layer and a float64 torch layer with the same parameters."""
+    layer = dfp.nn.BatchNorm2d(channels, affine=affine, track_running_stats=track, momentum=momentum)
+    reference = torch.nn.BatchNorm2d(channels, affine=affine, track_running_stats=track, momentum=momentum).double()
+    if affine:
+        with torch.no_grad():
+            layer.weight.uniform_(0.5, 1.5)
+            layer.bias.normal_()
+            reference.weight.copy_(layer.weight)
+            reference.bias.copy_(layer.bias)
+    return layer, reference
+
+
+def sqnr_db(got, want):
+    return (10 * torch.log10(want.square().sum() / (got.double() - want).square().sum())).item()
+
+
+@pytest.mark.parametrize("channels,size", [(8, 32), (24, 16), (56, 8), (3, 5), (1, 7), (40, 1)])
+@pytest.mark.parametrize("affine", [True, False])
+def test_products_and_running_statistics_follow_float64(channels, size, affine):
+    # fp32 rounds at 2^-24 (144 dB); the sums run in blocks of at most 256 values, so
+    # every output keeps at least 120 dB against float64
+    torch.manual_seed(channels)
+    torch.set_num_threads(2)
+    layer, reference = pair(channels, affine)
+    x = channels_last(6, channels, size, size)
+    assert layer._on_dfp_kernels(x)
+    dy = torch.randn_like(x)
+    xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    for _ in range(2):  # the running statistics over two updates
+        y = layer(xa)
+        y.backward(dy)
+        yr = reference(xr)
+        yr.backward(dy.double())
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    outputs = [(y, yr), (xa.grad, xr.grad), (layer.running_mean, reference.running_mean)]
+    outputs.append((layer.running_var, reference.running_var))
+    if affine:
+        outputs += [(layer.weight.grad, reference.weight.grad), (layer.bias.grad, reference.bias.grad)]
+    for got, want in outputs:
+        assert sqnr_db(got, want) >= 120
+    assert layer.num_batches_tracked.item() == 2
+
+
+def test_momentum_none_is_a_cumulative_average():
+    torch.set_num_threads(2)
+    layer, reference = pair(8, momentum=None)
+    for seed in range(3):
+        torch.manual_seed(seed)
+        x = channels_last(4, 8, 6, 6)
+        layer(x)
+        reference(x.double())
+    assert sqnr_db(layer.running_mean, reference.running_mean) >= 120
+    assert sqnr_db(layer.running_var, reference.running_var) >= 120
+
+
+def test_without_running_statistics_every_mode_uses_the_batch():
+    torch.set_num_threads(2)
+    layer, reference = pair(8, track=False)
+    x = channels_last(4, 8, 6, 6)
+    for mode in (True, False):
+        layer.train(mode), reference.train(mode)
+        assert layer._on_dfp_kernels(x)
+        assert sqnr_db(layer(x), reference(x.double())) >= 120
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["one thread", "16 channels", "contiguous", "eval", "float64", "one value per channel"],
+)
+def test_elsewhere_it_is_torchs_layer_bit_for_bit(case):
+    torch.manual_seed(0)
+    torch.set_num_threads(1 if case == "one thread" else 2)
+    channels = 16 if case == "16 channels" else 8
+    layer = dfp.nn.BatchNorm2d(channels)
+    x = channels_last(
+        1 if case == "one value per channel" else 4, channels, *((1, 1) if case == "one value per channel" else (6, 6))
+    )
+    if case == "contiguous":
+        x = x.contiguous()
+    if case == "float64":
+        layer, x = layer.double(), x.double()
+    if case == "eval":
+        layer(x)  # running statistics from a batch, on dfp's kernels
+        layer.eval()
+    torch_layer = torch.nn.BatchNorm2d(channels).to(x.dtype)
+    torch_layer.load_state_dict(layer.state_dict())
+    torch_layer.train(layer.training)
+    assert not layer._on_dfp_kernels(x)
+    if case == "one value per channel":  # torch's own message
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            layer(x)
+        return
+    assert torch.equal(layer(x), torch_layer(x))
+
+
+def test_nan_stays_in_its_channel():
+    torch.set_num_threads(2)
+    layer = dfp.nn.BatchNorm2d(8)
+    x = channels_last(4, 8, 6, 6).requires_grad_()
+    with torch.no_grad():
+        x[1, 3, 2, 2] = float("nan")
+    y = layer(x)
+    y.sum().backward()
+    assert y[:, 3].isnan().all() and y[:, [0, 1, 2, 4, 5, 6, 7]].isfinite().all()
+    assert x.grad[:, 3].isnan().all() and x.grad[:, [0, 1, 2, 4, 5, 6, 7]].isfinite().all()
+    assert layer.running_mean[3].isnan() and layer.running_mean[[0, 1, 2, 4, 5, 6, 7]].isfinite().all()
+
+
+def test_kernels_give_the_same_bits_on_any_number_of_threads():
+    torch.manual_seed(0)
+    x = channels_last(32, 24, 16, 16)  # 8192 rows: several tasks
+    dy = torch.randn_like(x)
+    scale, shift = torch.rand(24), torch.randn(24)
+    results = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        mean, variance = cpu.batch_norm_statistics(x)
+        sums = cpu.batch_norm_gradient_sums(dy, x, mean.float())
+        y = cpu.batch_norm_affine(x, mean.float(), scale, shift, dy, scale)
+        results.append((mean, variance, *sums, y))
+    for first, second in zip(*results):
+        assert torch.equal(first, second)
+
+
+def test_the_models_train_with_it():
+    model = dfp.models.resnet20(3, 10)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(isinstance(m, dfp.nn.BatchNorm2d) for m in norms)
