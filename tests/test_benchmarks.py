@@ -149,3 +149,20 @@ def test_main_job_steps_run_in_turns(capsys):
     assert rows[0].endswith("| 1.00x |") and len(rows) == 2
     with pytest.raises(SystemExit):
         main_job.main(["--formats", "dfp16,fp32"])
+
+
+def test_batch_norm_kernels_and_steps_are_timed_in_turns(capsys):
+    from benchmarks import batch_norm
+
+    batch_norm.main(["--threads", "2", "--repeats", "1", "--batch", "4"])
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    kernels = {row[0][2:]: row[-1] for row in rows if row[0][2:].isdigit()}
+    assert kernels == {
+        "8": "dfp's |",
+        "16": "torch's |",
+        "24": "dfp's |",
+        "32": "torch's |",
+        "56": "dfp's |",
+        "64": "torch's |",
+    }
+    assert [row[0] for row in rows if row[0][2:] in ("full", "half", "pruned")] == ["| full", "| half", "| pruned"]

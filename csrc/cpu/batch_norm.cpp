@@ -31,8 +31,8 @@ class OwnLines {
 struct Tasks {
   int64_t rows_per_block, blocks_per_task, rows_per_task, count;
   Tasks(int64_t rows, int64_t channels) {
-    rows_per_block = std::clamp<int64_t>(kBlockElements / channels, 1, kMaxBlockRows);
-    blocks_per_task = std::max<int64_t>(1, kTaskElements / (rows_per_block * channels));
+    rows_per_block = std::clamp<int64_t>(kBlockElements / std::max<int64_t>(channels, 1), 1, kMaxBlockRows);
+    blocks_per_task = std::max<int64_t>(1, kTaskElements / (rows_per_block * std::max<int64_t>(channels, 1)));
     rows_per_task = rows_per_block * blocks_per_task;
     count = (rows + rows_per_task - 1) / rows_per_task;
   }

@@ -92,17 +92,13 @@ class BatchNorm2d(nn.BatchNorm2d):
             and x.dtype == torch.float32
             and x.dim() == 4
             and x.shape[1] == self.num_features
-            and x.numel() // max(x.shape[1], 1) > 1  # torch's layer says what is wrong with one value
+            and x.numel() > x.shape[1]  # torch's layer says what is wrong with one value per channel
             and x.is_contiguous(memory_format=torch.channels_last)
             and all(p is None or p.dtype == torch.float32 for p in (self.weight, self.bias))
-            and not _compiling()
+            and not torch.compiler.is_compiling()
+            and not torch.jit.is_tracing()
             and _core_available()
         )
-
-
-def _compiling() -> bool:
-    is_compiling = getattr(getattr(torch, "compiler", None), "is_compiling", None)
-    return bool(is_compiling and is_compiling())
 
 
 def _core_available() -> bool:
