@@ -80,6 +80,18 @@ void affine_rows(const float* __restrict x, const float* __restrict mean, const 
   }
 }
 
+// Chan et al.'s pairwise update: a part of nb rows, its per-channel means and sums of
+// squared deviations, joined to those of the n rows before it.
+template <typename T>
+void join(double n, double nb, const T* part_mean, const T* part_m2, int64_t channels, double* mean, double* m2) {
+  const double total = n + nb;
+  for (int64_t c = 0; c < channels; ++c) {
+    const double delta = double(part_mean[c]) - mean[c];
+    mean[c] += delta * nb / total;
+    m2[c] += double(part_m2[c]) + delta * delta * n * nb / total;
+  }
+}
+
 }  // namespace
 
 void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, double* mean, double* variance,
@@ -101,14 +113,8 @@ void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, doubl
       const float count = float(b1 - b0);
       for (int64_t c = 0; c < channels; ++c) bm[c] = s[c] / count;
       add_squared_deviations(x + b0 * channels, b1 - b0, channels, bm, q);
-      // Chan et al.: the block's mean and squared deviations joined to the task's
-      const double nb = double(count), total = n + nb;
-      for (int64_t c = 0; c < channels; ++c) {
-        const double delta = double(bm[c]) - m.data()[c];
-        m.data()[c] += delta * nb / total;
-        m2.data()[c] += double(q[c]) + delta * delta * n * nb / total;
-      }
-      n = total;
+      join(n, double(count), bm, q, channels, m.data(), m2.data());
+      n += double(count);
     }
     std::copy_n(m.data(), channels, task_mean.data() + t * channels);
     std::copy_n(m2.data(), channels, task_m2.data() + t * channels);
@@ -116,13 +122,8 @@ void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, doubl
   std::fill_n(mean, channels, 0.0);
   std::vector<double> m2(channels, 0.0);
   for (int64_t t = 0; t < tasks.count; ++t) {
-    const double n = double(t * tasks.rows_per_task);
-    const double nb = double(std::min(rows, (t + 1) * tasks.rows_per_task)) - n, total = n + nb;
-    for (int64_t c = 0; c < channels; ++c) {
-      const double delta = task_mean[t * channels + c] - mean[c];
-      mean[c] += delta * nb / total;
-      m2[c] += task_m2[t * channels + c] + delta * delta * n * nb / total;
-    }
+    const double n = double(t * tasks.rows_per_task), nb = double(std::min(rows, (t + 1) * tasks.rows_per_task)) - n;
+    join(n, nb, task_mean.data() + t * channels, task_m2.data() + t * channels, channels, mean, m2.data());
   }
   for (int64_t c = 0; c < channels; ++c) variance[c] = rows > 0 ? m2[c] / double(rows) : 0.0;
 }
