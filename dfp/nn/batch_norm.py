@@ -4,9 +4,10 @@ torch's channels-last batch norm (forward statistics and backward) keeps each th
 per-channel sums side by side in one buffer and updates them on every pixel. Where a
 pixel's channels do not fill whole cache lines (a channel count that is not a multiple
 of 16: the 8, 24 or 56 channels of pruned and half-width networks), two threads write the
-same line all the time. On an Intel Xeon, 2 threads, batch 128 (docs/harness.md): the
-backward of 8 channels at 32x32 took 10.3 ms against 1.3 ms on one thread, and dfp's
-kernel (each task summing blocks of pixels into memory of its own) 0.7 ms.
+same line all the time. On an Intel Xeon, batch 128 (``python -m benchmarks.batch_norm``,
+docs/harness.md): forward and backward of 8 channels at 32x32 took 9.43 ms on 2 threads
+against 2.34 ms on one, and on dfp's kernels (each task summing blocks of pixels into
+memory of its own) 1.25 ms.
 
 So in training, on a CPU float32 channels-last input with more than one thread and such
 a channel count, this layer runs dfp's kernels; everywhere else it is torch's layer,
