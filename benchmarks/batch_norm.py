@@ -5,7 +5,8 @@ are not a multiple of 16 (dfp/nn/batch_norm.py). This times a batch norm's forwa
 backward at ResNet-20's sizes (batch 128) on each kernel, and whole ResNet-20 training
 steps (fp32, SGD) at full width, half width (Net2Net's start) and the widths PruneTrain
 left in the study of docs/harness.md, with torch.nn.BatchNorm2d against
-dfp.nn.BatchNorm2d, in turns in one process: paired medians.
+dfp.nn.BatchNorm2d, in turns in one process: paired medians. ``--dtype bfloat16`` times
+bf16 batch norms, and the steps under bf16 autocast (where a batch norm's input is bf16).
 """
 
 from __future__ import annotations
@@ -30,15 +31,15 @@ PRUNED = {
 }  # fmt: skip
 
 
-def layer_input(batch: int, channels: int) -> torch.Tensor:
+def layer_input(batch: int, channels: int, dtype: torch.dtype) -> torch.Tensor:
     """(batch, channels, s, s), s as ResNet-20's stage of that width, channels last."""
     size = 32 if channels <= 16 else 16 if channels <= 32 else 8
-    return torch.randn(batch, channels, size, size).contiguous(memory_format=torch.channels_last)
+    return torch.randn(batch, channels, size, size, dtype=dtype).contiguous(memory_format=torch.channels_last)
 
 
-def layer_times(batch: int, channels: int, repeats: int) -> dict[str, list[float]]:
+def layer_times(batch: int, channels: int, dtype: torch.dtype, repeats: int) -> dict[str, list[float]]:
     """Seconds of a batch norm's forward and backward on torch's kernel and on dfp's."""
-    x = layer_input(batch, channels).requires_grad_().contiguous(memory_format=torch.channels_last).requires_grad_()
+    x = layer_input(batch, channels, dtype).requires_grad_()
     dy = torch.randn_like(x)
     weight = torch.ones(channels, requires_grad=True)
     bias = torch.zeros(channels, requires_grad=True)
@@ -72,7 +73,7 @@ def resnet20(widths: str, torch_norms: bool) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 
-def step_times(batch: int, widths: str, repeats: int) -> dict[str, list[float]]:
+def step_times(batch: int, widths: str, dtype: torch.dtype, repeats: int) -> dict[str, list[float]]:
     x = torch.randn(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     labels = torch.randint(0, 10, (batch,))
     steps = {}
@@ -82,7 +83,9 @@ def step_times(batch: int, widths: str, repeats: int) -> dict[str, list[float]]:
 
         def step(model=model, optimizer=optimizer):
             optimizer.zero_grad()
-            torch.nn.functional.cross_entropy(model(x), labels).backward()
+            with torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(model(x), labels)
+            loss.backward()
             optimizer.step()
 
         steps[kind] = step
@@ -94,16 +97,21 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="(default: %(default)s)")
     p.add_argument("--repeats", type=int, default=15, help="rounds per measurement (default: %(default)s)")
     p.add_argument("--batch", type=int, default=128, help="(default: %(default)s)")
+    p.add_argument(
+        "--dtype", choices=["float32", "bfloat16"], default="float32",
+        help="the batch norms' inputs; bfloat16 runs the steps under bf16 autocast (default: %(default)s)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    dtype = getattr(torch, args.dtype)
     keep_freed_memory()  # as the harness trains
     print(machine())
     for threads in args.threads:
         torch.set_num_threads(threads)
-        print(f"\n{threads} thread(s); batch {args.batch}, forward + backward, ms (medians)\n")
+        print(f"\n{threads} thread(s); batch {args.batch}, {args.dtype}, forward + backward, ms (medians)\n")
         print("| channels | torch | dfp | dfp's speed-up | dfp.nn.BatchNorm2d runs |\n|---|---|---|---|---|")
         for channels in (8, 16, 24, 32, 56, 64):
-            t = layer_times(args.batch, channels, args.repeats)
-            runs = "dfp's" if BatchNorm2d(channels)._on_dfp_kernels(layer_input(2, channels)) else "torch's"
+            t = layer_times(args.batch, channels, dtype, args.repeats)
+            runs = "dfp's" if BatchNorm2d(channels)._on_dfp_kernels(layer_input(2, channels, dtype)) else "torch's"
             print(
                 f"| {channels} | {1e3 * median(t['torch']):.2f} | {1e3 * median(t['dfp']):.2f} "
                 f"| {speedup(t['dfp'], t['torch']):.2f}x | {runs} |"
@@ -111,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
         print("\n| ResNet-20 widths | steps with torch's batch norm | with dfp.nn.BatchNorm2d | speed-up |")
         print("|---|---|---|---|")
         for widths in ("full", "half", "pruned"):
-            t = step_times(args.batch, widths, max(5, args.repeats // 2))
+            t = step_times(args.batch, widths, dtype, max(5, args.repeats // 2))
             print(
                 f"| {widths} | {1e3 * median(t['torch']):.1f} ms | {1e3 * median(t['dfp']):.1f} ms "
                 f"| {speedup(t['dfp'], t['torch']):.2f}x |"

@@ -27,6 +27,15 @@ T* ptr(uintptr_t address) {
   return reinterpret_cast<T*>(address);
 }
 
+// Calls fn with a value of the element type a tensor holds: float, or bfloat16.
+template <typename Fn>
+void with_element_type(bool bfloat16, Fn fn) {
+  if (bfloat16)
+    fn(dfp::BFloat16{});
+  else
+    fn(float{});
+}
+
 std::vector<std::string> supported_isa_names() {
   std::vector<std::string> names;
   for (dfp::Isa isa : dfp::supported_isas()) names.emplace_back(dfp::isa_name(isa));
@@ -286,32 +295,44 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "batch_norm_statistics",
-      [](uintptr_t x, int64_t rows, int64_t channels, uintptr_t mean, uintptr_t variance, int nthreads) {
+      [](uintptr_t x, int64_t rows, int64_t channels, uintptr_t mean, uintptr_t variance, bool bfloat16,
+         int nthreads) {
         py::gil_scoped_release release;
-        dfp::batch_norm_statistics(ptr<const float>(x), rows, channels, ptr<double>(mean), ptr<double>(variance),
-                                   nthreads);
+        with_element_type(bfloat16, [&](auto element) {
+          using T = decltype(element);
+          dfp::batch_norm_statistics(ptr<const T>(x), rows, channels, ptr<double>(mean), ptr<double>(variance),
+                                     nthreads);
+        });
       },
-      "per channel mean and biased variance (float64) of float32 x, rows x channels");
+      "per channel mean and biased variance (float64) of x (float32, or bfloat16 where bfloat16), rows x "
+      "channels");
 
   m.def(
       "batch_norm_gradient_sums",
       [](uintptr_t dy, uintptr_t x, uintptr_t mean, int64_t rows, int64_t channels, uintptr_t sum_dy,
-         uintptr_t sum_dy_centered, int nthreads) {
+         uintptr_t sum_dy_centered, bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
-        dfp::batch_norm_gradient_sums(ptr<const float>(dy), ptr<const float>(x), ptr<const float>(mean), rows,
-                                      channels, ptr<double>(sum_dy), ptr<double>(sum_dy_centered), nthreads);
+        with_element_type(bfloat16, [&](auto element) {
+          using T = decltype(element);
+          dfp::batch_norm_gradient_sums(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean), rows, channels,
+                                        ptr<double>(sum_dy), ptr<double>(sum_dy_centered), nthreads);
+        });
       },
-      "per channel sums (float64) of dy and of dy * (x - mean), float32 rows x channels");
+      "per channel sums (float64) of dy and of dy * (x - mean); dy and x float32 (or bfloat16 where bfloat16), "
+      "rows x channels");
 
   m.def(
       "batch_norm_affine",
       [](uintptr_t x, uintptr_t mean, uintptr_t x_scale, uintptr_t dy, uintptr_t dy_scale, uintptr_t shift,
-         int64_t rows, int64_t channels, uintptr_t out, int nthreads) {
+         int64_t rows, int64_t channels, uintptr_t out, bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
-        dfp::batch_norm_affine(ptr<const float>(x), ptr<const float>(mean), ptr<const float>(x_scale),
-                               ptr<const float>(dy), ptr<const float>(dy_scale), ptr<const float>(shift), rows,
-                               channels, ptr<float>(out), nthreads);
+        with_element_type(bfloat16, [&](auto element) {
+          using T = decltype(element);
+          dfp::batch_norm_affine(ptr<const T>(x), ptr<const float>(mean), ptr<const float>(x_scale),
+                                 ptr<const T>(dy), ptr<const float>(dy_scale), ptr<const float>(shift), rows,
+                                 channels, ptr<T>(out), nthreads);
+        });
       },
-      "out = (x - mean) * x_scale + dy * dy_scale + shift per channel (dy 0: no such term), float32 rows x "
-      "channels");
+      "out = (x - mean) * x_scale + dy * dy_scale + shift per channel (dy 0: no such term); x, dy and out "
+      "float32 (or bfloat16 where bfloat16), rows x channels; vectors float32");
 }

@@ -57,6 +57,52 @@ def test_products_and_running_statistics_follow_float64(channels, size, affine):
     assert layer.num_batches_tracked.item() == 2
 
 
+def bf16_ulps(got, want):
+    """|got - want| in units of bfloat16's last place at want (8 significant bits)."""
+    place = torch.exp2(torch.floor(torch.log2(want.abs().clamp_min(1e-30))) - 7)
+    return (got.double() - want).abs() / place
+
+
+@pytest.mark.parametrize("channels,size", [(8, 32), (24, 16), (56, 8)])
+def test_bfloat16_outputs_are_float64_rounded_once(channels, size):
+    # bf16 autocast hands a batch norm bf16; the sums run in float and double as for
+    # float32 inputs, so y and dx are the float64 result rounded to bf16 (one rounding
+    # from float: off by one place only next to a tie), the other outputs float32
+    torch.manual_seed(channels)
+    torch.set_num_threads(2)
+    layer, reference = pair(channels)
+    x = channels_last(6, channels, size, size).bfloat16()
+    assert layer._on_dfp_kernels(x)
+    dy = torch.randn_like(x)
+    xa, xr = x.clone().requires_grad_(), x.double().requires_grad_()
+    y = layer(xa)
+    y.backward(dy)
+    yr = reference(xr)
+    yr.backward(dy.double())
+    assert y.dtype == xa.grad.dtype == torch.bfloat16 and y.is_contiguous(memory_format=torch.channels_last)
+    for got, want in [(y, yr), (xa.grad, xr.grad)]:
+        assert bf16_ulps(got, want).max() <= 1
+        assert (got == want.bfloat16()).float().mean() >= 0.995
+    for got, want in [(layer.running_mean, reference.running_mean), (layer.running_var, reference.running_var)]:
+        assert got.dtype == torch.float32 and sqnr_db(got, want) >= 120
+    for got, want in [(layer.weight.grad, reference.weight.grad), (layer.bias.grad, reference.bias.grad)]:
+        assert got.dtype == torch.float32 and sqnr_db(got, want) >= 120
+
+
+def test_under_bf16_autocast_the_models_norms_run_dfps_kernels():
+    torch.manual_seed(0)
+    torch.set_num_threads(2)
+    conv, norm = torch.nn.Conv2d(3, 8, 3, padding=1), dfp.nn.BatchNorm2d(8)
+    x = channels_last(4, 3, 8, 8)
+    with torch.autocast("cpu", torch.bfloat16):
+        h = conv(x)
+        assert h.dtype == torch.bfloat16 and norm._on_dfp_kernels(h)
+        y = norm(h)
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert conv.weight.grad.isfinite().all() and norm.weight.grad.isfinite().all()
+
+
 def test_momentum_none_is_a_cumulative_average():
     torch.set_num_threads(2)
     layer, reference = pair(8, momentum=None)
@@ -109,10 +155,11 @@ def test_elsewhere_it_is_torchs_layer_bit_for_bit(case):
     assert torch.equal(layer(x), torch_layer(x))
 
 
-def test_nan_stays_in_its_channel():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_nan_stays_in_its_channel(dtype):
     torch.set_num_threads(2)
     layer = dfp.nn.BatchNorm2d(8)
-    x = channels_last(4, 8, 6, 6).requires_grad_()
+    x = channels_last(4, 8, 6, 6).to(dtype).requires_grad_()
     with torch.no_grad():
         x[1, 3, 2, 2] = float("nan")
     y = layer(x)
@@ -122,9 +169,10 @@ def test_nan_stays_in_its_channel():
     assert layer.running_mean[3].isnan() and layer.running_mean[[0, 1, 2, 4, 5, 6, 7]].isfinite().all()
 
 
-def test_kernels_give_the_same_bits_on_any_number_of_threads():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernels_give_the_same_bits_on_any_number_of_threads(dtype):
     torch.manual_seed(0)
-    x = channels_last(32, 24, 16, 16)  # 8192 rows: several tasks
+    x = channels_last(32, 24, 16, 16).to(dtype)  # 8192 rows: several tasks
     dy = torch.randn_like(x)
     scale, shift = torch.rand(24), torch.randn(24)
     results = []

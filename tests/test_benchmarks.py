@@ -151,10 +151,11 @@ def test_main_job_steps_run_in_turns(capsys):
         main_job.main(["--formats", "dfp16,fp32"])
 
 
-def test_batch_norm_kernels_and_steps_are_timed_in_turns(capsys):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_batch_norm_kernels_and_steps_are_timed_in_turns(capsys, dtype):
     from benchmarks import batch_norm
 
-    batch_norm.main(["--threads", "2", "--repeats", "1", "--batch", "4"])
+    batch_norm.main(["--threads", "2", "--repeats", "1", "--batch", "4", "--dtype", dtype])
     rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
     kernels = {row[0][2:]: row[-1] for row in rows if row[0][2:].isdigit()}
     assert kernels == {

@@ -1,6 +1,7 @@
 #include "batch_norm.h"
 
 #include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "threads.h"
@@ -38,44 +39,73 @@ struct Tasks {
   }
 };
 
+inline float widen(float v) { return v; }
+inline float widen(BFloat16 v) {
+  const uint32_t bits = uint32_t(v.bits) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Rounding to nearest even, as torch's bfloat16 does. A NaN whose payload lies in the low
+// half would come out as Inf, so NaN is written as torch's quiet NaN.
+template <typename T>
+T narrow(float v);
+template <>
+inline float narrow<float>(float v) {
+  return v;
+}
+template <>
+inline BFloat16 narrow<BFloat16>(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  return {uint16_t(v != v ? 0x7fc0u : rounded)};
+}
+
 // The loops over a block's rows, on arguments by value and unaliased pointers: read
 // through the lambdas' references (-fno-strict-aliasing) the channel count could change
 // with every store, and no loop was vectorized.
-void add_rows(const float* __restrict x, int64_t rows, int64_t channels, float* __restrict sums) {
+template <typename T>
+void add_rows(const T* __restrict x, int64_t rows, int64_t channels, float* __restrict sums) {
   for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < channels; ++c) sums[c] += x[r * channels + c];
+    for (int64_t c = 0; c < channels; ++c) sums[c] += widen(x[r * channels + c]);
 }
 
-void add_squared_deviations(const float* __restrict x, int64_t rows, int64_t channels,
+template <typename T>
+void add_squared_deviations(const T* __restrict x, int64_t rows, int64_t channels,
                             const float* __restrict mean, float* __restrict sums) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < channels; ++c) {
-      const float d = x[r * channels + c] - mean[c];
+      const float d = widen(x[r * channels + c]) - mean[c];
       sums[c] += d * d;
     }
 }
 
-void add_gradient_rows(const float* __restrict dy, const float* __restrict x, int64_t rows, int64_t channels,
+template <typename T>
+void add_gradient_rows(const T* __restrict dy, const T* __restrict x, int64_t rows, int64_t channels,
                        const float* __restrict mean, float* __restrict sums_dy, float* __restrict sums_centered) {
   for (int64_t r = 0; r < rows; ++r)
     for (int64_t c = 0; c < channels; ++c) {
-      const float g = dy[r * channels + c];
+      const float g = widen(dy[r * channels + c]);
       sums_dy[c] += g;
-      sums_centered[c] += g * (x[r * channels + c] - mean[c]);
+      sums_centered[c] += g * (widen(x[r * channels + c]) - mean[c]);
     }
 }
 
-void affine_rows(const float* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
-                 const float* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
-                 int64_t rows, int64_t channels, float* __restrict out) {
+template <typename T>
+void affine_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
+                 const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
+                 int64_t rows, int64_t channels, T* __restrict out) {
   for (int64_t r = 0; r < rows; ++r) {
-    const float* xr = x + r * channels;
-    float* o = out + r * channels;
+    const T* xr = x + r * channels;
+    T* o = out + r * channels;
     if (dy) {
-      const float* g = dy + r * channels;
-      for (int64_t c = 0; c < channels; ++c) o[c] = (xr[c] - mean[c]) * x_scale[c] + g[c] * dy_scale[c] + shift[c];
+      const T* g = dy + r * channels;
+      for (int64_t c = 0; c < channels; ++c)
+        o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + widen(g[c]) * dy_scale[c] + shift[c]);
     } else {
-      for (int64_t c = 0; c < channels; ++c) o[c] = (xr[c] - mean[c]) * x_scale[c] + shift[c];
+      for (int64_t c = 0; c < channels; ++c) o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + shift[c]);
     }
   }
 }
@@ -94,7 +124,8 @@ void join(double n, double nb, const T* part_mean, const T* part_m2, int64_t cha
 
 }  // namespace
 
-void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, double* mean, double* variance,
+template <typename T>
+void batch_norm_statistics(const T* x, int64_t rows, int64_t channels, double* mean, double* variance,
                            int nthreads) {
   const Tasks tasks(rows, channels);
   // each task's count, mean and sum of squared deviations, combined in order below
@@ -128,7 +159,8 @@ void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, doubl
   for (int64_t c = 0; c < channels; ++c) variance[c] = rows > 0 ? m2[c] / double(rows) : 0.0;
 }
 
-void batch_norm_gradient_sums(const float* dy, const float* x, const float* mean, int64_t rows, int64_t channels,
+template <typename T>
+void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, int64_t rows, int64_t channels,
                               double* sum_dy, double* sum_dy_centered, int nthreads) {
   const Tasks tasks(rows, channels);
   std::vector<double> task_dy(tasks.count * channels), task_centered(tasks.count * channels);
@@ -159,13 +191,22 @@ void batch_norm_gradient_sums(const float* dy, const float* x, const float* mean
     }
 }
 
-void batch_norm_affine(const float* x, const float* mean, const float* x_scale, const float* dy,
-                       const float* dy_scale, const float* shift, int64_t rows, int64_t channels, float* out,
-                       int nthreads) {
+template <typename T>
+void batch_norm_affine(const T* x, const float* mean, const float* x_scale, const T* dy, const float* dy_scale,
+                       const float* shift, int64_t rows, int64_t channels, T* out, int nthreads) {
   for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
     affine_rows(x + r0 * channels, mean, x_scale, dy ? dy + r0 * channels : nullptr, dy_scale, shift, r1 - r0,
                 channels, out + r0 * channels);
   });
 }
+
+#define DFP_BATCH_NORM_FOR(T)                                                                                \
+  template void batch_norm_statistics(const T*, int64_t, int64_t, double*, double*, int);                         \
+  template void batch_norm_gradient_sums(const T*, const T*, const float*, int64_t, int64_t, double*, double*, int); \
+  template void batch_norm_affine(const T*, const float*, const float*, const T*, const float*, const float*,      \
+                                  int64_t, int64_t, T*, int);
+DFP_BATCH_NORM_FOR(float)
+DFP_BATCH_NORM_FOR(BFloat16)
+#undef DFP_BATCH_NORM_FOR
 
 }  // namespace dfp

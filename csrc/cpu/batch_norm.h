@@ -1,5 +1,5 @@
-// Batch normalisation in training, over channels-last float32 tensors seen as rows x
-// channels (rows = n * h * w). torch's CPU kernel keeps each thread's per-channel sums
+// Batch normalisation in training, over channels-last float32 or bfloat16 tensors seen as
+// rows x channels (rows = n * h * w); sums and arithmetic in float and double. torch's CPU kernel keeps each thread's per-channel sums
 // side by side in one buffer and updates them on every row: where a row of channels is
 // not a whole number of cache lines (8, 24 or 56 channels: the widths of pruned and
 // half-width networks) two threads write one line all the time, and a 2-thread batch
@@ -11,13 +11,21 @@
 
 namespace dfp {
 
+// bfloat16 as torch stores it: the upper half of a float's bits. x, dy and out of one call
+// share an element type, float or BFloat16 (torch's autocast hands bf16 to a batch norm).
+struct BFloat16 {
+  uint16_t bits;
+};
+
 // Per channel mean and biased variance of x (rows x channels), each block's float sums
 // combined in double (Chan et al.'s pairwise update of mean and squared deviations).
-void batch_norm_statistics(const float* x, int64_t rows, int64_t channels, double* mean, double* variance,
+template <typename T>
+void batch_norm_statistics(const T* x, int64_t rows, int64_t channels, double* mean, double* variance,
                            int nthreads);
 
 // Per channel sums of dy and of dy * (x - mean), for the backward.
-void batch_norm_gradient_sums(const float* dy, const float* x, const float* mean, int64_t rows, int64_t channels,
+template <typename T>
+void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, int64_t rows, int64_t channels,
                               double* sum_dy, double* sum_dy_centered, int nthreads);
 
 // out = (x - mean) * x_scale + dy * dy_scale + shift per channel (dy null: no such
@@ -25,8 +33,9 @@ void batch_norm_gradient_sums(const float* dy, const float* x, const float* mean
 // (x - mean) * (-k * g) + dy * g - mean(dy) * g with g = invstd * weight and
 // k = invstd^2 * mean(dy * (x - mean)). x is centred first: x * a + b with b holding
 // mean * a would cancel where the mean is large against the spread.
-void batch_norm_affine(const float* x, const float* mean, const float* x_scale, const float* dy,
-                       const float* dy_scale, const float* shift, int64_t rows, int64_t channels, float* out,
-                       int nthreads);
+// A bfloat16 out is the float result rounded to nearest even; NaN stays NaN.
+template <typename T>
+void batch_norm_affine(const T* x, const float* mean, const float* x_scale, const T* dy, const float* dy_scale,
+                       const float* shift, int64_t rows, int64_t channels, T* out, int nthreads);
 
 }  // namespace dfp

@@ -438,8 +438,8 @@ def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, group
     return dw
 
 
-# Batch normalisation in training, on channels-last float32 (n, c, h, w) tensors, whose
-# memory is rows x channels (dfp.nn.BatchNorm2d).
+# Batch normalisation in training, on channels-last float32 or bfloat16 (n, c, h, w)
+# tensors, whose memory is rows x channels (dfp.nn.BatchNorm2d). Vectors are float32.
 
 
 def batch_norm_statistics(x):
@@ -448,30 +448,32 @@ def batch_norm_statistics(x):
     mean = torch.empty(channels, dtype=torch.float64)
     variance = torch.empty(channels, dtype=torch.float64)
     _core().batch_norm_statistics(
-        x.data_ptr(), x.numel() // channels, channels, mean.data_ptr(), variance.data_ptr(), torch.get_num_threads()
-    )
+        x.data_ptr(), x.numel() // channels, channels, mean.data_ptr(), variance.data_ptr(),
+        x.dtype == torch.bfloat16, torch.get_num_threads(),
+    )  # fmt: skip
     return mean, variance
 
 
 def batch_norm_gradient_sums(dy, x, mean):
-    """Per channel sums of dy and of dy * (x - mean) (mean float32), float64."""
+    """Per channel sums of dy and of dy * (x - mean) (mean float32), float64; dy has x's
+    dtype."""
     channels = x.shape[1]
     sum_dy = torch.empty(channels, dtype=torch.float64)
     sum_dy_centered = torch.empty(channels, dtype=torch.float64)
     _core().batch_norm_gradient_sums(
         dy.data_ptr(), x.data_ptr(), mean.data_ptr(), x.numel() // channels, channels,
-        sum_dy.data_ptr(), sum_dy_centered.data_ptr(), torch.get_num_threads(),
+        sum_dy.data_ptr(), sum_dy_centered.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return sum_dy, sum_dy_centered
 
 
 def batch_norm_affine(x, mean, x_scale, shift, dy=None, dy_scale=None):
     """(x - mean) * x_scale + dy * dy_scale + shift per channel (float32 vectors), in x's
-    layout."""
+    layout and dtype (dy has it too)."""
     channels = x.shape[1]
     out = torch.empty_like(x)
     _core().batch_norm_affine(
         x.data_ptr(), mean.data_ptr(), x_scale.data_ptr(), _address(dy), _address(dy_scale), shift.data_ptr(),
-        x.numel() // channels, channels, out.data_ptr(), torch.get_num_threads(),
+        x.numel() // channels, channels, out.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return out
