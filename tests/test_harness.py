@@ -1074,3 +1074,12 @@ def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
     (record,) = ResultStore(tmp_path).load()
     assert record["config"]["strategy_settings"]["penalty_epochs"] == 1
     assert "group lasso in the first 1 epochs only" in (tmp_path / "report.md").read_text()
+
+
+def test_widen_split_random_runs_in_the_harness_and_names_its_runs(tmp_path):
+    argv = ["--model", "resnet20", "--formats", "fp32", "--strategies", "net2net", "--epochs", "2"]
+    argv += ["--warmup-epochs", "0", "--grow-epochs", "1", "--limit-train-batches", "2"]
+    assert _main_job(tmp_path, *argv, "--widen-split", "random") == 0
+    assert _main_job(tmp_path, *argv) == 0  # evenly: another run, whose config stays as before the option
+    split = [r["config"]["strategy_settings"].get("widen_split") for r in ResultStore(tmp_path).load()]
+    assert split == ["random", None]

@@ -389,15 +389,16 @@ def test_swalp_weights_stay_dfp16_and_its_average_follows():
 # ---------------------------------------------------------------- Net2WiderNet
 
 
+@pytest.mark.parametrize("split", structure.SPLITS)
 @pytest.mark.parametrize("kernel_size", [1, 3, 5])
-def test_widening_preserves_the_function(kernel_size):
+def test_widening_preserves_the_function(kernel_size, split):
     model = _chain(kernel_size)
     space_a, space_b = model.spaces()
     x = _x()
     before = _outputs(model, x)
     g = torch.Generator().manual_seed(0)
-    surgery = structure.widening(model, space_a, structure.wider_mapping(6, 12, g)).merged(
-        structure.widening(model, space_b, structure.wider_mapping(8, 11, g))
+    surgery = structure.widening(model, space_a, structure.wider_mapping(6, 12, g), generator=g, split=split).merged(
+        structure.widening(model, space_b, structure.wider_mapping(8, 11, g), generator=g, split=split)
     )
     structure.apply(model, surgery)
     assert model.conv2.weight.shape == (11, 12, kernel_size, kernel_size) and model.fc.in_features == 11 * 25
@@ -406,22 +407,54 @@ def test_widening_preserves_the_function(kernel_size):
         assert _relative(after[mode], before[mode]) <= 1e-5, mode
 
 
+@pytest.mark.parametrize("split", structure.SPLITS)
 @pytest.mark.parametrize("new_width", [24, 32])
-def test_widening_a_resnet_join_with_one_mapping_preserves_the_function(new_width):
+def test_widening_a_resnet_join_with_one_mapping_preserves_the_function(new_width, split):
     model = _resnet()
     spaces = {space.name: space for space in structure.channel_spaces(model)}
     x = _x((4, 3, 8, 8))
     before = _outputs(model, x)
     g = torch.Generator().manual_seed(1)
     stream = spaces["stages.0"]
-    surgery = structure.widening(model, stream, structure.wider_mapping(16, new_width, g)).merged(
-        structure.widening(model, spaces["stages.0.1.conv1"], structure.wider_mapping(16, 20, g))
+    surgery = structure.widening(model, stream, structure.wider_mapping(16, new_width, g), generator=g, split=split)
+    surgery = surgery.merged(
+        structure.widening(
+            model, spaces["stages.0.1.conv1"], structure.wider_mapping(16, 20, g), generator=g, split=split
+        )
     )
     structure.apply(model, surgery)
     assert structure.widths(model, structure.channel_spaces(model))["stages.0"] == new_width
     after = _outputs(model, x)
     for mode in ("eval", "train"):
         assert _relative(after[mode], before[mode]) <= 1e-5, mode
+
+
+def test_a_random_split_shares_weights_and_momentum_alike_and_the_copies_learn_apart():
+    model = _chain()
+    space_a = model.spaces()[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    x, y = _x(), torch.tensor([0, 1, 2, 3])
+    _masked_sgd_step(model, optimizer, x, y)
+    old_weight = model.conv2.weight.detach().clone()
+    old_momentum = optimizer.state[model.conv2.weight]["momentum_buffer"].clone()
+    mapping = torch.tensor([0, 1, 2, 3, 4, 5, 2, 2])
+    g = torch.Generator().manual_seed(0)
+    structure.apply(model, structure.widening(model, space_a, mapping, generator=g, split="random"), optimizer)
+    weight = model.conv2.weight.detach()
+    momentum = optimizer.state[model.conv2.weight]["momentum_buffer"]
+    copies = [2, 6, 7]
+    assert torch.allclose(weight[:, copies].sum(1), old_weight[:, 2], rtol=1e-6, atol=1e-7)
+    assert torch.allclose(momentum[:, copies].sum(1), old_momentum[:, 2], rtol=1e-6, atol=1e-7)
+    shares = weight[:, copies] / old_weight[:, 2:3]
+    assert torch.allclose(momentum[:, copies], old_momentum[:, 2:3] * shares, rtol=1e-5, atol=1e-7)
+    assert 1 / 7 <= shares.min() and shares.max() <= 3 / 5 and shares.std() > 0.05  # u in [0.5, 1.5), 3 copies
+    assert torch.equal(weight[:, 3], old_weight[:, 3])  # a channel without copies keeps its weights
+    # the copies' incoming weights are equal now; their gradients are not
+    assert torch.equal(model.conv1.weight[2], model.conv1.weight[6])
+    optimizer.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    grad = model.conv1.weight.grad
+    assert _relative(grad[6], grad[2]) > 0.05 and _relative(grad[7], grad[6]) > 0.05
 
 
 def test_writer_biases_follow_their_channels():

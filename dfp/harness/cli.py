@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .. import backends, data, distributed, models
+from .. import backends, data, distributed, models, structure
 from .._errors import BackendUnavailableError
 from ..allocator import keep_freed_memory
 from . import formats, strategies
@@ -221,6 +221,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="net2net: widen at the end of these epochs, evenly to the full width at the last (default: the "
         "epoch a third of the way through)",
     )
+    structural.add_argument(
+        "--widen-split",
+        choices=structure.SPLITS,
+        default=strategies.StrategySettings.widen_split,
+        help="net2net: how a reader's weight of a widened channel is shared among its copies: evenly (Net2Net), "
+        "or in random proportions that still sum to it, which keeps the function and makes the copies' gradients "
+        "differ from the first step (default: %(default)s)",
+    )
     recipe = parser.add_argument_group("optimisation, the same for every format")
     recipe.add_argument(
         "--lr", type=positive_float, default=0.05, help="learning rate at --base-batch-size (default: %(default)s)"
@@ -379,6 +387,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         start_width=args.start_width,
         start_depth=args.start_depth,
         grow_epochs=tuple(sorted(grow_epochs)),
+        widen_split=args.widen_split,
     )
 
 

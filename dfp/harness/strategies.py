@@ -24,7 +24,9 @@ net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
                        full width at the last), new channels' incoming weights perturbed by
-                       ``GROW_NOISE`` of their std to break the symmetry; then deepen with
+                       ``GROW_NOISE`` of their std to break the symmetry (with ``widen_split``
+                       "random", readers' weights also shared among a channel's copies in
+                       random proportions: not in Net2Net); then deepen with
                        Net2DeeperNet: identity blocks at the end of each stage, evenly to the
                        full depth at the last
 net2net+prunetrain     grow as net2net, with the regulariser from the first step; prune as
@@ -70,6 +72,7 @@ class StrategySettings:
     start_width: float = 0.5
     start_depth: float = 1.0
     grow_epochs: tuple[int, ...] = (1,)
+    widen_split: str = "even"  # structure.widening's split
     grow_batch: bool = False
     proximal: bool = False
     penalty_epochs: int | None = None  # None: the group lasso acts in every epoch
@@ -90,6 +93,8 @@ class StrategySettings:
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
         if self.start_depth < 1:
             grow["start_depth"] = self.start_depth
+        if self.widen_split != "even":
+            grow["widen_split"] = self.widen_split
         return {
             NONE: {},
             PRUNETRAIN: prune,
@@ -285,7 +290,8 @@ class StructuredRun:
             target = max(width, round(start + (full - start) * fraction))
             if target > width:
                 mapping = structure.wider_mapping(width, target, generator)
-                surgery = surgery.merged(structure.widening(model, space, mapping, GROW_NOISE, generator))
+                widening = structure.widening(model, space, mapping, GROW_NOISE, generator, self.settings.widen_split)
+                surgery = surgery.merged(widening)
                 widths[space.name] = target
         if widths:
             structure.apply(model, surgery, optimizer, average)

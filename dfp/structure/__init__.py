@@ -32,10 +32,11 @@ from .prune import THRESHOLD, channel_magnitudes, dense_channels, narrowing, pru
 from .runtime import rewrap
 from .spaces import ChannelSpace, Reader, Writer, channel_spaces
 from .surgery import Gather, Surgery
-from .widen import widening, wider_mapping
+from .widen import SPLITS, widening, wider_mapping
 
 __all__ = [
     "PENALTY_RATIO",
+    "SPLITS",
     "THRESHOLD",
     "TRAINING_FLOPS_PER_FORWARD",
     "ChannelSpace",

@@ -39,8 +39,8 @@ def round_swalp_parameters(optimizer: SWALP, model: nn.Module, names: set[str]) 
 
     A gather keeps values on their tensor's DFP16 grid; a removal can only make the grid
     finer, so it changes nothing. Net2WiderNet's division by a copy count that is not a
-    power of two (and any noise) leaves the grid: the rounding changes the function by at
-    most half a quantization step per weight.
+    power of two (and any noise or random split) leaves the grid: the rounding changes
+    the function by at most half a quantization step per weight.
     """
     parameters = dict(model.named_parameters())
     headroom = {id(p): group["headroom"] for group in optimizer.param_groups for p in group["params"]}

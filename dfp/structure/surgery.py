@@ -22,25 +22,40 @@ class Gather:
     N(0, noise_std[j]^2) on new index ``j``, drawn from a generator seeded with
     ``noise_seed`` at the tensor's shape after this gather. Drawn when applied, it fits
     whatever other gathers the tensor gets, and the same surgery draws the same noise on
-    every copy of the model (SWALP's average, another rank)."""
+    every copy of the model (SWALP's average, another rank).
+
+    With ``split_seed`` the copies of an old index share its value at random instead of
+    through ``scale``: each element of a copy gets the share u / (the sum of u over the
+    copies of its index at that position), u uniform in [0.5, 1.5) drawn from that seed at
+    the new shape, so the copies still sum to the old value. Unlike noise it is not a
+    perturbation: the optimizer's state and SWALP's average get the same shares."""
 
     dim: int
     index: torch.Tensor
     scale: torch.Tensor | None = None
     noise_std: torch.Tensor | None = None
     noise_seed: int = 0
+    split_seed: int | None = None
 
     def apply(self, tensor: torch.Tensor, noise_weight: float = 0.0) -> torch.Tensor:
-        out = tensor.index_select(self.dim, self.index.to(tensor.device))
+        index = self.index.to(tensor.device)
+        out = tensor.index_select(self.dim, index)
         shape = [1] * out.dim()
         shape[self.dim] = -1
-        if self.scale is not None:
+        if self.split_seed is not None:
+            out = out * self._shares(tensor.shape, out.shape).to(device=out.device, dtype=out.dtype)
+        elif self.scale is not None:
             out = out * self.scale.to(device=out.device, dtype=out.dtype).view(shape)
         if noise_weight and self.noise_std is not None:
             generator = torch.Generator().manual_seed(self.noise_seed)
             draw = torch.randn(out.shape, generator=generator, dtype=torch.float64) * self.noise_std.view(shape)
             out = out + (noise_weight * draw).to(device=out.device, dtype=out.dtype)
         return out
+
+    def _shares(self, old_shape: torch.Size, new_shape: torch.Size) -> torch.Tensor:
+        u = torch.rand(new_shape, generator=torch.Generator().manual_seed(self.split_seed), dtype=torch.float64) + 0.5
+        totals = torch.zeros(old_shape, dtype=torch.float64).index_add_(self.dim, self.index, u)
+        return u / totals.index_select(self.dim, self.index)
 
 
 @dataclass

@@ -12,7 +12,11 @@ in train and in eval mode. At a residual join one mapping serves every writer an
 Copies stay identical under gradient descent unless something breaks the symmetry:
 ``noise`` adds N(0, (noise * std(W))^2) to the incoming weights of the new channels (the
 Net2Net paper's suggestion; erogol/Net2Net uses 0.05), which makes the transform only
-approximately function-preserving.
+approximately function-preserving. Behind a batch norm such noise hardly separates the
+copies (their normalised outputs stay almost equal). ``split="random"`` breaks the
+symmetry and keeps the function: every reader weight of a channel is shared among its
+copies in random proportions (``Gather.split_seed``) rather than divided evenly, so each
+copy's outgoing weights, and with them its gradient, differ from the start.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ from torch import nn
 from .channels import channel_surgery
 from .spaces import ChannelSpace
 from .surgery import Surgery
+
+SPLITS = ("even", "random")  # how a reader's weight of a channel is shared among its copies
 
 
 def wider_mapping(width: int, new_width: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -42,11 +48,13 @@ def widening(
     mapping: torch.Tensor,
     noise: float = 0.0,
     generator: torch.Generator | None = None,
+    split: str = "even",
 ) -> Surgery:
     """The surgery widening ``space`` so that its channel ``j`` copies old channel
     ``mapping[j]`` (every old channel must appear), with the readers' weights divided by
-    the copy counts and ``noise`` (a fraction of each writer weight's std) added to the new
-    channels' incoming weights, drawn from ``generator``."""
+    the copy counts (``split="even"``) or shared among the copies in random proportions
+    (``"random"``), and ``noise`` (a fraction of each writer weight's std) added to the new
+    channels' incoming weights; randomness drawn from ``generator``."""
     width = space.width(model)
     mapping = torch.as_tensor(mapping, dtype=torch.long).flatten()
     counts = torch.bincount(mapping, minlength=width)
@@ -57,7 +65,15 @@ def widening(
         )
     if noise < 0:
         raise ValueError(f"noise must be >= 0, got {noise!r}")
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
     surgery = channel_surgery(model, space, mapping, reader_scale=1.0 / counts[mapping].double())
+    if split == "random":
+        for reader in space.readers:
+            name = f"{reader.layer}.weight"
+            (gather,) = surgery.edits[name]
+            seed = int(torch.randint(2**62, (1,), generator=generator))
+            surgery.edits[name] = [replace(gather, split_seed=seed)]
     if noise > 0:
         modules = dict(model.named_modules())
         new = (torch.arange(mapping.numel()) >= width).double()
