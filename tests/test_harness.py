@@ -1083,3 +1083,8 @@ def test_widen_split_random_runs_in_the_harness_and_names_its_runs(tmp_path):
     assert _main_job(tmp_path, *argv) == 0  # evenly: another run, whose config stays as before the option
     split = [r["config"]["strategy_settings"].get("widen_split") for r in ResultStore(tmp_path).load()]
     assert split == ["random", None]
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    note = "readers' weights shared among a channel's copies at random"
+    for variant, noted in (("random", True), ("default", False)):
+        rows = [line for line in lines if line.startswith(f"| fp32 + net2net (widen_split {variant}) |")]
+        assert rows and any(note in row for row in rows) == noted

@@ -113,6 +113,7 @@ class Row:
     proximal: bool = False  # the group lasso applied as a proximal step
     penalty_epochs: int | None = None  # the group lasso in the first N epochs only
     prune_multiple: int = 1  # widths kept multiples of this
+    widen_split: str = "even"  # how a widened channel's reader weights were shared among its copies
 
     @property
     def label(self) -> str:
@@ -239,7 +240,8 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
     for (fmt, batch_size, swa_start, strategy, variant), runs in cells.items():
         config, results = runs[0]["config"], [r["result"] for r in runs]
         # the regulariser's settings, only where it ran (the control shares them, not the penalty)
-        penalty = (config.get("strategy_settings") or {}) if strategy in (PRUNETRAIN, GROW_THEN_PRUNE) else {}
+        settings = config.get("strategy_settings") or {}
+        penalty = settings if strategy in (PRUNETRAIN, GROW_THEN_PRUNE) else {}
         completed = [r for r in results if not r["diverged"]]
         accuracies = [r["final_accuracy"] for r in results]
         times_to_target = [time_to_target(r["epochs"], target_accuracy) for r in results]
@@ -276,6 +278,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 proximal=penalty.get("proximal", False),
                 penalty_epochs=penalty.get("penalty_epochs"),
                 prune_multiple=penalty.get("prune_multiple", 1),
+                widen_split=settings.get("widen_split", "even"),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -350,6 +353,8 @@ def _notes(row: Row) -> str:
         notes.append(f"group lasso in the first {row.penalty_epochs} epochs only (PruneTrain keeps it)")
     if row.prune_multiple > 1:
         notes.append(f"widths kept multiples of {row.prune_multiple} (PruneTrain removes every zero channel)")
+    if row.widen_split == "random":
+        notes.append("readers' weights shared among a channel's copies at random (Net2Net divides them evenly)")
     if row.strategy == PRUNED_SCRATCH:
         notes.append("the prunetrain run's final widths, initialised afresh and trained without the penalty")
     return "; ".join(notes)
