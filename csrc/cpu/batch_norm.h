@@ -1,11 +1,12 @@
 // Batch normalisation in training, over channels-last float32 or bfloat16 tensors seen as
-// rows x channels (rows = n * h * w); sums and arithmetic in float and double. torch's CPU kernel keeps each thread's per-channel sums
-// side by side in one buffer and updates them on every row: where a row of channels is
-// not a whole number of cache lines (8, 24 or 56 channels: the widths of pruned and
-// half-width networks) two threads write one line all the time, and a 2-thread batch
-// norm ran 3-4x slower than a 1-thread one (Intel Xeon, docs/step.md). Here each task
-// sums fixed blocks of rows into its own memory, and the blocks are combined in double
-// in their order: the same bits on any number of threads.
+// rows x channels (rows = n * h * w); sums and arithmetic in float and double. torch's
+// CPU kernel keeps each thread's per-channel sums side by side in one buffer and updates
+// them on every row: where a row of channels is not a whole number of cache lines (8, 24
+// or 56 channels: the widths of pruned and half-width networks) two threads write one
+// line all the time, and a 2-thread batch norm ran 2.5-4x slower than a 1-thread one
+// (Intel Xeon, docs/harness.md). Here each task sums fixed blocks of rows into its own
+// memory, and the blocks are combined in double in their order: the same bits on any
+// number of threads.
 #pragma once
 #include <cstdint>
 
