@@ -239,14 +239,15 @@ PYBIND11_MODULE(_C, m) {
       "conv_forward",
       [](uintptr_t x, uintptr_t weight, uintptr_t bias, const dfp::ConvLayer& layer, int64_t row_block,
          int64_t group_samples, bool channel_major, uintptr_t x_padded, uintptr_t x_exponent, uintptr_t y,
-         int nthreads) {
+         uintptr_t y_mean, uintptr_t y_variance, int nthreads) {
         py::gil_scoped_release release;
         return dfp::conv_forward(ptr<const float>(x), ptr<const float>(weight), ptr<const float>(bias), layer,
                                  {row_block, group_samples, channel_major}, ptr<int16_t>(x_padded),
-                                 ptr<int32_t>(x_exponent), ptr<float>(y), nthreads);
+                                 ptr<int32_t>(x_exponent), ptr<float>(y), ptr<double>(y_mean),
+                                 ptr<double>(y_variance), nthreads);
       },
-      "a layer's forward from float32 x (channels last) and weight: x quantized and zero-padded, y = conv + bias; "
-      "False on NaN/Inf");
+      "a layer's forward from float32 x (channels last) and weight: x quantized and zero-padded, y = conv + bias, "
+      "and y's per channel mean and biased variance (float64) where y_mean is not 0; False on NaN/Inf");
 
   m.def(
       "conv_grad_input",
@@ -295,17 +296,17 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "batch_norm_statistics",
-      [](uintptr_t x, int64_t rows, int64_t channels, uintptr_t mean, uintptr_t variance, bool bfloat16,
-         int nthreads) {
+      [](uintptr_t x, int64_t images, int64_t pixels, int64_t channels, uintptr_t mean, uintptr_t variance,
+         bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
         with_element_type(bfloat16, [&](auto element) {
           using T = decltype(element);
-          dfp::batch_norm_statistics(ptr<const T>(x), rows, channels, ptr<double>(mean), ptr<double>(variance),
-                                     nthreads);
+          dfp::batch_norm_statistics(ptr<const T>(x), images, pixels, channels, ptr<double>(mean),
+                                     ptr<double>(variance), nthreads);
         });
       },
-      "per channel mean and biased variance (float64) of x (float32, or bfloat16 where bfloat16), rows x "
-      "channels");
+      "per channel mean and biased variance (float64) of x (float32, or bfloat16 where bfloat16), images x "
+      "pixels rows x channels");
 
   m.def(
       "batch_norm_gradient_sums",

@@ -40,6 +40,7 @@ import torch
 
 from . import _conv_layout as layout
 from . import _ops, backends
+from ._batch_statistics import hand_over
 from ._grad_input import grad_input
 from ._patches import output_size
 from .format import ROUNDINGS, DFPSpec, DFPTensor
@@ -277,7 +278,7 @@ def _forward_plan(backend, x_shape, x_strides, x_dtype, weight_shape, weight_str
 
 def _one_call_output(fused, x: torch.Tensor, channels_last: bool, need_weight_grad: bool):
     """``dfp::conv2d``'s outputs from the one-call forward's."""
-    y, x_padded, x_exponent = fused
+    y, x_padded, x_exponent, _statistics = fused
     return _to_nchw(y, channels_last), *_kept_input(x, x_padded, x_exponent, need_weight_grad)
 
 
@@ -715,11 +716,15 @@ class EagerConv2d(torch.autograd.Function):
                                       tuple(weight.shape), weight.stride(), weight.dtype, _bias_fits(bias, weight),
                                       config, ctx.needs_input_grad[:2])  # fmt: skip
         inputs = (x, weight, bias, *config)
-        fused = plan.forward and plan.forward(x, weight, bias)
+        channels_last, need_weight_grad = config[14], config[15] if len(config) > 15 else True
+        # y's batch statistics for a batch norm behind it, where the layer trains
+        fused = plan.forward and plan.forward(x, weight, bias, channels_last and need_weight_grad)
         if fused is None:  # no one-call forward, or NaN/Inf: the steps
             output = conv2d_impl(*inputs)
         else:
-            output = _one_call_output(fused, x, config[14], config[15] if len(config) > 15 else True)
+            output = _one_call_output(fused, x, channels_last, need_weight_grad)
+            if fused[3]:
+                hand_over(output[0], *fused[3])
         _setup_context(ctx, inputs, output)
         return output[0]
 

@@ -1,7 +1,8 @@
 """The image classifiers of the comparison harness, from plain torch layers and
 ``dfp.nn.BatchNorm2d`` (torch's batch norm, bit for bit, but where its training kernel
 would stall on several threads: channel counts that are not a multiple of 16, as
-pruning and Net2Net leave them).
+pruning and Net2Net leave them; and on the batch statistics a DFP16 convolution hands
+over).
 
 ``build(name, in_channels, num_classes, image_size)`` returns a float32 ``nn.Module``
 mapping images ``(N, in_channels, image_size, image_size)`` to logits ``(N, num_classes)``.

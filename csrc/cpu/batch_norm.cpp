@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "threads.h"
@@ -49,37 +50,74 @@ inline float widen(BFloat16 v) {
 
 // Rounding to nearest even, as torch's bfloat16 does. A NaN whose payload lies in the low
 // half would come out as Inf, so NaN is written as torch's quiet NaN.
-template <typename T>
-T narrow(float v);
-template <>
-inline float narrow<float>(float v) {
-  return v;
-}
-template <>
-inline BFloat16 narrow<BFloat16>(float v) {
+inline void narrow(float v, float* out) { *out = v; }
+inline void narrow(float v, BFloat16* out) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return {uint16_t(v != v ? 0x7fc0u : rounded)};
+  out->bits = uint16_t(v != v ? 0x7fc0u : rounded);
 }
 
-// The loops over a block's rows, on arguments by value and unaliased pointers: read
-// through the lambdas' references (-fno-strict-aliasing) the channel count could change
-// with every store, and no loop was vectorized.
-template <typename T>
-void add_rows(const T* __restrict x, int64_t rows, int64_t channels, float* __restrict sums) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < channels; ++c) sums[c] += widen(x[r * channels + c]);
-}
-
-template <typename T>
-void add_squared_deviations(const T* __restrict x, int64_t rows, int64_t channels,
-                            const float* __restrict mean, float* __restrict sums) {
-  for (int64_t r = 0; r < rows; ++r)
-    for (int64_t c = 0; c < channels; ++c) {
-      const float d = widen(x[r * channels + c]) - mean[c];
-      sums[c] += d * d;
+// The sums run over channels in chunks of W = 16, 8, 4 and 1 whose width the compiler
+// knows, so that a chunk is a vector kept in registers over all rows of a block (at most
+// 16 KB, read once per chunk from L1 or L2): summed in memory, each row waited on the
+// previous row's store. Even and odd rows are summed apart and then added, so that two
+// additions are in flight. Arguments by value and unaliased pointers: read through
+// references (-fno-strict-aliasing) the channel count could change with every store, and
+// no loop was vectorized.
+template <int W, typename T>
+void add_chunk(const T* __restrict x, int64_t rows, int64_t channels, float* __restrict sums) {
+  float even[W] = {}, odd[W] = {};
+  int64_t r = 0;
+  for (; r + 1 < rows; r += 2)
+    for (int c = 0; c < W; ++c) {
+      even[c] += widen(x[r * channels + c]);
+      odd[c] += widen(x[(r + 1) * channels + c]);
     }
+  if (r < rows)
+    for (int c = 0; c < W; ++c) even[c] += widen(x[r * channels + c]);
+  for (int c = 0; c < W; ++c) sums[c] += even[c] + odd[c];
+}
+
+template <int W, typename T>
+void add_squared_chunk(const T* __restrict x, int64_t rows, int64_t channels, const float* __restrict mean,
+                       float* __restrict sums) {
+  float even[W] = {}, odd[W] = {}, m[W];
+  for (int c = 0; c < W; ++c) m[c] = mean[c];
+  int64_t r = 0;
+  for (; r + 1 < rows; r += 2)
+    for (int c = 0; c < W; ++c) {
+      const float d0 = widen(x[r * channels + c]) - m[c], d1 = widen(x[(r + 1) * channels + c]) - m[c];
+      even[c] += d0 * d0;
+      odd[c] += d1 * d1;
+    }
+  if (r < rows)
+    for (int c = 0; c < W; ++c) {
+      const float d = widen(x[r * channels + c]) - m[c];
+      even[c] += d * d;
+    }
+  for (int c = 0; c < W; ++c) sums[c] += even[c] + odd[c];
+}
+
+// Calls chunk<W>(c0) over [0, channels) in chunks of 16, then 8, 4 and 1.
+template <typename Chunk>
+void over_chunks(int64_t channels, Chunk chunk) {
+  int64_t c0 = 0;
+  for (; c0 + 16 <= channels; c0 += 16) chunk(std::integral_constant<int, 16>{}, c0);
+  if (c0 + 8 <= channels) chunk(std::integral_constant<int, 8>{}, c0), c0 += 8;
+  if (c0 + 4 <= channels) chunk(std::integral_constant<int, 4>{}, c0), c0 += 4;
+  for (; c0 < channels; ++c0) chunk(std::integral_constant<int, 1>{}, c0);
+}
+
+template <typename T>
+void add_rows(const T* x, int64_t rows, int64_t channels, float* sums) {
+  over_chunks(channels, [=](auto w, int64_t c0) { add_chunk<w()>(x + c0, rows, channels, sums + c0); });
+}
+
+template <typename T>
+void add_squared_deviations(const T* x, int64_t rows, int64_t channels, const float* mean, float* sums) {
+  over_chunks(channels,
+              [=](auto w, int64_t c0) { add_squared_chunk<w()>(x + c0, rows, channels, mean + c0, sums + c0); });
 }
 
 template <typename T>
@@ -93,19 +131,20 @@ void add_gradient_rows(const T* __restrict dy, const T* __restrict x, int64_t ro
     }
 }
 
+// A streaming pass, no sums: the loop over a row's channels, vectorized as it stands.
 template <typename T>
 void affine_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
-                 const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
-                 int64_t rows, int64_t channels, T* __restrict out) {
+                 const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift, int64_t rows,
+                 int64_t channels, T* __restrict out) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * channels;
     T* o = out + r * channels;
     if (dy) {
       const T* g = dy + r * channels;
       for (int64_t c = 0; c < channels; ++c)
-        o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + widen(g[c]) * dy_scale[c] + shift[c]);
+        narrow((widen(xr[c]) - mean[c]) * x_scale[c] + widen(g[c]) * dy_scale[c] + shift[c], o + c);
     } else {
-      for (int64_t c = 0; c < channels; ++c) o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + shift[c]);
+      for (int64_t c = 0; c < channels; ++c) narrow((widen(xr[c]) - mean[c]) * x_scale[c] + shift[c], o + c);
     }
   }
 }
@@ -124,39 +163,64 @@ void join(double n, double nb, const T* part_mean, const T* part_m2, int64_t cha
 
 }  // namespace
 
+MomentBlocks::MomentBlocks(int64_t pixels, int64_t channels) : pixels(pixels) {
+  rows_per_block = std::clamp<int64_t>(kBlockElements / std::max<int64_t>(channels, 1), 1, kMaxBlockRows);
+  per_image = (pixels + rows_per_block - 1) / rows_per_block;
+}
+
 template <typename T>
-void batch_norm_statistics(const T* x, int64_t rows, int64_t channels, double* mean, double* variance,
-                           int nthreads) {
-  const Tasks tasks(rows, channels);
-  // each task's count, mean and sum of squared deviations, combined in order below
-  std::vector<double> task_mean(tasks.count * channels), task_m2(tasks.count * channels);
-  parallel_for(tasks.count, nthreads, [&](int64_t t) {
-    const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
-    OwnLines<float> sums(channels), squares(channels), block_mean(channels);
-    OwnLines<double> m(channels), m2(channels);
-    float *s = sums.data(), *q = squares.data(), *bm = block_mean.data();
-    double n = 0;
-    for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
-      const int64_t b1 = std::min(r1, b0 + tasks.rows_per_block);
+void block_moments(const T* x, int64_t first, int64_t count, int64_t channels, const MomentBlocks& blocks,
+                   float* mean, float* m2) {
+  // summed on lines of this thread's own, then copied out once per block
+  OwnLines<float> sums(channels), squares(channels);
+  float *s = sums.data(), *q = squares.data();
+  for (int64_t i = 0; i < count; ++i) {
+    const T* image = x + (first + i) * blocks.pixels * channels;
+    for (int64_t b = 0; b < blocks.per_image; ++b) {
+      const int64_t r0 = b * blocks.rows_per_block, rows = std::min(blocks.pixels, r0 + blocks.rows_per_block) - r0;
       std::fill_n(s, channels, 0.0f);
       std::fill_n(q, channels, 0.0f);
-      add_rows(x + b0 * channels, b1 - b0, channels, s);
-      const float count = float(b1 - b0);
-      for (int64_t c = 0; c < channels; ++c) bm[c] = s[c] / count;
-      add_squared_deviations(x + b0 * channels, b1 - b0, channels, bm, q);
-      join(n, double(count), bm, q, channels, m.data(), m2.data());
-      n += double(count);
+      add_rows(image + r0 * channels, rows, channels, s);
+      for (int64_t c = 0; c < channels; ++c) s[c] /= float(rows);
+      add_squared_deviations(image + r0 * channels, rows, channels, s, q);
+      std::copy_n(s, channels, mean + (i * blocks.per_image + b) * channels);
+      std::copy_n(q, channels, m2 + (i * blocks.per_image + b) * channels);
     }
-    std::copy_n(m.data(), channels, task_mean.data() + t * channels);
-    std::copy_n(m2.data(), channels, task_m2.data() + t * channels);
-  });
-  std::fill_n(mean, channels, 0.0);
-  std::vector<double> m2(channels, 0.0);
-  for (int64_t t = 0; t < tasks.count; ++t) {
-    const double n = double(t * tasks.rows_per_task), nb = double(std::min(rows, (t + 1) * tasks.rows_per_task)) - n;
-    join(n, nb, task_mean.data() + t * channels, task_m2.data() + t * channels, channels, mean, m2.data());
   }
-  for (int64_t c = 0; c < channels; ++c) variance[c] = rows > 0 ? m2[c] / double(rows) : 0.0;
+}
+
+void join_block_moments(const float* mean, const float* m2, int64_t images, int64_t channels,
+                        const MomentBlocks& blocks, double* batch_mean, double* batch_variance) {
+  std::fill_n(batch_mean, channels, 0.0);
+  std::vector<double> batch_m2(channels, 0.0), image_mean(channels), image_m2(channels);
+  for (int64_t i = 0; i < images; ++i) {
+    std::fill(image_mean.begin(), image_mean.end(), 0.0);
+    std::fill(image_m2.begin(), image_m2.end(), 0.0);
+    for (int64_t b = 0; b < blocks.per_image; ++b) {
+      const int64_t r0 = b * blocks.rows_per_block, rows = std::min(blocks.pixels, r0 + blocks.rows_per_block) - r0;
+      const int64_t at = (i * blocks.per_image + b) * channels;
+      join(double(r0), double(rows), mean + at, m2 + at, channels, image_mean.data(), image_m2.data());
+    }
+    join(double(i * blocks.pixels), double(blocks.pixels), image_mean.data(), image_m2.data(), channels,
+         batch_mean, batch_m2.data());
+  }
+  const double rows = double(images * blocks.pixels);
+  for (int64_t c = 0; c < channels; ++c) batch_variance[c] = rows > 0 ? batch_m2[c] / rows : 0.0;
+}
+
+template <typename T>
+void batch_norm_statistics(const T* x, int64_t images, int64_t pixels, int64_t channels, double* mean,
+                           double* variance, int nthreads) {
+  const MomentBlocks blocks(pixels, channels);
+  // tasks of whole images (one image runs on one thread)
+  std::vector<float> block_mean(images * blocks.per_image * channels), block_m2(block_mean.size());
+  const int64_t per_task = std::max<int64_t>(1, kTaskElements / std::max<int64_t>(pixels * channels, 1));
+  parallel_for((images + per_task - 1) / per_task, nthreads, [&](int64_t t) {
+    const int64_t first = t * per_task, count = std::min(images, first + per_task) - first;
+    const int64_t at = first * blocks.per_image * channels;
+    block_moments(x, first, count, channels, blocks, block_mean.data() + at, block_m2.data() + at);
+  });
+  join_block_moments(block_mean.data(), block_m2.data(), images, channels, blocks, mean, variance);
 }
 
 template <typename T>
@@ -201,7 +265,8 @@ void batch_norm_affine(const T* x, const float* mean, const float* x_scale, cons
 }
 
 #define DFP_BATCH_NORM_FOR(T)                                                                                \
-  template void batch_norm_statistics(const T*, int64_t, int64_t, double*, double*, int);                         \
+  template void block_moments(const T*, int64_t, int64_t, int64_t, const MomentBlocks&, float*, float*);          \
+  template void batch_norm_statistics(const T*, int64_t, int64_t, int64_t, double*, double*, int);                \
   template void batch_norm_gradient_sums(const T*, const T*, const float*, int64_t, int64_t, double*, double*, int); \
   template void batch_norm_affine(const T*, const float*, const float*, const T*, const float*, const float*,      \
                                   int64_t, int64_t, T*, int);

@@ -4,9 +4,9 @@
 // them on every row: where a row of channels is not a whole number of cache lines (8, 24
 // or 56 channels: the widths of pruned and half-width networks) two threads write one
 // line all the time, and a 2-thread batch norm ran 2.5-4x slower than a 1-thread one
-// (Intel Xeon, docs/harness.md). Here each task sums fixed blocks of rows into its own
-// memory, and the blocks are combined in double in their order: the same bits on any
-// number of threads.
+// (Intel Xeon, docs/harness.md). Here each task sums fixed blocks of rows (of an image's
+// pixels, for the statistics) into its own memory, and the blocks are combined in double
+// in their order: the same bits on any number of threads.
 #pragma once
 #include <cstdint>
 
@@ -18,11 +18,32 @@ struct BFloat16 {
   uint16_t bits;
 };
 
-// Per channel mean and biased variance of x (rows x channels), each block's float sums
-// combined in double (Chan et al.'s pairwise update of mean and squared deviations).
+// The statistics' blocks: each image's rows (its pixels) in blocks of rows_per_block
+// (the last one of an image shorter), summed in float; the blocks' means and squared
+// deviations are joined in double in order (Chan et al.), within each image and then
+// image after image. The bits so depend on neither the thread count nor who sums a
+// block: a convolution's forward sums its output's blocks as it writes them, and a batch
+// norm fed that output gets the same mean and variance as it would find (layer.h).
+struct MomentBlocks {
+  int64_t pixels, rows_per_block, per_image;
+  MomentBlocks(int64_t pixels, int64_t channels);
+};
+
+// The float mean and sum of squared deviations of each block of images [first,
+// first + count): (count * per_image, channels) each. One thread.
 template <typename T>
-void batch_norm_statistics(const T* x, int64_t rows, int64_t channels, double* mean, double* variance,
-                           int nthreads);
+void block_moments(const T* x, int64_t first, int64_t count, int64_t channels, const MomentBlocks& blocks,
+                   float* mean, float* m2);
+
+// The per channel mean and biased variance of `images` images from all their blocks'
+// moments (block_moments of every image).
+void join_block_moments(const float* mean, const float* m2, int64_t images, int64_t channels,
+                        const MomentBlocks& blocks, double* batch_mean, double* batch_variance);
+
+// Per channel mean and biased variance of x (images x pixels rows x channels).
+template <typename T>
+void batch_norm_statistics(const T* x, int64_t images, int64_t pixels, int64_t channels, double* mean,
+                           double* variance, int nthreads);
 
 // Per channel sums of dy and of dy * (x - mean), for the backward.
 template <typename T>

@@ -5,6 +5,7 @@
 #include <memory>
 #include <vector>
 
+#include "batch_norm.h"
 #include "grad_input.h"
 #include "layer_parts.h"
 #include "quantize.h"
@@ -42,7 +43,8 @@ bool finite_input(InputExponents ex, const ConvLayer& l) {
 }  // namespace
 
 bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& l,
-                  InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, int nthreads) {
+                  InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, double* y_mean,
+                  double* y_variance, int nthreads) {
   // B of each group: (K, cout / groups), K over (kh, kw, ci) of the padded channels
   // (zeros in an added one, which neither moves a maximum nor adds to a sum).
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp, cout_g = l.cout / l.groups;
@@ -63,6 +65,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     if (!quantize_padded(x, image, l.headroom, x_padded, x_exponent, nthreads)) return false;
     conv_gemm_int16(x_padded, l.padded(), {x_exponent, 1}, l.headroom, w.get(), cout_g * k, 1, k, cout_g,
                     ew.data(), std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads);
+    if (y_mean) batch_norm_statistics(y, l.n, l.shape().oh() * l.shape().ow(), l.cout, y_mean, y_variance, nthreads);
     return true;
   }
   // Per image row and channel block: K-blocks of those blocks (a kernel row of taps where
@@ -77,6 +80,8 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   const int64_t fit = std::max<int64_t>(kPieceBytes / (2 * image_size), 1);
   const int64_t chunk = (fit + samples - 1) / samples * samples;  // whole groups of samples
   const int64_t pixels = l.shape().oh() * l.shape().ow();
+  const MomentBlocks moments(pixels, l.cout);
+  std::vector<float> block_mean(y_mean ? l.n * moments.per_image * l.cout : 0), block_m2(block_mean.size());
   // The weight packed once for all pieces, kept: a fresh buffer would be paged in every
   // call. A reference, so that the pieces' threads read this thread's.
   thread_local std::vector<Packed> kept_w;
@@ -103,18 +108,24 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     conv_gemm_int16(rows, geometry, {e, count * padded.hp * row_blocks, grouping.row_block}, l.headroom, w.get(),
                     cout_g * k, 1, k, cout_g, ew.data(), kblock, l.headroom, bias, y + n0 * pixels * l.cout, threads,
                     {}, &packed_w, true);
+    const int64_t at = n0 * moments.per_image * l.cout;
+    if (y_mean) block_moments(y, n0, count, l.cout, moments, block_mean.data() + at, block_m2.data() + at);
+    return true;
+  };
+  const auto statistics = [&] {
+    if (y_mean) join_block_moments(block_mean.data(), block_m2.data(), l.n, l.cout, moments, y_mean, y_variance);
     return true;
   };
   // Each thread its equal share of the groups of samples, a chunk at a time.
   const int64_t groups = (l.n + samples - 1) / samples, threads = std::min<int64_t>(nthreads, groups);
-  if (threads <= 1 && chunk >= l.n) return images(0, l.n, nthreads);
+  if (threads <= 1 && chunk >= l.n) return images(0, l.n, nthreads) && statistics();
   std::atomic<bool> finite{true};
   parallel_for(threads, int(threads), [&](int64_t t) {
     const int64_t end = std::min(l.n, (t + 1) * groups / threads * samples);
     for (int64_t n0 = t * groups / threads * samples; n0 < end && finite.load(std::memory_order_relaxed); n0 += chunk)
       if (!images(n0, std::min(chunk, end - n0), 1)) finite.store(false, std::memory_order_relaxed);
   });
-  return finite;
+  return finite && statistics();
 }
 
 namespace {

@@ -38,10 +38,14 @@ struct InputGrouping {
 // and y (n, oh, ow, cout) = conv(x, W) + bias (bias null or (cout,)), with x per tensor
 // or per image row and channel block. The bits of quantizing and multiplying step by
 // step. x_padded and x_exponent may be null where x has exponents per image row (no
-// weight gradient asked: the forward reads its own copy). False, with y and x_padded
-// partly written, where x or the weight holds NaN or Inf.
+// weight gradient asked: the forward reads its own copy). Where y_mean and y_variance are
+// given, also y's per channel mean and biased variance, the bits of batch_norm_statistics
+// (batch_norm.h): a batch norm fed y needs no pass of its own over it, and where the
+// forward runs a few images at a time their blocks are summed while still in the cache.
+// False, with y and x_padded partly written, where x or the weight holds NaN or Inf.
 bool conv_forward(const float* x, const float* weight, const float* bias, const ConvLayer& layer,
-                  InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, int nthreads);
+                  InputGrouping grouping, int16_t* x_padded, int32_t* x_exponent, float* y, double* y_mean,
+                  double* y_variance, int nthreads);
 
 // dx (n, h, w, c) of a convolution from dy (n, oh, ow, cout) int16 with its exponents
 // ey (one, one per image, or one per image row and block of channels, see

@@ -242,7 +242,9 @@ class LayerForward(NamedTuple):
     exponent (0-d) where ``input_groups`` is (0, 0), else x per image row and channel
     block in the forward and per group of samples and channel for grad_weight, whose copy
     is made only where asked (else empty tensors). None where NaN/Inf is met (the
-    caller's steps then give the results)."""
+    caller's steps then give the results). With ``statistics``, also y's per channel
+    mean and biased variance (float64), as ``batch_norm_statistics`` finds them; else
+    None in their place."""
 
     layer: object  # the core's ConvLayer
     input_groups: tuple[int, int]  # (row_block, group_samples)
@@ -251,8 +253,10 @@ class LayerForward(NamedTuple):
     exponent_shape: tuple[int, ...]
     channel_planes: bool  # the padded input kept as channel planes (``kept_input_channel_major``)
 
-    def __call__(self, x, weight, bias):
+    def __call__(self, x, weight, bias, statistics: bool = False):
         y = _buffers.empty(self.y_shape, torch.float32)  # the core writes every element of each
+        cout = self.y_shape[-1]
+        mean, variance = (torch.empty(cout, dtype=torch.float64) for _ in range(2)) if statistics else (None, None)
         if self.kept_shape is None:  # the forward reads a copy of its own
             x_padded, exponent = torch.empty(0, dtype=torch.int16), torch.empty(0, dtype=torch.int32)
         else:
@@ -260,9 +264,10 @@ class LayerForward(NamedTuple):
             exponent = torch.empty(self.exponent_shape, dtype=torch.int32)
         ok = _core().conv_forward(
             x.data_ptr(), weight.data_ptr(), _address(bias), self.layer, *self.input_groups, self.channel_planes,
-            _address(x_padded), _address(exponent), y.data_ptr(), torch.get_num_threads(),
+            _address(x_padded), _address(exponent), y.data_ptr(), _address(mean), _address(variance),
+            torch.get_num_threads(),
         )  # fmt: skip
-        return (y, x_padded, exponent) if ok else None
+        return (y, x_padded, exponent, statistics and (mean, variance)) if ok else None
 
 
 def _kept_buffer(shape: tuple[int, ...], channel_planes: bool) -> torch.Tensor:
@@ -444,11 +449,11 @@ def conv_grad_weight_gemm(dy, ey, hy, x, ex, hx, kernel, stride, dilation, group
 
 def batch_norm_statistics(x):
     """Per channel mean and biased variance of x, float64."""
-    channels = x.shape[1]
+    images, channels = x.shape[:2]
     mean = torch.empty(channels, dtype=torch.float64)
     variance = torch.empty(channels, dtype=torch.float64)
     _core().batch_norm_statistics(
-        x.data_ptr(), x.numel() // channels, channels, mean.data_ptr(), variance.data_ptr(),
+        x.data_ptr(), images, x[0, 0].numel(), channels, mean.data_ptr(), variance.data_ptr(),
         x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return mean, variance
