@@ -6,8 +6,16 @@ import pytest
 import torch
 
 import dfp
+import dfp._batch_statistics
+import dfp.models
 from dfp._batch_statistics import hand_over, handed_over
 from dfp.backends import cpu
+
+
+@pytest.fixture(autouse=True)
+def _hand_over_small_outputs(monkeypatch, request):
+    if "threshold" not in request.node.name:
+        monkeypatch.setattr(dfp._batch_statistics, "MIN_ELEMENTS", 0)
 
 
 def conv_output(fmt, cin, cout, size, stride, batch, requires_grad=True):
@@ -33,6 +41,12 @@ def test_they_are_the_bits_of_the_norms_own(fmt, threads, cin, cout, size, strid
     assert handed is not None
     for got, want in zip(handed, cpu.batch_norm_statistics(y.detach())):
         assert got.dtype == torch.float64 and torch.equal(got, want)
+
+
+def test_small_outputs_below_the_threshold_are_not_handed_over():
+    # the norm's own pass over a small output, in the cache, costs less than the hand-over
+    assert handed_over(conv_output("dfp16", 16, 16, 32, 1, 15)) is None  # 245760 elements
+    assert handed_over(conv_output("dfp16", 16, 16, 32, 1, 16)) is not None  # 262144
 
 
 def test_none_where_the_layer_does_not_train():
