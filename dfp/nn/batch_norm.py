@@ -22,7 +22,7 @@ A DFP16 convolution's output reaches it in training with its batch statistics, w
 convolution summed while it wrote the output, a few images at a time from the cache
 (``dfp._batch_statistics``): the bits dfp's kernels would find, without their pass over
 the output. torch's training kernel spent about 1.8 ms on its statistics of a 16-channel
-32x32 output at batch 128 (Intel Xeon, one thread), the convolution's sums about 0.4 ms.
+32x32 output at batch 128 (Intel Xeon, one thread), the convolution's sums about 0.5 ms.
 With them the layer normalises and differentiates on torch's kernels (dfp's where those
 would stall). Everywhere else it is torch's layer, bit for bit. Parameters, buffers,
 state_dict and the running statistics' update are torch's.
