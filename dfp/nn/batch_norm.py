@@ -112,6 +112,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         return y
 
     def _on_dfp_kernels(self, x: torch.Tensor, statistics_handed_over: bool = False) -> bool:
+        """Whether this call runs on dfp's statistics and kernels (``_TrainingBatchNorm``)
+        rather than as torch's layer."""
         batch_statistics = self.training or (self.running_mean is None and self.running_var is None)
         return (
             batch_statistics
