@@ -53,17 +53,23 @@ inline float widen(BFloat16 v) {
 
 // Rounding to nearest even, as torch's bfloat16 does. A NaN whose payload lies in the low
 // half would come out as Inf, so NaN is written as torch's quiet NaN.
-inline void narrow(float v, float* out) { *out = v; }
-inline void narrow(float v, BFloat16* out) {
+template <typename T>
+T narrow(float v);
+template <>
+inline float narrow<float>(float v) {
+  return v;
+}
+template <>
+inline BFloat16 narrow<BFloat16>(float v) {
   uint32_t bits;
   std::memcpy(&bits, &v, sizeof bits);
   const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  out->bits = uint16_t(v != v ? 0x7fc0u : rounded);
+  return {uint16_t(v != v ? 0x7fc0u : rounded)};
 }
 
 // The sums run over channels in chunks of W = 16, 8, 4 and 1 whose width the compiler
-// knows, so that a chunk is a vector kept in registers over all rows of a block (at most
-// 16 KB, read once per chunk from L1 or L2): summed in memory, each row waited on the
+// knows, so that a chunk is a vector kept in registers over all rows of a block (read once
+// per chunk, from L1 or L2): summed in memory, each row waited on the
 // previous row's store. Even and odd rows are summed apart and then added, so that two
 // additions are in flight. Arguments by value and unaliased pointers: read through
 // references (-fno-strict-aliasing) the channel count could change with every store, and
@@ -134,20 +140,19 @@ void add_gradient_rows(const T* __restrict dy, const T* __restrict x, int64_t ro
     }
 }
 
-// A streaming pass, no sums: the loop over a row's channels, vectorized as it stands.
 template <typename T>
 void affine_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
-                 const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift, int64_t rows,
-                 int64_t channels, T* __restrict out) {
+                 const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
+                 int64_t rows, int64_t channels, T* __restrict out) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* xr = x + r * channels;
     T* o = out + r * channels;
     if (dy) {
       const T* g = dy + r * channels;
       for (int64_t c = 0; c < channels; ++c)
-        narrow((widen(xr[c]) - mean[c]) * x_scale[c] + widen(g[c]) * dy_scale[c] + shift[c], o + c);
+        o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + widen(g[c]) * dy_scale[c] + shift[c]);
     } else {
-      for (int64_t c = 0; c < channels; ++c) narrow((widen(xr[c]) - mean[c]) * x_scale[c] + shift[c], o + c);
+      for (int64_t c = 0; c < channels; ++c) o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + shift[c]);
     }
   }
 }
