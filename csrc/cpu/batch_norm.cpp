@@ -180,20 +180,17 @@ MomentBlocks::MomentBlocks(int64_t pixels, int64_t channels) : pixels(pixels) {
 template <typename T>
 void block_moments(const T* x, int64_t first, int64_t count, int64_t channels, const MomentBlocks& blocks,
                    float* mean, float* m2) {
-  // summed on lines of this thread's own, then copied out once per block
-  OwnLines<float> sums(channels), squares(channels);
-  float *s = sums.data(), *q = squares.data();
+  // each chunk's sums stay in registers (add_chunk), so a block's land in the outputs once
+  std::fill_n(mean, count * blocks.per_image * channels, 0.0f);
+  std::fill_n(m2, count * blocks.per_image * channels, 0.0f);
   for (int64_t i = 0; i < count; ++i) {
     const T* image = x + (first + i) * blocks.pixels * channels;
     for (int64_t b = 0; b < blocks.per_image; ++b) {
       const int64_t r0 = b * blocks.rows_per_block, rows = std::min(blocks.pixels, r0 + blocks.rows_per_block) - r0;
-      std::fill_n(s, channels, 0.0f);
-      std::fill_n(q, channels, 0.0f);
+      float* s = mean + (i * blocks.per_image + b) * channels;
       add_rows(image + r0 * channels, rows, channels, s);
       for (int64_t c = 0; c < channels; ++c) s[c] /= float(rows);
-      add_squared_deviations(image + r0 * channels, rows, channels, s, q);
-      std::copy_n(s, channels, mean + (i * blocks.per_image + b) * channels);
-      std::copy_n(q, channels, m2 + (i * blocks.per_image + b) * channels);
+      add_squared_deviations(image + r0 * channels, rows, channels, s, m2 + (i * blocks.per_image + b) * channels);
     }
   }
 }
