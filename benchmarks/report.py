@@ -52,6 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=os.environ.get("DFP_CIFAR10"),
         help="a local CIFAR-10 copy for the fidelity table's captured step (default: $DFP_CIFAR10)",
     )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=("resnet20", "resnet18"),
+        default=["resnet20", "resnet18"],
+        help="the step table's models (default: both; on a core without native bf16, torch emulates bf16 "
+        "autocast and a ResNet-18-CIFAR step in bf16 takes tens of seconds)",
+    )
     p.add_argument("--cache-dir", help="where CIFAR-10's decoded images are cached (see dfp.data.load)")
     p.add_argument("--headroom", type=int, default=2, help="DFPSpec headroom of the GEMM operands (default 2)")
     p.add_argument(

@@ -357,8 +357,8 @@ def format_peaks(peaks: dict[str, float], isa: str | None) -> dict[str, tuple[st
 
 
 def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
-    """The step table and the breakdowns for benchmarks/report.py (``args.threads``,
-    ``args.quick``); ``peaks`` from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
+    """The step table and the breakdowns for benchmarks/report.py (``args.models``,
+    ``args.threads``, ``args.quick``); ``peaks`` from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
     cfg = QUICK if args.quick else FULL
     against = format_peaks(peaks, isa)
     peak_note = "; ".join(
@@ -383,7 +383,8 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     headers += ["bf16 / fp32", "dfp16 / fp32", "dfp16 / bf16", "dfp16 / tensor"]
     rows, medians, parts = [], {}, {}
     cpu_before = _cpu_times()
-    for model_name, title in MODELS.items():
+    for model_name in args.models:
+        title = MODELS[model_name]
         steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in FORMATS}  # for the profiled breakdowns
         macs = step_macs(model_name, cfg.batch)
         with StepWorkers(model_name, FORMATS, cfg.batch) as workers:
@@ -404,7 +405,7 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
             parts[(model_name, threads)] = breakdowns(steps, cfg.profile_steps)
             print(f"  step {model_name} t{threads} done", file=sys.stderr)
     lines += table(headers, rows)
-    lines += ["", *scaling_lines(medians, args.threads), *load_lines(cpu_before, _cpu_times())]
+    lines += ["", *scaling_lines(medians, args.models, args.threads), *load_lines(cpu_before, _cpu_times())]
     for (model_name, threads), by_format in parts.items():
         lines += ["", *breakdown_table(MODELS[model_name], threads, cfg, by_format, medians, model_name)]
     return lines
@@ -435,13 +436,14 @@ def load_lines(before, after) -> list[str]:
     return [f"Other processes used {100 * others:.0f}% of the {cpus} CPUs while the steps ran{warning}."]
 
 
-def scaling_lines(medians: dict[tuple[str, str, int], float], threads: list[int]) -> list[str]:
+def scaling_lines(medians: dict[tuple[str, str, int], float], models: list[str], threads: list[int]) -> list[str]:
     """Speed-up of each format's step from the fewest to the most threads timed."""
     if len(threads) < 2:
         return []
     lo, hi = min(threads), max(threads)
     out = []
-    for model_name, title in MODELS.items():
+    for model_name in models:
+        title = MODELS[model_name]
         cells = ", ".join(
             f"{fmt} {medians[(model_name, fmt, lo)] / medians[(model_name, fmt, hi)]:.2f}x" for fmt in FORMATS
         )

@@ -44,6 +44,17 @@ def test_report_runs_every_table_quickly(tmp_path):
     assert "Training steps" in text and "| ResNet-20 | 1 |" in text and "Breakdown of a ResNet-18-CIFAR step" in text
 
 
+def test_the_step_table_times_only_the_models_asked_for(tmp_path):
+    out = tmp_path / "report.md"
+    args = ["--quick", "--threads", "1", "--tables", "step", "--models", "resnet20", "--output", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    assert "| ResNet-20 | 1 |" in text and "ResNet-18" not in text
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
