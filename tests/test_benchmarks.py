@@ -48,7 +48,12 @@ def test_the_step_table_times_only_the_models_asked_for(tmp_path):
     out = tmp_path / "report.md"
     args = ["--quick", "--threads", "1", "--tables", "step", "--models", "resnet20", "--output", str(out)]
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.report", *args], cwd=ROOT, capture_output=True, text=True, timeout=600, check=False
+        [sys.executable, "-m", "benchmarks.report", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     text = out.read_text()
