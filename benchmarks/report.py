@@ -57,8 +57,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         nargs="+",
         choices=("resnet20", "resnet18"),
         default=["resnet20", "resnet18"],
-        help="the step table's models (default: both; on a core without native bf16, torch emulates bf16 "
-        "autocast and a ResNet-18-CIFAR step in bf16 takes tens of seconds)",
+        help="the step table's models (default: both)",
+    )
+    p.add_argument(
+        "--max-step-s",
+        type=float,
+        help="the step table skips bf16 on a model where its rate on the previous model predicts a longer step "
+        "(default 20; 2 with --quick)",
     )
     p.add_argument("--cache-dir", help="where CIFAR-10's decoded images are cached (see dfp.data.load)")
     p.add_argument("--headroom", type=int, default=2, help="DFPSpec headroom of the GEMM operands (default 2)")

@@ -23,6 +23,7 @@ and bf16 they stay one part ("conv backward, unsplit").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import multiprocessing
 import os
@@ -50,11 +51,15 @@ class StepConfig:
     batch: int
     repeats: int  # interleaved rounds, one step per format each
     profile_steps: int  # steps under torch.profiler, per format and thread count
+    # bf16 is skipped on a model where its rate on the previous model predicts a step
+    # longer than this: without native bf16, torch emulates autocast at a tenth of fp32's
+    # speed (an AMD Zen 2: 7.1 s a ResNet-20 step, about 100 s a ResNet-18-CIFAR step).
+    max_step_s: float
 
 
-FULL = StepConfig(batch=128, repeats=5, profile_steps=3)
+FULL = StepConfig(batch=128, repeats=5, profile_steps=3, max_step_s=20.0)
 # --quick: a smoke test of well under a minute on 2 cores.
-QUICK = StepConfig(batch=8, repeats=3, profile_steps=1)
+QUICK = StepConfig(batch=8, repeats=3, profile_steps=1, max_step_s=2.0)
 
 # Parts of a step, in the order the breakdown prints them.
 CONV_FORWARD, GRAD_INPUT, GRAD_WEIGHT, CONV_BACKWARD = (
@@ -360,6 +365,8 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     """The step table and the breakdowns for benchmarks/report.py (``args.models``,
     ``args.threads``, ``args.quick``); ``peaks`` from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
     cfg = QUICK if args.quick else FULL
+    if args.max_step_s is not None:
+        cfg = dataclasses.replace(cfg, max_step_s=args.max_step_s)
     against = format_peaks(peaks, isa)
     peak_note = "; ".join(
         f"{fmt} against {p[0]} {p[1]:.1f} GMAC/s per core" if p else f"{fmt}: no peak measured"
@@ -381,30 +388,42 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     lines = [note, ""]
     headers = ["model", "threads", "GMAC/step", *(f"{f} ms (% of peak)" for f in FORMATS)]
     headers += ["bf16 / fp32", "dfp16 / fp32", "dfp16 / bf16", "dfp16 / tensor"]
-    rows, medians, parts = [], {}, {}
+    rows, medians, parts, skipped = [], {}, {}, []
     cpu_before = _cpu_times()
+    bf16_rate = None  # GMAC/s of bf16's step on the previous model, at the fewest threads
     for model_name in args.models:
         title = MODELS[model_name]
-        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in FORMATS}  # for the profiled breakdowns
         macs = step_macs(model_name, cfg.batch)
-        with StepWorkers(model_name, FORMATS, cfg.batch) as workers:
+        formats = [f for f in FORMATS if f != "bf16" or bf16_rate is None or macs / 1e9 / bf16_rate <= cfg.max_step_s]
+        if "bf16" not in formats:
+            skipped.append(title)
+        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in formats}  # for the profiled breakdowns
+        with StepWorkers(model_name, tuple(formats), cfg.batch) as workers:
             timed = {threads: workers.times(threads, cfg.repeats) for threads in args.threads}
+        if "bf16" in formats:
+            bf16_rate = macs / 1e9 / median(timed[min(args.threads)]["bf16"])
         for threads in args.threads:
             torch.set_num_threads(threads)
             times = timed[threads]
             cells = []
             for fmt in FORMATS:
+                if fmt not in times:
+                    cells.append("skipped")
+                    continue
                 t = medians[(model_name, fmt, threads)] = median(times[fmt])
                 peak = against[fmt][1] if against[fmt] else None
                 cells.append(f"{1e3 * t:.1f} ({peak_probes.fraction(macs / t / 1e9, peak, threads)})")
             ratios = [
-                f"{speedup(times[a], times[b]):.2f}x"
+                f"{speedup(times[a], times[b]):.2f}x" if a in times and b in times else "-"
                 for a, b in (("bf16", "fp32"), ("dfp16", "fp32"), ("dfp16", "bf16"), ("dfp16", "dfp16-tensor"))
             ]
             rows.append([title, str(threads), f"{macs / 1e9:.2f}", *cells, *ratios])
             parts[(model_name, threads)] = breakdowns(steps, cfg.profile_steps)
             print(f"  step {model_name} t{threads} done", file=sys.stderr)
     lines += table(headers, rows)
+    if skipped:
+        why = f"its rate on the previous model predicted a step over {cfg.max_step_s} s"
+        lines += ["", f"bf16 skipped on {', '.join(skipped)}: {why}."]
     lines += ["", *scaling_lines(medians, args.models, args.threads), *load_lines(cpu_before, _cpu_times())]
     for (model_name, threads), by_format in parts.items():
         lines += ["", *breakdown_table(MODELS[model_name], threads, cfg, by_format, medians, model_name)]
@@ -445,7 +464,9 @@ def scaling_lines(medians: dict[tuple[str, str, int], float], models: list[str],
     for model_name in models:
         title = MODELS[model_name]
         cells = ", ".join(
-            f"{fmt} {medians[(model_name, fmt, lo)] / medians[(model_name, fmt, hi)]:.2f}x" for fmt in FORMATS
+            f"{fmt} {medians[(model_name, fmt, lo)] / medians[(model_name, fmt, hi)]:.2f}x"
+            for fmt in FORMATS
+            if (model_name, fmt, lo) in medians
         )
         out.append(f"{title}, step speed-up from {lo} to {hi} threads: {cells}.")
     return out
@@ -464,18 +485,19 @@ def breakdown_table(
         "the autograd engine's writing of parameter gradients."
     )
     rows = []
+    formats = [fmt for fmt in FORMATS if fmt in by_format]  # bf16 may have been skipped
     totals = {fmt: sum(p.values()) for fmt, p in by_format.items()}
     for part in PARTS:
-        if all(by_format[fmt][part] == 0 for fmt in FORMATS):
+        if all(by_format[fmt][part] == 0 for fmt in formats):
             continue
         cells = []
-        for fmt in FORMATS:
+        for fmt in formats:
             s = by_format[fmt][part]
             cells.append(f"{1e3 * s:.1f} ({100 * s / totals[fmt]:.0f}%)" if s else "-")
         rows.append([part, *cells])
-    rows.append(["profiled step", *(f"{1e3 * totals[fmt]:.1f}" for fmt in FORMATS)])
-    rows.append(["timed step (median)", *(f"{1e3 * medians[(model_name, fmt, threads)]:.1f}" for fmt in FORMATS)])
-    return [note, "", *table(["part", *FORMATS], rows)]
+    rows.append(["profiled step", *(f"{1e3 * totals[fmt]:.1f}" for fmt in formats)])
+    rows.append(["timed step (median)", *(f"{1e3 * medians[(model_name, fmt, threads)]:.1f}" for fmt in formats)])
+    return [note, "", *table(["part", *formats], rows)]
 
 
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:

@@ -60,6 +60,25 @@ def test_the_step_table_times_only_the_models_asked_for(tmp_path):
     assert "| ResNet-20 | 1 |" in text and "ResNet-18" not in text
 
 
+def test_the_step_table_skips_bf16_where_its_last_rate_predicts_too_long_a_step(tmp_path):
+    out = tmp_path / "report.md"
+    args = ["--quick", "--threads", "1", "--tables", "step", "--max-step-s", "1e-9", "--output", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    text = out.read_text()
+    resnet18 = next(line for line in text.splitlines() if line.startswith("| ResNet-18-CIFAR | 1 |"))
+    assert resnet18.count("skipped") == 1 and "bf16 skipped on ResNet-18-CIFAR" in text
+    assert "| part | fp32 | dfp16-tensor | dfp16 |" in text  # ResNet-18-CIFAR's breakdown, without bf16
+    assert "| part | fp32 | bf16 | dfp16-tensor | dfp16 |" in text  # ResNet-20's, with it
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
