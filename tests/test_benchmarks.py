@@ -28,10 +28,11 @@ def test_naive_quantize_baseline_gives_dfps_mantissas(group):
     assert torch.equal(cases.naive_quantize(x, spec).reshape(x.shape), dfp.quantize(x, spec).mantissa)
 
 
-def test_report_runs_every_table_quickly(tmp_path):
+def _report(tmp_path, *args: str) -> str:
+    """The text ``python -m benchmarks.report --quick --threads 1 *args`` writes."""
     out = tmp_path / "report.md"
     done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.report", "--quick", "--threads", "1", "--output", str(out)],
+        [sys.executable, "-m", "benchmarks.report", "--quick", "--threads", "1", *args, "--output", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -39,40 +40,22 @@ def test_report_runs_every_table_quickly(tmp_path):
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    text = out.read_text()
+    return out.read_text()
+
+
+def test_report_runs_every_table_quickly(tmp_path):
+    text = _report(tmp_path)
     assert "GEMM, GOP/s" in text and "Quantize" in text and "| Linear" in text
     assert "Training steps" in text and "| ResNet-20 | 1 |" in text and "Breakdown of a ResNet-18-CIFAR step" in text
 
 
 def test_the_step_table_times_only_the_models_asked_for(tmp_path):
-    out = tmp_path / "report.md"
-    args = ["--quick", "--threads", "1", "--tables", "step", "--models", "resnet20", "--output", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.report", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = out.read_text()
+    text = _report(tmp_path, "--tables", "step", "--models", "resnet20")
     assert "| ResNet-20 | 1 |" in text and "ResNet-18" not in text
 
 
 def test_the_step_table_skips_bf16_where_its_last_rate_predicts_too_long_a_step(tmp_path):
-    out = tmp_path / "report.md"
-    args = ["--quick", "--threads", "1", "--tables", "step", "--max-step-s", "1e-9", "--output", str(out)]
-    done = subprocess.run(
-        [sys.executable, "-m", "benchmarks.report", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    text = out.read_text()
+    text = _report(tmp_path, "--tables", "step", "--max-step-s", "1e-9")
     resnet18 = next(line for line in text.splitlines() if line.startswith("| ResNet-18-CIFAR | 1 |"))
     assert resnet18.count("skipped") == 1 and "bf16 skipped on ResNet-18-CIFAR" in text
     assert "| part | fp32 | dfp16-tensor | dfp16 |" in text  # ResNet-18-CIFAR's breakdown, without bf16
