@@ -26,6 +26,7 @@ import torch
 
 from . import peaks as peak_probes
 from .peaks import bf16_path, bf16_peak, fp32_peak, fraction
+from .step import MODELS as STEP_MODELS
 from .timing import interleaved_times, machine, speedup, today
 
 FULL = {"sizes": (256, 512, 1024, 2048), "repeats": 7, "min_sample_s": 0.05, "max_call_s": 2.0, "quant_shape": None}
@@ -55,8 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--models",
         nargs="+",
-        choices=("resnet20", "resnet18"),
-        default=["resnet20", "resnet18"],
+        choices=tuple(STEP_MODELS),
+        default=list(STEP_MODELS),
         help="the step table's models (default: both)",
     )
     p.add_argument(

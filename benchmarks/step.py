@@ -23,14 +23,13 @@ and bf16 they stay one part ("conv backward, unsplit").
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from statistics import median
 
 import torch
@@ -366,7 +365,7 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     ``args.threads``, ``args.quick``); ``peaks`` from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
     cfg = QUICK if args.quick else FULL
     if args.max_step_s is not None:
-        cfg = dataclasses.replace(cfg, max_step_s=args.max_step_s)
+        cfg = replace(cfg, max_step_s=args.max_step_s)
     against = format_peaks(peaks, isa)
     peak_note = "; ".join(
         f"{fmt} against {p[0]} {p[1]:.1f} GMAC/s per core" if p else f"{fmt}: no peak measured"
