@@ -50,9 +50,12 @@ def _steps(mode: str) -> tuple[bool, int]:
 
 @pytest.mark.skipif(not _glibc(), reason="mallopt's parameters are glibc's; elsewhere nothing is changed")
 def test_kept_memory_spares_the_steps_their_page_faults():
-    kept, faults_kept = _steps("keep")
-    default_kept, faults_default = _steps("default")
-    assert kept and not default_kept
+    # Page faults move with what else the machine runs (an AMD Zen 2 beside a second test
+    # process: kept 7 to 4365 in single runs, malloc's defaults 4042 to 28 011): the
+    # fewest of three runs of each.
+    runs = {mode: [_steps(mode) for _ in range(3)] for mode in ("keep", "default")}
+    assert all(kept for kept, _ in runs["keep"]) and not any(kept for kept, _ in runs["default"])
+    faults_kept, faults_default = (min(faults for _, faults in runs[mode]) for mode in ("keep", "default"))
     if faults_default < 1000:  # huge pages for the heap: nothing here for the setting to spare
         pytest.skip(f"this system took only {faults_default} page faults in six steps with malloc's defaults")
     # measured on an Intel Xeon (steps 6-11): 5 to 640 against 12 000 to 18 000
