@@ -105,22 +105,29 @@ void for_exponent_runs(int64_t i0, int64_t count, int64_t group, Visit visit) {
 // chain ([exponent row][block], blocks per row): each row its own (group 1, the table
 // padded to whole tiles), one row for all (a tile inside one group: stride 0), or the
 // rows copied into `tile` (mr * blocks; a tile across groups). One pointer and a stride,
-// as the micro-kernel's registers allow (a pointer per row made it spill).
+// as the micro-kernel's registers allow (a pointer per row made it spill). None where
+// every scale of the tile is 1: its chains then add float(S) * 1 = float(S), the same bits
+// without a product (a convolution's image rows mostly share their exponent with the rows
+// above and below: 44-94 % of the output rows of ResNet-20's 3x3 layers).
 struct TileScales {
   const float* scales;
   int64_t stride;
 };
+bool all_one(const float* v, int64_t n) {
+  return std::all_of(v, v + n, [](float x) { return x == 1.0f; });
+}
 TileScales row_chain_scales(const float* chain, int64_t blocks, int64_t group, int64_t i, int mr, int64_t M,
                             float* __restrict tile) {
   const int64_t first = i / group, last = std::min(i + mr, M) - 1;
-  if (group == 1) return {chain + i * blocks, blocks};
-  if (last < (first + 1) * group) return {chain + first * blocks, 0};
+  if (group == 1) return all_one(chain + i * blocks, mr * blocks) ? TileScales{} : TileScales{chain + i * blocks, blocks};
+  if (last < (first + 1) * group)
+    return all_one(chain + first * blocks, blocks) ? TileScales{} : TileScales{chain + first * blocks, 0};
   for_exponent_runs(i, mr, group, [&](int64_t r0, int64_t r1, int64_t row) {  // rows past M (never stored) read M - 1's
     const float* __restrict src = chain + std::min(row, (M - 1) / group) * blocks;
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < blocks; ++b) tile[r * blocks + b] = src[b];
   });
-  return {tile, blocks};
+  return all_one(tile, mr * blocks) ? TileScales{} : TileScales{tile, blocks};
 }
 
 // C = fp32(acc * 2^(ra[m / group] + rb[n])) (+ bias), rows sharing their exponents in
@@ -250,9 +257,6 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
   }
   // A side whose chain scales are all 1 (one exponent along K: a convolution's image) is
   // not multiplied at all. Only real rows and columns count (the padding is 0).
-  const auto all_one = [](const float* v, int64_t n) {
-    return std::all_of(v, v + n, [](float x) { return x == 1.0f; });
-  };
   const bool row_scales = KA > 1 && !all_one(sa.chain.data(), exponent_rows * KA);
   bool col_scales = false;
   for (int64_t blk = 0; blk < KBB && KBB > 1 && !col_scales; ++blk)
@@ -339,7 +343,7 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.b = bb.data + jp * bb.panel_stride;
           args.chains = chains.data() + slices[s].first_chain;
           args.nchains = slices[s].nchains;
-          args.row_scale = row_scales ? tile_at[ip].scales : nullptr;
+          args.row_scale = row_scales ? tile_at[ip].scales : nullptr;  // none where all are 1
           args.row_scale_stride = row_scales ? tile_at[ip].stride : 0;
           args.col_scale = col_scales ? sb.chain.data() + (options.uniform_b ? 0 : j) : nullptr;
           args.col_scale_stride = b_scale_width;
