@@ -395,7 +395,7 @@ def test_conv_gemm_with_an_exponent_per_image_row_and_channel_block_equals_gemm_
 def test_conv_gemm_with_mostly_shared_row_exponents_equals_gemm_on_im2col(backend, name, weight_blocks):
     """Image rows that mostly share one exponent, as a layer's activations do: the compiled
     GEMM leaves the chain scales out of tiles whose scales are all 1 and keeps them in the
-    tiles that read a row of another exponent or of zeros; both give the reference's bits
+    tiles that read a row of another exponent (or of the zero group's); both give the reference's bits
     (with the weight's exponents per K-block too, ``weight_blocks``, or one for all)."""
     x, _, w, _, _, kernel, stride, dilation, bias = _operands(CASES[name])
     n, hp, _, c = x.shape
@@ -403,7 +403,7 @@ def test_conv_gemm_with_mostly_shared_row_exponents_equals_gemm_on_im2col(backen
     kblock = kernel[1] * c // groups  # a kernel row of taps
     ex = torch.full((n, hp, groups), -20, dtype=torch.int32)  # a block per group
     ex[:, 4] = -23  # the tiles that read image row 4 scale its chains by 2^-3
-    ex[:, 0] = -161  # rows of zeros (the padding's)
+    ex[:, 0] = -161  # the zero group's exponent, as padding rows have
     g = torch.Generator().manual_seed(12)
     ew = torch.randint(-30, -5, (groups, 1 if not weight_blocks else k // kblock, nout), generator=g, dtype=torch.int32)
     ew = ew.expand(-1, k // kblock, -1).contiguous()
