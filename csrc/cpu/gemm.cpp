@@ -222,7 +222,7 @@ const MicroKernel& micro_kernel(Isa isa, int64_t columns) {
       if (columns <= 8) return gemm_s16s16s32_avx512vnni_12x8;
       return narrow ? gemm_s16s16s32_avx512vnni_12x16 : gemm_s16s16s32_avx512vnni_6x32;
     case Isa::avx512bw: return narrow ? gemm_s16s16s32_avx512bw_12x16 : gemm_s16s16s32_avx512bw_6x32;
-    case Isa::avx2: return gemm_s16s16s32_avx2_6x16;
+    case Isa::avx2: return columns <= 8 ? gemm_s16s16s32_avx2_12x8 : gemm_s16s16s32_avx2_6x16;
 #endif
     default: return gemm_s16s16s32_scalar_4x8;
   }

@@ -71,6 +71,7 @@ struct MicroKernel {
 
 extern const MicroKernel gemm_s16s16s32_scalar_4x8;
 extern const MicroKernel gemm_s16s16s32_avx2_6x16;
+extern const MicroKernel gemm_s16s16s32_avx2_12x8;
 extern const MicroKernel gemm_s16s16s32_avx512bw_6x32;
 extern const MicroKernel gemm_s16s16s32_avx512vnni_6x32;
 extern const MicroKernel gemm_s16s16s32_avx512bw_12x16;
