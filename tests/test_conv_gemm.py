@@ -291,7 +291,7 @@ def test_window_as_the_generic_copy(backend, rows, columns, channels):
     assert torch.equal(layout.window(x[:0], rows, columns, channels), got[:0])
 
 
-@pytest.mark.parametrize("channels", [6, 32])  # 32: whole vectors of channels, the compiled fast path
+@pytest.mark.parametrize("channels", [6, 8, 24, 32])  # 8, 24, 32: whole vectors of channels, the compiled fast paths
 @pytest.mark.parametrize("rounding", [0, 1, 2])  # codes of dfp.format.ROUNDINGS
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(backend, channels_last, rounding, channels):
@@ -327,7 +327,7 @@ def test_gradient_quantized_as_the_pixel_matrix_per_block_sample_and_tensor(back
 
 
 @pytest.mark.parametrize("width", [7, 2])
-@pytest.mark.parametrize("channels", [6, 32])
+@pytest.mark.parametrize("channels", [6, 8, 24, 32])
 @pytest.mark.parametrize("rounding", [0, 1, 2])  # codes of dfp.format.ROUNDINGS
 def test_gradient_quantized_per_image_row_and_channel_block(backend, rounding, channels, width):
     """grad_input's output gradient per image row and block of channels: the bits of

@@ -83,6 +83,12 @@ inline void store16(int16_t* q, __m256 a, __m256 b) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(packed, 0xD8));
 }
 
+inline void store8(int16_t* q, __m256 a) {
+  const __m256i v = _mm256_cvtps_epi32(a);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
+                   _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+}
+
 // The 8 lanes of a vector at `index` share the high 32 bits of their flat index.
 inline bool lanes_share_high_bits(uint64_t index) { return uint32_t(index) <= 0xFFFFFFF8u; }
 
@@ -98,6 +104,12 @@ void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const Rou
     if (indexed && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
     const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
     store16(q + i, round8(scale_at(i, x0), x0, r, idx), round8(scale_at(i + 8, x1), x1, r, idx + 8));
+  }
+  // 8 left (a run of 8 channels: all of it), as one vector
+  if (i + 8 <= n && !(indexed && !lanes_share_high_bits(r.index0 + i))) {
+    const __m256 x0 = _mm256_loadu_ps(x + i);
+    store8(q + i, round8(scale_at(i, x0), x0, r, r.index0 + i));
+    i += 8;
   }
   for (; i < n; ++i) q[i] = quantize_one(x[i], scale_at.one(i), r.limit, r.rounding, r.index0 + i, r.k0, r.k1);
 }
@@ -141,17 +153,18 @@ void absmax_rows(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
     for (int64_t r = 0; r < rows; ++r) acc[c] = abs_bits(x[r * cols + c]) > acc[c] ? abs_bits(x[r * cols + c]) : acc[c];
 }
 
-// A tile with a scale per column, 16 columns at a time down the rows: the scales are
-// loaded once per column run, not once per row. Column counts that are not a multiple
-// of 16, and the rare tiles whose flat indices cross a multiple of 2^32 (stochastic
-// rounding hashes the high half once per vector), go a row at a time.
+// A tile with a scale per column, 16 columns at a time down the rows (and a last 8): the
+// scales are loaded once per column run, not once per row. Column counts that are not a
+// multiple of 8, and the rare tiles whose flat indices cross a multiple of 2^32
+// (stochastic rounding hashes the high half once per vector), go a row at a time.
 void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
               const RoundingArgs& args) {
   const RoundingArgs r = args;  // a local copy: see run_impl
   const uint64_t last = r.index0 + uint64_t(rows * cols);
-  if (cols % 16 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
+  if (cols % 8 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
     return run_rows_of<run_scaled>(x, q, rows, cols, first, second, r);
-  for (int64_t c = 0; c < cols; c += 16) {
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16) {
     const __m256 f0 = _mm256_loadu_ps(first + c), f1 = _mm256_loadu_ps(first + c + 8);
     const __m256 s0 = _mm256_loadu_ps(second + c), s1 = _mm256_loadu_ps(second + c + 8);
     for (int64_t row = 0; row < rows; ++row) {
@@ -161,6 +174,13 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
       const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(x0, f0), s0), v1 = _mm256_mul_ps(_mm256_mul_ps(x1, f1), s1);
       store16(q + row * cols + c, round8(v0, x0, r, index), round8(v1, x1, r, index + 8));
     }
+  }
+  if (c == cols) return;
+  const __m256 f = _mm256_loadu_ps(first + c), s = _mm256_loadu_ps(second + c);
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t at = row * cols + c;
+    const __m256 x0 = _mm256_loadu_ps(x + at);
+    store8(q + at, round8(_mm256_mul_ps(_mm256_mul_ps(x0, f), s), x0, r, r.index0 + uint64_t(at)));
   }
 }
 
