@@ -153,18 +153,18 @@ void absmax_rows(const float* x, int64_t rows, int64_t cols, uint32_t* acc) {
     for (int64_t r = 0; r < rows; ++r) acc[c] = abs_bits(x[r * cols + c]) > acc[c] ? abs_bits(x[r * cols + c]) : acc[c];
 }
 
-// A tile with a scale per column, 16 columns at a time down the rows (and a last 8): the
-// scales are loaded once per column run, not once per row. Column counts that are not a
-// multiple of 8, and the rare tiles whose flat indices cross a multiple of 2^32
-// (stochastic rounding hashes the high half once per vector), go a row at a time.
+// A tile with a scale per column, 16 columns at a time down the rows: the scales are
+// loaded once per column run, not once per row. Column counts that are not a multiple
+// of 16 (rows of 8 take run_impl's last vector), and the rare tiles whose flat indices
+// cross a multiple of 2^32 (stochastic rounding hashes the high half once per vector),
+// go a row at a time.
 void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
               const RoundingArgs& args) {
   const RoundingArgs r = args;  // a local copy: see run_impl
   const uint64_t last = r.index0 + uint64_t(rows * cols);
-  if (cols % 8 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
+  if (cols % 16 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
     return run_rows_of<run_scaled>(x, q, rows, cols, first, second, r);
-  int64_t c = 0;
-  for (; c + 16 <= cols; c += 16) {
+  for (int64_t c = 0; c < cols; c += 16) {
     const __m256 f0 = _mm256_loadu_ps(first + c), f1 = _mm256_loadu_ps(first + c + 8);
     const __m256 s0 = _mm256_loadu_ps(second + c), s1 = _mm256_loadu_ps(second + c + 8);
     for (int64_t row = 0; row < rows; ++row) {
@@ -174,13 +174,6 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
       const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(x0, f0), s0), v1 = _mm256_mul_ps(_mm256_mul_ps(x1, f1), s1);
       store16(q + row * cols + c, round8(v0, x0, r, index), round8(v1, x1, r, index + 8));
     }
-  }
-  if (c == cols) return;
-  const __m256 f = _mm256_loadu_ps(first + c), s = _mm256_loadu_ps(second + c);
-  for (int64_t row = 0; row < rows; ++row) {
-    const int64_t at = row * cols + c;
-    const __m256 x0 = _mm256_loadu_ps(x + at);
-    store8(q + at, round8(_mm256_mul_ps(_mm256_mul_ps(x0, f), s), x0, r, r.index0 + uint64_t(at)));
   }
 }
 
