@@ -1041,12 +1041,33 @@ def test_stopping_the_penalty_clears_the_momentum_of_the_weights_it_held_at_zero
     expected[weight][0] = 0.0
     settings = strategies.StrategySettings(proximal=True, penalty_epochs=1, prune_every=5)
     run = strategies.StructuredRun(strategies.PRUNETRAIN, settings, 4, 0, {}, None)
-    lasso = run.make_regulariser(model, ONE_PROCESS)
+    lasso = run.make_regulariser(model, ONE_PROCESS, (1, 8, 8))
     lasso(torch.tensor(2.0))
     run.after_epoch(1, model, optimizer, None)
     assert not lasso.active
     assert all(torch.equal(optimizer.state[p]["momentum_buffer"], expected[p]) for p in model.parameters())
     assert torch.count_nonzero(expected[weight]) > 0  # the other groups' momentum was there to keep
+
+
+def test_flops_weights_price_each_layers_channels_by_its_output_positions():
+    """--lasso-weights flops: the penalty ratio holds on the penalty weighted by output
+    positions; blocks inserted later get their weights too; the setting is stored only
+    where it is not the default (older runs still match)."""
+    model = models.build("resnet20", 3, 10, 8)
+    settings = strategies.StrategySettings(lasso_weights="flops")
+    run = strategies.StructuredRun(strategies.PRUNETRAIN, settings, 4, 0, {}, None)
+    lasso = run.make_regulariser(model, ONE_PROCESS, (3, 8, 8))
+    loss = torch.tensor(2.0)
+    penalty = lasso(loss).item() - loss.item()
+    spaces = structure.channel_spaces(model)
+    weighted = structure.group_lasso(model, spaces, structure.output_positions(model, (3, 8, 8))).item()
+    assert penalty == pytest.approx(lasso.coefficient * weighted, rel=1e-5)
+    assert penalty / (loss.item() + penalty) == pytest.approx(0.2, rel=1e-5)
+    assert weighted > 2 * structure.group_lasso(model, spaces).item()
+    structure.insert_block(model, 2, len(model.stages[2]) - 1)
+    assert lasso(loss).item() > penalty  # the new block's groups, weighted too
+    assert settings.for_strategy(strategies.PRUNETRAIN)["lasso_weights"] == "flops"
+    assert "lasso_weights" not in strategies.StrategySettings().for_strategy(strategies.PRUNETRAIN)
 
 
 def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
@@ -1055,7 +1076,7 @@ def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
     model = models.build("small_cnn", 1, 10, 8)
     settings = strategies.StrategySettings(proximal=True, penalty_epochs=2, prune_every=5)
     run = strategies.StructuredRun(strategies.PRUNETRAIN, settings, 4, 0, {}, None)
-    lasso = run.make_regulariser(model, ONE_PROCESS)
+    lasso = run.make_regulariser(model, ONE_PROCESS, (1, 8, 8))
     loss = torch.tensor(2.0)
     lasso(loss)
     run.after_epoch(1, model, None, None)
@@ -1069,11 +1090,14 @@ def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
     plain.active = False
     assert plain(loss) is loss  # no penalty in the loss either
     argv = ["--formats", "fp32", "--strategies", "prunetrain", "--epochs", "3", "--warmup-epochs", "0"]
-    argv += ["--penalty-epochs", "1", "--limit-train-batches", "3"]
+    argv += ["--penalty-epochs", "1", "--limit-train-batches", "3", "--lasso-weights", "flops"]
     assert _main_job(tmp_path, *argv) == 0
     (record,) = ResultStore(tmp_path).load()
     assert record["config"]["strategy_settings"]["penalty_epochs"] == 1
-    assert "group lasso in the first 1 epochs only" in (tmp_path / "report.md").read_text()
+    assert record["config"]["strategy_settings"]["lasso_weights"] == "flops"
+    report_text = (tmp_path / "report.md").read_text()
+    assert "group lasso in the first 1 epochs only" in report_text
+    assert "weighted by each layer's FLOPs per weight" in report_text
 
 
 def test_widen_split_random_runs_in_the_harness_and_names_its_runs(tmp_path):

@@ -615,10 +615,27 @@ def test_group_lasso_matches_a_brute_force_loop():
     assert abs(structure.group_lasso(model, spaces).item() - expected) <= 1e-5 * expected
 
 
-@pytest.mark.parametrize("fmt", [None, "dfp16"])
-def test_the_proximal_step_shrinks_every_group_and_zeroes_those_under_the_threshold(fmt):
+def test_weights_scale_each_layers_groups_in_the_penalty():
+    model = _chain()
+    spaces = model.spaces()
+    weights = {"conv1": 2.0, "conv2": 0.5, "fc": 3.0}
+    expected = sum(
+        weights[name] * structure.group_lasso(model, spaces, {**dict.fromkeys(weights, 0.0), name: 1.0}).item()
+        for name in weights
+    )
+    assert abs(structure.group_lasso(model, spaces, weights).item() - expected) <= 1e-5 * expected
+    assert expected != pytest.approx(structure.group_lasso(model, spaces).item(), rel=1e-3)
+    with pytest.raises(ValueError, match="no layer 'fc'"):
+        structure.group_lasso(model, spaces, {"conv1": 1.0, "conv2": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("fmt", "weights"), [(None, None), ("dfp16", None), (None, {"conv1": 2.0, "conv2": 0.5, "fc": 3.0})]
+)
+def test_the_proximal_step_shrinks_every_group_and_zeroes_those_under_the_threshold(fmt, weights):
     """Group soft-thresholding, writers' groups first, then readers': a group of norm n
-    is scaled by max(0, 1 - t / n), in whatever memory format the weight is."""
+    is scaled by max(0, 1 - t / n), in whatever memory format the weight is; with
+    weights, a layer's groups by t times its weight."""
     model = _chain(fmt=fmt)
     model.conv1.weight.data = model.conv1.weight.data.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -627,15 +644,15 @@ def test_the_proximal_step_shrinks_every_group_and_zeroes_those_under_the_thresh
     t = 0.05
     conv1, conv2, fc = (m.weight.detach().clone() for m in (model.conv1, model.conv2, model.fc))
 
-    def shrunk(w, norms):  # norms broadcast along the group's axis
-        return w * (1 - t / norms).clamp_min(0)
+    def shrunk(w, norms, layer):  # norms broadcast along the group's axis
+        return w * (1 - t * (weights or {}).get(layer, 1.0) / norms).clamp_min(0)
 
-    conv1 = shrunk(conv1, conv1.flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # writer of space A
-    conv2 = shrunk(conv2, conv2.flatten(1).norm(dim=1).view(-1, 1, 1, 1))  # writer of space B
-    conv2 = shrunk(conv2, conv2.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, 1, 1))  # reader of A
+    conv1 = shrunk(conv1, conv1.flatten(1).norm(dim=1).view(-1, 1, 1, 1), "conv1")  # writer of space A
+    conv2 = shrunk(conv2, conv2.flatten(1).norm(dim=1).view(-1, 1, 1, 1), "conv2")  # writer of space B
+    conv2 = shrunk(conv2, conv2.transpose(0, 1).flatten(1).norm(dim=1).view(1, -1, 1, 1), "conv2")  # reader of A
     fc_channels = fc.view(fc.shape[0], 8, 25)
-    fc = shrunk(fc_channels, fc_channels.square().sum(dim=(0, 2)).sqrt().view(1, 8, 1)).view(fc.shape)
-    structure.shrink_groups(model, model.spaces(), t)
+    fc = shrunk(fc_channels, fc_channels.square().sum(dim=(0, 2)).sqrt().view(1, 8, 1), "fc").view(fc.shape)
+    structure.shrink_groups(model, model.spaces(), t, weights)
     assert not model.conv1.weight[2].any() and not model.conv2.weight[:, 4].any()
     for got, want in ((model.conv1.weight, conv1), (model.conv2.weight, conv2), (model.fc.weight, fc)):
         assert torch.allclose(got, want, rtol=1e-5, atol=1e-7)
@@ -659,6 +676,14 @@ def test_forward_flops_of_a_small_network():
     # conv1: 6 x 25 outputs x 27 MACs; conv2: 8 x 25 x 54; fc: 4 x 200
     assert structure.forward_flops(model, (3, 5, 5)) == 2 * (6 * 25 * 27 + 8 * 25 * 54 + 4 * 200)
     assert isinstance(model.conv1, dfp.nn.Conv2d)  # measured on a copy
+
+
+def test_output_positions_count_each_weights_multiply_adds_per_image():
+    assert structure.output_positions(dfp.convert(_chain(), "dfp16"), (3, 5, 5)) == {"conv1": 25, "conv2": 25, "fc": 1}
+    positions = structure.output_positions(_resnet(), (3, 8, 8))
+    assert positions["conv1"] == positions["stages.0.2.conv2"] == 64  # 8 x 8
+    assert positions["stages.1.0.conv1"] == positions["stages.1.0.shortcut.0"] == 16  # stride 2
+    assert positions["stages.2.2.conv1"] == 4 and positions["fc"] == 1
 
 
 # ---------------------------------------------------------------- DistributedDataParallel

@@ -203,6 +203,14 @@ def build_parser() -> argparse.ArgumentParser:
         "back): odd widths run far from a CPU's or a tensor core's peak; not in PruneTrain (default: %(default)s)",
     )
     structural.add_argument(
+        "--lasso-weights",
+        choices=strategies.LASSO_WEIGHTS,
+        default=strategies.StrategySettings.lasso_weights,
+        help="prunetrain: how the group lasso weighs a layer's channels: all alike (PruneTrain), or by the "
+        "multiply-adds each weight does per image (the layer's output positions), so that the penalty prices "
+        "a channel by its FLOPs, not its weights; not in PruneTrain (default: %(default)s)",
+    )
+    structural.add_argument(
         "--start-width",
         type=_parsed(float, lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
         default=strategies.StrategySettings.start_width,
@@ -383,6 +391,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         proximal=args.proximal_lasso,
         penalty_epochs=args.penalty_epochs,
         prune_multiple=args.prune_multiple,
+        lasso_weights=args.lasso_weights,
         prune_every=args.prune_every,
         start_width=args.start_width,
         start_depth=args.start_depth,

@@ -113,6 +113,7 @@ class Row:
     proximal: bool = False  # the group lasso applied as a proximal step
     penalty_epochs: int | None = None  # the group lasso in the first N epochs only
     prune_multiple: int = 1  # widths kept multiples of this
+    lasso_weights: str = "uniform"  # how the group lasso weighs a layer's groups
     widen_split: str = "even"  # how a widened channel's reader weights were shared among its copies
 
     @property
@@ -278,6 +279,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 proximal=penalty.get("proximal", False),
                 penalty_epochs=penalty.get("penalty_epochs"),
                 prune_multiple=penalty.get("prune_multiple", 1),
+                lasso_weights=penalty.get("lasso_weights", "uniform"),
                 widen_split=settings.get("widen_split", "even"),
             )
         )
@@ -353,6 +355,8 @@ def _notes(row: Row) -> str:
         notes.append(f"group lasso in the first {row.penalty_epochs} epochs only (PruneTrain keeps it)")
     if row.prune_multiple > 1:
         notes.append(f"widths kept multiples of {row.prune_multiple} (PruneTrain removes every zero channel)")
+    if row.lasso_weights == "flops":
+        notes.append("group lasso weighted by each layer's FLOPs per weight (PruneTrain weighs every group alike)")
     if row.widen_split == "random":
         notes.append("readers' weights shared among a channel's copies at random (Net2Net divides them evenly)")
     if row.strategy == PRUNED_SCRATCH:

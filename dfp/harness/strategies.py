@@ -19,7 +19,9 @@ prunetrain             PruneTrain (Lym et al., SC 2019): group lasso over every 
                        group lasso acts in the first that many epochs only, and the pruned
                        network trains without it for the rest: in neither; with
                        ``prune_multiple`` each width stays a multiple of it (the strongest zero
-                       channels kept back): in neither
+                       channels kept back): in neither; with ``lasso_weights`` "flops" each
+                       layer's groups weigh as many times as its output has positions (the
+                       penalty on FLOPs, as MorphNet's): in neither
 net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`` of every channel
                        space (and, on ResNets, ``start_depth`` of every stage's blocks), widen
                        with Net2WiderNet at the end of each of ``grow_epochs`` (evenly to the
@@ -60,6 +62,7 @@ NONE, PRUNETRAIN, NET2NET, GROW_THEN_PRUNE, PRUNED_SCRATCH = (
 )
 STRATEGIES: tuple[str, ...] = (NONE, PRUNETRAIN, NET2NET, GROW_THEN_PRUNE, PRUNED_SCRATCH)
 GROW_NOISE = 0.05  # erogol/Net2Net's noise on the widened layer, a fraction of its weights' std
+LASSO_WEIGHTS = ("uniform", "flops")  # every group alike (PruneTrain), or by its layer's output positions
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,7 @@ class StrategySettings:
     proximal: bool = False
     penalty_epochs: int | None = None  # None: the group lasso acts in every epoch
     prune_multiple: int = 1  # widths after pruning kept multiples of this
+    lasso_weights: str = "uniform"  # one of LASSO_WEIGHTS
 
     def for_strategy(self, strategy: str) -> dict[str, Any]:
         """The settings that ``strategy`` uses, as stored in a run's config (an option at
@@ -90,6 +94,8 @@ class StrategySettings:
             prune["penalty_epochs"] = self.penalty_epochs
         if self.prune_multiple > 1:
             prune["prune_multiple"] = self.prune_multiple
+        if self.lasso_weights != "uniform":
+            prune["lasso_weights"] = self.lasso_weights
         grow = {"start_width": self.start_width, "grow_epochs": list(self.grow_epochs)}
         if self.start_depth < 1:
             grow["start_depth"] = self.start_depth
@@ -114,22 +120,40 @@ class GroupLasso:
     call from that step's cross-entropy (the mean over ranks, so that every rank uses the
     same one) and then kept. ``proximal``: the loss stays as it is, and ``after_step``
     shrinks the groups by the penalty's proximal step instead. Once ``active`` is False
-    (``StrategySettings.penalty_epochs``) it does neither."""
+    (``StrategySettings.penalty_epochs``) it does neither. ``input_shape`` (of one image):
+    each layer's groups weigh as many times as its output has positions at that input
+    (``structure.group_lasso``); None: every group alike."""
 
     def __init__(
-        self, model: nn.Module, penalty_ratio: float, ctx: distributed.Context, proximal: bool = False
+        self,
+        model: nn.Module,
+        penalty_ratio: float,
+        ctx: distributed.Context,
+        proximal: bool = False,
+        input_shape: tuple[int, ...] | None = None,
     ) -> None:
         self.model = model
         self.penalty_ratio = penalty_ratio
         self.ctx = ctx
         self.proximal = proximal
+        self.input_shape = input_shape
+        self.positions: dict[str, int] = {}
         self.coefficient: float | None = None
         self.active = True
+
+    def _weights(self, spaces: list[ChannelSpace]) -> dict[str, int] | None:
+        if self.input_shape is None:
+            return None
+        layers = {group.layer for space in spaces for group in (*space.writers, *space.readers)}
+        if not layers <= self.positions.keys():  # the first call, or blocks inserted since
+            self.positions = structure.output_positions(self.model, self.input_shape)
+        return self.positions
 
     def __call__(self, loss: torch.Tensor) -> torch.Tensor:
         if not self.active or (self.proximal and self.coefficient is not None):
             return loss
-        penalty = structure.group_lasso(self.model, structure.channel_spaces(self.model))
+        spaces = structure.channel_spaces(self.model)
+        penalty = structure.group_lasso(self.model, spaces, self._weights(spaces))
         if self.coefficient is None:
             cross_entropy = distributed.all_reduce_mean(loss.detach().item(), self.ctx)
             penalty_value = distributed.all_reduce_mean(penalty.detach().item(), self.ctx)
@@ -156,7 +180,8 @@ class GroupLasso:
         """After an optimizer step at learning rate ``lr``: the proximal step, if that is
         how the penalty applies (every rank shrinks the same weights alike)."""
         if self.active and self.proximal and self.coefficient is not None:
-            structure.shrink_groups(self.model, structure.channel_spaces(self.model), lr * self.coefficient)
+            spaces = structure.channel_spaces(self.model)
+            structure.shrink_groups(self.model, spaces, lr * self.coefficient, self._weights(spaces))
 
 
 class StructuredRun:
@@ -236,9 +261,16 @@ class StructuredRun:
         structure.apply(model, structure.narrowing(model, spaces, changes))
         models.initialise(model)
 
-    def make_regulariser(self, model: nn.Module, ctx: distributed.Context) -> GroupLasso | None:
+    def make_regulariser(
+        self, model: nn.Module, ctx: distributed.Context, input_shape: tuple[int, ...]
+    ) -> GroupLasso | None:
+        """The group lasso of the prunetrain strategies (None for the others); ``input_shape``:
+        of one image, for weights by FLOPs."""
         if self.strategy in (PRUNETRAIN, GROW_THEN_PRUNE):
-            self.regulariser = GroupLasso(model, self.settings.penalty_ratio, ctx, self.settings.proximal)
+            weighted = self.settings.lasso_weights == "flops"
+            self.regulariser = GroupLasso(
+                model, self.settings.penalty_ratio, ctx, self.settings.proximal, input_shape if weighted else None
+            )
         return self.regulariser
 
     def after_epoch(self, epoch: int, model: nn.Module, optimizer: torch.optim.Optimizer, average: Any) -> bool:

@@ -260,12 +260,12 @@ def train_run(
     compress = None if config.compress == NO_COMPRESSION else config.compress
     network = distributed.wrap(module, ctx, compress)
     order = torch.Generator().manual_seed(config.seed)  # the same permutation on every rank
-    regulariser = plan.make_regulariser(module, ctx) if plan is not None else None
+    input_shape = (dataset.channels, dataset.image_size, dataset.image_size)
+    regulariser = plan.make_regulariser(module, ctx, input_shape) if plan is not None else None
     _warm_up(training, network, dataset, per_rank_batch, ctx, regulariser)
     if regulariser is not None:
         regulariser.coefficient = None  # set again at the first timed step, as the warm-up is undone
 
-    input_shape = (dataset.channels, dataset.image_size, dataset.image_size)
     forward_flops = structure.forward_flops(module, input_shape)
     train_flops = 0
     train_seconds = data_seconds = eval_seconds = surgery_seconds = 0.0

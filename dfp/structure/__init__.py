@@ -25,7 +25,7 @@ After a change of shape, whatever was built on the old shapes must be rebuilt:
 
 from .apply import apply
 from .channels import channel_surgery
-from .cost import TRAINING_FLOPS_PER_FORWARD, forward_flops, parameter_count, widths
+from .cost import TRAINING_FLOPS_PER_FORWARD, forward_flops, output_positions, parameter_count, widths
 from .deepen import identity_conv, insert_block, undo_norm
 from .group_lasso import PENALTY_RATIO, coefficient, group_lasso, shrink_groups
 from .prune import THRESHOLD, channel_magnitudes, dense_channels, narrowing, pruning, removal
@@ -55,6 +55,7 @@ __all__ = [
     "identity_conv",
     "insert_block",
     "narrowing",
+    "output_positions",
     "parameter_count",
     "pruning",
     "removal",
