@@ -726,6 +726,11 @@ def test_structural_strategies_train_shrink_grow_and_are_reported(tmp_path, caps
     text = (tmp_path / "report.md").read_text()
     assert "| dfp16 + prunetrain | 64 |" in text and "| format + strategy | batch | training FLOPs |" in text
     assert "penalty_ratio 0.2" in text and "| fp32 | 64 |" in text
+    plain, pruned = runs["dfp16", "none"]["result"], runs["dfp16", "prunetrain"]["result"]
+    time = f"{pruned['train_seconds'] / plain['train_seconds']:.2f}x"  # against dfp16's own run, not fp32's
+    points = f"{100 * (pruned['epochs'][-1]['accuracy'] - plain['epochs'][-1]['accuracy']):+.2f} points"
+    structure_row = [line for line in text.splitlines() if line.startswith("| dfp16 + prunetrain | 64 |")][-1]
+    assert f"| {time} | {points} |" in structure_row
     assert (tmp_path / "pareto.png").stat().st_size > 0
 
 

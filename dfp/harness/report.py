@@ -455,8 +455,9 @@ def group_markdown(group: Sequence[dict[str, Any]], target_accuracy: float | Non
 
 
 def _structure_lines(rows: Sequence[Row], config: dict[str, Any], structured: Sequence[dict[str, Any]]) -> list[str]:
-    """The table of what the structural strategies cost: training FLOPs against the same
-    format without a strategy, parameters and widths at the end, surgery time."""
+    """The table of what the structural strategies cost: training FLOPs, time and accuracy
+    against the same format without a strategy (PruneTrain's targets), parameters and
+    widths at the end, surgery time."""
     # the settings of every strategy, but those that tell a strategy's rows apart (Row.variant)
     named = {k for variants in _settings_by_kind(structured).values() for k in _differing(variants)}
     settings = {}
@@ -473,26 +474,28 @@ def _structure_lines(rows: Sequence[Row], config: dict[str, Any], structured: Se
         ),
         "",
         (
-            "| format + strategy | batch | training FLOPs | vs. no strategy | parameters at the end "
-            "| widths at the end | surgery time (s) |"
+            "| format + strategy | batch | training FLOPs | FLOPs vs. no strategy | time vs. no strategy "
+            "| accuracy vs. no strategy | parameters at the end | widths at the end | surgery time (s) |"
         ),
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     plain = {(row.format, row.batch_size, row.swa_start): row for row in rows if row.strategy == NONE}
     for row in rows:
         base = plain.get((row.format, row.batch_size, row.swa_start))
-        ratio = (
-            f"{row.train_flops / base.train_flops:.2f}x"
-            if row.train_flops is not None and base is not None and base.train_flops
-            else "-"
-        )
+        flops = _ratio(row.train_flops, base.train_flops if base else None)
+        time = _ratio(row.train_seconds, base.train_seconds if base else None)
+        points = "-" if base is None else f"{100 * (row.accuracy - base.accuracy):+.2f} points"
         widths = ", ".join(f"{name} {width}" for name, width in (row.widths or {}).items()) or "-"
         surgery = "-" if row.surgery_seconds is None else f"{row.surgery_seconds:.2f}"
         lines.append(
-            f"| {row.label} | {row.batch_size} | {_flops(row.train_flops)} | {ratio} | "
+            f"| {row.label} | {row.batch_size} | {_flops(row.train_flops)} | {flops} | {time} | {points} | "
             f"{row.parameters if row.parameters is not None else '-'} | {widths} | {surgery} |"
         )
     return lines
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return f"{value / base:.2f}x" if value is not None and base else "-"
 
 
 def _flops(value: float | None) -> str:
