@@ -1105,6 +1105,30 @@ def test_the_penalty_stops_after_its_epochs_and_the_report_says_so(tmp_path):
     assert "weighted by each layer's FLOPs per weight" in report_text
 
 
+def test_keep_filter_norms_scales_the_grown_readers_back_and_is_noted(tmp_path):
+    grown = {}
+    for keep in (False, True):
+        torch.manual_seed(0)
+        model = models.build("resnet20", 3, 10, 8)
+        settings = strategies.StrategySettings(start_width=0.5, grow_epochs=(1,), keep_filter_norms=keep)
+        plan = strategies.StructuredRun.plan(strategies.NET2NET, settings, 2, 0, model)
+        plan.shape_initial_model(model)
+        assert plan.after_epoch(1, model, None, None)
+        grown[keep] = dict(model.named_parameters())
+    for name in ("stages.0.0.conv2.weight", "stages.2.2.conv1.weight"):
+        kept, split = (grown[keep][name].detach().flatten(1).norm(dim=1) for keep in (True, False))
+        assert (kept > split).all(), name
+    assert torch.equal(grown[True]["fc.weight"], grown[False]["fc.weight"])  # no batch norm behind it
+    argv = ["--model", "resnet20", "--formats", "fp32", "--strategies", "net2net", "--epochs", "2"]
+    argv += ["--warmup-epochs", "0", "--grow-epochs", "1", "--limit-train-batches", "2", "--keep-filter-norms"]
+    assert _main_job(tmp_path, *argv) == 0
+    (record,) = ResultStore(tmp_path).load()
+    assert record["config"]["strategy_settings"]["keep_filter_norms"] is True
+    assert "readers scaled back to their filters' norms" in (tmp_path / "report.md").read_text()
+    settings = strategies.StrategySettings()
+    assert "keep_filter_norms" not in settings.for_strategy(strategies.NET2NET)  # older runs still match
+
+
 def test_widen_split_random_runs_in_the_harness_and_names_its_runs(tmp_path):
     argv = ["--model", "resnet20", "--formats", "fp32", "--strategies", "net2net", "--epochs", "2"]
     argv += ["--warmup-epochs", "0", "--grow-epochs", "1", "--limit-train-batches", "2"]

@@ -457,6 +457,87 @@ def test_a_random_split_shares_weights_and_momentum_alike_and_the_copies_learn_a
     assert _relative(grad[6], grad[2]) > 0.05 and _relative(grad[7], grad[6]) > 0.05
 
 
+def test_fresh_channels_are_drawn_afresh_and_read_with_zero_weights():
+    model = _chain()
+    space_a = model.spaces()[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _masked_sgd_step(model, optimizer, _x(), torch.tensor([0, 1, 2, 3]))
+    old_writer, old_reader = model.conv1.weight.detach().clone(), model.conv2.weight.detach().clone()
+    old_momentum = optimizer.state[model.conv1.weight]["momentum_buffer"].clone()
+    mapping = torch.tensor([0, 1, 2, 3, 4, 5, 2, 2, 0])
+    g = torch.Generator().manual_seed(0)
+    structure.apply(model, structure.widening(model, space_a, mapping, generator=g, split="fresh"), optimizer)
+    writer, reader = model.conv1.weight.detach(), model.conv2.weight.detach()
+    assert torch.equal(writer[:6], old_writer) and torch.equal(reader[:, :6], old_reader)  # old channels whole
+    assert not reader[:, 6:].any()  # the new channels are read with zero weights
+    fresh = writer[6:]
+    assert 0.5 < float(fresh.std() / old_writer.std()) < 2  # drawn at the writer's spread, not copied
+    assert _relative(fresh[0], old_writer[2]) > 0.5 and _relative(fresh[1], fresh[0]) > 0.5
+    momentum = optimizer.state[model.conv1.weight]["momentum_buffer"]
+    assert torch.equal(momentum[:6], old_momentum) and not momentum[6:].any()
+    assert torch.equal(model.bn1.running_var[6:], model.bn1.running_var[[2, 2, 0]])  # its norm copied
+
+
+def _filter_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().flatten(1).norm(dim=1)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.05])
+@pytest.mark.parametrize("split", ["even", "random"])
+def test_keeping_filter_norms_restores_the_readers_norms_and_keeps_the_function(split, noise):
+    model = _resnet()
+    spaces = structure.channel_spaces(model)
+    x = _x((4, 3, 8, 8))
+    before = _outputs(model, x)
+    norms = {name: _filter_norms(p) for name, p in model.named_parameters() if p.dim() == 4}
+    g = torch.Generator().manual_seed(2)
+    surgery, mappings = structure.Surgery(), {}
+    for space in spaces:
+        width = space.width(model)
+        mappings[space.name] = structure.wider_mapping(width, 2 * width, g)
+        surgery = surgery.merged(structure.widening(model, space, mappings[space.name], noise, g, split))
+    split_only = copy.deepcopy(model)
+    structure.apply(split_only, surgery)
+    structure.apply(model, structure.keeping_filter_norms(model, spaces, surgery))
+    after = _outputs(model, x)
+    for mode in ("eval", "train"):  # exact but for the batch norms' eps (and the noise)
+        assert _relative(after[mode], before[mode]) <= (1e-4 if noise == 0 else 0.2), mode
+    writer_of = {writer.layer: space.name for space in spaces for writer in space.writers}
+    for name, p in model.named_parameters():
+        if p.dim() == 4 and name != "conv1.weight":  # every conv but the stem reads a widened space
+            source = mappings[writer_of[name.removesuffix(".weight")]]
+            assert torch.allclose(_filter_norms(p), norms[name][source], rtol=1e-5), name
+            split_norms = _filter_norms(dict(split_only.named_parameters())[name])
+            assert split_norms.sum() < 0.9 * _filter_norms(p).sum(), name  # the split alone shrank them
+    # the classifier feeds no batch norm: it keeps the split, so the logits are unchanged
+    assert torch.equal(model.fc.weight, split_only.fc.weight)
+
+
+def test_keeping_filter_norms_scales_momentum_and_running_statistics_with_the_weights():
+    model = _chain()
+    space_a = model.spaces()[0]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    _masked_sgd_step(model, optimizer, _x(), torch.tensor([0, 1, 2, 3]))
+    split_only = copy.deepcopy(model)
+    split_optimizer = torch.optim.SGD(split_only.parameters(), lr=0.1, momentum=0.9)
+    split_optimizer.load_state_dict(optimizer.state_dict())
+    mapping = torch.tensor([0, 1, 2, 3, 4, 5, 0, 1, 2, 3, 4, 5])  # every channel doubled: norms / sqrt(2)
+    surgery = structure.widening(model, space_a, mapping)
+    structure.apply(split_only, surgery, split_optimizer)
+    structure.apply(model, structure.keeping_filter_norms(model, model.spaces(), surgery), optimizer)
+    scale = 2**0.5
+    assert torch.allclose(model.conv2.weight, split_only.conv2.weight * scale)
+    momentum = optimizer.state[model.conv2.weight]["momentum_buffer"]
+    split_momentum = split_optimizer.state[split_only.conv2.weight]["momentum_buffer"]
+    assert torch.allclose(momentum, split_momentum * scale)
+    assert torch.allclose(model.bn2.running_mean, split_only.bn2.running_mean * scale)
+    assert torch.allclose(model.bn2.running_var, split_only.bn2.running_var * 2)
+    # the writer of the widened space and the classifier are not readers behind a batch norm
+    kept, split = model.state_dict(), split_only.state_dict()
+    for name in ("conv1.weight", "bn1.weight", "bn1.running_var", "fc.weight"):
+        assert torch.equal(kept[name], split[name]), name
+
+
 def test_writer_biases_follow_their_channels():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 5, 3), nn.ReLU(), nn.Conv2d(5, 2, 1))

@@ -235,7 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=strategies.StrategySettings.widen_split,
         help="net2net: how a reader's weight of a widened channel is shared among its copies: evenly (Net2Net), "
         "or in random proportions that still sum to it, which keeps the function and makes the copies' gradients "
-        "differ from the first step (default: %(default)s)",
+        "differ from the first step; fresh: no copies, the new channels drawn afresh and read with zero weights "
+        "(default: %(default)s)",
+    )
+    structural.add_argument(
+        "--keep-filter-norms",
+        action="store_true",
+        help="net2net: after each widening, scale every reader that feeds a batch norm back to the norms its "
+        "filters had (the split halves them at doubling, which doubles their effective learning rate); the "
+        "function is unchanged",
     )
     recipe = parser.add_argument_group("optimisation, the same for every format")
     recipe.add_argument(
@@ -397,6 +405,7 @@ def _strategy_settings(args: argparse.Namespace, parser: argparse.ArgumentParser
         start_depth=args.start_depth,
         grow_epochs=tuple(sorted(grow_epochs)),
         widen_split=args.widen_split,
+        keep_filter_norms=args.keep_filter_norms,
     )
 
 

@@ -115,6 +115,7 @@ class Row:
     prune_multiple: int = 1  # widths kept multiples of this
     lasso_weights: str = "uniform"  # how the group lasso weighs a layer's groups
     widen_split: str = "even"  # how a widened channel's reader weights were shared among its copies
+    keep_filter_norms: bool = False  # readers scaled back to their filters' norms after each widening
 
     @property
     def label(self) -> str:
@@ -281,6 +282,7 @@ def summarise(group: Sequence[dict[str, Any]], target_accuracy: float | None) ->
                 prune_multiple=penalty.get("prune_multiple", 1),
                 lasso_weights=penalty.get("lasso_weights", "uniform"),
                 widen_split=settings.get("widen_split", "even"),
+                keep_filter_norms=settings.get("keep_filter_norms", False),
             )
         )
     fp32_seconds = {row.batch_size: row.train_seconds for row in rows if row.format == "fp32" and row.strategy == NONE}
@@ -359,6 +361,10 @@ def _notes(row: Row) -> str:
         notes.append("group lasso weighted by each layer's FLOPs per weight (PruneTrain weighs every group alike)")
     if row.widen_split == "random":
         notes.append("readers' weights shared among a channel's copies at random (Net2Net divides them evenly)")
+    if row.widen_split == "fresh":
+        notes.append("new channels drawn afresh, read with zero weights (Net2Net copies channels)")
+    if row.keep_filter_norms:
+        notes.append("readers scaled back to their filters' norms after widening (Net2Net leaves them divided)")
     if row.strategy == PRUNED_SCRATCH:
         notes.append("the prunetrain run's final widths, initialised afresh and trained without the penalty")
     return "; ".join(notes)

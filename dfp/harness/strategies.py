@@ -28,7 +28,10 @@ net2net                Net2Net (Chen et al., ICLR 2016): start at ``start_width`
                        full width at the last), new channels' incoming weights perturbed by
                        ``GROW_NOISE`` of their std to break the symmetry (with ``widen_split``
                        "random", readers' weights also shared among a channel's copies in
-                       random proportions: not in Net2Net); then deepen with
+                       random proportions, or "fresh": new channels drawn afresh and read with
+                       zero weights: neither in Net2Net; with ``keep_filter_norms`` every
+                       reader behind a batch norm scaled back to its filters' norms, so it keeps
+                       its effective learning rate: not in Net2Net); then deepen with
                        Net2DeeperNet: identity blocks at the end of each stage, evenly to the
                        full depth at the last
 net2net+prunetrain     grow as net2net, with the regulariser from the first step; prune as
@@ -76,6 +79,7 @@ class StrategySettings:
     start_depth: float = 1.0
     grow_epochs: tuple[int, ...] = (1,)
     widen_split: str = "even"  # structure.widening's split
+    keep_filter_norms: bool = False  # structure.keeping_filter_norms after each widening
     grow_batch: bool = False
     proximal: bool = False
     penalty_epochs: int | None = None  # None: the group lasso acts in every epoch
@@ -101,6 +105,8 @@ class StrategySettings:
             grow["start_depth"] = self.start_depth
         if self.widen_split != "even":
             grow["widen_split"] = self.widen_split
+        if self.keep_filter_norms:
+            grow["keep_filter_norms"] = True
         return {
             NONE: {},
             PRUNETRAIN: prune,
@@ -326,6 +332,8 @@ class StructuredRun:
                 surgery = surgery.merged(widening)
                 widths[space.name] = target
         if widths:
+            if self.settings.keep_filter_norms:
+                surgery = structure.keeping_filter_norms(model, spaces, surgery)
             structure.apply(model, surgery, optimizer, average)
         blocks = self._deepen(model, fraction, optimizer, average)
         if widths or blocks:

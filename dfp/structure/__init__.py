@@ -32,7 +32,7 @@ from .prune import THRESHOLD, channel_magnitudes, dense_channels, narrowing, pru
 from .runtime import rewrap
 from .spaces import ChannelSpace, Reader, Writer, channel_spaces
 from .surgery import Gather, Surgery
-from .widen import SPLITS, widening, wider_mapping
+from .widen import SPLITS, keeping_filter_norms, widening, wider_mapping
 
 __all__ = [
     "PENALTY_RATIO",
@@ -54,6 +54,7 @@ __all__ = [
     "group_lasso",
     "identity_conv",
     "insert_block",
+    "keeping_filter_norms",
     "narrowing",
     "output_positions",
     "parameter_count",
