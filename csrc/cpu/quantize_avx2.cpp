@@ -43,75 +43,131 @@ void absmax_into(const float* x, uint32_t* acc, int64_t n) {
   for (; i < n; ++i) acc[i] = abs_bits(x[i]) > acc[i] ? abs_bits(x[i]) : acc[i];
 }
 
-inline __m256i mix8(__m256i x) {
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb352d));
-  x = _mm256_xor_si256(x, _mm256_srli_epi32(x, 15));
-  x = _mm256_mullo_epi32(x, _mm256_set1_epi32(int(0x846ca68bu)));
-  return _mm256_xor_si256(x, _mm256_srli_epi32(x, 16));
+// The low halves of the flat indices of 8 elements, the first at `index`.
+inline __m256i lanes_of(uint64_t index) {
+  return _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// Rounds 8 scaled values v (of the elements x) to integers (as float), then clamps.
-inline __m256 round8(__m256 v, __m256 x, const RoundingArgs& r, uint64_t index) {
-  __m256 q;
-  if (r.rounding == Rounding::nearest) {
-    q = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+// The rounding loops below take the rule as a template argument, so that a loop for the
+// nearest rule carries nothing of the others (the flat indices, kept as vectors).
+template <Rounding kRounding>
+struct Rule {
+  static constexpr Rounding value = kRounding;
+  static constexpr bool indexed = kRounding != Rounding::nearest;
+};
+
+template <typename Loop>
+void with_rule(Rounding rounding, Loop loop) {
+  if (rounding == Rounding::nearest)
+    loop(Rule<Rounding::nearest>{});
+  else if (rounding == Rounding::stochastic)
+    loop(Rule<Rounding::stochastic>{});
+  else
+    loop(Rule<Rounding::dithered>{});
+}
+
+// Each step of the rounding below runs for all N vectors before the next: a vector's
+// dithered or stochastic rounding is a chain of about 35 dependent instructions, and
+// chains issued one after the other left an AMD Zen 2's pipes idle.
+#define DFP_EACH(i, N) _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
+
+template <int N>
+[[gnu::always_inline]] inline void mix8(__m256i (&x)[N]) {
+  DFP_EACH(i, N) x[i] = _mm256_xor_si256(x[i], _mm256_srli_epi32(x[i], 16));
+  DFP_EACH(i, N) x[i] = _mm256_mullo_epi32(x[i], _mm256_set1_epi32(0x7feb352d));
+  DFP_EACH(i, N) x[i] = _mm256_xor_si256(x[i], _mm256_srli_epi32(x[i], 15));
+  DFP_EACH(i, N) x[i] = _mm256_mullo_epi32(x[i], _mm256_set1_epi32(int(0x846ca68bu)));
+  DFP_EACH(i, N) x[i] = _mm256_xor_si256(x[i], _mm256_srli_epi32(x[i], 16));
+}
+
+// Rounds N vectors of 8 scaled values v[i] (of the elements x[i], the first at flat
+// index index[i], the low halves of all 8 lo[i]) to integers clamped to the limit, q[i].
+template <typename R, int N>
+[[gnu::always_inline]] inline void round8(const __m256 (&v)[N], const __m256 (&x)[N], const RoundingArgs& r,
+                                          const uint64_t (&index)[N], const __m256i (&lo)[N], __m256i (&q)[N]) {
+  const __m256 lim = _mm256_set1_ps(r.limit), low = _mm256_sub_ps(_mm256_setzero_ps(), lim);
+  if constexpr (R::value == Rounding::nearest) {
+    DFP_EACH(i, N) {
+      const __m256 rounded = _mm256_round_ps(v[i], _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      q[i] = _mm256_cvtps_epi32(_mm256_max_ps(_mm256_min_ps(rounded, lim), low));
+    }
   } else {
-    __m256i bits;
-    const __m256i lo =
-        _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    if (r.rounding == Rounding::stochastic) {
+    __m256i bits[N];
+    if constexpr (R::value == Rounding::stochastic) {
       // One hash per element: mix(lo ^ k0), xored with the hash of the high half, which
       // the 8 lanes share.
-      const __m256i high = _mm256_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
-      bits = _mm256_xor_si256(mix8(_mm256_xor_si256(lo, _mm256_set1_epi32(int(r.k0)))), high);
+      DFP_EACH(i, N) bits[i] = _mm256_xor_si256(lo[i], _mm256_set1_epi32(int(r.k0)));
+      mix8(bits);
+      DFP_EACH(i, N) {
+        bits[i] = _mm256_xor_si256(bits[i], _mm256_set1_epi32(int(mix32(uint32_t(index[i] >> 32) ^ r.k1))));
+      }
     } else {
-      const __m256i sign_significand = _mm256_and_si256(_mm256_castps_si256(x), _mm256_set1_epi32(int(kDitherMask)));
-      bits = mix8(_mm256_xor_si256(_mm256_xor_si256(sign_significand, lo), _mm256_set1_epi32(int(kDitherKey))));
+      const __m256i key = _mm256_set1_epi32(int(kDitherKey)), mask = _mm256_set1_epi32(int(kDitherMask));
+      DFP_EACH(i, N) {
+        const __m256i sign_significand = _mm256_and_si256(_mm256_castps_si256(x[i]), mask);
+        bits[i] = _mm256_xor_si256(_mm256_xor_si256(sign_significand, lo[i]), key);
+      }
+      mix8(bits);
     }
-    const __m256 rnd = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits, 9)), _mm256_set1_ps(0.5f));
-    const __m256 fl = _mm256_floor_ps(v);
-    const __m256 frac = _mm256_mul_ps(_mm256_sub_ps(v, fl), _mm256_set1_ps(8388608.0f));
-    q = _mm256_add_ps(fl, _mm256_and_ps(_mm256_cmp_ps(rnd, frac, _CMP_LT_OQ), _mm256_set1_ps(1.0f)));
+    // Clamped before the floor, which gives the integers of clamping after it (the limit
+    // is an integer; a value past it has no fraction left to round up), and keeps them
+    // within int32 for the conversion.
+    __m256 rnd[N], clamped[N], fl[N];
+    DFP_EACH(i, N) rnd[i] = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits[i], 9)), _mm256_set1_ps(0.5f));
+    DFP_EACH(i, N) clamped[i] = _mm256_max_ps(_mm256_min_ps(v[i], lim), low);
+    DFP_EACH(i, N) fl[i] = _mm256_floor_ps(clamped[i]);
+    DFP_EACH(i, N) {
+      const __m256 fraction = _mm256_mul_ps(_mm256_sub_ps(clamped[i], fl[i]), _mm256_set1_ps(8388608.0f));
+      const __m256i up = _mm256_castps_si256(_mm256_cmp_ps(rnd[i], fraction, _CMP_LT_OQ));  // -1 where it rounds up
+      q[i] = _mm256_sub_epi32(_mm256_cvttps_epi32(fl[i]), up);
+    }
   }
-  const __m256 lim = _mm256_set1_ps(r.limit);
-  return _mm256_max_ps(_mm256_min_ps(q, lim), _mm256_sub_ps(_mm256_setzero_ps(), lim));
 }
 
-inline void store16(int16_t* q, __m256 a, __m256 b) {
-  const __m256i packed = _mm256_packs_epi32(_mm256_cvtps_epi32(a), _mm256_cvtps_epi32(b));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(packed, 0xD8));
+inline void store16(int16_t* q, __m256i a, __m256i b) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(q), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
 }
 
-inline void store8(int16_t* q, __m256 a) {
-  const __m256i v = _mm256_cvtps_epi32(a);
+inline void store8(int16_t* q, __m256i a) {
   _mm_storeu_si128(reinterpret_cast<__m128i*>(q),
-                   _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1)));
+                   _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1)));
 }
 
 // The 8 lanes of a vector at `index` share the high 32 bits of their flat index.
 inline bool lanes_share_high_bits(uint64_t index) { return uint32_t(index) <= 0xFFFFFFF8u; }
+
+template <typename R, typename ScaleAt>
+void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const RoundingArgs& r) {
+  int64_t i = 0;
+  __m256i lo[2] = {lanes_of(r.index0), lanes_of(r.index0 + 8)};  // kept as i moves (indexed rules only)
+  for (; i + 16 <= n; i += 16) {
+    const uint64_t idx = r.index0 + i;
+    if (R::value == Rounding::stochastic && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
+    const __m256 xs[2] = {_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i + 8)};
+    const __m256 v[2] = {scale_at(i, xs[0]), scale_at(i + 8, xs[1])};
+    __m256i out[2];
+    round8<R>(v, xs, r, {idx, idx + 8}, lo, out);
+    store16(q + i, out[0], out[1]);
+    if constexpr (R::indexed) DFP_EACH(k, 2) lo[k] = _mm256_add_epi32(lo[k], _mm256_set1_epi32(16));
+  }
+  // 8 left (a run of 8 channels: all of it), as one vector
+  if (i + 8 <= n && !(R::value == Rounding::stochastic && !lanes_share_high_bits(r.index0 + i))) {
+    const __m256 xs[1] = {_mm256_loadu_ps(x + i)};
+    const __m256 v[1] = {scale_at(i, xs[0])};
+    __m256i out[1];
+    round8<R>(v, xs, r, {r.index0 + i}, {lanes_of(r.index0 + i)}, out);
+    store8(q + i, out[0]);
+    i += 8;
+  }
+  for (; i < n; ++i) q[i] = quantize_one(x[i], scale_at.one(i), r.limit, r.rounding, r.index0 + i, r.k0, r.k1);
+}
 
 template <typename ScaleAt>
 void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const RoundingArgs& args) {
   // A local copy: from the caller's memory the compiler reloaded the rounding arguments
   // after every store (int16 stores may alias them, with -fno-strict-aliasing).
   const RoundingArgs r = args;
-  const bool indexed = r.rounding == Rounding::stochastic;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    const uint64_t idx = r.index0 + i;
-    if (indexed && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
-    const __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-    store16(q + i, round8(scale_at(i, x0), x0, r, idx), round8(scale_at(i + 8, x1), x1, r, idx + 8));
-  }
-  // 8 left (a run of 8 channels: all of it), as one vector
-  if (i + 8 <= n && !(indexed && !lanes_share_high_bits(r.index0 + i))) {
-    const __m256 x0 = _mm256_loadu_ps(x + i);
-    store8(q + i, round8(scale_at(i, x0), x0, r, r.index0 + i));
-    i += 8;
-  }
-  for (; i < n; ++i) q[i] = quantize_one(x[i], scale_at.one(i), r.limit, r.rounding, r.index0 + i, r.k0, r.k1);
+  with_rule(r.rounding, [&](auto rule) { run_impl<decltype(rule)>(x, q, n, scale_at, r); });
 }
 
 struct UniformScale {
@@ -164,17 +220,40 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
   const uint64_t last = r.index0 + uint64_t(rows * cols);
   if (cols % 16 || (r.rounding == Rounding::stochastic && (r.index0 >> 32) != (last >> 32)))
     return run_rows_of<run_scaled>(x, q, rows, cols, first, second, r);
-  for (int64_t c = 0; c < cols; c += 16) {
-    const __m256 f0 = _mm256_loadu_ps(first + c), f1 = _mm256_loadu_ps(first + c + 8);
-    const __m256 s0 = _mm256_loadu_ps(second + c), s1 = _mm256_loadu_ps(second + c + 8);
-    for (int64_t row = 0; row < rows; ++row) {
-      const float* xr = x + row * cols + c;
-      const uint64_t index = r.index0 + uint64_t(row * cols + c);
-      const __m256 x0 = _mm256_loadu_ps(xr), x1 = _mm256_loadu_ps(xr + 8);
-      const __m256 v0 = _mm256_mul_ps(_mm256_mul_ps(x0, f0), s0), v1 = _mm256_mul_ps(_mm256_mul_ps(x1, f1), s1);
-      store16(q + row * cols + c, round8(v0, x0, r, index), round8(v1, x1, r, index + 8));
+  with_rule(r.rounding, [&](auto rule) {
+    using R = decltype(rule);
+    for (int64_t c = 0; c < cols; c += 16) {
+      const __m256 f[2] = {_mm256_loadu_ps(first + c), _mm256_loadu_ps(first + c + 8)};
+      const __m256 s[2] = {_mm256_loadu_ps(second + c), _mm256_loadu_ps(second + c + 8)};
+      const auto scaled = [&](const __m256 x, int k) { return _mm256_mul_ps(_mm256_mul_ps(x, f[k % 2]), s[k % 2]); };
+      // two rows at a time (four chains to interleave), their indices' low halves kept
+      const uint64_t at = r.index0 + uint64_t(c);
+      __m256i lo[4] = {lanes_of(at), lanes_of(at + 8), lanes_of(at + cols), lanes_of(at + cols + 8)};
+      const __m256i two_rows = _mm256_set1_epi32(int(uint32_t(2 * cols)));
+      int64_t row = 0;
+      for (; row + 2 <= rows; row += 2) {
+        const float* xr = x + row * cols + c;
+        const uint64_t index = at + uint64_t(row * cols);
+        const __m256 xs[4] = {_mm256_loadu_ps(xr), _mm256_loadu_ps(xr + 8), _mm256_loadu_ps(xr + cols),
+                              _mm256_loadu_ps(xr + cols + 8)};
+        const __m256 v[4] = {scaled(xs[0], 0), scaled(xs[1], 1), scaled(xs[2], 2), scaled(xs[3], 3)};
+        __m256i out[4];
+        round8<R>(v, xs, r, {index, index + 8, index + cols, index + cols + 8}, lo, out);
+        store16(q + row * cols + c, out[0], out[1]);
+        store16(q + (row + 1) * cols + c, out[2], out[3]);
+        if constexpr (R::indexed) DFP_EACH(k, 4) lo[k] = _mm256_add_epi32(lo[k], two_rows);
+      }
+      if (row < rows) {
+        const float* xr = x + row * cols + c;
+        const uint64_t index = at + uint64_t(row * cols);
+        const __m256 xs[2] = {_mm256_loadu_ps(xr), _mm256_loadu_ps(xr + 8)};
+        const __m256 v[2] = {scaled(xs[0], 0), scaled(xs[1], 1)};
+        __m256i out[2];
+        round8<R>(v, xs, r, {index, index + 8}, {lo[0], lo[1]}, out);
+        store16(q + row * cols + c, out[0], out[1]);
+      }
     }
-  }
+  });
 }
 
 }  // namespace
