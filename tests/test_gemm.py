@@ -218,6 +218,18 @@ def test_extreme_exponents_round_once(backend, ea, eb):
     assert torch.equal(dfp.ops.gemm(a, b), on_reference(dfp.ops.gemm, a, b))
 
 
+@pytest.mark.parametrize("m", [6, 13, 37])
+def test_rows_of_one_exponent_mixed_with_rows_of_many(backend, m):
+    """A's K-blocks mostly of one exponent per row, as a layer's rows are: the compiled
+    GEMM runs the tiles whose rows all have one exponent without chain scales, the
+    others (and the last tile, past M) with them, and both give the reference's bits."""
+    a, b = _operands(m, 96, 20, DFPSpec(axis=1, block=32), DFPSpec(axis=1), seed=9)
+    ea = a.exponent[:, :1].expand(-1, 3).contiguous()  # every row's blocks one exponent
+    ea[4::5, 1] -= 3  # but every fifth row's middle block
+    a = _dfp(a.mantissa, ea, a.spec)
+    assert torch.equal(dfp.ops.gemm(a, b), on_reference(dfp.ops.gemm, a, b))
+
+
 def test_subnormal_chain_sums_are_added_exactly(backend):
     """K-blocks 140 binades below a block of zeros, of small mantissas: each chain's
     scaled sum is subnormal, and exact (an integer times a power of two >= 2^-149), so

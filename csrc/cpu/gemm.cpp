@@ -51,6 +51,7 @@ std::vector<KSlice> k_slices(const std::vector<Chain>& chains, int kc) {
 struct Scales {
   std::vector<int32_t> reference;  // r, applied in the epilogue
   std::vector<float> chain;        // empty when K is not blocked
+  std::vector<uint8_t> ones;       // A's: whether each row's chain scales are all 1 (e = r)
 };
 
 // out[j] = 2^(e[j] - r[j]) (exponents <= 0), rounded as ldexp(1.0f, k) rounds: 0 below
@@ -67,6 +68,9 @@ Scales make_row_scales(const int32_t* e, int64_t rows, int64_t blocks, int64_t p
   s.reference.resize(rows);
   for (int64_t i = 0; i < rows; ++i) s.reference[i] = *std::max_element(e + i * blocks, e + (i + 1) * blocks);
   if (blocks == 1) return s;
+  s.ones.resize(rows);
+  for (int64_t i = 0; i < rows; ++i)
+    s.ones[i] = std::all_of(e + i * blocks, e + (i + 1) * blocks, [&](int32_t b) { return b == s.reference[i]; });
   s.chain.assign(blocks * std::max(rows, padded_rows), 0.0f);
   std::vector<int32_t> r(rows * blocks);  // each row's reference in each of its blocks: one call for all rows
   for (int64_t i = 0; i < rows; ++i) std::fill_n(r.data() + i * blocks, blocks, s.reference[i]);
@@ -88,12 +92,12 @@ Scales make_column_scales(const int32_t* e, int64_t n, int64_t blocks, int64_t w
   return s;
 }
 
-// Rows [i0, i0 + count) of A in groups of `group` rows, each group one row of exponents:
-// calls visit(first, end, exponent row) for each run of rows [first, end) in one group,
-// with one division, not one per row.
+// Rows [i0, i0 + count) of A in groups of `group` rows, each group one row of exponents,
+// the first row i0's (`row`): calls visit(first, end, exponent row) for each run of rows
+// [first, end) in one group.
 template <typename Visit>
-void for_exponent_runs(int64_t i0, int64_t count, int64_t group, Visit visit) {
-  int64_t row = i0 / group, row_end = (row + 1) * group;
+void for_exponent_runs(int64_t i0, int64_t count, int64_t group, int64_t row, Visit visit) {
+  int64_t row_end = (row + 1) * group;
   for (int64_t r = 0; r < count; ++row, row_end += group) {
     const int64_t end = std::min(count, row_end - i0);
     visit(r, end, row);
@@ -101,14 +105,15 @@ void for_exponent_runs(int64_t i0, int64_t count, int64_t group, Visit visit) {
   }
 }
 
-// The chain scales of the tile at row i (mr rows, of M) for the micro-kernel, from
-// chain ([exponent row][block], blocks per row): each row its own (group 1, the table
-// padded to whole tiles), one row for all (a tile inside one group: stride 0), or the
-// rows copied into `tile` (mr * blocks; a tile across groups). One pointer and a stride,
-// as the micro-kernel's registers allow (a pointer per row made it spill). None where
-// every scale of the tile is 1: its chains then add float(S) * 1 = float(S), the same bits
-// without a product (a convolution's image rows mostly share their exponent with the rows
-// above and below: 44-94 % of the output rows of ResNet-20's 3x3 layers).
+// The chain scales of the tile at row i (mr rows, of M) for the micro-kernel, from A's
+// (`blocks` per row of exponents, rows of A sharing a row of exponents in groups): each
+// row its own (group 1, the table padded to whole tiles), one row for all (a tile inside
+// one group: stride 0), or the rows copied into `tile` (mr * blocks; a tile across
+// groups). One pointer and a stride, as the micro-kernel's registers allow (a pointer per
+// row made it spill). None where every scale of the tile's rows is 1: its chains then add
+// float(S) * 1 = float(S), the same bits without a product (a convolution's image rows
+// mostly share their exponent with the rows above and below: 44-94 % of the output rows
+// of ResNet-20's 3x3 layers). Rows past M are never stored, so their scales do not count.
 struct TileScales {
   const float* scales;
   int64_t stride;
@@ -116,18 +121,21 @@ struct TileScales {
 bool all_one(const float* v, int64_t n) {
   return std::all_of(v, v + n, [](float x) { return x == 1.0f; });
 }
-TileScales row_chain_scales(const float* chain, int64_t blocks, int64_t group, int64_t i, int mr, int64_t M,
-                            float* __restrict tile) {
-  const int64_t first = i / group, last = std::min(i + mr, M) - 1;
-  if (group == 1) return all_one(chain + i * blocks, mr * blocks) ? TileScales{} : TileScales{chain + i * blocks, blocks};
-  if (last < (first + 1) * group)
-    return all_one(chain + first * blocks, blocks) ? TileScales{} : TileScales{chain + first * blocks, 0};
-  for_exponent_runs(i, mr, group, [&](int64_t r0, int64_t r1, int64_t row) {  // rows past M (never stored) read M - 1's
-    const float* __restrict src = chain + std::min(row, (M - 1) / group) * blocks;
+TileScales row_chain_scales(const Scales& a, int64_t blocks, int64_t group, int64_t i, int64_t first, int mr,
+                            int64_t M, float* __restrict tile) {
+  const float* chain = a.chain.data();
+  int64_t last = first;  // the last real row's row of exponents
+  for (int64_t next = (first + 1) * group; next < std::min(i + mr, M); next += group) ++last;
+  if (std::all_of(a.ones.begin() + first, a.ones.begin() + last + 1, [](uint8_t one) { return one; })) return {};
+  if (group == 1) return {chain + i * blocks, blocks};
+  if (first == last) return {chain + first * blocks, 0};
+  // rows past M (never stored) read M - 1's
+  for_exponent_runs(i, mr, group, first, [&](int64_t r0, int64_t r1, int64_t row) {
+    const float* __restrict src = chain + std::min(row, last) * blocks;
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t b = 0; b < blocks; ++b) tile[r * blocks + b] = src[b];
   });
-  return all_one(tile, mr * blocks) ? TileScales{} : TileScales{tile, blocks};
+  return {tile, blocks};
 }
 
 // C = fp32(acc * 2^(ra[m / group] + rb[n])) (+ bias), rows sharing their exponents in
@@ -166,7 +174,7 @@ class Epilogue {
     const int32_t* image_offsets = offsets_.values;
     const int64_t per_image = image_offsets ? offsets_.rows : INT64_MAX;
     int64_t image = i0 / per_image, image_end = image_offsets ? (image + 1) * per_image - i0 : count;
-    for_exponent_runs(i0, count, group_, [&](int64_t r0, int64_t r1, int64_t row) {
+    for_exponent_runs(i0, count, group_, i0 / group_, [&](int64_t r0, int64_t r1, int64_t row) {
       for (int64_t r = r0; r < r1;) {
         if (r == image_end) ++image, image_end += per_image;
         const int64_t end = std::min(r1, image_end);
@@ -257,7 +265,7 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
   }
   // A side whose chain scales are all 1 (one exponent along K: a convolution's image) is
   // not multiplied at all. Only real rows and columns count (the padding is 0).
-  const bool row_scales = KA > 1 && !all_one(sa.chain.data(), exponent_rows * KA);
+  const bool row_scales = KA > 1 && !std::all_of(sa.ones.begin(), sa.ones.end(), [](uint8_t one) { return one; });
   bool col_scales = false;
   for (int64_t blk = 0; blk < KBB && KBB > 1 && !col_scales; ++blk)
     col_scales = !all_one(sb.chain.data() + blk * b_scale_width, options.uniform_b ? 1 : N);
@@ -301,9 +309,13 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     // __tls_get_addr.
     TileScales* const tile_at = tiles.data();
     float* const tile_scales_at = tile_scales.data();
-    for (int64_t ip = 0; ip < mpanels && row_scales; ++ip)
-      tile_at[ip] = row_chain_scales(sa.chain.data(), KA, group, i0 + ip * uk.mr, uk.mr, M,
-                                     tile_scales_at + ip * uk.mr * KA);
+    // each tile's first row of exponents counted along, not divided out (two 64-bit
+    // divisions per tile took a quarter of this set-up's time in a ResNet-20 step)
+    for (int64_t ip = 0, first = i0 / group, next = (first + 1) * group; ip < mpanels && row_scales; ++ip) {
+      const int64_t i = i0 + ip * uk.mr;
+      for (; next <= i; next += group) ++first;
+      tile_at[ip] = row_chain_scales(sa, KA, group, i, first, uk.mr, M, tile_scales_at + ip * uk.mr * KA);
+    }
     // and the rows' epilogue scales where the micro-kernel writes C (one division per block
     // of rows, not per tile)
     thread_local std::vector<float> out_row_scales;
