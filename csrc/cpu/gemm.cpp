@@ -309,8 +309,8 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     // __tls_get_addr.
     TileScales* const tile_at = tiles.data();
     float* const tile_scales_at = tile_scales.data();
-    // each tile's first row of exponents counted along, not divided out (two 64-bit
-    // divisions per tile took a quarter of this set-up's time in a ResNet-20 step)
+    // each tile's first row of exponents counted along, not divided out (a 64-bit
+    // division costs tens of cycles, and there are tens of thousands of tiles per GEMM)
     for (int64_t ip = 0, first = i0 / group, next = (first + 1) * group; ip < mpanels && row_scales; ++ip) {
       const int64_t i = i0 + ip * uk.mr;
       for (; next <= i; next += group) ++first;

@@ -69,7 +69,7 @@ void with_rule(Rounding rounding, Loop loop) {
 // Each step of the rounding below runs for all N vectors before the next: a vector's
 // dithered or stochastic rounding is a chain of about 35 dependent instructions, and
 // chains issued one after the other left an AMD Zen 2's pipes partly idle (two rows in
-// lockstep: a dithered gradient 10-12 % faster; docs/step.md).
+// lockstep: a dithered gradient 6-12 % faster; docs/step.md).
 #define DFP_EACH(i, N) _Pragma("GCC unroll 8") for (int i = 0; i < N; ++i)
 
 template <int N>
