@@ -263,19 +263,25 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
       RoundingArgs args = rounding(out.blocks_rounding);
-      if (out.q_blocks && panels.given()) {  // through an L1-sized buffer, an even number of rows at a time
+      args.index0 = uint64_t(r0 * cols);
+      const float *block_first = first.data() + b * cols, *block_second = second.data() + b * cols;
+      if (out.q_blocks && !panels.given()) {
+        k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, block_first, block_second, args);
+      } else if (out.q_blocks) {
+        // straight into the panels where the kernel set can, else through an L1-sized
+        // buffer, an even number of rows at a time
+        int32_t* const pairs = reinterpret_cast<int32_t*>(out.q_blocks) + r0 / 2 * panels.width;
+        const bool written = k.run_rows_into_pairs && k.run_rows_into_pairs(x + r0 * cols, r1 - r0, cols, block_first,
+                                                                            block_second, args, pairs, panels.width,
+                                                                            panels.kpairs);
         const int64_t step = std::max<int64_t>(2, kPanelBuffer / std::max<int64_t>(cols, 1) / 2 * 2);
-        int16_t* q = at_least(block_rows, std::min(step, r1 - r0) * cols);
-        for (int64_t r = r0; r < r1; r += step) {
+        int16_t* q = written ? nullptr : at_least(block_rows, std::min(step, r1 - r0) * cols);
+        for (int64_t r = written ? r1 : r0; r < r1; r += step) {
           args.index0 = uint64_t(r * cols);
           const int64_t end = std::min(r1, r + step);
-          k.run_rows(x + r * cols, q, end - r, cols, first.data() + b * cols, second.data() + b * cols, args);
+          k.run_rows(x + r * cols, q, end - r, cols, block_first, block_second, args);
           rows_into_panels(q, r, end, cols, panels, out.q_blocks);
         }
-      } else if (out.q_blocks) {
-        args.index0 = uint64_t(r0 * cols);
-        k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, first.data() + b * cols,
-                   second.data() + b * cols, args);
       }
       args = rounding(out.groups_rounding);
       const BorderedRows& bordered = out.groups_bordered;

@@ -186,6 +186,6 @@ void run_blocks(const float* x, int16_t* q, int64_t n, int64_t block, const floa
 }  // namespace
 
 const QuantizeKernels quantize_avx512bw = {absmax,        absmax_into, run,         run_scaled,
-                                           absmax_blocks, run_blocks,  absmax_rows, run_rows};
+                                           absmax_blocks, run_blocks,  absmax_rows, run_rows, nullptr};
 
 }  // namespace dfp

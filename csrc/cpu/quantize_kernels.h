@@ -35,6 +35,11 @@ struct QuantizeKernels {
   void (*absmax_rows)(const float* x, int64_t rows, int64_t cols, uint32_t* acc);
   void (*run_rows)(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
                    const RoundingArgs& r);
+  // run_rows into the K-pairs of panels of `width` columns (PairPanels, quantize.h), the
+  // first row pair's at `pairs` (rows 2p and 2p + 1 as K-pair p). Null, or false (nothing
+  // written) for a layout it leaves to run_rows and an interleaving pass.
+  bool (*run_rows_into_pairs)(const float* x, int64_t rows, int64_t cols, const float* first, const float* second,
+                              const RoundingArgs& r, int32_t* pairs, int64_t width, int64_t kpairs);
 };
 
 // dst[i] = max(dst[i], src[i]): maxima as the bits of absolute values (restrict: one

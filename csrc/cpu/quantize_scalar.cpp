@@ -30,6 +30,6 @@ void run_scaled(const float* x, int16_t* q, int64_t n, const float* first, const
 
 const QuantizeKernels quantize_scalar = {absmax, absmax_into, run, run_scaled, absmax_blocks_of<absmax>,
                                             run_blocks_of<run>, absmax_rows_of<absmax_into>,
-                                            run_rows_of<run_scaled>};
+                                            run_rows_of<run_scaled>, nullptr};
 
 }  // namespace dfp
