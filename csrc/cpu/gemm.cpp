@@ -55,9 +55,8 @@ struct Scales {
 };
 
 // out[j] = 2^(e[j] - r[kStep * j]) (exponents <= 0; one reference for all, kStep 0, or
-// one each), rounded as ldexp(1.0f, k) rounds: 0 below 2^-149. From their bits in one
-// loop the compiler vectorizes (a K-block of 32 pixels gives dY an exponent per 32
-// products). Returns whether all are 1 (e[j] = r[kStep * j]).
+// one each), rounded as ldexp(1.0f, k) rounds: 0 below 2^-149, from their bits (a K-block
+// of 32 pixels gives dY an exponent per 32 products). Returns whether all are 1.
 template <int kStep>
 bool chain_scales(const int32_t* __restrict e, const int32_t* __restrict r, int64_t n, float* __restrict out) {
   int32_t differ = 0;

@@ -259,16 +259,16 @@ struct IntoRows {
   }
 };
 
-// The K-pairs of panels of W columns (PairPanels, quantize.h): rows 2p and 2p + 1 as
-// K-pair p, a blend per 8 pairs (the integers lie within int16, so each one's low half is
+// The K-pairs of panels of 16 columns (PairPanels, quantize.h; the width of AVX2's 6 x 16
+// tile): rows 2p and 2p + 1 as K-pair p, a blend per 8 pairs (the integers lie within int16, so each one's low half is
 // its int16). A pass over a buffer had interleaved them afterwards: without it a
 // ResNet-20 step in the default format ran 1.4 % (one thread) and 3.3 % (two) faster on
-// an AMD Zen 2.
-template <int W>
+// an AMD Zen 2 in the run right after (docs/step.md).
 struct IntoPairs {
+  static constexpr int64_t kWidth = 16;
   int32_t* pairs;
   int64_t kpairs;
-  int32_t* at(int64_t row, int64_t c) const { return pairs + ((c / W) * kpairs + row / 2) * W + c % W; }
+  int32_t* at(int64_t row, int64_t c) const { return pairs + ((c / kWidth) * kpairs + row / 2) * kWidth + c % kWidth; }
   static void store(int32_t* to, __m256i even, __m256i odd) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(to), _mm256_blend_epi16(even, _mm256_slli_epi32(odd, 16), 0xAA));
   }
@@ -296,18 +296,16 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
 bool run_rows_into_pairs(const float* x, int64_t rows, int64_t cols, const float* first, const float* second,
                          const RoundingArgs& args, int32_t* pairs, int64_t width, int64_t kpairs) {
   const RoundingArgs r = args;  // a local copy: see run_impl
-  // the panels of AVX2's micro-kernel (6 x 16)
-  if (!lockstep_fits(rows, cols, r) || rows % 2 || width != 16) return false;
+  if (!lockstep_fits(rows, cols, r) || rows % 2 || width != IntoPairs::kWidth) return false;
   with_rule(r.rounding, [&](auto rule) {
-    rows_in_lockstep<decltype(rule)>(x, rows, cols, first, second, r, IntoPairs<16>{pairs, kpairs});
+    rows_in_lockstep<decltype(rule)>(x, rows, cols, first, second, r, IntoPairs{pairs, kpairs});
   });
   return true;
 }
 
 }  // namespace
 
-const QuantizeKernels quantize_avx2 = {absmax,        absmax_into,         run,      run_scaled,
-                                       absmax_blocks_of<absmax>, run_blocks_of<run>, absmax_rows, run_rows,
-                                       run_rows_into_pairs};
+const QuantizeKernels quantize_avx2 = {absmax, absmax_into, run, run_scaled, absmax_blocks_of<absmax>,
+                                       run_blocks_of<run>, absmax_rows, run_rows, run_rows_into_pairs};
 
 }  // namespace dfp
