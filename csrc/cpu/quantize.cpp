@@ -275,8 +275,8 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
                                                                             block_second, args, pairs, panels.width,
                                                                             panels.kpairs);
         const int64_t step = std::max<int64_t>(2, kPanelBuffer / std::max<int64_t>(cols, 1) / 2 * 2);
-        int16_t* q = written ? nullptr : at_least(block_rows, std::min(step, r1 - r0) * cols);
-        for (int64_t r = written ? r1 : r0; r < r1; r += step) {
+        for (int64_t r = r0; r < r1 && !written; r += step) {
+          int16_t* q = at_least(block_rows, std::min(step, r1 - r0) * cols);
           args.index0 = uint64_t(r * cols);
           const int64_t end = std::min(r1, r + step);
           k.run_rows(x + r * cols, q, end - r, cols, block_first, block_second, args);
