@@ -350,27 +350,34 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
       const bool last = s + 1 == slices.size();
       for (int64_t jp = 0; jp < npanels; ++jp) {
         const int64_t j = j0 + jp * uk.nr;
+        // the fields every tile of the column panel shares, set once: set per tile, each
+        // read through the task's captures, they cost a fifth of the set-up's own time in
+        // a ResNet-20 step
+        MicroKernelArgs args;
+        args.a_offsets = ab.offsets;
+        args.b = bb.data + jp * bb.panel_stride;
+        args.chains = chains.data() + slices[s].first_chain;
+        args.nchains = slices[s].nchains;
+        args.col_scale = col_scales ? sb.chain.data() + (options.uniform_b ? 0 : j) : nullptr;
+        args.col_scale_stride = b_scale_width;
+        args.ldacc = ldacc;
+        args.accumulate = s > 0;
+        args.ldc = out.ldc;
+        args.out_col_scale = epilogue.col_scale(j);
+        args.bias = epilogue.bias(j);
+        const bool writes_c = last && epilogue.in_fp32() && j + uk.nr <= N;
         for (int64_t ip = 0; ip < mpanels; ++ip) {
           const int64_t i = i0 + ip * uk.mr;
           const void* rows[kMaxMr];
           if (!ab.rows)
             for (int r = 0; r < uk.mr; ++r) rows[r] = ab.row(ip * uk.mr + r);
-          MicroKernelArgs args;
           args.a_rows = ab.rows ? ab.rows + ip * uk.mr : rows;
-          args.a_offsets = ab.offsets;
-          args.b = bb.data + jp * bb.panel_stride;
-          args.chains = chains.data() + slices[s].first_chain;
-          args.nchains = slices[s].nchains;
           args.row_scale = row_scales ? tile_at[ip].scales : nullptr;  // none where all are 1
           args.row_scale_stride = row_scales ? tile_at[ip].stride : 0;
-          args.col_scale = col_scales ? sb.chain.data() + (options.uniform_b ? 0 : j) : nullptr;
-          args.col_scale_stride = b_scale_width;
           args.acc = acc_at + ip * uk.mr * ldacc + jp * uk.nr;
-          args.ldacc = ldacc;
-          args.accumulate = s > 0;
           float* out_rows[kMaxMr];
-          if (last && epilogue.in_fp32() && i + uk.mr <= M && j + uk.nr <= N) {
-            args.ldc = out.ldc;
+          args.out = nullptr, args.out_rows = nullptr;
+          if (writes_c && i + uk.mr <= M) {
             if (out.grid.line) {
               for (int r = 0; r < uk.mr; ++r) out_rows[r] = grid_row_at[ip * uk.mr + r] + j;
               args.out = out_rows[0];
@@ -379,14 +386,10 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
               args.out = out.row(i) + j;
             }
             args.out_row_scale = row_references ? out_scale_at + ip * uk.mr : uniform_row_scale;
-            args.out_col_scale = epilogue.col_scale(j);
-            args.bias = epilogue.bias(j);
-            uk.run(args);
-          } else {
-            uk.run(args);
-            if (last)
-              epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j));
           }
+          uk.run(args);
+          if (last && !args.out)
+            epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j));
         }
       }
     }
