@@ -260,10 +260,10 @@ struct IntoRows {
 };
 
 // The K-pairs of panels of 16 columns (PairPanels, quantize.h; the width of AVX2's 6 x 16
-// tile): rows 2p and 2p + 1 as K-pair p, a blend per 8 pairs (the integers lie within int16, so each one's low half is
-// its int16). A pass over a buffer had interleaved them afterwards: without it a
-// ResNet-20 step in the default format ran 1.4 % (one thread) and 3.3 % (two) faster on
-// an AMD Zen 2 in the run right after (docs/step.md).
+// tile): rows 2p and 2p + 1 as K-pair p, a blend per 8 pairs (the integers lie within
+// int16, so each one's low half is its int16). A pass over a buffer had interleaved them
+// afterwards: without it a ResNet-20 step in the default format ran 1.4 % (one thread)
+// and 3.3 % (two) faster on an AMD Zen 2 in the run right after (docs/step.md).
 struct IntoPairs {
   static constexpr int64_t kWidth = 16;
   int32_t* pairs;
