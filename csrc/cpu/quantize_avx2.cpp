@@ -144,6 +144,7 @@ void run_impl(const float* x, int16_t* q, int64_t n, ScaleAt scale_at, const Rou
   for (; i + 16 <= n; i += 16) {
     const uint64_t idx = r.index0 + i;
     if (R::value == Rounding::stochastic && !(lanes_share_high_bits(idx) && lanes_share_high_bits(idx + 8))) break;
+    read_ahead(x + i, r.read_ahead);
     const __m256 xs[2] = {_mm256_loadu_ps(x + i), _mm256_loadu_ps(x + i + 8)};
     const __m256 v[2] = {scale_at(i, xs[0]), scale_at(i + 8, xs[1])};
     __m256i out[2];
@@ -229,6 +230,8 @@ void rows_in_lockstep(const float* x, int64_t rows, int64_t cols, const float* f
     const __m256i two_rows = _mm256_set1_epi32(int(uint32_t(2 * cols)));
     for (int64_t row = 0; row < rows; row += 2) {
       const float* xr = x + row * cols + c;
+      read_ahead(xr, r.read_ahead);
+      read_ahead(xr + cols, r.read_ahead);
       const uint64_t index = at + uint64_t(row * cols);
       const __m256 xs[4] = {_mm256_loadu_ps(xr), _mm256_loadu_ps(xr + 8), _mm256_loadu_ps(xr + cols),
                             _mm256_loadu_ps(xr + cols + 8)};

@@ -83,6 +83,7 @@ void run_as(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& 
   const __m512 f = _mm512_set1_ps(s.first), g = _mm512_set1_ps(s.second);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = tail_mask(n - i);
+    read_ahead(x + i, r.read_ahead);
     const __m512 xi = _mm512_maskz_loadu_ps(m, x + i);
     store16(q + i, m, round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
   }
@@ -109,6 +110,7 @@ void run_rows_as(const float* x, int16_t* q, int64_t rows, int64_t cols, const f
     const __m512 f = _mm512_maskz_loadu_ps(m, first + c), g = _mm512_maskz_loadu_ps(m, second + c);
     for (int64_t row = 0; row < rows; ++row) {
       const int64_t at = row * cols + c;
+      read_ahead(x + at, r.read_ahead);
       const __m512 xi = _mm512_maskz_loadu_ps(m, x + at);
       const __m512i mantissas = round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + at);
       store16(q + at, m, mantissas);
@@ -167,6 +169,7 @@ void run_blocks_as(const float* x, int16_t* q, int64_t n, int64_t block, const f
     const __m512 f = _mm512_set1_ps(first[b]), g = _mm512_set1_ps(second[b]);
     for (int64_t i = start; i < start + block && i < n; i += 16) {
       const __mmask16 m = tail_mask(n - i);
+      read_ahead(x + i, r.read_ahead);
       const __m512 xi = _mm512_maskz_loadu_ps(m, x + i);
       store16(q + i, m, round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
     }

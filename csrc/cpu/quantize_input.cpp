@@ -47,9 +47,10 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   // samples is one tile in x and in both copies, one call per pass for it, not one per
   // sample (and per block of channels).
   const bool tiles = im.cols == 1 && oc == c && im.pad_rows == 0 && im.pad_cols == 0 && !out.channel_major;
-  // Both passes over a task's groups of samples, one after the other, so that the second
-  // reads x from cache (pass 1 over all groups first read x from memory twice: 8 MB more
-  // per 16-channel 32x32 forward at batch 128).
+  // Both passes over a group of samples before the next, so that the second reads x from
+  // cache (pass 1 over all groups first read x from memory twice: 8 MB more per
+  // 16-channel 32x32 forward at batch 128), and the second asks for the next group's rows
+  // (`read_ahead`), so that pass 1 finds them in the L2 cache, not in memory.
   // Pass 1: each image row's maximum per block of channels (its exponents) and the
   // group's per channel (its exponents, written at once); false where NaN/Inf is met.
   std::vector<uint32_t> block_max(im.images * im.rows * blocks, 0);
@@ -177,13 +178,16 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           RoundingArgs args = nearest;
           args.index0 = uint64_t(r * run);
           const float* row = x + r * run;
+          // the first pass over the row asks for the next group's row
+          RoundingArgs first_pass = args;
+          first_pass.read_ahead = g + 1 < ngroups ? s * im.rows * run : 0;
           write_row(row, im.cols, c, oc, out.q_rows + offset + border, scratch, [&](const float* from, int16_t* to) {
             if (blocks == 1)
-              k.run(from, to, run, {block_first[0], block_second[0]}, args);
+              k.run(from, to, run, {block_first[0], block_second[0]}, first_pass);
             else if (!per_channel)
-              k.run_blocks(from, to, run, out.row_block, block_first.data(), block_second.data(), args);
+              k.run_blocks(from, to, run, out.row_block, block_first.data(), block_second.data(), first_pass);
             else
-              k.run_rows(from, to, im.cols, c, row_first.data(), row_second.data(), args);
+              k.run_rows(from, to, im.cols, c, row_first.data(), row_second.data(), first_pass);
           });
           if (!copy_for_weight) continue;
           write_row(row, im.cols, c, oc, weight_row + border, scratch, [&](const float* from, int16_t* q) {
@@ -200,10 +204,13 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   };
   std::atomic<bool> finite{true};
   for_row_chunks(ngroups, s * im.rows * run, nthreads, [&](int64_t g0, int64_t g1) {
-    if (maxima(g0, g1))
-      write(g0, g1);
-    else
-      finite.store(false, std::memory_order_relaxed);
+    for (int64_t g = g0; g < g1; ++g) {
+      if (!maxima(g, g + 1)) {
+        finite.store(false, std::memory_order_relaxed);
+        return;
+      }
+      write(g, g + 1);
+    }
   });
   return finite;
 }

@@ -12,7 +12,18 @@ struct RoundingArgs {
   Rounding rounding;
   uint64_t index0;      // flat index of the run's first element (stochastic, dithered rounding)
   uint32_t k0, k1;      // the seed's halves
+  // Elements from x[i] to the x that the next pass reads, asked into the L2 cache as
+  // x[i] is read (0: nothing asked), so that its first read from memory overlaps this
+  // pass's work.
+  int64_t read_ahead = 0;
 };
+
+// The line at x + ahead asked into the L2 cache (where ahead != 0): one per 16 floats
+// read, spread over the loop; asked in bursts, the requests stalled the passes that
+// issued them.
+static inline void read_ahead(const float* x, int64_t ahead) {
+  if (ahead) __builtin_prefetch(x + ahead, 0, 2);
+}
 
 struct QuantizeKernels {
   // max over the run of the bit pattern of |x|: >= kNonFiniteBits means NaN/Inf
