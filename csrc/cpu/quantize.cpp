@@ -265,7 +265,8 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     column_first.resize(col_groups > 1 ? cols : 0), column_second.resize(column_first.size());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
-      // the first pass over the block asks for the next block, which the maxima read next
+      // the first pass over the block asks for the next block, whose maxima come next
+      // where each block goes through both passes before the next (below)
       const int64_t ahead = r1 < rows ? block * cols : 0;
       RoundingArgs args = rounding(out.blocks_rounding);
       args.index0 = uint64_t(r0 * cols);
