@@ -259,6 +259,13 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   };
   const PairPanels& panels = out.blocks_panels;
   if (panels.given()) zero_pairs_past(rows, cols, panels, out.q_blocks);
+  // Where every group lies in one block (none, an image row of a block's length or a
+  // fraction of it: the default's), each block goes through both passes before the next,
+  // so that the second reads x from cache (8 MB less read from memory per 16-channel 32x32
+  // gradient at batch 128), and the second asks for the next block (`read_ahead`), so
+  // that the maxima find it in the L2 cache, not in memory (x's and dY's maxima 17.6 ->
+  // 5.7 ms of a one-thread ResNet-20 step on an AMD Zen 2; docs/step.md).
+  const bool block_by_block = !ngroups || split || out.group_rows == block;
   const auto write = [&](int64_t b0, int64_t b1) {
     thread_local std::vector<float> column_first, column_second;
     thread_local std::vector<int16_t> block_rows;  // a block's rows before they go into panels
@@ -266,8 +273,7 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
       // the first pass over the block asks for the next block, whose maxima come next
-      // where each block goes through both passes before the next (below)
-      const int64_t ahead = r1 < rows ? block * cols : 0;
+      const int64_t ahead = block_by_block && r1 < rows ? block * cols : 0;
       RoundingArgs args = rounding(out.blocks_rounding);
       args.index0 = uint64_t(r0 * cols);
       args.read_ahead = ahead;
@@ -313,13 +319,7 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
     }
   };
   std::atomic<bool> finite{true};
-  // Where every group lies in one block (none, an image row of a block's length or a
-  // fraction of it: the default's), each block goes through both passes before the next,
-  // so that the second reads x from cache (8 MB less read from memory per 16-channel 32x32
-  // gradient at batch 128), and the second asks for the next block (`read_ahead`), so
-  // that the maxima find it in the L2 cache: read from memory, they had taken a third of
-  // the gradient's quantization (AMD Zen 2, one thread).
-  if (!ngroups || split || out.group_rows == block) {
+  if (block_by_block) {
     for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
         if (!maxima(b, b + 1)) {
