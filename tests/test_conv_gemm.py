@@ -351,6 +351,31 @@ def test_gradient_quantized_per_image_row_and_channel_block(backend, rounding, c
             assert torch.equal(got[2][n, row, :, b * block : (b + 1) * block], q) and int(e) == got[3][n, row, b]
 
 
+@pytest.mark.parametrize("rounding", [0, 1, 2])  # codes of dfp.format.ROUNDINGS
+def test_the_layer_quantizations_clamp_at_the_top_of_the_fp32_range(backend, rounding):
+    """Only where a group's largest |x| lies at the top of fp32's range can rounding reach
+    past the largest mantissa (group_exponent cannot add its one there), and only there
+    do the compiled kernels clamp: the forward's input (per tensor, per row and per
+    sample and channel) and the output gradient (grad_weight's blocks, grad_input's rows)
+    give the reference's bits, 2^13 - 1 at most, with the top's groups beside others."""
+    g = torch.Generator().manual_seed(6)
+    t = torch.randn((2, 16, 4, 5), generator=g)
+    t[0, 3, 1, 2] = torch.finfo(torch.float32).max
+    t[1, 5, 2, 1] = -3.4e38
+    t = t.contiguous(memory_format=torch.channels_last)
+    padded, exponent = layout.quantize_padded(t, 2, (1, 1), 16)
+    q = on_reference(layout.quantize_channels_last, t, DFPSpec(2))
+    assert torch.equal(padded, layout.zero_pad(q.mantissa, (1, 1), 16)) and torch.equal(exponent, q.exponent)
+    args = (t, 2, (1, 1), 16, 8, 1)
+    got, want = layout.quantize_input(*args), on_reference(layout.quantize_input, *args)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    args = (t, 2, 4, "row", (rounding, rounding), 11, 8)
+    got_dy, want_dy = layout.quantize_gradient(*args), on_reference(layout.quantize_gradient, *args)
+    assert all(torch.equal(a, b) for a, b in zip(got_dy, want_dy, strict=True))
+    for mantissas in (padded, got[0], got[2], got_dy[0], got_dy[2]):
+        assert int(mantissas.abs().max()) == 2**13 - 1
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_conv_gemm_with_an_exponent_per_image_equals_gemm_on_im2col(backend, name):
     """An exponent per image (grad_input's output gradient per sample), 30 binades apart:

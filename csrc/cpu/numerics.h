@@ -29,6 +29,12 @@ static inline int32_t group_exponent(uint32_t amax_bits, int headroom) {
   return above && big_e < 128 ? e + 1 : e;
 }
 
+// Whether every rounding of values scaled by 2^-e, e group_exponent's of their maximum,
+// stays within the largest mantissa M: it does wherever group_exponent could add its one
+// (the scaled maximum is then at most M, an integer), below the top of fp32's range
+// (e = 128 - digits there, either way).
+static inline bool clamp_never_acts(int32_t e, int headroom) { return e + 15 - headroom < 128; }
+
 // group_exponent of n maxima: normal numbers by branch-free steps that the compiler
 // turns into vector code (blocks of 32 have an exponent per 32 elements, which one at a
 // time cost as much as quantizing them); zeros and subnormals by group_exponent.

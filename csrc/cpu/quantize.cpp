@@ -257,6 +257,9 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   const auto rounding = [&](Rounding how) {
     return RoundingArgs{float(max_mantissa(headroom)), how, 0, uint32_t(seed), uint32_t(seed >> 32)};
   };
+  const auto all_within = [&](const int32_t* e, int64_t n) {
+    return std::all_of(e, e + n, [&](int32_t one) { return clamp_never_acts(one, headroom); });
+  };
   const PairPanels& panels = out.blocks_panels;
   if (panels.given()) zero_pairs_past(rows, cols, panels, out.q_blocks);
   // Where every group lies in one block (none, an image row of a block's length or a
@@ -277,6 +280,7 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
       RoundingArgs args = rounding(out.blocks_rounding);
       args.index0 = uint64_t(r0 * cols);
       args.read_ahead = ahead;
+      args.within_limit = out.q_blocks && all_within(out.e_blocks + b * cols, cols);
       const float *block_first = first.data() + b * cols, *block_second = second.data() + b * cols;
       if (out.q_blocks && !panels.given()) {
         k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, block_first, block_second, args);
@@ -305,6 +309,7 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
         if (bordered.given()) end = std::min(end, (r / bordered.width + 1) * bordered.width);
         int16_t* q = out.q_groups + (bordered.given() ? bordered.pixel(r) : r) * cols;
         args.index0 = uint64_t(r * cols);
+        args.within_limit = all_within(out.e_groups + g * col_groups, col_groups);
         if (col_groups > 1) {  // the group's scales, one per column
           for (int64_t j = 0; j < col_groups; ++j) {
             const Scale& scale = group_scale[g * col_groups + j];
@@ -368,7 +373,8 @@ bool quantize_padded(const float* x, const PaddedImage& im, int headroom, int16_
         continue;
       }
       const int64_t src = ((r / hp) * im.rows + h) * run;
-      const RoundingArgs args{float(max_mantissa(headroom)), Rounding::nearest, uint64_t(src), 0, 0};
+      RoundingArgs args{float(max_mantissa(headroom)), Rounding::nearest, uint64_t(src), 0, 0};
+      args.within_limit = clamp_never_acts(exponent[0], headroom);
       if (oc == im.channels) {
         std::fill_n(dst, border, int16_t(0));
         std::fill_n(dst + row_len - border, border, int16_t(0));

@@ -103,20 +103,25 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
   // Pass 2: each row's exponents and both outputs.
   const RoundingArgs nearest{float(max_mantissa(headroom)), Rounding::nearest, 0, 0, 0};
   // The rows r0..r1 of `tiles`, whose group's channel scales are set.
-  const auto write_tile = [&](int64_t r0, int64_t r1, const float* channel_first, const float* channel_second) {
+  const auto write_tile = [&](int64_t r0, int64_t r1, const float* channel_first, const float* channel_second,
+                              bool channels_within) {
     thread_local std::vector<float> firsts, seconds;
     const int64_t count = (r1 - r0) * blocks;
     int32_t* e = out.e_rows + r0 * blocks;
     group_exponents(block_max.data() + r0 * blocks, count, headroom, e);
     // pointers in the loop: each use of a thread_local vector there called __tls_get_addr
     float *first = at_least(firsts, count), *second = at_least(seconds, count);
+    bool within = true;
     for (int64_t i = 0; i < count; ++i) {
       const Scale scale = inverse_scale(e[i]);
       first[i] = scale.first, second[i] = scale.second;
+      within &= clamp_never_acts(e[i], headroom);
     }
     RoundingArgs args = nearest;
     args.index0 = uint64_t(r0 * c);
+    args.within_limit = within;
     k.run_blocks(x + r0 * c, out.q_rows + r0 * c, (r1 - r0) * c, out.row_block, first, second, args);
+    args.within_limit = channels_within;
     if (copy_for_weight)
       k.run_rows(x + r0 * c, out.q_channels + r0 * c, r1 - r0, c, channel_first, channel_second, args);
   };
@@ -128,9 +133,11 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
     row_first.resize(c), row_second.resize(c);
     channel_first.resize(!copy_for_weight ? 0 : narrow ? run : c), channel_second.resize(channel_first.size());
     for (int64_t g = g0; g < g1; ++g) {
+      bool channels_within = true;
       for (int64_t j = 0; j < c && copy_for_weight; ++j) {
         const Scale scale = inverse_scale(out.e_channels[g * s * oc + j]);
         channel_first[j] = scale.first, channel_second[j] = scale.second;
+        channels_within &= clamp_never_acts(out.e_channels[g * s * oc + j], headroom);
       }
       for (int64_t p = c; p < int64_t(channel_first.size()); p += c) {  // narrow rows: repeated per pixel
         std::copy_n(channel_first.begin(), c, channel_first.begin() + p);
@@ -138,7 +145,7 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
       }
       if (tiles) {
         write_tile(g * s * im.rows, std::min(im.images, (g + 1) * s) * im.rows, channel_first.data(),
-                   channel_second.data());
+                   channel_second.data(), channels_within);
         continue;
       }
       for (int64_t n = g * s; n < std::min(im.images, (g + 1) * s); ++n) {
@@ -161,8 +168,10 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           const int64_t r = n * im.rows + h;
           // scales per block, spread over the channels where a row has several pixels
           const bool per_channel = blocks > 1 && im.cols > 1;
+          bool row_within = true;
           for (int64_t b = 0; b < blocks; ++b) {
             e[b] = group_exponent(block_max[r * blocks + b], headroom);
+            row_within &= clamp_never_acts(e[b], headroom);
             const Scale scale = inverse_scale(e[b]);
             block_first[b] = scale.first, block_second[b] = scale.second;
             if (!per_channel) continue;
@@ -177,10 +186,12 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
           }
           RoundingArgs args = nearest;
           args.index0 = uint64_t(r * run);
+          args.within_limit = channels_within;
           const float* row = x + r * run;
           // the first pass over the row asks for the next group's row
           RoundingArgs first_pass = args;
           first_pass.read_ahead = g + 1 < ngroups ? s * im.rows * run : 0;
+          first_pass.within_limit = row_within;
           write_row(row, im.cols, c, oc, out.q_rows + offset + border, scratch, [&](const float* from, int16_t* to) {
             if (blocks == 1)
               k.run(from, to, run, {block_first[0], block_second[0]}, first_pass);

@@ -16,6 +16,10 @@ struct RoundingArgs {
   // x[i] is read (0: nothing asked), so that its first read from memory overlaps this
   // pass's work.
   int64_t read_ahead = 0;
+  // No rounding takes an element past the limit: its exponent came from a maximum over
+  // it, below the top of fp32's range (`clamp_never_acts`). The kernels may then leave
+  // out the clamp (or ignore this).
+  bool within_limit = false;
 };
 
 // The line at x + ahead asked into the L2 cache (where ahead != 0): one per 16 floats
