@@ -123,9 +123,9 @@ template <typename R, int N>
       }
       mix8(bits);
     }
-    // Clamped before the floor, which gives the integers of clamping after it (the limit
-    // is an integer; a value past it has no fraction left to round up), and keeps them
-    // within int32 for the conversion.
+    // Clamped (where a value can pass the limit) before the floor, which gives the
+    // integers of clamping after it (the limit is an integer; a value past it has no
+    // fraction left to round up), and keeps them within int32 for the conversion.
     __m256 rnd[N], clamped[N], fl[N];
     DFP_EACH(i, N) rnd[i] = _mm256_add_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(bits[i], 9)), _mm256_set1_ps(0.5f));
     DFP_EACH(i, N) clamped[i] = R::clamped ? _mm256_max_ps(_mm256_min_ps(v[i], lim), low) : v[i];
