@@ -480,7 +480,8 @@ def breakdown_table(
         "part of the region it runs in. conv covers the linear layer too; 'conv backward, unsplit': one oneDNN "
         "call computes grad_input and grad_weight (fp32, bf16), or a dfp layer's backward outside its products "
         "and quantization (dfp16); grad_input, grad_weight: dfp's products with their own glue, quantization "
-        "excluded; casts: autocast's dtype conversions; elementwise: ReLU, residual adds, copies; AccumulateGrad: "
+        "excluded; casts: autocast's dtype conversions; batch norm: with the ReLU and residual add behind it "
+        "where dfp's kernels fuse them (dfp16); elementwise: ReLU, residual adds (unfused), copies; AccumulateGrad: "
         "the autograd engine's writing of parameter gradients."
     )
     rows = []

@@ -36,6 +36,12 @@ void with_element_type(bool bfloat16, Fn fn) {
     fn(float{});
 }
 
+// A fused ReLU's gate from its addresses (all 0: none).
+template <typename T>
+dfp::ReluGate<T> relu_gate(uintptr_t scale, uintptr_t shift, uintptr_t out) {
+  return {ptr<const float>(scale), ptr<const float>(shift), ptr<const T>(out)};
+}
+
 std::vector<std::string> supported_isa_names() {
   std::vector<std::string> names;
   for (dfp::Isa isa : dfp::supported_isas()) names.emplace_back(dfp::isa_name(isa));
@@ -310,30 +316,50 @@ PYBIND11_MODULE(_C, m) {
 
   m.def(
       "batch_norm_gradient_sums",
-      [](uintptr_t dy, uintptr_t x, uintptr_t mean, int64_t rows, int64_t channels, uintptr_t sum_dy,
-         uintptr_t sum_dy_centered, bool bfloat16, int nthreads) {
+      [](uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t gate_scale, uintptr_t gate_shift, uintptr_t gate_out,
+         int64_t rows, int64_t channels, uintptr_t sum_dy, uintptr_t sum_dy_centered, uintptr_t gated_dy,
+         bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
         with_element_type(bfloat16, [&](auto element) {
           using T = decltype(element);
-          dfp::batch_norm_gradient_sums(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean), rows, channels,
-                                        ptr<double>(sum_dy), ptr<double>(sum_dy_centered), nthreads);
+          dfp::batch_norm_gradient_sums(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean),
+                                        relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels,
+                                        ptr<double>(sum_dy), ptr<double>(sum_dy_centered), ptr<T>(gated_dy),
+                                        nthreads);
         });
       },
-      "per channel sums (float64) of dy and of dy * (x - mean); dy and x float32 (or bfloat16 where bfloat16), "
-      "rows x channels");
+      "per channel sums (float64) of g and of g * (x - mean), g = dy gated by a fused ReLU (gate_*: 0 for none), "
+      "written to gated_dy where not 0; dy and x float32 (or bfloat16 where bfloat16), rows x channels");
 
   m.def(
-      "batch_norm_affine",
-      [](uintptr_t x, uintptr_t mean, uintptr_t x_scale, uintptr_t dy, uintptr_t dy_scale, uintptr_t shift,
-         int64_t rows, int64_t channels, uintptr_t out, bool bfloat16, int nthreads) {
+      "batch_norm_forward",
+      [](uintptr_t x, uintptr_t mean, uintptr_t scale, uintptr_t shift, uintptr_t residual, bool relu, int64_t rows,
+         int64_t channels, uintptr_t out, bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
         with_element_type(bfloat16, [&](auto element) {
           using T = decltype(element);
-          dfp::batch_norm_affine(ptr<const T>(x), ptr<const float>(mean), ptr<const float>(x_scale),
-                                 ptr<const T>(dy), ptr<const float>(dy_scale), ptr<const float>(shift), rows,
-                                 channels, ptr<T>(out), nthreads);
+          dfp::batch_norm_forward(ptr<const T>(x), ptr<const float>(mean), ptr<const float>(scale),
+                                  ptr<const float>(shift), ptr<const T>(residual), relu, rows, channels, ptr<T>(out),
+                                  nthreads);
         });
       },
-      "out = (x - mean) * x_scale + dy * dy_scale + shift per channel (dy 0: no such term); x, dy and out "
-      "float32 (or bfloat16 where bfloat16), rows x channels; vectors float32");
+      "out = (x - mean) * scale + shift per channel, + residual (0: none), then max(., 0) where relu; x, residual "
+      "and out float32 (or bfloat16 where bfloat16), rows x channels; vectors float32");
+
+  m.def(
+      "batch_norm_input_gradient",
+      [](uintptr_t x, uintptr_t mean, uintptr_t x_scale, uintptr_t dy, uintptr_t dy_scale, uintptr_t shift,
+         uintptr_t gate_scale, uintptr_t gate_shift, uintptr_t gate_out, int64_t rows, int64_t channels,
+         uintptr_t dx, bool bfloat16, int nthreads) {
+        py::gil_scoped_release release;
+        with_element_type(bfloat16, [&](auto element) {
+          using T = decltype(element);
+          dfp::batch_norm_input_gradient(ptr<const T>(x), ptr<const float>(mean), ptr<const float>(x_scale),
+                                         ptr<const T>(dy), ptr<const float>(dy_scale), ptr<const float>(shift),
+                                         relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels,
+                                         ptr<T>(dx), nthreads);
+        });
+      },
+      "dx = (x - mean) * x_scale + g * dy_scale + shift per channel, g = dy gated by a fused ReLU (gate_*: 0 for "
+      "none); x, dy and dx float32 (or bfloat16 where bfloat16), rows x channels; vectors float32");
 }

@@ -2,7 +2,8 @@
 ``dfp.nn.BatchNorm2d`` (torch's batch norm, bit for bit, but where its training kernel
 would stall on several threads: channel counts that are not a multiple of 16, as
 pruning and Net2Net leave them; and on the batch statistics a DFP16 convolution hands
-over).
+over). Each ReLU behind a batch norm, and a residual added before it, go through
+``norm_relu``: fused into the norm's passes where it runs dfp's kernels.
 
 ``build(name, in_channels, num_classes, image_size)`` returns a float32 ``nn.Module``
 mapping images ``(N, in_channels, image_size, image_size)`` to logits ``(N, num_classes)``.
@@ -25,6 +26,15 @@ import torch
 from torch import nn
 
 from .nn.batch_norm import BatchNorm2d
+
+
+def norm_relu(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``torch.relu(norm(x) + residual)`` (residual optional): one fused call where norm is
+    ``dfp.nn.BatchNorm2d``, torch's ops after any other norm (one swapped in by hand, say)."""
+    if isinstance(norm, BatchNorm2d):
+        return norm(x, residual=residual, relu=True)
+    y = norm(x)
+    return torch.relu(y if residual is None else y + residual)
 
 
 class SmallCNN(nn.Module):
@@ -55,9 +65,9 @@ class SmallCNN(nn.Module):
                 f"SmallCNN was built for images of shape {self.input_shape} (C, H, W), got a batch of shape "
                 f"{tuple(x.shape)}; build it with the data set's channels and image size"
             )
-        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
-        x = self.pool(torch.relu(self.bn2(self.conv2(x))))
-        x = torch.relu(self.bn3(self.conv3(x)))
+        x = self.pool(norm_relu(self.bn1, self.conv1(x)))
+        x = self.pool(norm_relu(self.bn2, self.conv2(x)))
+        x = norm_relu(self.bn3, self.conv3(x))
         return self.fc(torch.flatten(x, 1))
 
 
@@ -82,8 +92,8 @@ class BasicBlock(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(y)) + self.shortcut(x))
+        y = norm_relu(self.bn1, self.conv1(x))
+        return norm_relu(self.bn2, self.conv2(y), residual=self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
@@ -116,7 +126,7 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stages(torch.relu(self.bn1(self.conv1(x))))
+        x = self.stages(norm_relu(self.bn1, self.conv1(x)))
         return self.fc(torch.flatten(self.pool(x), 1))
 
 

@@ -129,32 +129,70 @@ void add_squared_deviations(const T* x, int64_t rows, int64_t channels, const fl
               [=](auto w, int64_t c0) { add_squared_chunk<w()>(x + c0, rows, channels, mean + c0, sums + c0); });
 }
 
-template <typename T>
-void add_gradient_rows(const T* __restrict dy, const T* __restrict x, int64_t rows, int64_t channels,
-                       const float* __restrict mean, float* __restrict sums_dy, float* __restrict sums_centered) {
-  for (int64_t r = 0; r < rows; ++r)
+// Which ReLU gate a backward pass applies (ReluGate): none, recomputed from x, or read.
+enum class Gate { kNone, kRecomputed, kRead };
+
+// dy where the forward's output at this element was not <= 0, else 0. centred is x - mean.
+template <Gate G, typename T>
+inline float gated(float dy, float centred, const ReluGate<T>& gate, int64_t r, int64_t c, int64_t channels) {
+  if constexpr (G == Gate::kNone) return dy;
+  float out;
+  if constexpr (G == Gate::kRecomputed)
+    out = widen(narrow<T>(centred * gate.scale[c] + gate.shift[c]));  // the forward's value, as stored
+  else
+    out = widen(gate.out[r * channels + c]);
+  return out <= 0.0f ? 0.0f : dy;
+}
+
+// Calls body with the gate's kind as a compile-time constant: each kind's loops are
+// compiled apart, free of its tests.
+template <typename T, typename Body>
+void with_gate(const ReluGate<T>& gate, Body body) {
+  if (gate.out)
+    body(std::integral_constant<Gate, Gate::kRead>{});
+  else if (gate.scale)
+    body(std::integral_constant<Gate, Gate::kRecomputed>{});
+  else
+    body(std::integral_constant<Gate, Gate::kNone>{});
+}
+
+template <Gate G, typename T>
+void add_gradient_rows(const T* __restrict dy, const T* __restrict x, int64_t r0, int64_t r1, int64_t channels,
+                       const float* __restrict mean, const ReluGate<T> gate, float* __restrict sums_dy,
+                       float* __restrict sums_centered, T* __restrict gated_dy) {
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t c = 0; c < channels; ++c) {
-      const float g = widen(dy[r * channels + c]);
+      const float centred = widen(x[r * channels + c]) - mean[c];
+      const float g = gated<G>(widen(dy[r * channels + c]), centred, gate, r, c, channels);
+      if (gated_dy) gated_dy[r * channels + c] = narrow<T>(g);
       sums_dy[c] += g;
-      sums_centered[c] += g * (widen(x[r * channels + c]) - mean[c]);
+      sums_centered[c] += g * centred;
     }
 }
 
-template <typename T>
-void affine_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
-                 const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
-                 int64_t rows, int64_t channels, T* __restrict out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const T* xr = x + r * channels;
-    T* o = out + r * channels;
-    if (dy) {
-      const T* g = dy + r * channels;
-      for (int64_t c = 0; c < channels; ++c)
-        o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + widen(g[c]) * dy_scale[c] + shift[c]);
-    } else {
-      for (int64_t c = 0; c < channels; ++c) o[c] = narrow<T>((widen(xr[c]) - mean[c]) * x_scale[c] + shift[c]);
+template <bool kResidual, bool kRelu, typename T>
+void forward_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict scale,
+                  const float* __restrict shift, const T* __restrict residual, int64_t r0, int64_t r1,
+                  int64_t channels, T* __restrict out) {
+  for (int64_t i = r0 * channels; i < r1 * channels; i += channels)
+    for (int64_t c = 0; c < channels; ++c) {
+      float v = (widen(x[i + c]) - mean[c]) * scale[c] + shift[c];
+      if constexpr (kResidual) v += widen(residual[i + c]);
+      if constexpr (kRelu) v = v < 0.0f ? 0.0f : v;
+      out[i + c] = narrow<T>(v);
     }
-  }
+}
+
+template <Gate G, typename T>
+void input_gradient_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
+                         const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
+                         const ReluGate<T> gate, int64_t r0, int64_t r1, int64_t channels, T* __restrict dx) {
+  for (int64_t r = r0; r < r1; ++r)
+    for (int64_t c = 0; c < channels; ++c) {
+      const float centred = widen(x[r * channels + c]) - mean[c];
+      const float g = gated<G>(widen(dy[r * channels + c]), centred, gate, r, c, channels);
+      dx[r * channels + c] = narrow<T>(centred * x_scale[c] + g * dy_scale[c] + shift[c]);
+    }
 }
 
 // Chan et al.'s pairwise update: a part of nb rows, its per-channel means and sums of
@@ -230,27 +268,30 @@ void batch_norm_statistics(const T* x, int64_t images, int64_t pixels, int64_t c
 }
 
 template <typename T>
-void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, int64_t rows, int64_t channels,
-                              double* sum_dy, double* sum_dy_centered, int nthreads) {
+void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const ReluGate<T>& gate, int64_t rows,
+                              int64_t channels, double* sum_dy, double* sum_dy_centered, T* gated_dy,
+                              int nthreads) {
   const Tasks tasks(rows, channels);
   std::vector<double> task_dy(tasks.count * channels), task_centered(tasks.count * channels);
-  parallel_for(tasks.count, nthreads, [&](int64_t t) {
-    const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
-    OwnLines<float> block_dy(channels), block_centered(channels);
-    OwnLines<double> sums_dy(channels), sums_centered(channels);
-    float *s = block_dy.data(), *p = block_centered.data();
-    for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
-      const int64_t b1 = std::min(r1, b0 + tasks.rows_per_block);
-      std::fill_n(s, channels, 0.0f);
-      std::fill_n(p, channels, 0.0f);
-      add_gradient_rows(dy + b0 * channels, x + b0 * channels, b1 - b0, channels, mean, s, p);
-      for (int64_t c = 0; c < channels; ++c) {
-        sums_dy.data()[c] += s[c];
-        sums_centered.data()[c] += p[c];
+  with_gate(gate, [&](auto kind) {
+    parallel_for(tasks.count, nthreads, [&](int64_t t) {
+      const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
+      OwnLines<float> block_dy(channels), block_centered(channels);
+      OwnLines<double> sums_dy(channels), sums_centered(channels);
+      float *s = block_dy.data(), *p = block_centered.data();
+      for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
+        std::fill_n(s, channels, 0.0f);
+        std::fill_n(p, channels, 0.0f);
+        add_gradient_rows<kind()>(dy, x, b0, std::min(r1, b0 + tasks.rows_per_block), channels, mean, gate, s, p,
+                                  gated_dy);
+        for (int64_t c = 0; c < channels; ++c) {
+          sums_dy.data()[c] += s[c];
+          sums_centered.data()[c] += p[c];
+        }
       }
-    }
-    std::copy_n(sums_dy.data(), channels, task_dy.data() + t * channels);
-    std::copy_n(sums_centered.data(), channels, task_centered.data() + t * channels);
+      std::copy_n(sums_dy.data(), channels, task_dy.data() + t * channels);
+      std::copy_n(sums_centered.data(), channels, task_centered.data() + t * channels);
+    });
   });
   std::fill_n(sum_dy, channels, 0.0);
   std::fill_n(sum_dy_centered, channels, 0.0);
@@ -262,20 +303,38 @@ void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, int64_
 }
 
 template <typename T>
-void batch_norm_affine(const T* x, const float* mean, const float* x_scale, const T* dy, const float* dy_scale,
-                       const float* shift, int64_t rows, int64_t channels, T* out, int nthreads) {
+void batch_norm_forward(const T* x, const float* mean, const float* scale, const float* shift, const T* residual,
+                        bool relu, int64_t rows, int64_t channels, T* out, int nthreads) {
   for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
-    affine_rows(x + r0 * channels, mean, x_scale, dy ? dy + r0 * channels : nullptr, dy_scale, shift, r1 - r0,
-                channels, out + r0 * channels);
+    if (residual)
+      relu ? forward_rows<true, true>(x, mean, scale, shift, residual, r0, r1, channels, out)
+           : forward_rows<true, false>(x, mean, scale, shift, residual, r0, r1, channels, out);
+    else
+      relu ? forward_rows<false, true>(x, mean, scale, shift, residual, r0, r1, channels, out)
+           : forward_rows<false, false>(x, mean, scale, shift, residual, r0, r1, channels, out);
   });
 }
 
-#define DFP_BATCH_NORM_FOR(T)                                                                                \
-  template void block_moments(const T*, int64_t, int64_t, int64_t, const MomentBlocks&, float*, float*);          \
-  template void batch_norm_statistics(const T*, int64_t, int64_t, int64_t, double*, double*, int);                \
-  template void batch_norm_gradient_sums(const T*, const T*, const float*, int64_t, int64_t, double*, double*, int); \
-  template void batch_norm_affine(const T*, const float*, const float*, const T*, const float*, const float*,      \
-                                  int64_t, int64_t, T*, int);
+template <typename T>
+void batch_norm_input_gradient(const T* x, const float* mean, const float* x_scale, const T* dy,
+                               const float* dy_scale, const float* shift, const ReluGate<T>& gate, int64_t rows,
+                               int64_t channels, T* dx, int nthreads) {
+  with_gate(gate, [&](auto kind) {
+    for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
+      input_gradient_rows<kind()>(x, mean, x_scale, dy, dy_scale, shift, gate, r0, r1, channels, dx);
+    });
+  });
+}
+
+#define DFP_BATCH_NORM_FOR(T)                                                                                  \
+  template void block_moments(const T*, int64_t, int64_t, int64_t, const MomentBlocks&, float*, float*);            \
+  template void batch_norm_statistics(const T*, int64_t, int64_t, int64_t, double*, double*, int);                  \
+  template void batch_norm_gradient_sums(const T*, const T*, const float*, const ReluGate<T>&, int64_t, int64_t,    \
+                                         double*, double*, T*, int);                                                \
+  template void batch_norm_forward(const T*, const float*, const float*, const float*, const T*, bool, int64_t,    \
+                                   int64_t, T*, int);                                                               \
+  template void batch_norm_input_gradient(const T*, const float*, const float*, const T*, const float*,            \
+                                          const float*, const ReluGate<T>&, int64_t, int64_t, T*, int);
 DFP_BATCH_NORM_FOR(float)
 DFP_BATCH_NORM_FOR(BFloat16)
 #undef DFP_BATCH_NORM_FOR

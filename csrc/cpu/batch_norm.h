@@ -45,19 +45,40 @@ template <typename T>
 void batch_norm_statistics(const T* x, int64_t images, int64_t pixels, int64_t channels, double* mean,
                            double* variance, int nthreads);
 
-// Per channel sums of dy and of dy * (x - mean), for the backward.
+// A ReLU behind the norm, fused into its passes (dfp.nn.BatchNorm2d's relu): the forward
+// writes max(y, 0) at once, and the backward gates dy where the forward's output was <= 0,
+// as torch's threshold_backward does (so a NaN output lets dy through). That output is
+// recomputed from x, by the forward's own float operations (-ffp-contract=off: the same
+// bits), with the forward's scale and shift; or, where the forward added a residual
+// before the ReLU, read from the saved output. All null: no gate.
 template <typename T>
-void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, int64_t rows, int64_t channels,
-                              double* sum_dy, double* sum_dy_centered, int nthreads);
+struct ReluGate {
+  const float* scale = nullptr;
+  const float* shift = nullptr;
+  const T* out = nullptr;
+};
 
-// out = (x - mean) * x_scale + dy * dy_scale + shift per channel (dy null: no such
-// term). The forward is (x - mean) * (invstd * weight) + bias; the input's gradient
-// (x - mean) * (-k * g) + dy * g - mean(dy) * g with g = invstd * weight and
-// k = invstd^2 * mean(dy * (x - mean)). x is centred first: x * a + b with b holding
-// mean * a would cancel where the mean is large against the spread.
-// A bfloat16 out is the float result rounded to nearest even; NaN stays NaN.
+// out = (x - mean) * scale + shift per channel, + residual where not null, then max(., 0)
+// where relu (NaN stays NaN). x is centred first: x * a + b with b holding mean * a would
+// cancel where the mean is large against the spread. A bfloat16 out is the float result
+// rounded to nearest even; NaN stays NaN.
 template <typename T>
-void batch_norm_affine(const T* x, const float* mean, const float* x_scale, const T* dy, const float* dy_scale,
-                       const float* shift, int64_t rows, int64_t channels, T* out, int nthreads);
+void batch_norm_forward(const T* x, const float* mean, const float* scale, const float* shift, const T* residual,
+                        bool relu, int64_t rows, int64_t channels, T* out, int nthreads);
+
+// Per channel sums of g and of g * (x - mean), g = dy gated by `gate`, for the backward;
+// g is written to gated_dy where that is not null (a residual's gradient).
+template <typename T>
+void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const ReluGate<T>& gate, int64_t rows,
+                              int64_t channels, double* sum_dy, double* sum_dy_centered, T* gated_dy,
+                              int nthreads);
+
+// dx = (x - mean) * x_scale + g * dy_scale + shift per channel, g = dy gated by `gate`:
+// the input's gradient (x - mean) * (-k * s) + g * s - mean(g) * s, with s = invstd * weight
+// and k = invstd^2 * mean(g * (x - mean)).
+template <typename T>
+void batch_norm_input_gradient(const T* x, const float* mean, const float* x_scale, const T* dy,
+                               const float* dy_scale, const float* shift, const ReluGate<T>& gate, int64_t rows,
+                               int64_t channels, T* dx, int nthreads);
 
 }  // namespace dfp

@@ -459,26 +459,43 @@ def batch_norm_statistics(x):
     return mean, variance
 
 
-def batch_norm_gradient_sums(dy, x, mean):
-    """Per channel sums of dy and of dy * (x - mean) (mean float32), float64; dy has x's
-    dtype."""
+def batch_norm_gradient_sums(dy, x, mean, gate=(None, None, None), write_gated=False):
+    """Per channel sums of g and of g * (x - mean) (mean float32), float64, with g = dy
+    gated by a fused ReLU: ``gate`` is (scale, shift, None) to recompute the forward's
+    output from x, (None, None, out) to read it, all None for no gate. dy has x's dtype.
+    Where write_gated, g too (the gradient of a residual added before the ReLU)."""
     channels = x.shape[1]
     sum_dy = torch.empty(channels, dtype=torch.float64)
     sum_dy_centered = torch.empty(channels, dtype=torch.float64)
+    gated = torch.empty_like(x) if write_gated else None
     _core().batch_norm_gradient_sums(
-        dy.data_ptr(), x.data_ptr(), mean.data_ptr(), x.numel() // channels, channels,
-        sum_dy.data_ptr(), sum_dy_centered.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
+        dy.data_ptr(), x.data_ptr(), mean.data_ptr(), *map(_address, gate), x.numel() // channels, channels,
+        sum_dy.data_ptr(), sum_dy_centered.data_ptr(), _address(gated), x.dtype == torch.bfloat16,
+        torch.get_num_threads(),
     )  # fmt: skip
-    return sum_dy, sum_dy_centered
+    return (sum_dy, sum_dy_centered, gated) if write_gated else (sum_dy, sum_dy_centered)
 
 
-def batch_norm_affine(x, mean, x_scale, shift, dy=None, dy_scale=None):
-    """(x - mean) * x_scale + dy * dy_scale + shift per channel (float32 vectors), in x's
-    layout and dtype (dy has it too)."""
+def batch_norm_forward(x, mean, scale, shift, residual=None, relu=False):
+    """(x - mean) * scale + shift per channel (float32 vectors), + residual, then ReLU where
+    relu; in x's layout and dtype (residual has them too)."""
     channels = x.shape[1]
     out = torch.empty_like(x)
-    _core().batch_norm_affine(
-        x.data_ptr(), mean.data_ptr(), x_scale.data_ptr(), _address(dy), _address(dy_scale), shift.data_ptr(),
+    _core().batch_norm_forward(
+        x.data_ptr(), mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), _address(residual), relu,
         x.numel() // channels, channels, out.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return out
+
+
+def batch_norm_input_gradient(x, mean, x_scale, shift, dy, dy_scale, gate=(None, None, None)):
+    """(x - mean) * x_scale + g * dy_scale + shift per channel (float32 vectors), g = dy
+    gated as in ``batch_norm_gradient_sums``; in x's layout and dtype (dy has them too)."""
+    channels = x.shape[1]
+    dx = torch.empty_like(x)
+    _core().batch_norm_input_gradient(
+        x.data_ptr(), mean.data_ptr(), x_scale.data_ptr(), dy.data_ptr(), dy_scale.data_ptr(), shift.data_ptr(),
+        *map(_address, gate), x.numel() // channels, channels, dx.data_ptr(), x.dtype == torch.bfloat16,
+        torch.get_num_threads(),
+    )  # fmt: skip
+    return dx
