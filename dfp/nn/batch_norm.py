@@ -63,7 +63,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
         invstd = (variance + eps).rsqrt()
         mean32 = mean.float()
         ctx.on_torch = not relu and residual is None and not _torch_kernel_stalls(x.shape[1])
-        ctx.relu, ctx.residual = relu, residual is not None
+        ctx.relu, ctx.has_residual = relu, residual is not None
         gate = ()
         if ctx.on_torch:
             y = torch.batch_norm(x, weight, bias, mean32, variance.float(), False, 0.0, eps, False)
@@ -72,7 +72,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
             shift = torch.zeros_like(mean32) if bias is None else bias.float()
             y = cpu.batch_norm_forward(x, mean32, scale, shift, residual, relu)
             if relu:  # the backward's gate: recomputed from x, or read where a residual was added
-                gate = (y,) if ctx.residual else (scale, shift)
+                gate = (y,) if ctx.has_residual else (scale, shift)
         ctx.save_for_backward(x, weight, mean32, invstd.float() if ctx.on_torch else invstd, *gate)
         ctx.mark_non_differentiable(mean, variance)
         ctx.set_materialize_grads(False)
@@ -91,8 +91,8 @@ class _TrainingBatchNorm(torch.autograd.Function):
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         gate = (None, None, None)
         if ctx.relu:
-            gate = (None, None, saved_gate[0]) if ctx.residual else (*saved_gate, None)
-        if ctx.relu and ctx.residual:  # the gated dy is the residual's gradient too
+            gate = (None, None, saved_gate[0]) if ctx.has_residual else (*saved_gate, None)
+        if ctx.relu and ctx.has_residual:  # the gated dy is the residual's gradient too
             sum_dy, sum_dy_centered, dy = cpu.batch_norm_gradient_sums(dy, x, mean32, gate, write_gated=True)
             gate = (None, None, None)
         else:
@@ -108,7 +108,7 @@ class _TrainingBatchNorm(torch.autograd.Function):
             )  # fmt: skip
         dweight = (sum_dy_centered * invstd).float() if ctx.needs_input_grad[1] else None
         dbias = sum_dy.float() if ctx.needs_input_grad[2] else None
-        dresidual = dy if ctx.residual and ctx.needs_input_grad[5] else None
+        dresidual = dy if ctx.has_residual and ctx.needs_input_grad[5] else None
         return dx, dweight, dbias, None, None, dresidual, None
 
 
@@ -119,7 +119,7 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     ``norm(x, residual=r, relu=True)`` is ``torch.relu(norm(x) + r)`` (either part
     optional): on dfp's kernels one pass over the tensors instead of three, and in the
-    backward two instead of four (``_TrainingBatchNorm``); elsewhere torch's ops."""
+    backward two instead of three (``_TrainingBatchNorm``); elsewhere torch's ops."""
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, relu: bool = False) -> torch.Tensor:
         statistics = handed_over(input)
