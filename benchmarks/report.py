@@ -66,6 +66,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the step table skips bf16 on a model where its rate on the previous model predicts a longer step "
         "(default 20; 2 with --quick)",
     )
+    p.add_argument(
+        "--step-rounds",
+        type=_positive_int,
+        help="the step table's rounds, each timing every format once (default 5; 3 with --quick): on a "
+        "shared host whose speed drifts, more rounds make the paired medians steadier",
+    )
     p.add_argument("--cache-dir", help="where CIFAR-10's decoded images are cached (see dfp.data.load)")
     p.add_argument("--headroom", type=int, default=2, help="DFPSpec headroom of the GEMM operands (default 2)")
     p.add_argument(
@@ -84,6 +90,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # the script on the slow reference backend.
     p.add_argument("--shrink", type=int, default=1, help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, got {text!r}")
+    return int(text)
 
 
 def table(headers: list[str], rows: list[list[str]]) -> list[str]:

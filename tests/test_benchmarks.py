@@ -54,6 +54,19 @@ def test_the_step_table_times_only_the_models_asked_for(tmp_path):
     assert "| ResNet-20 | 1 |" in text and "ResNet-18" not in text
 
 
+def test_the_step_table_takes_the_rounds_asked_for(tmp_path):
+    text = _report(tmp_path, "--tables", "step", "--models", "resnet20", "--step-rounds", "2")
+    assert "median of 2 rounds" in text
+
+
+def test_step_rounds_must_be_a_positive_whole_number():
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.report", "--tables", "step", "--step-rounds", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert done.returncode == 2 and "--step-rounds: expected a whole number of at least 1, got '0'" in done.stderr
+
+
 def test_the_step_table_skips_bf16_where_its_last_rate_predicts_too_long_a_step(tmp_path):
     text = _report(tmp_path, "--tables", "step", "--max-step-s", "1e-9")
     resnet18 = next(line for line in text.splitlines() if line.startswith("| ResNet-18-CIFAR | 1 |"))
