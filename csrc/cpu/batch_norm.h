@@ -61,7 +61,7 @@ struct ReluGate {
 // out = (x - mean) * scale + shift per channel, + residual where not null, then max(., 0)
 // where relu (NaN stays NaN). x is centred first: x * a + b with b holding mean * a would
 // cancel where the mean is large against the spread. A bfloat16 out is the float result
-// rounded to nearest even; NaN stays NaN.
+// rounded to nearest even.
 template <typename T>
 void batch_norm_forward(const T* x, const float* mean, const float* scale, const float* shift, const T* residual,
                         bool relu, int64_t rows, int64_t channels, T* out, int nthreads);
