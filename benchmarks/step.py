@@ -362,7 +362,8 @@ def format_peaks(peaks: dict[str, float], isa: str | None) -> dict[str, tuple[st
 
 def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     """The step table and the breakdowns for benchmarks/report.py (``args.models``,
-    ``args.threads``, ``args.quick``, ``args.max_step_s``, ``args.step_rounds``); ``peaks`` from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
+    ``args.threads``, ``args.quick``, ``args.max_step_s``, ``args.step_rounds``); ``peaks``
+    from benchmarks.peaks.measure, ``isa`` dfp's CPU path."""
     cfg = QUICK if args.quick else FULL
     if args.max_step_s is not None:
         cfg = replace(cfg, max_step_s=args.max_step_s)

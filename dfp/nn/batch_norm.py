@@ -89,13 +89,13 @@ class _TrainingBatchNorm(torch.autograd.Function):
             )  # fmt: skip
             return *grads, None, None, None, None
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        gate = (None, None, None)
-        if ctx.relu:
-            gate = (None, None, saved_gate[0]) if ctx.has_residual else (*saved_gate, None)
-        if ctx.relu and ctx.has_residual:  # the gated dy is the residual's gradient too
-            sum_dy, sum_dy_centered, dy = cpu.batch_norm_gradient_sums(dy, x, mean32, gate, write_gated=True)
+        if ctx.relu and ctx.has_residual:  # gated once, by the saved y: also the residual's gradient
             gate = (None, None, None)
-        else:
+            sum_dy, sum_dy_centered, dy = cpu.batch_norm_gradient_sums(
+                dy, x, mean32, (None, None, *saved_gate), write_gated=True
+            )  # fmt: skip
+        else:  # gated in both passes, y recomputed from x with the saved scale and shift
+            gate = (*saved_gate, None) if ctx.relu else (None, None, None)
             sum_dy, sum_dy_centered = cpu.batch_norm_gradient_sums(dy, x, mean32, gate)
         rows = x.numel() // x.shape[1]
         gain = invstd if weight is None else invstd * weight.double()
