@@ -424,13 +424,14 @@ def test_narrow_stride_1_layers_keep_their_input_as_channel_planes(monkeypatch):
 @pytest.mark.parametrize("threads", [1, 2])
 def test_the_one_call_forward_a_few_images_at_a_time_gives_the_steps_bits(threads, monkeypatch):
     """The compiled one-call forward of the default format quantizes and multiplies a few
-    images at a time (those whose int16 rows fit 256 KB: 7 of 16 channels at 34x34), each
-    thread its share of the batch: over 17 images (7 + 7 + 3 on one thread, 7 + 2 and
-    7 + 1 on two) its output, grad_weight's copy and exponents are those of the steps (which
-    an NCHW input takes), and a NaN in the last image gives the steps' NaN output."""
+    images at a time (those whose int16 rows fit 256 KB: 7 of 16 channels at 34x34), the
+    pieces handed to the threads as they come free: over 33 images (7 + 7 + 7 + 7 + 5 on one
+    thread; on two 7 + 7 + 5 + 4 + 3 + 2 + 2 + 2 + 1, smaller towards the end) its output,
+    grad_weight's copy and exponents are those of the steps (which an NCHW input takes),
+    and a NaN in the last image gives the steps' NaN output."""
     monkeypatch.setenv("DFP_BACKEND", "cpu")
     torch.set_num_threads(threads)
-    x, w = _gaussian((17, 16, 32, 32), 0), _gaussian((16, 16, 3, 3), 1)
+    x, w = _gaussian((33, 16, 32, 32), 0), _gaussian((16, 16, 3, 3), 1)
     # the default format's exponents: per image row in the forward, per sample in grad_weight
     rest = ([1, 1], [1, 1], [1, 1], 1, 2, False, True, True, True, 0, 2, 4, 2, True)
     for nonfinite in (False, True):
@@ -448,10 +449,11 @@ def test_the_one_call_forward_a_few_images_at_a_time_gives_the_steps_bits(thread
 @pytest.mark.parametrize(("images", "channels", "size"), [(17, 16, 32), (17, 32, 32), (45, 64, 8)])
 def test_the_one_call_backward_with_both_products_at_once_gives_numbas_bits(images, channels, size, monkeypatch):
     """On two threads the compiled one-call backward of a 16- to 64-channel layer runs
-    grad_weight on one thread and grad_input a few images at a time on both (those whose
-    window of dY fits 256 KB: 7 of 16 channels at 34x34, so 7 + 7 + 3 of 17 images; 20 + 20
-    + 5 of 64 at 10x10): dX and dW are the numba backend's bits, on one thread and on
-    two, and a NaN in the last image's output gradient gives NaN gradients."""
+    grad_weight on one thread and grad_input a few images at a time on both (at most those
+    whose window of dY fits 256 KB, fewer towards the end: 5 + 3 + 3 + 2 + 2 + 2 of 17
+    images of 16 channels at 34x34, 12 + 9 + 6 + 5 + 5 + 5 + 3 of 45 of 64 at 10x10): dX
+    and dW are the numba backend's bits, on one thread and on two, and a NaN in the last
+    image's output gradient gives NaN gradients."""
 
     def grads(backend, threads, grad):
         monkeypatch.setenv("DFP_BACKEND", backend)

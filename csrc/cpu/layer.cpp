@@ -35,6 +35,23 @@ BackwardBuffers& backward_buffers() {
   return b;
 }
 
+// The first image of each piece of a batch, and n last: pieces of `chunk` images (whole
+// groups of `samples`), handed to the threads as they come free, and on several threads
+// smaller towards the end (a share of what is left, down to a quarter of a chunk), so
+// that the threads finish close together. The forward's equal shares fixed in advance,
+// and the backward's equal pieces, left one thread waiting for the other, whose core the
+// host had slowed.
+std::vector<int64_t> piece_starts(int64_t n, int64_t chunk, int64_t samples, int64_t threads) {
+  const auto whole_groups = [&](int64_t images) { return (images + samples - 1) / samples * samples; };
+  std::vector<int64_t> starts{0};
+  for (int64_t n0 = 0; n0 < n;) {
+    const int64_t share = threads > 1 ? (n - n0 + 2 * threads - 1) / (2 * threads) : chunk;
+    const int64_t size = std::min(chunk, whole_groups(std::max(share, (chunk + 3) / 4)));
+    starts.push_back(n0 = std::min(n, n0 + size));
+  }
+  return starts;
+}
+
 // Whether grad_weight's image came from finite values.
 bool finite_input(InputExponents ex, const ConvLayer& l) {
   return !any_nonfinite(ex.values, ex.per_sample ? l.n * l.channels : 1);
@@ -116,14 +133,13 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     if (y_mean) join_block_moments(block_mean.data(), block_m2.data(), l.n, l.cout, moments, y_mean, y_variance);
     return true;
   };
-  // Each thread its equal share of the groups of samples, a chunk at a time.
   const int64_t groups = (l.n + samples - 1) / samples, threads = std::min<int64_t>(nthreads, groups);
   if (threads <= 1 && chunk >= l.n) return images(0, l.n, nthreads) && statistics();
+  const std::vector<int64_t> starts = piece_starts(l.n, chunk, samples, threads);
   std::atomic<bool> finite{true};
-  parallel_for(threads, int(threads), [&](int64_t t) {
-    const int64_t end = std::min(l.n, (t + 1) * groups / threads * samples);
-    for (int64_t n0 = t * groups / threads * samples; n0 < end && finite.load(std::memory_order_relaxed); n0 += chunk)
-      if (!images(n0, std::min(chunk, end - n0), 1)) finite.store(false, std::memory_order_relaxed);
+  parallel_for(int64_t(starts.size()) - 1, int(threads), [&](int64_t p) {
+    if (finite.load(std::memory_order_relaxed) && !images(starts[p], starts[p + 1] - starts[p], 1))
+      finite.store(false, std::memory_order_relaxed);
   });
   return finite && statistics();
 }
@@ -225,15 +241,14 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
       grad_input.run(q_groups, dx, nthreads);
     return weight_gradient(nthreads);
   }
-  const int64_t chunk = grad_input.images_per_piece(), pieces = (l.n + chunk - 1) / chunk;
+  const std::vector<int64_t> starts = piece_starts(l.n, grad_input.images_per_piece(), 1, nthreads);
   std::atomic<bool> finite{true};
-  parallel_for(1 + pieces, nthreads, [&](int64_t task) {
+  parallel_for(int64_t(starts.size()), nthreads, [&](int64_t task) {
     if (task == 0) {
       if (!weight_gradient(1)) finite.store(false, std::memory_order_relaxed);
       return;
     }
-    const int64_t n0 = (task - 1) * chunk;
-    grad_input.images(q_groups, n0, std::min(chunk, l.n - n0), dx, 1);
+    grad_input.images(q_groups, starts[task - 1], starts[task] - starts[task - 1], dx, 1);
   });
   return finite;
 }
