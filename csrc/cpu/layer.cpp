@@ -38,9 +38,9 @@ BackwardBuffers& backward_buffers() {
 // The first image of each piece of a batch, and n last: pieces of `chunk` images (whole
 // groups of `samples`), handed to the threads as they come free, and on several threads
 // smaller towards the end (a share of what is left, down to a quarter of a chunk or an
-// equal share of a small batch), so that the threads finish close together. The forward's equal shares fixed in advance,
-// and the backward's equal pieces, left one thread waiting for the other, whose core the
-// host had slowed.
+// equal share of a small batch), so that the threads finish close together. The
+// forward's equal shares fixed in advance, and the backward's equal pieces, left one
+// thread waiting for the other, whose core the host had slowed.
 std::vector<int64_t> piece_starts(int64_t n, int64_t chunk, int64_t samples, int64_t threads) {
   const auto whole_groups = [&](int64_t images) { return (images + samples - 1) / samples * samples; };
   const int64_t least = std::min((chunk + 3) / 4, (n + threads - 1) / threads);
