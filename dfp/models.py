@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from .nn.batch_norm import BatchNorm2d
+from .nn.batch_norm import BatchNorm2d, _add_relu
 
 
 def norm_relu(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -33,8 +33,7 @@ def norm_relu(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None = 
     ``dfp.nn.BatchNorm2d``, torch's ops after any other norm (one swapped in by hand, say)."""
     if isinstance(norm, BatchNorm2d):
         return norm(x, residual=residual, relu=True)
-    y = norm(x)
-    return torch.relu(y if residual is None else y + residual)
+    return _add_relu(norm(x), residual, relu=True)
 
 
 class SmallCNN(nn.Module):
