@@ -315,51 +315,38 @@ PYBIND11_MODULE(_C, m) {
       "pixels rows x channels");
 
   m.def(
-      "batch_norm_gradient_sums",
-      [](uintptr_t dy, uintptr_t x, uintptr_t mean, uintptr_t gate_scale, uintptr_t gate_shift, uintptr_t gate_out,
-         int64_t rows, int64_t channels, uintptr_t sum_dy, uintptr_t sum_dy_centered, uintptr_t gated_dy,
-         bool bfloat16, int nthreads) {
+      "batch_norm_train_forward",
+      [](uintptr_t x, uintptr_t mean, uintptr_t variance, double eps, uintptr_t weight, uintptr_t bias,
+         uintptr_t residual, bool relu, int64_t rows, int64_t channels, uintptr_t out, uintptr_t mean32,
+         uintptr_t invstd, uintptr_t scale, uintptr_t shift, bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
         with_element_type(bfloat16, [&](auto element) {
           using T = decltype(element);
-          dfp::batch_norm_gradient_sums(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean),
-                                        relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels,
-                                        ptr<double>(sum_dy), ptr<double>(sum_dy_centered), ptr<T>(gated_dy),
-                                        nthreads);
+          dfp::batch_norm_train_forward(ptr<const T>(x), ptr<const double>(mean), ptr<const double>(variance), eps,
+                                        ptr<const float>(weight), ptr<const float>(bias), ptr<const T>(residual),
+                                        relu, rows, channels, ptr<T>(out), ptr<float>(mean32), ptr<double>(invstd),
+                                        ptr<float>(scale), ptr<float>(shift), nthreads);
         });
       },
-      "per channel sums (float64) of g and of g * (x - mean), g = dy gated by a fused ReLU (gate_*: 0 for none), "
-      "written to gated_dy where not 0; dy and x float32 (or bfloat16 where bfloat16), rows x channels");
+      "out = (x - mean) * invstd * weight + bias per channel, + residual (0: none), then max(., 0) where relu, "
+      "from the batch's mean and variance (float64); also writes mean32, invstd (float64), scale and shift; x, "
+      "residual and out float32 (or bfloat16 where bfloat16), rows x channels; weight and bias float32 or 0");
 
   m.def(
-      "batch_norm_forward",
-      [](uintptr_t x, uintptr_t mean, uintptr_t scale, uintptr_t shift, uintptr_t residual, bool relu, int64_t rows,
-         int64_t channels, uintptr_t out, bool bfloat16, int nthreads) {
+      "batch_norm_train_backward",
+      [](uintptr_t dy, uintptr_t x, uintptr_t mean32, uintptr_t invstd, uintptr_t weight, uintptr_t gate_scale,
+         uintptr_t gate_shift, uintptr_t gate_out, int64_t rows, int64_t channels, uintptr_t dx,
+         uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t gated_dy, bool bfloat16, int nthreads) {
         py::gil_scoped_release release;
         with_element_type(bfloat16, [&](auto element) {
           using T = decltype(element);
-          dfp::batch_norm_forward(ptr<const T>(x), ptr<const float>(mean), ptr<const float>(scale),
-                                  ptr<const float>(shift), ptr<const T>(residual), relu, rows, channels, ptr<T>(out),
-                                  nthreads);
+          dfp::batch_norm_train_backward(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean32),
+                                         ptr<const double>(invstd), ptr<const float>(weight),
+                                         relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels, ptr<T>(dx),
+                                         ptr<float>(grad_weight), ptr<float>(grad_bias), ptr<T>(gated_dy),
+                                         nthreads);
         });
       },
-      "out = (x - mean) * scale + shift per channel, + residual (0: none), then max(., 0) where relu; x, residual "
-      "and out float32 (or bfloat16 where bfloat16), rows x channels; vectors float32");
-
-  m.def(
-      "batch_norm_input_gradient",
-      [](uintptr_t x, uintptr_t mean, uintptr_t x_scale, uintptr_t dy, uintptr_t dy_scale, uintptr_t shift,
-         uintptr_t gate_scale, uintptr_t gate_shift, uintptr_t gate_out, int64_t rows, int64_t channels,
-         uintptr_t dx, bool bfloat16, int nthreads) {
-        py::gil_scoped_release release;
-        with_element_type(bfloat16, [&](auto element) {
-          using T = decltype(element);
-          dfp::batch_norm_input_gradient(ptr<const T>(x), ptr<const float>(mean), ptr<const float>(x_scale),
-                                         ptr<const T>(dy), ptr<const float>(dy_scale), ptr<const float>(shift),
-                                         relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels,
-                                         ptr<T>(dx), nthreads);
-        });
-      },
-      "dx = (x - mean) * x_scale + g * dy_scale + shift per channel, g = dy gated by a fused ReLU (gate_*: 0 for "
-      "none); x, dy and dx float32 (or bfloat16 where bfloat16), rows x channels; vectors float32");
+      "the norm's backward: dx (0: not asked), the weight's and bias's gradients (float32, 0: not asked) and, where "
+      "gate_out gates dy, the gated dy; dy, x and dx float32 (or bfloat16 where bfloat16), rows x channels");
 }

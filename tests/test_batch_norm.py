@@ -186,19 +186,35 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads(dtype):
     torch.manual_seed(0)
     x = channels_last(32, 24, 16, 16).to(dtype)  # 8192 rows: several tasks
     dy, residual = torch.randn_like(x), torch.randn_like(x)
-    scale, shift = torch.rand(24), torch.randn(24)
+    weight, bias = torch.rand(24), torch.randn(24)
     results = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         mean, variance = cpu.batch_norm_statistics(x)
-        mean = mean.float()
-        y = cpu.batch_norm_forward(x, mean, scale, shift, residual, relu=True)
-        results.append((mean, variance, y, cpu.batch_norm_forward(x, mean, scale, shift)))
+        y, mean32, invstd, scale, shift = cpu.batch_norm_train_forward(x, mean, variance, 1e-5, weight, bias,
+                                                                        residual, relu=True)  # fmt: skip
+        results.append((mean, variance, y, cpu.batch_norm_train_forward(x, mean, variance, 1e-5)[0]))
         for gate in [(None, None, None), (scale, shift, None), (None, None, y)]:
-            results[-1] += (*cpu.batch_norm_gradient_sums(dy, x, mean, gate, write_gated=gate[2] is not None),)
-            results[-1] += (cpu.batch_norm_input_gradient(x, mean, scale, shift, dy, scale, gate),)
+            results[-1] += tuple(
+                t for t in cpu.batch_norm_train_backward(dy, x, mean32, invstd, weight, gate) if t is not None
+            )
     for first, second in zip(*results):
         assert torch.equal(first, second)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_the_per_channel_vectors_are_torchs_formula_in_float64(affine):
+    # one C++ call makes them, not torch's ops: the bits of those ops
+    torch.manual_seed(1)
+    x = channels_last(4, 24, 5, 5)
+    weight, bias = (torch.rand(24) + 0.5, torch.randn(24)) if affine else (None, None)
+    mean, variance = cpu.batch_norm_statistics(x)
+    variance[0] = 0.0  # a constant channel: 1 / sqrt(eps)
+    _, mean32, invstd, scale, shift = cpu.batch_norm_train_forward(x, mean, variance, 1e-5, weight, bias)
+    want_invstd = (variance + 1e-5).rsqrt()
+    assert torch.equal(mean32, mean.float()) and torch.equal(invstd, want_invstd)
+    assert torch.equal(scale, (want_invstd if weight is None else want_invstd * weight.double()).float())
+    assert torch.equal(shift, torch.zeros(24) if bias is None else bias)
 
 
 @pytest.mark.parametrize("fused", FUSED)

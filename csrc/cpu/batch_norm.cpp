@@ -1,6 +1,7 @@
 #include "batch_norm.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -326,6 +327,45 @@ void batch_norm_input_gradient(const T* x, const float* mean, const float* x_sca
   });
 }
 
+template <typename T>
+void batch_norm_train_forward(const T* x, const double* mean, const double* variance, double eps,
+                              const float* weight, const float* bias, const T* residual, bool relu, int64_t rows,
+                              int64_t channels, T* out, float* mean32, double* invstd, float* scale, float* shift,
+                              int nthreads) {
+  for (int64_t c = 0; c < channels; ++c) {
+    mean32[c] = float(mean[c]);
+    invstd[c] = 1.0 / std::sqrt(variance[c] + eps);
+    scale[c] = float(weight ? invstd[c] * double(weight[c]) : invstd[c]);
+    shift[c] = bias ? bias[c] : 0.0f;
+  }
+  batch_norm_forward(x, mean32, scale, shift, residual, relu, rows, channels, out, nthreads);
+}
+
+template <typename T>
+void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, const double* invstd,
+                               const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels, T* dx,
+                               float* grad_weight, float* grad_bias, T* gated_dy, int nthreads) {
+  std::vector<double> sum_dy(channels), sum_centered(channels);
+  const bool gated_once = gate.out != nullptr;  // g written by the sums, read ungated by dx's pass
+  batch_norm_gradient_sums(dy, x, mean32, gate, rows, channels, sum_dy.data(), sum_centered.data(),
+                           gated_once ? gated_dy : nullptr, nthreads);
+  if (dx) {
+    std::vector<float> x_scale(channels), dy_scale(channels), shift(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      const double gain = weight ? invstd[c] * double(weight[c]) : invstd[c];
+      x_scale[c] = float(-(invstd[c] * invstd[c]) * (sum_centered[c] / double(rows)) * gain);
+      dy_scale[c] = float(gain);
+      shift[c] = float(-sum_dy[c] / double(rows) * gain);
+    }
+    batch_norm_input_gradient(x, mean32, x_scale.data(), gated_once ? gated_dy : dy, dy_scale.data(), shift.data(),
+                              gated_once ? ReluGate<T>{} : gate, rows, channels, dx, nthreads);
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    if (grad_weight) grad_weight[c] = float(sum_centered[c] * invstd[c]);
+    if (grad_bias) grad_bias[c] = float(sum_dy[c]);
+  }
+}
+
 #define DFP_BATCH_NORM_FOR(T)                                                                                  \
   template void block_moments(const T*, int64_t, int64_t, int64_t, const MomentBlocks&, float*, float*);            \
   template void batch_norm_statistics(const T*, int64_t, int64_t, int64_t, double*, double*, int);                  \
@@ -334,7 +374,12 @@ void batch_norm_input_gradient(const T* x, const float* mean, const float* x_sca
   template void batch_norm_forward(const T*, const float*, const float*, const float*, const T*, bool, int64_t,    \
                                    int64_t, T*, int);                                                               \
   template void batch_norm_input_gradient(const T*, const float*, const float*, const T*, const float*,            \
-                                          const float*, const ReluGate<T>&, int64_t, int64_t, T*, int);
+                                          const float*, const ReluGate<T>&, int64_t, int64_t, T*, int);            \
+  template void batch_norm_train_forward(const T*, const double*, const double*, double, const float*,             \
+                                         const float*, const T*, bool, int64_t, int64_t, T*, float*, double*,      \
+                                         float*, float*, int);                                                     \
+  template void batch_norm_train_backward(const T*, const T*, const float*, const double*, const float*,           \
+                                          const ReluGate<T>&, int64_t, int64_t, T*, float*, float*, T*, int);
 DFP_BATCH_NORM_FOR(float)
 DFP_BATCH_NORM_FOR(BFloat16)
 #undef DFP_BATCH_NORM_FOR

@@ -459,43 +459,35 @@ def batch_norm_statistics(x):
     return mean, variance
 
 
-def batch_norm_gradient_sums(dy, x, mean, gate=(None, None, None), write_gated=False):
-    """Per channel sums of g and of g * (x - mean) (mean float32), float64, with g = dy
-    gated by a fused ReLU: ``gate`` is (scale, shift, None) to recompute the forward's
-    output from x, (None, None, out) to read it, all None for no gate. dy has x's dtype.
-    Where write_gated, g too (the gradient of a residual added before the ReLU)."""
-    channels = x.shape[1]
-    sum_dy = torch.empty(channels, dtype=torch.float64)
-    sum_dy_centered = torch.empty(channels, dtype=torch.float64)
-    gated = torch.empty_like(x) if write_gated else None
-    _core().batch_norm_gradient_sums(
-        dy.data_ptr(), x.data_ptr(), mean.data_ptr(), *map(_address, gate), x.numel() // channels, channels,
-        sum_dy.data_ptr(), sum_dy_centered.data_ptr(), _address(gated), x.dtype == torch.bfloat16,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    return (sum_dy, sum_dy_centered, gated) if write_gated else (sum_dy, sum_dy_centered)
-
-
-def batch_norm_forward(x, mean, scale, shift, residual=None, relu=False):
-    """(x - mean) * scale + shift per channel (float32 vectors), + residual, then ReLU where
-    relu; in x's layout and dtype (residual has them too)."""
+def batch_norm_train_forward(x, mean, variance, eps, weight=None, bias=None, residual=None, relu=False):
+    """(x - mean) * invstd * weight + bias per channel, + residual, then ReLU where relu, in
+    x's layout and dtype (residual has them too), from the batch's mean and biased variance
+    (float64); with the vectors (mean32, invstd float64, scale, shift) the backward takes."""
     channels = x.shape[1]
     out = torch.empty_like(x)
-    _core().batch_norm_forward(
-        x.data_ptr(), mean.data_ptr(), scale.data_ptr(), shift.data_ptr(), _address(residual), relu,
-        x.numel() // channels, channels, out.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
+    mean32, scale, shift = (torch.empty(channels) for _ in range(3))
+    invstd = torch.empty(channels, dtype=torch.float64)
+    _core().batch_norm_train_forward(
+        x.data_ptr(), mean.data_ptr(), variance.data_ptr(), eps, _address(weight), _address(bias), _address(residual),
+        relu, x.numel() // channels, channels, out.data_ptr(), mean32.data_ptr(), invstd.data_ptr(), scale.data_ptr(),
+        shift.data_ptr(), x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
-    return out
+    return out, mean32, invstd, scale, shift
 
 
-def batch_norm_input_gradient(x, mean, x_scale, shift, dy, dy_scale, gate=(None, None, None)):
-    """(x - mean) * x_scale + g * dy_scale + shift per channel (float32 vectors), g = dy
-    gated as in ``batch_norm_gradient_sums``; in x's layout and dtype (dy has them too)."""
+def batch_norm_train_backward(dy, x, mean32, invstd, weight=None, gate=(None, None, None), needs=(True, True, True)):
+    """(dx, the weight's gradient, the bias's, g) of ``batch_norm_train_forward``, each None
+    where ``needs`` does not ask for it; g = dy gated by a fused ReLU: ``gate`` is (scale,
+    shift, None) to recompute the forward's output from x, (None, None, out) to read it (g
+    then returned: the gradient of a residual added before the ReLU), all None for no gate.
+    dy has x's dtype and layout."""
     channels = x.shape[1]
-    dx = torch.empty_like(x)
-    _core().batch_norm_input_gradient(
-        x.data_ptr(), mean.data_ptr(), x_scale.data_ptr(), dy.data_ptr(), dy_scale.data_ptr(), shift.data_ptr(),
-        *map(_address, gate), x.numel() // channels, channels, dx.data_ptr(), x.dtype == torch.bfloat16,
-        torch.get_num_threads(),
+    dx = torch.empty_like(x) if needs[0] else None
+    grad_weight, grad_bias = (torch.empty(channels) if need else None for need in needs[1:])
+    gated = torch.empty_like(x) if gate[2] is not None else None
+    _core().batch_norm_train_backward(
+        dy.data_ptr(), x.data_ptr(), mean32.data_ptr(), invstd.data_ptr(), _address(weight), *map(_address, gate),
+        x.numel() // channels, channels, _address(dx), _address(grad_weight), _address(grad_bias), _address(gated),
+        x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
-    return dx
+    return dx, grad_weight, grad_bias, gated

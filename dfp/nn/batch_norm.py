@@ -60,20 +60,21 @@ class _TrainingBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, eps, statistics=None, residual=None, relu=False):
         mean, variance = statistics or cpu.batch_norm_statistics(x)
-        invstd = (variance + eps).rsqrt()
-        mean32 = mean.float()
         ctx.on_torch = not relu and residual is None and not _torch_kernel_stalls(x.shape[1])
         ctx.relu, ctx.has_residual = relu, residual is not None
         gate = ()
         if ctx.on_torch:
+            invstd = (variance + eps).rsqrt().float()
+            mean32 = mean.float()
             y = torch.batch_norm(x, weight, bias, mean32, variance.float(), False, 0.0, eps, False)
         else:
-            scale = (invstd if weight is None else invstd * weight.double()).float()
-            shift = torch.zeros_like(mean32) if bias is None else bias.float()
-            y = cpu.batch_norm_forward(x, mean32, scale, shift, residual, relu)
+            weight_bias = (None if p is None else p.contiguous() for p in (weight, bias))
+            y, mean32, invstd, scale, shift = cpu.batch_norm_train_forward(
+                x, mean, variance, eps, *weight_bias, residual, relu
+            )  # fmt: skip
             if relu:  # the backward's gate: recomputed from x, or read where a residual was added
                 gate = (y,) if ctx.has_residual else (scale, shift)
-        ctx.save_for_backward(x, weight, mean32, invstd.float() if ctx.on_torch else invstd, *gate)
+        ctx.save_for_backward(x, weight, mean32, invstd, *gate)
         ctx.mark_non_differentiable(mean, variance)
         ctx.set_materialize_grads(False)
         ctx.eps = eps
@@ -89,26 +90,15 @@ class _TrainingBatchNorm(torch.autograd.Function):
             )  # fmt: skip
             return *grads, None, None, None, None
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
-        if ctx.relu and ctx.has_residual:  # gated once, by the saved y: also the residual's gradient
-            gate = (None, None, None)
-            sum_dy, sum_dy_centered, dy = cpu.batch_norm_gradient_sums(
-                dy, x, mean32, (None, None, *saved_gate), write_gated=True
-            )  # fmt: skip
-        else:  # gated in both passes, y recomputed from x with the saved scale and shift
-            gate = (*saved_gate, None) if ctx.relu else (None, None, None)
-            sum_dy, sum_dy_centered = cpu.batch_norm_gradient_sums(dy, x, mean32, gate)
-        rows = x.numel() // x.shape[1]
-        gain = invstd if weight is None else invstd * weight.double()
-        dx = None
-        if ctx.needs_input_grad[0]:
-            # dx = (g - mean(g) - (x - mean) * invstd^2 * mean(g * (x - mean))) * gain, g the gated dy
-            x_scale = -invstd.square() * (sum_dy_centered / rows) * gain
-            dx = cpu.batch_norm_input_gradient(
-                x, mean32, x_scale.float(), (-sum_dy / rows * gain).float(), dy, gain.float(), gate
-            )  # fmt: skip
-        dweight = (sum_dy_centered * invstd).float() if ctx.needs_input_grad[1] else None
-        dbias = sum_dy.float() if ctx.needs_input_grad[2] else None
-        dresidual = dy if ctx.has_residual and ctx.needs_input_grad[5] else None
+        gate = (None,) * 3
+        if ctx.relu:  # gated once by the saved y where a residual was added (that gradient is
+            # also the residual's), else in both passes, y recomputed from x by the saved scale and shift
+            gate = (None, None, *saved_gate) if ctx.has_residual else (*saved_gate, None)
+        needs = ctx.needs_input_grad
+        dx, dweight, dbias, gated = cpu.batch_norm_train_backward(
+            dy, x, mean32, invstd, None if weight is None else weight.contiguous(), gate, needs[:3]
+        )  # fmt: skip
+        dresidual = (dy if gated is None else gated) if ctx.has_residual and needs[5] else None
         return dx, dweight, dbias, None, None, dresidual, None
 
 
