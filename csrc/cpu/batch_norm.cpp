@@ -268,6 +268,10 @@ void batch_norm_statistics(const T* x, int64_t images, int64_t pixels, int64_t c
   join_block_moments(block_mean.data(), block_m2.data(), images, channels, blocks, mean, variance);
 }
 
+namespace {
+
+// Per channel sums of g and of g * (x - mean), g = dy gated by `gate`; g is written to
+// gated_dy where that is not null.
 template <typename T>
 void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const ReluGate<T>& gate, int64_t rows,
                               int64_t channels, double* sum_dy, double* sum_dy_centered, T* gated_dy,
@@ -303,6 +307,8 @@ void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const 
     }
 }
 
+// out = (x - mean) * scale + shift per channel, + residual where not null, then max(., 0)
+// where relu.
 template <typename T>
 void batch_norm_forward(const T* x, const float* mean, const float* scale, const float* shift, const T* residual,
                         bool relu, int64_t rows, int64_t channels, T* out, int nthreads) {
@@ -316,6 +322,7 @@ void batch_norm_forward(const T* x, const float* mean, const float* scale, const
   });
 }
 
+// dx = (x - mean) * x_scale + g * dy_scale + shift per channel, g = dy gated by `gate`.
 template <typename T>
 void batch_norm_input_gradient(const T* x, const float* mean, const float* x_scale, const T* dy,
                                const float* dy_scale, const float* shift, const ReluGate<T>& gate, int64_t rows,
@@ -326,6 +333,8 @@ void batch_norm_input_gradient(const T* x, const float* mean, const float* x_sca
     });
   });
 }
+
+}  // namespace
 
 template <typename T>
 void batch_norm_train_forward(const T* x, const double* mean, const double* variance, double eps,
@@ -369,12 +378,6 @@ void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, con
 #define DFP_BATCH_NORM_FOR(T)                                                                                  \
   template void block_moments(const T*, int64_t, int64_t, int64_t, const MomentBlocks&, float*, float*);            \
   template void batch_norm_statistics(const T*, int64_t, int64_t, int64_t, double*, double*, int);                  \
-  template void batch_norm_gradient_sums(const T*, const T*, const float*, const ReluGate<T>&, int64_t, int64_t,    \
-                                         double*, double*, T*, int);                                                \
-  template void batch_norm_forward(const T*, const float*, const float*, const float*, const T*, bool, int64_t,    \
-                                   int64_t, T*, int);                                                               \
-  template void batch_norm_input_gradient(const T*, const float*, const float*, const T*, const float*,            \
-                                          const float*, const ReluGate<T>&, int64_t, int64_t, T*, int);            \
   template void batch_norm_train_forward(const T*, const double*, const double*, double, const float*,             \
                                          const float*, const T*, bool, int64_t, int64_t, T*, float*, double*,      \
                                          float*, float*, int);                                                     \

@@ -58,33 +58,13 @@ struct ReluGate {
   const T* out = nullptr;
 };
 
-// out = (x - mean) * scale + shift per channel, + residual where not null, then max(., 0)
-// where relu (NaN stays NaN). x is centred first: x * a + b with b holding mean * a would
-// cancel where the mean is large against the spread. A bfloat16 out is the float result
-// rounded to nearest even.
-template <typename T>
-void batch_norm_forward(const T* x, const float* mean, const float* scale, const float* shift, const T* residual,
-                        bool relu, int64_t rows, int64_t channels, T* out, int nthreads);
-
-// Per channel sums of g and of g * (x - mean), g = dy gated by `gate`, for the backward;
-// g is written to gated_dy where that is not null (a residual's gradient).
-template <typename T>
-void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const ReluGate<T>& gate, int64_t rows,
-                              int64_t channels, double* sum_dy, double* sum_dy_centered, T* gated_dy,
-                              int nthreads);
-
-// dx = (x - mean) * x_scale + g * dy_scale + shift per channel, g = dy gated by `gate`:
-// the input's gradient (x - mean) * (-k * s) + g * s - mean(g) * s, with s = invstd * weight
-// and k = invstd^2 * mean(g * (x - mean)).
-template <typename T>
-void batch_norm_input_gradient(const T* x, const float* mean, const float* x_scale, const T* dy,
-                               const float* dy_scale, const float* shift, const ReluGate<T>& gate, int64_t rows,
-                               int64_t channels, T* dx, int nthreads);
-
-// The norm in training on its batch statistics (mean and biased variance, double): the
-// per channel vectors in double, as torch's ops made them (the same bits), then the pass
-// above: mean32 = float(mean), invstd = 1 / sqrt(variance + eps), scale = float(invstd *
-// weight) (invstd without a weight), shift = bias (0 without).
+// The norm in training on its batch statistics (mean and biased variance, double): out =
+// (x - mean) * scale + shift per channel, + residual where not null, then max(., 0) where
+// relu (NaN stays NaN), in one pass, x centred first (x * a + b with b holding mean * a
+// would cancel where the mean is large against the spread; a bfloat16 out is the float
+// result rounded to nearest even). The per channel vectors in double, as torch's ops
+// made them (the same bits): mean32 = float(mean), invstd = 1 / sqrt(variance + eps),
+// scale = float(invstd * weight) (invstd without a weight), shift = bias (0 without).
 // One call each way, not twenty torch ops of a few channels on the calling thread while
 // the other threads wait (80 us less per norm and step, AMD Zen 3).
 template <typename T>
@@ -92,13 +72,14 @@ void batch_norm_train_forward(const T* x, const double* mean, const double* vari
                               const float* weight, const float* bias, const T* residual, bool relu, int64_t rows,
                               int64_t channels, T* out, float* mean32, double* invstd, float* scale, float* shift,
                               int nthreads);
-// Its backward from dy, in one call: the sums (batch_norm_gradient_sums, g gated where
-// gate asks; where gate reads the forward's output, g is written to gated_dy and
-// differentiated ungated from there), then the vectors and dx (null: not asked) as
-// batch_norm_input_gradient computes it, with gain = invstd * weight (invstd without a
-// weight): x_scale = float(-invstd^2 * (sum(g * (x - mean)) / rows) * gain), dy_scale =
-// float(gain), shift = float(-sum(g) / rows * gain); and the weight's and bias's
-// gradients float(sum(g * (x - mean)) * invstd) and float(sum(g)) (each null: not asked).
+// Its backward from dy, in one call: the per channel sums of g and of g * (x - mean), g =
+// dy gated where `gate` asks (where it reads the forward's output, g is written to
+// gated_dy, a residual's gradient, and differentiated ungated from there), then dx (null:
+// not asked) = (x - mean) * x_scale + g * dy_scale + shift in one pass, with gain = invstd
+// * weight (invstd without a weight): x_scale = float(-invstd^2 * (sum(g * (x - mean)) /
+// rows) * gain), dy_scale = float(gain), shift = float(-sum(g) / rows * gain); and the
+// weight's and bias's gradients float(sum(g * (x - mean)) * invstd) and float(sum(g))
+// (each null: not asked).
 template <typename T>
 void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, const double* invstd,
                                const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels, T* dx,
