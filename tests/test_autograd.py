@@ -499,3 +499,41 @@ def test_eager_layers_take_the_compiled_one_call_paths(kind, monkeypatch):
     again = layer(x, w)
     again.backward(grad)
     assert torch.equal(again, y) and x.grad is not None and w.grad is not None
+
+
+@pytest.mark.parametrize("fmt", ["dfp16", "dfp16-tensor"])
+@pytest.mark.parametrize(
+    ("images", "channels", "size", "kernel", "padding", "dilation", "stride"),
+    [
+        (9, 64, 8, 3, 1, 1, 1),  # ResNet-20's third stage: 16 % of the products read only padding
+        (7, 32, 4, 3, 1, 1, 1),  # kinds of 7 x 4 corners, 7 x 8 edges: tiles of mixed kinds
+        (5, 32, 6, 5, 2, 1, 1),  # two rows and columns of padding, per side
+        (5, 32, 8, 3, 2, 2, 1),  # dilated taps
+        (6, 32, 8, 3, 1, 1, 2),  # strided: the forward skips, the strided grad_input does not
+    ],
+)
+def test_products_of_the_padding_skipped_change_no_bit(
+    fmt, images, channels, size, kernel, padding, dilation, stride, monkeypatch
+):
+    """Where whole int32 chains of a tile read only the zero padding (at least 12 % of a
+    layer's products: small images), the compiled forward and stride-1 grad_input visit the
+    output pixels grouped by which chains those are and skip them (csrc/cpu/conv.h,
+    padding_order): the output, dX and dW are the numba backend's bits on one and two
+    threads, with real zeros and tiny values inside the image too."""
+
+    def run(backend, threads):
+        monkeypatch.setenv("DFP_BACKEND", backend)
+        torch.set_num_threads(threads)
+        x = _gaussian((images, channels, size, size), 0)
+        x[0, :, 1:3] = 0  # zeros of the image's own, next to the padding
+        x[1] *= 1e-30
+        x = x.to(memory_format=torch.channels_last).requires_grad_()
+        w = _gaussian((channels, channels, kernel, kernel), 1).requires_grad_()
+        y = DF.conv2d(x, w, stride=stride, padding=padding, dilation=dilation, fmt=fmt)
+        y.backward(_gaussian(y.shape, 2, 1e-3))
+        return y.detach(), x.grad, w.grad
+
+    want = run("numba", 1)
+    for threads in (1, 2):
+        for got, expected in zip(run("cpu", threads), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -246,7 +246,7 @@ void pack_conv_weight(const ConvGeometry& geometry, const int16_t* w, int64_t sw
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
                      const float* bias, float* y, int nthreads, const OutputGrid& grid,
-                     const std::vector<Packed>* packed_weight, bool ew_one_row) {
+                     const std::vector<Packed>* packed_weight, bool ew_one_row, ZeroBorder zeros) {
   const MicroKernel& uk = micro_kernel(active_isa(), nout);
   const ConvShape shape = group_shape(geometry);
   const KLayout kl(shape.k(), kblock);
@@ -269,11 +269,19 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
   const std::vector<int32_t> first_row(ew_one_row ? kl.nblocks : 0, 0);
   if (ew_one_row) options.b_block_of = first_row.data(), options.b_blocks = 1;
   const int64_t ew_rows = ew_one_row ? 1 : kl.nblocks;
+  // The output pixels grouped by the chains that read only the zero border, where that
+  // skips enough (the calling thread's buffers, kept: the forward's pieces call often).
+  const PaddingOrder* reordered =
+      !pointwise && !grid.line && PatchRows::reads_in_place(x, shape, kl) &&
+              (zeros.top || zeros.bottom || zeros.left || zeros.right)
+          ? padding_order(shape, zeros, kl, chain_length(hx, hw) / 2, per_row ? shape.ow() : shape.pixels())
+          : nullptr;
+  if (reordered) options.row_order = &reordered->order;
   Workspace& ws = workspace();
   for (int64_t g = 0; g < geometry.groups; ++g) {
     const int16_t* image = x + g * shape.cg;
     if (per_row) ea = output_row_exponents(ex, shape, geometry.channels, g, kl);
-    const PatchRows patches(image, shape, kl);
+    const PatchRows patches(image, shape, kl, reordered ? reordered->origin.data() : nullptr);
     if (pointwise) pack_a_int16(image, geometry.channels, 1, shape.pixels(), kl, uk.mr, ws.a, nthreads);
     if (!packed_weight) pack_b_int16(w + g * swg, swk, swn, nout, kl, uk.nr, ws.b, nthreads);
     const GemmOutput out{y + g * nout, bias ? bias + g * nout : nullptr, geometry.groups * nout, grid};

@@ -50,6 +50,12 @@ struct OutputGrid {
   int64_t line = 0, lines = 0, pixel_stride = 0, line_stride = 0, image_stride = 0;
 };
 
+// Rows and columns at the image's edges known to hold zeros (a forward's padding): the
+// products of the patches' taps there are skipped where whole chains read only them.
+struct ZeroBorder {
+  int64_t top = 0, bottom = 0, left = 0, right = 0;
+};
+
 // y (pixels, groups * nout) = per group g: patches_g (pixels, K) x w_g (K, nout), K over
 // (kh, kw, ci), with w_g at w + g * swg (element strides swk, swn); ex the image's
 // exponents (per image row and channel block, which divides channels / groups: K-blocks
@@ -57,11 +63,13 @@ struct OutputGrid {
 // ew (groups, KB, nout) contiguous, or with ew_one_row (groups, 1, nout): the same row
 // for every K-block (a weight's exponents per tensor or output channel), which spares
 // every call a table of chain scales that are all 1; bias (groups * nout) or null; y's
-// pixels on `grid`; packed_weight: w as pack_conv_weight packed it (else packed in the call).
+// pixels on `grid`; packed_weight: w as pack_conv_weight packed it (else packed in the call);
+// zeros: x's border known to be zeros (ZeroBorder).
 void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExponents ex, int hx, const int16_t* w,
                      int64_t swg, int64_t swk, int64_t swn, int64_t nout, const int32_t* ew, int64_t kblock, int hw,
                      const float* bias, float* y, int nthreads, const OutputGrid& grid = {},
-                     const std::vector<Packed>* packed_weight = nullptr, bool ew_one_row = false);
+                     const std::vector<Packed>* packed_weight = nullptr, bool ew_one_row = false,
+                     ZeroBorder zeros = {});
 
 // conv_gemm_int16's w (the same strides, nout and kblock) packed into `packed`, one per
 // group of `geometry`, for calls that share it: the forward's pieces of a few images

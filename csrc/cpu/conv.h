@@ -37,8 +37,19 @@ class PatchIndex {
 // offset per K-pair; otherwise each block of patches is gathered into scratch.
 class PatchRows : public ASource {
  public:
-  PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl);
+  // origins: where given (a PaddingOrder's, for patches read in place), row i is the
+  // patch at origins[i] (in int16 elements), not output pixel i.
+  PatchRows(const int16_t* x, const ConvShape& s, const KLayout& kl, const int64_t* origins = nullptr);
   int64_t rows() const override { return s_.pixels(); }
+  // every K-pair lies inside one tap (cg even, blocks of even length)
+  static bool pairs_in_taps(const ConvShape& s, const KLayout& kl) {
+    return s.cg % 2 == 0 && (kl.nblocks == 1 || kl.kblock % 2 == 0);
+  }
+  // and is an aligned int32 word of the image, with no padding in K
+  static bool reads_in_place(const int16_t* x, const ConvShape& s, const KLayout& kl) {
+    return pairs_in_taps(s, kl) && s.channels % 2 == 0 && reinterpret_cast<uintptr_t>(x) % alignof(int32_t) == 0 &&
+           s.k() % kl.kblock == 0;
+  }
   ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const override;
 
  private:
@@ -49,10 +60,24 @@ class PatchRows : public ASource {
   ConvShape s_;
   KLayout kl_;
   PatchIndex index_;
-  bool pairs_in_taps_;  // every K-pair lies inside one tap (cg even, blocks of even length)
-  bool in_place_;       // and is an aligned int32 word of the image, with no padding in K
+  bool pairs_in_taps_, in_place_;
   std::vector<int64_t> offsets_;  // in place: of every K-pair from a patch's origin, in bytes
+  const int64_t* origins_;
 };
+
+// The output pixels of a convolution whose image has a border of zeros, grouped by the
+// chains of their patches that read only that border (chains of `pairs` K-pairs in kl):
+// the RowOrder gemm_packed takes (exponent rows: rows_per_exponent pixels share one) and
+// each row's patch origin for PatchRows. Null where the chains skipped would be under
+// 12 % of the products, too few to pay for the order. Kept per thread for the last few
+// shapes: a layer's calls (and its forward's pieces of a few images) share one, whose
+// making cost as much as a 16-channel layer's skipped products.
+struct PaddingOrder {
+  RowOrder order;
+  std::vector<int64_t> origin;
+};
+const PaddingOrder* padding_order(const ConvShape& s, const ZeroBorder& zeros, const KLayout& kl, int pairs,
+                                  int64_t rows_per_exponent);
 
 // B = the patch matrix (pixels, K) of x as the right operand of dW = dY^T patches:
 // the reduction runs over pixels, so K-pairs are pixel pairs (kl over pixels).

@@ -4,24 +4,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <stdexcept>
 
 #include "numerics.h"
 #include "threads.h"
 
 namespace dfp {
 namespace {
-
-// Chains of at most `pairs` K-pairs, restarting at every K-block; the scales of K-block b
-// in A's column a_block_of[b] and B's row b_block_of[b] where given.
-std::vector<Chain> make_chains(const KLayout& kl, int pairs, const GemmOptions& options) {
-  std::vector<Chain> chains;
-  for (int64_t b = 0; b < kl.nblocks; ++b)
-    for (int64_t p = 0; p < kl.pairs_per_block; p += pairs)
-      chains.push_back({int32_t(std::min<int64_t>(pairs, kl.pairs_per_block - p)),
-                        options.a_block_of ? options.a_block_of[b] : int32_t(b),
-                        options.b_block_of ? options.b_block_of[b] : int32_t(b)});
-  return chains;
-}
 
 // Consecutive chains grouped into K slices of at most kc K-pairs, as even as the chains
 // allow: 288 K-pairs make two slices of 144, not 256 and a 32 that costs a pass over the
@@ -189,19 +178,32 @@ class Epilogue {
       }
     });
   }
+  // row_scales for rows in a RowOrder, from their precomputed exponent rows and images
+  // (made again only where they change: most rows share the row before's).
+  void row_scales(const RowOrder& order, int64_t i0, int64_t count, float* __restrict out) const {
+    const int64_t* exponent_row = order.exponent_row.data() + i0;
+    const int64_t* image = order.image.data() + i0;
+    for (int64_t r = 0; r < count; ++r)
+      out[r] = r && exponent_row[r] == exponent_row[r - 1] && image[r] == image[r - 1]
+                   ? out[r - 1]
+                   : pow2f_any(ra_[exponent_row[r]] + (offsets_.values ? offsets_.values[image[r]] : 0));
+  }
   const float* col_scale(int64_t j) const { return col_scale_.data() + j; }
   const float* bias(int64_t j) const { return out_.bias ? out_.bias + j : nullptr; }
 
-  void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols) const {
+  // Rows i0.. of C, or where `order` is given, rows order[0..] (a RowOrder's).
+  void apply(const float* acc, int64_t ldacc, int64_t i0, int64_t rows, int64_t j0, int64_t cols,
+             const int64_t* order = nullptr) const {
     for (int64_t i = 0; i < rows; ++i) {
       const float* src = acc + i * ldacc;
-      float* dst = out_.row(i0 + i) + j0;
+      const int64_t row = order ? order[i] : i0 + i;
+      float* dst = out_.row(row) + j0;
       if (in_fp32_) {
-        const float rs = row_scale(i0 + i);
+        const float rs = row_scale(row);
         const float* cs = col_scale_.data() + j0;
         for (int64_t j = 0; j < cols; ++j) dst[j] = src[j] * (rs * cs[j]);
       } else {
-        const int32_t ra = row_exponent(i0 + i);
+        const int32_t ra = row_exponent(row);
         for (int64_t j = 0; j < cols; ++j) dst[j] = float(std::ldexp(double(src[j]), ra + rb_[j0 + j]));
       }
       if (out_.bias)
@@ -226,7 +228,50 @@ class Epilogue {
   std::vector<float> col_scale_;
 };
 
+// The skipped chains of each tile of a block of rows in a RowOrder (tiles of one kind
+// point into order.skips; tiles of mixed kinds skip what all of their rows skip, into
+// `mixed`); null for a tile that skips none.
+void tile_skips(const RowOrder& order, int64_t i0, int64_t mpanels, int mr, int64_t M, std::vector<uint8_t>& mixed,
+                const uint8_t** out) {
+  const int64_t n = order.nchains;
+  mixed.resize(mpanels * n);
+  for (int64_t ip = 0; ip < mpanels; ++ip) {
+    const int64_t i = i0 + ip * mr, valid = std::min<int64_t>(mr, M - i);
+    const uint8_t* kind = order.kind.data() + i;
+    const uint8_t* first = order.skips.data() + kind[0] * n;
+    if (std::all_of(kind, kind + valid, [&](uint8_t k) { return k == kind[0]; })) {
+      out[ip] = std::any_of(first, first + n, [](uint8_t skip) { return skip; }) ? first : nullptr;
+      continue;
+    }
+    uint8_t* both = mixed.data() + ip * n;
+    std::copy_n(first, n, both);
+    for (int64_t r = 1; r < valid; ++r)
+      for (int64_t c = 0; c < n; ++c) both[c] &= order.skips[kind[r] * n + c];
+    out[ip] = std::any_of(both, both + n, [](uint8_t skip) { return skip; }) ? both : nullptr;
+  }
+}
+
+// row_chain_scales for a tile of rows in a RowOrder, whose exponent rows are listed.
+TileScales ordered_row_chain_scales(const Scales& a, int64_t blocks, const int64_t* exponent_row, int64_t valid,
+                                    int mr, float* __restrict tile) {
+  if (std::all_of(exponent_row, exponent_row + valid, [&](int64_t e) { return a.ones[e]; })) return {};
+  if (std::all_of(exponent_row, exponent_row + valid, [&](int64_t e) { return e == exponent_row[0]; }))
+    return {a.chain.data() + exponent_row[0] * blocks, 0};
+  for (int64_t r = 0; r < mr; ++r)  // rows past M (never stored) read the last real row's
+    std::copy_n(a.chain.data() + exponent_row[std::min<int64_t>(r, valid - 1)] * blocks, blocks, tile + r * blocks);
+  return {tile, blocks};
+}
+
 }  // namespace
+
+std::vector<Chain> make_chains(const KLayout& kl, int pairs, const int32_t* a_block_of, const int32_t* b_block_of) {
+  std::vector<Chain> chains;
+  for (int64_t b = 0; b < kl.nblocks; ++b)
+    for (int64_t p = 0; p < kl.pairs_per_block; p += pairs)
+      chains.push_back({int32_t(std::min<int64_t>(pairs, kl.pairs_per_block - p)),
+                        a_block_of ? a_block_of[b] : int32_t(b), b_block_of ? b_block_of[b] : int32_t(b)});
+  return chains;
+}
 
 const MicroKernel& micro_kernel(Isa isa, int64_t columns) {
   const bool narrow = columns <= 16;
@@ -275,7 +320,11 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
   bool col_scales = false;
   for (int64_t blk = 0; blk < KBB && KBB > 1 && !col_scales; ++blk)
     col_scales = !all_one(sb.chain.data() + blk * b_scale_width, options.uniform_b ? 1 : N);
-  const std::vector<Chain> chains = make_chains(kl, chain_length(headroom_a, headroom_b) / 2, options);
+  const std::vector<Chain> chains =
+      make_chains(kl, chain_length(headroom_a, headroom_b) / 2, options.a_block_of, options.b_block_of);
+  const RowOrder* order = options.row_order;
+  if (order && (order->nchains != int64_t(chains.size()) || int64_t(order->row.size()) != M || out.grid.line))
+    throw std::invalid_argument("gemm_packed: a row order for other chains or rows, or with an output grid");
   const std::vector<KSlice> slices = k_slices(chains, uk.kc);
 
   // Rows with exponents of their own in the epilogue: where A's differ, or are offset per row.
@@ -319,15 +368,29 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     // division costs tens of cycles, and there are tens of thousands of tiles per GEMM)
     for (int64_t ip = 0, first = i0 / group, next = (first + 1) * group; ip < mpanels && row_scales; ++ip) {
       const int64_t i = i0 + ip * uk.mr;
+      if (order) {
+        tile_at[ip] = ordered_row_chain_scales(sa, KA, order->exponent_row.data() + i, std::min<int64_t>(uk.mr, M - i),
+                                               uk.mr, tile_scales_at + ip * uk.mr * KA);
+        continue;
+      }
       for (; next <= i; next += group) ++first;
       tile_at[ip] = row_chain_scales(sa, KA, group, i, first, uk.mr, M, tile_scales_at + ip * uk.mr * KA);
     }
+    // and the chains each tile skips, where the rows are in an order that groups them
+    thread_local std::vector<const uint8_t*> skips;
+    thread_local std::vector<uint8_t> mixed_skips;
+    skips.assign(mpanels, nullptr);
+    const uint8_t** const skip_at = skips.data();
+    if (order) tile_skips(*order, i0, mpanels, uk.mr, M, mixed_skips, skip_at);
     // and the rows' epilogue scales where the micro-kernel writes C (one division per block
     // of rows, not per tile)
     thread_local std::vector<float> out_row_scales;
     if (row_references && epilogue.in_fp32()) {
       out_row_scales.resize(mpanels * uk.mr);
-      epilogue.row_scales(i0, mlen, out_row_scales.data());
+      if (order)
+        epilogue.row_scales(*order, i0, mlen, out_row_scales.data());
+      else
+        epilogue.row_scales(i0, mlen, out_row_scales.data());
     }
     // and the rows of C where they lie on a grid (two divisions per row of each tile took a
     // tenth of the set-up's time in a ResNet-20 step)
@@ -375,10 +438,15 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.row_scale = row_scales ? tile_at[ip].scales : nullptr;  // none where all are 1
           args.row_scale_stride = row_scales ? tile_at[ip].stride : 0;
           args.acc = acc_at + ip * uk.mr * ldacc + jp * uk.nr;
+          args.skip = skip_at[ip] ? skip_at[ip] + slices[s].first_chain : nullptr;
           float* out_rows[kMaxMr];
           args.out = nullptr, args.out_rows = nullptr;
           if (writes_c && i + uk.mr <= M) {
-            if (out.grid.line) {
+            if (order) {
+              for (int r = 0; r < uk.mr; ++r) out_rows[r] = out.c + order->row[i + r] * out.ldc + j;
+              args.out = out_rows[0];
+              args.out_rows = out_rows;
+            } else if (out.grid.line) {
               for (int r = 0; r < uk.mr; ++r) out_rows[r] = grid_row_at[ip * uk.mr + r] + j;
               args.out = out_rows[0];
               args.out_rows = out_rows;
@@ -389,11 +457,12 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           }
           uk.run(args);
           if (last && !args.out)
-            epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j));
+            epilogue.apply(args.acc, ldacc, i, std::min<int64_t>(uk.mr, M - i), j, std::min<int64_t>(uk.nr, N - j),
+                           order ? order->row.data() + i : nullptr);
         }
       }
     }
-    if (slices.empty()) epilogue.apply(acc.data(), ldacc, i0, mlen, j0, nlen);
+    if (slices.empty()) epilogue.apply(acc.data(), ldacc, i0, mlen, j0, nlen, order ? order->row.data() + i0 : nullptr);
   });
 }
 

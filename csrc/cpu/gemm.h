@@ -58,6 +58,9 @@ struct MicroKernelArgs {
   const float* out_row_scale = nullptr;  // [mr]
   const float* out_col_scale = nullptr;  // [nr]
   const float* bias = nullptr;           // [nr], or null for none
+  // Where given, chain c is skipped where skip[c] (its sums would be zeros: the tile's
+  // rows read only a convolution's padding there; see RowOrder).
+  const uint8_t* skip = nullptr;
 };
 
 constexpr int kMaxMr = 12;  // the most rows a micro-kernel's tile has
@@ -221,6 +224,26 @@ struct GemmOutput {
   }
 };
 
+// The rows of a product visited in another order, grouped by which of their chains read
+// only zeros (a convolution's output pixels by the padding their patches reach), so that
+// a tile's rows share those chains and the micro-kernel skips them. A skipped chain
+// would add float(0) times its scale to the fp32 sum, which is never -0, so skipping
+// changes no bit. Row i of the product is row `row[i]` of A and C, with its exponents'
+// row and image precomputed (row[i] / a_rows_per_exponent and row[i] / row_offsets.rows:
+// divisions per row cost as much as a narrow layer's row of products).
+struct RowOrder {
+  std::vector<int64_t> row, exponent_row, image;
+  std::vector<uint8_t> kind;   // per row of the product: its row of `skips`
+  std::vector<uint8_t> skips;  // [kind][chain]: 1 where that kind's rows hold zeros only
+  int64_t nchains = 0;
+};
+
+// The chains of a K layout: at most `pairs` K-pairs each, restarting at every K-block;
+// the scales of K-block b in A's column a_block_of[b] and B's row b_block_of[b] where
+// given (GemmOptions).
+std::vector<Chain> make_chains(const KLayout& kl, int pairs, const int32_t* a_block_of = nullptr,
+                               const int32_t* b_block_of = nullptr);
+
 // mc, nc: cache blocks in rows of A and columns of B (zero: the micro-kernel's own;
 // rounded up to whole micro-panels); they change no bits. uniform_a: every row of A has
 // the same exponents, so ea is one row (KB,) and the scales are made once, not per row;
@@ -233,7 +256,8 @@ struct GemmOutput {
 // one value per image, `rows` its output pixels). a_block_of: where given, A's exponents
 // are per coarser blocks than K's, ea (rows, a_blocks), K-block b taking A's column
 // a_block_of[b] (grad_weight's input, per sample: a K-block of pixels lies in one);
-// b_block_of likewise for B, eb (b_blocks, N).
+// b_block_of likewise for B, eb (b_blocks, N). row_order: where given, row i of the
+// product is the order's row[i] of A (the A source gives its rows in the same order) and C.
 struct RowOffsets {
   const int32_t* values = nullptr;  // count of them
   int64_t rows = 1, count = 0;
@@ -248,6 +272,7 @@ struct GemmOptions {
   int64_t a_blocks = 0;
   const int32_t* b_block_of = nullptr;
   int64_t b_blocks = 0;
+  const RowOrder* row_order = nullptr;
 };
 
 // C = A B; ea (ceil(M / options.a_rows_per_exponent), KB or options.a_blocks), eb

@@ -136,8 +136,12 @@ void GradInput::multiply(const Phase& p, const int16_t* window, int64_t n0, int6
                               ? OutputGrid{}
                               : OutputGrid{p.cols.count, p.rows.count, l.sw * l.c, l.sh * l.w * l.c, l.h * l.w * l.c};
   float* out = dx + n0 * l.h * l.w * l.c + (p.rows.first * l.w + p.cols.first) * l.c;
+  // the window's zeros past dy's edges
+  const int64_t oh = l.shape().oh(), ow = l.shape().ow();
+  const ZeroBorder zeros{std::max<int64_t>(-p.rows.window0, 0), std::max<int64_t>(p.rows.window1 - oh, 0),
+                         std::max<int64_t>(-p.cols.window0, 0), std::max<int64_t>(p.cols.window1 - ow, 0)};
   conv_gemm_int16(window + n0 * window_size, geometry, ey, l.headroom, p.w.data(), k * cg, cg, 1, cg, p.ew.data(),
-                  p.kblock, l.headroom, nullptr, out, nthreads, grid, nullptr, !l.weight_per_channel);
+                  p.kblock, l.headroom, nullptr, out, nthreads, grid, nullptr, !l.weight_per_channel, zeros);
 }
 
 void GradInput::run(const int16_t* dy, float* dx, int nthreads) const {

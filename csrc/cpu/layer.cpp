@@ -79,10 +79,11 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
   if (!l.weight_per_channel) std::fill(ew.begin(), ew.end(), ew[0]);
   const PaddedImage image{l.n, l.h, l.w, l.c, l.ph, l.pw, l.channels};
+  const ZeroBorder padding{l.ph, l.ph, l.pw, l.pw};  // the quantized image's zeros
   if (!grouping.row_block) {
     if (!quantize_padded(x, image, l.headroom, x_padded, x_exponent, nthreads)) return false;
     conv_gemm_int16(x_padded, l.padded(), {x_exponent, 1}, l.headroom, w.get(), cout_g * k, 1, k, cout_g,
-                    ew.data(), std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads);
+                    ew.data(), std::max<int64_t>(k, 1), l.headroom, bias, y, nthreads, {}, nullptr, false, padding);
     if (y_mean) batch_norm_statistics(y, l.n, l.shape().oh() * l.shape().ow(), l.cout, y_mean, y_variance, nthreads);
     return true;
   }
@@ -125,7 +126,7 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     geometry.n = count;
     conv_gemm_int16(rows, geometry, {e, count * padded.hp * row_blocks, grouping.row_block}, l.headroom, w.get(),
                     cout_g * k, 1, k, cout_g, ew.data(), kblock, l.headroom, bias, y + n0 * pixels * l.cout, threads,
-                    {}, &packed_w, true);
+                    {}, &packed_w, true, padding);
     const int64_t at = n0 * moments.per_image * l.cout;
     if (y_mean) block_moments(y, n0, count, l.cout, moments, block_mean.data() + at, block_m2.data() + at);
     return true;

@@ -44,6 +44,10 @@ struct TileKernel {
     const int32_t* b = p.b;
     int64_t q = 0;  // the K-pair, from the slice's first
     for (int64_t c = 0; c < p.nchains; ++c) {
+      if (p.skip && p.skip[c]) {  // zeros only: adds nothing (MicroKernelArgs::skip)
+        q += p.chains[c].kpairs, b += p.chains[c].kpairs * NR;
+        continue;
+      }
       typename V::I acc[MR][NV];
       DFP_UNROLL
       for (int r = 0; r < MR; ++r)
