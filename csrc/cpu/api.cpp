@@ -274,7 +274,8 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
   const PaddingOrder* reordered =
       !pointwise && !grid.line && PatchRows::reads_in_place(x, shape, kl) &&
               (zeros.top || zeros.bottom || zeros.left || zeros.right)
-          ? padding_order(shape, zeros, kl, chain_length(hx, hw) / 2, per_row ? shape.ow() : shape.pixels())
+          ? padding_order(shape, zeros, kl, chain_length(hx, hw) / 2,
+                          options.uniform_a ? shape.pixels() : options.a_rows_per_exponent)
           : nullptr;
   if (reordered) options.row_order = &reordered->order;
   Workspace& ws = workspace();

@@ -442,12 +442,9 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           float* out_rows[kMaxMr];
           args.out = nullptr, args.out_rows = nullptr;
           if (writes_c && i + uk.mr <= M) {
-            if (order) {
-              for (int r = 0; r < uk.mr; ++r) out_rows[r] = out.c + order->row[i + r] * out.ldc + j;
-              args.out = out_rows[0];
-              args.out_rows = out_rows;
-            } else if (out.grid.line) {
-              for (int r = 0; r < uk.mr; ++r) out_rows[r] = grid_row_at[ip * uk.mr + r] + j;
+            if (order || out.grid.line) {  // a pointer per row
+              for (int r = 0; r < uk.mr; ++r)
+                out_rows[r] = (order ? out.c + order->row[i + r] * out.ldc : grid_row_at[ip * uk.mr + r]) + j;
               args.out = out_rows[0];
               args.out_rows = out_rows;
             } else {
