@@ -70,8 +70,8 @@ class PatchRows : public ASource {
 // the RowOrder gemm_packed takes (exponent rows: rows_per_exponent pixels share one) and
 // each row's patch origin for PatchRows. Null where the chains skipped would be under
 // 12 % of the products, too few to pay for the order. Kept per thread for the last few
-// shapes: a layer's calls (and its forward's pieces of a few images) share one, whose
-// making cost as much as a 16-channel layer's skipped products.
+// shapes: a layer's calls (and its forward's pieces of a few images) share one; made in
+// every call, it had made a 16-channel 32x32 forward 17 % slower (AMD Zen 3).
 struct PaddingOrder {
   RowOrder order;
   std::vector<int64_t> origin;

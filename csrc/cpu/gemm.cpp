@@ -379,9 +379,8 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
     // and the chains each tile skips, where the rows are in an order that groups them
     thread_local std::vector<const uint8_t*> skips;
     thread_local std::vector<uint8_t> mixed_skips;
-    skips.assign(mpanels, nullptr);
-    const uint8_t** const skip_at = skips.data();
-    if (order) tile_skips(*order, i0, mpanels, uk.mr, M, mixed_skips, skip_at);
+    if (order) skips.resize(mpanels), tile_skips(*order, i0, mpanels, uk.mr, M, mixed_skips, skips.data());
+    const uint8_t* const* const skip_at = skips.data();
     // and the rows' epilogue scales where the micro-kernel writes C (one division per block
     // of rows, not per tile)
     thread_local std::vector<float> out_row_scales;
@@ -438,7 +437,7 @@ void gemm_packed(const MicroKernel& uk, const ASource& a, const BSource& b, cons
           args.row_scale = row_scales ? tile_at[ip].scales : nullptr;  // none where all are 1
           args.row_scale_stride = row_scales ? tile_at[ip].stride : 0;
           args.acc = acc_at + ip * uk.mr * ldacc + jp * uk.nr;
-          args.skip = skip_at[ip] ? skip_at[ip] + slices[s].first_chain : nullptr;
+          args.skip = order && skip_at[ip] ? skip_at[ip] + slices[s].first_chain : nullptr;
           float* out_rows[kMaxMr];
           args.out = nullptr, args.out_rows = nullptr;
           if (writes_c && i + uk.mr <= M) {
