@@ -178,6 +178,22 @@ def test_linear_shapes_exact_against_torch_fp64(x_shape, w_shape, fmt):
     _assert_equal(got, want)
 
 
+@pytest.mark.parametrize("fmt", [DFP16, CHANNEL], ids=lambda f: f.name)
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_weight_read_in_place_or_gathered_exact_against_torch_fp64(fmt, transposed):
+    """A contiguous weight is read where it lies and its gradient written there; a
+    transposed view's is gathered and scattered (in_features not adjacent): both exact."""
+    x, bias = _integers((4, 6), 0), _integers((5,), 2)
+    weight = _integers((6, 5), 1).t() if transposed else _integers((5, 6), 1)
+
+    def torch_linear(x, w, b):
+        return F.linear(x.double(), w.double(), b.double())
+
+    got = _forward_backward(lambda *a: DF.linear(*a, fmt=fmt), x, weight, bias, grad_seed=3)
+    _assert_equal(got, _forward_backward(torch_linear, x, weight, bias, grad_seed=3))
+    assert got[2].stride() == weight.stride()
+
+
 def _sqnr(got: torch.Tensor, want: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB."""
     noise = (got.double() - want).square().sum()

@@ -1,6 +1,7 @@
 #include "grad_input.h"
 
 #include <algorithm>
+#include <memory>
 #include <numeric>
 #include <stdexcept>
 #include <string>
@@ -44,48 +45,64 @@ std::vector<GradInput::Axis> GradInput::axes(int64_t size, int64_t kernel, int64
   return phases;
 }
 
-bool GradInput::prepare(ImageExponents ey, const float* weight, int64_t block) {
+bool GradInput::prepare(ImageExponents ey, const float* weight, int64_t block, int nthreads) {
   const ConvLayer& l = l_;
   if (any_nonfinite(ey.values, ey.count)) return false;
   // The whole kernel as (groups, taps, cout / groups, c / groups), the taps flipped, so
   // that per block its exponents come out as (groups, taps, blocks, c / groups).
   const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw;
-  std::vector<float> rows(l.groups * taps * cout_g * cg);
+  const int64_t size = l.groups * taps * cout_g * cg;
+  const bool in_place = weight_is_rows(l);
+  std::unique_ptr<float[]> gathered(in_place ? nullptr : new float[size]);  // every element written
+  const float* rows = in_place ? weight : gathered.get();
   const Strides s(l);
-  for (int64_t g = 0; g < l.groups; ++g)
-    for (int64_t t = 0; t < taps; ++t) {
-      const int64_t i = l.kh - 1 - t / l.kw, j = l.kw - 1 - t % l.kw;  // once per tap
-      for (int64_t o = 0; o < cout_g; ++o)
-        for (int64_t ci = 0; ci < cg; ++ci)
-          rows[((g * taps + t) * cout_g + o) * cg + ci] = weight[s.at(g * cout_g + o, ci, i, j)];
-    }
+  if (!in_place) {
+    for_row_chunks(l.groups * taps, cout_g * cg, nthreads, [&](int64_t gt0, int64_t gt1) {
+      for (int64_t gt = gt0; gt < gt1; ++gt) {
+        const int64_t g = gt / taps, t = gt % taps, i = l.kh - 1 - t / l.kw, j = l.kw - 1 - t % l.kw;
+        for (int64_t o = 0; o < cout_g; ++o)
+          copy_strided(weight + s.at(g * cout_g + o, 0, i, j), s.ci, gathered.get() + (gt * cout_g + o) * cg, 1, cg);
+      }
+    });
+  }
   const bool blocks = l.weight_per_channel;
   if (blocks && (block <= 0 || cout_g % block))
     throw std::invalid_argument("conv_grad_input: the weight's block of output channels (" + std::to_string(block) +
                                 ") must divide cout / groups (" + std::to_string(cout_g) + ")");
   const QuantizeShape shape = blocks ? QuantizeShape{l.groups * taps, cout_g, cg, Grouping::block, block}
-                                     : QuantizeShape{1, int64_t(rows.size()), 1, Grouping::tensor, 0};
-  std::vector<int16_t> w(rows.size());
+                                     : QuantizeShape{1, size, 1, Grouping::tensor, 0};
+  std::vector<int16_t> w(size);
   std::vector<int32_t> ew(blocks ? l.groups * taps * (cout_g / block) * cg : 1);
-  if (!quantize_gathered(rows, shape, l.headroom, w.data(), ew.data())) return false;
+  if (!quantize_gathered(rows, shape, l.headroom, w.data(), ew.data(), nthreads)) return false;
   ey_ = ey;
   phases_.clear(), uncovered_ = false;
-  for (const Axis& r : axes(l.h, l.kh, l.sh, l.ph, l.dh))
-    for (const Axis& c : axes(l.w, l.kw, l.sw, l.pw, l.dw)) {
+  const std::vector<Axis> row_axes = axes(l.h, l.kh, l.sh, l.ph, l.dh), col_axes = axes(l.w, l.kw, l.sw, l.pw, l.dw);
+  const bool one_phase = row_axes.size() == 1 && col_axes.size() == 1;  // no other phase needs w
+  for (const Axis& r : row_axes)
+    for (const Axis& c : col_axes) {
       if (r.taps && c.taps)
-        phases_.push_back(phase(r, c, w, ew, blocks ? block : 0));
+        phases_.push_back(phase(r, c, w, one_phase, ew, blocks ? block : 0));
       else
         uncovered_ = true;
     }
   return true;
 }
 
-GradInput::Phase GradInput::phase(const Axis& rows, const Axis& cols, const std::vector<int16_t>& w,
+GradInput::Phase GradInput::phase(const Axis& rows, const Axis& cols, std::vector<int16_t>& w, bool take_w,
                                   const std::vector<int32_t>& ew, int64_t block) const {
   const ConvLayer& l = l_;
   const int64_t cg = l.c / l.groups, cout_g = l.cout / l.groups, taps = l.kh * l.kw, phase_taps = rows.taps * cols.taps;
   const int64_t k = phase_taps * cout_g, per_tap = block ? cout_g / block * cg : 0;
-  Phase p{rows, cols, std::vector<int16_t>(l.groups * k * cg), {}, block, {}};
+  // A phase of all taps from the first, one apart (stride 1), holds them in the whole
+  // kernel's order: w as it is, taken rather than copied where no other phase needs it
+  // (a 4096 x 4096 linear layer's is 32 MB).
+  const bool taken = take_w && rows.first_tap == 0 && cols.first_tap == 0 && rows.step == 1 && cols.step == 1 &&
+                     rows.taps == l.kh && cols.taps == l.kw;
+  Phase p{rows, cols, {}, {}, block, {}};
+  if (taken)
+    p.w = std::move(w);
+  else
+    p.w.resize(l.groups * k * cg);
   // Tap (a, b) of the phase is the kernel's (i, j), the phase's taps flipped; the whole
   // kernel's rows hold tap (kh - 1 - i, kw - 1 - j) (flipped too).
   if (block) p.ew.resize(l.groups * phase_taps * per_tap);
@@ -95,7 +112,7 @@ GradInput::Phase GradInput::phase(const Axis& rows, const Axis& cols, const std:
         const int64_t i = rows.first_tap + rows.step * (rows.taps - 1 - a);
         const int64_t j = cols.first_tap + cols.step * (cols.taps - 1 - b);
         const int64_t from = g * taps + (l.kh - 1 - i) * l.kw + (l.kw - 1 - j), to = g * phase_taps + a * cols.taps + b;
-        std::copy_n(w.data() + from * cout_g * cg, cout_g * cg, p.w.data() + to * cout_g * cg);
+        if (!taken) std::copy_n(w.data() + from * cout_g * cg, cout_g * cg, p.w.data() + to * cout_g * cg);
         std::copy_n(ew.data() + from * per_tap, per_tap, p.ew.data() + to * per_tap);
       }
   if (!block) {

@@ -20,7 +20,7 @@ class GradInput {
   explicit GradInput(const ConvLayer& l);
   // The weight quantized for the reduction over output channels (conv_grad_input) and
   // gathered for every phase, dy's exponents ey; false where a NaN or Inf reached them.
-  bool prepare(ImageExponents ey, const float* weight, int64_t block);
+  bool prepare(ImageExponents ey, const float* weight, int64_t block, int nthreads);
   // dx (n, h, w, c) from dy (n, oh, ow, cout): each phase's window of dy copied (dy
   // itself where that is the window), then multiplied into the phase's pixels of dx.
   void run(const int16_t* dy, float* dx, int nthreads) const;
@@ -50,7 +50,8 @@ class GradInput {
     int64_t kblock;
     std::vector<int32_t> row_exponents;
   };
-  Phase phase(const Axis& rows, const Axis& cols, const std::vector<int16_t>& w, const std::vector<int32_t>& ew,
+  // (take_w: w may be moved into it)
+  Phase phase(const Axis& rows, const Axis& cols, std::vector<int16_t>& w, bool take_w, const std::vector<int32_t>& ew,
               int64_t block) const;
   void multiply(const Phase& p, const int16_t* window, int64_t n0, int64_t count, float* dx, int nthreads) const;
 

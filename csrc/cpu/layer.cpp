@@ -66,17 +66,26 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   // B of each group: (K, cout / groups), K over (kh, kw, ci) of the padded channels
   // (zeros in an added one, which neither moves a maximum nor adds to a sum).
   const int64_t cg = l.c / l.groups, cgp = l.channels / l.groups, k = l.kh * l.kw * cgp, cout_g = l.cout / l.groups;
-  std::vector<float> rows(l.cout * k, 0.0f);  // (cout, K)
+  const bool in_place = weight_is_rows(l);
+  std::unique_ptr<float[]> gathered(in_place ? nullptr : new float[l.cout * k]);
+  const float* rows = in_place ? weight : gathered.get();  // (cout, K)
   const Strides s(l);
-  for (int64_t o = 0; o < l.cout; ++o)
-    for (int64_t i = 0; i < l.kh; ++i)
-      for (int64_t j = 0; j < l.kw; ++j)
-        for (int64_t ci = 0; ci < cg; ++ci) rows[o * k + (i * l.kw + j) * cgp + ci] = weight[s.at(o, ci, i, j)];
+  if (!in_place) {
+    for_row_chunks(l.cout, k, nthreads, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t i = 0; i < l.kh; ++i)
+          for (int64_t j = 0; j < l.kw; ++j) {
+            float* tap = gathered.get() + o * k + (i * l.kw + j) * cgp;
+            copy_strided(weight + s.at(o, 0, i, j), s.ci, tap, 1, cg);
+            std::fill(tap + cg, tap + cgp, 0.0f);
+          }
+    });
+  }
   const QuantizeShape shape = l.weight_per_channel ? QuantizeShape{1, l.cout, k, Grouping::channel, 0}
                                                    : QuantizeShape{1, l.cout * k, 1, Grouping::tensor, 0};
   std::unique_ptr<int16_t[]> w(new int16_t[l.cout * k]);
   std::vector<int32_t> ew(l.cout);  // (groups, 1, cout / groups): one K-block
-  if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data())) return false;
+  if (!quantize_gathered(rows, shape, l.headroom, w.get(), ew.data(), nthreads)) return false;
   if (!l.weight_per_channel) std::fill(ew.begin(), ew.end(), ew[0]);
   const PaddedImage image{l.n, l.h, l.w, l.c, l.ph, l.pw, l.channels};
   const ZeroBorder padding{l.ph, l.ph, l.pw, l.pw};  // the quantized image's zeros
@@ -96,7 +105,11 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
   // each way for a 16-channel 32x32 forward at batch 128). No exponent spans images.
   const int64_t image_size = padded.hp * padded.wp * l.channels, row_blocks = l.channels / grouping.row_block;
   const int64_t samples = std::max<int64_t>(grouping.group_samples, 1);
-  const int64_t fit = std::max<int64_t>(kPieceBytes / (2 * image_size), 1);
+  // Each piece reads all of the packed weight: where that is larger than a piece (a
+  // 4096 x 4096 linear layer's 32 MB against 32 of its 8 KB rows), pieces as large as it,
+  // so that the weight is not read from memory more often than the rows would be.
+  const int64_t piece_bytes = std::max<int64_t>(kPieceBytes, 2 * l.cout * k);
+  const int64_t fit = std::max<int64_t>(piece_bytes / (2 * image_size), 1);
   const int64_t chunk = (fit + samples - 1) / samples * samples;  // whole groups of samples
   const int64_t pixels = l.shape().oh() * l.shape().ow();
   const MomentBlocks moments(pixels, l.cout);
@@ -136,7 +149,9 @@ bool conv_forward(const float* x, const float* weight, const float* bias, const 
     return true;
   };
   const int64_t groups = (l.n + samples - 1) / samples, threads = std::min<int64_t>(nthreads, groups);
-  if (threads <= 1 && chunk >= l.n) return images(0, l.n, nthreads) && statistics();
+  // The batch in one piece on all threads where the weight set its size: pieces on
+  // threads of their own would each read all of it.
+  if (chunk >= l.n && (threads <= 1 || piece_bytes > kPieceBytes)) return images(0, l.n, nthreads) && statistics();
   const std::vector<int64_t> starts = piece_starts(l.n, chunk, samples, threads);
   std::atomic<bool> finite{true};
   parallel_for(int64_t(starts.size()) - 1, int(threads), [&](int64_t p) {
@@ -163,7 +178,7 @@ BorderedRows padded_rows_of(const ConvLayer& l) {
 bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, int64_t block,
                      const ConvLayer& l, float* dx, int nthreads) {
   GradInput product(l);
-  if (!product.prepare(ey, weight, block)) return false;
+  if (!product.prepare(ey, weight, block, nthreads)) return false;
   product.run(dy, dx, nthreads);
   return true;
 }
@@ -178,14 +193,20 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   // per tensor: one block of all pixels, its exponent in every column
   const bool one = ey_count == 1;
   const std::vector<int32_t> columns(one ? l.cout : 0, ey[0]);
-  std::vector<float> rows(l.cout * k);  // (cout, K), K over (kh, kw, ci) of the padded channels
+  // (cout, K), K over (kh, kw, ci) of the padded channels; every element written by the product
+  const bool in_place = weight_is_rows(l);
+  std::unique_ptr<float[]> rows(in_place ? nullptr : new float[l.cout * k]);
   conv_grad_weight_int16(dy, l.cout, one ? columns.data() : ey, one ? l.n * oh * ow : kblock, l.headroom, x_padded,
-                         g, ex, l.headroom, rows.data(), dy_panel_width, nthreads);
+                         g, ex, l.headroom, in_place ? dw : rows.get(), dy_panel_width, nthreads);
   const Strides s(l);
-  for (int64_t o = 0; o < l.cout; ++o)
-    for (int64_t i = 0; i < l.kh; ++i)
-      for (int64_t j = 0; j < l.kw; ++j)
-        for (int64_t ci = 0; ci < cg; ++ci) dw[s.at(o, ci, i, j)] = rows[o * k + (i * l.kw + j) * cgp + ci];
+  if (!in_place) {
+    for_row_chunks(l.cout, k, nthreads, [&](int64_t o0, int64_t o1) {
+      for (int64_t o = o0; o < o1; ++o)
+        for (int64_t i = 0; i < l.kh; ++i)
+          for (int64_t j = 0; j < l.kw; ++j)
+            copy_strided(rows.get() + o * k + (i * l.kw + j) * cgp, 1, dw + s.at(o, 0, i, j), s.ci, cg);
+    });
+  }
   return true;
 }
 
@@ -223,7 +244,7 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
   GradInput grad_input(l);
-  if (dx && !grad_input.prepare(ey, weight, r.weight_block)) return false;
+  if (dx && !grad_input.prepare(ey, weight, r.weight_block, nthreads)) return false;
   const auto weight_gradient = [&](int threads) {
     return !dw || conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
                                    weight_layer, dw, panel_width, threads);

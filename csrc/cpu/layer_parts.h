@@ -1,5 +1,6 @@
 // What the compiled layer's products (layer.cpp, grad_input.cpp) share.
 #pragma once
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 #include <vector>
@@ -29,13 +30,33 @@ struct Strides {
   int64_t o, ci, i, j;
 };
 
+// Whether the weight (and dW) at the layer's strides already lie as the (cout, K) rows
+// the products read and write: a 1x1 or linear layer's contiguous weight, no channel
+// added. Then nothing is gathered or scattered.
+inline bool weight_is_rows(const ConvLayer& l) {
+  return l.kh == 1 && l.kw == 1 && l.channels == l.c && l.weight_strides[1] == 1 &&
+         l.weight_strides[0] == l.c / l.groups;
+}
+
+// n floats from src at element stride `from` into dst at stride `to`: a weight's channels
+// gathered into the rows a product reads, or dW's scattered back. By unaliased pointers:
+// indexed through a threaded loop's captures, every store reloaded the strides (a
+// 4096 x 4096 dW took 60 ms to scatter on an AMD Zen 3, a tenth of its layer's step).
+inline void copy_strided(const float* __restrict src, int64_t from, float* __restrict dst, int64_t to, int64_t n) {
+  if (from == 1 && to == 1) {
+    std::copy_n(src, n, dst);
+    return;
+  }
+  for (int64_t i = 0; i < n; ++i) dst[i * to] = src[i * from];
+}
+
 // Quantizes a gathered copy of the weight (rows laid out as the product reads them);
-// the bits do not depend on the order: each element rounds alone against its group's
-// exponent. Weights are small: one thread.
-inline bool quantize_gathered(const std::vector<float>& gathered, const QuantizeShape& shape, int headroom,
-                              int16_t* mantissa, int32_t* exponent) {
-  if (!compute_exponents(gathered.data(), shape, headroom, exponent, 1)) return false;
-  quantize_with_exponents(gathered.data(), shape, headroom, exponent, Rounding::nearest, 0, mantissa, 1);
+// the bits do not depend on the order or the threads: each element rounds alone against
+// its group's exponent.
+inline bool quantize_gathered(const float* gathered, const QuantizeShape& shape, int headroom, int16_t* mantissa,
+                              int32_t* exponent, int nthreads) {
+  if (!compute_exponents(gathered, shape, headroom, exponent, nthreads)) return false;
+  quantize_with_exponents(gathered, shape, headroom, exponent, Rounding::nearest, 0, mantissa, nthreads);
   return true;
 }
 

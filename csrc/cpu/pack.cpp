@@ -105,28 +105,32 @@ namespace {
 
 // B with unit K stride (a transposed row-major matrix, as a layer's weight is): a packed
 // K-pair is one 4-byte load from a column of B, so packing is a transpose of int32s.
-// Needs every pair inside one K-block (one block, or blocks of even length).
+// Needs every pair inside one K-block (one block, or blocks of even length). A few
+// K-pairs of all the panel's columns at a time, so that the stores fill whole lines
+// (a column at a time, each store went to another line: a 4096 x 4096 weight took 22 ms
+// to pack on an AMD Zen 3).
 void pack_b_columns(const int16_t* b, int64_t sn, int64_t n, const KLayout& kl, int nr, Packed& out, int nthreads) {
-  const int64_t kp = kl.kpairs(), full_pairs = kl.k / 2, panels = (n + nr - 1) / nr;
+  constexpr int64_t kPairsAtOnce = 16;
+  const int64_t kp = kl.kpairs(), full_pairs = kl.k / 2, pairs = (kl.k + 1) / 2, panels = (n + nr - 1) / nr;
   out.allocate(n, nr, kp, panels * nr);
   parallel_for(panels, nthreads, [&](int64_t p) {
     int32_t* panel = out.panel(p);
-    for (int c = 0; c < nr; ++c) {
-      const int64_t col = p * nr + c;
-      if (col >= n) {
-        for (int64_t q = 0; q < kp; ++q) panel[q * nr + c] = 0;
-        continue;
+    const int columns = int(std::min<int64_t>(nr, n - p * nr));
+    for (int64_t q0 = 0; q0 < full_pairs; q0 += kPairsAtOnce) {
+      const int64_t q1 = std::min(full_pairs, q0 + kPairsAtOnce);
+      for (int c = 0; c < columns; ++c) {
+        const int16_t* src = b + (p * nr + c) * sn;
+        for (int64_t q = q0; q < q1; ++q) {
+          int32_t pair_bits;
+          std::memcpy(&pair_bits, src + 2 * q, 4);
+          panel[q * nr + c] = pair_bits;
+        }
       }
-      const int16_t* src = b + col * sn;
-      for (int64_t q = 0; q < full_pairs; ++q) {
-        int32_t pair_bits;
-        std::memcpy(&pair_bits, src + 2 * q, 4);
-        panel[q * nr + c] = pair_bits;
-      }
-      const int64_t pairs = (kl.k + 1) / 2;
-      if (full_pairs < pairs) panel[full_pairs * nr + c] = pair(src[2 * full_pairs], 0);  // odd K
-      for (int64_t q = pairs; q < kp; ++q) panel[q * nr + c] = 0;  // the last K-block's padding
     }
+    for (int c = 0; c < columns; ++c)  // odd K
+      if (full_pairs < pairs) panel[full_pairs * nr + c] = pair(b[(p * nr + c) * sn + 2 * full_pairs], 0);
+    for (int64_t q = 0; q < kp; ++q)  // the columns past n, and the last K-block's padding
+      for (int c = q < pairs ? columns : 0; c < nr; ++c) panel[q * nr + c] = 0;
   });
 }
 
