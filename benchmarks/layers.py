@@ -29,8 +29,8 @@ TABLE_NOTE = (
     "Layers: conv2d 3x3 stride 1 padding 1 (C_in = C_out, no bias), linear with bias. GOP/s = 2 x multiply-adds "
     "(x3 for forward+backward) / median time; forward under no_grad; each format in its faster layout "
     "(cl: channels_last); DFP16 quantization and bf16 casts are inside the timed calls. Speed-ups are paired "
-    "medians (>1: dfp16 faster). Quantize share: dfp.quantize of the tensors the dfp16 layer quantizes, over "
-    "the layer's time."
+    "medians (>1: dfp16 faster; in brackets the first to third quartile of the rounds' ratios). Quantize "
+    "share: dfp.quantize of the tensors the dfp16 layer quantizes, over the layer's time."
 )
 # Not a layer: the dfp.quantize passes that a DFP16 layer makes, on the same tensors.
 QUANTIZE = "quantize passes"

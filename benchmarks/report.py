@@ -27,7 +27,7 @@ import torch
 from . import peaks as peak_probes
 from .peaks import bf16_path, bf16_peak, fp32_peak, fraction
 from .step import MODELS as STEP_MODELS
-from .timing import interleaved_times, machine, speedup, today
+from .timing import interleaved_times, machine, speedup_cell, today
 
 FULL = {"sizes": (256, 512, 1024, 2048), "repeats": 7, "min_sample_s": 0.05, "max_call_s": 2.0, "quant_shape": None}
 # --quick: a smoke test that must finish in well under a minute on 2 cores.
@@ -104,7 +104,7 @@ def table(headers: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def speed(times: dict[str, list[float]], name: str, baseline: str) -> str:
-    return f"{speedup(times[name], times[baseline]):.2f}x" if name in times and baseline in times else "-"
+    return speedup_cell(times[name], times[baseline]) if name in times and baseline in times else "-"
 
 
 def gemm_table(args, cfg, cases) -> list[str]:
@@ -147,8 +147,8 @@ def gemm_table(args, cfg, cases) -> list[str]:
         f"GEMM, GOP/s (2*M*N*K / median time), DFPSpec(headroom={args.headroom}) per tensor. % of peak: of threads x "
         f"one core's register peak of the contender's instructions (dfp: {int16} GMAC/s, the int16 path it runs; "
         f"torch and numpy fp32: the best fp32 FMA, {fp32}; torch bf16: {bf16_name}, {bf16}, '-' without native "
-        "bf16). Ratios are paired medians of the same "
-        "rounds against the baseline each column names: torch fp32 = torch.mm (MKL in x86 wheels, vendor-gated on "
+        "bf16). Ratios are paired medians of the same rounds (in brackets their first to third quartile) "
+        "against the baseline each column names: torch fp32 = torch.mm (MKL in x86 wheels, vendor-gated on "
         f"AMD), numpy fp32 = {cases.numpy_blas()}, torch bf16 = torch.mm on bf16 (oneDNN)."
     )
     kernel, kernel_gmacs = peak_probes.micro_kernel(args.headroom, args.quick)
@@ -182,7 +182,11 @@ def quantize_table(args, cfg, cases) -> list[str]:
                 row += [f"{gbytes / median(times[c]):.2f}" for c in ("dfp", "naive torch")]
                 rows.append(row + [speed(times, "dfp", "naive torch")])
         print(f"  quantize t{threads} done", file=sys.stderr)
-    lines = [f"Quantize {shape[0]}x{shape[1]} fp32, GB/s of fp32 input (median time), headroom {args.headroom}", ""]
+    title = (
+        f"Quantize {shape[0]}x{shape[1]} fp32, GB/s of fp32 input (median time), headroom {args.headroom}; "
+        "dfp / naive: paired median (first to third quartile)"
+    )
+    lines = [title, ""]
     headers = ["exponent per", "rounding", "threads", "dfp.quantize GB/s", "naive torch GB/s", "dfp / naive"]
     return lines + table(headers, rows)
 

@@ -37,7 +37,7 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from . import peaks as peak_probes
-from .timing import speedup
+from .timing import speedup_cell
 
 MODELS = {"resnet20": "ResNet-20", "resnet18": "ResNet-18-CIFAR"}
 FORMATS = ("fp32", "bf16", "dfp16-tensor", "dfp16")
@@ -381,7 +381,7 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
         "dfp.convert). The formats "
         f"run in turns, each in a process of its own (one allocator shared by all would move each one's page "
         f"faults); ms = median of {cfg.repeats} rounds; speed-ups are paired medians of the "
-        "same rounds: bf16 / fp32 and dfp16 / fp32 against torch fp32 (oneDNN convolutions), dfp16 / bf16 "
+        "same rounds (in brackets the middle half of the rounds' ratios, first to third quartile): bf16 / fp32 and dfp16 / fp32 against torch fp32 (oneDNN convolutions), dfp16 / bf16 "
         "against torch bf16 autocast (oneDNN bf16 convolutions), dfp16 / tensor against dfp16-tensor (Das et "
         "al.'s exponent per tensor: the cost of finer gradient exponents). % of peak: the step's conv and linear "
         "multiply-adds (forward, grad_input, grad_weight) / step time / (threads x the register peak of the "
@@ -416,7 +416,7 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
                 peak = against[fmt][1] if against[fmt] else None
                 cells.append(f"{1e3 * t:.1f} ({peak_probes.fraction(macs / t / 1e9, peak, threads)})")
             ratios = [
-                f"{speedup(times[a], times[b]):.2f}x" if a in times and b in times else "-"
+                speedup_cell(times[a], times[b]) if a in times and b in times else "-"
                 for a, b in (("bf16", "fp32"), ("dfp16", "fp32"), ("dfp16", "bf16"), ("dfp16", "dfp16-tensor"))
             ]
             rows.append([title, str(threads), f"{macs / 1e9:.2f}", *cells, *ratios])

@@ -53,6 +53,17 @@ def speedup(times: list[float], baseline: list[float]) -> float:
     return statistics.median(b / t for t, b in zip(times, baseline))
 
 
+def speedup_cell(times: list[float], baseline: list[float]) -> str:
+    """The paired speed-up with the middle half of its rounds' ratios, "1.19x (1.10-1.25)":
+    on a shared machine the spread says whether a ratio near a bound is above it in most
+    rounds or only in the median (one round: the ratio alone)."""
+    ratios = [b / t for t, b in zip(times, baseline)]
+    if len(ratios) < 2:
+        return f"{speedup(times, baseline):.2f}x"
+    q1, _, q3 = statistics.quantiles(ratios, n=4)
+    return f"{speedup(times, baseline):.2f}x ({q1:.2f}-{q3:.2f})"
+
+
 def _cpuinfo() -> dict[str, str]:
     """The first processor's fields of /proc/cpuinfo (Linux; empty elsewhere):
     "model name", "vendor_id", "cpu family", "model", "flags", ..."""

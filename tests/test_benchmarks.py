@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import dfp
-from benchmarks import cases, peaks, step
+from benchmarks import cases, peaks, step, timing
 
 
 @pytest.mark.parametrize("group", cases.QUANT_GROUPS)
@@ -157,6 +157,14 @@ def test_step_macs_count_every_product():
     # products per layer, less the first layer's grad_input.
     assert 3 * 40e6 < step.step_macs("resnet20", 1) < 3 * 42e6
     assert step.step_macs("resnet20", 4) == 4 * step.step_macs("resnet20", 1)
+
+
+def test_speedup_cells_give_the_paired_median_and_the_middle_half_of_the_rounds():
+    # rounds' ratios baseline / times: 0.5, 1, 2, 4, 8 (the median pairs rounds, it is not
+    # the ratio of the medians); quartiles as statistics.quantiles' default method gives them
+    baseline, times = [1.0, 2.0, 4.0, 8.0, 16.0], [2.0, 2.0, 2.0, 2.0, 2.0]
+    assert timing.speedup_cell(times, baseline) == "2.00x (0.75-6.00)"
+    assert timing.speedup_cell([2.0], [3.0]) == "1.50x"  # one round: no spread to give
 
 
 def test_step_load_line_counts_the_step_workers_as_ours():
