@@ -17,9 +17,9 @@ struct Avx2 : Avx2Vector {
 }  // namespace
 
 // K slices of 512 K-pairs, not 256: a 64-channel 3x3 layer's 288 K-pairs in one slice,
-// its fp32 sums not written out and read back between two (Zen 3, builds in turns, both
-// orders: a 64-channel 8x8 layer's forward 1.04-1.07x, its backward 1.01-1.04x; whole
-// ResNet-20 and ResNet-18-CIFAR steps 0.99-1.01x).
+// its fp32 sums not written out and read back between two (Zen 3, in turns, both orders:
+// a 64-channel 8x8 layer's forward 1.04-1.07x, its backward 1.01-1.04x; whole ResNet-20
+// and ResNet-18-CIFAR steps, build against build, 0.99-1.01x).
 const dfp::MicroKernel dfp::gemm_s16s16s32_avx2_6x16 = {"gemm_s16s16s32_avx2_6x16", 6, 16, 512, 192, 256,
                                                          TileKernel<Avx2, 6, 2>::run};
 const dfp::MicroKernel dfp::gemm_s16s16s32_avx2_12x8 = {"gemm_s16s16s32_avx2_12x8", 12, 8, 256, 192, 256,
