@@ -90,8 +90,7 @@ def _(a, ea, ha, b, eb, hb, kblock, bias):
     return a.new_empty((a.shape[0], b.shape[1]), dtype=torch.float32)
 
 
-@torch.library.custom_op("dfp::matmul", mutates_args=())
-def matmul(
+def matmul_impl(
     x: torch.Tensor,
     y: torch.Tensor,
     headroom: int,
@@ -112,6 +111,9 @@ def matmul(
     yq = DFPTensor(*quantize_impl(y, headroom, spec_y.axis, block, rounding, seed_y), spec_y)
     ea, eb, kblock = gemm_layout(xq, yq, ("x", "y"))
     return gemm_impl(xq.mantissa, ea, headroom, yq.mantissa, eb, headroom, kblock, None)
+
+
+matmul = torch.library.custom_op("dfp::matmul", mutates_args=())(matmul_impl)
 
 
 @matmul.register_fake

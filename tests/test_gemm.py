@@ -208,6 +208,21 @@ def test_opcheck_gemm_and_matmul():
     torch.library.opcheck(torch.ops.dfp.matmul.default, (x, y, 2, 1, 8, True, 1, 2))
 
 
+def test_eager_calls_give_the_registered_ops_bits():
+    """Eager calls on plain tensors run the ops' bodies (dfp._ops.plain_eager): the same
+    bits as through torch's dispatcher; traced calls (fake tensors) take the registered op."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a, b = _operands(5, 40, 6, DFPSpec(axis=1, block=8), DFPSpec(axis=0, block=8))
+    bias = torch.randn(6)
+    through_op = torch.ops.dfp.gemm(a.mantissa, a.exponent, 2, b.mantissa, b.exponent, 2, 8, bias)
+    assert torch.equal(dfp.ops.gemm(a, b, bias=bias), through_op)
+    x, y = torch.randn(5, 40), torch.randn(40, 6)
+    assert torch.equal(dfp.matmul(x, y, DFPSpec(axis=1, block=8)), torch.ops.dfp.matmul(x, y, 2, 1, 8, 0, 0, 0))
+    with FakeTensorMode():
+        assert dfp.matmul(torch.empty(4, 40), torch.empty(40, 3)).shape == (4, 3)
+
+
 @pytest.mark.parametrize("ea,eb", [(-100, -60), (-120, -75), (90, 40), (60, -200)])
 def test_extreme_exponents_round_once(backend, ea, eb):
     """Scales beyond the fp32 range: results are subnormal, zero or Inf exactly as the
