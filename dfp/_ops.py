@@ -6,7 +6,7 @@ Each op's body is also a plain function, ``<op>_impl``: dfp's own ops call those
 inside their bodies, since a nested call through torch's dispatcher costs about 0.1 ms
 (measured), more than a small layer's quantization itself. Everything else calls the
 ops (``torch.ops.dfp.*``), except where ``plain_eager`` holds: eager calls on ordinary
-tensors (the layers, ``dfp.quantize``) run the bodies too."""
+tensors (the layers, ``dfp.quantize``, ``dfp.ops.gemm``, ``dfp.matmul``) run the bodies too."""
 
 from __future__ import annotations
 
