@@ -58,7 +58,7 @@ def gemm(a: DFPTensor, b: DFPTensor, *, bias: torch.Tensor | None = None) -> tor
         out = torch.zeros(m, n, device=a.mantissa.device)
         return out + bias if bias is not None else out
     _check_backend(a.mantissa.device)
-    # eager on plain tensors: the op's body itself, without torch.library's 0.1 ms (_ops)
+    # eager on plain tensors: the op's body itself, without torch.library's dispatch (0.05-0.07 ms)
     tensors = (a.mantissa, ea, b.mantissa, eb) + ((bias,) if bias is not None else ())
     op = _ops.gemm_impl if _ops.plain_eager(*tensors) else torch.ops.dfp.gemm
     return op(a.mantissa, ea, a.spec.headroom, b.mantissa, eb, b.spec.headroom, kblock, bias)
