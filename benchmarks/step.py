@@ -382,10 +382,10 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
         f"run in turns, each in a process of its own (one allocator shared by all would move each one's page "
         f"faults); ms = median of {cfg.repeats} rounds; speed-ups are paired medians of the same rounds (in "
         "brackets the first to third quartile of the rounds' ratios): bf16 / fp32 and dfp16 / fp32 against torch "
-        "fp32 (oneDNN convolutions), dfp16 / bf16 against torch bf16 autocast (oneDNN bf16 convolutions), dfp16 / tensor against dfp16-tensor (Das et "
-        "al.'s exponent per tensor: the cost of finer gradient exponents). % of peak: the step's conv and linear "
-        "multiply-adds (forward, grad_input, grad_weight) / step time / (threads x the register peak of the "
-        f"format's path: {peak_note})."
+        "fp32 (oneDNN convolutions), dfp16 / bf16 against torch bf16 autocast (oneDNN bf16 convolutions), "
+        "dfp16 / tensor against dfp16-tensor (Das et al.'s exponent per tensor: the cost of finer gradient "
+        "exponents). % of peak: the step's conv and linear multiply-adds (forward, grad_input, grad_weight) / "
+        f"step time / (threads x the register peak of the format's path: {peak_note})."
     )
     lines = [note, ""]
     headers = ["model", "threads", "GMAC/step", *(f"{f} ms (% of peak)" for f in FORMATS)]

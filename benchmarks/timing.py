@@ -58,10 +58,11 @@ def speedup_cell(times: list[float], baseline: list[float]) -> str:
     on a shared machine the spread says whether a ratio near a bound is above it in most
     rounds or only in the median (one round: the ratio alone)."""
     ratios = [b / t for t, b in zip(times, baseline)]
+    cell = f"{statistics.median(ratios):.2f}x"
     if len(ratios) < 2:
-        return f"{speedup(times, baseline):.2f}x"
+        return cell
     q1, _, q3 = statistics.quantiles(ratios, n=4)
-    return f"{speedup(times, baseline):.2f}x ({q1:.2f}-{q3:.2f})"
+    return f"{cell} ({q1:.2f}-{q3:.2f})"
 
 
 def _cpuinfo() -> dict[str, str]:
