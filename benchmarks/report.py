@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--max-step-s",
         type=float,
-        help="the step table skips bf16 on a model where its rate on the previous model predicts a longer step "
-        "(default 20; 2 with --quick)",
+        help="the step table skips bf16 on a model where its rate on the previous model predicts a longer step, "
+        "or where its first step took longer (default 20; 2 with --quick)",
     )
     p.add_argument(
         "--step-rounds",

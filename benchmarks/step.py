@@ -51,8 +51,10 @@ class StepConfig:
     repeats: int  # interleaved rounds, one step per format each
     profile_steps: int  # steps under torch.profiler, per format and thread count
     # bf16 is skipped on a model where its rate on the previous model predicts a step
-    # longer than this: without native bf16, torch emulates autocast at a tenth of fp32's
-    # speed (an AMD Zen 2: 7.1 s a ResNet-20 step, about 100 s a ResNet-18-CIFAR step).
+    # longer than this, or where its first step took longer: without native bf16, torch
+    # emulates autocast at a tenth of fp32's speed (an AMD Zen 2: 7.1 s a ResNet-20 step,
+    # about 100 s a ResNet-18-CIFAR step; asked for ResNet-18-CIFAR alone on an AMD Zen 3,
+    # the table took 36 minutes).
     max_step_s: float
 
 
@@ -135,6 +137,7 @@ class StepWorkers:
     def __init__(self, model_name: str, formats: tuple[str, ...], batch: int) -> None:
         context = multiprocessing.get_context("spawn")  # no fork of a process whose OpenMP threads run
         self.workers = {}
+        self.warmup_s: dict[str, float] = {}  # each format's longest warm-up step
         for fmt in formats:
             ours, theirs = context.Pipe()
             process = context.Process(target=_step_worker, args=(theirs, model_name, fmt, batch), daemon=True)
@@ -147,11 +150,20 @@ class StepWorkers:
                 self.__exit__()
                 raise RuntimeError(f"the {fmt} step worker process died while starting (see its error above)") from err
 
-    def times(self, threads: int, repeats: int) -> dict[str, list[float]]:
-        """``repeats`` step times (s) per format, the formats in turns (rotated each round)."""
-        names = list(self.workers)
-        for name in names:  # a warm-up step at this thread count
-            self._step(name, threads)
+    def times(
+        self, threads: int, repeats: int, keep: Callable[[str, float], bool] = lambda name, seconds: True
+    ) -> dict[str, list[float]]:
+        """``repeats`` step times (s) per format, the formats in turns (rotated each round),
+        of those that ``keep`` takes given their warm-up step's time (s); the others' processes
+        end."""
+        names = []
+        for name in list(self.workers):
+            seconds = self._step(name, threads)  # a warm-up step at this thread count
+            self.warmup_s[name] = max(seconds, self.warmup_s.get(name, 0.0))
+            if keep(name, seconds):
+                names.append(name)
+            else:
+                self._stop(name)
         samples: dict[str, list[float]] = {name: [] for name in names}
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
@@ -167,10 +179,14 @@ class StepWorkers:
         return self
 
     def __exit__(self, *exc) -> None:
-        for process, connection in self.workers.values():
-            with contextlib.suppress(OSError):
-                connection.send("stop")
-            process.join(timeout=30)
+        for name in list(self.workers):
+            self._stop(name)
+
+    def _stop(self, name: str) -> None:
+        process, connection = self.workers.pop(name)
+        with contextlib.suppress(OSError):
+            connection.send("stop")
+        process.join(timeout=30)
 
 
 @functools.cache
@@ -393,17 +409,29 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
     rows, medians, parts, skipped = [], {}, {}, []
     cpu_before = _cpu_times()
     bf16_rate = None  # GMAC/s of bf16's step on the previous model, at the fewest threads
+
+    def quick_enough(fmt: str, warmup_s: float) -> bool:  # bf16 only where its first step was
+        return fmt != "bf16" or warmup_s <= cfg.max_step_s
+
     for model_name in args.models:
         title = MODELS[model_name]
         macs = step_macs(model_name, cfg.batch)
         formats = [f for f in FORMATS if f != "bf16" or bf16_rate is None or macs / 1e9 / bf16_rate <= cfg.max_step_s]
         if "bf16" not in formats:
-            skipped.append(title)
-        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in formats}  # for the profiled breakdowns
+            skipped.append(f"{title} (predicted from its rate on the previous model)")
         with StepWorkers(model_name, tuple(formats), cfg.batch) as workers:
-            timed = {threads: workers.times(threads, cfg.repeats) for threads in args.threads}
-        if "bf16" in formats:
+            timed = {threads: workers.times(threads, cfg.repeats, quick_enough) for threads in args.threads}
+            bf16_first_s = workers.warmup_s.get("bf16")
+        if "bf16" in formats and any("bf16" not in times for times in timed.values()):
+            # too slow at some thread count: left out of every row, so that they compare alike
+            formats.remove("bf16")
+            skipped.append(f"{title} (its first step took {bf16_first_s:.1f} s)")
+            for times in timed.values():
+                times.pop("bf16", None)
+            bf16_rate = macs / 1e9 / bf16_first_s
+        elif "bf16" in formats:
             bf16_rate = macs / 1e9 / median(timed[min(args.threads)]["bf16"])
+        steps = {fmt: Step(model_name, fmt, cfg.batch) for fmt in formats}  # for the profiled breakdowns
         for threads in args.threads:
             torch.set_num_threads(threads)
             times = timed[threads]
@@ -424,8 +452,7 @@ def step_table(args, peaks: dict[str, float], isa: str | None) -> list[str]:
             print(f"  step {model_name} t{threads} done", file=sys.stderr)
     lines += table(headers, rows)
     if skipped:
-        why = f"its rate on the previous model predicted a step over {cfg.max_step_s} s"
-        lines += ["", f"bf16 skipped on {', '.join(skipped)}: {why}."]
+        lines += ["", f"bf16 skipped, a step over {cfg.max_step_s} s (`--max-step-s`), on {'; '.join(skipped)}."]
     lines += ["", *scaling_lines(medians, args.models, args.threads), *load_lines(cpu_before, _cpu_times())]
     for (model_name, threads), by_format in parts.items():
         lines += ["", *breakdown_table(MODELS[model_name], threads, cfg, by_format, medians, model_name)]
