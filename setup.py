@@ -42,7 +42,7 @@ def isa_flags(source: str) -> list[str]:
 # reassociates.
 VECTORIZED = {
     "batch_norm.cpp", "conv.cpp", "pack.cpp", "gemm.cpp", "grad_input.cpp", "layer.cpp", "quantize.cpp", "quantize_input.cpp"
-}
+}  # fmt: skip
 
 
 def file_flags(source: str) -> list[str]:
