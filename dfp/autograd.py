@@ -40,7 +40,7 @@ import torch
 
 from . import _conv_layout as layout
 from . import _ops, backends
-from ._batch_statistics import hand_over, worth_handing_over
+from ._batch_statistics import hand_over, wanted, worth_handing_over
 from ._grad_input import grad_input
 from ._patches import output_size
 from .format import ROUNDINGS, DFPSpec, DFPTensor
@@ -717,8 +717,10 @@ class EagerConv2d(torch.autograd.Function):
                                       config, ctx.needs_input_grad[:2])  # fmt: skip
         inputs = (x, weight, bias, *config)
         channels_last, need_weight_grad = config[14], config[15] if len(config) > 15 else True
-        # y's batch statistics for a batch norm behind it, where the layer trains
-        statistics = channels_last and need_weight_grad and worth_handing_over(math.prod(plan.grad_y_shape))
+        # y's batch statistics for a batch norm behind it, where the layer trains and one takes them
+        statistics = (
+            channels_last and need_weight_grad and worth_handing_over(math.prod(plan.grad_y_shape)) and wanted()
+        )
         fused = plan.forward and plan.forward(x, weight, bias, statistics)
         if fused is None:  # no one-call forward, or NaN/Inf: the steps
             output = conv2d_impl(*inputs)

@@ -111,3 +111,30 @@ def test_the_models_norms_get_them_in_training(monkeypatch):
     x = torch.randn(4, 3, 16, 16).contiguous(memory_format=torch.channels_last)
     model(x).square().mean().backward()
     assert not calls
+
+
+def test_a_conv_whose_outputs_no_norm_takes_stops_summing_them_and_gives_the_same_bits():
+    # (dfp.convert keeps torch's batch norms, which take nothing)
+    torch.manual_seed(0)
+    conv = dfp.nn.Conv2d(16, 16, 3, padding=1, bias=False)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    limit = dfp._batch_statistics.Demand.UNTAKEN_LIMIT
+    outputs = [conv(x) for _ in range(limit + 2)]
+    assert [hasattr(y, dfp._batch_statistics._ATTRIBUTE) for y in outputs] == [True] * (limit + 1) + [False]
+    for y in outputs[1:]:
+        assert torch.equal(y, outputs[0])
+    y = conv(x)  # a norm behind it now finds none, and sums them itself
+    assert handed_over(y) is None and torch.equal(y, outputs[0])
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_a_conv_keeps_handing_them_over_while_a_norm_takes_them(every):
+    # every 2: the layer called twice a step, one output before a dfp norm
+    torch.manual_seed(0)
+    conv, norm = dfp.nn.Conv2d(16, 16, 3, padding=1, bias=False), dfp.nn.BatchNorm2d(16)
+    x = torch.randn(4, 16, 8, 8).contiguous(memory_format=torch.channels_last)
+    for i in range(12):
+        y = conv(x)
+        assert handed_over(y) is not None if i % every == 0 else hasattr(y, dfp._batch_statistics._ATTRIBUTE)
+        if i % every == 0:
+            norm(y)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .. import functional
+from .._batch_statistics import Demand, demanded_by
 from ..format import DFPSpec
 from ..formats import Format
 from ._layer import DFPLayer
@@ -59,6 +60,12 @@ class Conv2d(DFPLayer, nn.Conv2d):
         self.fmt = fmt
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():  # traced, it takes the registered op, which hands nothing over
+            return self._conv(input)
+        with demanded_by(self._statistics_demand):
+            return self._conv(input)
+
+    def _conv(self, input: torch.Tensor) -> torch.Tensor:
         return functional.conv2d(
             input,
             self.weight,
@@ -70,3 +77,12 @@ class Conv2d(DFPLayer, nn.Conv2d):
             fmt=self.fmt,
             padding_mode=self.padding_mode,
         )
+
+    @property
+    def _statistics_demand(self) -> Demand:
+        """Whether a batch norm takes this layer's output statistics (``Demand``); made at the
+        first forward, so that layers built by ``from_float`` have one too."""
+        demand = self.__dict__.get("_demand")
+        if demand is None:
+            demand = self.__dict__["_demand"] = Demand()
+        return demand
