@@ -81,7 +81,7 @@ class Conv2d(DFPLayer, nn.Conv2d):
     @property
     def _statistics_demand(self) -> Demand:
         """Whether a batch norm takes this layer's output statistics (``Demand``); made at the
-        first forward, so that layers built by ``from_float`` have one too."""
+        first forward, so that a layer unpickled from before it existed has one too."""
         demand = self.__dict__.get("_demand")
         if demand is None:
             demand = self.__dict__["_demand"] = Demand()
