@@ -116,9 +116,12 @@ int64_t balanced_task_size(int64_t panels, int64_t most, int nthreads) {
 // 2^ex 2^ey is the same scale: the same bits as dY^T patches.
 void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, const KLayout& kl, int hy,
                             const int16_t* x, const ConvShape& shape, int64_t groups, InputExponents ex, int hx,
-                            float* dw, int64_t dy_panel_width, int nthreads) {
-  const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp;
+                            float* dw, int64_t dy_panel_width, int nthreads, ChannelRange channels) {
+  const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp, taps = shape.kh * shape.kw;
   const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
+  // the product's rows are (ci, kh, kw): the channels' rows are consecutive
+  const int64_t c0 = std::min(channels.first, shape.cg), c1 = std::min(channels.last, shape.cg);
+  const int64_t r0 = c0 * taps, r1 = c1 * taps;
   const bool one = !ex.per_sample;  // one exponent for the image: one row of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
   const SampleGroups grouping = one ? SampleGroups{} : sample_groups(shape, kl);
@@ -133,7 +136,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   // thread as fit the cache block, not the default four (16 channels, 32x32, 2 threads:
   // 8.1 -> 7.5 ms, paired medians), and as many for every thread (32 channels: 288 rows
   // in blocks of 96 left one thread a block to itself while the other waited).
-  const int64_t per_thread = (k + nthreads - 1) / nthreads;
+  const int64_t per_thread = (r1 - r0 + nthreads - 1) / nthreads;
   const int64_t blocks_per_thread = (per_thread + uk.mc - 1) / uk.mc;
   const int64_t block_rows = ((per_thread + blocks_per_thread - 1) / blocks_per_thread + uk.mr - 1) / uk.mr * uk.mr;
   for (int64_t g = 0; g < groups; ++g) {
@@ -148,11 +151,11 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
     GemmOptions options{block_rows, 0, one};
     const std::vector<int32_t> per_group = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g, grouping);
     if (!one) options.a_block_of = grouping.of_block.data(), options.a_blocks = grouping.count;
-    gemm_packed(uk, patches, b, kl, one ? uniform.data() : per_group.data(), eb, hx, hy,
-                {ws.result.data(), nullptr, cout_g}, nthreads, options);
+    gemm_packed(uk, RowRange(patches, r0, r1 - r0), b, kl, one ? uniform.data() : per_group.data() + r0 * grouping.count,
+                eb, hx, hy, {ws.result.data() + r0 * cout_g, nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
-    const int64_t taps = shape.kh * shape.kw;
     for (int64_t j = 0; j < k; ++j) {  // dW's K over (kh, kw, ci), the product's rows over (ci, kh, kw)
+      if (j % shape.cg < c0 || j % shape.cg >= c1) continue;
       const float* row = ws.result.data() + (j % shape.cg * taps + j / shape.cg) * cout_g;
       for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = row[o];
     }
@@ -294,15 +297,19 @@ void conv_gemm_int16(const int16_t* x, const ConvGeometry& geometry, ImageExpone
 
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
                             const int16_t* x, const ConvGeometry& geometry, InputExponents ex, int hx, float* dw,
-                            int64_t dy_panel_width, int nthreads) {
+                            int64_t dy_panel_width, int nthreads, ChannelRange channels) {
   const ConvShape shape = group_shape(geometry);
   const int64_t pixels = shape.pixels(), k = shape.k(), cout_g = cout / geometry.groups;
   const MicroKernel& uk = micro_kernel(active_isa(), k);
   const KLayout kl(pixels, std::max<int64_t>(kblock, 1));
   if (grad_weight_reads_transposed(shape, cout_g)) {
-    grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, dy_panel_width, nthreads);
+    grad_weight_transposed(dy, cout, ey, kl, hy, x, shape, geometry.groups, ex, hx, dw, dy_panel_width, nthreads,
+                           channels);
     return;
   }
+  if (!channels.all())
+    throw std::invalid_argument("conv_grad_weight_int16: a range of input channels where grad_weight gathers patches "
+                                "(grad_weight_reads_channel_major is false): ask for all of them");
   if (ex.channel_major)
     throw std::invalid_argument("conv_grad_weight_int16: an image of channel planes where grad_weight gathers "
                                 "patches from channels last (grad_weight_reads_channel_major is false)");

@@ -95,9 +95,16 @@ struct InputExponents {
 // image's exponents ex. dy_panel_width > 0: dy already in the K-pair panels the
 // product reads (quantize_gradient's PairPanels of that width, the K-pairs of
 // KLayout(pixels, kblock)), which grad_weight_panel_width gave.
+// channels: where not all, only dW's columns of those input channels (a layer whose
+// image grad_weight reads as channel planes, one group): parts of dW that threads compute
+// side by side, with the bits of the whole.
+struct ChannelRange {
+  int64_t first = 0, last = INT64_MAX;
+  bool all() const { return first == 0 && last == INT64_MAX; }
+};
 void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, int64_t kblock, int hy,
                             const int16_t* x, const ConvGeometry& geometry, InputExponents ex, int hx, float* dw,
-                            int64_t dy_panel_width, int nthreads);
+                            int64_t dy_panel_width, int nthreads, ChannelRange channels = {});
 
 // The panel width in which conv_grad_weight_int16 reads dy (cout channels) where that
 // product packs dy whole (one group, its columns whole panels), else 0.

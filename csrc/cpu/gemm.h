@@ -128,6 +128,17 @@ class ASource {
   virtual ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const = 0;
 };
 
+// Rows [first, first + count) of another source, as a product of their own.
+struct RowRange : ASource {
+  const ASource& a;
+  int64_t first, count;
+  RowRange(const ASource& a_, int64_t first_, int64_t count_) : a(a_), first(first_), count(count_) {}
+  int64_t rows() const override { return count; }
+  ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const override {
+    return a.block(first + i0, rows, kp0, len, scratch);
+  }
+};
+
 // B block: columns [j0, j0 + cols) at K-pairs [kp0, kp0 + len) as panels of nr columns,
 // [kpair][nr] each; panel p at data + p * panel_stride. Columns past N read as zeros.
 struct BBlock {

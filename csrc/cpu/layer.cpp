@@ -185,7 +185,7 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
 
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
                       const int16_t* x_padded, InputExponents ex, const ConvLayer& l, float* dw, int64_t dy_panel_width,
-                      int nthreads) {
+                      int nthreads, ChannelRange channels) {
   if (!finite_input(ex, l) || any_nonfinite(ey, ey_count)) return false;
   const ConvGeometry g = l.padded();
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
@@ -197,14 +197,15 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
   const bool in_place = weight_is_rows(l);
   std::unique_ptr<float[]> rows(in_place ? nullptr : new float[l.cout * k]);
   conv_grad_weight_int16(dy, l.cout, one ? columns.data() : ey, one ? l.n * oh * ow : kblock, l.headroom, x_padded,
-                         g, ex, l.headroom, in_place ? dw : rows.get(), dy_panel_width, nthreads);
+                         g, ex, l.headroom, in_place ? dw : rows.get(), dy_panel_width, nthreads, channels);
   const Strides s(l);
-  if (!in_place) {
+  const int64_t c0 = std::min(channels.first, cg), c1 = std::min(channels.last, cg);
+  if (!in_place && c1 > c0) {
     for_row_chunks(l.cout, k, nthreads, [&](int64_t o0, int64_t o1) {
       for (int64_t o = o0; o < o1; ++o)
         for (int64_t i = 0; i < l.kh; ++i)
           for (int64_t j = 0; j < l.kw; ++j)
-            copy_strided(rows.get() + o * k + (i * l.kw + j) * cgp, 1, dw + s.at(o, 0, i, j), s.ci, cg);
+            copy_strided(rows.get() + o * k + (i * l.kw + j) * cgp + c0, 1, dw + s.at(o, c0, i, j), s.ci, c1 - c0);
     });
   }
   return true;
@@ -245,17 +246,18 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
   GradInput grad_input(l);
   if (dx && !grad_input.prepare(ey, weight, r.weight_block, nthreads)) return false;
-  const auto weight_gradient = [&](int threads) {
+  const auto weight_gradient = [&](int threads, ChannelRange channels = {}) {
     return !dw || conv_grad_weight(q_blocks, e_blocks.data(), blocks * l.cout, r.dy_block, x_padded, x_exponent,
-                                   weight_layer, dw, panel_width, threads);
+                                   weight_layer, dw, panel_width, threads, channels);
   };
-  // Both products at once on two threads where grad_weight reads the image as channel
-  // planes (at most 64 channels, stride 1, one group): grad_weight on one thread,
-  // grad_input a few images at a time on the other, and on that one when it is done.
-  // Split over both, every thread of grad_weight read all of dY, and each product waited
-  // for its slower thread. (Measured on two threads only: on more, grad_weight's one
-  // thread would be the whole backward's floor.)
-  const bool together = bordered.given() && dw && nthreads == 2 && l.groups == 1 &&
+  // Both products in one parallel region where grad_weight reads the image as channel
+  // planes (at most 64 channels, stride 1, one group): grad_weight first, in one part of
+  // its input channels per thread, then grad_input a few images at a time on whichever
+  // thread is free. Run one after the other, each product waited for its slowest thread;
+  // with grad_weight whole on one thread and grad_input on the other, grad_input's thread
+  // waited for grad_weight's, the longer product on an AMD Zen 4 (a quarter of a
+  // 16-channel backward's CPU time on two threads; perf; more threads are not measured).
+  const bool together = bordered.given() && dw && nthreads > 1 && l.groups == 1 &&
                         grad_weight_reads_channel_major(weight_layer.padded(), l.cout);
   if (!together) {
     if (dx && bordered.given())
@@ -264,14 +266,19 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
       grad_input.run(q_groups, dx, nthreads);
     return weight_gradient(nthreads);
   }
+  // one part where the image is not yet planes: each part would transpose all of it
+  const int64_t channels = weight_layer.channels;
+  const int64_t parts = x_exponent.channel_major ? std::min<int64_t>(nthreads, channels) : 1;
   const std::vector<int64_t> starts = piece_starts(l.n, grad_input.images_per_piece(), 1, nthreads);
   std::atomic<bool> finite{true};
-  parallel_for(int64_t(starts.size()), nthreads, [&](int64_t task) {
-    if (task == 0) {
-      if (!weight_gradient(1)) finite.store(false, std::memory_order_relaxed);
+  parallel_for(parts + int64_t(starts.size()) - 1, nthreads, [&](int64_t task) {
+    if (task < parts) {
+      const ChannelRange part{channels * task / parts, channels * (task + 1) / parts};
+      if (!weight_gradient(1, part)) finite.store(false, std::memory_order_relaxed);
       return;
     }
-    grad_input.images(q_groups, starts[task - 1], starts[task] - starts[task - 1], dx, 1);
+    const int64_t piece = task - parts;
+    grad_input.images(q_groups, starts[piece], starts[piece + 1] - starts[piece], dx, 1);
   });
   return finite;
 }

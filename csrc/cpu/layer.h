@@ -64,19 +64,19 @@ bool conv_grad_input(const int16_t* dy, ImageExponents ey, const float* weight, 
 // exponents ey, one (ey_count 1) or one per block of `kblock` output pixels and channel
 // (ceil(pixels / kblock) * cout of them), x_padded and its exponents ex as conv_forward
 // makes them (the layer's padding 0, its h and w the padded image's); dy_panel_width > 0:
-// dy in that product's K-pair panels (conv_grad_weight_int16). False, with dw
+// dy in that product's K-pair panels; channels: as conv_grad_weight_int16's. False, with dw
 // unwritten, where a NaN or Inf reached an exponent.
 bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, int64_t kblock,
                       const int16_t* x_padded, InputExponents ex, const ConvLayer& layer, float* dw,
-                      int64_t dy_panel_width, int nthreads);
+                      int64_t dy_panel_width, int nthreads, ChannelRange channels = {});
 
 // The backward from the float32 output gradient dy (n, oh, ow, cout), channels last:
 // dy quantized for both products in one pass pair (quantize_gradient: per block of
 // `dy_block` pixels and channel for grad_weight; per tensor, per sample, or per image
 // row and block of `row_block` channels for grad_input; each rounded its own way from
 // `seed`), then dx as conv_grad_input (dx null: not asked) and dw as
-// conv_grad_weight, at the layer's weight strides (dw null: not asked); on two threads,
-// where grad_weight reads channel planes, both at once. The bits of the three
+// conv_grad_weight, at the layer's weight strides (dw null: not asked); on more than one
+// thread, where grad_weight reads channel planes, both at once. The bits of the three
 // calls. False, with nothing written, where dy, the weight or x held NaN or Inf.
 enum class InputGroups { tensor, sample, row };  // dfp.formats.GRAD_INPUT_EXPONENTS
 struct GradientRounding {
