@@ -48,30 +48,6 @@ inline __m256i lanes_of(uint64_t index) {
   return _mm256_add_epi32(_mm256_set1_epi32(int(uint32_t(index))), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-// The rounding loops below take the rule as a template argument, so that a loop for the
-// nearest rule carries nothing of the others (the flat indices, kept as vectors), and a
-// loop within the limit no clamp (RoundingArgs::within_limit).
-template <Rounding kRounding, bool kClamped>
-struct Rule {
-  static constexpr Rounding value = kRounding;
-  static constexpr bool indexed = kRounding != Rounding::nearest;
-  static constexpr bool clamped = kClamped;
-};
-
-template <bool kClamped, typename Loop>
-void with_rule(Rounding rounding, Loop loop) {
-  if (rounding == Rounding::nearest)
-    loop(Rule<Rounding::nearest, kClamped>{});
-  else if (rounding == Rounding::stochastic)
-    loop(Rule<Rounding::stochastic, kClamped>{});
-  else
-    loop(Rule<Rounding::dithered, kClamped>{});
-}
-
-template <typename Loop>
-void with_rule(const RoundingArgs& r, Loop loop) {
-  r.within_limit ? with_rule<false>(r.rounding, loop) : with_rule<true>(r.rounding, loop);
-}
 
 // Each step of the rounding below runs for all N vectors before the next: a vector's
 // dithered or stochastic rounding is a chain of about 35 dependent instructions, and

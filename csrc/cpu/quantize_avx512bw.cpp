@@ -27,46 +27,24 @@ __m512i mix16(__m512i x) {
   return _mm512_xor_si512(x, shift_right(x, 16));
 }
 
-// A rounding rule fixed at compile time: the rounding, and whether a value can pass the
-// limit (RoundingArgs::within_limit false), so that the loops within it carry no clamp.
-template <Rounding kRounding, bool kClamped>
-struct Rule {
-  static constexpr Rounding rounding = kRounding;
-  static constexpr bool clamped = kClamped;
-};
-
-// Calls loop(Rule<...>{}) with the rule of r.
-template <typename Loop>
-[[gnu::always_inline]] inline void with_rule(const RoundingArgs& r, Loop loop) {
-  const bool clamped = !r.within_limit;
-  switch (r.rounding) {
-    case Rounding::nearest:
-      return clamped ? loop(Rule<Rounding::nearest, true>{}) : loop(Rule<Rounding::nearest, false>{});
-    case Rounding::dithered:
-      return clamped ? loop(Rule<Rounding::dithered, true>{}) : loop(Rule<Rounding::dithered, false>{});
-    case Rounding::stochastic:
-      return clamped ? loop(Rule<Rounding::stochastic, true>{}) : loop(Rule<Rounding::stochastic, false>{});
-  }
-}
-
 // The 16 mantissas of x (scaled to v) at flat indices index.. index + 15, as int32.
 // Inlined into the loops: called once per vector, the dithered hash's chain of
 // dependent operations could not overlap the next vector's (dY in pixel blocks, 16
 // channels 32x32: 3.1x -> 2.6x the time of quantizing it per tensor). Within the limit
 // no clamp, and to nearest the conversion rounds (embedded, not the MXCSR's mode): the
 // clamp and the explicit rounding were three of four instructions after the scaling.
-template <typename Rule>
+template <typename R>
 [[gnu::always_inline]] inline __m512i round16(__m512 v, __m512 x, const RoundingArgs& r, uint64_t index) {
-  if constexpr (Rule::rounding == Rounding::nearest && !Rule::clamped)
+  if constexpr (R::value == Rounding::nearest && !R::clamped)
     return _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 q;
-  if constexpr (Rule::rounding == Rounding::nearest) {
+  if constexpr (R::value == Rounding::nearest) {
     q = _mm512_roundscale_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   } else {
     const __m512i lo = _mm512_add_epi32(_mm512_set1_epi32(int(uint32_t(index))),
                                         _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
     __m512i bits;
-    if constexpr (Rule::rounding == Rounding::stochastic) {  // the 16 lanes share the high half (callers check)
+    if constexpr (R::value == Rounding::stochastic) {  // the 16 lanes share the high half (callers check)
       const __m512i high = _mm512_set1_epi32(int(mix32(uint32_t(index >> 32) ^ r.k1)));
       bits = _mm512_xor_si512(mix16(_mm512_xor_si512(lo, _mm512_set1_epi32(int(r.k0)))), high);
     } else {  // (x & mask) ^ lo ^ key in one ternary-logic instruction
@@ -79,7 +57,7 @@ template <typename Rule>
     const __m512 frac = _mm512_mul_ps(_mm512_sub_ps(v, fl), _mm512_set1_ps(8388608.0f));
     q = _mm512_mask_add_ps(fl, _mm512_cmp_ps_mask(rnd, frac, _CMP_LT_OQ), fl, _mm512_set1_ps(1.0f));
   }
-  if constexpr (Rule::clamped) {
+  if constexpr (R::clamped) {
     const __m512 lim = _mm512_set1_ps(r.limit);
     q = _mm512_max_ps(_mm512_min_ps(q, lim), _mm512_sub_ps(_mm512_setzero_ps(), lim));
   }
@@ -105,7 +83,7 @@ bool crosses_high_half(const RoundingArgs& r, int64_t n) {
 // compiler reloaded them after every store (int16 stores may alias them here, with
 // -fno-strict-aliasing), and on Zen 4 each reload waited for the masked store before
 // it: quantization ran at a quarter of its speed.
-template <typename Rule>
+template <typename R>
 void run_as(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& args) {
   const RoundingArgs r = args;
   const __m512 f = _mm512_set1_ps(s.first), g = _mm512_set1_ps(s.second);
@@ -113,7 +91,7 @@ void run_as(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& 
     const __mmask16 m = tail_mask(n - i);
     read_ahead(x + i, r.read_ahead);
     const __m512 xi = _mm512_maskz_loadu_ps(m, x + i);
-    store16(q + i, m, round16<Rule>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
+    store16(q + i, m, round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
   }
 }
 
@@ -124,7 +102,7 @@ void run(const float* x, int16_t* q, int64_t n, Scale s, const RoundingArgs& r) 
 
 // A tile with a scale per column, 16 columns at a time down the rows (the scales loaded
 // once per column run).
-template <typename Rule>
+template <typename R>
 void run_rows_as(const float* x, int16_t* q, int64_t rows, int64_t cols, const float* first, const float* second,
                  const RoundingArgs& args) {
   const RoundingArgs r = args;  // a local copy: see run_as
@@ -135,7 +113,7 @@ void run_rows_as(const float* x, int16_t* q, int64_t rows, int64_t cols, const f
       const int64_t at = row * cols + c;
       read_ahead(x + at, r.read_ahead);
       const __m512 xi = _mm512_maskz_loadu_ps(m, x + at);
-      const __m512i mantissas = round16<Rule>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + at);
+      const __m512i mantissas = round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + at);
       store16(q + at, m, mantissas);
     }
   }
@@ -152,7 +130,7 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
 // and row 2p + 1's in its high half (the clamped mantissas lie within int16, so each
 // one's low half is its int16). Through a buffer and an interleaving pass, this was
 // 1.4 % of a one-thread ResNet-20 step on an AMD Zen 2 (AVX2's, quantize_avx2.cpp).
-template <typename Rule>
+template <typename R>
 void rows_into_pairs_as(const float* x, int64_t rows, int64_t cols, const float* first, const float* second,
                         const RoundingArgs& args, int32_t* pairs, int64_t width, int64_t kpairs) {
   const RoundingArgs r = args;  // a local copy: see run_as
@@ -166,8 +144,8 @@ void rows_into_pairs_as(const float* x, int64_t rows, int64_t cols, const float*
       read_ahead(odd, r.read_ahead);
       const __m512 xe = _mm512_loadu_ps(even), xo = _mm512_loadu_ps(odd);
       const uint64_t index = r.index0 + uint64_t(row * cols + c);
-      const __m512i low = round16<Rule>(_mm512_mul_ps(_mm512_mul_ps(xe, f), g), xe, r, index);
-      const __m512i high = round16<Rule>(_mm512_mul_ps(_mm512_mul_ps(xo, f), g), xo, r, index + uint64_t(cols));
+      const __m512i low = round16<R>(_mm512_mul_ps(_mm512_mul_ps(xe, f), g), xe, r, index);
+      const __m512i high = round16<R>(_mm512_mul_ps(_mm512_mul_ps(xo, f), g), xo, r, index + uint64_t(cols));
       const __m512i high_half = _mm512_sll_epi32(high, _mm_cvtsi32_si128(16));
       _mm512_storeu_si512(out, _mm512_mask_blend_epi16(__mmask32(0xAAAAAAAAu), low, high_half));
     }
@@ -215,7 +193,7 @@ void absmax_blocks(const float* x, int64_t n, int64_t block, uint32_t* out) {
   }
 }
 
-template <typename Rule>
+template <typename R>
 void run_blocks_as(const float* x, int16_t* q, int64_t n, int64_t block, const float* first, const float* second,
                    const RoundingArgs& args) {
   const RoundingArgs r = args;  // a local copy: see run_as
@@ -225,7 +203,7 @@ void run_blocks_as(const float* x, int16_t* q, int64_t n, int64_t block, const f
       const __mmask16 m = tail_mask(n - i);
       read_ahead(x + i, r.read_ahead);
       const __m512 xi = _mm512_maskz_loadu_ps(m, x + i);
-      store16(q + i, m, round16<Rule>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
+      store16(q + i, m, round16<R>(_mm512_mul_ps(_mm512_mul_ps(xi, f), g), xi, r, r.index0 + i));
     }
   }
 }

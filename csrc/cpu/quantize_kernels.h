@@ -96,6 +96,37 @@ void run_rows_of(const float* x, int16_t* q, int64_t rows, int64_t cols, const f
   }
 }
 
+// The rounding loops of the SIMD kernel sets take the rule as a template argument, so
+// that a loop for the nearest rule carries nothing of the others (the flat indices), and
+// a loop within the limit no clamp (RoundingArgs::within_limit). In an anonymous
+// namespace: each kernel file's instances are its own, compiled with its flags.
+namespace {
+
+template <Rounding kRounding, bool kClamped>
+struct Rule {
+  static constexpr Rounding value = kRounding;
+  static constexpr bool indexed = kRounding != Rounding::nearest;
+  static constexpr bool clamped = kClamped;
+};
+
+template <bool kClamped, typename Loop>
+void with_rule(Rounding rounding, Loop loop) {
+  if (rounding == Rounding::nearest)
+    loop(Rule<Rounding::nearest, kClamped>{});
+  else if (rounding == Rounding::stochastic)
+    loop(Rule<Rounding::stochastic, kClamped>{});
+  else
+    loop(Rule<Rounding::dithered, kClamped>{});
+}
+
+// Calls loop(Rule<...>{}) with r's rule.
+template <typename Loop>
+void with_rule(const RoundingArgs& r, Loop loop) {
+  r.within_limit ? with_rule<false>(r.rounding, loop) : with_rule<true>(r.rounding, loop);
+}
+
+}  // namespace
+
 extern const QuantizeKernels quantize_scalar;
 extern const QuantizeKernels quantize_avx2;
 extern const QuantizeKernels quantize_avx512bw;
