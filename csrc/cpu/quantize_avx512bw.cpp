@@ -127,9 +127,9 @@ void run_rows(const float* x, int16_t* q, int64_t rows, int64_t cols, const floa
 
 // run_rows straight into the K-pairs of panels (PairPanels, quantize.h): rows 2p and
 // 2p + 1 as K-pair p, 16 columns at a time, row 2p's mantissa in each int32's low half
-// and row 2p + 1's in its high half (the clamped mantissas lie within int16, so each
-// one's low half is its int16). Through a buffer and an interleaving pass, this was
-// 1.4 % of a one-thread ResNet-20 step on an AMD Zen 2 (AVX2's, quantize_avx2.cpp).
+// and row 2p + 1's in its high half (the mantissas lie within the limit, so within
+// int16, and each one's low half is its int16). Through a buffer and an interleaving
+// pass, one-thread ResNet-20 steps took 1.038x the time on an AMD Zen 4 (docs/step.md).
 template <typename R>
 void rows_into_pairs_as(const float* x, int64_t rows, int64_t cols, const float* first, const float* second,
                         const RoundingArgs& args, int32_t* pairs, int64_t width, int64_t kpairs) {
