@@ -22,6 +22,9 @@ CASES = {
     # an even output width at stride 1 along w: dW reads the transposed patches in place
     "3x3-even-width": (2, 10, 10, 16, 1, (3, 3), (1, 1), (1, 1), 20, None),
     "odd-channels-even-width": (1, 8, 8, 3, 1, (3, 3), (1, 1), (1, 1), 5, None),
+    # at most 16 output channels: dW's 12-row tiles, its rows ordered by groups of four
+    # input channels (the last group two)
+    "narrow-output-even-width": (2, 10, 10, 10, 1, (3, 3), (1, 1), (1, 1), 16, None),
     "depthwise-even-width": (2, 8, 10, 6, 6, (3, 3), (2, 1), (1, 1), 2, None),
     "odd-channels-strided": (1, 7, 7, 3, 1, (3, 3), (2, 2), (1, 1), 5, None),
     "groups-dilated": (3, 8, 11, 6, 2, (2, 3), (1, 2), (2, 1), 7, None),
@@ -92,7 +95,9 @@ def test_conv_grad_weight_gemm_with_pixel_blocks_equals_gemm_on_im2col(backend, 
 
 
 @pytest.mark.parametrize("kblock", [2, 32])
-@pytest.mark.parametrize("name", ["3x3", "3x3-even-width", "odd-channels-strided", "groups-dilated", "1x1"])
+@pytest.mark.parametrize(
+    "name", ["3x3", "3x3-even-width", "narrow-output-even-width", "odd-channels-strided", "groups-dilated", "1x1"]
+)
 def test_conv_grad_weight_gemm_with_input_exponents_per_sample_and_channel(backend, name, kblock):
     """x with an exponent per sample and channel, 60 binades apart, beside dY's pixel
     blocks: a K-block takes the exponents of the sample of its first pixel, on every

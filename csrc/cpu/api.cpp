@@ -80,16 +80,16 @@ std::vector<int32_t> patch_column_exponents(InputExponents ex, const ConvShape& 
   return e;
 }
 
-// The same as rows (ci, kh, kw) of the transposed patch matrix: (K, groups), A's per
+// The same as rows of the transposed patch matrix (in `order`): (K, groups), A's per
 // group of samples (GemmOptions::a_block_of).
-std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, int64_t g,
-                                         const SampleGroups& groups) {
+std::vector<int32_t> patch_row_exponents(InputExponents ex, const ConvShape& s, int64_t g, const SampleGroups& groups,
+                                         const PatchRowOrder& order) {
   const int64_t taps = s.kh * s.kw, count = groups.count;
   std::vector<int32_t> e(s.k() * count);
   for (int64_t ci = 0; ci < s.cg; ++ci)
     for (int64_t t = 0; t < taps; ++t)
       for (int64_t i = 0; i < count; ++i)
-        e[(ci * taps + t) * count + i] = ex.values[i * groups.size * s.channels + g * s.cg + ci];
+        e[order.row(ci, t) * count + i] = ex.values[i * groups.size * s.channels + g * s.cg + ci];
   return e;
 }
 
@@ -119,8 +119,13 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
                             float* dw, int64_t dy_panel_width, int nthreads, ChannelRange channels) {
   const int64_t k = shape.k(), cout_g = cout / groups, plane = shape.hp * shape.wp, taps = shape.kh * shape.kw;
   const MicroKernel& uk = micro_kernel(active_isa(), cout_g);
-  // the product's rows are (ci, kh, kw): the channels' rows are consecutive
+  // channels by four where the micro-kernel reads rows four at a time at one stride
+  const PatchRowOrder order{shape.cg, taps, uk.mr % 4 == 0 && uk.mr > 4 ? kPatchChannelGroup : 1};
+  // whole groups of channels: their rows are consecutive
   const int64_t c0 = std::min(channels.first, shape.cg), c1 = std::min(channels.last, shape.cg);
+  if (c0 % kPatchChannelGroup || (c1 % kPatchChannelGroup && c1 < shape.cg))
+    throw std::invalid_argument("conv_grad_weight_int16: a range of input channels must start and end at a multiple "
+                                "of kPatchChannelGroup (or at the last channel)");
   const int64_t r0 = c0 * taps, r1 = c1 * taps;
   const bool one = !ex.per_sample;  // one exponent for the image: one row of them
   const std::vector<int32_t> uniform(one ? kl.nblocks : 0, ex.values[0]);
@@ -140,7 +145,7 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const int64_t blocks_per_thread = (per_thread + uk.mc - 1) / uk.mc;
   const int64_t block_rows = ((per_thread + blocks_per_thread - 1) / blocks_per_thread + uk.mr - 1) / uk.mr * uk.mr;
   for (int64_t g = 0; g < groups; ++g) {
-    const TransposedPatches patches(image + g * shape.cg * plane, shape, kl.kpairs());
+    const TransposedPatches patches(image + g * shape.cg * plane, shape, kl.kpairs(), order);
     const PanelsB given(reinterpret_cast<const int32_t*>(dy), cout, dy_panel_width, kl.kpairs());
     if (!dy_panel_width) pack_b_int16(dy + g * cout_g, cout, 1, cout_g, kl, uk.nr, ws.b, nthreads);
     const BSource& b = dy_panel_width ? static_cast<const BSource&>(given) : ws.b;
@@ -149,14 +154,15 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
         groups > 1 ? group_exponents(ey, kl.nblocks, cout, g, cout_g) : std::vector<int32_t>();
     const int32_t* eb = groups > 1 ? own.data() : ey;
     GemmOptions options{block_rows, 0, one};
-    const std::vector<int32_t> per_group = one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g, grouping);
+    const std::vector<int32_t> per_group =
+        one ? std::vector<int32_t>() : patch_row_exponents(ex, shape, g, grouping, order);
     if (!one) options.a_block_of = grouping.of_block.data(), options.a_blocks = grouping.count;
     gemm_packed(uk, RowRange(patches, r0, r1 - r0), b, kl, one ? uniform.data() : per_group.data() + r0 * grouping.count,
                 eb, hx, hy, {ws.result.data() + r0 * cout_g, nullptr, cout_g}, nthreads, options);
     float* dw_g = dw + g * cout_g * k;
-    for (int64_t j = 0; j < k; ++j) {  // dW's K over (kh, kw, ci), the product's rows over (ci, kh, kw)
+    for (int64_t j = 0; j < k; ++j) {  // dW's K over (kh, kw, ci), the product's rows in `order`
       if (j % shape.cg < c0 || j % shape.cg >= c1) continue;
-      const float* row = ws.result.data() + (j % shape.cg * taps + j / shape.cg) * cout_g;
+      const float* row = ws.result.data() + order.row(j % shape.cg, j / shape.cg) * cout_g;
       for (int64_t o = 0; o < cout_g; ++o) dw_g[o * k + j] = row[o];
     }
   }

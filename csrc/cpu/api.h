@@ -97,7 +97,9 @@ struct InputExponents {
 // KLayout(pixels, kblock)), which grad_weight_panel_width gave.
 // channels: where not all, only dW's columns of those input channels (a layer whose
 // image grad_weight reads as channel planes, one group): parts of dW that threads compute
-// side by side, with the bits of the whole.
+// side by side, with the bits of the whole. A part starts at a multiple of
+// kPatchChannelGroup channels and ends at one or at the last channel.
+constexpr int64_t kPatchChannelGroup = 4;  // PatchRowOrder's groups (conv.h)
 struct ChannelRange {
   int64_t first = 0, last = INT64_MAX;
   bool all() const { return first == 0 && last == INT64_MAX; }

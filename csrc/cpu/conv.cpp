@@ -357,8 +357,8 @@ BBlock PatchColumns::block(int64_t j0, int64_t cols, int64_t kp0, int64_t len, s
   return {scratch.data(), panel_stride};
 }
 
-TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs)
-    : x_(x), s_(s) {
+TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs, PatchRowOrder order)
+    : x_(x), s_(s), order_(order) {
   // The calling thread's buffer, kept: 64 k offsets for a 16-channel 32x32 layer at
   // batch 128 were a fresh half megabyte, zeroed, on every call.
   thread_local std::vector<int64_t> buffer;
@@ -382,8 +382,8 @@ ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, 
   // Rows past K repeat the last: whatever they sum is never stored.
   scratch.rows.resize(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t k = std::min(i0 + r, s_.k() - 1), taps = s_.kh * s_.kw, tap = k % taps, ci = k / taps;
-    scratch.rows[r] = x_ + (ci * s_.hp + tap / s_.kw * s_.dh) * s_.wp + tap % s_.kw * s_.dw;
+    const int64_t k = std::min(i0 + r, s_.k() - 1), tap = order_.tap(k);
+    scratch.rows[r] = x_ + (order_.channel(k) * s_.hp + tap / s_.kw * s_.dh) * s_.wp + tap % s_.kw * s_.dw;
   }
   ABlock block{};
   block.rows = scratch.rows.data();

@@ -94,18 +94,41 @@ class PatchColumns : public BSource {
   PatchIndex index_;
 };
 
+// The order of the rows (ci, tap) of the transposed patch matrix: channels in groups of
+// `group` (the last may be smaller), each group's rows over its taps, then its channels.
+// Groups of one channel: rows (ci, kh, kw). Groups of four: four rows in a row are one
+// tap of four channel planes, at one stride (the plane's size), which a micro-kernel of
+// 12 rows reads from three pointers (`TileKernel`'s strided path); over (ci, kh, kw)
+// four of its twelve row pointers lived in xmm registers, moved out on every K-pair.
+struct PatchRowOrder {
+  int64_t channels, taps, group;
+  int64_t row(int64_t ci, int64_t tap) const {
+    const int64_t first = ci / group * group;
+    return first * taps + tap * size(first) + ci - first;
+  }
+  int64_t channel(int64_t row) const {
+    const int64_t first = row / (group * taps) * group;
+    return first + (row - first * taps) % size(first);
+  }
+  int64_t tap(int64_t row) const {
+    const int64_t first = row / (group * taps) * group;
+    return (row - first * taps) / size(first);
+  }
+  int64_t size(int64_t first) const { return channels - first < group ? channels - first : group; }
+};
+
 // A = the transposed patch matrix (K, pixels) of dW^T = patches^T dY, read in place from
 // the image in channel-major layout (n, channels, hp, wp), x at the group's first
 // channel: row (ci, kh, kw) at K-pair q holds the tap's inputs for output pixels 2q and
 // 2q + 1, neighbours in one row of the image where the stride along w is 1 and the
-// output width even (`fits`). Rows run over channels outermost, so that a thread's
-// block of rows reads a share of the planes, each plane for all its taps at once (a
-// 32-channel 16x16 dW 3-6 % faster than over taps outermost). kpairs >= pixels / 2:
-// the K-pairs of the layout, whose last K-block may be padded (they read pixel pair 0,
-// against zeros of dY).
+// output width even (`fits`). Rows in PatchRowOrder, channels outermost, so that a
+// thread's block of rows reads a share of the planes, each plane for all its taps at
+// once (a 32-channel 16x16 dW 3-6 % faster than over taps outermost). kpairs >= pixels
+// / 2: the K-pairs of the layout, whose last K-block may be padded (they read pixel
+// pair 0, against zeros of dY).
 class TransposedPatches : public ASource {
  public:
-  TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs);
+  TransposedPatches(const int16_t* x, const ConvShape& s, int64_t kpairs, PatchRowOrder order);
   static bool fits(const ConvShape& s) { return s.sw == 1 && s.ow() % 2 == 0; }
   int64_t rows() const override { return s_.k(); }
   ABlock block(int64_t i0, int64_t rows, int64_t kp0, int64_t len, AScratch& scratch) const override;
@@ -113,6 +136,7 @@ class TransposedPatches : public ASource {
  private:
   const int16_t* x_;
   ConvShape s_;
+  PatchRowOrder order_;
   int64_t* offsets_;  // of every pixel pair, in bytes: the same for every block of rows (the
                       // constructing thread's buffer: one TransposedPatches per thread at a time)
 };

@@ -266,14 +266,16 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
       grad_input.run(q_groups, dx, nthreads);
     return weight_gradient(nthreads);
   }
-  // one part where the image is not yet planes: each part would transpose all of it
-  const int64_t channels = weight_layer.channels;
-  const int64_t parts = x_exponent.channel_major ? std::min<int64_t>(nthreads, channels) : 1;
+  // one part where the image is not yet planes: each part would transpose all of it;
+  // parts of whole groups of kPatchChannelGroup channels
+  const int64_t channel_groups = (weight_layer.channels + kPatchChannelGroup - 1) / kPatchChannelGroup;
+  const int64_t parts = x_exponent.channel_major ? std::min<int64_t>(nthreads, channel_groups) : 1;
   const std::vector<int64_t> starts = piece_starts(l.n, grad_input.images_per_piece(), 1, nthreads);
   std::atomic<bool> finite{true};
   parallel_for(parts + int64_t(starts.size()) - 1, nthreads, [&](int64_t task) {
     if (task < parts) {
-      const ChannelRange part{channels * task / parts, channels * (task + 1) / parts};
+      const ChannelRange part{channel_groups * task / parts * kPatchChannelGroup,
+                              channel_groups * (task + 1) / parts * kPatchChannelGroup};
       if (!weight_gradient(1, part)) finite.store(false, std::memory_order_relaxed);
       return;
     }
