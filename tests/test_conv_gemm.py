@@ -27,6 +27,11 @@ CASES = {
     "narrow-output-even-width": (2, 10, 10, 10, 1, (3, 3), (1, 1), (1, 1), 16, None),
     "depthwise-even-width": (2, 8, 10, 6, 6, (3, 3), (2, 1), (1, 1), 2, None),
     "odd-channels-strided": (1, 7, 7, 3, 1, (3, 3), (2, 2), (1, 1), 5, None),
+    # stride 2 along w, an even output and padded width: dW reads the image's rows split
+    # into their even and odd columns
+    "strided-even-width": (2, 10, 10, 6, 1, (3, 3), (2, 2), (1, 1), 12, None),
+    "strided-dilated-even-width": (1, 9, 12, 4, 1, (2, 3), (1, 2), (2, 2), 7, None),
+    "1x1-strided-even-width": (2, 8, 8, 6, 1, (1, 1), (2, 2), (1, 1), 5, None),
     "groups-dilated": (3, 8, 11, 6, 2, (2, 3), (1, 2), (2, 1), 7, None),
     "even-groups-strided-dilated": (2, 9, 10, 8, 2, (3, 3), (2, 1), (1, 2), 6, None),
     "kblock-even": (2, 9, 9, 8, 1, (3, 3), (1, 1), (1, 1), 9, 4),
@@ -96,7 +101,16 @@ def test_conv_grad_weight_gemm_with_pixel_blocks_equals_gemm_on_im2col(backend, 
 
 @pytest.mark.parametrize("kblock", [2, 32])
 @pytest.mark.parametrize(
-    "name", ["3x3", "3x3-even-width", "narrow-output-even-width", "odd-channels-strided", "groups-dilated", "1x1"]
+    "name",
+    [
+        "3x3",
+        "3x3-even-width",
+        "narrow-output-even-width",
+        "odd-channels-strided",
+        "strided-even-width",
+        "groups-dilated",
+        "1x1",
+    ],
 )
 def test_conv_grad_weight_gemm_with_input_exponents_per_sample_and_channel(backend, name, kblock):
     """x with an exponent per sample and channel, 60 binades apart, beside dY's pixel

@@ -132,9 +132,15 @@ void grad_weight_transposed(const int16_t* dy, int64_t cout, const int32_t* ey, 
   const SampleGroups grouping = one ? SampleGroups{} : sample_groups(shape, kl);
   Workspace& ws = workspace();
   const int16_t* image = x;
+  if (ex.channel_major && shape.sw != 1)
+    throw std::invalid_argument("conv_grad_weight_int16: channel planes at a stride along w other than 1 "
+                                "(grad_weight_reads_channel_major is false)");
   if (!ex.channel_major) {
     image = at_least(ws.image, shape.n * plane * shape.channels);
-    to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
+    if (shape.sw == 2)
+      to_phase_planes(x, shape.n, shape.hp, shape.wp, shape.channels, ws.image.data(), nthreads);
+    else
+      to_channel_major(x, shape.n, plane, shape.channels, ws.image.data(), nthreads);
   }
   at_least(ws.result, k * cout_g);
   // Every block of rows reads all of packed dY, as long as the image: as few blocks per
@@ -350,7 +356,8 @@ void conv_grad_weight_int16(const int16_t* dy, int64_t cout, const int32_t* ey, 
 }
 
 bool grad_weight_reads_channel_major(const ConvGeometry& geometry, int64_t cout) {
-  return grad_weight_reads_transposed(group_shape(geometry), cout / geometry.groups);
+  // at stride 2 the planes are in phases (to_phase_planes), which it makes itself
+  return geometry.sw == 1 && grad_weight_reads_transposed(group_shape(geometry), cout / geometry.groups);
 }
 
 int64_t grad_weight_panel_width(const ConvGeometry& geometry, int64_t cout) {

@@ -365,10 +365,11 @@ TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64
   const int64_t pairs = s.pixels() / 2, count = std::max(kpairs, pairs);
   offsets_ = at_least(buffer, count);
   std::fill(offsets_ + pairs, offsets_ + count, 0);  // the last K-block's padding: pixel pair 0
-  // A pair's second pixel is the first's neighbour in the image row (fits): along a row
-  // of output pixels the pairs' origins step by two columns.
+  // A pair's second pixel is the first's neighbour in the image row (fits; at stride 2 in
+  // its phase of the row): along a row of output pixels the pairs' origins step by two
+  // columns (two of the phase).
   // (The output's size is a division: made once, not per pixel pair.)
-  const int64_t oh = s.oh(), ow = s.ow(), step = int64_t(sizeof(int16_t)) * 2 * s.sw;
+  const int64_t oh = s.oh(), ow = s.ow(), step = int64_t(sizeof(int16_t)) * 2;
   int64_t* q = offsets_;
   for (int64_t image = 0; image < s.n; ++image)
     for (int64_t row = 0; row < oh; ++row) {
@@ -382,8 +383,11 @@ ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, 
   // Rows past K repeat the last: whatever they sum is never stored.
   scratch.rows.resize(rows);
   for (int64_t r = 0; r < rows; ++r) {
-    const int64_t k = std::min(i0 + r, s_.k() - 1), tap = order_.tap(k);
-    scratch.rows[r] = x_ + (order_.channel(k) * s_.hp + tap / s_.kw * s_.dh) * s_.wp + tap % s_.kw * s_.dw;
+    const int64_t k = std::min(i0 + r, s_.k() - 1), tap = order_.tap(k), column = tap % s_.kw * s_.dw;
+    // at stride 2, the column in its phase: output column o reads column 2o + column,
+    // element o + column / 2 of phase column % 2
+    const int64_t at = s_.sw == 2 ? column % 2 * (s_.wp / 2) + column / 2 : column;
+    scratch.rows[r] = x_ + (order_.channel(k) * s_.hp + tap / s_.kw * s_.dh) * s_.wp + at;
   }
   ABlock block{};
   block.rows = scratch.rows.data();
@@ -434,7 +438,20 @@ void to_channel_major(const int16_t* x, int64_t n, int64_t pixels, int64_t chann
     const int16_t* src = x + image * pixels * channels;
     int16_t* dst = out + image * pixels * channels;
     for (int64_t p0 = first; p0 < std::min(pixels, first + per_task * kBlock); p0 += kBlock)
-      pixels_to_planes(src + p0 * channels, std::min(pixels, p0 + kBlock) - p0, channels, dst + p0, pixels);
+      pixels_to_planes(src + p0 * channels, std::min(pixels, p0 + kBlock) - p0, channels, dst + p0, pixels, channels);
+  });
+}
+
+void to_phase_planes(const int16_t* x, int64_t n, int64_t hp, int64_t wp, int64_t channels, int16_t* out,
+                     int nthreads) {
+  // Each row's even pixels, then its odd ones, transposed into the planes' rows.
+  const int64_t half = wp / 2, plane = hp * wp;
+  for_row_chunks(n * hp, wp * channels, nthreads, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      int16_t* planes = out + r / hp * channels * plane + r % hp * wp;
+      for (int64_t phase = 0; phase < 2; ++phase)
+        pixels_to_planes(x + (r * wp + phase) * channels, half, channels, planes + phase * half, plane, 2 * channels);
+    }
   });
 }
 

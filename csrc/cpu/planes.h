@@ -45,8 +45,10 @@ int64_t planes_of(const int16_t* __restrict src, int64_t p0, int64_t p1, int16_t
 }
 
 // `count` pixels of `channels` channels (src, channels last) into planes: channel c of
-// pixel p to planes[c * plane + p].
-inline void pixels_to_planes(const int16_t* src, int64_t count, int64_t channels, int16_t* planes, int64_t plane) {
+// pixel p to planes[c * plane + p]. pixel_step: elements from one pixel of src to the
+// next (channels where they are consecutive; twice that for every other pixel).
+inline void pixels_to_planes(const int16_t* src, int64_t count, int64_t channels, int16_t* planes, int64_t plane,
+                             int64_t pixel_step) {
   int64_t p = 0;
 #if defined(__SSE2__)
   if (channels % 8 == 0 && count >= 8) {
@@ -55,15 +57,15 @@ inline void pixels_to_planes(const int16_t* src, int64_t count, int64_t channels
     for (int64_t at = 0; at < count; at += 8) {
       p = std::min(at, count - 8);
       for (int64_t c = 0; c < channels; c += 8)
-        transpose_8x8(src + p * channels + c, channels, planes + c * plane + p, plane);
+        transpose_8x8(src + p * pixel_step + c, pixel_step, planes + c * plane + p, plane);
     }
     return;
   }
 #endif
-  if (channels == 2) p = planes_of<2>(src, p, count, planes, plane);
-  if (channels == 4) p = planes_of<4>(src, p, count, planes, plane);
+  if (pixel_step == channels && channels == 2) p = planes_of<2>(src, p, count, planes, plane);
+  if (pixel_step == channels && channels == 4) p = planes_of<4>(src, p, count, planes, plane);
   for (; p < count; ++p)
-    for (int64_t c = 0; c < channels; ++c) planes[c * plane + p] = src[p * channels + c];
+    for (int64_t c = 0; c < channels; ++c) planes[c * plane + p] = src[p * pixel_step + c];
 }
 
 }  // namespace dfp

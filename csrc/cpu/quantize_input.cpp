@@ -206,7 +206,7 @@ bool quantize_input(const float* x, const PaddedImage& im, int headroom, const I
         });
       }
       if (weight_image && out.channel_major)
-        pixels_to_planes(weight_image, hp * wp, oc, out.q_channels + n * oc * hp * wp, hp * wp);
+        pixels_to_planes(weight_image, hp * wp, oc, out.q_channels + n * oc * hp * wp, hp * wp, oc);
     }
   };
   std::atomic<bool> finite{true};
