@@ -139,6 +139,7 @@ class TransposedPatches : public ASource {
   const int16_t* x_;
   ConvShape s_;
   PatchRowOrder order_;
+  uint64_t id_;       // AScratch::KeptRows' source number
   int64_t* offsets_;  // of every pixel pair, in bytes: the same for every block of rows (the
                       // constructing thread's buffer: one TransposedPatches per thread at a time)
 };

@@ -119,6 +119,14 @@ struct ABlock {
 struct AScratch {
   std::vector<int32_t> patches;
   std::vector<const void*> rows;
+  // Row pointers that stay the same along K (TransposedPatches'), kept from one K slice
+  // of a block of rows to the next: those of rows [first, first + rows.size()) of the
+  // source numbered `source` (a number no other source takes).
+  struct KeptRows {
+    std::vector<const void*> rows;
+    uint64_t source = 0;
+    int64_t first = -1;
+  } kept;
 };
 class ASource {
  public:
