@@ -385,7 +385,7 @@ TransposedPatches::TransposedPatches(const int16_t* x, const ConvShape& s, int64
 ABlock TransposedPatches::block(int64_t i0, int64_t rows, int64_t kp0, int64_t, AScratch& scratch) const {
   // The row pointers do not depend on the K slice (its offsets do): made once per block
   // of rows, not for each of its slices (a 16-channel 32x32 dW at batch 128 has 256;
-  // each row's divisions took 0.7 % of a ResNet-20 step).
+  // each row's divisions took 2.6 ms of a 280 ms one-thread ResNet-20 step, AMD Zen 4).
   AScratch::KeptRows& kept = scratch.kept;
   if (kept.source != id_ || kept.first != i0 || int64_t(kept.rows.size()) != rows) {
     kept.rows.resize(rows);
