@@ -41,7 +41,8 @@ def isa_flags(source: str) -> list[str]:
 # model leaves scalar. -O3 changes no rounding here: -ffp-contract=off stays, and nothing
 # reassociates.
 VECTORIZED = {
-    "batch_norm.cpp", "conv.cpp", "pack.cpp", "gemm.cpp", "grad_input.cpp", "layer.cpp", "quantize.cpp", "quantize_input.cpp"
+    "batch_norm.cpp", "batch_norm_avx2.cpp", "batch_norm_avx512bw.cpp", "conv.cpp", "pack.cpp", "gemm.cpp",
+    "grad_input.cpp", "layer.cpp", "quantize.cpp", "quantize_input.cpp"
 }  # fmt: skip
 
 

@@ -279,12 +279,37 @@ PYBIND11_MODULE(_C, m) {
       "a layer's dW from int16 dy and the padded int16 input, written at the layer's weight strides; False on "
       "NaN/Inf");
 
+  py::class_<dfp::NormInputGradient>(m, "NormInputGradient")
+      .def(py::init([](uintptr_t x, uintptr_t dy, uintptr_t mean, uintptr_t x_scale, uintptr_t dy_scale,
+                       uintptr_t shift, uintptr_t gate_scale, uintptr_t gate_shift, int64_t channels) {
+             return dfp::NormInputGradient{ptr<const float>(x),
+                                           ptr<const float>(dy),
+                                           ptr<const float>(mean),
+                                           ptr<const float>(x_scale),
+                                           ptr<const float>(dy_scale),
+                                           ptr<const float>(shift),
+                                           relu_gate<float>(gate_scale, gate_shift, 0),
+                                           channels};
+           }),
+           "a batch norm's float32 input gradient, unwritten (csrc/cpu/batch_norm.h): (x - mean) * x_scale + g * "
+           "dy_scale + shift per channel, g = dy gated by the forward's output recomputed from gate_scale and "
+           "gate_shift (0: no gate)")
+      .def(
+          "write",
+          [](const dfp::NormInputGradient& self, int64_t rows, uintptr_t out, int nthreads) {
+            py::gil_scoped_release release;
+            float* dx = ptr<float>(out);
+            dfp::for_row_chunks(rows, self.channels, nthreads,
+                                [&](int64_t r0, int64_t r1) { self.rows(r0, r1, dx + r0 * self.channels); });
+          },
+          "all its rows into out (float32, rows x channels)");
+
   m.def(
       "conv_backward",
       [](uintptr_t dy, uintptr_t weight, uintptr_t x_padded, uintptr_t x_exponent, bool x_per_sample,
          bool x_channel_major, const dfp::ConvLayer& layer, int64_t dy_block, int input_groups, int64_t row_block,
          int dy_block_rounding, int input_rounding, uint64_t seed, int64_t weight_block, uintptr_t dx, uintptr_t dw,
-         int nthreads) {
+         int nthreads, const dfp::NormInputGradient& norm) {
         py::gil_scoped_release release;
         const dfp::GradientRounding rounding{dy_block,
                                              dfp::InputGroups(input_groups),
@@ -295,10 +320,18 @@ PYBIND11_MODULE(_C, m) {
                                              weight_block};
         return dfp::conv_backward(ptr<const float>(dy), ptr<const float>(weight), ptr<const int16_t>(x_padded),
                                   {ptr<const int32_t>(x_exponent), x_per_sample, x_channel_major}, layer, rounding,
-                                  ptr<float>(dx), ptr<float>(dw), nthreads);
+                                  ptr<float>(dx), ptr<float>(dw), nthreads,
+                                  norm.channels ? &norm : nullptr);
       },
       "a layer's backward from the float32 output gradient (channels last): dy quantized for both products, then "
-      "dx (0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf");
+      "dx (0: not asked) and dW at the weight's strides (0: not asked); False on NaN/Inf. Where norm is given "
+      "(NormInputGradient), dy is 0: the input gradient of the batch norm behind the layer, made as it is read",
+      py::arg("dy"), py::arg("weight"), py::arg("x_padded"), py::arg("x_exponent"), py::arg("x_per_sample"),
+      py::arg("x_channel_major"), py::arg("layer"), py::arg("dy_block"), py::arg("input_groups"),
+      py::arg("row_block"), py::arg("dy_block_rounding"), py::arg("input_rounding"), py::arg("seed"),
+      py::arg("weight_block"), py::arg("dx"), py::arg("dw"), py::arg("nthreads"),
+      py::arg("norm") = dfp::NormInputGradient{});
+
 
   m.def(
       "batch_norm_statistics",
@@ -331,6 +364,25 @@ PYBIND11_MODULE(_C, m) {
       "out = (x - mean) * invstd * weight + bias per channel, + residual (0: none), then max(., 0) where relu, "
       "from the batch's mean and variance (float64); also writes mean32, invstd (float64), scale and shift; x, "
       "residual and out float32 (or bfloat16 where bfloat16), rows x channels; weight and bias float32 or 0");
+
+  m.def(
+      "batch_norm_backward_scales",
+      [](uintptr_t dy, uintptr_t x, uintptr_t mean32, uintptr_t invstd, uintptr_t weight, uintptr_t gate_scale,
+         uintptr_t gate_shift, uintptr_t gate_out, int64_t rows, int64_t channels, uintptr_t x_scale,
+         uintptr_t dy_scale, uintptr_t shift, uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t gated_dy,
+         bool bfloat16, int nthreads) {
+        py::gil_scoped_release release;
+        with_element_type(bfloat16, [&](auto element) {
+          using T = decltype(element);
+          dfp::batch_norm_backward_scales(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean32),
+                                          ptr<const double>(invstd), ptr<const float>(weight),
+                                          relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels,
+                                          ptr<float>(x_scale), ptr<float>(dy_scale), ptr<float>(shift),
+                                          ptr<float>(grad_weight), ptr<float>(grad_bias), ptr<T>(gated_dy), nthreads);
+        });
+      },
+      "batch_norm_train_backward but its pass over dx: the weight's and bias's gradients (0: not asked), the gated "
+      "dy where gate_out gates dy, and dx's x_scale, dy_scale and shift per channel (float32)");
 
   m.def(
       "batch_norm_train_backward",

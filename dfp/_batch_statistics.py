@@ -71,10 +71,11 @@ def wanted() -> bool:
     return demand is None or demand.wanted()
 
 
-def hand_over(y: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor) -> None:
-    """Attach y's per channel mean and biased variance (float64) to y."""
+def hand_over(y: torch.Tensor, mean: torch.Tensor, variance: torch.Tensor, pending=None) -> None:
+    """Attach y's per channel mean and biased variance (float64) to y, and ``pending``
+    (``dfp._norm_gradient.Pending``), where the norm may hand its input gradient back."""
     demand = _demand.get()
-    setattr(y, _ATTRIBUTE, (mean, variance, y._version, demand.handing() if demand else [False]))
+    setattr(y, _ATTRIBUTE, (mean, variance, y._version, demand.handing() if demand else [False], pending))
 
 
 def handed_over(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -85,3 +86,9 @@ def handed_over(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
         return None
     handed[3][0] = True
     return handed[0], handed[1]
+
+
+def pending_gradient(x: torch.Tensor):
+    """The ``Pending`` handed over with x's statistics, or None."""
+    handed = getattr(x, _ATTRIBUTE, None)
+    return None if handed is None or handed[2] != x._version else handed[4]

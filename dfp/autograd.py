@@ -42,6 +42,7 @@ from . import _conv_layout as layout
 from . import _ops, backends
 from ._batch_statistics import hand_over, wanted, worth_handing_over
 from ._grad_input import grad_input
+from ._norm_gradient import Pending
 from ._patches import output_size
 from .format import ROUNDINGS, DFPSpec, DFPTensor
 from .formats import GRAD_INPUT_EXPONENTS
@@ -587,14 +588,17 @@ class _BackwardCalls(NamedTuple):
     no_seed: Callable  # the seed where nothing draws: a tensor where traced (tracing keeps it), else 0
 
 
-def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed):
+def _whole_backward(ctx, grad_y, weight, x_padded, x_exponent, seed, made=None):
     """(grad_x, grad_w), each None where not asked, from one call of the backend where
     the eager forward planned one (``_eager_plan``): the bits of the steps in
-    ``_backward``. None otherwise."""
+    ``_backward``. None otherwise. made: grad_y (None) unwritten, as the batch norm behind
+    the layer handed it over (``dfp._norm_gradient``)."""
     plan = ctx.plan
-    if plan.backward is None or grad_y.dtype != torch.float32 or tuple(grad_y.shape) != plan.grad_y_shape:
+    if plan.backward is None:
         return None
-    grads = plan.backward(grad_y, weight, x_padded, x_exponent, int(seed))
+    if made is None and (grad_y.dtype != torch.float32 or tuple(grad_y.shape) != plan.grad_y_shape):
+        return None
+    grads = plan.backward(grad_y, weight, x_padded, x_exponent, int(seed), made)
     if grads is None:  # NaN/Inf
         return None
     return None if grads[0] is None else _to_nchw(grads[0], ctx.channels_last[0]), grads[1]
@@ -618,7 +622,9 @@ _EAGER = _BackwardCalls(
 )
 
 
-def _backward(ctx, grad_y, calls: _BackwardCalls):
+def _backward(ctx, grad_y, calls: _BackwardCalls, made=None):
+    """made: grad_y (then None) unwritten, as the batch norm behind the layer handed it
+    over, for the one-call backward; written where the steps run."""
     if torch.is_grad_enabled():  # create_graph=True: the backward ops have no derivative
         raise RuntimeError("dfp layers do not support double backward (create_graph=True through a dfp linear/conv2d)")
     _, weight, x_padded, x_exponent = ctx.saved_tensors
@@ -630,16 +636,18 @@ def _backward(ctx, grad_y, calls: _BackwardCalls):
         )
     grad_x = grad_w = grad_b = None
     # autocast off (its context manager costs more than a small layer's grad_input)
-    device = grad_y.device.type
+    device = (grad_y if made is None else made.tensors[0]).device.type
     with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
         if (need_input and grad_input_dfp) or (need_weight and grad_weight_dfp):
             # drawn here, from torch's generator, as a tensor so that tracing keeps it
             draws = _STOCHASTIC in (rounding, weight_rounding)
             seed = torch.randint(-(2**63), 2**63 - 1, ()) if draws else calls.no_seed()
-            whole = calls.whole and calls.whole(ctx, grad_y, weight, x_padded, x_exponent, seed)
+            whole = calls.whole and calls.whole(ctx, grad_y, weight, x_padded, x_exponent, seed, made)
+            if not whole and made is not None:
+                grad_y = made.written()
             grad_x, grad_w = whole or _products(ctx, grad_y, calls, seed)
         else:  # every asked product in fp32
-            grad_x, grad_w = _products(ctx, grad_y, calls, None)
+            grad_x, grad_w = _products(ctx, made.written() if made is not None else grad_y, calls, None)
         if need_bias:
             grad_b = grad_y.sum(dim=(0, 2, 3))
     return grad_x, grad_w, grad_b, *([None] * 16)
@@ -722,18 +730,24 @@ class EagerConv2d(torch.autograd.Function):
             channels_last and need_weight_grad and worth_handing_over(math.prod(plan.grad_y_shape)) and wanted()
         )
         fused = plan.forward and plan.forward(x, weight, bias, statistics)
+        ctx.norm_gradient = None
         if fused is None:  # no one-call forward, or NaN/Inf: the steps
             output = conv2d_impl(*inputs)
         else:
             output = _one_call_output(fused, x, channels_last, need_weight_grad)
             if fused[3]:
-                hand_over(output[0], *fused[3])
+                # where the one-call backward can take the norm's input gradient unwritten
+                ctx.norm_gradient = Pending() if plan.backward and bias is None else None
+                hand_over(output[0], *fused[3], ctx.norm_gradient)
         _setup_context(ctx, inputs, output)
         return output[0]
 
     @staticmethod
     def backward(ctx, grad_y):
-        return *_backward(ctx, grad_y, _EAGER)[:3], None
+        made = None
+        if ctx.norm_gradient is not None:
+            made, grad_y = ctx.norm_gradient.take(grad_y)
+        return *_backward(ctx, grad_y, _EAGER, made)[:3], None
 
 
 class _EagerPlan(NamedTuple):

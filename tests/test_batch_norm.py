@@ -202,6 +202,40 @@ def test_kernels_give_the_same_bits_on_any_number_of_threads(dtype):
         assert torch.equal(first, second)
 
 
+def every_kernel_output(x, dy, residual, weight, bias):
+    """What each batch-norm kernel writes for these tensors: statistics, forwards and
+    backwards with every gate, and (float32) the input gradient a convolution makes."""
+    mean, variance = cpu.batch_norm_statistics(x)
+    out = [mean, variance]
+    for r, relu in [(None, False), (None, True), (residual, False), (residual, True)]:
+        y, mean32, invstd, scale, shift = cpu.batch_norm_train_forward(x, mean, variance, 1e-5, weight, bias, r, relu)
+        out.append(y)
+        for gate in [(None, None, None), (scale, shift, None), (None, None, y)]:
+            out += [t for t in cpu.batch_norm_train_backward(dy, x, mean32, invstd, weight, gate) if t is not None]
+            if x.dtype == torch.float32:
+                *grads, made = cpu.batch_norm_backward_scales(dy, x, mean32, invstd, weight, gate)
+                out += [t for t in grads if t is not None] + [made.written()]
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("channels", [1, 3, 16, 24, 70])
+def test_every_cpu_path_gives_the_same_bits(dtype, channels):
+    # the loops are compiled once per instruction set (csrc/cpu/batch_norm_rows.h)
+    torch.manual_seed(channels)
+    x = (channels_last(5, channels, 9, 7) * 3 + 1).to(dtype)
+    tensors = (x, torch.randn_like(x), torch.randn_like(x), torch.rand(channels) + 0.5, torch.randn(channels))
+    before = cpu.cpu_isa()
+    try:
+        cpu.set_cpu_isa("scalar")
+        portable = every_kernel_output(*tensors)
+        for isa in cpu.supported_isas():
+            cpu.set_cpu_isa(isa)
+            assert all(torch.equal(a, b) for a, b in zip(portable, every_kernel_output(*tensors), strict=True)), isa
+    finally:
+        cpu.set_cpu_isa(before)
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_the_per_channel_vectors_are_torchs_formula_in_float64(affine):
     # one C++ call makes them, not torch's ops: the bits of those ops

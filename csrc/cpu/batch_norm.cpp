@@ -6,10 +6,30 @@
 #include <type_traits>
 #include <vector>
 
+#include "batch_norm_rows.h"
+#include "isa.h"
 #include "threads.h"
 
 namespace dfp {
+
+const BatchNormKernels batch_norm_portable = batch_norm_here();
+
 namespace {
+
+// The loops of the build for the instruction set that runs (batch_norm_rows.h).
+template <typename T>
+const BatchNormRows<T>& rows_of() {
+  const Isa isa = active_isa();
+  const BatchNormKernels* k = &batch_norm_portable;
+#ifdef DFP_X86_KERNELS
+  if (isa == Isa::avx512bw || isa == Isa::avx512_vnni) k = &batch_norm_avx512bw;
+  if (isa == Isa::avx2) k = &batch_norm_avx2;
+#endif
+  if constexpr (std::is_same_v<T, float>)
+    return k->f32;
+  else
+    return k->bf16;
+}
 
 // Fixed task and block sizes, whatever the thread count: the sums, and so the bits, do
 // not depend on it. A block of the backward's sums (at most 16 KB) stays in L1; one of the
@@ -44,158 +64,6 @@ struct Tasks {
   }
 };
 
-inline float widen(float v) { return v; }
-inline float widen(BFloat16 v) {
-  const uint32_t bits = uint32_t(v.bits) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-// Rounding to nearest even, as torch's bfloat16 does. A NaN whose payload lies in the low
-// half would come out as Inf, so NaN is written as torch's quiet NaN.
-template <typename T>
-T narrow(float v);
-template <>
-inline float narrow<float>(float v) {
-  return v;
-}
-template <>
-inline BFloat16 narrow<BFloat16>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  const uint32_t rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
-  return {uint16_t(v != v ? 0x7fc0u : rounded)};
-}
-
-// The sums run over channels in chunks of W = 16, 8, 4 and 1 whose width the compiler
-// knows, so that a chunk is a vector kept in registers over all rows of a block (read once
-// per chunk, from L1 or L2): summed in memory, each row waited on the
-// previous row's store. Even and odd rows are summed apart and then added, so that two
-// additions are in flight. Arguments by value and unaliased pointers: read through
-// references (-fno-strict-aliasing) the channel count could change with every store, and
-// no loop was vectorized.
-template <int W, typename T>
-void add_chunk(const T* __restrict x, int64_t rows, int64_t channels, float* __restrict sums) {
-  float even[W] = {}, odd[W] = {};
-  int64_t r = 0;
-  for (; r + 1 < rows; r += 2)
-    for (int c = 0; c < W; ++c) {
-      even[c] += widen(x[r * channels + c]);
-      odd[c] += widen(x[(r + 1) * channels + c]);
-    }
-  if (r < rows)
-    for (int c = 0; c < W; ++c) even[c] += widen(x[r * channels + c]);
-  for (int c = 0; c < W; ++c) sums[c] += even[c] + odd[c];
-}
-
-template <int W, typename T>
-void add_squared_chunk(const T* __restrict x, int64_t rows, int64_t channels, const float* __restrict mean,
-                       float* __restrict sums) {
-  float even[W] = {}, odd[W] = {}, m[W];
-  for (int c = 0; c < W; ++c) m[c] = mean[c];
-  int64_t r = 0;
-  for (; r + 1 < rows; r += 2)
-    for (int c = 0; c < W; ++c) {
-      const float d0 = widen(x[r * channels + c]) - m[c], d1 = widen(x[(r + 1) * channels + c]) - m[c];
-      even[c] += d0 * d0;
-      odd[c] += d1 * d1;
-    }
-  if (r < rows)
-    for (int c = 0; c < W; ++c) {
-      const float d = widen(x[r * channels + c]) - m[c];
-      even[c] += d * d;
-    }
-  for (int c = 0; c < W; ++c) sums[c] += even[c] + odd[c];
-}
-
-// Calls chunk<W>(c0) over [0, channels) in chunks of 16, then 8, 4 and 1.
-template <typename Chunk>
-void over_chunks(int64_t channels, Chunk chunk) {
-  int64_t c0 = 0;
-  for (; c0 + 16 <= channels; c0 += 16) chunk(std::integral_constant<int, 16>{}, c0);
-  if (c0 + 8 <= channels) chunk(std::integral_constant<int, 8>{}, c0), c0 += 8;
-  if (c0 + 4 <= channels) chunk(std::integral_constant<int, 4>{}, c0), c0 += 4;
-  for (; c0 < channels; ++c0) chunk(std::integral_constant<int, 1>{}, c0);
-}
-
-template <typename T>
-void add_rows(const T* x, int64_t rows, int64_t channels, float* sums) {
-  over_chunks(channels, [=](auto w, int64_t c0) { add_chunk<w()>(x + c0, rows, channels, sums + c0); });
-}
-
-template <typename T>
-void add_squared_deviations(const T* x, int64_t rows, int64_t channels, const float* mean, float* sums) {
-  over_chunks(channels,
-              [=](auto w, int64_t c0) { add_squared_chunk<w()>(x + c0, rows, channels, mean + c0, sums + c0); });
-}
-
-// Which ReLU gate a backward pass applies (ReluGate): none, recomputed from x, or read.
-enum class Gate { kNone, kRecomputed, kRead };
-
-// dy where the forward's output at this element was not <= 0, else 0. centred is x - mean.
-template <Gate G, typename T>
-inline float gated(float dy, float centred, const ReluGate<T>& gate, int64_t r, int64_t c, int64_t channels) {
-  if constexpr (G == Gate::kNone) return dy;
-  float out;
-  if constexpr (G == Gate::kRecomputed)
-    out = widen(narrow<T>(centred * gate.scale[c] + gate.shift[c]));  // the forward's value, as stored
-  else
-    out = widen(gate.out[r * channels + c]);
-  return out <= 0.0f ? 0.0f : dy;
-}
-
-// Calls body with the gate's kind as a compile-time constant: each kind's loops are
-// compiled apart, free of its tests.
-template <typename T, typename Body>
-void with_gate(const ReluGate<T>& gate, Body body) {
-  if (gate.out)
-    body(std::integral_constant<Gate, Gate::kRead>{});
-  else if (gate.scale)
-    body(std::integral_constant<Gate, Gate::kRecomputed>{});
-  else
-    body(std::integral_constant<Gate, Gate::kNone>{});
-}
-
-template <Gate G, typename T>
-void add_gradient_rows(const T* __restrict dy, const T* __restrict x, int64_t r0, int64_t r1, int64_t channels,
-                       const float* __restrict mean, const ReluGate<T> gate, float* __restrict sums_dy,
-                       float* __restrict sums_centered, T* __restrict gated_dy) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t c = 0; c < channels; ++c) {
-      const float centred = widen(x[r * channels + c]) - mean[c];
-      const float g = gated<G>(widen(dy[r * channels + c]), centred, gate, r, c, channels);
-      if (gated_dy) gated_dy[r * channels + c] = narrow<T>(g);
-      sums_dy[c] += g;
-      sums_centered[c] += g * centred;
-    }
-}
-
-template <bool kResidual, bool kRelu, typename T>
-void forward_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict scale,
-                  const float* __restrict shift, const T* __restrict residual, int64_t r0, int64_t r1,
-                  int64_t channels, T* __restrict out) {
-  for (int64_t i = r0 * channels; i < r1 * channels; i += channels)
-    for (int64_t c = 0; c < channels; ++c) {
-      float v = (widen(x[i + c]) - mean[c]) * scale[c] + shift[c];
-      if constexpr (kResidual) v += widen(residual[i + c]);
-      if constexpr (kRelu) v = v < 0.0f ? 0.0f : v;
-      out[i + c] = narrow<T>(v);
-    }
-}
-
-template <Gate G, typename T>
-void input_gradient_rows(const T* __restrict x, const float* __restrict mean, const float* __restrict x_scale,
-                         const T* __restrict dy, const float* __restrict dy_scale, const float* __restrict shift,
-                         const ReluGate<T> gate, int64_t r0, int64_t r1, int64_t channels, T* __restrict dx) {
-  for (int64_t r = r0; r < r1; ++r)
-    for (int64_t c = 0; c < channels; ++c) {
-      const float centred = widen(x[r * channels + c]) - mean[c];
-      const float g = gated<G>(widen(dy[r * channels + c]), centred, gate, r, c, channels);
-      dx[r * channels + c] = narrow<T>(centred * x_scale[c] + g * dy_scale[c] + shift[c]);
-    }
-}
-
 // Chan et al.'s pairwise update: a part of nb rows, its per-channel means and sums of
 // squared deviations, joined to those of the n rows before it.
 template <typename T>
@@ -222,14 +90,13 @@ void block_moments(const T* x, int64_t first, int64_t count, int64_t channels, c
   // each chunk's sums stay in registers (add_chunk), so a block's land in the outputs once
   std::fill_n(mean, count * blocks.per_image * channels, 0.0f);
   std::fill_n(m2, count * blocks.per_image * channels, 0.0f);
+  const BatchNormRows<T>& k = rows_of<T>();
   for (int64_t i = 0; i < count; ++i) {
     const T* image = x + (first + i) * blocks.pixels * channels;
     for (int64_t b = 0; b < blocks.per_image; ++b) {
       const int64_t r0 = b * blocks.rows_per_block, rows = std::min(blocks.pixels, r0 + blocks.rows_per_block) - r0;
-      float* s = mean + (i * blocks.per_image + b) * channels;
-      add_rows(image + r0 * channels, rows, channels, s);
-      for (int64_t c = 0; c < channels; ++c) s[c] /= float(rows);
-      add_squared_deviations(image + r0 * channels, rows, channels, s, m2 + (i * blocks.per_image + b) * channels);
+      const int64_t at = (i * blocks.per_image + b) * channels;
+      k.moments(image + r0 * channels, rows, channels, mean + at, m2 + at);
     }
   }
 }
@@ -278,25 +145,23 @@ void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const 
                               int nthreads) {
   const Tasks tasks(rows, channels);
   std::vector<double> task_dy(tasks.count * channels), task_centered(tasks.count * channels);
-  with_gate(gate, [&](auto kind) {
-    parallel_for(tasks.count, nthreads, [&](int64_t t) {
-      const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
-      OwnLines<float> block_dy(channels), block_centered(channels);
-      OwnLines<double> sums_dy(channels), sums_centered(channels);
-      float *s = block_dy.data(), *p = block_centered.data();
-      for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
-        std::fill_n(s, channels, 0.0f);
-        std::fill_n(p, channels, 0.0f);
-        add_gradient_rows<kind()>(dy, x, b0, std::min(r1, b0 + tasks.rows_per_block), channels, mean, gate, s, p,
-                                  gated_dy);
-        for (int64_t c = 0; c < channels; ++c) {
-          sums_dy.data()[c] += s[c];
-          sums_centered.data()[c] += p[c];
-        }
+  const BatchNormRows<T>& k = rows_of<T>();
+  parallel_for(tasks.count, nthreads, [&](int64_t t) {
+    const int64_t r0 = t * tasks.rows_per_task, r1 = std::min(rows, r0 + tasks.rows_per_task);
+    OwnLines<float> block_dy(channels), block_centered(channels);
+    OwnLines<double> sums_dy(channels), sums_centered(channels);
+    float *s = block_dy.data(), *p = block_centered.data();
+    for (int64_t b0 = r0; b0 < r1; b0 += tasks.rows_per_block) {
+      std::fill_n(s, channels, 0.0f);
+      std::fill_n(p, channels, 0.0f);
+      k.gradient_sums(dy, x, b0, std::min(r1, b0 + tasks.rows_per_block), channels, mean, gate, s, p, gated_dy);
+      for (int64_t c = 0; c < channels; ++c) {
+        sums_dy.data()[c] += s[c];
+        sums_centered.data()[c] += p[c];
       }
-      std::copy_n(sums_dy.data(), channels, task_dy.data() + t * channels);
-      std::copy_n(sums_centered.data(), channels, task_centered.data() + t * channels);
-    });
+    }
+    std::copy_n(sums_dy.data(), channels, task_dy.data() + t * channels);
+    std::copy_n(sums_centered.data(), channels, task_centered.data() + t * channels);
   });
   std::fill_n(sum_dy, channels, 0.0);
   std::fill_n(sum_dy_centered, channels, 0.0);
@@ -312,13 +177,9 @@ void batch_norm_gradient_sums(const T* dy, const T* x, const float* mean, const 
 template <typename T>
 void batch_norm_forward(const T* x, const float* mean, const float* scale, const float* shift, const T* residual,
                         bool relu, int64_t rows, int64_t channels, T* out, int nthreads) {
+  const BatchNormRows<T>& k = rows_of<T>();
   for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
-    if (residual)
-      relu ? forward_rows<true, true>(x, mean, scale, shift, residual, r0, r1, channels, out)
-           : forward_rows<true, false>(x, mean, scale, shift, residual, r0, r1, channels, out);
-    else
-      relu ? forward_rows<false, true>(x, mean, scale, shift, residual, r0, r1, channels, out)
-           : forward_rows<false, false>(x, mean, scale, shift, residual, r0, r1, channels, out);
+    k.forward(x, mean, scale, shift, residual, relu, r0, r1, channels, out);
   });
 }
 
@@ -327,10 +188,9 @@ template <typename T>
 void batch_norm_input_gradient(const T* x, const float* mean, const float* x_scale, const T* dy,
                                const float* dy_scale, const float* shift, const ReluGate<T>& gate, int64_t rows,
                                int64_t channels, T* dx, int nthreads) {
-  with_gate(gate, [&](auto kind) {
-    for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
-      input_gradient_rows<kind()>(x, mean, x_scale, dy, dy_scale, shift, gate, r0, r1, channels, dx);
-    });
+  const BatchNormRows<T>& k = rows_of<T>();
+  for_row_chunks(rows, channels, nthreads, [&](int64_t r0, int64_t r1) {
+    k.input_gradient(x, mean, x_scale, dy, dy_scale, shift, gate, r0, r1, channels, dx, 0);
   });
 }
 
@@ -351,28 +211,41 @@ void batch_norm_train_forward(const T* x, const double* mean, const double* vari
 }
 
 template <typename T>
-void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, const double* invstd,
-                               const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels, T* dx,
-                               float* grad_weight, float* grad_bias, T* gated_dy, int nthreads) {
+void batch_norm_backward_scales(const T* dy, const T* x, const float* mean32, const double* invstd,
+                                const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels,
+                                float* x_scale, float* dy_scale, float* shift, float* grad_weight, float* grad_bias,
+                                T* gated_dy, int nthreads) {
   std::vector<double> sum_dy(channels), sum_centered(channels);
-  const bool gated_once = gate.out != nullptr;  // g written by the sums, read ungated by dx's pass
   batch_norm_gradient_sums(dy, x, mean32, gate, rows, channels, sum_dy.data(), sum_centered.data(),
-                           gated_once ? gated_dy : nullptr, nthreads);
-  if (dx) {
-    std::vector<float> x_scale(channels), dy_scale(channels), shift(channels);
-    for (int64_t c = 0; c < channels; ++c) {
-      const double gain = weight ? invstd[c] * double(weight[c]) : invstd[c];
-      x_scale[c] = float(-(invstd[c] * invstd[c]) * (sum_centered[c] / double(rows)) * gain);
-      dy_scale[c] = float(gain);
-      shift[c] = float(-sum_dy[c] / double(rows) * gain);
-    }
-    batch_norm_input_gradient(x, mean32, x_scale.data(), gated_once ? gated_dy : dy, dy_scale.data(), shift.data(),
-                              gated_once ? ReluGate<T>{} : gate, rows, channels, dx, nthreads);
-  }
+                           gate.out ? gated_dy : nullptr, nthreads);
   for (int64_t c = 0; c < channels; ++c) {
+    const double gain = weight ? invstd[c] * double(weight[c]) : invstd[c];
+    x_scale[c] = float(-(invstd[c] * invstd[c]) * (sum_centered[c] / double(rows)) * gain);
+    dy_scale[c] = float(gain);
+    shift[c] = float(-sum_dy[c] / double(rows) * gain);
     if (grad_weight) grad_weight[c] = float(sum_centered[c] * invstd[c]);
     if (grad_bias) grad_bias[c] = float(sum_dy[c]);
   }
+}
+
+template <typename T>
+void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, const double* invstd,
+                               const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels, T* dx,
+                               float* grad_weight, float* grad_bias, T* gated_dy, int nthreads) {
+  std::vector<float> x_scale(channels), dy_scale(channels), shift(channels);
+  batch_norm_backward_scales(dy, x, mean32, invstd, weight, gate, rows, channels, x_scale.data(), dy_scale.data(),
+                             shift.data(), grad_weight, grad_bias, gated_dy, nthreads);
+  const bool gated_once = gate.out != nullptr;  // g written by the sums, read ungated by dx's pass
+  if (dx)
+    batch_norm_input_gradient(x, mean32, x_scale.data(), gated_once ? gated_dy : dy, dy_scale.data(), shift.data(),
+                              gated_once ? ReluGate<T>{} : gate, rows, channels, dx, nthreads);
+}
+
+void NormInputGradient::rows(int64_t r0, int64_t r1, float* out) const {
+  // asks for the next rows as it goes: called a block at a time between other work, the
+  // reads from memory stalled where the norm's own pass streamed
+  rows_of<float>().input_gradient(x + r0 * channels, mean, x_scale, dy + r0 * channels, dy_scale, shift, gate, 0,
+                                  r1 - r0, channels, out, r1 - r0);
 }
 
 #define DFP_BATCH_NORM_FOR(T)                                                                                  \
@@ -382,7 +255,10 @@ void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, con
                                          const float*, const T*, bool, int64_t, int64_t, T*, float*, double*,      \
                                          float*, float*, int);                                                     \
   template void batch_norm_train_backward(const T*, const T*, const float*, const double*, const float*,           \
-                                          const ReluGate<T>&, int64_t, int64_t, T*, float*, float*, T*, int);
+                                          const ReluGate<T>&, int64_t, int64_t, T*, float*, float*, T*, int);      \
+  template void batch_norm_backward_scales(const T*, const T*, const float*, const double*, const float*,          \
+                                           const ReluGate<T>&, int64_t, int64_t, float*, float*, float*, float*,   \
+                                           float*, T*, int);
 DFP_BATCH_NORM_FOR(float)
 DFP_BATCH_NORM_FOR(BFloat16)
 #undef DFP_BATCH_NORM_FOR

@@ -85,4 +85,27 @@ void batch_norm_train_backward(const T* dy, const T* x, const float* mean32, con
                                const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels, T* dx,
                                float* grad_weight, float* grad_bias, T* gated_dy, int nthreads);
 
+// batch_norm_train_backward but its pass over dx: the sums, the weight's and bias's
+// gradients (each null: not asked), gated_dy where `gate` reads the output, and what dx
+// needs per channel: x_scale, dy_scale and shift (float32).
+template <typename T>
+void batch_norm_backward_scales(const T* dy, const T* x, const float* mean32, const double* invstd,
+                                const float* weight, const ReluGate<T>& gate, int64_t rows, int64_t channels,
+                                float* x_scale, float* dy_scale, float* shift, float* grad_weight, float* grad_bias,
+                                T* gated_dy, int nthreads);
+
+// A norm's input gradient, not written: dx = (x - mean) * x_scale + g * dy_scale + shift
+// per channel, g = dy gated where `gate` recomputes the forward's output (where the gate
+// read the output, dy is the gated dy already and `gate` none), float32, rows x channels:
+// the bits of batch_norm_train_backward's dx. The convolution before the norm makes it a
+// block of rows at a time as its quantization reads them (conv_backward, layer.h),
+// instead of the norm writing dx to memory and the convolution reading it back.
+struct NormInputGradient {
+  const float *x, *dy, *mean, *x_scale, *dy_scale, *shift;
+  ReluGate<float> gate;
+  int64_t channels;
+  // dx's rows [r0, r1) into out ((r1 - r0) x channels)
+  void rows(int64_t r0, int64_t r1, float* out) const;
+};
+
 }  // namespace dfp

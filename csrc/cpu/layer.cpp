@@ -212,7 +212,8 @@ bool conv_grad_weight(const int16_t* dy, const int32_t* ey, int64_t ey_count, in
 }
 
 bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, InputExponents x_exponent,
-                   const ConvLayer& l, const GradientRounding& r, float* dx, float* dw, int nthreads) {
+                   const ConvLayer& l, const GradientRounding& r, float* dx, float* dw, int nthreads,
+                   const NormInputGradient* dy_made) {
   const int64_t oh = l.shape().oh(), ow = l.shape().ow();
   if (dw && !finite_input(x_exponent, l)) return false;
   const int64_t pixels = l.n * oh * ow, size = pixels * l.cout;
@@ -241,7 +242,8 @@ bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded
   std::vector<int32_t> e_blocks(dw ? blocks * l.cout : 0), e_groups(dx ? groups : 0);
   const GradientQuantization out{q_blocks, e_blocks.data(), r.dy_block,         r.dy_block_rounding,
                                  q_groups, e_groups.data(), group_rows,         r.input_rounding,
-                                 rows ? r.row_block : 0,    bordered,          panels};
+                                 rows ? r.row_block : 0,    bordered,          panels,
+                                 dy_made};
   if (!quantize_gradient(dy, pixels, l.cout, l.headroom, r.seed, out, nthreads)) return false;
   const ImageExponents ey{e_groups.data(), groups, rows ? r.row_block : 0};
   GradInput grad_input(l);

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "api.h"
+#include "batch_norm.h"
 #include "conv.h"
 
 namespace dfp {
@@ -87,7 +88,11 @@ struct GradientRounding {
   uint64_t seed;              // stochastic rounding's
   int64_t weight_block;       // conv_grad_input's block (weight_per_channel)
 };
+// Where dy_made is given, dy is null: dy is the input gradient of the batch norm behind
+// the layer, made a block at a time as its quantization reads it (NormInputGradient,
+// batch_norm.h), with the same bits.
 bool conv_backward(const float* dy, const float* weight, const int16_t* x_padded, InputExponents x_exponent,
-                   const ConvLayer& layer, const GradientRounding& rounding, float* dx, float* dw, int nthreads);
+                   const ConvLayer& layer, const GradientRounding& rounding, float* dx, float* dw, int nthreads,
+                   const NormInputGradient* dy_made = nullptr);
 
 }  // namespace dfp

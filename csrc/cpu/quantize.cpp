@@ -5,6 +5,7 @@
 #include <stdexcept>
 #include <vector>
 
+#include "batch_norm.h"
 #include "isa.h"
 #include "numerics.h"
 #include "quantize_kernels.h"
@@ -203,19 +204,33 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   // is met.
   std::vector<uint32_t> amax(nblocks * cols, 0);
   const bool split = ngroups && out.group_rows < block && block % out.group_rows == 0;
+  // Where every group lies in one block (none, an image row of a block's length or a
+  // fraction of it: the default's), each block goes through both passes before the next
+  // (below); else x made by `out.made` is made whole first.
+  const bool block_by_block = !ngroups || split || out.group_rows == block;
+  if (out.made && !block_by_block) {
+    thread_local std::vector<float> whole;
+    float* made = at_least(whole, rows * cols);
+    for_row_chunks(rows, cols, nthreads, [&](int64_t r0, int64_t r1) { out.made->rows(r0, r1, made + r0 * cols); });
+    GradientQuantization direct = out;
+    direct.made = nullptr;
+    return quantize_gradient(made, rows, cols, headroom, seed, direct, nthreads);
+  }
   const int64_t fine = split ? out.group_rows : block, fine_blocks = (rows + fine - 1) / fine;
   std::vector<uint32_t> fine_amax(split ? fine_blocks * cols : 0);
   std::vector<float> first(out.q_blocks ? nblocks * cols : 0), second(first.size());
-  const auto maxima = [&](int64_t b0, int64_t b1) {
+  // x's rows of blocks [b0, b1) from xs, its row b0 * block
+  const auto maxima = [&](int64_t b0, int64_t b1, const float* xs) {
+    const auto row = [&](int64_t r) { return xs + (r - b0 * block) * cols; };
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block;
       if (!split) {
-        k.absmax_rows(x + r0 * cols, std::min(rows, r0 + block) - r0, cols, amax.data() + b * cols);
+        k.absmax_rows(row(r0), std::min(rows, r0 + block) - r0, cols, amax.data() + b * cols);
         continue;
       }
       for (int64_t f = r0 / fine; f < std::min(fine_blocks, (r0 + block) / fine); ++f) {
         uint32_t* m = fine_amax.data() + f * cols;
-        k.absmax_rows(x + f * fine * cols, std::min(rows, (f + 1) * fine) - f * fine, cols, m);
+        k.absmax_rows(row(f * fine), std::min(rows, (f + 1) * fine) - f * fine, cols, m);
         max_into(amax.data() + b * cols, m, cols);
       }
     }
@@ -262,33 +277,31 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   };
   const PairPanels& panels = out.blocks_panels;
   if (panels.given()) zero_pairs_past(rows, cols, panels, out.q_blocks);
-  // Where every group lies in one block (none, an image row of a block's length or a
-  // fraction of it: the default's), each block goes through both passes before the next,
-  // so that the second reads x from cache (8 MB less read from memory per 16-channel 32x32
-  // gradient at batch 128), and the second asks for the next block (`read_ahead`), so
-  // that the maxima find it in the L2 cache, not in memory (x's and dY's maxima 17.6 ->
-  // 5.7 ms of a one-thread ResNet-20 step on an AMD Zen 2; docs/step.md).
-  const bool block_by_block = !ngroups || split || out.group_rows == block;
-  const auto write = [&](int64_t b0, int64_t b1) {
+  // Block by block, the second pass reads x from cache (8 MB less read from memory per
+  // 16-channel 32x32 gradient at batch 128), and asks for the next block (`read_ahead`),
+  // so that the maxima find it in the L2 cache, not in memory (x's and dY's maxima 17.6
+  // -> 5.7 ms of a one-thread ResNet-20 step on an AMD Zen 2; docs/step.md).
+  const auto write = [&](int64_t b0, int64_t b1, const float* xs) {
+    const auto row = [&](int64_t r) { return xs + (r - b0 * block) * cols; };
     thread_local std::vector<float> column_first, column_second;
     thread_local std::vector<int16_t> block_rows;  // a block's rows before they go into panels
     column_first.resize(col_groups > 1 ? cols : 0), column_second.resize(column_first.size());
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t r0 = b * block, r1 = std::min(rows, r0 + block);
       // the first pass over the block asks for the next block, whose maxima come next
-      const int64_t ahead = block_by_block && r1 < rows ? block * cols : 0;
+      const int64_t ahead = block_by_block && r1 < rows && !out.made ? block * cols : 0;
       RoundingArgs args = rounding(out.blocks_rounding);
       args.index0 = uint64_t(r0 * cols);
       args.read_ahead = ahead;
       args.within_limit = out.q_blocks && all_within(out.e_blocks + b * cols, cols);
       const float *block_first = first.data() + b * cols, *block_second = second.data() + b * cols;
       if (out.q_blocks && !panels.given()) {
-        k.run_rows(x + r0 * cols, out.q_blocks + r0 * cols, r1 - r0, cols, block_first, block_second, args);
+        k.run_rows(row(r0), out.q_blocks + r0 * cols, r1 - r0, cols, block_first, block_second, args);
       } else if (out.q_blocks) {
         // straight into the panels where the kernel set can, else through an L1-sized
         // buffer, an even number of rows at a time
         int32_t* const pairs = reinterpret_cast<int32_t*>(out.q_blocks) + r0 / 2 * panels.width;
-        const bool written = k.run_rows_into_pairs && k.run_rows_into_pairs(x + r0 * cols, r1 - r0, cols, block_first,
+        const bool written = k.run_rows_into_pairs && k.run_rows_into_pairs(row(r0), r1 - r0, cols, block_first,
                                                                             block_second, args, pairs, panels.width,
                                                                             panels.kpairs);
         const int64_t step = std::max<int64_t>(2, kPanelBuffer / std::max<int64_t>(cols, 1) / 2 * 2);
@@ -296,7 +309,7 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
           int16_t* q = at_least(block_rows, std::min(step, r1 - r0) * cols);
           args.index0 = uint64_t(r * cols);
           const int64_t end = std::min(r1, r + step);
-          k.run_rows(x + r * cols, q, end - r, cols, block_first, block_second, args);
+          k.run_rows(row(r), q, end - r, cols, block_first, block_second, args);
           rows_into_panels(q, r, end, cols, panels, out.q_blocks);
         }
       }
@@ -316,9 +329,9 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
             std::fill_n(column_first.data() + j * group_cols, group_cols, scale.first);
             std::fill_n(column_second.data() + j * group_cols, group_cols, scale.second);
           }
-          k.run_rows(x + r * cols, q, end - r, cols, column_first.data(), column_second.data(), args);
+          k.run_rows(row(r), q, end - r, cols, column_first.data(), column_second.data(), args);
         } else
-          k.run(x + r * cols, q, (end - r) * cols, group_scale[g], args);
+          k.run(row(r), q, (end - r) * cols, group_scale[g], args);
         r = end;
       }
     }
@@ -326,8 +339,16 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   std::atomic<bool> finite{true};
   if (block_by_block) {
     for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
+      thread_local std::vector<float> made_rows;  // a block's rows of x, where made
+      const auto block_of_x = [&](int64_t b) -> const float* {
+        if (x) return x + b * block * cols;
+        float* made = at_least(made_rows, block * cols);
+        out.made->rows(b * block, std::min(rows, (b + 1) * block), made);
+        return made;
+      };
       for (int64_t b = b0; b < b1; ++b) {
-        if (!maxima(b, b + 1)) {
+        const float* xs = block_of_x(b);
+        if (!maxima(b, b + 1, xs)) {
           finite.store(false, std::memory_order_relaxed);
           return;
         }
@@ -336,13 +357,13 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
         else if (ngroups)
           fold(amax, block, b, b + 1);
         if (ngroups) group_exponents_of(b * block / out.group_rows, std::min(ngroups, (b + 1) * block / out.group_rows));
-        write(b, b + 1);
+        write(b, b + 1, xs);
       }
     });
     return finite;
   }
   for_row_chunks(nblocks, block * cols, nthreads, [&](int64_t b0, int64_t b1) {
-    if (!maxima(b0, b1)) finite.store(false, std::memory_order_relaxed);
+    if (!maxima(b0, b1, x + b0 * block * cols)) finite.store(false, std::memory_order_relaxed);
   });
   if (!finite) return false;
   if (out.group_rows % block == 0)
@@ -350,7 +371,8 @@ bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom,
   else
     fold(group_absmax(x, {1, rows, cols, Grouping::block, out.group_rows}, nthreads), out.group_rows, 0, ngroups);
   group_exponents_of(0, ngroups);
-  for_row_chunks(nblocks, block * cols, nthreads, write);
+  for_row_chunks(nblocks, block * cols, nthreads,
+                 [&](int64_t b0, int64_t b1) { write(b0, b1, x + b0 * block * cols); });
   return true;
 }
 

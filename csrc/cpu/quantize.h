@@ -94,6 +94,7 @@ struct PairPanels {
   int64_t width = 0, kpairs = 0;
   bool given() const { return width > 0; }
 };
+struct NormInputGradient;  // batch_norm.h
 struct GradientQuantization {
   int16_t* q_blocks = nullptr;
   int32_t* e_blocks = nullptr;
@@ -106,6 +107,9 @@ struct GradientQuantization {
   int64_t group_cols = 0;  // divides cols
   BorderedRows groups_bordered;  // where given, q_groups' layout
   PairPanels blocks_panels;      // where given, q_blocks' layout
+  // Where given, x is made from it a block at a time into the cache (x null), or made
+  // whole first where groups straddle blocks: the bits of quantizing the x it makes.
+  const NormInputGradient* made = nullptr;
 };
 bool quantize_gradient(const float* x, int64_t rows, int64_t cols, int headroom, uint64_t seed,
                        const GradientQuantization& out, int nthreads);

@@ -381,22 +381,23 @@ class LayerBackward(NamedTuple):
     dx_shape: tuple[int, ...] | None  # None where not asked
     dw: tuple[tuple[int, ...], torch.memory_format] | None
 
-    def __call__(self, dy, weight, x_padded, ex, seed: int):
+    def __call__(self, dy, weight, x_padded, ex, seed: int, dy_made: NormInputGradient | None = None):
         """(dx or None, dW or None), where not asked; None where NaN/Inf is met. ex:
-        x_padded's exponents, 0-d or (N, C)."""
+        x_padded's exponents, 0-d or (N, C). dy_made: dy is that batch norm's input
+        gradient, made as it is read (dy then unread)."""
         dw = None if self.dw is None else torch.empty(self.dw[0], dtype=torch.float32, memory_format=self.dw[1])
         dx = None if self.dx_shape is None else _buffers.empty(self.dx_shape, torch.float32)
-        pixels = dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
+        pixels = None if dy_made else dy.permute(0, 2, 3, 1).contiguous()  # no copy where dy is channels-last
         (weight_block, dy_block, row_block), (input_groups, blocks_rounding, groups_rounding) = (
             self.blocks,
             self.rounding,
         )
         ok = _core().conv_backward(
-            pixels.data_ptr(), weight.data_ptr(), _address(x_padded if dw is not None else None),
+            _address(pixels), weight.data_ptr(), _address(x_padded if dw is not None else None),
             _address(ex if dw is not None else None), dw is not None and ex.dim() > 0,
             dw is not None and _channel_planes(x_padded), self.layer, dy_block,
             input_groups, row_block, blocks_rounding, groups_rounding, seed & (2**64 - 1), weight_block,
-            _address(dx), _address(dw), torch.get_num_threads(),
+            _address(dx), _address(dw), torch.get_num_threads(), *([dy_made.core] if dy_made else []),
         )  # fmt: skip
         return (dx, dw) if ok else None
 
@@ -491,3 +492,41 @@ def batch_norm_train_backward(dy, x, mean32, invstd, weight=None, gate=(None, No
         x.dtype == torch.bfloat16, torch.get_num_threads(),
     )  # fmt: skip
     return dx, grad_weight, grad_bias, gated
+
+
+def batch_norm_backward_scales(dy, x, mean32, invstd, weight=None, gate=(None, None, None), needs=(True, True)):
+    """``batch_norm_train_backward`` but its pass over dx: (the weight's gradient, the
+    bias's, g, dx unwritten as a ``NormInputGradient``), the gradients None where ``needs``
+    does not ask for them. float32."""
+    channels = x.shape[1]
+    x_scale, dy_scale, shift = (torch.empty(channels) for _ in range(3))
+    grad_weight, grad_bias = (torch.empty(channels) if need else None for need in needs)
+    gated = torch.empty_like(x) if gate[2] is not None else None
+    _core().batch_norm_backward_scales(
+        dy.data_ptr(), x.data_ptr(), mean32.data_ptr(), invstd.data_ptr(), _address(weight), *map(_address, gate),
+        x.numel() // channels, channels, x_scale.data_ptr(), dy_scale.data_ptr(), shift.data_ptr(),
+        _address(grad_weight), _address(grad_bias), _address(gated), False, torch.get_num_threads(),
+    )  # fmt: skip
+    # where the gate read the output, dx reads the gated dy ungated
+    source, source_gate = (gated, (None, None)) if gated is not None else (dy, gate[:2])
+    return grad_weight, grad_bias, gated, NormInputGradient.of(x, source, mean32, x_scale, dy_scale, shift, source_gate)
+
+
+class NormInputGradient(NamedTuple):
+    """A batch norm's float32 input gradient, not written (csrc/cpu/batch_norm.h): the
+    tensors it reads, kept alive, and the core's description of it."""
+
+    tensors: tuple[torch.Tensor | None, ...]
+    core: object
+
+    @staticmethod
+    def of(x, dy, mean, x_scale, dy_scale, shift, gate) -> NormInputGradient:
+        tensors = (x, dy, mean, x_scale, dy_scale, shift, *gate)
+        return NormInputGradient(tensors, _core().NormInputGradient(*map(_address, tensors), x.shape[1]))
+
+    def written(self) -> torch.Tensor:
+        """The gradient itself, in x's shape and layout."""
+        x = self.tensors[0]
+        dx = torch.empty_like(x)
+        self.core.write(x.numel() // x.shape[1], dx.data_ptr(), torch.get_num_threads())
+        return dx

@@ -43,8 +43,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._batch_statistics import handed_over
+from .._batch_statistics import handed_over, pending_gradient
 from .._errors import BackendUnavailableError
+from .._norm_gradient import hands_over
 from ..backends import cpu
 
 _LINE_FLOATS = 16  # float32 values in a 64-byte cache line
@@ -58,9 +59,10 @@ class _TrainingBatchNorm(torch.autograd.Function):
     dfp's do where they would, and wherever a residual or ReLU is fused."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps, statistics=None, residual=None, relu=False):
+    def forward(ctx, x, weight, bias, eps, statistics=None, residual=None, relu=False, pending=None):
         mean, variance = statistics or cpu.batch_norm_statistics(x)
         ctx.on_torch = not relu and residual is None and not _torch_kernel_stalls(x.shape[1])
+        ctx.pending = pending if x.dtype == torch.float32 else None  # the convolution's, for dx
         ctx.relu, ctx.has_residual = relu, residual is not None
         gate = ()
         if ctx.on_torch:
@@ -88,18 +90,23 @@ class _TrainingBatchNorm(torch.autograd.Function):
             grads = torch.ops.aten.native_batch_norm_backward(
                 dy, x, weight, None, None, mean32, invstd, True, ctx.eps, list(ctx.needs_input_grad[:3])
             )  # fmt: skip
-            return *grads, None, None, None, None
+            return *grads, None, None, None, None, None
         dy = dy.to(x.dtype).contiguous(memory_format=torch.channels_last)
         gate = (None,) * 3
         if ctx.relu:  # gated once by the saved y where a residual was added (that gradient is
             # also the residual's), else in both passes, y recomputed from x by the saved scale and shift
             gate = (None, None, *saved_gate) if ctx.has_residual else (*saved_gate, None)
         needs = ctx.needs_input_grad
-        dx, dweight, dbias, gated = cpu.batch_norm_train_backward(
-            dy, x, mean32, invstd, None if weight is None else weight.contiguous(), gate, needs[:3]
-        )  # fmt: skip
+        weight = None if weight is None else weight.contiguous()
+        if ctx.pending is not None and needs[0] and hands_over(x):  # dx handed to the convolution unwritten
+            dweight, dbias, gated, made = cpu.batch_norm_backward_scales(
+                dy, x, mean32, invstd, weight, gate, needs[1:3]
+            )
+            dx = ctx.pending.hand(made, x)
+        else:
+            dx, dweight, dbias, gated = cpu.batch_norm_train_backward(dy, x, mean32, invstd, weight, gate, needs[:3])
         dresidual = (dy if gated is None else gated) if ctx.has_residual and needs[5] else None
-        return dx, dweight, dbias, None, None, dresidual, None
+        return dx, dweight, dbias, None, None, dresidual, None, None
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -128,7 +135,7 @@ class BatchNorm2d(nn.BatchNorm2d):
             if self.momentum is None:  # a cumulative moving average, as torch's
                 factor = 1.0 / float(self.num_batches_tracked)
         y, mean, variance = _TrainingBatchNorm.apply(
-            input, self.weight, self.bias, self.eps, statistics, residual, bool(relu)
+            input, self.weight, self.bias, self.eps, statistics, residual, bool(relu), pending_gradient(input)
         )  # fmt: skip
         if self.training and self.running_mean is not None and self.running_var is not None:
             rows = input.numel() // input.shape[1]
