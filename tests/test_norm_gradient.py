@@ -2,6 +2,8 @@
 convolution's backward unwritten (dfp._norm_gradient): the convolution's quantization makes
 it a block at a time. Every gradient keeps the bits of the norm writing it."""
 
+import gc
+
 import pytest
 import torch
 
@@ -137,3 +139,14 @@ def test_a_non_finite_gradient_reaches_the_same_gradients(monkeypatch, taken):
     unwritten_off(monkeypatch)
     for a, b in zip(handed, gradients(*layers, then=nan_where_relu_passes), strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_gradient_the_conv_never_takes_is_freed_with_the_graph():
+    # torch.autograd.grad for the norm's weight alone: the norm hands its gradient over and
+    # the convolution's backward never runs
+    conv, norm, x, _ = block("dfp16", 16, 16, 1, False)
+    y = norm(conv(x), relu=True)
+    torch.autograd.grad(y.square().sum(), [norm.weight])
+    del y
+    gc.collect()
+    assert not [o for o in gc.get_objects() if type(o) is dfp._norm_gradient.Pending]
