@@ -6,7 +6,6 @@
 #include <cstdint>
 
 #include "api.h"
-#include "batch_norm.h"
 #include "conv.h"
 
 namespace dfp {
@@ -88,6 +87,7 @@ struct GradientRounding {
   uint64_t seed;              // stochastic rounding's
   int64_t weight_block;       // conv_grad_input's block (weight_per_channel)
 };
+struct NormInputGradient;  // batch_norm.h
 // Where dy_made is given, dy is null: dy is the input gradient of the batch norm behind
 // the layer, made a block at a time as its quantization reads it (NormInputGradient,
 // batch_norm.h), with the same bits.
