@@ -332,7 +332,6 @@ PYBIND11_MODULE(_C, m) {
       py::arg("weight_block"), py::arg("dx"), py::arg("dw"), py::arg("nthreads"),
       py::arg("norm") = dfp::NormInputGradient{});
 
-
   m.def(
       "batch_norm_statistics",
       [](uintptr_t x, int64_t images, int64_t pixels, int64_t channels, uintptr_t mean, uintptr_t variance,
@@ -370,19 +369,16 @@ PYBIND11_MODULE(_C, m) {
       [](uintptr_t dy, uintptr_t x, uintptr_t mean32, uintptr_t invstd, uintptr_t weight, uintptr_t gate_scale,
          uintptr_t gate_shift, uintptr_t gate_out, int64_t rows, int64_t channels, uintptr_t x_scale,
          uintptr_t dy_scale, uintptr_t shift, uintptr_t grad_weight, uintptr_t grad_bias, uintptr_t gated_dy,
-         bool bfloat16, int nthreads) {
+         int nthreads) {
         py::gil_scoped_release release;
-        with_element_type(bfloat16, [&](auto element) {
-          using T = decltype(element);
-          dfp::batch_norm_backward_scales(ptr<const T>(dy), ptr<const T>(x), ptr<const float>(mean32),
-                                          ptr<const double>(invstd), ptr<const float>(weight),
-                                          relu_gate<T>(gate_scale, gate_shift, gate_out), rows, channels,
-                                          ptr<float>(x_scale), ptr<float>(dy_scale), ptr<float>(shift),
-                                          ptr<float>(grad_weight), ptr<float>(grad_bias), ptr<T>(gated_dy), nthreads);
-        });
+        dfp::batch_norm_backward_scales(ptr<const float>(dy), ptr<const float>(x), ptr<const float>(mean32),
+                                        ptr<const double>(invstd), ptr<const float>(weight),
+                                        relu_gate<float>(gate_scale, gate_shift, gate_out), rows, channels,
+                                        ptr<float>(x_scale), ptr<float>(dy_scale), ptr<float>(shift),
+                                        ptr<float>(grad_weight), ptr<float>(grad_bias), ptr<float>(gated_dy), nthreads);
       },
-      "batch_norm_train_backward but its pass over dx: the weight's and bias's gradients (0: not asked), the gated "
-      "dy where gate_out gates dy, and dx's x_scale, dy_scale and shift per channel (float32)");
+      "batch_norm_train_backward but its pass over dx, float32: the weight's and bias's gradients (0: not asked), "
+      "the gated dy where gate_out gates dy, and dx's x_scale, dy_scale and shift per channel");
 
   m.def(
       "batch_norm_train_backward",

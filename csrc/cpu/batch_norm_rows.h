@@ -1,6 +1,6 @@
 // A batch norm's loops over rows of channels, compiled once per instruction set (the
 // portable build in batch_norm.cpp, batch_norm_avx2.cpp, batch_norm_avx512bw.cpp) and
-// picked at run time (batch_norm_kernels): only the vectorizer's widths differ, never an
+// picked at run time (rows_of, batch_norm.cpp): only the vectorizer's widths differ, never an
 // operation or its order (-ffp-contract=off), so every build gives the same bits. The
 // loops run over channels, vector lanes across them; with SSE2's four lanes the norm's
 // input gradient, made a block at a time in a convolution's backward, took 12 of a

@@ -505,7 +505,7 @@ def batch_norm_backward_scales(dy, x, mean32, invstd, weight=None, gate=(None, N
     _core().batch_norm_backward_scales(
         dy.data_ptr(), x.data_ptr(), mean32.data_ptr(), invstd.data_ptr(), _address(weight), *map(_address, gate),
         x.numel() // channels, channels, x_scale.data_ptr(), dy_scale.data_ptr(), shift.data_ptr(),
-        _address(grad_weight), _address(grad_bias), _address(gated), False, torch.get_num_threads(),
+        _address(grad_weight), _address(grad_bias), _address(gated), torch.get_num_threads(),
     )  # fmt: skip
     # where the gate read the output, dx reads the gated dy ungated
     source, source_gate = (gated, (None, None)) if gated is not None else (dy, gate[:2])
